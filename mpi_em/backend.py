@@ -1,0 +1,102 @@
+"""The one array-module switch: NumPy on CPU ranks, CuPy on GPU ranks.
+
+Every numerical module receives arrays and asks :func:`xp_of` which module they belong to, so there is a
+single code path. Only the few operations whose spelling differs between NumPy and CuPy live here
+(scatter-add, device placement, host copies).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+try:  # CuPy is an optional extra ("gpu"); its absence is the normal CPU case.
+    import cupy as _cp  # type: ignore
+
+    try:
+        _HAVE_GPU = _cp.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # driver missing or no device
+        _HAVE_GPU = False
+except Exception:  # pragma: no cover - depends on the machine
+    _cp = None
+    _HAVE_GPU = False
+
+
+def gpu_available() -> bool:
+    return _HAVE_GPU
+
+
+def get_xp(device: str = "cpu"):
+    """Array module for a device name: 'cpu' -> numpy, 'gpu' / 'cuda' / 'cuda:N' -> cupy."""
+    if device in (None, "cpu"):
+        return np
+    if not _HAVE_GPU:
+        raise RuntimeError(f"device {device!r} asked for, but CuPy with a CUDA device is not available")
+    if ":" in device:
+        _cp.cuda.Device(int(device.split(":", 1)[1])).use()
+    return _cp
+
+
+def default_device() -> str:
+    """'gpu' when CuPy sees a device and MPI_EM_DEVICE does not say 'cpu'."""
+    want = os.environ.get("MPI_EM_DEVICE", "auto")
+    if want == "cpu":
+        return "cpu"
+    if want != "auto":
+        return want
+    return "gpu" if _HAVE_GPU else "cpu"
+
+
+def xp_of(*arrays):
+    """The array module (numpy or cupy) that owns these arrays."""
+    if _cp is not None:
+        return _cp.get_array_module(*arrays)
+    return np
+
+
+def is_gpu_array(a) -> bool:
+    return _cp is not None and isinstance(a, _cp.ndarray)
+
+
+def to_host(a):
+    """A NumPy copy (or the array itself if already on the host)."""
+    if is_gpu_array(a):
+        return a.get()
+    return np.asarray(a)
+
+
+def to_device(a, xp):
+    return xp.asarray(a)
+
+
+def synchronize(xp) -> None:
+    if xp is not np and _cp is not None:
+        _cp.cuda.get_current_stream().synchronize()
+
+
+def scatter_add(target, index, values) -> None:
+    """target.ravel()[index] += values, with repeated indices summed (in place, real or complex).
+
+    NumPy: bincount (much faster than np.add.at); CuPy: atomic scatter_add.
+    ``target`` must be C-contiguous.
+    """
+    xp = xp_of(target)
+    flat = target.reshape(-1)
+    index = index.reshape(-1)
+    values = values.reshape(-1)
+    if xp is np:
+        n = flat.size
+        if np.iscomplexobj(flat):
+            flat.real[...] += np.bincount(index, weights=values.real, minlength=n)[:n]
+            flat.imag[...] += np.bincount(index, weights=values.imag, minlength=n)[:n]
+        else:
+            flat += np.bincount(index, weights=values, minlength=n)[:n].astype(flat.dtype, copy=False)
+    else:
+        import cupyx  # type: ignore
+
+        if xp.iscomplexobj(flat):
+            real_view = flat.view(flat.real.dtype)  # interleaved re, im
+            cupyx.scatter_add(real_view, 2 * index, values.real.astype(real_view.dtype, copy=False))
+            cupyx.scatter_add(real_view, 2 * index + 1, values.imag.astype(real_view.dtype, copy=False))
+        else:
+            cupyx.scatter_add(flat, index, values.astype(flat.dtype, copy=False))
