@@ -1,0 +1,261 @@
+"""Fourier-space image formation: grids, shifts, central-slice projector, back-projector, reconstruction.
+
+Conventions (all batched; NumPy or CuPy through the arrays' own module):
+- Real-space boxes are even (N), indexed [y, x] / [z, y, x]; the origin is at index N//2 (RELION's centre).
+- Images: F = rfft2(ifftshift(img)) -> (N, N//2+1), rows are wrapped ky, columns kx = 0..N/2.
+- Volumes are zero-padded by ``pad`` (Np = pad*N) after the gridding pre-correction and stored as
+  rfftn(ifftshift(padded)) -> (Np, Np, Np//2+1) "FFT layout" [kz, ky, kx] with wrapped kz, ky.
+- The image frequency (kx, ky) samples the volume at pad * A^T (kx, ky, 0) (RELION's projector); points with
+  a negative x coordinate use Friedel symmetry F(-k) = conj(F(k)).
+- Trilinear interpolation. :func:`project` and :func:`backproject` are exact adjoints under the real inner
+  product Re<a, b> (they share :func:`_trilinear_stencil`).
+- Only frequencies with |k| <= r_max (image pixels) are used; r_max <= N/2 - 1 keeps every stencil inside
+  the padded grid without wrap-around.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from .backend import scatter_add, xp_of
+
+
+# ----------------------------------------------------------------------------------------------- grids
+def freq_grid_2d(box: int, xp=np):
+    """(ky (box,1), kx (1,box//2+1)) integer frequencies (float64) of the rfft2 grid."""
+    ky = xp.fft.fftfreq(box, d=1.0 / box).reshape(-1, 1)
+    kx = xp.arange(box // 2 + 1, dtype=xp.float64).reshape(1, -1)
+    return ky, kx
+
+
+def radius_2d(box: int, xp=np):
+    ky, kx = freq_grid_2d(box, xp)
+    return xp.sqrt(ky * ky + kx * kx)
+
+
+def radius_3d(n: int, xp=np):
+    """|k| on the (n, n, n//2+1) rfftn grid."""
+    kz = xp.fft.fftfreq(n, d=1.0 / n).reshape(-1, 1, 1)
+    ky = kz.reshape(1, -1, 1)
+    kx = xp.arange(n // 2 + 1, dtype=xp.float64).reshape(1, 1, -1)
+    return xp.sqrt(kz * kz + ky * ky + kx * kx)
+
+
+def default_r_max(box: int) -> int:
+    return box // 2 - 1
+
+
+def check_box(box: int) -> None:
+    if box % 2 or box < 8:
+        raise ValueError(f"box size must be even and >= 8, got {box}")
+
+
+# ------------------------------------------------------------------------------------------- 2D FFTs
+def image_fft(images):
+    """(n, N, N) real -> (n, N, N//2+1) complex (centre at N//2 moved to the origin)."""
+    xp = xp_of(images)
+    return xp.fft.rfft2(xp.fft.ifftshift(images, axes=(-2, -1)))
+
+
+def image_ifft(F, box: int):
+    xp = xp_of(F)
+    return xp.fft.fftshift(xp.fft.irfft2(F, s=(box, box)), axes=(-2, -1))
+
+
+def shift_phases(box: int, shifts, xp=np, dtype=np.complex64):
+    """(n, N, N//2+1) factors exp(-2 pi i k.s/N): multiplying an image's FFT by them moves it by +s pixels.
+
+    ``shifts`` is (n, 2) as (sx, sy) in pixels.
+    """
+    ky, kx = freq_grid_2d(box, xp)
+    s = xp.asarray(shifts, dtype=xp.float64).reshape(-1, 2)
+    ph = -2.0 * np.pi / box * (kx[None] * s[:, 0, None, None] + ky[None] * s[:, 1, None, None])
+    return xp.exp(1j * ph).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------- gridding factors
+@lru_cache(maxsize=16)
+def _sinc2_1d_host(n_real: int, n_padded: int) -> np.ndarray:
+    x = (np.arange(n_real) - n_real // 2) / n_padded
+    return np.sinc(x) ** 2
+
+
+def gridding_factor(box: int, pad: int, xp=np):
+    """Separable sinc^2 of the trilinear kernel on the box: real-space attenuation of trilinear sampling."""
+    s = xp.asarray(_sinc2_1d_host(box, pad * box))
+    return s.reshape(-1, 1, 1) * s.reshape(1, -1, 1) * s.reshape(1, 1, -1)
+
+
+# --------------------------------------------------------------------------------------------- volumes
+def pad_volume(vol, pad: int):
+    xp = xp_of(vol)
+    n = vol.shape[-1]
+    npad = pad * n
+    out = xp.zeros(vol.shape[:-3] + (npad, npad, npad), dtype=vol.dtype)
+    o = (npad - n) // 2
+    out[..., o:o + n, o:o + n, o:o + n] = vol
+    return out
+
+
+def crop_volume(vol, box: int):
+    npad = vol.shape[-1]
+    o = (npad - box) // 2
+    return vol[..., o:o + box, o:o + box, o:o + box]
+
+
+def volume_fft(vol, pad: int = 2, gridding: bool = True):
+    """Projector preparation: gridding pre-correction, zero padding, 3D rFFT -> (Np, Np, Np//2+1)."""
+    xp = xp_of(vol)
+    box = vol.shape[-1]
+    v = vol / gridding_factor(box, pad, xp) if gridding else vol
+    return xp.fft.rfftn(xp.fft.ifftshift(pad_volume(v, pad), axes=(-3, -2, -1)), axes=(-3, -2, -1))
+
+
+def volume_ifft(F, box: int, pad: int = 2, gridding: bool = True):
+    """Inverse of :func:`volume_fft` (with the gridding correction) -> real (box, box, box)."""
+    xp = xp_of(F)
+    npad = pad * box
+    vol = xp.fft.fftshift(xp.fft.irfftn(F, s=(npad, npad, npad), axes=(-3, -2, -1)), axes=(-3, -2, -1))
+    vol = crop_volume(vol, box)
+    if gridding:
+        vol = vol / gridding_factor(box, pad, xp)
+    return vol
+
+
+# -------------------------------------------------------------------------------------- slice sampling
+class SliceGeometry:
+    """The in-ball points of an image's rfft2 grid (|k| <= r_max), shared by projection and insertion."""
+
+    def __init__(self, box: int, r_max: float | None = None, pad: int = 2, xp=np):
+        check_box(box)
+        self.box, self.pad, self.xp = box, pad, xp
+        self.r_max = float(default_r_max(box) if r_max is None else r_max)
+        if self.r_max > box // 2 - 1:
+            raise ValueError(f"r_max {self.r_max} exceeds box//2 - 1 = {box // 2 - 1}")
+        r = radius_2d(box, np)
+        flat = np.flatnonzero(r.ravel() <= self.r_max)
+        ky, kx = freq_grid_2d(box, np)
+        kyy = np.broadcast_to(ky, r.shape).ravel()[flat]
+        kxx = np.broadcast_to(kx, r.shape).ravel()[flat]
+        self.index = xp.asarray(flat)                       # into the flattened (N, N//2+1) grid
+        self.kxy = xp.asarray(np.stack([kxx, kyy], axis=1))  # (m, 2) as (kx, ky)
+        self.m = flat.size
+        self.npad = pad * box
+        self.vol_shape = (self.npad, self.npad, self.npad // 2 + 1)
+
+    def gather(self, F2):
+        """(n, N, N//2+1) -> (n, m) in-ball values."""
+        return F2.reshape(F2.shape[0], -1)[:, self.index]
+
+    def scatter(self, vals):
+        """(n, m) -> (n, N, N//2+1) with zeros outside the ball."""
+        xp = self.xp
+        out = xp.zeros((vals.shape[0], self.box * (self.box // 2 + 1)), dtype=vals.dtype)
+        out[:, self.index] = vals
+        return out.reshape(vals.shape[0], self.box, self.box // 2 + 1)
+
+    def coords(self, A):
+        """(n, m, 3) padded-grid coordinates (x, y, z) = pad * A^T (kx, ky, 0) for rotations A (n,3,3)."""
+        xp = self.xp
+        A = xp.asarray(A, dtype=xp.float64)
+        # (A^T k)_j = sum_i A_ij k_i over i in (x, y)
+        return self.pad * xp.einsum("mi,nij->nmj", self.kxy, A[:, :2, :])
+
+
+def _trilinear_stencil(coords, npad: int):
+    """Flat indices (n, m, 8), weights (n, m, 8) and Friedel flags (n, m) for trilinear sampling."""
+    xp = xp_of(coords)
+    flip = coords[..., 0] < 0
+    c = xp.where(flip[..., None], -coords, coords)
+    c0 = xp.floor(c)
+    f = c - c0
+    c0 = c0.astype(xp.int64)
+    nxh = npad // 2 + 1
+    idx = []
+    wts = []
+    for dz in (0, 1):
+        wz = f[..., 2] if dz else 1.0 - f[..., 2]
+        iz = (c0[..., 2] + dz) % npad
+        for dy in (0, 1):
+            wy = f[..., 1] if dy else 1.0 - f[..., 1]
+            iy = (c0[..., 1] + dy) % npad
+            for dx in (0, 1):
+                wx = f[..., 0] if dx else 1.0 - f[..., 0]
+                ix = c0[..., 0] + dx
+                idx.append((iz * npad + iy) * nxh + ix)
+                wts.append(wz * wy * wx)
+    return xp.stack(idx, axis=-1), xp.stack(wts, axis=-1), flip
+
+
+def project(Fvol, A, geom: SliceGeometry):
+    """Central slices of the FFT-layout volume for rotations A (n,3,3) -> (n, m) complex in-ball values."""
+    xp = xp_of(Fvol)
+    idx, w, flip = _trilinear_stencil(geom.coords(A), geom.npad)
+    vals = (Fvol.reshape(-1)[idx] * w.astype(Fvol.real.dtype)).sum(axis=-1)
+    return xp.where(flip, xp.conj(vals), vals)
+
+
+def backproject(F_acc, W_acc, A, data, weights, geom: SliceGeometry):
+    """Adjoint of :func:`project`: insert (n, m) complex ``data`` and real ``weights`` (e.g. CTF.X, CTF^2).
+
+    Accumulates in place into F_acc (complex) and W_acc (real), both FFT-layout (Np, Np, Np//2+1).
+    """
+    xp = xp_of(F_acc)
+    idx, w, flip = _trilinear_stencil(geom.coords(A), geom.npad)
+    d = xp.where(flip, xp.conj(data), data)
+    scatter_add(F_acc, idx, d[..., None] * w)
+    if W_acc is not None and weights is not None:
+        scatter_add(W_acc, idx, weights[..., None] * w)
+
+
+def enforce_hermitian_x0(F, W=None):
+    """Merge the kx = 0 plane's Friedel pairs (RELION enforceHermitianSymmetry), in place.
+
+    Both (ky, kz) and (-ky, -kz) on the kx = 0 plane receive data during insertion; they describe one
+    Fourier component, so each becomes the sum of itself and the conjugate of its mirror.
+    """
+    xp = xp_of(F)
+    npad = F.shape[-3]
+    mirror = (-xp.arange(npad)) % npad
+    plane = F[..., :, :, 0]
+    plane_m = plane[..., mirror, :][..., :, mirror]
+    F[..., :, :, 0] = plane + xp.conj(plane_m)
+    if W is not None:
+        wp = W[..., :, :, 0]
+        W[..., :, :, 0] = wp + wp[..., mirror, :][..., :, mirror]
+
+
+def shell_index(npad: int, pad: int, xp=np):
+    """Integer shell (in image pixels, rounded) of each FFT-layout voxel of the padded grid."""
+    return xp.rint(radius_3d(npad, xp) / pad).astype(xp.int64)
+
+
+def reconstruct(F_acc, W_acc, box: int, pad: int = 2, r_max: float | None = None, tau2=None,
+                tau2_fudge: float = 1.0, min_weight: float = 1e-3, gridding: bool = True):
+    """Regularised division and inverse transform of the accumulators -> real volume (box^3).
+
+    Without tau2: V = F / max(W, min_weight * mean(W in ball)) (known-pose reconstruction).
+    With tau2 (per image-pixel shell): V = F / (W + 1 / (tau2_fudge * tau2(shell))) (RELION's MAP estimate).
+    The inputs are not modified.
+    """
+    xp = xp_of(F_acc)
+    r_max = default_r_max(box) if r_max is None else r_max
+    F = F_acc.copy()
+    W = W_acc.copy()
+    enforce_hermitian_x0(F, W)
+    npad = pad * box
+    r = radius_3d(npad, xp) / pad
+    inside = r <= r_max + 0.5
+    if tau2 is not None:
+        tau2 = xp.asarray(tau2, dtype=xp.float64)
+        sh = xp.clip(xp.rint(r).astype(xp.int64), 0, tau2.shape[-1] - 1)
+        t = tau2[..., sh] * tau2_fudge
+        denom = W + xp.where(t > 0, 1.0 / xp.where(t > 0, t, 1.0), 0.0)
+        floor = 1e-10 * float(W[inside].mean()) if bool(inside.any()) else 1e-10
+        denom = xp.maximum(denom, floor)
+    else:
+        mean_w = float(W[..., inside].mean()) if bool(inside.any()) else 1.0
+        denom = xp.maximum(W, min_weight * mean_w)
+    V = xp.where(inside, F / denom, 0)
+    return volume_ifft(V, box, pad, gridding=gridding)

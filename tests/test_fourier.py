@@ -1,0 +1,112 @@
+"""Image-formation model: adjointness, shifts, central slice, known-pose reconstruction against truth."""
+import numpy as np
+import pytest
+
+from mpi_em.fourier import (SliceGeometry, backproject, enforce_hermitian_x0, image_fft, image_ifft, project,
+                            reconstruct, shift_phases, volume_fft)
+from mpi_em.fsc import fsc
+from mpi_em.geometry import euler_to_matrix, random_rotations
+from mpi_em.reconstruction import Accumulators, insert_images
+from mpi_em.simulate import phantom, simulate_particles
+
+
+def test_project_backproject_adjoint(rng):
+    """<P v, x> = <v, P^T x> under the real inner product, for random complex v and x (float64 rounding)."""
+    box = 24
+    geom = SliceGeometry(box)
+    v = rng.normal(size=geom.vol_shape) + 1j * rng.normal(size=geom.vol_shape)
+    A = euler_to_matrix(*random_rotations(7, rng))
+    x = rng.normal(size=(7, geom.m)) + 1j * rng.normal(size=(7, geom.m))
+    lhs = np.real(np.vdot(x, project(v, A, geom)))
+    F = np.zeros(geom.vol_shape, complex)
+    backproject(F, None, A, x, None, geom)
+    rhs = np.real(np.vdot(F, v))
+    # sums of ~1e4 O(1) terms in float64: relative rounding ~1e-13
+    assert abs(lhs - rhs) <= 1e-10 * abs(lhs)
+
+
+def test_shift_moves_image_by_plus_s(rng):
+    box = 32
+    img = np.zeros((1, box, box))
+    img[0, 16, 16] = 1.0
+    out = image_ifft(image_fft(img) * shift_phases(box, [[3, -2]], dtype=np.complex128), box)
+    assert np.unravel_index(np.argmax(out[0]), out[0].shape) == (14, 19)
+    assert out[0, 14, 19] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_central_slice_identity_pose_is_exact_without_gridding():
+    """At the identity pose every sample falls on a grid point: projection = band-limited sum over z."""
+    box = 32
+    vol = phantom(box, seed=3).astype(np.float64)
+    geom = SliceGeometry(box)
+    vals = project(volume_fft(vol, gridding=False), np.eye(3)[None], geom)
+    proj = image_ifft(geom.scatter(vals), box)[0]
+    ref = image_ifft(geom.scatter(geom.gather(image_fft(vol.sum(axis=0)[None]))), box)[0]
+    assert np.abs(proj - ref).max() <= 1e-12 * np.abs(ref).max()
+
+
+def test_projection_of_gaussian_blob_follows_relion_pose():
+    """A blob at p projects to a 2D Gaussian at (A p)_xy: checks the Euler convention and the gridding
+    correction for a generic pose. Trilinear interpolation of the x2-padded transform aliases: measured
+    0.14% error for a centred blob, 1.2% for this one 6 px off centre (3.6% without the sinc^2 correction),
+    so the bound is 2% and the correction must at least halve the error."""
+    box, sigma = 32, 1.5
+    p = np.array([5.0, -3.0, 2.0])  # (x, y, z) from the centre
+    c = np.arange(box) - box // 2
+    z, y, x = np.meshgrid(c, c, c, indexing="ij")
+    vol = np.exp(-((x - p[0]) ** 2 + (y - p[1]) ** 2 + (z - p[2]) ** 2) / (2 * sigma ** 2))
+    A = euler_to_matrix(37.0, 71.0, -123.0)
+    q = A[0] @ p
+    geom = SliceGeometry(box)
+    proj = image_ifft(geom.scatter(project(volume_fft(vol), A, geom)), box)[0]
+    yy, xx = np.meshgrid(c, c, indexing="ij")
+    ref = np.sqrt(2 * np.pi) * sigma * np.exp(-((xx - q[0]) ** 2 + (yy - q[1]) ** 2) / (2 * sigma ** 2))
+    err = np.linalg.norm(proj - ref) / np.linalg.norm(ref)
+    assert err < 0.02, err
+    plain = image_ifft(geom.scatter(project(volume_fft(vol, gridding=False), A, geom)), box)[0]
+    assert np.linalg.norm(plain - ref) / np.linalg.norm(ref) > 2 * err
+    wrong = np.sqrt(2 * np.pi) * sigma * np.exp(-((xx - q[1]) ** 2 + (yy - q[0]) ** 2) / (2 * sigma ** 2))
+    assert np.linalg.norm(proj - wrong) / np.linalg.norm(wrong) > 0.5
+
+
+def test_euler_matrix_is_relion_convention():
+    """rot=90 about z: A = Rz(rot) passive -> A @ e_x = (cos, -sin, 0)... checked against RELION's formula."""
+    A = euler_to_matrix(90.0, 0.0, 0.0)[0]
+    np.testing.assert_allclose(A, [[0, 1, 0], [-1, 0, 0], [0, 0, 1]], atol=1e-15)
+    A = euler_to_matrix(0.0, 90.0, 0.0)[0]
+    np.testing.assert_allclose(A, [[0, 0, -1], [0, 1, 0], [1, 0, 0]], atol=1e-15)
+
+
+def _noiseless_reconstruction(box, n, sym, seed):
+    vol = phantom(box, seed=seed, sym=sym).astype(np.float64)
+    sim = simulate_particles(vol, n, pixel_size=2.0, snr=0, seed=seed, max_shift=2.0)
+    geom = SliceGeometry(box)
+    acc = Accumulators(geom)
+    from mpi_em.ctf import ctf_images
+    ctf = ctf_images(box, 2.0, sim.defocus_u, sim.defocus_v, sim.defocus_angle, 300.0, 2.7, 0.1)
+    mats = None
+    if sym != "C1":
+        from mpi_em.symmetry import symmetry_matrices
+        mats = symmetry_matrices(sym)
+    A = euler_to_matrix(sim.rot, sim.tilt, sim.psi)
+    for s in range(0, n, 500):
+        insert_images(acc, 0, sim.images[s:s + 500], A[s:s + 500], ctf[s:s + 500],
+                      np.stack([sim.shift_x, sim.shift_y], 1)[s:s + 500], mats)
+    rec = reconstruct(acc.F[0], acc.W[0], box)
+    return vol, rec
+
+
+@pytest.mark.parametrize("sym,n", [("C1", 3000), ("D7", 300)])
+def test_known_pose_reconstruction_fsc_with_truth(sym, n):
+    box = 48
+    vol, rec = _noiseless_reconstruction(box, n, sym, seed=11)
+    curve = fsc(vol, rec)
+    upto = int(0.8 * (box // 2))
+    assert curve[1:upto + 1].min() >= 0.9, curve[1:upto + 1]
+
+
+def test_hermitian_x0_merge_is_symmetric(rng):
+    F = rng.normal(size=(8, 8, 5)) + 1j * rng.normal(size=(8, 8, 5))
+    enforce_hermitian_x0(F)
+    m = (-np.arange(8)) % 8
+    np.testing.assert_allclose(F[:, :, 0], np.conj(F[m][:, m, 0]))
