@@ -135,7 +135,7 @@ def write_dataset(out_dir: str, vol_or_vols, sim: SimulatedParticles, pixel_size
         "rlnImageName": np.array(names),
         "rlnOpticsGroup": np.ones(n, dtype=np.int64),
         "rlnDefocusU": sim.defocus_u, "rlnDefocusV": sim.defocus_v, "rlnDefocusAngle": sim.defocus_angle,
-        "rlnPhaseShift": np.zeros(n), "rlnCtfBFactor": np.zeros(n),
+        "rlnPhaseShift": np.zeros(n), "rlnCtfBfactor": np.zeros(n),
         "rlnAngleRot": sim.rot, "rlnAngleTilt": sim.tilt, "rlnAnglePsi": sim.psi,
         "rlnOriginXAngst": sim.shift_x * pixel_size, "rlnOriginYAngst": sim.shift_y * pixel_size,
     }

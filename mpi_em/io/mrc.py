@@ -1,0 +1,208 @@
+"""MRC image stacks and maps (mrcfile), plus small HDF5 helpers (h5py)."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import h5py
+import mrcfile
+import numpy as np
+
+from ..errors import InputError
+from .atomic import atomic_path
+
+
+def _check_exists(path, field=None):
+    if not os.path.exists(path):
+        raise InputError(path, "file not found", field=field)
+    if os.path.isdir(path):
+        raise InputError(path, "is a folder, not an MRC file", field=field)
+
+
+def _open_mmap(path):
+    """Open ``path`` read-only memory-mapped, with strict checks; InputError on failure."""
+    _check_exists(path)
+    # Header first, so header faults and data-size faults get different fields.
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mrcfile.open(path, mode="r", header_only=True, permissive=False):
+                pass
+    except Exception as e:
+        raise InputError(path, f"bad MRC header: {e}", field="header") from e
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return mrcfile.mmap(path, mode="r", permissive=False)
+    except Exception as e:
+        msg = str(e)
+        if "length" in msg or "bytes" in msg or "size" in msg:
+            raise InputError(path, f"file is shorter than its header says (truncated?): {msg}",
+                             field="data size") from e
+        raise InputError(path, f"cannot read MRC data: {msg}", field="header") from e
+
+
+def _stack_view(mrc, path):
+    data = mrc.data
+    if data is None:
+        raise InputError(path, "MRC file has no data", field="data size")
+    if np.iscomplexobj(data):
+        raise InputError(path, f"complex MRC mode {int(mrc.header.mode)} is not supported", field="mode")
+    if data.ndim == 2:
+        data = data[None]
+    if data.ndim != 3:
+        raise InputError(path, f"expected a 2D image or 3D stack, got {data.ndim} dimensions", field="nz")
+    return data
+
+
+def stack_info(path) -> tuple[int, int, int, float]:
+    """(n_images, ny, nx, voxel_size_A) of an image stack (a 2D image counts as 1 image)."""
+    path = os.fspath(path)
+    mrc = _open_mmap(path)
+    try:
+        data = _stack_view(mrc, path)
+        n, ny, nx = data.shape
+        return int(n), int(ny), int(nx), float(mrc.voxel_size.x)
+    finally:
+        mrc.close()
+
+
+def read_images(path, indices) -> np.ndarray:
+    """float32 array (len(indices), ny, nx) of the given 0-based slices, memory-mapped."""
+    path = os.fspath(path)
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    mrc = _open_mmap(path)
+    try:
+        data = _stack_view(mrc, path)
+        n = data.shape[0]
+        bad = (idx < 0) | (idx >= n)
+        if bad.any():
+            k = int(idx[np.argmax(bad)])
+            raise InputError(path, f"image index {k + 1} is past the end of the stack ({n} images)",
+                             field="rlnImageName")
+        uniq, inv = np.unique(idx, return_inverse=True)
+        out = np.asarray(data[uniq], dtype=np.float32)[inv.reshape(-1)]
+    finally:
+        mrc.close()
+    finite = np.isfinite(out).reshape(len(out), -1).all(axis=1)
+    if not finite.all():
+        k = int(idx[np.argmax(~finite)])
+        raise InputError(path, f"NaN or infinite pixel values in image {k + 1} (1-based)", field="data")
+    return np.ascontiguousarray(out)
+
+
+def check_stacks(star) -> None:
+    """Cheap header-only checks of every stack a ParticleStar refers to."""
+    box = int(star.box[0])
+    psize = float(star.pixel_size[0])
+    stacks = np.asarray(star.stack)
+    order = np.argsort(stacks, kind="stable")
+    sorted_stacks = stacks[order]
+    starts = np.flatnonzero(np.r_[True, sorted_stacks[1:] != sorted_stacks[:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    for s, e in zip(starts, ends):
+        rows = order[s:e]
+        stack = str(sorted_stacks[s])
+        first_row = int(rows.min()) + 1
+        if not os.path.isfile(stack):
+            raise InputError(stack, f"stack file not found (referenced by row {first_row} of {star.path})",
+                             field="rlnImageName")
+        n, ny, nx, vs = stack_info(stack)
+        worst = rows[np.argmax(star.index[rows])]
+        kmax = int(star.index[worst])
+        if kmax >= n:
+            raise InputError(stack, f"row {int(worst) + 1} of {star.path} refers to image {kmax + 1}, "
+                                    f"past the end of the stack ({n} images)", field="rlnImageName")
+        if ny != box or nx != box:
+            raise InputError(stack, f"STAR file {star.path} says images are {box} x {box} pixels "
+                                    f"but the stack holds {nx} x {ny}", field="rlnImageSize")
+        if vs > 0 and abs(vs - psize) > 1e-3 * psize:
+            raise InputError(stack, f"STAR file {star.path} says {psize:g} Å but the MRC header says {vs:g} Å",
+                             field="rlnImagePixelSize")
+
+
+def read_map(path) -> tuple[np.ndarray, float]:
+    """(float32 volume (z, y, x), voxel size in Å)."""
+    path = os.fspath(path)
+    mrc = _open_mmap(path)
+    try:
+        data = mrc.data
+        if data is None or data.ndim != 3:
+            raise InputError(path, f"expected a 3D map, got shape {None if data is None else data.shape}",
+                             field="nz")
+        if np.iscomplexobj(data):
+            raise InputError(path, f"complex MRC mode {int(mrc.header.mode)} is not supported", field="mode")
+        vol = np.array(data, dtype=np.float32)
+        vs = float(mrc.voxel_size.x)
+    finally:
+        mrc.close()
+    if not np.isfinite(vol).all():
+        raise InputError(path, "NaN or infinite voxel values", field="data")
+    return vol, vs
+
+
+def _write_mrc(path, arr, voxel_size, stack: bool):
+    with atomic_path(path) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(arr)
+            if stack:
+                mrc.set_image_stack()
+            else:
+                mrc.set_volume()
+            mrc.voxel_size = float(voxel_size)
+            mrc.update_header_stats()
+
+
+def write_map(path, vol, voxel_size: float) -> None:
+    """Write a 3D float32 map atomically with the given voxel size (Å)."""
+    vol = np.ascontiguousarray(vol, dtype=np.float32)
+    if vol.ndim != 3:
+        raise ValueError(f"write_map needs a 3D array, got shape {vol.shape}")
+    _write_mrc(os.fspath(path), vol, voxel_size, stack=False)
+
+
+def write_stack(path, images, pixel_size: float) -> None:
+    """Write an (n, ny, nx) float32 image stack (.mrcs) atomically."""
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    if images.ndim == 2:
+        images = images[None]
+    if images.ndim != 3:
+        raise ValueError(f"write_stack needs an (n, ny, nx) array, got shape {images.shape}")
+    _write_mrc(os.fspath(path), images, pixel_size, stack=True)
+
+
+# ----------------------------------------------------------------- HDF5
+
+def write_hdf5(path, arrays: dict, attrs: dict | None = None) -> None:
+    """Write a dict of arrays (keys may contain '/' for groups) and root attributes, atomically."""
+    with atomic_path(os.fspath(path)) as tmp:
+        with h5py.File(tmp, "w") as f:
+            for key, value in arrays.items():
+                value = np.asarray(value)
+                if value.dtype.kind == "U":
+                    value = value.astype(h5py.string_dtype())
+                f.create_dataset(key, data=value)
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = value
+
+
+def read_hdf5(path) -> tuple[dict, dict]:
+    """(dict of every dataset as a numpy array keyed by its full name, dict of root attributes)."""
+    path = os.fspath(path)
+    _check_exists(path)
+    arrays = {}
+    try:
+        with h5py.File(path, "r") as f:
+            def visit(name, obj):
+                if isinstance(obj, h5py.Dataset):
+                    if h5py.check_string_dtype(obj.dtype) is not None:
+                        arrays[name] = obj.asstr()[()]
+                        if isinstance(arrays[name], np.ndarray):
+                            arrays[name] = arrays[name].astype(str)
+                    else:
+                        arrays[name] = obj[()]
+            f.visititems(visit)
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    except OSError as e:
+        raise InputError(path, f"not a readable HDF5 file: {e}", field="hdf5") from e
+    return arrays, attrs

@@ -1,0 +1,330 @@
+"""RELION particle STAR files: read into per-particle arrays, write back.
+
+Reading: RELION 3.1+ files with ``data_optics`` + ``data_particles`` blocks, or
+old-style single-block files whose particle table carries the optics columns.
+Writing: ``starfile.write`` with ``float_format=None`` so pandas writes every
+float with ``repr`` (shortest string that round-trips exactly). starfile's
+own default, ``'%.6f'``, would silently lose precision (1e-7 -> 0.000000).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import starfile
+
+from ..errors import InputError
+from .atomic import atomic_path
+
+# Columns that must be in the particle table.
+PARTICLE_REQUIRED = ("rlnImageName", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
+# Columns looked up per optics group (optics table first, else the particle table).
+OPTICS_REQUIRED = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
+PIXEL_SIZE_COLUMNS = ("rlnImagePixelSize", "rlnPixelSize")
+
+
+@dataclass
+class ParticleStar:
+    """A particle STAR file: the original tables plus per-particle numpy arrays."""
+
+    path: str
+    optics: pd.DataFrame | None
+    particles: pd.DataFrame
+    stack: np.ndarray          # str, absolute path of each particle's .mrcs
+    index: np.ndarray          # int64, 0-based slice in the stack
+    defocus_u: np.ndarray      # Å
+    defocus_v: np.ndarray      # Å
+    defocus_angle: np.ndarray  # deg
+    voltage: np.ndarray        # kV
+    cs: np.ndarray             # mm
+    amp_contrast: np.ndarray
+    phase_shift: np.ndarray    # deg
+    bfactor: np.ndarray        # Å^2
+    pixel_size: np.ndarray     # Å
+    box: np.ndarray            # int64, pixels
+    rot: np.ndarray            # deg
+    tilt: np.ndarray           # deg
+    psi: np.ndarray            # deg
+    origin_x: np.ndarray       # Å
+    origin_y: np.ndarray       # Å
+    class_number: np.ndarray   # int64
+    random_subset: np.ndarray  # int64
+    optics_group: np.ndarray   # int64
+
+    @property
+    def n(self) -> int:
+        return int(len(self.index))
+
+
+# ----------------------------------------------------------------- reading
+
+def _numeric(path, df: pd.DataFrame, col: str, block: str) -> np.ndarray:
+    """Column ``col`` as float64; InputError naming the first bad row otherwise."""
+    raw = df[col]
+    vals = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isfinite(vals)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InputError(path, f"non-numeric, NaN or infinite value {str(raw.iloc[i])!r} "
+                               f"in row {i + 1} of data_{block}", field=col)
+    return vals
+
+
+def _integer(path, df, col, block) -> np.ndarray:
+    vals = _numeric(path, df, col, block)
+    frac = vals != np.round(vals)
+    if frac.any():
+        i = int(np.argmax(frac))
+        raise InputError(path, f"non-integer value {vals[i]!r} in row {i + 1} of data_{block}", field=col)
+    return vals.astype(np.int64)
+
+
+def _as_frame(block) -> pd.DataFrame | None:
+    if isinstance(block, pd.DataFrame):
+        return block
+    if isinstance(block, dict) and block:  # a one-row table written as a simple block
+        return pd.DataFrame({k: [v] for k, v in block.items()})
+    return None
+
+
+def _load_blocks(path):
+    if not os.path.exists(path):
+        raise InputError(path, "STAR file not found")
+    if os.path.isdir(path):
+        raise InputError(path, "is a folder, not a STAR file")
+    if not os.access(path, os.R_OK):
+        raise InputError(path, "STAR file is not readable (permission denied)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+        if b"\x00" in head:
+            raise InputError(path, "not a STAR file (binary content)")
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(path, "not a STAR file (not UTF-8 text)") from None
+    except OSError as e:
+        raise InputError(path, f"cannot read STAR file: {e.strerror or e}") from e
+    try:
+        blocks = starfile.read(path, always_dict=True, parse_as_string=["rlnImageName"])
+    except Exception as e:  # starfile/pandas parse errors
+        raise InputError(path, f"not a valid STAR file: {type(e).__name__}: {e}") from e
+    if not blocks:
+        raise InputError(path, "not a STAR file (no data_ blocks found)")
+    return blocks
+
+
+def _pick_tables(path, blocks):
+    if "particles" in blocks:
+        particles = _as_frame(blocks["particles"])
+        if particles is None:
+            raise InputError(path, "data_particles is empty or not a table", field="data_particles")
+        optics = _as_frame(blocks.get("optics"))
+        return optics, particles
+    # Old style: one table holding everything.
+    frames = [(k, _as_frame(v)) for k, v in blocks.items()]
+    frames = [(k, f) for k, f in frames if f is not None and "rlnImageName" in f.columns]
+    if len(frames) == 1:
+        return None, frames[0][1]
+    if not frames:
+        raise InputError(path, "no data_particles block and no table with rlnImageName", field="data_particles")
+    raise InputError(path, "several tables with rlnImageName and none named data_particles", field="data_particles")
+
+
+def _parse_image_names(path, names: pd.Series):
+    s = names.astype(str).to_numpy(dtype=object)
+    idx = np.empty(len(s), dtype=np.int64)
+    stacks = np.empty(len(s), dtype=object)
+    for i, name in enumerate(s):
+        num, at, stack = name.partition("@")
+        num = num.strip()
+        stack = stack.strip()
+        if not at or not stack or not num.lstrip("+-").isdigit():
+            raise InputError(path, f"malformed image name {name!r} in row {i + 1} of data_particles "
+                                   "(expected INDEX@STACK.mrcs)", field="rlnImageName")
+        k = int(num)
+        if k < 1:
+            raise InputError(path, f"image index {k} in row {i + 1} of data_particles is below 1 "
+                                   "(indices are 1-based)", field="rlnImageName")
+        idx[i] = k - 1
+        stacks[i] = stack
+    return idx, stacks
+
+
+def _resolve_stacks(star_path, stacks: np.ndarray) -> np.ndarray:
+    star_dir = os.path.dirname(os.path.abspath(star_path))
+    resolved = {}
+    for rel in pd.unique(stacks):
+        if os.path.isabs(rel):
+            p = rel
+        elif os.path.exists(rel):
+            p = os.path.abspath(rel)
+        else:
+            p = os.path.join(star_dir, rel)
+        resolved[rel] = os.path.normpath(p)
+    return np.array([resolved[s] for s in stacks], dtype=str)
+
+
+def read_particles(path) -> ParticleStar:
+    """Read a RELION particle STAR file. Raises InputError naming file and field."""
+    path = os.fspath(path)
+    blocks = _load_blocks(path)
+    optics, particles = _pick_tables(path, blocks)
+    particles = particles.reset_index(drop=True)
+    n = len(particles)
+    if n == 0:
+        raise InputError(path, "no particles in the file", field="data_particles")
+
+    for col in PARTICLE_REQUIRED:
+        if col not in particles.columns:
+            raise InputError(path, "required column missing from data_particles", field=col)
+
+    # ---- optics: per-group values, mapped onto particles
+    if optics is not None:
+        optics = optics.reset_index(drop=True)
+        if len(optics) == 0:
+            raise InputError(path, "data_optics has no rows", field="data_optics")
+        if "rlnOpticsGroup" not in optics.columns:
+            raise InputError(path, "required column missing from data_optics", field="rlnOpticsGroup")
+        if "rlnOpticsGroup" not in particles.columns:
+            raise InputError(path, "required column missing from data_particles "
+                                   "(the file has a data_optics block)", field="rlnOpticsGroup")
+        groups = _integer(path, optics, "rlnOpticsGroup", "optics")
+        if len(set(groups.tolist())) != len(groups):
+            raise InputError(path, "duplicate optics group numbers in data_optics", field="rlnOpticsGroup")
+        pgroup = _integer(path, particles, "rlnOpticsGroup", "particles")
+        lookup = {g: i for i, g in enumerate(groups.tolist())}
+        rows = np.empty(n, dtype=np.int64)
+        for i, g in enumerate(pgroup.tolist()):
+            if g not in lookup:
+                raise InputError(path, f"row {i + 1} of data_particles has optics group {g}, "
+                                       f"which is not in data_optics (groups: {sorted(lookup)})",
+                                 field="rlnOpticsGroup")
+            rows[i] = lookup[g]
+    else:
+        pgroup = (_integer(path, particles, "rlnOpticsGroup", "particles")
+                  if "rlnOpticsGroup" in particles.columns else np.ones(n, dtype=np.int64))
+        rows = None
+
+    def optics_value(cols, required=True, default=None):
+        """Per-particle values of the first of ``cols`` found (optics table first)."""
+        for col in cols:
+            if optics is not None and col in optics.columns:
+                return _numeric(path, optics, col, "optics")[rows], col
+            if col in particles.columns:
+                return _numeric(path, particles, col, "particles"), col
+        if required:
+            where = "data_optics or data_particles" if optics is not None else "data_particles"
+            raise InputError(path, f"required column missing from {where}", field=cols[0])
+        return np.full(n, default, dtype=np.float64), None
+
+    voltage, _ = optics_value(("rlnVoltage",))
+    cs, _ = optics_value(("rlnSphericalAberration",))
+    amp, _ = optics_value(("rlnAmplitudeContrast",))
+    pixel_size, _ = optics_value(PIXEL_SIZE_COLUMNS)
+    box_f, _ = optics_value(("rlnImageSize",))
+    if np.any(box_f != np.round(box_f)) or np.any(box_f < 1):
+        raise InputError(path, "image size must be a positive integer", field="rlnImageSize")
+    box = box_f.astype(np.int64)
+
+    # All particles must share one pixel size and one box size.
+    if not np.allclose(pixel_size, pixel_size[0], rtol=1e-6, atol=0):
+        detail = _per_group(pgroup, pixel_size)
+        raise InputError(path, f"mismatched pixel sizes across optics groups: {detail}",
+                         field="rlnImagePixelSize")
+    if np.any(box != box[0]):
+        detail = _per_group(pgroup, box)
+        raise InputError(path, f"mismatched image sizes across optics groups: {detail}",
+                         field="rlnImageSize")
+
+    def col_or(col, default):
+        if col in particles.columns:
+            return _numeric(path, particles, col, "particles")
+        return np.full(n, default, dtype=np.float64)
+
+    if "rlnOriginXAngst" in particles.columns or "rlnOriginX" not in particles.columns:
+        origin_x = col_or("rlnOriginXAngst", 0.0)
+        origin_y = col_or("rlnOriginYAngst", 0.0)
+    else:  # pre-3.1 origins in pixels
+        origin_x = col_or("rlnOriginX", 0.0) * pixel_size
+        origin_y = col_or("rlnOriginY", 0.0) * pixel_size
+
+    index, stacks = _parse_image_names(path, particles["rlnImageName"])
+    phase_shift, _ = optics_value(("rlnPhaseShift",), required=False, default=0.0)
+
+    return ParticleStar(
+        path=os.path.abspath(path),
+        optics=optics,
+        particles=particles,
+        stack=_resolve_stacks(path, stacks),
+        index=index,
+        defocus_u=_numeric(path, particles, "rlnDefocusU", "particles"),
+        defocus_v=_numeric(path, particles, "rlnDefocusV", "particles"),
+        defocus_angle=_numeric(path, particles, "rlnDefocusAngle", "particles"),
+        voltage=voltage,
+        cs=cs,
+        amp_contrast=amp,
+        phase_shift=phase_shift,
+        bfactor=col_or("rlnCtfBfactor", 0.0),
+        pixel_size=pixel_size,
+        box=box,
+        rot=col_or("rlnAngleRot", 0.0),
+        tilt=col_or("rlnAngleTilt", 0.0),
+        psi=col_or("rlnAnglePsi", 0.0),
+        origin_x=origin_x,
+        origin_y=origin_y,
+        class_number=(_integer(path, particles, "rlnClassNumber", "particles")
+                      if "rlnClassNumber" in particles.columns else np.ones(n, dtype=np.int64)),
+        random_subset=(_integer(path, particles, "rlnRandomSubset", "particles")
+                       if "rlnRandomSubset" in particles.columns else np.zeros(n, dtype=np.int64)),
+        optics_group=pgroup.astype(np.int64),
+    )
+
+
+def _per_group(groups, values) -> str:
+    seen = {}
+    for g, v in zip(groups.tolist(), np.asarray(values).tolist()):
+        seen.setdefault(g, v)
+    return ", ".join(f"group {g}: {v:g}" for g, v in sorted(seen.items()))
+
+
+# ----------------------------------------------------------------- writing
+
+def particles_table(optics_rows: list[dict], particle_columns: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Build (optics_df, particles_df) from a list of optics-group dicts and a
+    dict of equal-length particle columns (lists / numpy arrays)."""
+    optics = pd.DataFrame(list(optics_rows))
+    lengths = {k: len(v) for k, v in particle_columns.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"particle columns have different lengths: {lengths}")
+    particles = pd.DataFrame({k: np.asarray(v) for k, v in particle_columns.items()})
+    return optics, particles
+
+
+def write_particles(path, star, updates: dict | None = None) -> None:
+    """Write optics + particles blocks atomically.
+
+    ``star`` is a ParticleStar or an (optics_df, particles_df) tuple (optics_df
+    may be None: a single ``data_particles`` block). ``updates`` maps column
+    names to length-N arrays that are added or replace existing columns.
+    Floats are written with repr precision, so a read->write->read round trip
+    preserves every value exactly.
+    """
+    path = os.fspath(path)
+    if isinstance(star, ParticleStar):
+        optics, particles = star.optics, star.particles
+    else:
+        optics, particles = star
+    particles = particles.copy()
+    for col, values in (updates or {}).items():
+        values = np.asarray(values)
+        if values.ndim != 1 or len(values) != len(particles):
+            raise ValueError(f"update column {col} has shape {values.shape}, expected ({len(particles)},)")
+        particles[col] = values
+    blocks = {}
+    if optics is not None:
+        blocks["optics"] = optics
+    blocks["particles"] = particles
+    with atomic_path(path) as tmp:
+        starfile.write(blocks, tmp, float_format=None)

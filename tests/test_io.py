@@ -1,0 +1,473 @@
+"""Tests of mpi_em.io: STAR / MRC / HDF5 reading and writing, and clear errors."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import h5py
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+
+from mpi_em.errors import InputError, OutputError
+from mpi_em.io import (ParticleStar, atomic_path, check_stacks, check_writable_dir,
+                       particles_table, read_hdf5, read_images, read_map, read_particles,
+                       stack_info, write_hdf5, write_map, write_particles, write_stack)
+
+BOX = 16
+PSIZE = 1.5
+
+
+def optics_row(group=1, psize=PSIZE, box=BOX):
+    return {"rlnOpticsGroup": group, "rlnOpticsGroupName": f"opticsGroup{group}",
+            "rlnAmplitudeContrast": 0.1, "rlnSphericalAberration": 2.7, "rlnVoltage": 300.0,
+            "rlnImagePixelSize": psize, "rlnImageSize": box, "rlnImageDimensionality": 2}
+
+
+def make_dataset(tmp_path, n=6, n_stack=None, groups=None, optics=None, stack_psize=PSIZE,
+                 stack_box=BOX, extra=None):
+    """A stack (relative to the STAR file's folder) plus a STAR file; returns (star_path, images)."""
+    rng = np.random.default_rng(0)
+    n_stack = n if n_stack is None else n_stack
+    images = rng.standard_normal((n_stack, stack_box, stack_box)).astype(np.float32)
+    (tmp_path / "Particles").mkdir(exist_ok=True)
+    write_stack(tmp_path / "Particles" / "stack.mrcs", images, stack_psize)
+    cols = {
+        "rlnImageName": [f"{i + 1:06d}@Particles/stack.mrcs" for i in range(n)],
+        "rlnDefocusU": rng.uniform(10000, 30000, n),
+        "rlnDefocusV": rng.uniform(10000, 30000, n),
+        "rlnDefocusAngle": rng.uniform(-180, 180, n),
+        "rlnAngleRot": rng.uniform(-180, 180, n),
+        "rlnAngleTilt": rng.uniform(0, 180, n),
+        "rlnOriginXAngst": rng.uniform(-3, 3, n),
+        "rlnOpticsGroup": np.ones(n, dtype=int) if groups is None else np.asarray(groups),
+        "rlnRandomSubset": np.arange(n) % 2 + 1,
+    }
+    cols.update(extra or {})
+    tables = particles_table(optics or [optics_row()], cols)
+    star = tmp_path / "particles.star"
+    write_particles(star, tables)
+    return star, images
+
+
+def assert_names(err: InputError, path, field):
+    msg = str(err)
+    assert str(path) in msg, msg
+    assert f"field {field}" in msg, msg
+    assert err.field == field
+
+
+def snapshot(folder):
+    return {p: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------ STAR
+
+def test_read_particles_arrays(tmp_path, monkeypatch):
+    monkeypatch.chdir("/")  # stack path must resolve relative to the STAR file's folder
+    star_path, _ = make_dataset(tmp_path)
+    s = read_particles(star_path)
+    assert isinstance(s, ParticleStar) and s.n == 6
+    assert all(p == str(tmp_path / "Particles" / "stack.mrcs") for p in s.stack)
+    np.testing.assert_array_equal(s.index, np.arange(6))
+    assert s.index.dtype == np.int64
+    np.testing.assert_array_equal(s.voltage, 300.0)
+    np.testing.assert_array_equal(s.cs, 2.7)
+    np.testing.assert_array_equal(s.amp_contrast, 0.1)
+    np.testing.assert_array_equal(s.pixel_size, PSIZE)
+    np.testing.assert_array_equal(s.box, BOX)
+    np.testing.assert_array_equal(s.psi, 0.0)        # absent -> 0
+    np.testing.assert_array_equal(s.origin_y, 0.0)   # absent -> 0
+    np.testing.assert_array_equal(s.class_number, 1)  # absent -> 1
+    np.testing.assert_array_equal(s.phase_shift, 0.0)
+    np.testing.assert_array_equal(s.random_subset, np.arange(6) % 2 + 1)
+    np.testing.assert_array_equal(s.rot, s.particles["rlnAngleRot"].to_numpy())
+
+
+def test_star_round_trip_exact(tmp_path):
+    star_path, _ = make_dataset(tmp_path, extra={"rlnTiny": np.array([1e-7, 1e-300, -0.0, 2.0, 1 / 3, 5e20])})
+    a = read_particles(star_path)
+    out = tmp_path / "out" / "again.star"
+    write_particles(out, a)
+    b = read_particles(out)
+    for name, x, y in (("optics", a.optics, b.optics), ("particles", a.particles, b.particles)):
+        assert list(x.columns) == list(y.columns), name
+        for col in x.columns:
+            xv, yv = x[col].to_numpy(), y[col].to_numpy()
+            if xv.dtype.kind == "f":
+                np.testing.assert_array_equal(xv, yv)  # bit-exact, not approximate
+            else:
+                assert list(map(str, xv)) == list(map(str, yv)), col
+    np.testing.assert_array_equal(a.defocus_u, b.defocus_u)
+
+
+def test_write_particles_updates(tmp_path):
+    star_path, _ = make_dataset(tmp_path)
+    s = read_particles(star_path)
+    new_rot = np.linspace(-90, 90, s.n)
+    out = tmp_path / "it001.star"
+    write_particles(out, s, updates={"rlnAngleRot": new_rot, "rlnAnglePsi": new_rot / 3})
+    t = read_particles(out)
+    np.testing.assert_array_equal(t.rot, new_rot)
+    np.testing.assert_array_equal(t.psi, new_rot / 3)
+    assert list(t.particles.columns)[: len(s.particles.columns)] == list(s.particles.columns)
+
+
+def test_old_style_single_block(tmp_path):
+    make_dataset(tmp_path)  # for the stack
+    n = 3
+    df = pd.DataFrame({
+        "rlnImageName": [f"{i + 1}@Particles/stack.mrcs" for i in range(n)],
+        "rlnDefocusU": [1e4] * n, "rlnDefocusV": [1.1e4] * n, "rlnDefocusAngle": [5.0] * n,
+        "rlnVoltage": [200.0] * n, "rlnSphericalAberration": [2.0] * n,
+        "rlnAmplitudeContrast": [0.07] * n, "rlnPixelSize": [PSIZE] * n, "rlnImageSize": [BOX] * n,
+    })
+    path = tmp_path / "old.star"
+    write_particles(path, (None, df))
+    s = read_particles(path)
+    assert s.optics is None and s.n == 3
+    np.testing.assert_array_equal(s.voltage, 200.0)
+    np.testing.assert_array_equal(s.optics_group, 1)
+    check_stacks(s)
+
+
+def test_stack_resolved_relative_to_cwd_first(tmp_path, monkeypatch):
+    star_path, _ = make_dataset(tmp_path)
+    other = tmp_path / "cwd"
+    (other / "Particles").mkdir(parents=True)
+    write_stack(other / "Particles" / "stack.mrcs", np.zeros((6, BOX, BOX), np.float32), PSIZE)
+    monkeypatch.chdir(other)
+    s = read_particles(star_path)
+    assert s.stack[0] == str(other / "Particles" / "stack.mrcs")
+
+
+def test_star_missing_file(tmp_path):
+    with pytest.raises(InputError, match="not found") as e:
+        read_particles(tmp_path / "nope.star")
+    assert str(tmp_path / "nope.star") in str(e.value)
+
+
+def test_star_garbage(tmp_path):
+    p = tmp_path / "garbage.star"
+    p.write_bytes(os.urandom(4000))
+    with pytest.raises(InputError, match="not a STAR file"):
+        read_particles(p)
+    p.write_text("just some text\nno blocks here\n")
+    with pytest.raises(InputError, match="not a STAR file"):
+        read_particles(p)
+
+
+@pytest.mark.parametrize("column", ["rlnImageName", "rlnDefocusU", "rlnVoltage", "rlnImagePixelSize",
+                                    "rlnImageSize", "rlnOpticsGroup"])
+def test_star_missing_column(tmp_path, column):
+    star_path, _ = make_dataset(tmp_path)
+    s = read_particles(star_path)
+    optics = s.optics.drop(columns=[column], errors="ignore")
+    particles = s.particles.drop(columns=[column], errors="ignore")
+    bad = tmp_path / "bad.star"
+    write_particles(bad, (optics, particles))
+    with pytest.raises(InputError, match="missing") as e:
+        read_particles(bad)
+    assert_names(e.value, bad, column)
+
+
+def test_star_non_numeric_and_nan(tmp_path):
+    star_path, _ = make_dataset(tmp_path)
+    s = read_particles(star_path)
+    p = s.particles.copy()
+    p["rlnDefocusV"] = p["rlnDefocusV"].astype(object)
+    p.loc[3, "rlnDefocusV"] = "abc"
+    bad = tmp_path / "bad.star"
+    write_particles(bad, (s.optics, p))
+    with pytest.raises(InputError, match="row 4") as e:
+        read_particles(bad)
+    assert_names(e.value, bad, "rlnDefocusV")
+
+    p = s.particles.copy()
+    p.loc[1, "rlnAngleRot"] = np.nan
+    write_particles(bad, (s.optics, p))
+    with pytest.raises(InputError, match="row 2") as e:
+        read_particles(bad)
+    assert_names(e.value, bad, "rlnAngleRot")
+
+
+@pytest.mark.parametrize("name,match", [("12", "malformed"), ("x@Particles/stack.mrcs", "malformed"),
+                                        ("0@Particles/stack.mrcs", "below 1")])
+def test_star_bad_image_name(tmp_path, name, match):
+    star_path, _ = make_dataset(tmp_path)
+    s = read_particles(star_path)
+    p = s.particles.copy()
+    p.loc[2, "rlnImageName"] = name
+    bad = tmp_path / "bad.star"
+    write_particles(bad, (s.optics, p))
+    with pytest.raises(InputError, match=match) as e:
+        read_particles(bad)
+    assert_names(e.value, bad, "rlnImageName")
+    assert "row 3" in str(e.value)
+
+
+def test_star_unknown_optics_group(tmp_path):
+    star_path, _ = make_dataset(tmp_path, groups=[1, 1, 1, 2, 1, 1])
+    with pytest.raises(InputError, match="optics group 2") as e:
+        read_particles(star_path)
+    assert_names(e.value, star_path, "rlnOpticsGroup")
+
+
+def test_star_optics_groups_mismatch(tmp_path):
+    groups = [1, 2, 1, 2, 1, 2]
+    star_path, _ = make_dataset(tmp_path, groups=groups, optics=[optics_row(1), optics_row(2, psize=1.6)])
+    with pytest.raises(InputError, match="mismatched pixel sizes across optics groups") as e:
+        read_particles(star_path)
+    assert_names(e.value, star_path, "rlnImagePixelSize")
+
+    star_path, _ = make_dataset(tmp_path, groups=groups, optics=[optics_row(1), optics_row(2, box=32)])
+    with pytest.raises(InputError, match="mismatched image sizes") as e:
+        read_particles(star_path)
+    assert_names(e.value, star_path, "rlnImageSize")
+
+    # Two groups that agree on pixel and box size are fine, with per-group voltage.
+    opt2 = optics_row(2)
+    opt2["rlnVoltage"] = 200.0
+    star_path, _ = make_dataset(tmp_path, groups=groups, optics=[optics_row(1), opt2])
+    s = read_particles(star_path)
+    np.testing.assert_array_equal(s.voltage, [300, 200, 300, 200, 300, 200])
+
+
+def test_star_zero_particles(tmp_path):
+    path = tmp_path / "empty.star"
+    optics, particles = particles_table([optics_row()], {c: [] for c in
+                                        ("rlnImageName", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle",
+                                         "rlnOpticsGroup")})
+    write_particles(path, (optics, particles))
+    with pytest.raises(InputError, match="no particles") as e:
+        read_particles(path)
+    assert str(path) in str(e.value)
+
+
+# ------------------------------------------------------------------ MRC
+
+def test_write_stack_and_map_validate(tmp_path, capsys):
+    imgs = np.random.default_rng(1).standard_normal((5, 8, 8)).astype(np.float32)
+    write_stack(tmp_path / "s.mrcs", imgs, 1.25)
+    vol = np.random.default_rng(2).standard_normal((8, 8, 8)).astype(np.float32)
+    write_map(tmp_path / "m.mrc", vol, 2.5)
+    assert mrcfile.validate(str(tmp_path / "s.mrcs"))
+    assert mrcfile.validate(str(tmp_path / "m.mrc"))
+    with mrcfile.open(tmp_path / "s.mrcs") as m:
+        assert m.is_image_stack()
+    assert stack_info(tmp_path / "s.mrcs") == (5, 8, 8, pytest.approx(1.25))
+    v, vs = read_map(tmp_path / "m.mrc")
+    assert v.dtype == np.float32 and vs == pytest.approx(2.5)
+    np.testing.assert_array_equal(v, vol)
+    # No temp files left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.mrc", "s.mrcs"]
+
+
+def test_read_images_slices(tmp_path):
+    imgs = np.random.default_rng(3).standard_normal((7, 8, 6)).astype(np.float32)
+    write_stack(tmp_path / "s.mrcs", imgs, 1.0)
+    idx = [5, 0, 5, 2]
+    got = read_images(tmp_path / "s.mrcs", idx)
+    assert got.dtype == np.float32 and got.shape == (4, 8, 6)
+    np.testing.assert_array_equal(got, imgs[idx])
+
+
+def test_read_images_single_2d_image(tmp_path):
+    img = np.arange(64, dtype=np.float32).reshape(8, 8)
+    with mrcfile.new(tmp_path / "one.mrc") as m:
+        m.set_data(img)
+    assert stack_info(tmp_path / "one.mrc")[:3] == (1, 8, 8)
+    np.testing.assert_array_equal(read_images(tmp_path / "one.mrc", [0])[0], img)
+
+
+def test_read_images_past_end(tmp_path):
+    write_stack(tmp_path / "s.mrcs", np.zeros((3, 4, 4), np.float32), 1.0)
+    with pytest.raises(InputError, match=r"image index 4 is past the end of the stack \(3 images\)") as e:
+        read_images(tmp_path / "s.mrcs", [0, 3])
+    assert_names(e.value, tmp_path / "s.mrcs", "rlnImageName")
+
+
+@pytest.mark.filterwarnings("ignore:Data array contains NaN")
+def test_read_images_nan(tmp_path):
+    imgs = np.zeros((3, 4, 4), np.float32)
+    imgs[1, 2, 2] = np.nan
+    write_stack(tmp_path / "s.mrcs", imgs, 1.0)
+    np.testing.assert_array_equal(read_images(tmp_path / "s.mrcs", [0, 2]), 0)
+    with pytest.raises(InputError, match="NaN or infinite pixel values in image 2") as e:
+        read_images(tmp_path / "s.mrcs", [0, 1])
+    assert_names(e.value, tmp_path / "s.mrcs", "data")
+
+
+def test_truncated_mrc(tmp_path):
+    p = tmp_path / "s.mrcs"
+    write_stack(p, np.ones((4, 8, 8), np.float32), 1.0)
+    p.write_bytes(p.read_bytes()[:-100])
+    for call in (lambda: stack_info(p), lambda: read_images(p, [0])):
+        with pytest.raises(InputError) as e:
+            call()
+        assert_names(e.value, p, "data size")
+
+
+def test_corrupt_header(tmp_path):
+    p = tmp_path / "s.mrcs"
+    p.write_bytes(os.urandom(5000))
+    with pytest.raises(InputError) as e:
+        stack_info(p)
+    assert_names(e.value, p, "header")
+    p.write_bytes(b"xx")  # shorter than a header
+    with pytest.raises(InputError) as e:
+        read_map(p)
+    assert_names(e.value, p, "header")
+
+
+def test_missing_mrc(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        stack_info(tmp_path / "none.mrcs")
+
+
+# ------------------------------------------------------------------ check_stacks
+
+def test_check_stacks_ok(tmp_path):
+    star_path, images = make_dataset(tmp_path)
+    s = read_particles(star_path)
+    check_stacks(s)
+    np.testing.assert_array_equal(read_images(s.stack[0], s.index), images)
+
+
+def test_check_stacks_missing_stack(tmp_path):
+    star_path, _ = make_dataset(tmp_path)
+    os.remove(tmp_path / "Particles" / "stack.mrcs")
+    s = read_particles(star_path)
+    with pytest.raises(InputError, match="stack file not found") as e:
+        check_stacks(s)
+    assert_names(e.value, tmp_path / "Particles" / "stack.mrcs", "rlnImageName")
+    assert str(star_path) in str(e.value)
+
+
+def test_check_stacks_row_past_end(tmp_path):
+    star_path, _ = make_dataset(tmp_path, n=6, n_stack=4)
+    s = read_particles(star_path)
+    with pytest.raises(InputError, match=r"row 6 .* refers to image 6, past the end of the stack \(4 images\)") as e:
+        check_stacks(s)
+    assert_names(e.value, s.stack[0], "rlnImageName")
+
+
+def test_check_stacks_pixel_size_mismatch(tmp_path):
+    star_path, _ = make_dataset(tmp_path, stack_psize=1.6)
+    s = read_particles(star_path)
+    with pytest.raises(InputError, match="STAR file .* says 1.5 Å but the MRC header says 1.6 Å") as e:
+        check_stacks(s)
+    assert_names(e.value, s.stack[0], "rlnImagePixelSize")
+
+
+def test_check_stacks_zero_header_pixel_size_ok(tmp_path):
+    star_path, _ = make_dataset(tmp_path, stack_psize=0.0)
+    check_stacks(read_particles(star_path))
+
+
+def test_check_stacks_box_mismatch(tmp_path):
+    star_path, _ = make_dataset(tmp_path, stack_box=12)
+    s = read_particles(star_path)
+    with pytest.raises(InputError) as e:
+        check_stacks(s)
+    assert_names(e.value, s.stack[0], "rlnImageSize")
+
+
+def test_check_stacks_truncated(tmp_path):
+    star_path, _ = make_dataset(tmp_path)
+    stack = tmp_path / "Particles" / "stack.mrcs"
+    stack.write_bytes(stack.read_bytes()[:-7])
+    with pytest.raises(InputError) as e:
+        check_stacks(read_particles(star_path))
+    assert_names(e.value, stack, "data size")
+
+
+def test_inputs_not_modified(tmp_path):
+    star_path, _ = make_dataset(tmp_path)
+    before = snapshot(tmp_path)
+    s = read_particles(star_path)
+    check_stacks(s)
+    read_images(s.stack[0], s.index)
+    stack_info(s.stack[0])
+    write_particles(tmp_path / "out.star", s, updates={"rlnAngleRot": np.zeros(s.n)})
+    after = snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if k.name != "out.star"} == before
+
+
+# ------------------------------------------------------------------ output
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    target = blocker / "sub"  # a folder under a regular file: fails even for root
+    with pytest.raises(OutputError) as e:
+        check_writable_dir(target)
+    assert str(target) in str(e.value)
+    with pytest.raises(OutputError):
+        write_map(target / "m.mrc", np.zeros((4, 4, 4), np.float32), 1.0)
+    with pytest.raises(OutputError):
+        write_particles(target / "p.star", (pd.DataFrame([optics_row()]), pd.DataFrame({"a": [1]})))
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores folder permissions")
+def test_unwritable_output_folder_chmod(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(OutputError, match="not writable"):
+            check_writable_dir(ro)
+        with pytest.raises(OutputError):
+            write_stack(ro / "s.mrcs", np.zeros((1, 4, 4), np.float32), 1.0)
+    finally:
+        ro.chmod(0o700)
+
+
+def test_check_writable_dir_creates(tmp_path):
+    d = check_writable_dir(tmp_path / "x" / "y")
+    assert os.path.isdir(d) and os.listdir(d) == []
+
+
+def test_atomic_write_failure_leaves_nothing(tmp_path):
+    final = tmp_path / "map.mrc"
+
+    class Boom(RuntimeError):
+        pass
+
+    with pytest.raises(Boom):
+        with atomic_path(final) as tmp:
+            assert os.path.dirname(tmp) == str(tmp_path) and tmp.endswith(".mrc")
+            with open(tmp, "wb") as f:
+                f.write(b"partial")
+            raise Boom()
+    assert list(tmp_path.iterdir()) == []
+
+    # An existing final file keeps its old content when a rewrite fails.
+    write_map(final, np.ones((4, 4, 4), np.float32), 1.0)
+    old = final.read_bytes()
+    with pytest.raises(Boom):
+        with atomic_path(final) as tmp:
+            with mrcfile.new(tmp, overwrite=True) as m:
+                m.set_data(np.zeros((4, 4, 4), np.float32))
+            raise Boom()
+    assert final.read_bytes() == old
+    assert [p.name for p in tmp_path.iterdir()] == ["map.mrc"]
+
+
+def test_hdf5_round_trip(tmp_path):
+    arrays = {"a": np.arange(5.0), "grp/b": np.eye(3, dtype=np.float32), "names": np.array(["x", "yy"])}
+    write_hdf5(tmp_path / "f.h5", arrays, attrs={"iteration": 3, "note": "hi"})
+    got, attrs = read_hdf5(tmp_path / "f.h5")
+    assert set(got) == set(arrays)
+    np.testing.assert_array_equal(got["a"], arrays["a"])
+    np.testing.assert_array_equal(got["grp/b"], arrays["grp/b"])
+    assert list(got["names"]) == ["x", "yy"]
+    assert attrs == {"iteration": 3, "note": "hi"}
+    assert [p.name for p in tmp_path.iterdir()] == ["f.h5"]
+    with h5py.File(tmp_path / "f.h5") as f:
+        assert f["grp/b"].dtype == np.float32
+    (tmp_path / "bad.h5").write_bytes(b"not hdf5")
+    with pytest.raises(InputError):
+        read_hdf5(tmp_path / "bad.h5")
