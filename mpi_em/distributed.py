@@ -1,0 +1,165 @@
+"""Distribution: the particle plan made on rank 0, GPU placement, collectives, and failure agreement.
+
+- :func:`make_plan` (rank 0): half sets (kept from rlnRandomSubset, else assigned reproducibly from a seed)
+  and balanced contiguous blocks of particles, sorted by (stack, slice) so that each rank reads whole runs
+  of its stacks. Only indices and per-particle metadata travel (``comm.scatter``), never pixels.
+- :func:`agree`: every rank reports whether its step failed; if any did, all ranks raise
+  :class:`RankFailed` with the failing ranks' messages, so nobody waits forever in a later collective.
+- :func:`allreduce_sum` / :func:`reduce_sum`: sums of (host or device) buffers through mpi4py.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from .backend import gpu_available, is_gpu_array, to_host, xp_of
+from .errors import MpiEmError
+
+log = logging.getLogger("mpi_em")
+
+# per-particle metadata fields that travel in the plan
+PLAN_FIELDS = ("stack", "index", "defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amp_contrast",
+               "phase_shift", "bfactor", "pixel_size", "rot", "tilt", "psi", "origin_x", "origin_y",
+               "class_number", "optics_group")
+
+
+class RankFailed(MpiEmError):
+    """One or more ranks failed a step; carries their messages and the exit code to use."""
+
+    def __init__(self, messages: list[str], exit_code: int = 1):
+        self.messages = messages
+        self.exit_code = exit_code
+        super().__init__("; ".join(messages))
+
+
+def world():
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+def agree(comm, error: BaseException | None) -> None:
+    """Collective: raise RankFailed on every rank if ``error`` is set on any rank."""
+    msg = None
+    code = 0
+    if error is not None:
+        msg = str(error) if isinstance(error, MpiEmError) else f"{type(error).__name__}: {error}"
+        code = getattr(error, "exit_code", 1)
+    flags = comm.allgather((msg, code))
+    failed = [(r, m, c) for r, (m, c) in enumerate(flags) if m is not None]
+    if failed:
+        raise RankFailed([m if comm.size == 1 else f"rank {r}: {m}" for r, m, _ in failed],
+                         exit_code=max(c for _, _, c in failed))
+
+
+def collective_step(comm, fn, *args, **kwargs):
+    """Run ``fn`` on every rank (no collectives inside), then :func:`agree` on the outcome."""
+    err, out = None, None
+    try:
+        out = fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - reported to every rank
+        err = e
+    agree(comm, err)
+    return out
+
+
+def root_step(comm, fn, *args, **kwargs):
+    """Run ``fn`` on rank 0 only, broadcast its result (or its failure) to every rank."""
+    err, out = None, None
+    if comm.rank == 0:
+        try:
+            out = fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            err = e
+    agree(comm, err)
+    return comm.bcast(out, root=0)
+
+
+# ------------------------------------------------------------------------------------------ the plan
+def assign_halves(n: int, existing, seed: int) -> np.ndarray:
+    """Half set (1 or 2) per particle: kept where rlnRandomSubset is 1/2, else balanced random from seed."""
+    existing = np.asarray(existing, dtype=np.int64) if existing is not None else np.zeros(n, np.int64)
+    if np.all((existing == 1) | (existing == 2)):
+        return existing.copy()
+    rng = np.random.default_rng(seed)
+    halves = np.empty(n, dtype=np.int64)
+    halves[rng.permutation(n)] = np.arange(n) % 2 + 1
+    return halves
+
+
+def balanced_blocks(n: int, size: int) -> list[slice]:
+    """``size`` contiguous blocks of 0..n-1 whose lengths differ by at most one."""
+    bounds = np.linspace(0, n, size + 1).round().astype(np.int64)
+    return [slice(int(bounds[r]), int(bounds[r + 1])) for r in range(size)]
+
+
+def make_plan(star, size: int, seed: int = 0, halves=None) -> list[dict]:
+    """Per-rank dicts of row ids ('row') and the metadata fields of those rows, plus 'half'."""
+    n = star.n
+    halves = assign_halves(n, star.random_subset, seed) if halves is None else np.asarray(halves)
+    order = np.lexsort((star.index, star.stack))  # group each stack's slices together
+    plans = []
+    for blk in balanced_blocks(n, size):
+        rows = np.sort(order[blk]) if False else order[blk]
+        p = {"row": rows, "half": halves[rows]}
+        for f in PLAN_FIELDS:
+            p[f] = np.asarray(getattr(star, f))[rows]
+        plans.append(p)
+    return plans
+
+
+# ----------------------------------------------------------------------------------- device placement
+def node_local_rank(comm) -> tuple[int, int]:
+    from mpi4py import MPI
+
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+    out = (local.rank, local.size)
+    local.Free()
+    return out
+
+
+def select_device(comm, want: str = "auto") -> str:
+    """'cpu' or 'cuda:K' for this rank: one GPU per node-local rank, round robin if ranks > GPUs."""
+    if want == "cpu" or (want == "auto" and (os.environ.get("MPI_EM_DEVICE") == "cpu" or not gpu_available())):
+        return "cpu"
+    if not gpu_available():
+        raise MpiEmError(f"--device {want} asked for, but CuPy with a CUDA device is not available on this rank")
+    import cupy
+
+    n_gpu = cupy.cuda.runtime.getDeviceCount()
+    local_rank, _ = node_local_rank(comm)
+    dev = local_rank % n_gpu
+    cupy.cuda.Device(dev).use()
+    return f"cuda:{dev}"
+
+
+# -------------------------------------------------------------------------------------- collectives
+def allreduce_sum(comm, arr):
+    """In-place sum over ranks of a host or device array (device buffers staged through the host)."""
+    from mpi4py import MPI
+
+    if comm.size == 1:
+        return arr
+    if is_gpu_array(arr):
+        host = to_host(arr)
+        comm.Allreduce(MPI.IN_PLACE, host, op=MPI.SUM)
+        arr[...] = xp_of(arr).asarray(host)
+    else:
+        comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
+    return arr
+
+
+def reduce_sum(comm, arr, root: int = 0):
+    """Sum over ranks into ``root`` (returned there; other ranks get None)."""
+    from mpi4py import MPI
+
+    if comm.size == 1:
+        return arr
+    host = np.ascontiguousarray(to_host(arr))
+    out = np.empty_like(host) if comm.rank == root else None
+    comm.Reduce(host, out, op=MPI.SUM, root=root)
+    if comm.rank != root:
+        return None
+    return xp_of(arr).asarray(out) if is_gpu_array(arr) else out

@@ -1,0 +1,50 @@
+"""PNG figures: FSC curves and class-average montages (matplotlib, Agg backend, written atomically)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .io import atomic_path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def fsc_png(path, freqs, curves: dict, title: str = "", threshold: float = 0.143) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for label, c in curves.items():
+        ax.plot(freqs[1:], np.asarray(c)[1:], label=label)
+    ax.axhline(threshold, color="grey", ls="--", lw=0.8, label=f"FSC = {threshold}")
+    ax.set_xlabel("spatial frequency (1/Å)")
+    ax.set_ylabel("FSC")
+    ax.set_ylim(-0.1, 1.05)
+    ax.set_title(title)
+    ax.legend(loc="lower left")
+    ax.grid(alpha=0.3)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+    plt.close(fig)
+
+
+def montage_png(path, images, labels=None, ncols: int | None = None) -> None:
+    plt = _plt()
+    images = np.asarray(images)
+    n = len(images)
+    ncols = ncols or int(np.ceil(np.sqrt(n)))
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.6 * ncols, 1.6 * nrows), dpi=100, squeeze=False)
+    for i, ax in enumerate(axes.ravel()):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i], cmap="gray")
+            if labels is not None:
+                ax.set_title(str(labels[i]), fontsize=7)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+    plt.close(fig)
