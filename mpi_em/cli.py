@@ -1,0 +1,173 @@
+"""`mpi-em`: the command line. Run under `mpirun -n P mpi-em ...` / `srun mpi-em ...`, or alone (1 rank).
+
+Errors: bad input ends the job on every rank with one line naming the file and the field, exit status 2
+(3 for unwritable outputs, 1 otherwise). An unexpected failure on one rank aborts the whole MPI job.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+
+from . import __version__
+from .errors import MpiEmError
+
+log = logging.getLogger("mpi_em")
+
+
+def _setup_logging(rank: int, quiet: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if (rank != 0 or quiet) else logging.INFO)
+    log.propagate = False
+
+
+def _add_log_file(path: str) -> None:
+    fh = logging.FileHandler(path)
+    fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(fh)
+
+
+# ------------------------------------------------------------------------------------------ commands
+def _simulate_args(p) -> None:
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (particles.star, stacks/, truth.mrc)")
+    p.add_argument("--box", type=int, default=64, help="box size in pixels, even (default 64)")
+    p.add_argument("--n", type=int, default=5000, help="number of particles (default 5000)")
+    p.add_argument("--snr", type=float, default=0.1,
+                   help="signal-to-noise ratio: variance of the CTF-modulated projections over the noise "
+                        "variance (default 0.1; 0 = noiseless)")
+    p.add_argument("--sym", default="C1", help="symmetry of the phantom (default C1)")
+    p.add_argument("--apix", type=float, default=2.5, help="pixel size in Å (default 2.5)")
+    p.add_argument("--max-shift", type=float, default=2.0, help="largest origin shift in pixels (default 2)")
+    p.add_argument("--defocus", type=float, nargs=2, default=(8000.0, 25000.0), metavar=("MIN", "MAX"),
+                   help="defocus range in Å (default 8000 25000)")
+    p.add_argument("--per-stack", type=int, default=1000, help="particles per .mrcs stack (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same data (default 0)")
+
+
+def _simulate(args, comm) -> None:
+    from .distributed import root_step
+    from .io import check_writable_dir
+    from .simulate import phantom, simulate_particles, write_dataset
+
+    def work():
+        check_writable_dir(args.out)
+        if args.box % 2 or args.box < 16:
+            raise MpiEmError(f"--box must be even and >= 16, got {args.box}")
+        vol = phantom(args.box, seed=args.seed, sym=args.sym)
+        sim = simulate_particles(vol, args.n, args.apix, snr=args.snr, seed=args.seed + 1,
+                                 max_shift=args.max_shift, defocus_range=tuple(args.defocus))
+        path = write_dataset(args.out, vol, sim, args.apix, per_stack=args.per_stack, seed=args.seed)
+        log.info("simulated %d particles (box %d, %.2f Å/px, SNR %g, %s): %s", args.n, args.box, args.apix,
+                 args.snr, args.sym, path)
+
+    root_step(comm, work)
+
+
+def _fsc_args(p) -> None:
+    p.add_argument("map1", help="first map (MRC)")
+    p.add_argument("map2", help="second map (MRC)")
+    p.add_argument("--plot", metavar="PNG", help="write the FSC curve as a PNG")
+    p.add_argument("--o", dest="output", metavar="STAR", help="write the FSC curve as a STAR table")
+    p.add_argument("--threshold", type=float, default=0.143, help="FSC threshold for the resolution (default 0.143)")
+
+
+def _fsc(args, comm) -> None:
+    from .distributed import root_step
+
+    def work():
+        from .errors import InputError
+        from .fsc import fsc, resolution_at, shell_frequencies
+        from .io import read_map
+
+        v1, a1 = read_map(args.map1)
+        v2, a2 = read_map(args.map2)
+        if v1.shape != v2.shape:
+            raise InputError(args.map2, f"shape {v2.shape} differs from {args.map1}'s {v1.shape}", field="nx/ny/nz")
+        if a1 > 0 and a2 > 0 and abs(a1 - a2) > 1e-3 * a1:
+            raise InputError(args.map2, f"voxel size {a2} Å differs from {args.map1}'s {a1} Å", field="voxel_size")
+        apix = a1 if a1 > 0 else 1.0
+        curve = fsc(v1, v2)
+        freqs = shell_frequencies(v1.shape[-1], apix)
+        res = resolution_at(curve, v1.shape[-1], apix, args.threshold)
+        if args.output:
+            from .jobs.reconstruct import write_fsc_star
+
+            write_fsc_star(args.output, freqs, curve)
+        if args.plot:
+            from .plots import fsc_png
+
+            fsc_png(args.plot, freqs, {"FSC": curve}, title=f"{res:.2f} Å at {args.threshold}",
+                    threshold=args.threshold)
+        print(f"resolution at FSC {args.threshold}: {res:.3f} Å")
+
+    root_step(comm, work)
+
+
+def _reconstruct(args, comm) -> None:
+    from .jobs import reconstruct
+
+    reconstruct.run(args, comm)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .jobs import reconstruct
+
+    parser = argparse.ArgumentParser(
+        prog="mpi-em",
+        description="MPI-distributed, multi-GPU cryo-EM reconstruction. Launch with `mpirun -n P mpi-em ...` "
+                    "(one rank per GPU or CPU worker); every command also runs on a single rank.")
+    parser.add_argument("--version", action="version", version=f"mpi_em {__version__}")
+    parser.add_argument("--quiet", action="store_true", help="only warnings and errors on the console")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("simulate", help="make a simulated data set with known truth (STAR + MRC + truth map)",
+                       description="Simulate particles of a pseudo-atomic phantom: random poses and shifts, "
+                                   "per-particle CTF with a defocus spread, Gaussian noise at a given SNR.")
+    _simulate_args(p)
+    p.set_defaults(func=_simulate)
+    p = sub.add_parser("reconstruct", help="reconstruct half maps + map from known poses, with the FSC",
+                       description="Distributed Fourier reconstruction from the poses in the STAR file: "
+                                   "half maps (rlnRandomSubset, assigned if absent), combined map, FSC.")
+    reconstruct.add_arguments(p)
+    p.set_defaults(func=_reconstruct)
+    p = sub.add_parser("fsc", help="FSC between two maps and the resolution at a threshold")
+    _fsc_args(p)
+    p.set_defaults(func=_fsc)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .distributed import world
+
+    comm = world()
+    _setup_logging(comm.rank, args.quiet)
+    out_dir = getattr(args, "output", None) if args.command == "reconstruct" else None
+    try:
+        if out_dir and comm.rank == 0 and os.path.isdir(out_dir) and os.access(out_dir, os.W_OK):
+            _add_log_file(os.path.join(out_dir, "run.log"))
+        args.func(args, comm)
+    except MpiEmError as e:
+        if comm.rank == 0:
+            for line in str(e).split("; "):
+                print(f"mpi-em: error: {line}", file=sys.stderr)
+        sys.stderr.flush()
+        return getattr(e, "exit_code", 1) or 1
+    except KeyboardInterrupt:
+        comm.Abort(130)
+    except Exception:  # an unexpected failure outside an agreed step: take every rank down, never hang
+        traceback.print_exc()
+        sys.stderr.write(f"mpi-em: error: unexpected failure on rank {comm.rank}; aborting the MPI job\n")
+        sys.stderr.flush()
+        if comm.size > 1:
+            comm.Abort(1)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
