@@ -1,0 +1,120 @@
+"""Fourier insertion throughput (particles/s, voxel updates/s) at several boxes, CPU or GPU.
+
+One "voxel update" is one stencil point of the trilinear back-projection (8 per in-ball image frequency);
+each costs 3 float scatter-adds (real and imaginary part of F, and W). The scatter-add ceiling of the same
+device is measured in the same run (random and sorted indices, float32 and float64), so the fraction of the
+ceiling is a ratio from one run.
+
+    python benchmarks/bench_insert.py --device gpu --box 64 128 256 --json benchmarks/results/insert_gpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from mpi_em.backend import get_xp, scatter_add, synchronize  # noqa: E402
+from mpi_em.fourier import SliceGeometry  # noqa: E402
+from mpi_em.geometry import euler_to_matrix, random_rotations  # noqa: E402
+from mpi_em.reconstruction import Accumulators, insert  # noqa: E402
+
+
+def timed(fn, xp, repeats=3):
+    fn()
+    synchronize(xp)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        synchronize(xp)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def scatter_ceiling(xp, size, n_adds, dtype, sorted_idx):
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, size, n_adds)
+    if sorted_idx:
+        idx.sort()
+    idx = xp.asarray(idx)
+    vals = xp.ones(n_adds, dtype=dtype)
+    target = xp.zeros(size, dtype=dtype)
+    t = timed(lambda: scatter_add(target, idx, vals), xp)
+    return n_adds / t
+
+
+def bench_box(xp, box, n, batch, acc_dtype):
+    rng = np.random.default_rng(1)
+    geom = SliceGeometry(box, xp=xp)
+    acc = Accumulators(geom, n_vol=1, dtype=acc_dtype)
+    A = euler_to_matrix(*random_rotations(n, rng), xp=xp)
+    cdt = np.complex64
+    data = (xp.asarray(rng.normal(size=(n, geom.m))) + 1j * xp.asarray(rng.normal(size=(n, geom.m)))).astype(cdt)
+    w = xp.asarray(rng.random((n, geom.m))).astype(np.float32)
+
+    def run():
+        for s in range(0, n, batch):
+            insert(acc, 0, A[s:s + batch], data[s:s + batch], w[s:s + batch])
+
+    t = timed(run, xp, repeats=2)
+    upd = n * geom.m * 8
+    return {"box": box, "particles": n, "batch": batch, "accumulator": np.dtype(acc_dtype).name,
+            "in_ball_points": geom.m, "seconds": t, "particles_per_s": n / t, "voxel_updates_per_s": upd / t,
+            "float_adds_per_s": 3 * upd / t}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    ap.add_argument("--box", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--n", type=int, default=None, help="particles per box (default: 2000 CPU, 20000 GPU)")
+    ap.add_argument("--batch", type=int, default=None, help="particles per batch (default 256 CPU, 2048 GPU)")
+    ap.add_argument("--acc", default="complex128", choices=["complex64", "complex128"],
+                    help="accumulator precision")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    xp = get_xp(args.device)
+    n = args.n or (20000 if args.device == "gpu" else 2000)
+    batch = args.batch or (2048 if args.device == "gpu" else 256)
+    info = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "device": args.device,
+            "host": platform.node(), "python": platform.python_version(), "numpy": np.__version__}
+    if args.device == "gpu":
+        import cupy
+
+        info["gpu"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        info["cupy"] = cupy.__version__
+    size, n_adds = (2 ** 26, 2 ** 25) if args.device == "gpu" else (2 ** 22, 2 ** 22)
+    ceilings = {}
+    for dt in ("float32", "float64"):
+        for srt in (False, True):
+            key = f"{dt}_{'sorted' if srt else 'random'}"
+            ceilings[key] = scatter_ceiling(xp, size, n_adds, np.dtype(dt), srt)
+    rows = [bench_box(xp, b, n if b <= 128 else max(n // 4, 500), batch if b <= 128 else max(batch // 4, 64),
+                      np.dtype(args.acc)) for b in args.box]
+    acc_real = "float64" if args.acc == "complex128" else "float32"
+    for r in rows:
+        r["fraction_of_random_ceiling"] = r["float_adds_per_s"] / ceilings[f"{acc_real}_random"]
+        r["fraction_of_sorted_ceiling"] = r["float_adds_per_s"] / ceilings[f"{acc_real}_sorted"]
+    print(f"device {info.get('gpu', args.device)}; scatter-add ceilings (G adds/s): " +
+          ", ".join(f"{k} {v / 1e9:.3g}" for k, v in ceilings.items()))
+    print(f"{'box':>5} {'acc':>10} {'particles/s':>12} {'G vox upd/s':>12} {'G adds/s':>9} "
+          f"{'% random':>9} {'% sorted':>9}")
+    for r in rows:
+        print(f"{r['box']:>5} {r['accumulator']:>10} {r['particles_per_s']:>12.0f} "
+              f"{r['voxel_updates_per_s'] / 1e9:>12.2f} {r['float_adds_per_s'] / 1e9:>9.2f} "
+              f"{100 * r['fraction_of_random_ceiling']:>8.1f}% {100 * r['fraction_of_sorted_ceiling']:>8.1f}%")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "ceilings_adds_per_s": ceilings, "results": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
