@@ -46,6 +46,8 @@ def _simulate_args(p) -> None:
                    help="defocus range in Å (default 8000 25000)")
     p.add_argument("--per-stack", type=int, default=1000, help="particles per .mrcs stack (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same data (default 0)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="where projections are computed (auto: the GPU when CuPy sees one)")
 
 
 def _simulate(args, comm) -> None:
@@ -57,9 +59,12 @@ def _simulate(args, comm) -> None:
         check_writable_dir(args.out)
         if args.box % 2 or args.box < 16:
             raise MpiEmError(f"--box must be even and >= 16, got {args.box}")
+        from .backend import default_device, get_xp
+
+        xp = get_xp(default_device() if args.device == "auto" else args.device)
         vol = phantom(args.box, seed=args.seed, sym=args.sym)
         sim = simulate_particles(vol, args.n, args.apix, snr=args.snr, seed=args.seed + 1,
-                                 max_shift=args.max_shift, defocus_range=tuple(args.defocus))
+                                 max_shift=args.max_shift, defocus_range=tuple(args.defocus), xp=xp)
         path = write_dataset(args.out, vol, sim, args.apix, per_stack=args.per_stack, seed=args.seed)
         log.info("simulated %d particles (box %d, %.2f Å/px, SNR %g, %s): %s", args.n, args.box, args.apix,
                  args.snr, args.sym, path)
