@@ -15,15 +15,15 @@ import numpy as np
 from .fourier import freq_grid_2d
 
 
-def electron_wavelength(voltage_kv):
-    v = np.asarray(voltage_kv, dtype=np.float64) * 1e3
-    return 12.2643247 / np.sqrt(v * (1.0 + v * 0.978466e-6))
+def electron_wavelength(voltage_kv, xp=np):
+    v = xp.asarray(voltage_kv, dtype=xp.float64) * 1e3
+    return 12.2643247 / xp.sqrt(v * (1.0 + v * 0.978466e-6))
 
 
 def ctf_values(fx, fy, defocus_u, defocus_v, defocus_angle, voltage, cs, amp_contrast,
                phase_shift=0.0, bfactor=0.0, xp=np):
     """CTF at spatial frequencies (fx, fy) in 1/Å; parameters broadcast against them."""
-    lam = xp.asarray(electron_wavelength(voltage))
+    lam = electron_wavelength(voltage, xp)
     k1 = np.pi * lam
     k2 = np.pi / 2.0 * xp.asarray(cs, dtype=xp.float64) * 1e7 * lam ** 3
     q0 = xp.asarray(amp_contrast, dtype=xp.float64)

@@ -35,7 +35,9 @@ def test_projection_gpu_equals_cpu(rng):
 
 
 def test_insert_and_reconstruct_gpu_equals_cpu():
-    """float64 accumulators; atomics sum in another order: relative differences at float64 rounding."""
+    """Images and their FFTs are float32 (eps 1.2e-7) and pocketfft and cuFFT round differently, so F and the
+    map agree to ~1e-7 of their largest value (measured 7.6e-8 on an H100); W is built from float64 CTFs cast
+    identically and agrees to float64 rounding of the atomics' order."""
     box, n = 32, 400
     vol = phantom(box, seed=2)
     sim = simulate_particles(vol, n, 3.0, snr=1.0, seed=3, max_shift=2.0)
@@ -51,5 +53,5 @@ def test_insert_and_reconstruct_gpu_equals_cpu():
     Fc, Wc, rc = out[0]
     Fg, Wg, rg = (x.get() for x in out[1])
     np.testing.assert_allclose(Wg, Wc, rtol=0, atol=1e-10 * np.abs(Wc).max())
-    np.testing.assert_allclose(Fg, Fc, rtol=0, atol=1e-10 * np.abs(Fc).max())
-    np.testing.assert_allclose(rg, rc, rtol=0, atol=1e-9 * np.abs(rc).max())
+    np.testing.assert_allclose(Fg, Fc, rtol=0, atol=1e-6 * np.abs(Fc).max())
+    np.testing.assert_allclose(rg, rc, rtol=0, atol=1e-6 * np.abs(rc).max())
