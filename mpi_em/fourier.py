@@ -188,21 +188,42 @@ def _trilinear_stencil(coords, npad: int):
     return xp.stack(idx, axis=-1), xp.stack(wts, axis=-1), flip
 
 
-def project(Fvol, A, geom: SliceGeometry):
-    """Central slices of the FFT-layout volume for rotations A (n,3,3) -> (n, m) complex in-ball values."""
+def _volume_offsets(vol_index, geom: SliceGeometry, xp):
+    size = geom.vol_shape[0] * geom.vol_shape[1] * geom.vol_shape[2]
+    off = xp.asarray(vol_index, dtype=xp.int64) * size
+    return off[..., None, None]
+
+
+def project(Fvol, A, geom: SliceGeometry, vol_index=None):
+    """Central slices of FFT-layout volume(s) for rotations A (..., 3, 3) -> (..., m) complex in-ball values.
+
+    ``Fvol`` is one volume, or a stack (V, Np, Np, Np//2+1) with ``vol_index`` (same leading shape as A)
+    naming the volume each rotation samples.
+    """
     xp = xp_of(Fvol)
+    lead = A.shape[:-2]
+    A = xp.asarray(A).reshape(-1, 3, 3)
     idx, w, flip = _trilinear_stencil(geom.coords(A), geom.npad)
+    if vol_index is not None:
+        idx = idx + _volume_offsets(xp.asarray(vol_index).reshape(-1), geom, xp)
     vals = (Fvol.reshape(-1)[idx] * w.astype(Fvol.real.dtype)).sum(axis=-1)
-    return xp.where(flip, xp.conj(vals), vals)
+    return xp.where(flip, xp.conj(vals), vals).reshape(lead + (geom.m,))
 
 
-def backproject(F_acc, W_acc, A, data, weights, geom: SliceGeometry):
+def backproject(F_acc, W_acc, A, data, weights, geom: SliceGeometry, vol_index=None):
     """Adjoint of :func:`project`: insert (n, m) complex ``data`` and real ``weights`` (e.g. CTF.X, CTF^2).
 
-    Accumulates in place into F_acc (complex) and W_acc (real), both FFT-layout (Np, Np, Np//2+1).
+    Accumulates in place into F_acc (complex) and W_acc (real), both FFT-layout (Np, Np, Np//2+1), or stacks
+    of such volumes with ``vol_index`` (n,) naming the target of each row.
     """
     xp = xp_of(F_acc)
+    A = xp.asarray(A).reshape(-1, 3, 3)
+    data = data.reshape(-1, geom.m)
     idx, w, flip = _trilinear_stencil(geom.coords(A), geom.npad)
+    if vol_index is not None:
+        idx = idx + _volume_offsets(xp.asarray(vol_index).reshape(-1), geom, xp)
+        if weights is not None:
+            weights = weights.reshape(-1, geom.m)
     d = xp.where(flip, xp.conj(data), data)
     scatter_add(F_acc, idx, d[..., None] * w)
     if W_acc is not None and weights is not None:

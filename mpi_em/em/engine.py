@@ -1,0 +1,228 @@
+"""Expectation-maximisation over a rank's particles: one implementation for class2d, class3d and refine3d.
+
+E-step for a batch (all arrays on the rank's array module):
+  1. coarse pass: log-likelihood over (translation grid) x (K classes x pose set) — a shared global grid
+     (one GEMM) or per-particle local poses around the previous pose (batched GEMM);
+  2. the ``n_select`` best coarse poses survive (significant weights); the fine pass oversamples each of them
+     (finer rotations, half-step translations around the best one) and gives the posterior weights;
+  3. M-step contributions: for every significant fine pose, sum_t w X_t, times CTF / sigma^2, is inserted with
+     weight w CTF^2 / sigma^2 into the accumulators of its reference; noise power at the best pose, class
+     weights and offset moments are summed for the model update.
+The caller reduces the accumulators and sums over ranks and reconstructs (:mod:`mpi_em.em.model`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..backend import to_host, xp_of
+from ..ctf import ctf_images
+from ..fourier import SliceGeometry, image_fft, shift_phases
+from ..geometry import euler_to_matrix
+from ..sampling import translation_grid
+from .likelihood import (data_term, log_likelihood_local, log_likelihood_shared, offset_log_prior, posterior,
+                         shell_of_points, significant_mask, translation_phases)
+from .references import References, angles_from_mats, compose, insert, rotation_2d
+
+
+@dataclass
+class SearchSpec:
+    """What one E-step searches."""
+
+    dim: int
+    n_classes: int
+    global_mats: object | None       # (C, d, d) shared grid, or None for local searches
+    local_mats: object | None        # (L, d, d) small rotations around the previous pose (local searches)
+    fine_mats: object                # (F, d, d) oversampling of a coarse cell
+    offset_range: float              # px
+    offset_step: float               # px
+    offset_sigma: float              # px, Gaussian prior on the offset change
+    n_select: int = 4
+    log_class_prior: object | None = None   # (K,) log pi_k
+    fixed_class: bool = False        # iteration-1 random subsets: each particle sees only its class
+
+
+@dataclass
+class Stats:
+    """Sums over a rank's particles for the model update (then summed over ranks)."""
+
+    sigma2_sum: np.ndarray
+    sigma2_count: np.ndarray
+    class_weight: np.ndarray
+    offset_sq: float = 0.0
+    offset_w: float = 0.0
+    loglike: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def as_vector(self) -> np.ndarray:
+        return np.concatenate([self.sigma2_sum, self.sigma2_count, self.class_weight,
+                               [self.offset_sq, self.offset_w, self.loglike]])
+
+    @classmethod
+    def from_vector(cls, v, n_shells, n_classes):
+        a, b = n_shells, 2 * n_shells
+        return cls(v[:a].copy(), v[a:b].copy(), v[b:b + n_classes].copy(), float(v[-3]), float(v[-2]),
+                   float(v[-1]))
+
+    @classmethod
+    def zeros(cls, n_shells, n_classes):
+        return cls(np.zeros(n_shells), np.zeros(n_shells), np.zeros(n_classes))
+
+
+def prepare_batch(images, plan, sl, geom: SliceGeometry, box: int, pixel_size: float, use_ctf: bool = True):
+    """In-ball FFT of the images re-centred on their current offsets, and their CTFs: (n, m) each."""
+    xp = geom.xp
+    F2 = image_fft(xp.asarray(images, dtype=xp.float32))
+    off = np.stack([plan["origin_x"][sl], plan["origin_y"][sl]], axis=1) / pixel_size
+    F2 = F2 * shift_phases(box, -off, xp=xp, dtype=F2.dtype)
+    X = geom.gather(F2)
+    if use_ctf:
+        c = ctf_images(box, pixel_size, plan["defocus_u"][sl], plan["defocus_v"][sl], plan["defocus_angle"][sl],
+                       plan["voltage"][sl], plan["cs"][sl], plan["amp_contrast"][sl], plan["phase_shift"][sl],
+                       plan["bfactor"][sl], xp=xp)
+        ctf = geom.gather(c)
+    else:
+        ctf = xp.ones(X.shape, dtype=xp.float32)
+    return X, ctf
+
+
+def current_mats(plan, sl, dim: int, xp):
+    if dim == 3:
+        return euler_to_matrix(plan["rot"][sl], plan["tilt"][sl], plan["psi"][sl], xp=xp)
+    return rotation_2d(xp.asarray(plan["psi"][sl]), xp)
+
+
+def _logsumexp(a, axis):
+    xp = xp_of(a)
+    m = a.max(axis=axis, keepdims=True)
+    return (m + xp.log(xp.exp(a - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def expectation_batch(X, ctf, inv_sigma2, shells, refs: References, vol_base, prev_mats, prev_class,
+                      spec: SearchSpec, geom: SliceGeometry, F_acc, W_acc, stats: Stats, n_shells: int):
+    """E-step of one batch (n particles). Returns host arrays of the new poses and weights per particle:
+    dict(mats (n,d,d), cls (n,), shift (n,2) change in px, pmax (n,), loglike (n,), nsig (n,))."""
+    xp = xp_of(X)
+    n, m = X.shape
+    K = spec.n_classes
+    d = spec.dim
+    T_c = xp.asarray(translation_grid(spec.offset_range, spec.offset_step))          # (T, 2)
+    prior_t = offset_log_prior(T_c, spec.offset_sigma)                                 # (T,)
+    ph_c = translation_phases(geom, T_c, dtype=X.dtype)                                # (T, m)
+    Xt = X[:, None, :] * ph_c[None]                                                    # (n, T, m)
+    lcp = spec.log_class_prior if spec.log_class_prior is not None else xp.zeros(K, dtype=xp.float32)
+    lcp = xp.asarray(lcp, dtype=xp.float32)
+
+    # ---------------- coarse pass
+    if spec.global_mats is not None:
+        G = spec.global_mats
+        C = G.shape[0]
+        cand_mats = xp.broadcast_to(G[None, None], (n, K, C, d, d))
+        cand_cls = xp.broadcast_to(xp.arange(K)[None, :, None], (n, K, C))
+        L = xp.empty((n, T_c.shape[0], K * C), dtype=xp.float32)
+        for base in np.unique(to_host(vol_base)):
+            sel = xp.asarray(np.flatnonzero(to_host(vol_base) == base))
+            P = refs.project(xp.broadcast_to(G[None], (K, C, d, d)), xp.arange(K)[:, None] + int(base), geom)
+            L[sel] = log_likelihood_shared(Xt[sel], ctf[sel], inv_sigma2, P.reshape(K * C, m))
+    else:
+        Lm = spec.local_mats
+        C = Lm.shape[0]
+        cand_mats = xp.broadcast_to(compose(Lm, prev_mats)[:, None], (n, K, C, d, d))
+        cand_cls = xp.broadcast_to(xp.arange(K)[None, :, None], (n, K, C))
+        P = refs.project(cand_mats, cand_cls + vol_base[:, None, None], geom)            # (n, K, C, m)
+        L = log_likelihood_local(Xt, ctf, inv_sigma2, P.reshape(n, K * C, m))
+    cand_mats = cand_mats.reshape(n, K * C, d, d)
+    cand_cls = cand_cls.reshape(n, K * C)
+    L = L + prior_t[None, :, None] + lcp[cand_cls][:, None, :]
+    if spec.fixed_class:
+        L = xp.where((cand_cls == prev_class[:, None])[:, None, :], L, -xp.inf)
+    marg = _logsumexp(L, axis=1)                                                       # (n, K*C)
+    S = min(spec.n_select, marg.shape[1])
+    sel = xp.argsort(-marg, axis=1)[:, :S]                                             # (n, S)
+    best_t = T_c[xp.argmax(xp.take_along_axis(L, sel[:, None, :1], axis=2)[:, :, 0], axis=1)]  # (n, 2)
+
+    # ---------------- fine pass
+    Fm = spec.fine_mats
+    nf = Fm.shape[0]
+    s_mats = xp.take_along_axis(cand_mats, sel[:, :, None, None], axis=1)             # (n, S, d, d)
+    s_cls = xp.take_along_axis(cand_cls, sel, axis=1)                                  # (n, S)
+    f_mats = compose(Fm, s_mats).reshape(n, S * nf, d, d)
+    f_cls = xp.repeat(s_cls, nf, axis=1)                                               # (n, S*nf)
+    h = spec.offset_step / 2.0
+    dt = xp.asarray([[0.0, 0.0], [-h, 0], [h, 0], [0, -h], [0, h], [-h, -h], [h, -h], [-h, h], [h, h]])
+    t_f = best_t[:, None, :] + dt[None]                                                # (n, 9, 2)
+    ph_f = translation_phases(geom, t_f, dtype=X.dtype)                                # (n, 9, m)
+    Xt_f = X[:, None, :] * ph_f
+    P_f = refs.project(f_mats, f_cls + vol_base[:, None], geom)                        # (n, S*nf, m)
+    Lf = log_likelihood_local(Xt_f, ctf, inv_sigma2, P_f)                              # (n, 9, S*nf)
+    Lf = Lf + offset_log_prior(t_f, spec.offset_sigma)[:, :, None] + lcp[f_cls][:, None, :]
+    if spec.fixed_class:
+        Lf = xp.where((f_cls == prev_class[:, None])[:, None, :], Lf, -xp.inf)
+    w, mx, lse = posterior(Lf)                                                         # (n, 9, S*nf)
+    flat_best = xp.argmax(w.reshape(n, -1), axis=1)
+    bt, bc = flat_best // (S * nf), flat_best % (S * nf)
+    ar = xp.arange(n)
+    best_mats = f_mats[ar, bc]
+    best_cls = f_cls[ar, bc]
+    best_shift = t_f[ar, bt]
+    pmax = w.reshape(n, -1).max(axis=1)
+
+    # ---------------- M-step contributions
+    wc = w.sum(axis=1)                                                                  # (n, S*nf)
+    keep = significant_mask(wc, 0.999)
+    wts = (ctf * inv_sigma2[None, :]).astype(xp.float32)
+    # sum_t w_{t,c} X_t  for every fine pose (complex batched matmul), then x CTF / sigma^2
+    Xw = xp.matmul(w.transpose(0, 2, 1).astype(Xt_f.dtype), Xt_f)                      # (n, S*nf, m)
+    data = Xw * wts[:, None, :]
+    weights = wc[:, :, None].astype(xp.float32) * (ctf * wts)[:, None, :]
+    ii, cc = xp.nonzero(keep)
+    insert(F_acc, W_acc, d, f_mats[ii, cc], f_cls[ii, cc] + vol_base[ii], data[ii, cc], weights[ii, cc], geom)
+
+    # noise power at the best pose, class weights, offsets, log-likelihood
+    resid = X * xp.exp(1j * (2 * np.pi / geom.box) * (best_shift @ geom.kxy.T)).astype(X.dtype) \
+        - ctf * P_f[ar, bc]
+    r2 = 0.5 * (resid.real ** 2 + resid.imag ** 2).astype(xp.float64)
+    stats.sigma2_sum += to_host(xp.bincount(shells, weights=r2.sum(axis=0), minlength=n_shells)[:n_shells])
+    stats.sigma2_count += to_host(xp.bincount(shells, minlength=n_shells)[:n_shells]) * n
+    cls_w = xp.zeros(K, dtype=xp.float64)
+    cls_w = cls_w + xp.bincount(f_cls.reshape(-1), weights=wc.reshape(-1).astype(xp.float64), minlength=K)[:K]
+    stats.class_weight += to_host(cls_w)
+    stats.offset_sq += float((w.sum(axis=2) * (t_f ** 2).sum(axis=2)).sum())
+    stats.offset_w += float(n)
+    ll = mx + lse + data_term(X, inv_sigma2)
+    stats.loglike += float(ll.sum())
+    return {"mats": to_host(best_mats), "cls": to_host(best_cls), "shift": to_host(best_shift),
+            "pmax": to_host(pmax), "loglike": to_host(ll), "nsig": to_host(keep.sum(axis=1))}
+
+
+def update_plan_poses(plan, sl, res, dim: int, pixel_size: float) -> None:
+    """Write a batch's new poses into the rank's plan (angles in degrees, origins in Å)."""
+    rot, tilt, psi = angles_from_mats(res["mats"], dim)
+    if dim == 3:
+        plan["rot"][sl], plan["tilt"][sl] = rot, tilt
+    plan["psi"][sl] = psi
+    plan["origin_x"][sl] = plan["origin_x"][sl] + res["shift"][:, 0] * pixel_size
+    plan["origin_y"][sl] = plan["origin_y"][sl] + res["shift"][:, 1] * pixel_size
+    plan["class_number"][sl] = res["cls"] + 1
+    plan["pmax"][sl] = res["pmax"]
+    plan["loglike"][sl] = res["loglike"]
+    plan["nsig"][sl] = res["nsig"]
+
+
+def sigma2_from_images(X, shells, n_shells):
+    """Initial noise power per shell: mean |X|^2 / 2 (host arrays: sums and counts)."""
+    xp = xp_of(X)
+    p = 0.5 * (X.real ** 2 + X.imag ** 2).astype(xp.float64)
+    s = xp.bincount(shells, weights=p.sum(axis=0), minlength=n_shells)[:n_shells]
+    c = xp.bincount(shells, minlength=n_shells)[:n_shells] * X.shape[0]
+    return to_host(s), to_host(c)
+
+
+def inverse_sigma2_points(sigma2, shells, xp):
+    s = xp.asarray(sigma2, dtype=xp.float64)[shells]
+    return xp.where(s > 0, 1.0 / xp.where(s > 0, s, 1.0), 0.0).astype(xp.float32)
+
+
+__all__ = ["SearchSpec", "Stats", "prepare_batch", "current_mats", "expectation_batch", "update_plan_poses",
+           "sigma2_from_images", "inverse_sigma2_points", "shell_of_points"]

@@ -1,0 +1,135 @@
+"""The E-step's numerical core, shared by 2D classification, 3D classification and 3D refinement.
+
+Image model (RELION): X_i = CTF_i . P_pose V_k + noise, with complex Gaussian noise of variance 2 sigma^2(s) per
+Fourier component of shell s. For a particle i, translation t and pose c (class k, orientation):
+
+    log L(i, t, c) = - sum_s |X_i,t(s) - CTF_i(s) P_c(s)|^2 / (2 sigma^2(s))
+                   = - |X_i|^2 term  +  Re sum_s X_i,t conj(P_c) CTF_i / sigma^2  -  sum_s CTF_i^2 |P_c|^2 / (2 sigma^2)
+
+The cross term over many (t, c) is a real matrix product: [Re Y, Im Y] @ [Re P; Im P]^T with
+Y = X_t . CTF / sigma^2 — one GEMM for a shared pose set (global search), one batched GEMM for per-particle pose
+sets (local searches and the oversampled fine pass). NumPy and CuPy alike (cuBLAS on the GPU).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import xp_of
+from ..fourier import freq_grid_2d
+
+
+def translation_phases(geom, shifts, dtype=np.complex64):
+    """exp(+2 pi i k.t / N) at the in-ball points: multiplying X by it moves the image by -t.
+
+    ``shifts`` (T, 2) shared, or (n, T, 2) per particle -> (T, m) or (n, T, m).
+    """
+    xp = geom.xp
+    s = xp.asarray(shifts, dtype=xp.float64)
+    k = geom.kxy  # (m, 2) as (kx, ky)
+    ph = 2.0 * np.pi / geom.box * (s @ k.T)
+    return xp.exp(1j * ph).astype(dtype)
+
+
+def shell_of_points(geom):
+    """Integer shell (rounded |k|) of each in-ball point."""
+    xp = geom.xp
+    return xp.rint(xp.sqrt((geom.kxy ** 2).sum(axis=1))).astype(xp.int64)
+
+
+def log_likelihood_shared(Xt, ctf, inv_sigma2, P):
+    """Xt (n, T, m) complex, ctf (n, m), inv_sigma2 (m,), P (C, m) complex -> (n, T, C) float32.
+
+    The particle-only term -sum |X|^2 / (2 sigma^2) is left out (constant over poses; see :func:`data_term`).
+    """
+    xp = xp_of(Xt)
+    n, T, m = Xt.shape
+    w = (ctf * inv_sigma2[None, :]).astype(np.float32)
+    Y = Xt * w[:, None, :]
+    A = xp.concatenate([Y.real.reshape(n * T, m), Y.imag.reshape(n * T, m)], axis=1)  # (nT, 2m)
+    B = xp.concatenate([P.real, P.imag], axis=1).astype(np.float32)                  # (C, 2m)
+    cross = (A @ B.T).reshape(n, T, -1)
+    norm = (0.5 * ctf * ctf * inv_sigma2[None, :]).astype(np.float32) @ (P.real ** 2 + P.imag ** 2).T.astype(np.float32)
+    return cross - norm[:, None, :]
+
+
+def log_likelihood_local(Xt, ctf, inv_sigma2, P):
+    """Per-particle pose sets: Xt (n, T, m), ctf (n, m), P (n, C, m) -> (n, T, C) float32 (batched GEMM)."""
+    xp = xp_of(Xt)
+    w = (ctf * inv_sigma2[None, :]).astype(np.float32)
+    Y = Xt * w[:, None, :]
+    A = xp.concatenate([Y.real, Y.imag], axis=2)                                # (n, T, 2m)
+    B = xp.concatenate([P.real, P.imag], axis=2).astype(np.float32)              # (n, C, 2m)
+    cross = xp.matmul(A, B.transpose(0, 2, 1))
+    norm = ((P.real ** 2 + P.imag ** 2) * (0.5 * ctf * ctf * inv_sigma2[None, :])[:, None, :]).sum(axis=2)
+    return cross - norm[:, None, :].astype(np.float32)
+
+
+def data_term(X, inv_sigma2):
+    """-sum_s |X|^2 / (2 sigma^2) per particle (n,), the pose-independent part of log L."""
+    return -0.5 * ((X.real ** 2 + X.imag ** 2) * inv_sigma2[None, :]).sum(axis=1)
+
+
+def posterior(logp):
+    """Normalised weights over all axes but the first, computed after subtracting each particle's max.
+
+    Returns (weights float64-safe in the input's precision, max log value per particle, log of the sum).
+    """
+    xp = xp_of(logp)
+    n = logp.shape[0]
+    flat = logp.reshape(n, -1)
+    mx = flat.max(axis=1)
+    e = xp.exp((flat - mx[:, None]).astype(xp.float64))
+    s = e.sum(axis=1)
+    w = (e / s[:, None]).reshape(logp.shape)
+    return w, mx, xp.log(s)
+
+
+def significant_mask(weights, fraction: float = 0.999, max_count: int | None = None):
+    """Per particle, the smallest set of entries (flattened over the trailing axes) whose weights sum to
+    >= ``fraction`` (RELION's significant weights), at most ``max_count``. Returns a boolean mask."""
+    xp = xp_of(weights)
+    n = weights.shape[0]
+    flat = weights.reshape(n, -1)
+    order = xp.argsort(-flat, axis=1)
+    sorted_w = xp.take_along_axis(flat, order, axis=1)
+    csum = xp.cumsum(sorted_w, axis=1)
+    # keep entry j if the mass before it is still below the fraction
+    before = csum - sorted_w
+    keep_sorted = before < fraction
+    if max_count is not None:
+        keep_sorted[:, max_count:] = False
+    keep_sorted[:, 0] = True
+    mask = xp.zeros_like(keep_sorted)
+    xp.put_along_axis(mask, order, keep_sorted, axis=1)
+    return mask.reshape(weights.shape)
+
+
+def top_k(values, k: int):
+    """Indices (n, k) of the k largest entries of each row of a (n, C) array, best first."""
+    xp = xp_of(values)
+    k = min(k, values.shape[1])
+    idx = xp.argsort(-values, axis=1)[:, :k]
+    return idx
+
+
+def offset_log_prior(shifts, sigma_px: float):
+    """Gaussian prior on translations (T, 2) or (n, T, 2) in pixels -> same leading shape."""
+    xp = xp_of(shifts)
+    if sigma_px <= 0:
+        return xp.zeros(shifts.shape[:-1], dtype=xp.float32)
+    return (-(shifts ** 2).sum(axis=-1) / (2.0 * sigma_px ** 2)).astype(xp.float32)
+
+
+def ring_average(values, shells, n_shells: int):
+    """Mean of per-point values (n, m) over particles and points of each shell -> (n_shells,), and counts."""
+    xp = xp_of(values)
+    v = values.reshape(-1, values.shape[-1]).sum(axis=0)
+    cnt = values.reshape(-1, values.shape[-1]).shape[0]
+    s = xp.bincount(shells, weights=v, minlength=n_shells)[:n_shells]
+    c = xp.bincount(shells, minlength=n_shells)[:n_shells] * cnt
+    return s, c
+
+
+def radial_index_2d(box: int, xp=np):
+    ky, kx = freq_grid_2d(box, xp)
+    return xp.rint(xp.sqrt(ky * ky + kx * kx)).astype(xp.int64)

@@ -1,0 +1,96 @@
+"""References in Fourier space, 2D (class averages, rotated in plane) or 3D (volumes, central slices).
+
+One interface for the E-step and the M-step: ``project(mats, vol_index, geom)`` and
+``insert(acc, mats, vol_index, data, weights, geom)``, where ``mats`` are (..., d, d) rotations (d = 2 or 3).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import xp_of
+from ..fourier import SliceGeometry, backproject, project, volume_fft
+from ..fourier2d import backproject2d, plane_fft, project2d
+from ..geometry import euler_to_matrix, matrix_to_euler
+from ..sampling import local_rotations, orientation_grid, psi_angles, rotation_vector_to_matrix
+
+
+class References:
+    """V references (maps (V, N, N[, N]) real, on xp) prepared for projection."""
+
+    def __init__(self, maps, dim: int, pad: int = 2, mask=None):
+        xp = xp_of(maps)
+        self.dim, self.pad = dim, pad
+        self.box = maps.shape[-1]
+        m = maps if mask is None else maps * mask
+        if dim == 3:
+            self.F = xp.stack([volume_fft(v, pad) for v in m])
+        else:
+            self.F = plane_fft(m, pad)
+        self.n = maps.shape[0]
+
+    def project(self, mats, vol_index, geom: SliceGeometry):
+        lead = mats.shape[:-2]
+        xp = xp_of(self.F)
+        vi = xp.broadcast_to(xp.asarray(vol_index), lead).reshape(-1)
+        if self.dim == 3:
+            out = project(self.F, mats.reshape(-1, 3, 3), geom, vol_index=vi)
+        else:
+            out = project2d(self.F, mats.reshape(-1, 2, 2), geom, plane_index=vi)
+        return out.reshape(lead + (geom.m,))
+
+
+def insert(F_acc, W_acc, dim: int, mats, vol_index, data, weights, geom: SliceGeometry) -> None:
+    """Back-project rows (n, m) with rotations (n, d, d) into accumulator stacks (V, ...)."""
+    if dim == 3:
+        backproject(F_acc, W_acc, mats, data, weights, geom, vol_index=vol_index)
+    else:
+        backproject2d(F_acc, W_acc, mats, data, weights, geom, plane_index=vol_index)
+
+
+# ------------------------------------------------------------------------------------ pose sets
+def rotation_2d(psi_deg, xp=np):
+    """(n, 2, 2): the in-plane block of RELION's Euler matrix for psi (rot = tilt = 0)."""
+    return euler_to_matrix(0.0, 0.0, psi_deg, xp=xp)[:, :2, :2]
+
+
+def angles_from_mats(mats, dim: int, xp=np):
+    """(n, d, d) -> (rot, tilt, psi) in degrees (2D: rot = tilt = 0)."""
+    if dim == 3:
+        return matrix_to_euler(mats, xp=xp)
+    psi = xp.rad2deg(xp.arctan2(-mats[:, 1, 0], mats[:, 0, 0]))
+    z = xp.zeros_like(psi)
+    return z, z, psi
+
+
+def global_grid(dim: int, order: int, sym: str, xp, psi_step: float | None = None):
+    """The shared pose grid of a global search: (C, d, d)."""
+    if dim == 3:
+        return xp.asarray(orientation_grid(order, sym)[0])
+    step = psi_step if psi_step else 360.0 / len(psi_angles(order))
+    psi = np.arange(0.0, 360.0, step)
+    return rotation_2d(xp.asarray(psi), xp)
+
+
+def fine_offsets(dim: int, step_deg: float, xp):
+    """Small rotations (F, d, d) that oversample a coarse cell of spacing ``step_deg`` (identity first)."""
+    if dim == 3:
+        return xp.asarray(local_rotations(step_deg, 3))
+    return rotation_2d(xp.asarray([0.0, -step_deg / 3.0, step_deg / 3.0]), xp)
+
+
+def local_offsets(dim: int, step_deg: float, radius_steps: float, xp):
+    """Small rotations (L, d, d) on a grid of spacing ``step_deg`` within ``radius_steps`` steps of identity."""
+    r = int(np.floor(radius_steps))
+    c = np.arange(-r, r + 1)
+    if dim == 2:
+        return rotation_2d(xp.asarray(c * step_deg), xp)
+    g = np.stack(np.meshgrid(c, c, c, indexing="ij"), -1).reshape(-1, 3)
+    g = g[(g ** 2).sum(1) <= radius_steps ** 2 + 1e-9]
+    g = g[np.argsort((g ** 2).sum(1), kind="stable")]
+    return xp.asarray(rotation_vector_to_matrix(np.deg2rad(step_deg) * g.astype(np.float64)))
+
+
+def compose(small, A):
+    """small (k, d, d) applied on the left of A (n, ..., d, d) -> (n, ..., k, d, d) = small_k @ A."""
+    xp = xp_of(A)
+    return xp.einsum("kij,...jl->...kil", small, A)
