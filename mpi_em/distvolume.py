@@ -1,0 +1,541 @@
+"""Stride-distributed Fourier volume: each rank holds only the kz planes it owns.
+
+The all-reduce design keeps a full padded accumulator pair (F complex, W real, each (Np, Np, Np//2+1), FFT
+layout [kz, ky, kx], see :mod:`mpi_em.fourier`) on every rank and sums it with ``Allreduce``. Here rank ``r``
+of ``P`` owns the kz planes ``z = r, r + P, r + 2P, ...`` (:func:`owned_planes`; any P, a rank may own no
+plane when P > Np), so a rank holds about 1/P of the volume:
+
+- :func:`reduce_scatter_planes`: full local partial sums -> the summed planes a rank owns
+  (``Reduce_scatter``, or compressed chunks through ``Alltoallv`` summed in rank order).
+- :class:`PlaneOwnerAccumulator`: streaming insertion for a memory budget; each batch's stencil
+  contributions travel to the owner of their kz plane (``Alltoallv``) and are scatter-added there, so no
+  rank ever holds a full padded volume. **Collective per batch**: every rank must call :meth:`add`
+  (or :meth:`add_empty`) the same number of times.
+- :func:`distributed_reconstruct`: Hermitian merge of the kx = 0 plane, regularised division and a
+  distributed inverse real 3D FFT (one ``Alltoallv`` transpose from kz-plane to y-row ownership), then the
+  cropped, gridding-corrected box^3 map is ``Allgatherv``-ed to every rank. Equal to
+  :func:`mpi_em.fourier.reconstruct` applied to each volume of the summed full arrays, to float64 rounding.
+- :func:`volume_bytes_per_rank`: the bytes each rank holds in either design (for benchmarks).
+
+NumPy and CuPy arrays share one code path (:func:`mpi_em.backend.xp_of`); MPI always moves host copies.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .backend import scatter_add, to_host, xp_of
+from .codec import compress_for_send, decompress_received
+from .distributed import RankFailed
+from .fourier import _trilinear_stencil, default_r_max, gridding_factor
+
+__all__ = [
+    "owned_planes",
+    "plane_owner",
+    "reduce_scatter_planes",
+    "PlaneOwnerAccumulator",
+    "distributed_reconstruct",
+    "volume_bytes_per_rank",
+]
+
+
+# ------------------------------------------------------------------------------------------ ownership
+def owned_planes(npad: int, rank: int, size: int) -> np.ndarray:
+    """Sorted int64 indices of the planes rank ``rank`` of ``size`` owns: z = rank (mod size), 0 <= z < npad.
+
+    Empty when rank >= npad (more ranks than planes). Used for kz planes of Fourier data and, after the
+    transpose of :func:`distributed_reconstruct`, for real-space y rows.
+    """
+    if size < 1 or not 0 <= rank < size:
+        raise ValueError(f"rank {rank} is not in a communicator of size {size}")
+    return np.arange(rank, npad, size, dtype=np.int64)
+
+
+def plane_owner(plane, size: int):
+    """Rank owning a plane index (scalar or array)."""
+    return plane % size
+
+
+def _plan(npad: int, size: int) -> list[np.ndarray]:
+    return [owned_planes(npad, r, size) for r in range(size)]
+
+
+def _real_dtype(dtype) -> np.dtype:
+    return np.zeros(0, dtype).real.dtype
+
+
+def _complex_dtype(dtype) -> np.dtype:
+    return np.result_type(dtype, np.complex64)
+
+
+def _displs(counts) -> list[int]:
+    out, acc = [], 0
+    for c in counts:
+        out.append(acc)
+        acc += int(c)
+    return out
+
+
+def _as_real_host(a) -> np.ndarray:
+    """Contiguous host copy of ``a``; complex arrays are viewed as interleaved real (shape[-1] doubled)."""
+    h = np.ascontiguousarray(to_host(a))
+    if np.iscomplexobj(h):
+        h = h.view(_real_dtype(h.dtype))
+    return h
+
+
+def _wrapped(idx: np.ndarray, n: int) -> np.ndarray:
+    """Signed frequency of FFT-layout indices (same rule as mpi_em.codec: i < n/2 -> i, else i - n)."""
+    return np.where(idx < n / 2, idx, idx - n)
+
+
+def _ball_index(planes: np.ndarray, npad: int, nxh: int, r: float) -> np.ndarray:
+    """Flat indices into a (len(planes), npad, nxh) chunk of the voxels with |k| <= r (padded-grid units)."""
+    kz = _wrapped(planes, npad).astype(np.float64)
+    ky = _wrapped(np.arange(npad), npad).astype(np.float64)
+    kx = np.arange(nxh, dtype=np.float64)
+    r2 = kz[:, None, None] ** 2 + ky[None, :, None] ** 2 + kx[None, None, :] ** 2
+    return np.flatnonzero(r2.ravel() <= float(r) * float(r))
+
+
+def _check_layout(shape, npad=None) -> tuple[int, int]:
+    if len(shape) < 3 or shape[-2] != (npad if npad is not None else shape[-3]) or \
+            shape[-1] != shape[-2] // 2 + 1:
+        raise ValueError(f"expected (..., Np, Np, Np//2+1) FFT-layout arrays, got shape {tuple(shape)}")
+    return int(shape[-2]), int(shape[-1])
+
+
+# --------------------------------------------------------------------------------- reduce-scatter
+def reduce_scatter_planes(comm, buf, compress: bool = False, r_max_padded=None, *, level: int = 1,
+                          check: bool = True):
+    """Sum ``buf`` (..., Np, Np, Np//2+1) over ranks; return the owned planes (..., n_owned, Np, Np//2+1).
+
+    Collective. ``buf`` is this rank's full partial sum (NumPy or CuPy, real or complex; leading axes are
+    volumes, e.g. the two half sets); the result has the same dtype and module.
+
+    - ``compress=False``: one ``Reduce_scatter`` on a host copy whose planes are permuted so that each
+      owner's planes are contiguous. The summation order is MPI's.
+    - ``compress=True``: each owner's chunk is compressed with :mod:`mpi_em.codec` (byte shuffle + zstd,
+      lossless) and sent with one ``Alltoallv`` of bytes; with ``r_max_padded`` (radius in padded-grid
+      voxels) only the voxels with |k| <= r_max_padded are packed, and every voxel outside must be exactly
+      zero (checked collectively, ``ValueError`` on every rank otherwise, unless ``check=False``: then
+      outside voxels are dropped and the owned result is zero there). The received chunks are summed
+      locally in rank order 0..P-1, so the result is deterministic; it equals the uncompressed result to
+      float rounding (different summation order), not bit for bit.
+    """
+    from mpi4py import MPI
+
+    xp = xp_of(buf)
+    npad, nxh = _check_layout(buf.shape)
+    lead = tuple(buf.shape[:-3])
+    size, rank = comm.size, comm.rank
+    plan = _plan(npad, size)
+    mine = plan[rank]
+    if compress:
+        return _reduce_scatter_compressed(comm, buf, plan, r_max_padded, level, check)
+
+    order = xp.asarray(np.concatenate(plan))
+    moved = xp.moveaxis(buf, -3, 0)[order]                # (Np, *lead, Np, Nxh), planes grouped by owner
+    send = _as_real_host(moved).reshape(-1)
+    per_plane = send.size // npad if npad else 0
+    counts = [int(p.size) * per_plane for p in plan]
+    recv = np.empty(counts[rank], dtype=send.dtype)
+    comm.Reduce_scatter(send, recv, recvcounts=counts, op=MPI.SUM)
+    out = recv.view(buf.dtype).reshape((mine.size,) + lead + (npad, nxh))
+    out = np.ascontiguousarray(np.moveaxis(out, 0, -3))
+    return out if xp is np else xp.asarray(out)
+
+
+def _reduce_scatter_compressed(comm, buf, plan, r_max_padded, level, check):
+    from mpi4py import MPI
+
+    xp = xp_of(buf)
+    npad, nxh = buf.shape[-2], buf.shape[-1]
+    lead = tuple(buf.shape[:-3])
+    size, rank = comm.size, comm.rank
+    mine = plan[rank]
+
+    if r_max_padded is not None and check:
+        full_idx = _ball_index(np.arange(npad), npad, nxh, r_max_padded)
+        outside = np.ones(npad * npad * nxh, dtype=bool)
+        outside[full_idx] = False
+        flat = buf.reshape(lead + (-1,))
+        bad = bool((flat[..., xp.asarray(outside)] != 0).any())
+        if comm.allreduce(bad, op=MPI.LOR):
+            raise ValueError(f"reduce_scatter_planes(compress=True, r_max_padded={r_max_padded}): non-zero "
+                             "data outside the ball on some rank; packing would lose it (check=False drops it)")
+
+    def chunk(r):
+        planes = plan[r]
+        c = buf[..., xp.asarray(planes), :, :].reshape(lead + (-1,))
+        if r_max_padded is None:
+            return xp.ascontiguousarray(c)
+        return xp.ascontiguousarray(c[..., xp.asarray(_ball_index(planes, npad, nxh, r_max_padded))])
+
+    own = None
+    blobs = []
+    for d in range(size):
+        if d == rank:
+            own = chunk(d)  # stays here, uncompressed
+            blobs.append(np.zeros(0, np.uint8))
+        elif plan[d].size == 0:
+            blobs.append(np.zeros(0, np.uint8))
+        else:
+            blobs.append(compress_for_send(chunk(d), None, level))
+    scounts = [int(b.size) for b in blobs]
+    rcounts = [int(c) for c in comm.alltoall(scounts)]
+    sendbuf = np.concatenate(blobs) if blobs else np.zeros(0, np.uint8)
+    recvbuf = np.empty(sum(rcounts), dtype=np.uint8)
+    sd, rd = _displs(scounts), _displs(rcounts)
+    comm.Alltoallv([sendbuf, (scounts, sd), MPI.BYTE], [recvbuf, (rcounts, rd), MPI.BYTE])
+
+    acc = None
+    if mine.size:
+        for s in range(size):  # fixed order -> deterministic sum
+            part = own if s == rank else decompress_received(recvbuf[rd[s]:rd[s] + rcounts[s]], xp=xp)
+            acc = part.copy() if acc is None else acc + part
+    if r_max_padded is None:
+        if acc is None:
+            return xp.zeros(lead + (0, npad, nxh), dtype=buf.dtype)
+        return acc.reshape(lead + (mine.size, npad, nxh))
+    out = xp.zeros(lead + (mine.size, npad, nxh), dtype=buf.dtype)
+    if mine.size:
+        out.reshape(lead + (-1,))[..., xp.asarray(_ball_index(mine, npad, nxh, r_max_padded))] = acc
+    return out
+
+
+# ------------------------------------------------------------------------------ streaming insertion
+class PlaneOwnerAccumulator:
+    """Owned kz planes of F (n_vol, n_owned, Np, Nxh) complex and W (same shape, real) on module ``xp``.
+
+    Streaming insertion: :meth:`add` takes a batch's stencil (flat indices into the full (Np, Np, Nxh) grid
+    with the F and W values that :func:`mpi_em.fourier.backproject` would scatter-add there), sends each
+    contribution to the owner of its plane kz = flat_idx // (Np * Nxh) with one ``Alltoallv`` and
+    scatter-adds what arrives (in rank order). A rank never holds more than its owned planes plus one
+    batch's stencil, so reconstructions whose full padded volume exceeds one rank's memory are possible.
+
+    **add is collective.** Every rank must call :meth:`add` / :meth:`add_empty` / :meth:`backproject` the
+    same number of times. With unequal numbers of batches per rank, loop over
+    ``n_batches_all = comm.allreduce(n_local_batches, op=MPI.MAX)`` and call :meth:`add_empty` once local
+    data has run out::
+
+        n_all = comm.allreduce(len(batches), op=MPI.MAX)
+        for i in range(n_all):
+            if i < len(batches):
+                acc.backproject(half_index, A, data, weights, geom)   # or acc.add(...)
+            else:
+                acc.add_empty()
+
+    Invalid input on one rank (index or volume out of range) raises :class:`mpi_em.distributed.RankFailed`
+    on every rank (the check travels with the size exchange), so nobody hangs.
+    """
+
+    def __init__(self, comm, geom_shape, n_vol: int = 2, dtype=np.complex128, xp=np):
+        shape = tuple(getattr(geom_shape, "vol_shape", geom_shape))
+        self.npad, self.nxh = _check_layout(shape)
+        if len(shape) != 3:
+            raise ValueError(f"geom_shape must be (Np, Np, Np//2+1), got {shape}")
+        self.comm, self.xp, self.n_vol = comm, xp, int(n_vol)
+        self.size, self.rank = comm.size, comm.rank
+        self.plan = _plan(self.npad, self.size)
+        self.planes = self.plan[self.rank]
+        self.n_own_all = np.array([p.size for p in self.plan], dtype=np.int64)
+        cdt = _complex_dtype(dtype)
+        rdt = _real_dtype(cdt)
+        self.F = xp.zeros((self.n_vol, self.planes.size, self.npad, self.nxh), dtype=cdt)
+        self.W = xp.zeros(self.F.shape, dtype=rdt)
+        self._rec = np.dtype([("i", np.int64), ("f", cdt), ("w", rdt)])
+        self._mpi_type = None
+        self.n_calls = 0
+        self.n_sent = 0      # contributions this rank sent (incl. to itself)
+        self.n_received = 0
+
+    @property
+    def plane_size(self) -> int:
+        return self.npad * self.nxh
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.F.nbytes + self.W.nbytes)
+
+    def _type(self):
+        if self._mpi_type is None:
+            from mpi4py import MPI
+
+            self._mpi_type = MPI.BYTE.Create_contiguous(self._rec.itemsize).Commit()
+        return self._mpi_type
+
+    def free(self) -> None:
+        """Free the MPI datatype (optional; call before MPI finalisation if the object outlives it)."""
+        if self._mpi_type is not None:
+            self._mpi_type.Free()
+            self._mpi_type = None
+
+    def add_empty(self) -> None:
+        """Take part in one :meth:`add` round without contributing (rank out of batches)."""
+        self.add(0, np.zeros(0, np.int64), None, None)
+
+    def add(self, vol_index, flat_idx, values_F=None, values_W=None) -> None:
+        """Collective: route stencil contributions to their plane owners and accumulate.
+
+        ``flat_idx``: int array of flat indices into the full (Np, Np, Nxh) grid; ``values_F`` (complex) and
+        ``values_W`` (real) of the same shape (either may be None: nothing added to that array);
+        ``vol_index``: int, or an int array broadcastable to ``flat_idx`` (e.g. the half set per image).
+        """
+        xp = self.xp
+        P, ps = self.size, self.plane_size
+        err = None
+        n = 0
+        try:
+            idx = xp.asarray(flat_idx).reshape(-1).astype(xp.int64, copy=False)
+            n = int(idx.size)
+            vi = xp.asarray(vol_index)
+            vi = xp.broadcast_to(vi, xp.asarray(flat_idx).shape).reshape(-1).astype(xp.int64) if vi.ndim \
+                else xp.full(n, int(vi), dtype=xp.int64)
+            if n and (bool((idx < 0).any()) or bool((idx >= self.npad * ps).any())):
+                raise ValueError(f"flat index outside the ({self.npad}, {self.npad}, {self.nxh}) grid")
+            if n and (bool((vi < 0).any()) or bool((vi >= self.n_vol).any())):
+                raise ValueError(f"volume index outside 0..{self.n_vol - 1}")
+            kz = idx // ps
+            dest = kz % P
+            n_own_dest = xp.asarray(self.n_own_all)[dest]
+            local = (vi * n_own_dest + kz // P) * ps + idx % ps
+            order = xp.argsort(dest, kind="stable") if xp is np else xp.argsort(dest)
+            counts = np.bincount(to_host(dest), minlength=P).astype(np.int64)
+            rec = np.zeros(n, dtype=self._rec)
+            rec["i"] = to_host(local[order])
+            if values_F is not None:
+                rec["f"] = to_host(xp.asarray(values_F).reshape(-1)[order])
+            if values_W is not None:
+                rec["w"] = to_host(xp.asarray(values_W).reshape(-1)[order])
+        except Exception as e:  # noqa: BLE001 - reported to every rank below
+            err = f"{type(e).__name__}: {e}"
+            counts = np.zeros(P, np.int64)
+            rec = np.zeros(0, dtype=self._rec)
+        # size exchange doubles as failure agreement
+        got = self.comm.alltoall([(int(c), err) for c in counts])
+        errs = [(s, m) for s, (_, m) in enumerate(got) if m is not None]
+        if errs:
+            raise RankFailed([f"rank {s}: PlaneOwnerAccumulator.add: {m}" for s, m in errs])
+        rcounts = [int(c) for c, _ in got]
+        scounts = [int(c) for c in counts]
+        recv = np.empty(sum(rcounts), dtype=self._rec)
+        t = self._type()
+        self.comm.Alltoallv([rec.view(np.uint8), (scounts, _displs(scounts)), t],
+                            [recv.view(np.uint8), (rcounts, _displs(rcounts)), t])
+        self.n_calls += 1
+        self.n_sent += n
+        self.n_received += int(recv.size)
+        if recv.size:
+            ridx = xp.asarray(np.ascontiguousarray(recv["i"]))
+            scatter_add(self.F, ridx, xp.asarray(np.ascontiguousarray(recv["f"])))
+            scatter_add(self.W, ridx, xp.asarray(np.ascontiguousarray(recv["w"])))
+
+    def backproject(self, vol_index, A, data, weights, geom) -> None:
+        """Collective :meth:`add` of :func:`mpi_em.fourier.backproject`'s stencil for one batch.
+
+        ``A`` (n,3,3), ``data`` (n, m) complex, ``weights`` (n, m) real or None, ``vol_index`` int or (n,).
+        """
+        xp = self.xp
+        idx, w, flip = _trilinear_stencil(geom.coords(A), geom.npad)
+        data = xp.asarray(data)
+        d = xp.where(flip, xp.conj(data), data)
+        vF = d[..., None] * w
+        vW = None if weights is None else xp.asarray(weights)[..., None] * w
+        vi = np.asarray(to_host(vol_index))
+        vi = int(vi) if vi.ndim == 0 else xp.asarray(vi).reshape(-1, 1, 1)
+        self.add(vi, idx, vF, vW)
+
+    def add_dense(self, F_part, W_part, compress: bool = False, r_max_padded=None) -> None:
+        """Collective: add full local partial sums (n_vol, Np, Np, Nxh) through :func:`reduce_scatter_planes`."""
+        self.F += reduce_scatter_planes(self.comm, F_part, compress, r_max_padded).astype(self.F.dtype)
+        self.W += reduce_scatter_planes(self.comm, W_part, compress, r_max_padded).astype(self.W.dtype)
+
+    def reconstruct(self, box: int, pad: int, r_max=None, **kw):
+        """Collective :func:`distributed_reconstruct` of every volume -> (n_vol, box, box, box) on every rank."""
+        return distributed_reconstruct(self.comm, self.F, self.W, box, pad, r_max, **kw)
+
+
+# ---------------------------------------------------------------------------- distributed reconstruction
+def _allgather_planes(comm, local, plan, axis_len):
+    """Allgatherv of per-rank row blocks: ``local`` (n_mine, ...) float64 host -> full (axis_len, ...) host."""
+    from mpi4py import MPI
+
+    local = np.ascontiguousarray(local, dtype=np.float64)
+    row = local.shape[1:]
+    per = int(np.prod(row, dtype=np.int64))
+    counts = [int(p.size) * per for p in plan]
+    recv = np.empty(sum(counts), dtype=local.dtype)
+    comm.Allgatherv(local.reshape(-1), [recv, (counts, _displs(counts)), MPI.DOUBLE])
+    full = np.empty((axis_len,) + row, dtype=local.dtype)
+    full[np.concatenate(plan)] = recv.reshape((-1,) + row)
+    return full
+
+
+def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=None, tau2=None,
+                            tau2_fudge: float = 1.0, min_weight: float = 1e-3, gridding: bool = True):
+    """Regularised division and distributed inverse FFT of owned planes -> real (..., box, box, box), every rank.
+
+    Collective. ``F_own`` (..., n_owned, Np, Np//2+1) complex and ``W_own`` (same shape, real) are the summed
+    planes this rank owns (:func:`owned_planes`, Np = pad * box). Each leading-axis volume gives the result of
+    :func:`mpi_em.fourier.reconstruct` on that volume's full summed arrays (same formulas: Hermitian merge of
+    the kx = 0 plane, division by max(W, min_weight * mean(W in ball)) or by W + 1/(tau2_fudge * tau2[shell]),
+    zero outside |k| <= r_max + 0.5 image pixels, irfftn, fftshift, crop, gridding correction), to float64
+    rounding (sums and FFTs in a different order). ``tau2``: (n_shell,) for every volume or (..., n_shell)
+    per volume. Computed in float64/complex128; returns float64 on the module of ``F_own``. Inputs are not
+    modified.
+
+    Steps: (a) the kx = 0 plane (Np x Np per volume, small) is all-gathered for the Friedel merge with the
+    mirror plane -kz; (b) mean of W in the ball by allreduce; (c) local division; (d) ifft along ky on owned
+    kz planes, ``Alltoallv`` transpose to y rows (y = rank mod P) with all kz, ifft along kz and irfft along kx
+    locally; the y rows inside the crop are gridding-corrected and the box^3 map ``Allgatherv``-ed.
+    """
+    from mpi4py import MPI
+
+    xp = xp_of(F_own)
+    size, rank = comm.size, comm.rank
+    npad = pad * box
+    nxh = npad // 2 + 1
+    if npad % 2:
+        raise ValueError(f"padded size pad*box = {npad} must be even")
+    plan = _plan(npad, size)
+    mine = plan[rank]
+    n_own = mine.size
+    r_max = default_r_max(box) if r_max is None else r_max
+    lead = tuple(F_own.shape[:-3])
+    if tuple(F_own.shape[-3:]) != (n_own, npad, nxh) or tuple(W_own.shape) != tuple(F_own.shape):
+        raise ValueError(f"rank {rank}: owned arrays must be (..., {n_own}, {npad}, {nxh}); got F "
+                         f"{tuple(F_own.shape)}, W {tuple(W_own.shape)}")
+    nv = int(np.prod(lead, dtype=np.int64))
+    F = xp.array(F_own, dtype=np.complex128).reshape((nv, n_own, npad, nxh))
+    W = xp.array(W_own, dtype=np.float64).reshape((nv, n_own, npad, nxh))
+
+    # (a) Hermitian merge of the kx = 0 plane: F(kz, ky, 0) += conj(F(-kz, -ky, 0)), W likewise
+    x0 = np.stack([to_host(F[..., 0].real), to_host(F[..., 0].imag), to_host(W[..., 0])], axis=-1)
+    full0 = _allgather_planes(comm, np.moveaxis(x0, 1, 0), plan, npad)    # (Np_kz, nv, Np_ky, 3)
+    mz = (-mine) % npad
+    my = (-np.arange(npad)) % npad
+    m0 = np.moveaxis(full0[mz][:, :, my], 0, 1)                            # (nv, n_own, Np, 3)
+    m0 = xp.asarray(m0)
+    plane = F[..., 0]
+    F[..., 0] = plane + xp.conj(m0[..., 0] + 1j * m0[..., 1])
+    W[..., 0] = W[..., 0] + m0[..., 2]
+
+    # (b) ball and shells of the owned planes (same formula as fourier.radius_3d / reconstruct)
+    kz = xp.asarray(np.fft.fftfreq(npad, d=1.0 / npad)[mine]).reshape(-1, 1, 1)
+    ky = xp.fft.fftfreq(npad, d=1.0 / npad).reshape(1, -1, 1)
+    kx = xp.arange(nxh, dtype=xp.float64).reshape(1, 1, -1)
+    r = xp.sqrt(kz * kz + ky * ky + kx * kx) / pad
+    inside = r <= r_max + 0.5
+    loc = np.array([float(W[v][inside].sum()) for v in range(nv)] + [float(inside.sum())])
+    tot = np.empty_like(loc)
+    comm.Allreduce(loc, tot, op=MPI.SUM)
+    count = tot[-1]
+    means = [tot[v] / count if count > 0 else None for v in range(nv)]
+
+    # (c) division
+    if tau2 is not None:
+        tau2 = xp.asarray(tau2, dtype=xp.float64)
+        tau2 = tau2.reshape(-1, tau2.shape[-1]) if tau2.ndim > 1 else tau2
+        sh = xp.rint(r).astype(xp.int64)
+    Vol = xp.empty_like(F)
+    for v in range(nv):
+        if tau2 is not None:
+            t2 = tau2[v] if tau2.ndim > 1 else tau2
+            t = t2[xp.clip(sh, 0, t2.shape[-1] - 1)] * tau2_fudge
+            denom = W[v] + xp.where(t > 0, 1.0 / xp.where(t > 0, t, 1.0), 0.0)
+            floor = 1e-10 * float(means[v]) if means[v] is not None else 1e-10
+            denom = xp.maximum(denom, floor)
+        else:
+            mean_w = float(means[v]) if means[v] is not None else 1.0
+            denom = xp.maximum(W[v], min_weight * mean_w)
+        Vol[v] = xp.where(inside, F[v] / denom, 0)
+    del F, W
+
+    # (d) distributed inverse FFT: ky on owned kz planes, transpose to y rows, kz then kx (c2r) locally
+    G = xp.fft.ifft(Vol, axis=-2) if Vol.size else Vol                    # (nv, n_own, Np_y, Nxh)
+    del Vol
+    yplan = plan                                                           # y rows: same striding
+    ymine = yplan[rank]
+    order_y = xp.asarray(np.concatenate(yplan))
+    send = _as_real_host(xp.moveaxis(G[:, :, order_y, :], 2, 0)).reshape(-1)   # (Np_y by dest, nv, n_own, Nxh)
+    del G
+    scounts = [int(p.size) * nv * n_own * nxh * 2 for p in yplan]
+    rcounts = [ymine.size * nv * int(plan[s].size) * nxh * 2 for s in range(size)]
+    recv = np.empty(sum(rcounts), dtype=np.float64)
+    comm.Alltoallv([send, (scounts, _displs(scounts)), MPI.DOUBLE],
+                   [recv, (rcounts, _displs(rcounts)), MPI.DOUBLE])
+    del send
+    H = np.empty((nv, npad, ymine.size, nxh), dtype=np.complex128)        # (nv, Np_kz, n_y, Nxh)
+    rd = _displs(rcounts)
+    for s in range(size):
+        if plan[s].size and ymine.size:
+            blk = recv[rd[s]:rd[s] + rcounts[s]].view(np.complex128)
+            H[:, plan[s]] = np.moveaxis(blk.reshape(ymine.size, nv, plan[s].size, nxh), 0, 2)
+    del recv
+    H = xp.asarray(H)
+    if H.size:
+        H = xp.fft.ifft(H, axis=1)
+        R = xp.fft.irfft(H, n=npad, axis=-1)                               # (nv, Np_z, n_y, Np_x) real
+    else:
+        R = xp.zeros((nv, npad, ymine.size, npad), dtype=xp.float64)
+    del H
+
+    # fftshift + crop: cropped index i of an axis reads full index (o + i + Np/2) mod Np
+    o = (npad - box) // 2
+    src = (np.arange(o, o + box) + npad // 2) % npad
+    b_of = [(p - o - npad // 2) % npad for p in yplan]                     # crop row of each owned y
+    b_keep = [np.flatnonzero(b < box) for b in b_of]
+    b_rows = [b_of[s][b_keep[s]] for s in range(size)]
+    srcx = xp.asarray(src)
+    mine_cols = xp.asarray(b_keep[rank])
+    part = R[:, srcx][:, :, mine_cols][..., srcx]                          # (nv, box_z, n_b, box_x)
+    del R
+    if gridding:
+        part = part / gridding_factor(box, pad, xp)[:, xp.asarray(b_rows[rank]), :]
+    local = _as_real_host(xp.moveaxis(part, 2, 0))                         # (n_b, nv, box, box)
+    counts = [int(b.size) * nv * box * box for b in b_rows]
+    allv = np.empty(sum(counts), dtype=np.float64)
+    comm.Allgatherv(local.reshape(-1), [allv, (counts, _displs(counts)), MPI.DOUBLE])
+    out = np.empty((nv, box, box, box), dtype=np.float64)
+    gd = _displs(counts)
+    for s in range(size):
+        if b_rows[s].size:
+            blk = allv[gd[s]:gd[s] + counts[s]].reshape(b_rows[s].size, nv, box, box)
+            out[:, :, b_rows[s], :] = np.moveaxis(blk, 0, 2)
+    out = out.reshape(lead + (box, box, box))
+    return out if xp is np else xp.asarray(out)
+
+
+# ------------------------------------------------------------------------------------------ memory
+def volume_bytes_per_rank(box: int, pad: int, size: int, n_vol: int = 2, dtype=np.complex128) -> dict:
+    """Bytes of accumulator (F + W) each rank holds in the all-reduce and in the stride design.
+
+    ``dtype``: the complex dtype of F (W is its real counterpart). Returns ``allreduce`` (int, every rank:
+    full F + W), ``stride`` (list per rank: owned planes of F + W), ``stride_max``, ``ratio``
+    (allreduce / stride_max) and ``stride_reconstruct_transient_max``: an estimate of the extra transient
+    bytes of :func:`distributed_reconstruct` per rank (complex128 copies of the owned planes, host transpose
+    buffers and the y-row slab; excludes the box^3 output).
+    """
+    npad = pad * box
+    nxh = npad // 2 + 1
+    cdt = _complex_dtype(dtype)
+    per_voxel = cdt.itemsize + _real_dtype(cdt).itemsize
+    plane = npad * nxh
+    full = n_vol * npad * plane * per_voxel
+    owned = [int(p.size) for p in _plan(npad, size)]
+    stride = [n_vol * n * plane * per_voxel for n in owned]
+    n_max = max(owned) if owned else 0
+    # F, W (complex128 + float64) copies, Vol, G, send, recv, H (complex128) over n_own planes / y rows
+    transient = n_vol * plane * (n_max * (16 + 8 + 16 + 16 + 16) + n_max * 16 * 3) + \
+        n_vol * npad * n_max * npad * 8
+    return {
+        "npad": npad,
+        "size": size,
+        "allreduce": int(full),
+        "stride": stride,
+        "stride_max": int(max(stride) if stride else 0),
+        "ratio": float(full / max(stride)) if stride and max(stride) else math.inf,
+        "stride_reconstruct_transient_max": int(transient),
+    }
