@@ -118,6 +118,12 @@ def _reconstruct(args, comm) -> None:
     reconstruct.run(args, comm)
 
 
+def _em_job(args, comm) -> None:
+    from .jobs import em
+
+    em.run(args, comm, args.mode)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .jobs import reconstruct
 
@@ -138,6 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
                                    "half maps (rlnRandomSubset, assigned if absent), combined map, FSC.")
     reconstruct.add_arguments(p)
     p.set_defaults(func=_reconstruct)
+    from .jobs import em
+
+    descriptions = {
+        "refine3d": ("gold-standard 3D auto-refinement by expectation-maximisation",
+                     "RELION-style 3D auto-refine: half sets fixed at the start, global then local searches with "
+                     "automatic HEALPix refinement, tau^2 from the gold-standard FSC, convergence when resolution "
+                     "and poses stop improving; half maps, final map, FSC, particles and model STAR per iteration."),
+        "class3d": ("3D classification by expectation-maximisation",
+                    "K 3D references from the low-passed initial map (first iteration on random subsets), class "
+                    "assignment with global or local orientation searches; per-class maps and sizes."),
+        "class2d": ("2D classification by expectation-maximisation",
+                    "K 2D references from random subsets, in-plane rotation and translation search, class "
+                    "averages (MRC stack + PNG montage sorted by size), class sizes and particle assignments."),
+    }
+    for name, (short, long) in descriptions.items():
+        p = sub.add_parser(name, help=short, description=long)
+        em.add_arguments(p, name)
+        p.set_defaults(func=_em_job, mode=name)
     p = sub.add_parser("fsc", help="FSC between two maps and the resolution at a threshold")
     _fsc_args(p)
     p.set_defaults(func=_fsc)
@@ -151,8 +175,14 @@ def main(argv=None) -> int:
 
     comm = world()
     _setup_logging(comm.rank, args.quiet)
-    out_dir = getattr(args, "output", None) if args.command == "reconstruct" else None
+    out_dir = getattr(args, "continue_dir", None) or getattr(args, "output", None) \
+        if args.command in ("reconstruct", "refine3d", "class3d", "class2d") else None
     try:
+        if out_dir and comm.rank == 0 and not os.path.isdir(out_dir):
+            try:
+                os.makedirs(out_dir, exist_ok=True)
+            except OSError:
+                pass  # reported as a clear error by the job's own check
         if out_dir and comm.rank == 0 and os.path.isdir(out_dir) and os.access(out_dir, os.W_OK):
             _add_log_file(os.path.join(out_dir, "run.log"))
         args.func(args, comm)

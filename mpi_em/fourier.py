@@ -164,7 +164,11 @@ class SliceGeometry:
 
 
 def _trilinear_stencil(coords, npad: int):
-    """Flat indices (n, m, 8), weights (n, m, 8) and Friedel flags (n, m) for trilinear sampling."""
+    """Flat indices (n, m, 8), weights (n, m, 8) and Friedel flags (n, m) for trilinear sampling.
+
+    The 8 corners are built by broadcasting per-axis pairs (no per-corner temporaries); corner order is
+    (dz, dy, dx) in raster order.
+    """
     xp = xp_of(coords)
     flip = coords[..., 0] < 0
     c = xp.where(flip[..., None], -coords, coords)
@@ -172,20 +176,17 @@ def _trilinear_stencil(coords, npad: int):
     f = c - c0
     c0 = c0.astype(xp.int64)
     nxh = npad // 2 + 1
-    idx = []
-    wts = []
-    for dz in (0, 1):
-        wz = f[..., 2] if dz else 1.0 - f[..., 2]
-        iz = (c0[..., 2] + dz) % npad
-        for dy in (0, 1):
-            wy = f[..., 1] if dy else 1.0 - f[..., 1]
-            iy = (c0[..., 1] + dy) % npad
-            for dx in (0, 1):
-                wx = f[..., 0] if dx else 1.0 - f[..., 0]
-                ix = c0[..., 0] + dx
-                idx.append((iz * npad + iy) * nxh + ix)
-                wts.append(wz * wy * wx)
-    return xp.stack(idx, axis=-1), xp.stack(wts, axis=-1), flip
+    one = xp.asarray([0, 1], dtype=xp.int64)
+    iz = (c0[..., 2, None] + one) % npad                      # (..., 2)
+    iy = (c0[..., 1, None] + one) % npad
+    ix = c0[..., 0, None] + one
+    idx = ((iz[..., :, None, None] * npad + iy[..., None, :, None]) * nxh + ix[..., None, None, :])
+    wz = xp.stack([1 - f[..., 2], f[..., 2]], axis=-1)
+    wy = xp.stack([1 - f[..., 1], f[..., 1]], axis=-1)
+    wx = xp.stack([1 - f[..., 0], f[..., 0]], axis=-1)
+    w = wz[..., :, None, None] * wy[..., None, :, None] * wx[..., None, None, :]
+    lead = coords.shape[:-1]
+    return idx.reshape(lead + (8,)), w.reshape(lead + (8,)), flip
 
 
 def _volume_offsets(vol_index, geom: SliceGeometry, xp):
@@ -203,7 +204,10 @@ def project(Fvol, A, geom: SliceGeometry, vol_index=None):
     xp = xp_of(Fvol)
     lead = A.shape[:-2]
     A = xp.asarray(A).reshape(-1, 3, 3)
-    idx, w, flip = _trilinear_stencil(geom.coords(A), geom.npad)
+    coords = geom.coords(A)
+    if Fvol.dtype == np.complex64:  # single-precision references: single-precision stencil (half the traffic)
+        coords = coords.astype(np.float32)
+    idx, w, flip = _trilinear_stencil(coords, geom.npad)
     if vol_index is not None:
         idx = idx + _volume_offsets(xp.asarray(vol_index).reshape(-1), geom, xp)
     vals = (Fvol.reshape(-1)[idx] * w.astype(Fvol.real.dtype)).sum(axis=-1)

@@ -152,6 +152,12 @@ def write_dataset(out_dir: str, vol_or_vols, sim: SimulatedParticles, pixel_size
                "rlnImagePixelSize": pixel_size, "rlnImageSize": box, "rlnImageDimensionality": 2}]
     star_path = os.path.join(out_dir, "particles.star")
     write_particles(star_path, particles_table(optics, cols))
+    # the same particles as a picker would give them: no poses, origins or classes (input for refinement and
+    # classification; particles.star keeps the ground truth)
+    truth_only = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
+                  "rlnClassNumber", "rlnRandomSubset")
+    bare = {k: v for k, v in cols.items() if k not in truth_only}
+    write_particles(os.path.join(out_dir, "particles_unaligned.star"), particles_table(optics, bare))
     vols = vol_or_vols if isinstance(vol_or_vols, (list, tuple)) else [vol_or_vols]
     if len(vols) == 1:
         write_map(os.path.join(out_dir, "truth.mrc"), vols[0], pixel_size)

@@ -4,7 +4,7 @@ E-step for a batch (all arrays on the rank's array module):
   1. coarse pass: log-likelihood over (translation grid) x (K classes x pose set) — a shared global grid
      (one GEMM) or per-particle local poses around the previous pose (batched GEMM);
   2. the ``n_select`` best coarse poses survive (significant weights); the fine pass oversamples each of them
-     (finer rotations, half-step translations around the best one) and gives the posterior weights;
+     (finer rotations, translations at the full step around the best coarse one, whose grid has twice the step) and gives the posterior weights;
   3. M-step contributions: for every significant fine pose, sum_t w X_t, times CTF / sigma^2, is inserted with
      weight w CTF^2 / sigma^2 into the accumulators of its reference; noise power at the best pose, class
      weights and offset moments are summed for the model update.
@@ -41,6 +41,7 @@ class SearchSpec:
     n_select: int = 4
     log_class_prior: object | None = None   # (K,) log pi_k
     fixed_class: bool = False        # iteration-1 random subsets: each particle sees only its class
+    projection_cache: dict = field(default_factory=dict)  # reference set -> projections of the global grid
 
 
 @dataclass
@@ -53,17 +54,17 @@ class Stats:
     offset_sq: float = 0.0
     offset_w: float = 0.0
     loglike: float = 0.0
-    extra: dict = field(default_factory=dict)
+    angle_spread: float = 0.0   # sum over particles of the posterior rms angle about the best pose (deg)
 
     def as_vector(self) -> np.ndarray:
         return np.concatenate([self.sigma2_sum, self.sigma2_count, self.class_weight,
-                               [self.offset_sq, self.offset_w, self.loglike]])
+                               [self.offset_sq, self.offset_w, self.loglike, self.angle_spread]])
 
     @classmethod
     def from_vector(cls, v, n_shells, n_classes):
         a, b = n_shells, 2 * n_shells
-        return cls(v[:a].copy(), v[a:b].copy(), v[b:b + n_classes].copy(), float(v[-3]), float(v[-2]),
-                   float(v[-1]))
+        return cls(v[:a].copy(), v[a:b].copy(), v[b:b + n_classes].copy(), float(v[-4]), float(v[-3]),
+                   float(v[-2]), float(v[-1]))
 
     @classmethod
     def zeros(cls, n_shells, n_classes):
@@ -107,7 +108,8 @@ def expectation_batch(X, ctf, inv_sigma2, shells, refs: References, vol_base, pr
     n, m = X.shape
     K = spec.n_classes
     d = spec.dim
-    T_c = xp.asarray(translation_grid(spec.offset_range, spec.offset_step))          # (T, 2)
+    # coarse translations at twice the step (RELION's adaptive oversampling); the fine pass refines them
+    T_c = xp.asarray(translation_grid(spec.offset_range, 2.0 * spec.offset_step))    # (T, 2)
     prior_t = offset_log_prior(T_c, spec.offset_sigma)                                 # (T,)
     ph_c = translation_phases(geom, T_c, dtype=X.dtype)                                # (T, m)
     Xt = X[:, None, :] * ph_c[None]                                                    # (n, T, m)
@@ -123,8 +125,12 @@ def expectation_batch(X, ctf, inv_sigma2, shells, refs: References, vol_base, pr
         L = xp.empty((n, T_c.shape[0], K * C), dtype=xp.float32)
         for base in np.unique(to_host(vol_base)):
             sel = xp.asarray(np.flatnonzero(to_host(vol_base) == base))
-            P = refs.project(xp.broadcast_to(G[None], (K, C, d, d)), xp.arange(K)[:, None] + int(base), geom)
-            L[sel] = log_likelihood_shared(Xt[sel], ctf[sel], inv_sigma2, P.reshape(K * C, m))
+            P = spec.projection_cache.get(int(base))
+            if P is None:  # the shared grid's projections: computed once per iteration and reference set
+                P = refs.project(xp.broadcast_to(G[None], (K, C, d, d)), xp.arange(K)[:, None] + int(base),
+                                 geom).reshape(K * C, m).astype(xp.complex64)
+                spec.projection_cache[int(base)] = P
+            L[sel] = log_likelihood_shared(Xt[sel], ctf[sel], inv_sigma2, P)
     else:
         Lm = spec.local_mats
         C = Lm.shape[0]
@@ -149,7 +155,7 @@ def expectation_batch(X, ctf, inv_sigma2, shells, refs: References, vol_base, pr
     s_cls = xp.take_along_axis(cand_cls, sel, axis=1)                                  # (n, S)
     f_mats = compose(Fm, s_mats).reshape(n, S * nf, d, d)
     f_cls = xp.repeat(s_cls, nf, axis=1)                                               # (n, S*nf)
-    h = spec.offset_step / 2.0
+    h = spec.offset_step
     dt = xp.asarray([[0.0, 0.0], [-h, 0], [h, 0], [0, -h], [0, h], [-h, -h], [h, -h], [-h, h], [h, h]])
     t_f = best_t[:, None, :] + dt[None]                                                # (n, 9, 2)
     ph_f = translation_phases(geom, t_f, dtype=X.dtype)                                # (n, 9, m)
@@ -190,6 +196,13 @@ def expectation_batch(X, ctf, inv_sigma2, shells, refs: References, vol_base, pr
     stats.class_weight += to_host(cls_w)
     stats.offset_sq += float((w.sum(axis=2) * (t_f ** 2).sum(axis=2)).sum())
     stats.offset_w += float(n)
+    # angular accuracy: posterior rms angle of the fine poses about the best one
+    tr = xp.einsum("ncij,nij->nc", f_mats, best_mats)
+    if d == 3:
+        ang = xp.arccos(xp.clip((tr - 1.0) / 2.0, -1.0, 1.0))
+    else:
+        ang = xp.arccos(xp.clip(tr / 2.0, -1.0, 1.0))
+    stats.angle_spread += float(xp.sqrt((wc * ang ** 2).sum(axis=1)).sum() * 180.0 / np.pi)
     ll = mx + lse + data_term(X, inv_sigma2)
     stats.loglike += float(ll.sum())
     return {"mats": to_host(best_mats), "cls": to_host(best_cls), "shift": to_host(best_shift),

@@ -11,7 +11,7 @@ from ..backend import xp_of
 from ..fourier import SliceGeometry, backproject, project, volume_fft
 from ..fourier2d import backproject2d, plane_fft, project2d
 from ..geometry import euler_to_matrix, matrix_to_euler
-from ..sampling import local_rotations, orientation_grid, psi_angles, rotation_vector_to_matrix
+from ..sampling import orientation_grid, psi_angles, rotation_vector_to_matrix
 
 
 class References:
@@ -72,10 +72,12 @@ def global_grid(dim: int, order: int, sym: str, xp, psi_step: float | None = Non
 
 
 def fine_offsets(dim: int, step_deg: float, xp):
-    """Small rotations (F, d, d) that oversample a coarse cell of spacing ``step_deg`` (identity first)."""
+    """Small rotations that oversample a coarse cell of spacing ``step_deg`` once (RELION's oversampling by
+    one HEALPix order): 3D, the 8 sub-cell centres, rotation vectors {-1, +1}^3 x step/4; 2D, psi +- step/4."""
     if dim == 3:
-        return xp.asarray(local_rotations(step_deg, 3))
-    return rotation_2d(xp.asarray([0.0, -step_deg / 3.0, step_deg / 3.0]), xp)
+        g = np.array([[x, y, z] for z in (-1, 1) for y in (-1, 1) for x in (-1, 1)], dtype=np.float64)
+        return xp.asarray(rotation_vector_to_matrix(np.deg2rad(step_deg / 4.0) * g))
+    return rotation_2d(xp.asarray([-step_deg / 4.0, step_deg / 4.0]), xp)
 
 
 def local_offsets(dim: int, step_deg: float, radius_steps: float, xp):

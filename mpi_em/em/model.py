@@ -1,0 +1,132 @@
+"""M-step: reduce the accumulators over ranks and reconstruct the references, update sigma^2, tau^2, priors.
+
+3D volumes go through the stride-distributed volume (:mod:`mpi_em.distvolume`): partial sums are
+reduce-scattered to the owners of their kz planes, shell statistics are summed with small all-reduces, and the
+regularised division + inverse FFT run distributed; every rank receives the finished maps. 2D class averages
+are small: all-reduced and reconstructed on every rank.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import to_host, xp_of
+from ..distributed import allreduce_sum
+from ..distvolume import distributed_reconstruct, owned_planes, reduce_scatter_planes
+from ..fourier import radius_3d
+from ..fourier2d import radius_plane, reconstruct2d
+from ..fsc import fsc
+
+
+def _shell_index_planes(npad: int, pad: int, planes, xp, n_shells: int):
+    r = radius_3d(npad, xp)[xp.asarray(planes)] / pad
+    return xp.minimum(xp.rint(r).astype(xp.int64), n_shells)  # n_shells = "outside" bin
+
+
+def shell_statistics(comm, F_own, W_own, planes, npad: int, pad: int, n_shells: int):
+    """Per volume and image-pixel shell: mean W, and mean |F/W|^2 over voxels with W > 0 (summed over ranks)."""
+    xp = xp_of(F_own)
+    V = F_own.shape[0]
+    out = np.zeros((4, V, n_shells + 1))
+    if len(planes):
+        sh = _shell_index_planes(npad, pad, planes, xp, n_shells).reshape(-1)
+        for v in range(V):
+            W = W_own[v].reshape(-1)
+            F = F_own[v].reshape(-1)
+            pos = W > 0
+            ratio = xp.where(pos, (F.real ** 2 + F.imag ** 2) / xp.where(pos, W, 1.0) ** 2, 0.0)
+            out[0, v] = to_host(xp.bincount(sh, weights=W.astype(xp.float64), minlength=n_shells + 1))
+            out[1, v] = to_host(xp.bincount(sh, minlength=n_shells + 1))
+            out[2, v] = to_host(xp.bincount(sh, weights=ratio.astype(xp.float64), minlength=n_shells + 1))
+            out[3, v] = to_host(xp.bincount(sh, weights=pos.astype(xp.float64), minlength=n_shells + 1))
+    allreduce_sum(comm, out)
+    mean_w = np.where(out[1] > 0, out[0] / np.maximum(out[1], 1), 0.0)[:, :n_shells]
+    power = np.where(out[3] > 0, out[2] / np.maximum(out[3], 1), 0.0)[:, :n_shells]
+    return mean_w, power
+
+
+def tau2_from_fsc(curve, mean_w, fudge: float):
+    """RELION's gold-standard prior: SSNR = FSC / (1 - FSC), tau^2 = fudge * SSNR / mean W (per shell)."""
+    c = np.clip(np.asarray(curve, dtype=np.float64), 0.0, 0.999)
+    ssnr = c / (1.0 - c)
+    return np.where(mean_w > 0, fudge * ssnr / np.where(mean_w > 0, mean_w, 1.0), 0.0)
+
+
+def reduce_and_reconstruct_3d(comm, F_acc, W_acc, box: int, pad: int, r_max: float, fudge: float,
+                              gold: bool, mask=None, compress: bool = False, combined: bool = False):
+    """Sum accumulators over ranks (stride-distributed) and reconstruct every volume; maps on every rank.
+
+    gold: volumes are (half1, half2) of each class... here exactly 2 volumes, tau^2 from their FSC.
+    Otherwise (classification): tau^2 from each volume's own power spectrum (fudge x mean |F/W|^2).
+    Returns (maps (V, N, N, N) float32 on F_acc's module, info dict with fsc, tau2, mean_w).
+    """
+    xp = xp_of(F_acc)
+    npad = pad * box
+    n_shells = box // 2 + 1
+    F_own = reduce_scatter_planes(comm, F_acc, compress=compress, r_max_padded=None)
+    W_own = reduce_scatter_planes(comm, W_acc, compress=compress, r_max_padded=None)
+    planes = owned_planes(npad, comm.rank, comm.size)
+    mean_w, power = shell_statistics(comm, F_own, W_own, planes, npad, pad, n_shells)
+    info = {"mean_w": mean_w, "power": power}
+    if gold:
+        plain = distributed_reconstruct(comm, F_own, W_own, box, pad, r_max)
+        curve = fsc(plain[0], plain[1])  # unmasked: a shared mask would correlate the halves' high frequencies
+        curve[int(np.floor(r_max)) + 1:] = 0.0  # no data beyond the current size
+        info["fsc_unregularised"] = curve
+        tau2 = np.stack([tau2_from_fsc(curve, mean_w[v], fudge) for v in range(F_own.shape[0])])
+    else:
+        tau2 = fudge * power
+    maps = distributed_reconstruct(comm, F_own, W_own, box, pad, r_max, tau2=tau2, tau2_fudge=1.0)
+    info["tau2"] = tau2
+    if gold and combined:
+        # the final map: both halves summed, prior from the FSC of the full set, 2 FSC / (1 + FSC)
+        c = np.clip(curve, 0.0, 0.999)
+        full_curve = 2 * c / (1 + c)
+        Fs, Ws = F_own.sum(axis=0, keepdims=True), W_own.sum(axis=0, keepdims=True)
+        tau2_full = tau2_from_fsc(full_curve, mean_w.sum(axis=0), fudge)
+        info["combined"] = distributed_reconstruct(comm, Fs, Ws, box, pad, r_max, tau2=tau2_full,
+                                                   tau2_fudge=1.0)[0].astype(xp.float32)
+    return maps.astype(xp.float32), info
+
+
+def reduce_and_reconstruct_2d(comm, F_acc, W_acc, box: int, pad: int, r_max: float, fudge: float):
+    """2D class averages: all-reduce the (K, Np, Np//2+1) accumulators and reconstruct on every rank."""
+    xp = xp_of(F_acc)
+    allreduce_sum(comm, F_acc)
+    allreduce_sum(comm, W_acc)
+    npad = pad * box
+    n_shells = box // 2 + 1
+    sh = xp.minimum(xp.rint(radius_plane(npad, xp) / pad).astype(xp.int64), n_shells).reshape(-1)
+    K = F_acc.shape[0]
+    tau2 = np.zeros((K, n_shells))
+    mean_w = np.zeros((K, n_shells))
+    for k in range(K):
+        W = W_acc[k].reshape(-1)
+        F = F_acc[k].reshape(-1)
+        pos = W > 0
+        ratio = xp.where(pos, (F.real ** 2 + F.imag ** 2) / xp.where(pos, W, 1.0) ** 2, 0.0)
+        s = to_host(xp.bincount(sh, weights=ratio.astype(xp.float64), minlength=n_shells + 1))[:n_shells]
+        c = to_host(xp.bincount(sh, weights=pos.astype(xp.float64), minlength=n_shells + 1))[:n_shells]
+        tau2[k] = fudge * np.where(c > 0, s / np.maximum(c, 1), 0.0)
+        sw = to_host(xp.bincount(sh, weights=W.astype(xp.float64), minlength=n_shells + 1))[:n_shells]
+        nv = to_host(xp.bincount(sh, minlength=n_shells + 1))[:n_shells]
+        mean_w[k] = np.where(nv > 0, sw / np.maximum(nv, 1), 0.0)
+    maps = reconstruct2d(F_acc, W_acc, box, pad, r_max, tau2=xp.asarray(tau2), tau2_fudge=1.0)
+    return maps.astype(xp.float32), {"tau2": tau2, "mean_w": mean_w}
+
+
+def lowpass(maps, box: int, pixel_size: float, resolution_A: float, width_shells: float = 2.0):
+    """Raised-cosine low-pass of real maps (..., N, N[, N]) at ``resolution_A``."""
+    xp = xp_of(maps)
+    ndim = 3 if maps.ndim >= 3 and maps.shape[-3] == box else 2
+    axes = tuple(range(-ndim, 0))
+    F = xp.fft.rfftn(maps, axes=axes)
+    if ndim == 3:
+        r = radius_3d(box, xp)
+    else:
+        from ..fourier import radius_2d
+
+        r = radius_2d(box, xp)
+    rc = box * pixel_size / resolution_A
+    filt = xp.where(r <= rc, 1.0, xp.where(r >= rc + width_shells, 0.0,
+                                            0.5 + 0.5 * xp.cos(np.pi * (r - rc) / width_shells)))
+    return xp.fft.irfftn(F * filt, s=(box,) * ndim, axes=axes).astype(maps.dtype)

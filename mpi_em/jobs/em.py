@@ -1,0 +1,541 @@
+"""The EM jobs: `refine3d` (gold-standard 3D auto-refine), `class3d` and `class2d` — one driver, three modes.
+
+Per iteration, on every rank: E-step over the rank's particles (batched, :mod:`mpi_em.em.engine`), then the
+M-step: accumulators reduced (3D: stride-distributed volume) and references reconstructed with a tau^2 prior,
+sigma^2 / class priors / offset prior updated from sums over ranks. Rank 0 writes the iteration's outputs and a
+checkpoint (HDF5 + STAR, written under temporary names and renamed, then `checkpoint.json` points at it), so
+`--continue DIR` resumes from the last finished iteration with the same result as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import numpy as np
+
+from ..backend import get_xp, synchronize, to_host
+from ..distributed import allreduce_sum, collective_step, make_plan, root_step, select_device
+from ..em.engine import (SearchSpec, Stats, current_mats, expectation_batch, inverse_sigma2_points,
+                         prepare_batch, shell_of_points, sigma2_from_images, update_plan_poses)
+from ..em.model import lowpass, reduce_and_reconstruct_2d, reduce_and_reconstruct_3d
+from ..em.references import References, fine_offsets, global_grid, local_offsets
+from ..errors import InputError, MpiEmError
+from ..fourier import SliceGeometry, default_r_max
+from ..fsc import fsc, resolution_at, shell_frequencies
+from ..geometry import angular_distance, euler_to_matrix
+from ..io import (atomic_path, check_stacks, check_writable_dir, read_hdf5, read_map, read_particles,
+                  write_hdf5, write_map, write_particles, write_stack)
+from ..masks import soft_sphere
+from ..particles import iter_batches
+from ..sampling import angular_step
+from ..symmetry import symmetry_matrices
+
+log = logging.getLogger("mpi_em")
+
+MODES = {
+    "refine3d": {"dim": 3, "gold": True, "fudge": 1.0},
+    "class3d": {"dim": 3, "gold": False, "fudge": 4.0},
+    "class2d": {"dim": 2, "gold": False, "fudge": 2.0},
+}
+PER_PARTICLE = ("rot", "tilt", "psi", "origin_x", "origin_y", "class_number", "pmax", "loglike", "nsig")
+
+
+# -------------------------------------------------------------------------------------------- options
+def add_arguments(p, mode: str) -> None:
+    cfg = MODES[mode]
+    p.add_argument("--i", dest="input", metavar="STAR", help="particles STAR file (RELION 3.1+)")
+    p.add_argument("--o", dest="output", metavar="DIR", help="output folder (created)")
+    p.add_argument("--continue", dest="continue_dir", metavar="DIR",
+                   help="resume the run in DIR from its last finished iteration (other options are read from "
+                        "its checkpoint; --iter may raise the iteration limit)")
+    if cfg["dim"] == 3:
+        p.add_argument("--ref", metavar="MRC", help="initial reference map (box and pixel size of the particles)")
+        p.add_argument("--ini-high", type=float, default=30.0,
+                       help="low-pass the initial reference to this resolution, Å (default 30)")
+        p.add_argument("--sym", default="C1", help="point-group symmetry C<n>, D<n>, T, O, I (default C1)")
+        p.add_argument("--healpix-order", type=int, default=2,
+                       help="initial HEALPix order of the global search (2 = 15°, 3 = 7.5°; default 2)")
+    if mode != "refine3d":
+        p.add_argument("--K", type=int, default=4 if cfg["dim"] == 3 else 10, help="number of classes")
+    if mode == "refine3d":
+        p.add_argument("--max-order", type=int, default=4,
+                       help="finest HEALPix order the auto-refinement may reach (default 4 = 3.75°)")
+        p.add_argument("--local-from-order", type=int, default=4,
+                       help="from this order on, search locally around the previous pose (default 4, as RELION)")
+    if mode == "class3d":
+        p.add_argument("--local", action="store_true",
+                       help="local searches around the input poses instead of global searches")
+    if cfg["dim"] == 2:
+        p.add_argument("--psi-step", type=float, default=10.0, help="in-plane angular step, degrees (default 10)")
+        p.add_argument("--no-center", action="store_true", help="do not re-centre the class averages")
+    p.add_argument("--iter", type=int, default=None,
+                   help="maximum number of iterations (default 25; refine3d: 20, and it stops earlier when "
+                        "converged); with --continue, the new limit")
+    p.add_argument("--particle-diameter", type=float, default=None,
+                   help="diameter of the soft spherical mask, Å (default: 80%% of the box)")
+    p.add_argument("--offset-range", type=float, default=3.0, help="translation search range, pixels (default 3)")
+    p.add_argument("--offset-step", type=float, default=1.0, help="translation search step, pixels (default 1)")
+    p.add_argument("--tau2-fudge", type=float, default=cfg["fudge"],
+                   help=f"regularisation T: weight of the data against the prior (default {cfg['fudge']:g})")
+    p.add_argument("--n-select", type=int, default=4,
+                   help="coarse poses per particle kept for the oversampled fine pass (default 4)")
+    p.add_argument("--batch", type=int, default=64, help="particles per E-step batch (default 64)")
+    p.add_argument("--pad", type=int, default=2, help="Fourier padding of the references (default 2)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="auto: one GPU per rank when CuPy sees one, else CPU")
+    p.add_argument("--compress", action="store_true",
+                   help="send volume buffers compressed (lossless) in the reduce-scatter")
+    p.add_argument("--seed", type=int, default=0, help="seed for half sets and initial class subsets")
+    p.add_argument("--no-ctf", action="store_true", help="ignore the CTF")
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def _init(args, mode, size):
+    """Rank 0: read and check everything, build the plans and the initial state."""
+    cfg = MODES[mode]
+    check_writable_dir(args.output)
+    star = read_particles(args.input)
+    check_stacks(star)
+    box, apix = int(star.box[0]), float(star.pixel_size[0])
+    K = 1 if mode == "refine3d" else int(args.K)
+    if K < 1:
+        raise MpiEmError(f"--K must be >= 1, got {K}")
+    if cfg["dim"] == 3:
+        symmetry_matrices(args.sym)
+        if not args.ref:
+            raise MpiEmError(f"{mode} needs --ref (initial reference map)")
+        ref, ref_apix = read_map(args.ref)
+        if ref.shape != (box,) * 3:
+            raise InputError(args.ref, f"map shape {ref.shape} does not match the particles' box {box}",
+                             field="nx/ny/nz")
+        if ref_apix > 0 and abs(ref_apix - apix) > 1e-3 * apix:
+            raise InputError(args.ref, f"voxel size {ref_apix:.4f} Å differs from the particles' {apix:.4f} Å",
+                             field="voxel_size")
+        ref = lowpass(ref.astype(np.float64), box, apix, args.ini_high).astype(np.float32)
+    else:
+        ref = None
+    rng = np.random.default_rng(args.seed)
+    halves = None
+    plans = make_plan(star, size, seed=args.seed)
+    if not cfg["gold"]:
+        for p in plans:
+            p["half"] = np.ones(len(p["row"]), dtype=np.int64)
+    # random class subsets for the first iteration (seeded, independent of the number of ranks)
+    first_class = rng.integers(1, K + 1, star.n)
+    for p in plans:
+        p["class_number"] = first_class[p["row"]]
+        if cfg["dim"] == 2 or not getattr(args, "local", False):
+            p["rot"] = np.zeros(len(p["row"])) if cfg["dim"] == 2 else p["rot"]
+            p["tilt"] = np.zeros(len(p["row"])) if cfg["dim"] == 2 else p["tilt"]
+        for f in ("pmax", "loglike"):
+            p[f] = np.zeros(len(p["row"]))
+        p["nsig"] = np.zeros(len(p["row"]), dtype=np.int64)
+    meta = {"box": box, "pixel_size": apix, "n": star.n, "K": K}
+    return plans, meta, ref, star
+
+
+def _initial_state(args, mode, meta, ref):
+    cfg = MODES[mode]
+    box, apix, K = meta["box"], meta["pixel_size"], meta["K"]
+    V = 2 if cfg["gold"] else K
+    if cfg["dim"] == 3:
+        maps = np.repeat(ref[None], V, axis=0)
+        order = args.healpix_order
+        r_cur = min(default_r_max(box), max(4, int(np.ceil(box * apix / args.ini_high)) + 2))
+    else:
+        maps = None  # made from random subsets in the first pass
+        order = 0
+        r_cur = min(default_r_max(box), max(4, box // 4))
+    return {"iter": 0, "order": int(order), "local": bool(getattr(args, "local", False)), "r_cur": float(r_cur),
+            "sigma2": None, "offset_sigma": float(args.offset_range / 2.0), "class_prior": np.full(K, 1.0 / K),
+            "maps": maps, "resolution": [], "ang_change": [], "best_res": 1e9, "no_improve": 0,
+            "final": False, "done": False, "accuracy": 0.0, "accuracy_global": 0.0}
+
+
+def _mask(box, apix, args, dim, xp):
+    diam = args.particle_diameter if args.particle_diameter else 0.8 * box * apix
+    radius = min(0.5 * diam / apix, box / 2 - 2)
+    return soft_sphere(box, radius, width=min(4.0, box / 2 - radius), ndim=dim, xp=xp)
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+def _gather_particles(comm, plan):
+    part = {k: plan[k] for k in ("row", "half") + PER_PARTICLE}
+    parts = comm.gather(part, root=0)
+    if comm.rank != 0:
+        return None
+    n = sum(len(p["row"]) for p in parts)
+    out = {}
+    for k in ("half",) + PER_PARTICLE:
+        arr = np.empty(n, dtype=parts[0][k].dtype)
+        for p in parts:
+            arr[p["row"]] = p[k]
+        out[k] = arr
+    return out
+
+
+def _star_updates(particles, mode):
+    up = {"rlnAnglePsi": particles["psi"], "rlnOriginXAngst": particles["origin_x"],
+          "rlnOriginYAngst": particles["origin_y"], "rlnClassNumber": particles["class_number"],
+          "rlnMaxValueProbDistribution": particles["pmax"], "rlnLogLikeliContribution": particles["loglike"],
+          "rlnNrOfSignificantSamples": particles["nsig"]}
+    if MODES[mode]["dim"] == 3:
+        up["rlnAngleRot"], up["rlnAngleTilt"] = particles["rot"], particles["tilt"]
+    if MODES[mode]["gold"]:
+        up["rlnRandomSubset"] = particles["half"]
+    return up
+
+
+def _write_iteration(out, it, mode, star, particles, state, info, meta, final=False):
+    """Rank 0: maps, particles STAR, model STAR, checkpoint, pointer (each written atomically)."""
+    import pandas as pd
+    import starfile
+
+    box, apix = meta["box"], meta["pixel_size"]
+    tag = "run" if final else f"run_it{it:03d}"
+    maps = state["maps"]
+    cfg = MODES[mode]
+    if cfg["dim"] == 2:
+        write_stack(os.path.join(out, f"{tag}_classes.mrcs"), maps, apix)
+    elif cfg["gold"]:
+        write_map(os.path.join(out, f"{tag}_half1_class001_unfil.mrc"), maps[0], apix)
+        write_map(os.path.join(out, f"{tag}_half2_class001_unfil.mrc"), maps[1], apix)
+        if final and info.get("combined") is not None:
+            write_map(os.path.join(out, "run_class001.mrc"), info["combined"], apix)
+    else:
+        for k in range(maps.shape[0]):
+            write_map(os.path.join(out, f"{tag}_class{k + 1:03d}.mrc"), maps[k], apix)
+    write_particles(os.path.join(out, f"{tag}_data.star"), star, updates=_star_updates(particles, mode))
+    n_sh = box // 2 + 1
+    freqs = shell_frequencies(box, apix)
+    general = pd.DataFrame({"rlnCurrentIteration": [it], "rlnCurrentResolution": [state["resolution"][-1]
+                            if state["resolution"] else 0.0], "rlnPixelSize": [apix], "rlnNrClasses": [meta["K"]],
+                            "rlnHealpixOrder": [state["order"]], "rlnCurrentImageSize": [int(2 * state["r_cur"])],
+                            "rlnSigmaOffsetsAngst": [state["offset_sigma"] * apix],
+                            "rlnLogLikelihood": [info.get("loglike", 0.0)]})
+    classes = pd.DataFrame({"rlnReferenceImage": [f"{k + 1:06d}@{tag}_classes.mrcs" if cfg["dim"] == 2 else
+                                                  f"{tag}_class{k + 1:03d}.mrc" for k in range(meta["K"])],
+                            "rlnClassDistribution": state["class_prior"]})
+    blocks = {"model_general": general, "model_classes": classes}
+    noise = pd.DataFrame({"rlnSpectralIndex": np.arange(n_sh), "rlnResolution": freqs,
+                          "rlnSigma2Noise": state["sigma2"][:n_sh]})
+    blocks["model_optics_group_1"] = noise
+    tau2 = np.atleast_2d(info.get("tau2", np.zeros((1, n_sh))))
+    for v in range(tau2.shape[0]):
+        cols = {"rlnSpectralIndex": np.arange(n_sh), "rlnResolution": freqs, "rlnReferenceTau2": tau2[v][:n_sh]}
+        if cfg["gold"] and "fsc" in info:
+            cols["rlnGoldStandardFsc"] = info["fsc"][:n_sh]
+        blocks[f"model_class_{v + 1}"] = pd.DataFrame(cols)
+    with atomic_path(os.path.join(out, f"{tag}_model.star")) as tmp:
+        starfile.write(blocks, tmp, float_format=None)
+    if cfg["gold"] and "fsc" in info:
+        from ..plots import fsc_png
+
+        fsc_png(os.path.join(out, f"{tag}_fsc.png"), freqs, {"half1 vs half2": info["fsc"]},
+                title=f"iteration {it}: {state['resolution'][-1]:.2f} Å at FSC 0.143")
+    if cfg["dim"] == 2:
+        from ..plots import montage_png
+
+        order = np.argsort(-state["class_prior"])
+        montage_png(os.path.join(out, f"{tag}_classes.png"), maps[order],
+                    labels=[f"{k + 1}: {100 * state['class_prior'][k]:.1f}%" for k in order])
+    # checkpoint (everything needed to resume) then the pointer
+    arrays = {f"particles/{k}": v for k, v in particles.items()}
+    arrays["maps"] = maps
+    arrays["sigma2"] = state["sigma2"]
+    arrays["class_prior"] = state["class_prior"]
+    arrays["resolution"] = np.asarray(state["resolution"], dtype=np.float64)
+    arrays["ang_change"] = np.asarray(state["ang_change"], dtype=np.float64)
+    scal = {k: state[k] for k in ("iter", "order", "local", "r_cur", "offset_sigma", "best_res", "no_improve",
+                                  "final", "done", "accuracy", "accuracy_global")}
+    ck = f"run_it{it:03d}_checkpoint.h5"
+    write_hdf5(os.path.join(out, ck), arrays, attrs={"state": json.dumps(scal), "mode": mode})
+    with atomic_path(os.path.join(out, "checkpoint.json")) as tmp:
+        with open(tmp, "w") as f:
+            json.dump({"iteration": it, "checkpoint": ck, "mode": mode, "args": state["args"]}, f, indent=1)
+
+
+def _load_checkpoint(folder, mode):
+    path = os.path.join(folder, "checkpoint.json")
+    if not os.path.exists(path):
+        raise InputError(path, "no checkpoint to continue from (no finished iteration in this folder)")
+    with open(path) as f:
+        ptr = json.load(f)
+    if ptr.get("mode") != mode:
+        raise InputError(path, f"checkpoint is of a {ptr.get('mode')} run, not {mode}", field="mode")
+    arrays, attrs = read_hdf5(os.path.join(folder, ptr["checkpoint"]))
+    state = json.loads(attrs["state"])
+    state.update({"maps": arrays["maps"], "sigma2": arrays["sigma2"], "class_prior": arrays["class_prior"],
+                  "resolution": list(arrays["resolution"]), "ang_change": list(arrays["ang_change"])})
+    particles = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("particles/")}
+    return ptr, state, particles
+
+
+# ------------------------------------------------------------------------------------------- the run
+def run(args, comm, mode: str) -> dict:
+    cfg = MODES[mode]
+    dim = cfg["dim"]
+    t_start = time.time()
+    if args.continue_dir:
+        new_iter = args.iter
+
+        def load():
+            ptr, state, particles = _load_checkpoint(args.continue_dir, mode)
+            return ptr, state, particles, ptr["args"]
+
+        ptr, state, particles, saved = root_step(comm, load)
+        cont_dir = args.continue_dir
+        for k, v in saved.items():
+            setattr(args, k, v)
+        args.output = cont_dir
+        args.continue_dir = cont_dir
+        if new_iter is not None:
+            args.iter = new_iter
+    else:
+        particles = None
+        state = None
+        if not args.input or not args.output:
+            raise MpiEmError(f"{mode} needs --i STAR and --o DIR (or --continue DIR)")
+    if args.iter is None:
+        args.iter = 20 if mode == "refine3d" else 25
+    from ..distributed import agree
+
+    err, res = None, None
+    if comm.rank == 0:
+        try:
+            res = _init(args, mode, comm.size)
+        except Exception as e:  # noqa: BLE001 - agreed on by every rank
+            err = e
+    agree(comm, err)
+    plans, meta, ref, star = res if comm.rank == 0 else (None, None, None, None)
+    meta = comm.bcast(meta, root=0)
+    # every rank gets its plan; on --continue the per-particle state comes from the checkpoint
+    if comm.rank == 0 and particles is not None:
+        for p in plans:
+            for k in ("half",) + PER_PARTICLE:
+                p[k] = particles[k][p["row"]]
+    plan = comm.scatter(plans, root=0)
+    star_rank0 = star
+    if state is None:
+        state = _initial_state(args, mode, meta, ref) if comm.rank == 0 else None
+        state = comm.bcast(state, root=0)
+        state["args"] = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"}
+    else:
+        state["args"] = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"}
+    device = collective_step(comm, select_device, comm, args.device)
+    xp = get_xp(device)
+    box, apix, K = meta["box"], meta["pixel_size"], meta["K"]
+    n_shells = box // 2 + 1
+    sym_name = getattr(args, "sym", "C1")
+    mask = _mask(box, apix, args, dim, xp)
+    if comm.rank == 0:
+        log.info("%s: %d particles, box %d, %.3f Å/px, K=%d, %d rank(s); rank 0 on %s", mode, meta["n"], box,
+                 apix, K, comm.size, device)
+
+    # first pass (new runs): noise spectrum from the images; 2D references from random subsets
+    if state["sigma2"] is None:
+        def first_pass():
+            geom = SliceGeometry(box, pad=args.pad, xp=xp)
+            sh = shell_of_points(geom)
+            s_sum, s_cnt = np.zeros(n_shells), np.zeros(n_shells)
+            sums = xp.zeros((K, box, box), dtype=xp.float64) if dim == 2 else None
+            for sl, imgs in iter_batches(plan, args.batch):
+                X, _ = prepare_batch(imgs, plan, sl, geom, box, apix, use_ctf=False)
+                a, b = sigma2_from_images(X, sh, n_shells)
+                s_sum += a
+                s_cnt += b
+                if dim == 2:
+                    cls = xp.asarray(plan["class_number"][sl] - 1)
+                    for k in range(K):
+                        sums[k] += xp.asarray(imgs)[cls == k].sum(axis=0)
+            return s_sum, s_cnt, sums
+        s_sum, s_cnt, sums = collective_step(comm, first_pass)
+        tot = np.concatenate([s_sum, s_cnt])
+        allreduce_sum(comm, tot)
+        state["sigma2"] = np.where(tot[n_shells:] > 0, tot[:n_shells] / np.maximum(tot[n_shells:], 1), 1.0)
+        if dim == 2:
+            allreduce_sum(comm, sums)
+            counts = np.bincount(plan["class_number"] - 1, minlength=K).astype(np.float64)
+            allreduce_sum(comm, counts)
+            avg = to_host(sums) / np.maximum(counts, 1)[:, None, None]
+            state["maps"] = lowpass(avg, box, apix, box * apix / state["r_cur"]).astype(np.float32)
+
+    stopped = False
+    while not state["done"] and state["iter"] < args.iter:
+        it = state["iter"] + 1
+        t_it = time.time()
+        final = state["final"] or (it == args.iter)
+        geom = SliceGeometry(box, r_max=state["r_cur"], pad=args.pad, xp=xp)
+        shells = shell_of_points(geom)
+        inv_s2 = inverse_sigma2_points(state["sigma2"], shells, xp)
+        refs = References(xp.asarray(state["maps"]), dim, args.pad, mask=mask)
+        if dim == 3:
+            step = angular_step(state["order"])
+        else:
+            step = args.psi_step
+        glob = None if state["local"] else global_grid(dim, state["order"], sym_name, xp, psi_step=step)
+        spec = SearchSpec(
+            dim=dim, n_classes=K, global_mats=glob,
+            local_mats=local_offsets(dim, step, 1.5, xp) if state["local"] else None,
+            fine_mats=fine_offsets(dim, step, xp), offset_range=args.offset_range, offset_step=args.offset_step,
+            offset_sigma=state["offset_sigma"], n_select=args.n_select,
+            log_class_prior=xp.asarray(np.log(np.maximum(state["class_prior"], 1e-10)), dtype=xp.float32),
+            fixed_class=(it == 1 and K > 1 and dim == 3))
+        V = 2 if cfg["gold"] else K
+        vol_shape = geom.vol_shape if dim == 3 else (geom.npad, geom.npad // 2 + 1)
+        prev = {k: plan[k].copy() for k in ("rot", "tilt", "psi")}
+
+        def e_step():
+            F_acc = xp.zeros((V,) + vol_shape, dtype=xp.complex128)
+            W_acc = xp.zeros((V,) + vol_shape, dtype=xp.float64)
+            stats = Stats.zeros(n_shells, K)
+            done = 0
+            for sl, imgs in iter_batches(plan, args.batch):
+                X, ctf = prepare_batch(imgs, plan, sl, geom, box, apix, use_ctf=not args.no_ctf)
+                base = xp.asarray((plan["half"][sl] - 1) * K) if cfg["gold"] else xp.zeros(sl.stop - sl.start,
+                                                                                          dtype=xp.int64)
+                res = expectation_batch(X, ctf, inv_s2, shells, refs, base, current_mats(plan, sl, dim, xp),
+                                        xp.asarray(plan["class_number"][sl] - 1), spec, geom, F_acc, W_acc,
+                                        stats, n_shells)
+                update_plan_poses(plan, sl, res, dim, apix)
+                done += sl.stop - sl.start
+            synchronize(xp)
+            return F_acc, W_acc, stats
+
+        t_e = time.time()
+        F_acc, W_acc, stats = collective_step(comm, e_step)
+        t_e = time.time() - t_e
+        vec = stats.as_vector()
+        allreduce_sum(comm, vec)
+        stats = Stats.from_vector(vec, n_shells, K)
+        t_m = time.time()
+        info = {"loglike": stats.loglike}
+        if dim == 3:
+            maps, inf = reduce_and_reconstruct_3d(comm, F_acc, W_acc, box, args.pad, state["r_cur"],
+                                                  args.tau2_fudge, cfg["gold"], mask=mask,
+                                                  compress=args.compress, combined=final and cfg["gold"])
+        else:
+            maps, inf = reduce_and_reconstruct_2d(comm, F_acc, W_acc, box, args.pad, state["r_cur"],
+                                                  args.tau2_fudge)
+        del F_acc, W_acc
+        info.update(inf)
+        maps_h = to_host(maps)
+        if dim == 2 and not args.no_center:
+            maps_h = _center_2d(maps_h)
+        state["maps"] = maps_h
+        if info.get("combined") is not None:
+            info["combined"] = to_host(info["combined"])
+        t_m = time.time() - t_m
+
+        # ---------------- model updates (identical on every rank: from reduced sums)
+        cnt = stats.sigma2_count
+        state["sigma2"] = np.where(cnt > 0, stats.sigma2_sum / np.maximum(cnt, 1), state["sigma2"])
+        if stats.class_weight.sum() > 0:
+            state["class_prior"] = stats.class_weight / stats.class_weight.sum()
+        if stats.offset_w > 0:
+            state["offset_sigma"] = float(np.clip(np.sqrt(stats.offset_sq / (2 * stats.offset_w)),
+                                                  args.offset_step, args.offset_range))
+        if dim == 3:
+            A0 = euler_to_matrix(prev["rot"], prev["tilt"], prev["psi"])
+            A1 = euler_to_matrix(plan["rot"], plan["tilt"], plan["psi"])
+            ch = angular_distance(A0, A1, sym=None if sym_name.upper() == "C1" else symmetry_matrices(sym_name))
+            tot = np.array([ch.sum(), len(ch)], dtype=np.float64)
+        else:
+            d = np.abs((plan["psi"] - prev["psi"] + 180) % 360 - 180)
+            tot = np.array([d.sum(), len(d)], dtype=np.float64)
+        allreduce_sum(comm, tot)
+        state["ang_change"].append(float(tot[0] / max(tot[1], 1)))
+        state["accuracy"] = stats.angle_spread / max(stats.offset_w, 1)
+        _schedule(state, info, mode, args, box, apix, maps_h, mask, final)
+        state["iter"] = it
+        if final:
+            state["done"] = True
+
+        particles = _gather_particles(comm, plan)
+        if comm.rank == 0:
+            info["fsc"] = info.get("fsc_gold")
+            if info["fsc"] is None:
+                info.pop("fsc")
+            res_txt = f", resolution {state['resolution'][-1]:.2f} Å" if state["resolution"] else ""
+            log.info("iteration %d: E-step %.1f s, M-step %.1f s, mean pose change %.2f°, accuracy %.2f°%s, "
+                     "next order %d%s, r %.0f px", it, t_e, t_m, state["ang_change"][-1], state["accuracy"],
+                     res_txt, state["order"],
+                     " (local)" if state["local"] else "", state["r_cur"])
+        root_step(comm, _write_iteration, args.output, it, mode, star_rank0 if comm.rank == 0 else None,
+                  particles, state, info, meta, False)
+        if state["done"]:
+            root_step(comm, _write_iteration, args.output, it, mode, star_rank0 if comm.rank == 0 else None,
+                      particles, state, info, meta, True)
+        stop_after = os.environ.get("MPI_EM_STOP_AFTER_ITERATION")
+        if stop_after and int(stop_after) == it:  # test hook: behave like a job killed after a finished iteration
+            stopped = True
+            break
+    summary = {"mode": mode, "iterations": state["iter"], "resolution": state["resolution"][-1]
+               if state["resolution"] else None, "class_prior": list(map(float, state["class_prior"])),
+               "seconds": time.time() - t_start, "ranks": comm.size, "device_rank0": device, "stopped": stopped}
+    if comm.rank == 0:
+        log.info("%s finished: %d iterations in %.1f s", mode, state["iter"], summary["seconds"])
+    return summary
+
+
+def _schedule(state, info, mode, args, box, apix, maps, mask, final):
+    """Resolution, current image size and (refine3d) the auto-sampling / convergence decisions."""
+    cfg = MODES[mode]
+    if cfg["gold"]:
+        # unmasked, as RELION's refinement does: a mask shared by both halves correlates their high frequencies
+        curve = fsc(maps[0], maps[1])
+        # only shells up to the current size carry data; beyond it both halves share the leakage of the crop
+        curve[int(np.floor(state["r_cur"])) + 1:] = 0.0
+        info["fsc_gold"] = curve
+        res = resolution_at(curve, box, apix)
+        state["resolution"].append(res)
+        shell = box * apix / res
+        state["r_cur"] = float(min(default_r_max(box), max(state["r_cur"], np.ceil(shell) + 3)))
+        improved = res < 0.99 * state["best_res"]
+        state["best_res"] = min(state["best_res"], res)
+        step = angular_step(state["order"])
+        small_change = state["ang_change"][-1] < step
+        # RELION's auto-sampling: refine the sampling when the resolution or the poses stop improving, but only
+        # while the step is coarser than the angular accuracy the posteriors show; otherwise converge.
+        if not state["local"]:
+            state["accuracy_global"] = state["accuracy"]  # local windows truncate the posterior spread
+        if not improved or small_change:
+            if state["order"] < args.max_order and step > state.get("accuracy_global", 0.0):
+                state["order"] += 1
+                if state["order"] >= args.local_from_order:
+                    state["local"] = True
+                state["no_improve"] = 0
+            elif not improved:
+                state["no_improve"] += 1
+                if state["no_improve"] >= 1:
+                    state["final"] = True
+    else:
+        # classification: data-vs-prior SSNR per shell; the current size follows the last shell with SSNR >= 1
+        tau2 = np.atleast_2d(info.get("tau2"))
+        mw = info.get("mean_w")
+        if mw is not None:
+            ssnr = (tau2 * np.atleast_2d(mw)).max(axis=0)
+            good = np.flatnonzero(ssnr[1:] >= 1.0)
+            if good.size:
+                shell = good.max() + 1
+                state["r_cur"] = float(min(default_r_max(box), max(state["r_cur"], shell + 3)))
+                state["resolution"].append(float(box * apix / max(shell, 1)))
+
+
+def _center_2d(maps):
+    """Shift each class average so its centre of mass (positive density) is at the box centre (integer px)."""
+    out = np.empty_like(maps)
+    box = maps.shape[-1]
+    c = np.arange(box) - box // 2
+    for k, m in enumerate(maps):
+        w = np.clip(m, 0, None)
+        s = w.sum()
+        if s <= 0:
+            out[k] = m
+            continue
+        cy = int(np.rint((w.sum(axis=1) * c).sum() / s))
+        cx = int(np.rint((w.sum(axis=0) * c).sum() / s))
+        out[k] = np.roll(m, (-cy, -cx), axis=(0, 1))
+    return out
