@@ -32,3 +32,8 @@ for f in ['/tmp/ds/ref/run_class001.mrc', '/tmp/ds/known/map.mrc']:
     except Exception as e: print(f, e)
 PY
 cp /tmp/ds/ref/run_fsc.png "$OUT/refine3d_fsc.png" 2>/dev/null; cp /tmp/ds/ref/run_model.star "$OUT/" 2>/dev/null
+if [ -n "${CLASS2D:-}" ]; then
+  /usr/bin/time -f "wall %e s, max RSS %M kB" python3 -m mpi_em class2d --i /tmp/ds/particles_unaligned.star --o /tmp/ds/c2d \
+    --K $CLASS2D --iter 3 --device gpu --batch 512 2>&1 | tee "$OUT/class2d_gpu.log"
+  cp /tmp/ds/c2d/run_classes.png "$OUT/class2d_classes.png" 2>/dev/null
+fi
