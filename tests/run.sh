@@ -9,6 +9,6 @@ PY=${PYTHON:-python3}
 export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 python -m pytest -q -p no:cacheprovider tests
 for P in 2 3; do
-  echo "== mpirun -n $P: tests/mpi"
-  mpirun -n "$P" python -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests/mpi
+  echo "== mpirun -n $P: tests/parallel"
+  mpirun -n "$P" python -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests/parallel
 done
