@@ -1,7 +1,7 @@
 """Stride-distributed Fourier volume (mpi_em.distvolume).
 
 Multi-rank tests are marked ``mpi(min_size=2)`` and run under
-``mpirun -n P python -m pytest --with-mpi tests/mpi`` (P = 2, 3, 4); the unmarked tests are pure or use
+``mpirun -n P python -m pytest --with-mpi tests/parallel`` (P = 2, 3, 4); the unmarked tests are pure or use
 MPI.COMM_SELF, so they also run in the plain ``pytest`` run (and on every rank under mpirun).
 
 Tolerances: MPI's Reduce_scatter, the compressed path (received chunks summed in rank order), the streaming

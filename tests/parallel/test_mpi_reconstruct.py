@@ -1,4 +1,4 @@
-"""In-process MPI tests (pytest-mpi): run under `mpirun -n P python -m pytest --with-mpi -m mpi tests/mpi`."""
+"""In-process MPI tests (pytest-mpi): run under `mpirun -n P python -m pytest --with-mpi -m mpi tests/parallel`."""
 import argparse
 import os
 import tempfile
