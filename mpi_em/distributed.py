@@ -102,7 +102,7 @@ def make_plan(star, size: int, seed: int = 0, halves=None) -> list[dict]:
     order = np.lexsort((star.index, star.stack))  # group each stack's slices together
     plans = []
     for blk in balanced_blocks(n, size):
-        rows = np.sort(order[blk]) if False else order[blk]
+        rows = order[blk]
         p = {"row": rows, "half": halves[rows]}
         for f in PLAN_FIELDS:
             p[f] = np.asarray(getattr(star, f))[rows]

@@ -117,7 +117,6 @@ def _init(args, mode, size):
     else:
         ref = None
     rng = np.random.default_rng(args.seed)
-    halves = None
     plans = make_plan(star, size, seed=args.seed)
     if not cfg["gold"]:
         for p in plans:
