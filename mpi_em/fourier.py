@@ -256,6 +256,21 @@ def shell_index(npad: int, pad: int, xp=np):
     return xp.rint(radius_3d(npad, xp) / pad).astype(xp.int64)
 
 
+def regularised_denominator(W, r, mean_w, tau2=None, tau2_fudge: float = 1.0, min_weight: float = 1e-3):
+    """The divisor of F in reconstruction, shared by 2D and 3D: max(W, min_weight * mean_w) without a prior,
+    W + 1 / (tau2_fudge * tau2(shell)) (floored at 1e-10 * mean_w) with one; ``r`` is |k| in image pixels and
+    ``mean_w`` the mean weight inside the ball (a scalar, or broadcastable per volume/plane)."""
+    xp = xp_of(W)
+    floor_ok = xp.asarray(mean_w) > 0
+    if tau2 is None:
+        return xp.maximum(W, xp.where(floor_ok, min_weight * xp.asarray(mean_w), 1.0))
+    tau2 = xp.asarray(tau2, dtype=xp.float64)
+    sh = xp.clip(xp.rint(r).astype(xp.int64), 0, tau2.shape[-1] - 1)
+    t = tau2[..., sh] * tau2_fudge
+    denom = W + xp.where(t > 0, 1.0 / xp.where(t > 0, t, 1.0), 0.0)
+    return xp.maximum(denom, xp.where(floor_ok, 1e-10 * xp.asarray(mean_w), 1e-10))
+
+
 def reconstruct(F_acc, W_acc, box: int, pad: int = 2, r_max: float | None = None, tau2=None,
                 tau2_fudge: float = 1.0, min_weight: float = 1e-3, gridding: bool = True):
     """Regularised division and inverse transform of the accumulators -> real volume (box^3).
@@ -272,15 +287,7 @@ def reconstruct(F_acc, W_acc, box: int, pad: int = 2, r_max: float | None = None
     npad = pad * box
     r = radius_3d(npad, xp) / pad
     inside = r <= r_max + 0.5
-    if tau2 is not None:
-        tau2 = xp.asarray(tau2, dtype=xp.float64)
-        sh = xp.clip(xp.rint(r).astype(xp.int64), 0, tau2.shape[-1] - 1)
-        t = tau2[..., sh] * tau2_fudge
-        denom = W + xp.where(t > 0, 1.0 / xp.where(t > 0, t, 1.0), 0.0)
-        floor = 1e-10 * float(W[inside].mean()) if bool(inside.any()) else 1e-10
-        denom = xp.maximum(denom, floor)
-    else:
-        mean_w = float(W[..., inside].mean()) if bool(inside.any()) else 1.0
-        denom = xp.maximum(W, min_weight * mean_w)
+    mean_w = float(W[..., inside].mean()) if bool(inside.any()) else 1.0
+    denom = regularised_denominator(W, r, mean_w, tau2, tau2_fudge, min_weight)
     V = xp.where(inside, F / denom, 0)
     return volume_ifft(V, box, pad, gridding=gridding)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import scatter_add, xp_of
-from .fourier import SliceGeometry, _sinc2_1d_host, default_r_max
+from .fourier import SliceGeometry, _sinc2_1d_host, default_r_max, regularised_denominator
 
 __all__ = ["gridding_factor_2d", "pad_image", "crop_image", "plane_fft", "plane_ifft", "plane_shape",
            "rotation_matrices_2d", "plane_coords", "project2d", "backproject2d", "enforce_hermitian_x0_2d",
@@ -219,13 +219,6 @@ def reconstruct2d(F_acc, W_acc, box: int, pad: int = 2, r_max: float | None = No
     inside = r <= r_max + 0.5
     n_in = max(int(inside.sum()), 1)
     mean_w = (W * inside).sum(axis=(-2, -1), keepdims=True) / n_in
-    if tau2 is not None:
-        tau2 = xp.asarray(tau2, dtype=xp.float64)
-        sh = xp.clip(xp.rint(r).astype(xp.int64), 0, tau2.shape[-1] - 1)
-        t = tau2[..., sh] * tau2_fudge
-        denom = W + xp.where(t > 0, 1.0 / xp.where(t > 0, t, 1.0), 0.0)
-        denom = xp.maximum(denom, xp.where(mean_w > 0, 1e-10 * mean_w, 1e-10))
-    else:
-        denom = xp.maximum(W, xp.where(mean_w > 0, min_weight * mean_w, 1.0))
+    denom = regularised_denominator(W, r, mean_w, tau2, tau2_fudge, min_weight)
     img = xp.where(inside, F / denom, 0)
     return plane_ifft(img, box, pad, gridding=gridding)
