@@ -276,7 +276,12 @@ class PlaneOwnerAccumulator:
         """Take part in one :meth:`add` round without contributing (rank out of batches)."""
         self.add(0, np.zeros(0, np.int64), None, None)
 
-    def add(self, vol_index, flat_idx, values_F=None, values_W=None) -> None:
+    def fail(self, error) -> None:
+        """Take part in one :meth:`add` round as a failed rank: every rank raises :class:`RankFailed` with
+        ``error``'s message (use when reading or preparing this rank's batch failed), so nobody hangs."""
+        self.add(0, np.zeros(0, np.int64), None, None, error=error)
+
+    def add(self, vol_index, flat_idx, values_F=None, values_W=None, *, error=None) -> None:
         """Collective: route stencil contributions to their plane owners and accumulate.
 
         ``flat_idx``: int array of flat indices into the full (Np, Np, Nxh) grid; ``values_F`` (complex) and
@@ -285,9 +290,11 @@ class PlaneOwnerAccumulator:
         """
         xp = self.xp
         P, ps = self.size, self.plane_size
-        err = None
+        err, err_code = None, 0
         n = 0
         try:
+            if error is not None:
+                raise error if isinstance(error, BaseException) else RuntimeError(str(error))
             idx = xp.asarray(flat_idx).reshape(-1).astype(xp.int64, copy=False)
             n = int(idx.size)
             vi = xp.asarray(vol_index)
@@ -310,15 +317,20 @@ class PlaneOwnerAccumulator:
             if values_W is not None:
                 rec["w"] = to_host(xp.asarray(values_W).reshape(-1)[order])
         except Exception as e:  # noqa: BLE001 - reported to every rank below
-            err = f"{type(e).__name__}: {e}"
+            from .errors import MpiEmError
+
+            err = str(e) if isinstance(e, MpiEmError) else f"{type(e).__name__}: {e}"
+            err_code = getattr(e, "exit_code", 1) or 1
+            n = 0
             counts = np.zeros(P, np.int64)
             rec = np.zeros(0, dtype=self._rec)
         # size exchange doubles as failure agreement
-        got = self.comm.alltoall([(int(c), err) for c in counts])
-        errs = [(s, m) for s, (_, m) in enumerate(got) if m is not None]
+        code = err_code if err is not None else 0
+        got = self.comm.alltoall([(int(c), err, code) for c in counts])
+        errs = [(s, m, c) for s, (_, m, c) in enumerate(got) if m is not None]
         if errs:
-            raise RankFailed([f"rank {s}: PlaneOwnerAccumulator.add: {m}" for s, m in errs])
-        rcounts = [int(c) for c, _ in got]
+            raise RankFailed([f"rank {s}: {m}" for s, m, _ in errs], exit_code=max(c for _, _, c in errs))
+        rcounts = [int(c) for c, _, _ in got]
         scounts = [int(c) for c in counts]
         recv = np.empty(sum(rcounts), dtype=self._rec)
         t = self._type()
@@ -439,8 +451,7 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
         tau2 = xp.asarray(tau2, dtype=xp.float64)
         tau2 = tau2.reshape(-1, tau2.shape[-1]) if tau2.ndim > 1 else tau2
         sh = xp.rint(r).astype(xp.int64)
-    Vol = xp.empty_like(F)
-    for v in range(nv):
+    for v in range(nv):  # in place in F (a private complex128 copy): no third volume-sized array
         if tau2 is not None:
             t2 = tau2[v] if tau2.ndim > 1 else tau2
             t = t2[xp.clip(sh, 0, t2.shape[-1] - 1)] * tau2_fudge
@@ -450,8 +461,11 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
         else:
             mean_w = float(means[v]) if means[v] is not None else 1.0
             denom = xp.maximum(W[v], min_weight * mean_w)
-        Vol[v] = xp.where(inside, F[v] / denom, 0)
-    del F, W
+        F[v] /= denom
+        F[v][~inside] = 0
+        del denom
+    Vol = F
+    del F, W, r, inside
 
     # (d) distributed inverse FFT: ky on owned kz planes, transpose to y rows, kz then kx (c2r) locally
     G = xp.fft.ifft(Vol, axis=-2) if Vol.size else Vol                    # (nv, n_own, Np_y, Nxh)
@@ -527,9 +541,11 @@ def volume_bytes_per_rank(box: int, pad: int, size: int, n_vol: int = 2, dtype=n
     owned = [int(p.size) for p in _plan(npad, size)]
     stride = [n_vol * n * plane * per_voxel for n in owned]
     n_max = max(owned) if owned else 0
-    # F, W (complex128 + float64) copies, Vol, G, send, recv, H (complex128) over n_own planes / y rows
-    transient = n_vol * plane * (n_max * (16 + 8 + 16 + 16 + 16) + n_max * 16 * 3) + \
-        n_vol * npad * n_max * npad * 8
+    # distributed_reconstruct per owned voxel: the complex128 F / float64 W working copies and radius (divided
+    # in place), then the ky-FFT, transpose send/receive buffers and the kz/kx FFTs of the y-row slab, which
+    # hold at most two complex128 copies at a time: 48 bytes (tracemalloc: ~20-40 bytes measured at box 32,
+    # P = 1..8, see tests/test_reconstruct_job.py::test_memory_budget_below_one_volume). Excludes the maps.
+    transient = n_vol * plane * n_max * 48
     return {
         "npad": npad,
         "size": size,

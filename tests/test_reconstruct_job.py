@@ -1,5 +1,6 @@
 """`mpi-em reconstruct` end to end: P ranks = 1 rank, resolution vs truth, outputs, bad input."""
 import hashlib
+import json
 import os
 import shutil
 
@@ -43,6 +44,44 @@ def test_p_ranks_equal_one_rank(small_dataset, one_rank, tmp_path, ranks):
     for k in a:
         scale = np.abs(a[k]).max()
         assert np.abs(a[k] - b[k]).max() <= 1e-5 * scale, k
+
+
+def test_compressed_reduce_scatter_equals_one_rank(small_dataset, one_rank, tmp_path):
+    """--compress: lossless codec in the reduce-scatter; only the summation order changes (float64 sums,
+    float32 maps): equal to output precision on 3 ranks (uneven plane split)."""
+    r = mpi_em(["reconstruct", "--i", small_dataset / "particles.star", "--o", tmp_path, "--batch", 64,
+                "--compress"], ranks=3)
+    assert r.returncode == 0, r.stderr
+    a, b = _maps(one_rank), _maps(tmp_path)
+    for k in a:
+        assert np.abs(a[k] - b[k]).max() <= 1e-5 * np.abs(a[k]).max(), k
+
+
+def test_memory_budget_below_one_volume(small_dataset, one_rank, tmp_path):
+    """--max-volume-memory 3.0M on 8 ranks (oversubscribed): below ONE padded volume's accumulators
+    (64 x 64 x 33 voxels x (16 + 8) bytes = 3.24 MB), let alone the two half-set volumes (6.5 MB) that the
+    all-reduce design holds on every rank. Each rank keeps only its owned kz planes; contributions are routed
+    to their owners per batch. The map equals the 1-rank map to output precision, and every rank's traced
+    peak (tracemalloc: all NumPy/Python allocations from insertion to the finished maps) stays under the budget.
+    A budget too small for the owned planes is refused with a clear error (exit 2)."""
+    budget = 3 * 2 ** 20
+    one_volume = 64 * 64 * 33 * (16 + 8)
+    assert budget < one_volume
+    r = mpi_em(["reconstruct", "--i", small_dataset / "particles.star", "--o", tmp_path / "b",
+                "--max-volume-memory", "3.0M"], ranks=8, timeout=240)
+    assert r.returncode == 0, r.stderr
+    info = json.load(open(tmp_path / "b" / "run.json"))
+    assert info["volume_mode"] == "stream" and info["volume_bytes_allreduce_design"] == 2 * one_volume
+    peaks = info["peak_traced_bytes_per_rank"]
+    assert len(peaks) == 8 and max(peaks) <= budget, peaks
+    a, b = _maps(one_rank), _maps(tmp_path / "b")
+    for k in a:
+        assert np.abs(a[k] - b[k]).max() <= 1e-5 * np.abs(a[k]).max(), k
+    r = mpi_em(["reconstruct", "--i", small_dataset / "particles.star", "--o", tmp_path / "c",
+                "--max-volume-memory", "1M"], ranks=2, timeout=120)
+    err = [line for line in r.stderr.splitlines() if line.startswith("mpi-em: error:")]
+    assert r.returncode == 2 and len(err) == 1 and "--max-volume-memory" in err[0] and "too small" in err[0]
+    assert not os.path.exists(tmp_path / "c" / "map.mrc")
 
 
 def test_half_map_resolution_matches_truth(tmp_path):
@@ -91,10 +130,10 @@ def bad_copy(small_dataset, tmp_path):
     return d
 
 
-def _run_bad(d, tmp_path, ranks=2):
+def _run_bad(d, tmp_path, ranks=2, extra=()):
     before = _digest(d)
     out = tmp_path / "out"
-    r = mpi_em(["reconstruct", "--i", d / "particles.star", "--o", out], ranks=ranks, timeout=120)
+    r = mpi_em(["reconstruct", "--i", d / "particles.star", "--o", out] + list(extra), ranks=ranks, timeout=120)
     assert _digest(d) == before, "inputs were modified"
     if os.path.isdir(out):
         assert not [f for f in os.listdir(out) if f.endswith((".mrc", ".star", ".png", ".json"))], \
@@ -143,14 +182,20 @@ def test_corrupt_header(bad_copy, tmp_path):
     assert r.returncode == 2 and len(err) == 1 and "particles_0000.mrcs" in err[0]
 
 
-def test_nan_pixels_on_the_second_rank(bad_copy, tmp_path):
-    """The NaN image is read by rank 1 only: rank 1 reports it, no rank hangs, nothing is written."""
+@pytest.mark.parametrize("mode", ["dense", "stream"])
+def test_nan_pixels_on_the_second_rank(bad_copy, tmp_path, mode):
+    """The NaN image is read by rank 1 only: rank 1 reports it, no rank hangs, nothing is written. In the
+    streaming mode (--max-volume-memory below the full accumulators) the other rank is inside a routed
+    all-to-all round when rank 1 fails: the failure travels in that round."""
     p = bad_copy / "stacks" / "particles_0001.mrcs"
     with mrcfile.mmap(p, mode="r+") as m:
         m.data[200, 3, 3] = np.nan
-    r, err = _run_bad(bad_copy, tmp_path, ranks=2)
-    assert r.returncode == 2 and len(err) == 1
+    extra = ["--max-volume-memory", "8M", "--batch", 16] if mode == "stream" else []
+    r, err = _run_bad(bad_copy, tmp_path, ranks=2, extra=extra)
+    assert r.returncode == 2 and len(err) == 1, r.stderr
     assert "rank 1" in err[0] and "particles_0001.mrcs" in err[0] and "NaN" in err[0]
+    if mode == "stream":
+        assert "streamed to plane owners" in r.stdout + r.stderr
 
 
 def test_mismatched_pixel_size(bad_copy, tmp_path):
@@ -179,5 +224,6 @@ def test_unknown_symmetry(small_dataset, tmp_path):
 def test_help_explains_every_option():
     r = mpi_em(["reconstruct", "--help"], ranks=0)
     assert r.returncode == 0
-    for opt in ("--i", "--o", "--sym", "--batch", "--r-max", "--pad", "--device", "--seed", "--no-ctf"):
+    for opt in ("--i", "--o", "--sym", "--batch", "--r-max", "--pad", "--device", "--seed", "--no-ctf",
+                "--max-volume-memory", "--compress"):
         assert opt in r.stdout

@@ -2,8 +2,13 @@
 
 Data path: rank 0 reads and checks the STAR file and the stacks' headers, assigns half sets, partitions the
 particles and scatters the plan (metadata only). Each rank reads its own images, prepares CTF.X and CTF^2 and
-inserts them into two half-set accumulators. The accumulators are summed over ranks (MPI reduce), rank 0
-reconstructs half 1, half 2 and the combined map, computes the FSC and writes every output atomically.
+inserts them into two half-set accumulators. The volume is stride-distributed (:mod:`mpi_em.distvolume`): rank r
+owns the kz planes z = r (mod P). By default each rank inserts into full local partial sums that are
+reduce-scattered to the owners once (optionally compressed); under ``--max-volume-memory`` smaller than the full
+accumulators each rank holds only its owned planes and every batch's stencil contributions are routed to their
+owners. Half 1, half 2 and the combined map are reconstructed distributed (regularised division and inverse FFT
+with one all-to-all transpose), every rank gets the maps, rank 0 computes the FSC and writes every output
+atomically.
 """
 from __future__ import annotations
 
@@ -16,13 +21,15 @@ import numpy as np
 
 from ..backend import get_xp, synchronize, to_host
 from ..ctf import ctf_images
-from ..distributed import collective_step, make_plan, reduce_sum, root_step, select_device
-from ..fourier import SliceGeometry, default_r_max, reconstruct
+from ..distributed import collective_step, make_plan, root_step, select_device
+from ..distvolume import PlaneOwnerAccumulator, distributed_reconstruct, reduce_scatter_planes, volume_bytes_per_rank
+from ..errors import InputError
+from ..fourier import SliceGeometry, default_r_max
 from ..fsc import fsc, resolution_at, shell_frequencies
 from ..geometry import euler_to_matrix
 from ..io import atomic_path, check_stacks, check_writable_dir, read_particles, write_map
 from ..particles import iter_batches
-from ..reconstruction import Accumulators, insert_images
+from ..reconstruction import Accumulators, insert_images, prepare_images
 from ..symmetry import symmetry_matrices
 
 log = logging.getLogger("mpi_em")
@@ -43,6 +50,14 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed for half-set assignment when rlnRandomSubset is absent (default 0)")
     p.add_argument("--no-ctf", action="store_true", help="ignore the CTF (images are not CTF-corrected)")
+    p.add_argument("--max-volume-memory", default=None, metavar="SIZE",
+                   help="bytes of volume work per rank (e.g. 512M, 4G). When the full padded accumulators do not "
+                        "fit, each rank keeps only its owned kz planes and every batch's contributions are sent to "
+                        "their owners (smaller batches, more messages); default: no limit (local full partial sums, "
+                        "reduce-scattered once)")
+    p.add_argument("--compress", action="store_true",
+                   help="compress the accumulators sent in the reduce-scatter (lossless: half-ball packing, byte "
+                        "shuffle, zstd); pays when the network, not the CPU, is the bottleneck")
 
 
 def _load(args, size):
@@ -76,7 +91,103 @@ def insert_plan(plan, acc: Accumulators, box: int, pixel_size: float, batch: int
     return done
 
 
+def parse_bytes(text) -> int | None:
+    """'512M', '2G', '1.5GiB', '1000000' -> bytes (binary units); None/'' -> None."""
+    if text is None or str(text).strip() == "":
+        return None
+    t = str(text).strip().upper().replace("IB", "").rstrip("B")
+    mult = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+    try:
+        if t and t[-1] in mult:
+            return int(float(t[:-1]) * mult[t[-1]])
+        return int(float(t))
+    except ValueError:
+        raise InputError("--max-volume-memory", f"cannot read {text!r} as a size (e.g. 512M, 2G)") from None
+
+
+#: upper estimate of the bytes per in-ball point of one image in the streaming insertion: 8 stencil corners x
+#: (indices, weights, F/W values, the routed record sent and received, sort and scatter temporaries);
+#: tracemalloc measured 115-156 bytes per corner at box 32 (P = 1..8, batch 1-64); 192 leaves a margin.
+STREAM_BYTES_PER_POINT = 8 * 192
+#: bytes per box^3 voxel of the finished maps: three float32 maps kept, float64 all-gather buffers
+MAP_BYTES_PER_VOXEL = 3 * 4 + 2 * 8
+
+
+def volume_plan(box: int, pad: int, r_max: float, size: int, budget_text, batch: int) -> dict:
+    """How the volume is held: 'dense' (full local partial sums, reduce-scattered) or 'stream' (owned planes
+    only, contributions routed to their owners per batch), with the batch size that keeps a rank under
+    ``budget`` bytes. Raises :class:`MpiEmError` when even the owned planes do not fit."""
+    budget = parse_bytes(budget_text)
+    mem = volume_bytes_per_rank(box, pad, size, n_vol=2)
+    full = mem["allreduce"]
+    common = {"full_bytes": full, "owned_bytes": mem["stride_max"], "budget": budget}
+    if budget is None or full + mem["stride_max"] <= budget:
+        return dict(common, mode="dense", batch=batch)
+    n_points = SliceGeometry(box, r_max=r_max, pad=pad, xp=np).m
+    # owned planes of both halves + one volume's reconstruction transient at a time (half 1, half 2,
+    # combined) + the maps
+    one = volume_bytes_per_rank(box, pad, size, n_vol=1)
+    fixed = mem["stride_max"] + one["stride_reconstruct_transient_max"] + MAP_BYTES_PER_VOXEL * box ** 3
+    per_image = n_points * STREAM_BYTES_PER_POINT + 4 * box * box * 8
+    b = (budget - fixed) // per_image
+    if b < 1:
+        need = fixed + per_image
+        raise InputError("--max-volume-memory", f"{budget} bytes is too small for box {box} (pad {pad}) on {size} "
+                         f"rank(s): each rank needs at least {need} bytes ({mem['stride_max']} for its owned "
+                         f"planes) - use more ranks or a larger budget")
+    return dict(common, mode="stream", batch=int(min(batch, b)))
+
+
+def _image_batch(plan, sl, imgs, geom, box, apix, use_ctf, xp):
+    """(half index (n,), rotations (n,3,3), data = CTF.X (n, m), weights = CTF^2) of one batch."""
+    A = euler_to_matrix(plan["rot"][sl], plan["tilt"][sl], plan["psi"][sl], xp=xp)
+    ctf = None
+    if use_ctf:
+        ctf = ctf_images(box, apix, plan["defocus_u"][sl], plan["defocus_v"][sl], plan["defocus_angle"][sl],
+                         plan["voltage"][sl], plan["cs"][sl], plan["amp_contrast"][sl], plan["phase_shift"][sl],
+                         plan["bfactor"][sl], xp=xp)
+    shifts = np.stack([plan["origin_x"][sl], plan["origin_y"][sl]], axis=1) / apix
+    data, weights = prepare_images(xp.asarray(imgs), ctf, shifts, geom)
+    return plan["half"][sl] - 1, A, data, weights
+
+
+def stream_plan(comm, plan, acc: PlaneOwnerAccumulator, geom, box, apix, batch, sym_mats, use_ctf,
+                progress=None) -> int:
+    """Collective streaming insertion: every rank takes part in the same number of routed rounds; a rank
+    whose batch fails (bad file, NaN) sends its error in the round, and every rank raises RankFailed."""
+    from mpi4py import MPI
+
+    xp = geom.xp
+    n_local = len(plan["index"])
+    n_rounds = comm.allreduce(-(-n_local // batch), op=MPI.MAX)
+    mats = [None] if sym_mats is None else [xp.asarray(L, dtype=xp.float64) for L in sym_mats]
+    batches = iter_batches(plan, batch)
+    done = 0
+    for _ in range(n_rounds):
+        try:
+            item = next(batches, None)
+            prepared = None if item is None else (item[0], _image_batch(plan, item[0], item[1], geom, box, apix,
+                                                                        use_ctf, xp))
+        except Exception as e:  # noqa: BLE001 - sent to every rank in this round
+            for _L in mats:
+                acc.fail(e)  # raises RankFailed on every rank (first call)
+        for L in mats:
+            if prepared is None:
+                acc.add_empty()
+            else:
+                half, A, data, weights = prepared[1]
+                acc.backproject(half, A if L is None else A @ L, data, weights, geom)
+        if prepared is not None:
+            done += prepared[0].stop - prepared[0].start
+            if progress:
+                progress(done)
+    synchronize(xp)
+    return done
+
+
 def run(args, comm) -> dict:
+    import tracemalloc
+
     t0 = time.time()
     plans, meta = root_step(comm, _load, args, comm.size)
     plan = comm.scatter(plans, root=0)
@@ -85,39 +196,77 @@ def run(args, comm) -> dict:
     xp = get_xp(device)
     box, apix = meta["box"], meta["pixel_size"]
     r_max = default_r_max(box) if args.r_max is None else args.r_max
+    vplan = root_step(comm, volume_plan, box, args.pad, r_max, comm.size, getattr(args, "max_volume_memory", None),
+                      args.batch)
+    budget = vplan["budget"]
+    compress = bool(getattr(args, "compress", False))
     if comm.rank == 0:
         log.info("reconstruct: %d particles, box %d, %.3f Å/px, %s, %d rank(s); rank 0 on %s",
                  meta["n"], box, apix, args.sym, comm.size, device)
+        log.info("volume: %s; full accumulators %.1f MiB (all-reduce design), owned planes %.1f MiB per rank%s%s",
+                 "streamed to plane owners" if vplan["mode"] == "stream" else "local partial sums, reduce-scattered",
+                 vplan["full_bytes"] / 2 ** 20, vplan["owned_bytes"] / 2 ** 20,
+                 f", batch {vplan['batch']} for a budget of {budget / 2 ** 20:.1f} MiB" if budget else "",
+                 ", compressed reduce-scatter" if compress and vplan["mode"] == "dense" else "")
     sym = symmetry_matrices(args.sym)
     sym_mats = None if len(sym) == 1 else sym
+    geom = SliceGeometry(box, r_max=r_max, pad=args.pad, xp=xp)
+    n_local = len(plan["index"])
+    step = max(1, n_local // 10)
+    last = [0]
 
-    def _insert():
-        geom = SliceGeometry(box, r_max=r_max, pad=args.pad, xp=xp)
-        acc = Accumulators(geom, n_vol=2)
-        n_local = len(plan["index"])
-        step = max(1, n_local // 10)
-        last = [0]
+    def progress(done):
+        if comm.rank == 0 and (done - last[0] >= step or done == n_local):
+            last[0] = done
+            log.info("  inserted %d / %d particles on rank 0 (%.0f%%)", done, n_local,
+                     100.0 * done / max(n_local, 1))
 
-        def progress(done):
-            if comm.rank == 0 and (done - last[0] >= step or done == n_local):
-                last[0] = done
-                log.info("  inserted %d / %d particles on rank 0 (%.0f%%)", done, n_local,
-                         100.0 * done / max(n_local, 1))
-        insert_plan(plan, acc, box, apix, args.batch, sym_mats, not args.no_ctf, progress)
-        return acc
-
+    trace = budget is not None and xp is np
+    if trace:
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
     t_ins = time.time()
-    acc = collective_step(comm, _insert)
-    t_ins = time.time() - t_ins
-    t_red = time.time()
-    F = reduce_sum(comm, acc.F)
-    W = reduce_sum(comm, acc.W)
-    t_red = time.time() - t_red
+    t_red = 0.0
+    sent = 0
+    if vplan["mode"] == "stream":
+        acc = PlaneOwnerAccumulator(comm, geom.vol_shape, n_vol=2, xp=xp)
+        stream_plan(comm, plan, acc, geom, box, apix, vplan["batch"], sym_mats, not args.no_ctf, progress)
+        F_own, W_own = acc.F, acc.W
+        sent = acc.n_sent * acc._rec.itemsize
+        acc.free()
+        t_ins = time.time() - t_ins
+    else:
+        def _insert():
+            acc = Accumulators(geom, n_vol=2)
+            insert_plan(plan, acc, box, apix, args.batch, sym_mats, not args.no_ctf, progress)
+            return acc
+
+        dense = collective_step(comm, _insert)
+        t_ins = time.time() - t_ins
+        t_red = time.time()
+        rp = r_max * args.pad + 2.0  # the trilinear stencil of in-ball points |k| <= r_max reaches +sqrt(3)
+        F_own = reduce_scatter_planes(comm, dense.F, compress=compress, r_max_padded=rp if compress else None)
+        W_own = reduce_scatter_planes(comm, dense.W, compress=compress, r_max_padded=rp if compress else None)
+        sent = int(dense.nbytes)
+        del dense
+        t_red = time.time() - t_red
+    t_rec = time.time()
+    half1 = distributed_reconstruct(comm, F_own[0:1], W_own[0:1], box, args.pad, r_max)[0]
+    half1 = to_host(half1).astype(np.float32)
+    half2 = to_host(distributed_reconstruct(comm, F_own[1:2], W_own[1:2], box, args.pad, r_max)[0]).astype(np.float32)
+    F_own[0] += F_own[1]
+    W_own[0] += W_own[1]
+    full = to_host(distributed_reconstruct(comm, F_own[0:1], W_own[0:1], box, args.pad, r_max)[0]).astype(np.float32)
+    del F_own, W_own
+    t_rec = time.time() - t_rec
+    peak = None
+    if trace:
+        peak = tracemalloc.get_traced_memory()[1] - base
+        tracemalloc.stop()
+    peaks = comm.gather(peak, root=0)
+    sent_all = comm.gather(sent, root=0)
 
     def _finish():
-        half1 = to_host(reconstruct(F[0], W[0], box, args.pad, r_max)).astype(np.float32)
-        half2 = to_host(reconstruct(F[1], W[1], box, args.pad, r_max)).astype(np.float32)
-        full = to_host(reconstruct(F[0] + F[1], W[0] + W[1], box, args.pad, r_max)).astype(np.float32)
         curve = fsc(half1, half2)
         res = resolution_at(curve, box, apix)
         freqs = shell_frequencies(box, apix)
@@ -132,7 +281,13 @@ def run(args, comm) -> dict:
                 title=f"gold-standard FSC: {res:.2f} Å at 0.143")
         summary = {"n_particles": meta["n"], "box": box, "pixel_size": apix, "sym": args.sym,
                    "ranks": comm.size, "device_rank0": device, "resolution_0143": res,
-                   "seconds_total": time.time() - t0, "seconds_insert": t_ins, "seconds_reduce": t_red}
+                   "volume_mode": vplan["mode"], "batch": vplan["batch"], "compress": compress,
+                   "max_volume_memory": budget, "volume_bytes_allreduce_design": vplan["full_bytes"],
+                   "volume_bytes_owned_per_rank": vplan["owned_bytes"],
+                   "peak_traced_bytes_per_rank": peaks if trace else None,
+                   "bytes_sent_per_rank": sent_all,
+                   "seconds_total": time.time() - t0, "seconds_insert": t_ins, "seconds_reduce": t_red,
+                   "seconds_reconstruct": t_rec}
         with atomic_path(os.path.join(out, "run.json")) as tmp:
             with open(tmp, "w") as f:
                 json.dump(summary, f, indent=2)
