@@ -108,14 +108,14 @@ def _check_layout(shape, npad=None) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------------- reduce-scatter
 def reduce_scatter_planes(comm, buf, compress: bool = False, r_max_padded=None, *, level: int = 1,
-                          check: bool = True):
+                          check: bool = True, stats: dict | None = None):
     """Sum ``buf`` (..., Np, Np, Np//2+1) over ranks; return the owned planes (..., n_owned, Np, Np//2+1).
 
     Collective. ``buf`` is this rank's full partial sum (NumPy or CuPy, real or complex; leading axes are
     volumes, e.g. the two half sets); the result has the same dtype and module.
 
-    - ``compress=False``: one ``Reduce_scatter`` on a host copy whose planes are permuted so that each
-      owner's planes are contiguous. The summation order is MPI's.
+    - ``compress=False``: one ``Reduce`` per volume and owner on a host copy of that owner's planes (the bytes
+      of a ``Reduce_scatter``, with a staging copy of 1/P of one volume). The summation order is MPI's.
     - ``compress=True``: each owner's chunk is compressed with :mod:`mpi_em.codec` (byte shuffle + zstd,
       lossless) and sent with one ``Alltoallv`` of bytes; with ``r_max_padded`` (radius in padded-grid
       voxels) only the voxels with |k| <= r_max_padded are packed, and every voxel outside must be exactly
@@ -123,6 +123,10 @@ def reduce_scatter_planes(comm, buf, compress: bool = False, r_max_padded=None, 
       outside voxels are dropped and the owned result is zero there). The received chunks are summed
       locally in rank order 0..P-1, so the result is deterministic; it equals the uncompressed result to
       float rounding (different summation order), not bit for bit.
+
+    ``stats`` (a dict, optional) receives ``bytes_sent`` (bytes this rank handed to other ranks: the full local
+    buffer for ``Reduce_scatter``, the compressed chunks for the other owners with compression) and
+    ``bytes_raw`` (the local buffer's size).
     """
     from mpi4py import MPI
 
@@ -132,22 +136,30 @@ def reduce_scatter_planes(comm, buf, compress: bool = False, r_max_padded=None, 
     size, rank = comm.size, comm.rank
     plan = _plan(npad, size)
     mine = plan[rank]
+    if stats is not None:
+        stats.update(bytes_raw=int(buf.nbytes), bytes_sent=int(buf.nbytes))
     if compress:
-        return _reduce_scatter_compressed(comm, buf, plan, r_max_padded, level, check)
+        return _reduce_scatter_compressed(comm, buf, plan, r_max_padded, level, check, stats)
 
-    order = xp.asarray(np.concatenate(plan))
-    moved = xp.moveaxis(buf, -3, 0)[order]                # (Np, *lead, Np, Nxh), planes grouped by owner
-    send = _as_real_host(moved).reshape(-1)
-    per_plane = send.size // npad if npad else 0
-    counts = [int(p.size) * per_plane for p in plan]
-    recv = np.empty(counts[rank], dtype=send.dtype)
-    comm.Reduce_scatter(send, recv, recvcounts=counts, op=MPI.SUM)
-    out = recv.view(buf.dtype).reshape((mine.size,) + lead + (npad, nxh))
-    out = np.ascontiguousarray(np.moveaxis(out, 0, -3))
+    # one Reduce per (volume, owner) on that owner's planes only: the bytes of one Reduce_scatter, with a host
+    # staging copy of 1/P of one volume instead of the whole buffer, received straight into the result
+    nv = int(np.prod(lead, dtype=np.int64))
+    flat = buf.reshape((nv, npad, npad, nxh))
+    out = np.empty((nv, mine.size, npad, nxh), dtype=buf.dtype)
+    real = _real_dtype(buf.dtype) if np.iscomplexobj(out) else out.dtype
+    for v in range(nv):
+        for d in range(size):
+            if plan[d].size == 0:
+                continue
+            chunk = _as_real_host(flat[v][xp.asarray(plan[d])])
+            recv = out[v].view(real) if d == rank else None
+            comm.Reduce(chunk, recv, op=MPI.SUM, root=d)
+            del chunk
+    out = out.reshape(lead + (mine.size, npad, nxh))
     return out if xp is np else xp.asarray(out)
 
 
-def _reduce_scatter_compressed(comm, buf, plan, r_max_padded, level, check):
+def _reduce_scatter_compressed(comm, buf, plan, r_max_padded, level, check, stats=None):
     from mpi4py import MPI
 
     xp = xp_of(buf)
@@ -184,6 +196,8 @@ def _reduce_scatter_compressed(comm, buf, plan, r_max_padded, level, check):
         else:
             blobs.append(compress_for_send(chunk(d), None, level))
     scounts = [int(b.size) for b in blobs]
+    if stats is not None:
+        stats["bytes_sent"] = int(sum(scounts))
     rcounts = [int(c) for c in comm.alltoall(scounts)]
     sendbuf = np.concatenate(blobs) if blobs else np.zeros(0, np.uint8)
     recvbuf = np.empty(sum(rcounts), dtype=np.uint8)
