@@ -24,6 +24,7 @@ from ..sampling import translation_grid
 from .likelihood import (data_term, log_likelihood_local, log_likelihood_shared, offset_log_prior, posterior,
                          shell_of_points, significant_mask, translation_phases)
 from .references import References, angles_from_mats, compose, insert, rotation_2d
+from ..timing import NULL_TIMER
 
 
 @dataclass
@@ -101,9 +102,22 @@ def _logsumexp(a, axis):
 
 
 def expectation_batch(X, ctf, inv_sigma2, shells, refs: References, vol_base, prev_mats, prev_class,
-                      spec: SearchSpec, geom: SliceGeometry, F_acc, W_acc, stats: Stats, n_shells: int):
+                      spec: SearchSpec, geom: SliceGeometry, F_acc, W_acc, stats: Stats, n_shells: int,
+                      timer=NULL_TIMER):
     """E-step of one batch (n particles). Returns host arrays of the new poses and weights per particle:
-    dict(mats (n,d,d), cls (n,), shift (n,2) change in px, pmax (n,), loglike (n,), nsig (n,))."""
+    dict(mats (n,d,d), cls (n,), shift (n,2) change in px, pmax (n,), loglike (n,), nsig (n,)).
+    ``timer`` (:class:`mpi_em.timing.PhaseTimer`): phases coarse / fine / insert / stats, GEMM flops."""
+    with timer("coarse"):
+        coarse = _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec, geom, timer)
+    with timer("fine"):
+        fine = _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coarse, timer)
+    with timer("insert"):
+        _insert_contributions(X, ctf, inv_sigma2, vol_base, spec, geom, F_acc, W_acc, fine)
+    with timer("stats"):
+        return _batch_stats(X, inv_sigma2, shells, spec, geom, stats, n_shells, fine)
+
+
+def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec, geom, timer):
     xp = xp_of(X)
     n, m = X.shape
     K = spec.n_classes
@@ -131,6 +145,7 @@ def expectation_batch(X, ctf, inv_sigma2, shells, refs: References, vol_base, pr
                                  geom).reshape(K * C, m).astype(xp.complex64)
                 spec.projection_cache[int(base)] = P
             L[sel] = log_likelihood_shared(Xt[sel], ctf[sel], inv_sigma2, P)
+            timer.add_flops("coarse", 2.0 * int(sel.size) * T_c.shape[0] * P.shape[0] * 2 * m)
     else:
         Lm = spec.local_mats
         C = Lm.shape[0]
@@ -138,6 +153,7 @@ def expectation_batch(X, ctf, inv_sigma2, shells, refs: References, vol_base, pr
         cand_cls = xp.broadcast_to(xp.arange(K)[None, :, None], (n, K, C))
         P = refs.project(cand_mats, cand_cls + vol_base[:, None, None], geom)            # (n, K, C, m)
         L = log_likelihood_local(Xt, ctf, inv_sigma2, P.reshape(n, K * C, m))
+        timer.add_flops("coarse", 2.0 * n * T_c.shape[0] * K * C * 2 * m)
     cand_mats = cand_mats.reshape(n, K * C, d, d)
     cand_cls = cand_cls.reshape(n, K * C)
     L = L + prior_t[None, :, None] + lcp[cand_cls][:, None, :]
@@ -147,8 +163,15 @@ def expectation_batch(X, ctf, inv_sigma2, shells, refs: References, vol_base, pr
     S = min(spec.n_select, marg.shape[1])
     sel = xp.argsort(-marg, axis=1)[:, :S]                                             # (n, S)
     best_t = T_c[xp.argmax(xp.take_along_axis(L, sel[:, None, :1], axis=2)[:, :, 0], axis=1)]  # (n, 2)
+    return cand_mats, cand_cls, sel, best_t, lcp
 
-    # ---------------- fine pass
+
+def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coarse, timer):
+    xp = xp_of(X)
+    n, m = X.shape
+    d = spec.dim
+    cand_mats, cand_cls, sel, best_t, lcp = coarse
+    S = sel.shape[1]
     Fm = spec.fine_mats
     nf = Fm.shape[0]
     s_mats = xp.take_along_axis(cand_mats, sel[:, :, None, None], axis=1)             # (n, S, d, d)
@@ -162,6 +185,7 @@ def expectation_batch(X, ctf, inv_sigma2, shells, refs: References, vol_base, pr
     Xt_f = X[:, None, :] * ph_f
     P_f = refs.project(f_mats, f_cls + vol_base[:, None], geom)                        # (n, S*nf, m)
     Lf = log_likelihood_local(Xt_f, ctf, inv_sigma2, P_f)                              # (n, 9, S*nf)
+    timer.add_flops("fine", 2.0 * n * 9 * S * nf * 2 * m)
     Lf = Lf + offset_log_prior(t_f, spec.offset_sigma)[:, :, None] + lcp[f_cls][:, None, :]
     if spec.fixed_class:
         Lf = xp.where((f_cls == prev_class[:, None])[:, None, :], Lf, -xp.inf)
@@ -173,9 +197,17 @@ def expectation_batch(X, ctf, inv_sigma2, shells, refs: References, vol_base, pr
     best_cls = f_cls[ar, bc]
     best_shift = t_f[ar, bt]
     pmax = w.reshape(n, -1).max(axis=1)
+    return dict(w=w, mx=mx, lse=lse, f_mats=f_mats, f_cls=f_cls, t_f=t_f, Xt_f=Xt_f, P_f=P_f, bc=bc, ctf=ctf,
+                best_mats=best_mats, best_cls=best_cls, best_shift=best_shift, pmax=pmax)
 
+
+def _insert_contributions(X, ctf, inv_sigma2, vol_base, spec, geom, F_acc, W_acc, fine):
+    xp = xp_of(X)
+    d = spec.dim
+    w, f_mats, f_cls, Xt_f = fine["w"], fine["f_mats"], fine["f_cls"], fine["Xt_f"]
     # ---------------- M-step contributions
     wc = w.sum(axis=1)                                                                  # (n, S*nf)
+    fine["wc"] = wc
     keep = significant_mask(wc, 0.999)
     wts = (ctf * inv_sigma2[None, :]).astype(xp.float32)
     # sum_t w_{t,c} X_t  for every fine pose (complex batched matmul), then x CTF / sigma^2
@@ -184,7 +216,19 @@ def expectation_batch(X, ctf, inv_sigma2, shells, refs: References, vol_base, pr
     weights = wc[:, :, None].astype(xp.float32) * (ctf * wts)[:, None, :]
     ii, cc = xp.nonzero(keep)
     insert(F_acc, W_acc, d, f_mats[ii, cc], f_cls[ii, cc] + vol_base[ii], data[ii, cc], weights[ii, cc], geom)
+    fine["keep"] = keep
 
+
+def _batch_stats(X, inv_sigma2, shells, spec, geom, stats, n_shells, fine):
+    xp = xp_of(X)
+    n = X.shape[0]
+    K = spec.n_classes
+    d = spec.dim
+    ar = xp.arange(n)
+    w, wc, keep, mx, lse = fine["w"], fine["wc"], fine["keep"], fine["mx"], fine["lse"]
+    f_mats, f_cls, t_f, P_f, bc = fine["f_mats"], fine["f_cls"], fine["t_f"], fine["P_f"], fine["bc"]
+    best_mats, best_cls, best_shift, pmax = fine["best_mats"], fine["best_cls"], fine["best_shift"], fine["pmax"]
+    ctf = fine["ctf"]
     # noise power at the best pose, class weights, offsets, log-likelihood
     resid = X * xp.exp(1j * (2 * np.pi / geom.box) * (best_shift @ geom.kxy.T)).astype(X.dtype) \
         - ctf * P_f[ar, bc]

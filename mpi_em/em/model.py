@@ -15,6 +15,7 @@ from ..distvolume import distributed_reconstruct, owned_planes, reduce_scatter_p
 from ..fourier import radius_3d
 from ..fourier2d import radius_plane, reconstruct2d
 from ..fsc import fsc
+from ..timing import NULL_TIMER
 
 
 def _shell_index_planes(npad: int, pad: int, planes, xp, n_shells: int):
@@ -52,7 +53,8 @@ def tau2_from_fsc(curve, mean_w, fudge: float):
 
 
 def reduce_and_reconstruct_3d(comm, F_acc, W_acc, box: int, pad: int, r_max: float, fudge: float,
-                              gold: bool, mask=None, compress: bool = False, combined: bool = False):
+                              gold: bool, mask=None, compress: bool = False, combined: bool = False,
+                              timer=NULL_TIMER):
     """Sum accumulators over ranks (stride-distributed) and reconstruct every volume; maps on every rank.
 
     gold: volumes are (half1, half2) of each class... here exactly 2 volumes, tau^2 from their FSC.
@@ -61,10 +63,19 @@ def reduce_and_reconstruct_3d(comm, F_acc, W_acc, box: int, pad: int, r_max: flo
     """
     xp = xp_of(F_acc)
     npad = pad * box
-    n_shells = box // 2 + 1
-    F_own = reduce_scatter_planes(comm, F_acc, compress=compress, r_max_padded=None)
-    W_own = reduce_scatter_planes(comm, W_acc, compress=compress, r_max_padded=None)
+    stats_F, stats_W = {}, {}
+    with timer("reduce"):
+        F_own = reduce_scatter_planes(comm, F_acc, compress=compress, r_max_padded=None, stats=stats_F)
+        W_own = reduce_scatter_planes(comm, W_acc, compress=compress, r_max_padded=None, stats=stats_W)
+    timer.add_bytes("reduce_sent", stats_F["bytes_sent"] + stats_W["bytes_sent"])
     planes = owned_planes(npad, comm.rank, comm.size)
+    with timer("reconstruct"):
+        return _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold, combined, xp)
+
+
+def _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold, combined, xp):
+    npad = pad * box
+    n_shells = box // 2 + 1
     mean_w, power = shell_statistics(comm, F_own, W_own, planes, npad, pad, n_shells)
     info = {"mean_w": mean_w, "power": power}
     if gold:
@@ -88,11 +99,19 @@ def reduce_and_reconstruct_3d(comm, F_acc, W_acc, box: int, pad: int, r_max: flo
     return maps.astype(xp.float32), info
 
 
-def reduce_and_reconstruct_2d(comm, F_acc, W_acc, box: int, pad: int, r_max: float, fudge: float):
+def reduce_and_reconstruct_2d(comm, F_acc, W_acc, box: int, pad: int, r_max: float, fudge: float,
+                              timer=NULL_TIMER):
     """2D class averages: all-reduce the (K, Np, Np//2+1) accumulators and reconstruct on every rank."""
+    with timer("reduce"):
+        allreduce_sum(comm, F_acc)
+        allreduce_sum(comm, W_acc)
+    timer.add_bytes("reduce_sent", F_acc.nbytes + W_acc.nbytes)
+    with timer("reconstruct"):
+        return _reconstruct_2d(F_acc, W_acc, box, pad, r_max, fudge)
+
+
+def _reconstruct_2d(F_acc, W_acc, box, pad, r_max, fudge):
     xp = xp_of(F_acc)
-    allreduce_sum(comm, F_acc)
-    allreduce_sum(comm, W_acc)
     npad = pad * box
     n_shells = box // 2 + 1
     sh = xp.minimum(xp.rint(radius_plane(npad, xp) / pad).astype(xp.int64), n_shells).reshape(-1)

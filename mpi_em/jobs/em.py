@@ -31,6 +31,7 @@ from ..masks import soft_sphere
 from ..particles import iter_batches
 from ..sampling import angular_step
 from ..symmetry import symmetry_matrices
+from ..timing import PhaseTimer
 
 log = logging.getLogger("mpi_em")
 
@@ -386,18 +387,27 @@ def run(args, comm, mode: str) -> dict:
         vol_shape = geom.vol_shape if dim == 3 else (geom.npad, geom.npad // 2 + 1)
         prev = {k: plan[k].copy() for k in ("rot", "tilt", "psi")}
 
+        timer = PhaseTimer(xp)
+
         def e_step():
             F_acc = xp.zeros((V,) + vol_shape, dtype=xp.complex128)
             W_acc = xp.zeros((V,) + vol_shape, dtype=xp.float64)
             stats = Stats.zeros(n_shells, K)
             done = 0
-            for sl, imgs in iter_batches(plan, args.batch):
-                X, ctf = prepare_batch(imgs, plan, sl, geom, box, apix, use_ctf=not args.no_ctf)
+            batches = iter_batches(plan, args.batch)
+            while True:
+                with timer("read"):  # waiting for the prefetched batch
+                    item = next(batches, None)
+                if item is None:
+                    break
+                sl, imgs = item
+                with timer("prepare"):
+                    X, ctf = prepare_batch(imgs, plan, sl, geom, box, apix, use_ctf=not args.no_ctf)
                 base = xp.asarray((plan["half"][sl] - 1) * K) if cfg["gold"] else xp.zeros(sl.stop - sl.start,
                                                                                           dtype=xp.int64)
                 res = expectation_batch(X, ctf, inv_s2, shells, refs, base, current_mats(plan, sl, dim, xp),
                                         xp.asarray(plan["class_number"][sl] - 1), spec, geom, F_acc, W_acc,
-                                        stats, n_shells)
+                                        stats, n_shells, timer=timer)
                 update_plan_poses(plan, sl, res, dim, apix)
                 done += sl.stop - sl.start
             synchronize(xp)
@@ -414,10 +424,11 @@ def run(args, comm, mode: str) -> dict:
         if dim == 3:
             maps, inf = reduce_and_reconstruct_3d(comm, F_acc, W_acc, box, args.pad, state["r_cur"],
                                                   args.tau2_fudge, cfg["gold"], mask=mask,
-                                                  compress=args.compress, combined=final and cfg["gold"])
+                                                  compress=args.compress, combined=final and cfg["gold"],
+                                                  timer=timer)
         else:
             maps, inf = reduce_and_reconstruct_2d(comm, F_acc, W_acc, box, args.pad, state["r_cur"],
-                                                  args.tau2_fudge)
+                                                  args.tau2_fudge, timer=timer)
         del F_acc, W_acc
         info.update(inf)
         maps_h = to_host(maps)
@@ -453,6 +464,7 @@ def run(args, comm, mode: str) -> dict:
             state["done"] = True
 
         particles = _gather_particles(comm, plan)
+        _record_timings(comm, args.output, it, time.time() - t_it, t_e, t_m, timer, len(plan["index"]))
         if comm.rank == 0:
             info["fsc"] = info.get("fsc_gold")
             if info["fsc"] is None:
@@ -477,6 +489,22 @@ def run(args, comm, mode: str) -> dict:
     if comm.rank == 0:
         log.info("%s finished: %d iterations in %.1f s", mode, state["iter"], summary["seconds"])
     return summary
+
+
+def _record_timings(comm, out, it, t_iter, t_e, t_m, timer, n_local) -> None:
+    """Per-phase seconds, GEMM flops and bytes of every rank for this iteration -> rank 0 appends them to
+    ``run_timings.json`` (atomically), read by the scaling benchmarks."""
+    mine = dict(timer.as_dict(), n_particles=n_local, seconds_estep=t_e, seconds_mstep=t_m)
+    every = comm.gather(mine, root=0)
+    if comm.rank:
+        return
+    path = os.path.join(out, "run_timings.json")
+    rows = json.load(open(path)) if os.path.exists(path) else []
+    rows = [r for r in rows if r["iteration"] < it]
+    rows.append({"iteration": it, "ranks": comm.size, "seconds_iteration": t_iter, "per_rank": every})
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 def _schedule(state, info, mode, args, box, apix, maps, mask, final):
