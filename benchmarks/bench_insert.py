@@ -5,7 +5,10 @@ each costs 3 float scatter-adds (real and imaginary part of F, and W). The scatt
 device is measured in the same run (random and sorted indices, float32 and float64), so the fraction of the
 ceiling is a ratio from one run.
 
-    python benchmarks/bench_insert.py --device gpu --box 64 128 256 --json benchmarks/results/insert_gpu.json
+    python benchmarks/bench_insert.py --device gpu --box 64 128 256 --project --anchor-n 100000 --json OUT.json
+
+On the GPU both paths are timed: 'stencil' (the array formulation: stencil arrays + cupyx.scatter_add) and
+'fused' (the CUDA kernels of mpi_em.kernels; selected by MPI_EM_FUSED_KERNELS).
 """
 from __future__ import annotations
 
@@ -50,7 +53,56 @@ def scatter_ceiling(xp, size, n_adds, dtype, sorted_idx):
     return n_adds / t
 
 
-def bench_box(xp, box, n, batch, acc_dtype):
+def _path(fused: bool):
+    os.environ["MPI_EM_FUSED_KERNELS"] = "1" if fused else "0"
+    return "fused" if fused else "stencil"
+
+
+def bench_project(xp, box, n, batch, fused):
+    """Slice extraction from a complex64 reference (the E-step's fine pass): projections/s."""
+    from mpi_em.fourier import project
+
+    rng = np.random.default_rng(2)
+    geom = SliceGeometry(box, xp=xp)
+    vol = (xp.asarray(rng.normal(size=geom.vol_shape)) + 1j).astype(np.complex64)
+    A = euler_to_matrix(*random_rotations(n, rng), xp=xp)
+    path = _path(fused)
+
+    def run():
+        for s in range(0, n, batch):
+            project(vol, A[s:s + batch], geom)
+
+    t = timed(run, xp, repeats=2)
+    return {"box": box, "path": path, "projections": n, "seconds": t, "projections_per_s": n / t,
+            "points_per_s": n * geom.m / t, "gathers_per_s": 8 * n * geom.m / t}
+
+
+def bench_symmetry_anchor(xp, box, n, n_sym, batch):
+    """Umpalumpa's anchor: n projections of box^2 with n_sym symmetry copies each (fused path)."""
+    from mpi_em.geometry import random_rotations as rr
+
+    rng = np.random.default_rng(3)
+    geom = SliceGeometry(box, xp=xp)
+    acc = Accumulators(geom, n_vol=1)
+    L = euler_to_matrix(*rr(n_sym, rng))
+    A = euler_to_matrix(*random_rotations(n, rng), xp=xp)
+    data = (xp.asarray(rng.normal(size=(batch, geom.m))) + 1j).astype(np.complex64)
+    w = xp.asarray(rng.random((batch, geom.m))).astype(np.float32)
+    _path(True)
+
+    def run():
+        for s in range(0, n, batch):
+            e = min(n, s + batch)
+            insert(acc, 0, A[s:e], data[:e - s], w[:e - s], sym_mats=L)
+
+    t = timed(run, xp, repeats=1)
+    return {"box": box, "projections": n, "symmetry_copies": n_sym, "in_ball_points": geom.m,
+            "half_plane_points": box * (box // 2 + 1), "seconds": t,
+            "plane_insertions_per_s": n * n_sym / t, "voxel_updates_per_s": 8 * n * n_sym * geom.m / t,
+            "seconds_scaled_to_full_half_plane": t * box * (box // 2 + 1) / geom.m}
+
+
+def bench_box(xp, box, n, batch, acc_dtype, fused=False):
     rng = np.random.default_rng(1)
     geom = SliceGeometry(box, xp=xp)
     acc = Accumulators(geom, n_vol=1, dtype=acc_dtype)
@@ -59,13 +111,15 @@ def bench_box(xp, box, n, batch, acc_dtype):
     data = (xp.asarray(rng.normal(size=(n, geom.m))) + 1j * xp.asarray(rng.normal(size=(n, geom.m)))).astype(cdt)
     w = xp.asarray(rng.random((n, geom.m))).astype(np.float32)
 
+    path = _path(fused)
+
     def run():
         for s in range(0, n, batch):
             insert(acc, 0, A[s:s + batch], data[s:s + batch], w[s:s + batch])
 
     t = timed(run, xp, repeats=2)
     upd = n * geom.m * 8
-    return {"box": box, "particles": n, "batch": batch, "accumulator": np.dtype(acc_dtype).name,
+    return {"box": box, "path": path, "particles": n, "batch": batch, "accumulator": np.dtype(acc_dtype).name,
             "in_ball_points": geom.m, "seconds": t, "particles_per_s": n / t, "voxel_updates_per_s": upd / t,
             "float_adds_per_s": 3 * upd / t}
 
@@ -78,6 +132,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=None, help="particles per batch (default 256 CPU, 2048 GPU)")
     ap.add_argument("--acc", default="complex128", choices=["complex64", "complex128"],
                     help="accumulator precision")
+    ap.add_argument("--project", action="store_true", help="also time slice extraction (projection)")
+    ap.add_argument("--anchor-n", type=int, default=0,
+                    help="also time N box-64 projections x 78 symmetry copies (Umpalumpa's anchor: 100000)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     xp = get_xp(args.device)
@@ -96,24 +153,36 @@ def main(argv=None):
         for srt in (False, True):
             key = f"{dt}_{'sorted' if srt else 'random'}"
             ceilings[key] = scatter_ceiling(xp, size, n_adds, np.dtype(dt), srt)
+    paths = [False, True] if args.device == "gpu" else [False]
     rows = [bench_box(xp, b, n if b <= 128 else max(n // 4, 500), batch if b <= 128 else max(batch // 4, 64),
-                      np.dtype(args.acc)) for b in args.box]
+                      np.dtype(args.acc), fused) for b in args.box for fused in paths
+            if not (fused and args.acc != "complex128")]
+    proj = [bench_project(xp, b, n, batch, fused) for b in args.box for fused in paths] if args.project else []
+    anchor = bench_symmetry_anchor(xp, 64, args.anchor_n, 78, 1024) if args.anchor_n else None
     acc_real = "float64" if args.acc == "complex128" else "float32"
     for r in rows:
         r["fraction_of_random_ceiling"] = r["float_adds_per_s"] / ceilings[f"{acc_real}_random"]
         r["fraction_of_sorted_ceiling"] = r["float_adds_per_s"] / ceilings[f"{acc_real}_sorted"]
     print(f"device {info.get('gpu', args.device)}; scatter-add ceilings (G adds/s): " +
           ", ".join(f"{k} {v / 1e9:.3g}" for k, v in ceilings.items()))
-    print(f"{'box':>5} {'acc':>10} {'particles/s':>12} {'G vox upd/s':>12} {'G adds/s':>9} "
+    print(f"{'box':>5} {'path':>8} {'acc':>10} {'particles/s':>12} {'G vox upd/s':>12} {'G adds/s':>9} "
           f"{'% random':>9} {'% sorted':>9}")
     for r in rows:
-        print(f"{r['box']:>5} {r['accumulator']:>10} {r['particles_per_s']:>12.0f} "
+        print(f"{r['box']:>5} {r['path']:>8} {r['accumulator']:>10} {r['particles_per_s']:>12.0f} "
               f"{r['voxel_updates_per_s'] / 1e9:>12.2f} {r['float_adds_per_s'] / 1e9:>9.2f} "
               f"{100 * r['fraction_of_random_ceiling']:>8.1f}% {100 * r['fraction_of_sorted_ceiling']:>8.1f}%")
+    for p in proj:
+        print(f"projection box {p['box']:>4} {p['path']:>8}: {p['projections_per_s']:>12.0f} projections/s, "
+              f"{p['gathers_per_s'] / 1e9:.1f} G trilinear gathers/s")
+    if anchor:
+        print(f"symmetry anchor: {anchor['projections']} projections of box {anchor['box']} x {anchor['symmetry_copies']} "
+              f"copies in {anchor['seconds']:.2f} s ({anchor['seconds_scaled_to_full_half_plane']:.2f} s scaled to the "
+              f"full {anchor['half_plane_points']}-point half plane; Umpalumpa: 6.3 s on 2x RTX 3090)")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"info": info, "ceilings_adds_per_s": ceilings, "results": rows}, f, indent=2)
+            json.dump({"info": info, "ceilings_adds_per_s": ceilings, "results": rows, "projection": proj,
+                       "symmetry_anchor": anchor}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import os
+
 import numpy as np
 
 from .backend import scatter_add, xp_of
@@ -163,6 +165,11 @@ class SliceGeometry:
         return self.pad * xp.einsum("mi,nij->nmj", self.kxy, A[:, :2, :])
 
 
+def fused_kernels() -> bool:
+    """GPU arrays use the fused CUDA kernels of :mod:`mpi_em.kernels` unless MPI_EM_FUSED_KERNELS=0."""
+    return os.environ.get("MPI_EM_FUSED_KERNELS", "1") != "0"
+
+
 def _trilinear_stencil(coords, npad: int):
     """Flat indices (n, m, 8), weights (n, m, 8) and Friedel flags (n, m) for trilinear sampling.
 
@@ -202,6 +209,10 @@ def project(Fvol, A, geom: SliceGeometry, vol_index=None):
     naming the volume each rotation samples.
     """
     xp = xp_of(Fvol)
+    if xp is not np and fused_kernels():
+        from . import kernels
+
+        return kernels.project(Fvol, A, geom, vol_index)
     lead = A.shape[:-2]
     A = xp.asarray(A).reshape(-1, 3, 3)
     coords = geom.coords(A)
@@ -221,6 +232,11 @@ def backproject(F_acc, W_acc, A, data, weights, geom: SliceGeometry, vol_index=N
     of such volumes with ``vol_index`` (n,) naming the target of each row.
     """
     xp = xp_of(F_acc)
+    if xp is not np and fused_kernels() and F_acc.dtype == np.complex128 and \
+            (W_acc is None or W_acc.dtype == np.float64):
+        from . import kernels
+
+        return kernels.backproject(F_acc, W_acc, A, data, weights, geom, vol_index)
     A = xp.asarray(A).reshape(-1, 3, 3)
     data = data.reshape(-1, geom.m)
     idx, w, flip = _trilinear_stencil(geom.coords(A), geom.npad)

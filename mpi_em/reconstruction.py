@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import xp_of
-from .fourier import SliceGeometry, backproject, image_fft, shift_phases
+from .fourier import SliceGeometry, backproject, fused_kernels, image_fft, shift_phases
 
 
 class Accumulators:
@@ -43,6 +42,12 @@ def insert(acc: Accumulators, vol_index, A, data, weights, sym_mats=None) -> Non
     """Back-project prepared data for rotations A (n,3,3) into volume(s) ``vol_index`` (int or (n,) ints)."""
     xp = acc.geom.xp
     A = xp.asarray(A, dtype=xp.float64)
+    if xp is not np and fused_kernels() and acc.F.dtype == np.complex128:
+        from . import kernels  # one launch: every image, every symmetry copy, its own volume
+
+        kernels.backproject(acc.F, acc.W, A, data, weights, acc.geom,
+                            vol_index=xp.broadcast_to(xp.asarray(vol_index), (A.shape[0],)), sym_mats=sym_mats)
+        return
     mats = [None] if sym_mats is None else [xp.asarray(L, dtype=xp.float64) for L in sym_mats]
     vol_index = np.asarray(vol_index)
     groups = [(int(vol_index), slice(None))] if vol_index.ndim == 0 else \
