@@ -46,6 +46,9 @@ from mpi_em.reconstruction import Accumulators, insert  # noqa: E402
 from mpi_em.simulate import phantom, simulate_particles  # noqa: E402
 
 
+N_VOL = 2  # accumulator volumes: 2 half sets (refine3d, reconstruct) or K classes (class3d); --volumes
+
+
 def _traced(fn):
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
@@ -73,12 +76,12 @@ def prepared_batches(box: int, r_max: float, n_local: int, seed: int, batch: int
         ctf = ctf_images(box, 2.0, sim.defocus_u[sl], sim.defocus_v[sl], sim.defocus_angle[sl], 300.0, 2.7, 0.1,
                          0.0, 0.0)
         data, weights = prepare_images(sim.images[sl], ctf, np.stack([sim.shift_x[sl], sim.shift_y[sl]], 1), geom)
-        out.append((np.arange(sl.start, sl.stop) % 2, A, data, weights))
+        out.append((np.arange(sl.start, sl.stop) % N_VOL, A, data, weights))
     return geom, out
 
 
 def dense_insert(geom, batches):
-    acc = Accumulators(geom, n_vol=2)
+    acc = Accumulators(geom, n_vol=N_VOL)
     for half, A, data, weights in batches:
         insert(acc, half, A, data, weights)
     return acc.F, acc.W
@@ -89,13 +92,13 @@ def one_case(comm, box: int, r_max: float, n: int, level: int, stream_batch: int
     n_local = n // P + (1 if rank < n % P else 0)
     geom, batches = prepared_batches(box, r_max, n_local, seed=100 + rank)
     npad, nxh = 2 * box, box + 1
-    full_bytes = 2 * npad * npad * nxh * (16 + 8)
+    full_bytes = N_VOL * npad * npad * nxh * (16 + 8)
     rp = r_max * 2 + 2.0
     planes = owned_planes(npad, rank, P)
     ball = _ball_index(planes, npad, nxh, rp)
 
     def hold_compressed(Fo, Wo):
-        return [codec.CompressedBuffer.from_array(np.ascontiguousarray(a.reshape(2, -1)[:, ball]), None,
+        return [codec.CompressedBuffer.from_array(np.ascontiguousarray(a.reshape(N_VOL, -1)[:, ball]), None,
                                                   level=level) for a in (Fo, Wo)]
 
     # A: the all-reduce design: full local sums, Allreduce, every rank keeps everything
@@ -134,7 +137,7 @@ def one_case(comm, box: int, r_max: float, n: int, level: int, stream_batch: int
 
     # D: streaming to the plane owners (what --max-volume-memory uses): no rank ever holds a full volume
     def stream():
-        acc = PlaneOwnerAccumulator(comm, geom.vol_shape, n_vol=2)
+        acc = PlaneOwnerAccumulator(comm, geom.vol_shape, n_vol=N_VOL)
         small = [tuple(x[s:s + stream_batch] for x in b) for b in batches for s in range(0, len(b[0]), stream_batch)]
         n_all = comm.allreduce(len(small), op=MPI.MAX)
         for i in range(n_all):
@@ -157,13 +160,13 @@ def one_case(comm, box: int, r_max: float, n: int, level: int, stream_batch: int
     t = time.perf_counter()
     back = [h.to_array() for h in held]
     t_dec = time.perf_counter() - t
-    exact = all(np.array_equal(b, np.ascontiguousarray(a.reshape(2, -1)[:, ball])) for a, b in zip((Fc, Wc), back))
+    exact = all(np.array_equal(b, np.ascontiguousarray(a.reshape(N_VOL, -1)[:, ball])) for a, b in zip((Fc, Wc), back))
     t = time.perf_counter()
     hold_compressed(Fc, Wc)
     t_comp = time.perf_counter() - t
     own_bytes = Fs.nbytes + Ws.nbytes
     row = {
-        "box": box, "r_max": r_max, "P": P, "n_particles": n,
+        "box": box, "r_max": r_max, "P": P, "n_particles": n, "volumes": N_VOL,
         "full_bytes": full_bytes,
         "allreduce_sent": full_bytes, "allreduce_held": full_bytes, "allreduce_peak": peak_all, "allreduce_s": t_all,
         "stride_sent": full_bytes, "stride_held": own_bytes, "stride_peak": peak_rs, "stride_s": t_rs,
@@ -193,14 +196,20 @@ def main(argv=None) -> int:
     ap.add_argument("--box", type=int, nargs="+", default=[64, 96])
     ap.add_argument("--n", type=int, default=1000, help="particles in total (split over ranks)")
     ap.add_argument("--level", type=int, default=1, help="zstd level (default 1, as in the reduce-scatter)")
+    ap.add_argument("--volumes", type=int, default=2, help="accumulator volumes (2 half sets, or K classes)")
+    ap.add_argument("--r-max", type=float, nargs="+", default=None,
+                    help="radii to measure, as fractions of box/2 - 1 (default 0.25 0.5 1)")
     ap.add_argument("--stream-batch", type=int, default=8, help="images per routed round in the stream design")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    global N_VOL
+    N_VOL = args.volumes
     comm = MPI.COMM_WORLD
     rows = []
     t0 = time.time()
     for box in args.box:
-        for r_max in (box / 8, box / 4, box // 2 - 1):
+        fr = args.r_max or [0.25, 0.5, 1.0]
+        for r_max in sorted({round(f * (box // 2 - 1)) for f in fr}):
             r = one_case(comm, box, float(r_max), args.n, args.level, args.stream_batch)
             if comm.rank == 0:
                 rows.append(r)

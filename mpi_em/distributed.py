@@ -135,6 +135,46 @@ def select_device(comm, want: str = "auto") -> str:
     return f"cuda:{dev}"
 
 
+def gpu_collective_support() -> dict:
+    """What this rank could use for collectives on GPU buffers: CUDA-aware MPI and NCCL (via CuPy)."""
+    out = {"cuda_aware_mpi": False, "nccl": None}
+    try:
+        from mpi4py import MPI
+
+        q = getattr(MPI, "Query_cuda_support", None)
+        out["cuda_aware_mpi"] = bool(q()) if callable(q) else False
+    except Exception:  # noqa: BLE001 - a probe
+        pass
+    try:
+        from cupy.cuda import nccl  # type: ignore
+
+        out["nccl"] = int(nccl.get_version())
+    except Exception:  # noqa: BLE001 - a probe
+        pass
+    return out
+
+
+def log_placement(comm, device: str, log) -> list[str]:
+    """Collective: rank 0 logs every rank's host and device, and the collective path in use."""
+    import socket
+
+    info = comm.gather((socket.gethostname(), device, gpu_collective_support() if device != "cpu" else None), root=0)
+    if comm.rank != 0:
+        return []
+    lines = [f"rank {r}: {h} {d}" for r, (h, d, _) in enumerate(info)]
+    log.info("placement: %s", "; ".join(lines))
+    gpus = [s for _, d, s in info if d != "cpu"]
+    if gpus:
+        cuda_aware = all(s["cuda_aware_mpi"] for s in gpus)
+        nccl = gpus[0]["nccl"]
+        log.info("collectives: device buffers staged through host memory and reduced by MPI (CUDA-aware MPI: %s; "
+                 "NCCL %s: not used, the host path is the only one implemented)", "yes" if cuda_aware else "no",
+                 nccl if nccl else "not available")
+    else:
+        log.info("collectives: host buffers through MPI")
+    return lines
+
+
 # -------------------------------------------------------------------------------------- collectives
 def allreduce_sum(comm, arr):
     """In-place sum over ranks of a host or device array (device buffers staged through the host)."""

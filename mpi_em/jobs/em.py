@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from ..backend import get_xp, synchronize, to_host
-from ..distributed import allreduce_sum, collective_step, make_plan, root_step, select_device
+from ..distributed import allreduce_sum, collective_step, log_placement, make_plan, root_step, select_device
 from ..em.engine import (SearchSpec, Stats, current_mats, expectation_batch, inverse_sigma2_points,
                          prepare_batch, shell_of_points, sigma2_from_images, update_plan_poses)
 from ..em.model import lowpass, reduce_and_reconstruct_2d, reduce_and_reconstruct_3d
@@ -326,6 +326,7 @@ def run(args, comm, mode: str) -> dict:
         state["args"] = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"}
     device = collective_step(comm, select_device, comm, args.device)
     xp = get_xp(device)
+    log_placement(comm, device, log)
     box, apix, K = meta["box"], meta["pixel_size"], meta["K"]
     n_shells = box // 2 + 1
     sym_name = getattr(args, "sym", "C1")

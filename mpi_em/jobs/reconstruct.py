@@ -21,7 +21,7 @@ import numpy as np
 
 from ..backend import get_xp, synchronize, to_host
 from ..ctf import ctf_images
-from ..distributed import collective_step, make_plan, root_step, select_device
+from ..distributed import log_placement, collective_step, make_plan, root_step, select_device
 from ..distvolume import PlaneOwnerAccumulator, distributed_reconstruct, reduce_scatter_planes, volume_bytes_per_rank
 from ..errors import InputError
 from ..fourier import SliceGeometry, default_r_max
@@ -194,6 +194,7 @@ def run(args, comm) -> dict:
     del plans
     device = collective_step(comm, select_device, comm, args.device)
     xp = get_xp(device)
+    log_placement(comm, device, log)
     box, apix = meta["box"], meta["pixel_size"]
     r_max = default_r_max(box) if args.r_max is None else args.r_max
     vplan = root_step(comm, volume_plan, box, args.pad, r_max, comm.size, getattr(args, "max_volume_memory", None),
