@@ -21,7 +21,7 @@ import numpy as np
 
 from ..backend import get_xp, synchronize, to_host
 from ..ctf import ctf_images
-from ..distributed import log_placement, collective_step, make_plan, root_step, select_device
+from ..distributed import collective_step, log_placement, make_plan, root_step, select_device
 from ..distvolume import PlaneOwnerAccumulator, distributed_reconstruct, reduce_scatter_planes, volume_bytes_per_rank
 from ..errors import InputError
 from ..fourier import SliceGeometry, default_r_max
