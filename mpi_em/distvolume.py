@@ -140,6 +140,10 @@ def reduce_scatter_planes(comm, buf, compress: bool = False, r_max_padded=None, 
         stats.update(bytes_raw=int(buf.nbytes), bytes_sent=int(buf.nbytes))
     if compress:
         return _reduce_scatter_compressed(comm, buf, plan, r_max_padded, level, check, stats)
+    if size == 1:  # one owner of every plane: nothing to send, no host staging of device buffers
+        if stats is not None:
+            stats["bytes_sent"] = 0
+        return buf.copy()
 
     # one Reduce per (volume, owner) on that owner's planes only: the bytes of one Reduce_scatter, with a host
     # staging copy of 1/P of one volume instead of the whole buffer, received straight into the result
@@ -400,7 +404,8 @@ def _allgather_planes(comm, local, plan, axis_len):
 
 
 def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=None, tau2=None,
-                            tau2_fudge: float = 1.0, min_weight: float = 1e-3, gridding: bool = True):
+                            tau2_fudge: float = 1.0, min_weight: float = 1e-3, gridding: bool = True,
+                            serial_shortcut: bool = True):
     """Regularised division and distributed inverse FFT of owned planes -> real (..., box, box, box), every rank.
 
     Collective. ``F_own`` (..., n_owned, Np, Np//2+1) complex and ``W_own`` (same shape, real) are the summed
@@ -416,6 +421,7 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
     mirror plane -kz; (b) mean of W in the ball by allreduce; (c) local division; (d) ifft along ky on owned
     kz planes, ``Alltoallv`` transpose to y rows (y = rank mod P) with all kz, ifft along kz and irfft along kx
     locally; the y rows inside the crop are gridding-corrected and the box^3 map ``Allgatherv``-ed.
+    On one rank (``serial_shortcut``) :func:`mpi_em.fourier.reconstruct` runs on the arrays' device instead.
     """
     from mpi4py import MPI
 
@@ -434,6 +440,17 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
         raise ValueError(f"rank {rank}: owned arrays must be (..., {n_own}, {npad}, {nxh}); got F "
                          f"{tuple(F_own.shape)}, W {tuple(W_own.shape)}")
     nv = int(np.prod(lead, dtype=np.int64))
+    if size == 1 and serial_shortcut:  # the whole volume is here: the serial reconstruction, on the device
+        from .fourier import reconstruct
+
+        t2 = None if tau2 is None else np.asarray(to_host(tau2), dtype=np.float64)
+        t2 = None if t2 is None else t2.reshape(-1, t2.shape[-1]) if t2.ndim > 1 else t2
+        Fv = F_own.reshape((nv, npad, npad, nxh))
+        Wv = W_own.reshape((nv, npad, npad, nxh))
+        out = xp.stack([reconstruct(Fv[v].astype(np.complex128), Wv[v].astype(np.float64), box, pad, r_max,
+                                    None if t2 is None else xp.asarray(t2[v] if t2.ndim > 1 else t2),
+                                    tau2_fudge, min_weight, gridding) for v in range(nv)])
+        return out.astype(np.float64).reshape(lead + (box, box, box))
     F = xp.array(F_own, dtype=np.complex128).reshape((nv, n_own, npad, nxh))
     W = xp.array(W_own, dtype=np.float64).reshape((nv, n_own, npad, nxh))
 

@@ -117,10 +117,12 @@ def test_self_reduce_scatter_is_identity(compress):
 
 @pytest.mark.parametrize("with_tau2", [False, True])
 def test_self_reconstruct_matches_serial(with_tau2):
+    """One rank, through the distributed code path (merge, division, transpose, FFTs), not the one-rank
+    shortcut (which calls the serial reconstruction itself)."""
     box, pad = 16, 2
     F, W = _rand_accumulators(11, (2,), pad * box, zeros=not with_tau2)
     kw = {"tau2": _tau2(box), "tau2_fudge": 2.0} if with_tau2 else {}
-    got = distributed_reconstruct(SELF, F, W, box, pad, 6, **kw)
+    got = distributed_reconstruct(SELF, F, W, box, pad, 6, serial_shortcut=False, **kw)
     assert got.shape == (2, box, box, box) and got.dtype == np.float64
     assert _rel(got, _serial(F, W, box, pad, r_max=6, **kw)) < 1e-12
 
