@@ -107,6 +107,78 @@ __device__ void project_impl(const complex<T>* __restrict__ V, const double* __r
     out[t] = flip ? conj(acc) : acc;
 }
 
+// ---- 2D: planes (K, Np, Np/2+1), rotations R (n, 2, 2), coords = pad * R^T (kx, ky); y wraps, x does not
+extern "C" __global__ void backproject2d_fused(
+        const double* __restrict__ R, const complex<double>* __restrict__ data, const double* __restrict__ weights,
+        const double* __restrict__ kxy, const long long* __restrict__ plane, double* __restrict__ F,
+        double* __restrict__ W, long long n, int m, int npad, int nxh, double pad) {
+    long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= n * m) return;
+    long long i = t / m;
+    int j = (int)(t - i * m);
+    const double kx = kxy[2 * j], ky = kxy[2 * j + 1];
+    const double* r = R + 4 * i;
+    double cx = pad * (r[0] * kx + r[2] * ky), cy = pad * (r[1] * kx + r[3] * ky);
+    const complex<double> d = data[t];
+    double im = d.imag();
+    if (cx < 0) { cx = -cx; cy = -cy; im = -im; }
+    const double x0 = floor(cx), y0 = floor(cy), fx = cx - x0, fy = cy - y0;
+    const long long ix = (long long)x0, iy = (long long)y0;
+    const double wv = weights != nullptr ? weights[t] : 0.0;
+    const long long off = (plane != nullptr ? plane[i] : 0) * (long long)npad * nxh;
+    #pragma unroll
+    for (int dy = 0; dy < 2; ++dy) {
+        long long yy = ((iy + dy) % npad + npad) % npad;
+        double wy = dy ? fy : 1.0 - fy;
+        #pragma unroll
+        for (int dx = 0; dx < 2; ++dx) {
+            double w = wy * (dx ? fx : 1.0 - fx);
+            long long idx = off + yy * nxh + ix + dx;
+            atomicAdd(F + 2 * idx, w * d.real());
+            atomicAdd(F + 2 * idx + 1, w * im);
+            if (W != nullptr) atomicAdd(W + idx, w * wv);
+        }
+    }
+}
+
+template <typename T>
+__device__ void project2d_impl(const complex<T>* __restrict__ V, const double* __restrict__ R,
+                               const double* __restrict__ kxy, const long long* __restrict__ plane,
+                               complex<T>* __restrict__ out, long long n, int m, int npad, int nxh, double pad) {
+    long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= n * m) return;
+    long long i = t / m;
+    int j = (int)(t - i * m);
+    const double kx = kxy[2 * j], ky = kxy[2 * j + 1];
+    const double* r = R + 4 * i;
+    double cx = pad * (r[0] * kx + r[2] * ky), cy = pad * (r[1] * kx + r[3] * ky);
+    bool flip = cx < 0;
+    if (flip) { cx = -cx; cy = -cy; }
+    const double x0 = floor(cx), y0 = floor(cy);
+    const T fx = (T)(cx - x0), fy = (T)(cy - y0);
+    const long long ix = (long long)x0, iy = (long long)y0;
+    const long long off = (plane != nullptr ? plane[i] : 0) * (long long)npad * nxh;
+    complex<T> acc(0, 0);
+    #pragma unroll
+    for (int dy = 0; dy < 2; ++dy) {
+        long long yy = ((iy + dy) % npad + npad) % npad;
+        T wy = dy ? fy : (T)1 - fy;
+        #pragma unroll
+        for (int dx = 0; dx < 2; ++dx) acc += V[off + yy * nxh + ix + dx] * (wy * (dx ? fx : (T)1 - fx));
+    }
+    out[t] = flip ? conj(acc) : acc;
+}
+
+extern "C" __global__ void project2d_fused_c64(const complex<float>* V, const double* R, const double* kxy,
+        const long long* plane, complex<float>* out, long long n, int m, int npad, int nxh, double pad) {
+    project2d_impl<float>(V, R, kxy, plane, out, n, m, npad, nxh, pad);
+}
+
+extern "C" __global__ void project2d_fused_c128(const complex<double>* V, const double* R, const double* kxy,
+        const long long* plane, complex<double>* out, long long n, int m, int npad, int nxh, double pad) {
+    project2d_impl<double>(V, R, kxy, plane, out, n, m, npad, nxh, pad);
+}
+
 extern "C" __global__ void project_fused_c64(const complex<float>* V, const double* A, const double* kxy,
         const long long* vol, complex<float>* out, long long n, int m, int npad, int nxh, double pad) {
     project_impl<float>(V, A, kxy, vol, out, n, m, npad, nxh, pad);
@@ -201,3 +273,48 @@ def _kxy(geom):
         k = cp.ascontiguousarray(cp.asarray(geom.kxy, dtype=cp.float64))
         geom._kxy_f64 = k
     return k
+
+
+def backproject2d(F_acc, W_acc, R, data, weights, geom, plane_index=None) -> None:
+    """GPU :func:`mpi_em.fourier2d.backproject2d` for one plane or a stack with ``plane_index`` (in place)."""
+    import cupy as cp
+
+    if F_acc.dtype != np.complex128 or (W_acc is not None and W_acc.dtype != np.float64):
+        raise TypeError("the fused GPU insertion accumulates in complex128 / float64")
+    R = cp.ascontiguousarray(cp.asarray(R, dtype=cp.float64).reshape(-1, 2, 2))
+    n, m = R.shape[0], geom.m
+    if n == 0 or m == 0:
+        return
+    data = cp.ascontiguousarray(cp.asarray(data).reshape(n, m).astype(cp.complex128, copy=False))
+    w = None
+    if W_acc is not None and weights is not None:
+        w = cp.ascontiguousarray(cp.broadcast_to(cp.asarray(weights, dtype=cp.float64), (n, m)))
+    plane = None if plane_index is None else cp.ascontiguousarray(
+        cp.broadcast_to(cp.asarray(plane_index, dtype=cp.int64).reshape(-1), (n,)))
+    total = n * m
+    _fn("backproject2d_fused")(
+        ((total + _THREADS - 1) // _THREADS,), (_THREADS,),
+        (R, data, _ptr_or_null(w), _kxy(geom), _ptr_or_null(plane), F_acc,
+         _ptr_or_null(W_acc if w is not None else None), np.int64(n), np.int32(m), np.int32(geom.npad),
+         np.int32(geom.npad // 2 + 1), np.float64(geom.pad)))
+
+
+def project2d(Fplanes, R, geom, plane_index=None):
+    """GPU :func:`mpi_em.fourier2d.project2d` for one plane or a stack with ``plane_index``."""
+    import cupy as cp
+
+    lead = tuple(R.shape[:-2])
+    R = cp.ascontiguousarray(cp.asarray(R, dtype=cp.float64).reshape(-1, 2, 2))
+    n, m = R.shape[0], geom.m
+    name, dt = ("project2d_fused_c64", cp.complex64) if Fplanes.dtype == np.complex64 else \
+        ("project2d_fused_c128", cp.complex128)
+    V = cp.ascontiguousarray(Fplanes.astype(dt, copy=False))
+    out = cp.empty((n, m), dtype=dt)
+    if n and m:
+        plane = None if plane_index is None else cp.ascontiguousarray(
+            cp.broadcast_to(cp.asarray(plane_index, dtype=cp.int64).reshape(-1), (n,)))
+        total = n * m
+        _fn(name)(((total + _THREADS - 1) // _THREADS,), (_THREADS,),
+                  (V, R, _kxy(geom), _ptr_or_null(plane), out, np.int64(n), np.int32(m), np.int32(geom.npad),
+                   np.int32(geom.npad // 2 + 1), np.float64(geom.pad)))
+    return out.reshape(lead + (m,))

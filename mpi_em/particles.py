@@ -25,8 +25,12 @@ def read_rows(stacks, indices) -> np.ndarray:
     return out if out is not None else np.zeros((0, 0, 0), np.float32)
 
 
-def iter_batches(plan: dict, batch_size: int, prefetch: bool = True):
-    """Yield (slice into the plan, images (b, N, N) float32) over a rank's plan; reads overlap compute."""
+def iter_batches(plan: dict, batch_size: int, prefetch: bool = True, depth: int = 2):
+    """Yield (slice into the plan, images (b, N, N) float32) over a rank's plan; reads overlap compute.
+
+    With ``prefetch``, ``depth`` batches are read ahead by as many threads (reading is I/O and memory copies,
+    which release the GIL), so a GPU that consumes a batch faster than one thread reads it still waits less.
+    """
     n = len(plan["index"])
     slices = [slice(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
     if not slices:
@@ -36,10 +40,12 @@ def iter_batches(plan: dict, batch_size: int, prefetch: bool = True):
         for sl in slices:
             yield sl, load(sl)
         return
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        fut = pool.submit(load, slices[0])
+    depth = max(1, min(depth, len(slices)))
+    with ThreadPoolExecutor(max_workers=depth) as pool:
+        futs = [pool.submit(load, sl) for sl in slices[:depth]]
         for i, sl in enumerate(slices):
-            imgs = fut.result()
-            if i + 1 < len(slices):
-                fut = pool.submit(load, slices[i + 1])
+            imgs = futs[i].result()
+            futs[i] = None
+            if i + depth < len(slices):
+                futs.append(pool.submit(load, slices[i + depth]))
             yield sl, imgs
