@@ -17,6 +17,7 @@ The projection model (fitted on the measured points, then checked against them):
                                                   ring reduce-scatter; b from the measured P >= 2 points)
          + t_reconstruct(1) / P + c               distributed division + FFT, fixed part c (allgather, FSC)
          + t_other                                 the rest (I/O of outputs, python, scheduling)
+The particle term is multiplied by P / units when P ranks share fewer processors (--units; oversubscribed CPU runs).
 With ``--net-GBps`` the reduction beyond one node (P > --gpus-per-node) is projected at that bandwidth instead.
 Projected: 8 and 64 ranks, and the published anchors (749k-particle Class2D, 25 iterations; Refine3D) scaled from
 the measured per-particle cost (same box).
@@ -167,10 +168,13 @@ def fit_model(points: list[dict], N: int) -> dict:
 
 
 def predict(m: dict, P: int, N: int | None = None, gpus_per_node: int | None = None, net_GBps: float | None = None,
-            n_per_rank_max=None) -> dict:
+            n_per_rank_max=None, units: int | None = None) -> dict:
+    """Model time of one iteration on P ranks. ``units``: processors the ranks share (cores or GPUs); with
+    P > units the particle work runs units at a time (oversubscription)."""
     N = N or m["N"]
     n_max = n_per_rank_max if n_per_rank_max is not None else -(-N // P)
-    part = m["t_particles_1"] * n_max / m["N"]
+    share = max(1.0, P / units) if units else 1.0
+    part = m["t_particles_1"] * n_max / m["N"] * share
     V = m["V_bytes"]
     red = 0.0 if P == 1 else m["reduce_a"] + m["reduce_b_s_per_byte"] * (P - 1) / P * V
     if net_GBps and gpus_per_node and P > gpus_per_node and P > 1:
@@ -228,9 +232,14 @@ def main(argv=None) -> int:
     ap.add_argument("--gpus-per-node", type=int, default=8, help="for the projection beyond one node")
     ap.add_argument("--net-GBps", type=float, default=25.0,
                     help="inter-node bandwidth for the projection beyond one node (default 25 GB/s, HDR200 IB)")
+    ap.add_argument("--units", type=int, default=None,
+                    help="processors the measured ranks shared (default: CPU cores for --device cpu, else no limit); "
+                         "the model check accounts for oversubscription with it; projections assume one per rank")
     ap.add_argument("--data", type=Path, default=None, help="data folder (default OUT/data; reused if present)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    if args.units is None and args.device == "cpu":
+        args.units = os.cpu_count()
     apix = args.apix or 192.0 / args.box
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "commands.log"
@@ -261,7 +270,7 @@ def main(argv=None) -> int:
         m = fit_model(pts, args.n)
         models[job] = m
         for r in pts:
-            p = predict(m, r["P"])
+            p = predict(m, r["P"], units=args.units)
             checks.append({"job": job, "P": r["P"], "measured_s": r["total_s"], "model_s": p["total"],
                            "error_percent": 100 * (p["total"] - r["total_s"]) / r["total_s"]})
         for P in (8, 64):
