@@ -37,3 +37,64 @@ def class_accuracy(assigned, truth) -> float:
         sel = assigned == c
         correct += np.bincount(truth[sel]).max()
     return correct / len(truth)
+
+
+def match_classes(assigned, truth) -> dict:
+    """Majority matching: {class: the true label most of its members have}."""
+    assigned = np.asarray(assigned)
+    truth = np.asarray(truth)
+    return {int(c): int(np.bincount(truth[assigned == c]).argmax()) for c in np.unique(assigned)}
+
+
+def rotational_correlation(image, ref, angle_step: float = 2.0, max_shift: int | None = None,
+                           mask_radius=None) -> float:
+    """Largest Pearson correlation of ``image`` with ``ref`` over in-plane rotations of ``ref`` (every
+    ``angle_step`` degrees, bilinear) and integer (circular) shifts up to ``max_shift`` px (default: any), inside
+    a circle of ``mask_radius`` px (default: box/2 - 1). For comparing a class average with a true view whose
+    in-plane angle and centre the classification is free to choose (class averages are re-centred on their
+    centre of mass, the true views on the box centre)."""
+    a = np.asarray(image, dtype=np.float64)
+    b = np.asarray(ref, dtype=np.float64)
+    box = a.shape[-1]
+    r = box / 2 - 1 if mask_radius is None else mask_radius
+    yy, xx = np.mgrid[:box, :box] - box // 2
+    inside = (yy ** 2 + xx ** 2) <= r * r
+    ms = box // 2 if max_shift is None else int(max_shift)
+    shifts = [(dy, dx) for dy in range(-ms, ms + 1) for dx in range(-ms, ms + 1)
+              if max_shift is None or dy * dy + dx * dx <= ms * ms]
+    av = a[inside] - a[inside].mean()
+    best = -1.0
+    fa = np.fft.rfft2(a * inside)
+    sy = np.array([s[0] for s in shifts]) % box
+    sx = np.array([s[1] for s in shifts]) % box
+    for ang in np.arange(0.0, 360.0, angle_step):
+        br = rotate_image(b, ang)
+        cc = np.fft.irfft2(fa * np.conj(np.fft.rfft2(br)), s=a.shape)
+        j = int(np.argmax(cc[sy, sx]))
+        dy, dx = int(sy[j]), int(sx[j])
+        bs = np.roll(br, (dy, dx), axis=(0, 1))[inside]
+        bs = bs - bs.mean()
+        c = float(av @ bs / np.sqrt((av @ av) * (bs @ bs) + 1e-300))
+        best = max(best, c)
+    return best
+
+
+def rotate_image(img, angle_deg: float) -> np.ndarray:
+    """Rotate a square image about its centre (index N//2) by ``angle_deg`` (bilinear, zero outside)."""
+    img = np.asarray(img, dtype=np.float64)
+    box = img.shape[-1]
+    c = box // 2
+    yy, xx = np.mgrid[:box, :box].astype(np.float64) - c
+    t = np.deg2rad(angle_deg)
+    # source coordinates of each output pixel (inverse rotation)
+    xs = np.cos(t) * xx + np.sin(t) * yy + c
+    ys = -np.sin(t) * xx + np.cos(t) * yy + c
+    x0, y0 = np.floor(xs).astype(np.int64), np.floor(ys).astype(np.int64)
+    fx, fy = xs - x0, ys - y0
+    out = np.zeros_like(img)
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            yi, xi = y0 + dy, x0 + dx
+            ok = (yi >= 0) & (yi < box) & (xi >= 0) & (xi < box)
+            out += np.where(ok, img[np.clip(yi, 0, box - 1), np.clip(xi, 0, box - 1)], 0.0) * wy * wx
+    return out

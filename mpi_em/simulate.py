@@ -15,12 +15,21 @@ from .geometry import euler_to_matrix, random_rotations
 
 
 def phantom(box: int, seed: int = 0, n_atoms: int | None = None, sym: str = "C1", radius: float | None = None,
-            bfactor_px: float = 1.0, n_domains: int = 5) -> np.ndarray:
+            bfactor_px: float = 1.0, n_domains: int = 5, remove_domain: int | None = None,
+            domain_spread: float = 0.3, domain_distance: float = 0.55) -> np.ndarray:
     """A pseudo-atomic density: Gaussian 'atoms' grouped in domains inside a sphere, float32 (box^3).
 
     Atoms are splatted onto the grid and blurred by a Gaussian of ``bfactor_px`` pixels, which gives the
     volume a protein-like power spectrum (Guinier fall-off). With ``sym`` != C1 the atoms of one asymmetric
     unit are copied by the group's rotations about the box centre.
+
+    Domain centres lie at ``domain_distance`` x (0.3..1) x radius from the centre and their atoms scatter with
+    a standard deviation of ``domain_spread`` x radius: the defaults give a compact globule; fewer, tighter,
+    more distant domains (e.g. 4, 0.12, 0.8) give a lumpy particle whose projections differ strongly by view.
+
+    ``remove_domain`` (0-based; -1 = the domain with the most atoms): the same phantom (same seed, same atoms,
+    same scale) without that domain's atoms — a second conformation for classification tests. The scale is
+    that of the complete phantom (unit standard deviation), so both conformations share one density scale.
     """
     rng = np.random.default_rng(seed)
     radius = 0.33 * box if radius is None else radius
@@ -33,12 +42,27 @@ def phantom(box: int, seed: int = 0, n_atoms: int | None = None, sym: str = "C1"
         n_atoms = int(0.9 * (radius ** 3)) // len(mats) + 1
     # domains: centres inside the sphere, atoms scattered around them
     centres = rng.normal(size=(n_domains, 3))
-    centres *= (0.55 * radius * rng.uniform(0.3, 1.0, (n_domains, 1))) / np.linalg.norm(centres, axis=1,
+    centres *= (domain_distance * radius * rng.uniform(0.3, 1.0, (n_domains, 1))) / np.linalg.norm(centres, axis=1,
                                                                                       keepdims=True)
     which = rng.integers(0, n_domains, n_atoms)
-    pts = centres[which] + rng.normal(scale=0.3 * radius, size=(n_atoms, 3))
-    pts = pts[np.linalg.norm(pts, axis=1) < radius * 0.95]
+    pts = centres[which] + rng.normal(scale=domain_spread * radius, size=(n_atoms, 3))
+    inside = np.linalg.norm(pts, axis=1) < radius * 0.95
+    pts, which = pts[inside], which[inside]
     weights = rng.uniform(0.6, 1.4, len(pts))
+    full = _splat(pts, weights, mats, box, bfactor_px)
+    scale = full.std()
+    if remove_domain is None:
+        return (full / scale).astype(np.float32)
+    if remove_domain < 0:
+        remove_domain = int(np.argmax(np.bincount(which, minlength=n_domains)))
+    if not 0 <= remove_domain < n_domains:
+        raise ValueError(f"remove_domain {remove_domain} outside 0..{n_domains - 1}")
+    keep = which != remove_domain
+    return (_splat(pts[keep], weights[keep], mats, box, bfactor_px) / scale).astype(np.float32)
+
+
+def _splat(pts, weights, mats, box: int, bfactor_px: float) -> np.ndarray:
+    """Atoms (x, y, z about the centre) and their symmetry copies, trilinearly splatted and Gaussian-blurred."""
     all_pts = np.concatenate([pts @ L.T for L in mats])  # (x, y, z) about the centre
     all_w = np.tile(weights, len(mats))
     vol = np.zeros((box,) * 3, dtype=np.float64)
@@ -54,9 +78,65 @@ def phantom(box: int, seed: int = 0, n_atoms: int | None = None, sym: str = "C1"
     k = np.fft.fftfreq(box)
     kz, ky, kx = np.meshgrid(k, k, np.fft.rfftfreq(box), indexing="ij")
     blur = np.exp(-2 * np.pi ** 2 * bfactor_px ** 2 * (kx ** 2 + ky ** 2 + kz ** 2))
-    vol = np.fft.irfftn(np.fft.rfftn(vol) * blur, s=vol.shape, axes=(0, 1, 2))
-    vol /= vol.std()
-    return vol.astype(np.float32)
+    return np.fft.irfftn(np.fft.rfftn(vol) * blur, s=vol.shape, axes=(0, 1, 2))
+
+
+def separated_views(n_views: int, seed: int = 0, order: int = 3) -> tuple[np.ndarray, np.ndarray, float]:
+    """``n_views`` projection directions (rot, tilt in degrees) spread as far apart as possible.
+
+    Greedy farthest-point selection on the HEALPix directions of ``order`` with the axial distance
+    min(angle(d1, d2), angle(d1, -d2)): a direction and its opposite give mirror images, which are kept apart
+    too. The first direction is drawn with ``seed``. Returns (rot, tilt, smallest axial separation in degrees).
+    """
+    from .sampling import direction_vectors, healpix_directions
+
+    if n_views < 1:
+        raise ValueError(f"n_views must be >= 1, got {n_views}")
+    rot, tilt = healpix_directions(order)
+    upper = tilt <= 90.0
+    rot, tilt = rot[upper], tilt[upper]
+    d = direction_vectors(rot, tilt, xp=np)
+    if n_views > len(d):
+        raise ValueError(f"at most {len(d)} views at HEALPix order {order}, asked for {n_views}")
+    rng = np.random.default_rng(seed)
+    chosen = [int(rng.integers(len(d)))]
+    closest = np.full(len(d), np.inf)
+    for _ in range(n_views - 1):
+        c = np.abs(d @ d[chosen[-1]])
+        closest = np.minimum(closest, np.rad2deg(np.arccos(np.clip(c, -1.0, 1.0))))
+        chosen.append(int(np.argmax(closest)))
+    sel = np.asarray(chosen)
+    if n_views > 1:
+        c = np.abs(d[sel] @ d[sel].T)
+        np.fill_diagonal(c, -1.0)
+        sep = float(np.rad2deg(np.arccos(np.clip(c.max(), -1.0, 1.0))))
+    else:
+        sep = 180.0
+    return rot[sel], tilt[sel], sep
+
+
+def view_poses(n: int, n_views: int, seed: int = 0):
+    """Poses of ``n`` particles drawn from ``n_views`` separated directions (balanced: particle i has view
+    i mod n_views, shuffled), with uniform random in-plane angles. Returns (rot, tilt, psi, view (0-based),
+    view rot, view tilt, smallest separation)."""
+    vrot, vtilt, sep = separated_views(n_views, seed)
+    rng = np.random.default_rng(seed + 1)
+    view = rng.permutation(np.arange(n) % n_views)
+    psi = rng.uniform(-180.0, 180.0, n)
+    return vrot[view], vtilt[view], psi, view, vrot, vtilt, sep
+
+
+def clean_projections(volume, rot, tilt, psi=None, xp=np) -> np.ndarray:
+    """Noiseless, centred, CTF-free projections (n, box, box) float32 of one volume (psi defaults to 0)."""
+    box = volume.shape[-1]
+    rot = np.atleast_1d(np.asarray(rot, dtype=np.float64))
+    tilt = np.atleast_1d(np.asarray(tilt, dtype=np.float64))
+    psi = np.zeros_like(rot) if psi is None else np.atleast_1d(np.asarray(psi, dtype=np.float64))
+    geom = SliceGeometry(box, xp=xp)
+    F = volume_fft(xp.asarray(volume, dtype=xp.float64))
+    vals = project(F, euler_to_matrix(rot, tilt, psi, xp=xp), geom)
+    imgs = image_ifft(geom.scatter(vals), box)
+    return np.asarray(imgs.get() if hasattr(imgs, "get") else imgs, dtype=np.float32)
 
 
 @dataclass
