@@ -21,8 +21,11 @@ def electron_wavelength(voltage_kv, xp=np):
 
 
 def ctf_values(fx, fy, defocus_u, defocus_v, defocus_angle, voltage, cs, amp_contrast,
-               phase_shift=0.0, bfactor=0.0, xp=np):
-    """CTF at spatial frequencies (fx, fy) in 1/Å; parameters broadcast against them."""
+               phase_shift=0.0, bfactor=0.0, xp=np, intact_first_peak: bool = False):
+    """CTF at spatial frequencies (fx, fy) in 1/Å; parameters broadcast against them.
+
+    ``intact_first_peak``: 1 (times the B-factor envelope) wherever |phase| < pi/2, i.e. up to the first peak,
+    as RELION's --ctf_intact_first_peak (CTF::getCTF with do_intact_until_first_peak)."""
     lam = electron_wavelength(voltage, xp)
     k1 = np.pi * lam
     k2 = np.pi / 2.0 * xp.asarray(cs, dtype=xp.float64) * 1e7 * lam ** 3
@@ -37,11 +40,14 @@ def ctf_values(fx, fy, defocus_u, defocus_v, defocus_angle, voltage, cs, amp_con
     ang = xp.arctan2(fy, fx)
     deltaf = -((du + dv) * 0.5 + (du - dv) * 0.5 * xp.cos(2.0 * (ang - az)))
     arg = k1 * deltaf * u2 + k2 * u2 * u2 - k5 - k3
-    return -xp.sin(arg) * xp.exp(k4 * u2)
+    val = -xp.sin(arg)
+    if intact_first_peak:
+        val = xp.where(xp.abs(arg) < np.pi / 2, 1.0, val)
+    return val * xp.exp(k4 * u2)
 
 
 def ctf_images(box: int, pixel_size, defocus_u, defocus_v, defocus_angle, voltage, cs, amp_contrast,
-               phase_shift=0.0, bfactor=0.0, xp=np, dtype=np.float32):
+               phase_shift=0.0, bfactor=0.0, xp=np, dtype=np.float32, intact_first_peak: bool = False):
     """(n, box, box//2+1) CTFs on the rfft2 grid, one per particle (per-particle parameter arrays)."""
     ky, kx = freq_grid_2d(box, xp)
     def col(a):
@@ -50,7 +56,7 @@ def ctf_images(box: int, pixel_size, defocus_u, defocus_v, defocus_angle, voltag
     fx = kx[None] / (box * apix)
     fy = ky[None] / (box * apix)
     out = ctf_values(fx, fy, col(defocus_u), col(defocus_v), col(defocus_angle), col(voltage), col(cs),
-                     col(amp_contrast), col(phase_shift), col(bfactor), xp=xp)
+                     col(amp_contrast), col(phase_shift), col(bfactor), xp=xp, intact_first_peak=intact_first_peak)
     return out.astype(dtype)
 
 

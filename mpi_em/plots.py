@@ -48,3 +48,23 @@ def montage_png(path, images, labels=None, ncols: int | None = None) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
     plt.close(fig)
+
+
+def class_sizes_png(path, history, title: str = "") -> None:
+    """Class distribution over iterations: ``history`` (iterations, K) fractions, one line per class."""
+    plt = _plt()
+    h = np.atleast_2d(np.asarray(history, dtype=np.float64))
+    it = np.arange(1, h.shape[0] + 1)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for k in range(h.shape[1]):
+        ax.plot(it, 100.0 * h[:, k], marker="o", ms=3, label=f"class {k + 1}")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("particles in class (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    if h.shape[1] <= 12:
+        ax.legend(loc="upper right", fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+    plt.close(fig)

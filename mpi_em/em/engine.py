@@ -40,8 +40,10 @@ class SearchSpec:
     offset_step: float               # px
     offset_sigma: float              # px, Gaussian prior on the offset change
     n_select: int = 4
+    class_select: int = 10           # classes per particle whose best coarse pose(s) the fine pass also refines
     log_class_prior: object | None = None   # (K,) log pi_k
     fixed_class: bool = False        # iteration-1 random subsets: each particle sees only its class
+    sym_mats: object | None = None   # (G, 3, 3) point-group operators: every pose is inserted as A.L for each L
     projection_cache: dict = field(default_factory=dict)  # reference set -> projections of the global grid
 
 
@@ -72,8 +74,10 @@ class Stats:
         return cls(np.zeros(n_shells), np.zeros(n_shells), np.zeros(n_classes))
 
 
-def prepare_batch(images, plan, sl, geom: SliceGeometry, box: int, pixel_size: float, use_ctf: bool = True):
-    """In-ball FFT of the images re-centred on their current offsets, and their CTFs: (n, m) each."""
+def prepare_batch(images, plan, sl, geom: SliceGeometry, box: int, pixel_size: float, use_ctf: bool = True,
+                  intact_first_peak: bool = False):
+    """In-ball FFT of the images re-centred on their current offsets, and their CTFs: (n, m) each
+    (``intact_first_peak``: CTF = 1 up to its first peak, RELION's --ctf_intact_first_peak)."""
     xp = geom.xp
     F2 = image_fft(xp.asarray(images, dtype=xp.float32))
     off = np.stack([plan["origin_x"][sl], plan["origin_y"][sl]], axis=1) / pixel_size
@@ -82,7 +86,7 @@ def prepare_batch(images, plan, sl, geom: SliceGeometry, box: int, pixel_size: f
     if use_ctf:
         c = ctf_images(box, pixel_size, plan["defocus_u"][sl], plan["defocus_v"][sl], plan["defocus_angle"][sl],
                        plan["voltage"][sl], plan["cs"][sl], plan["amp_contrast"][sl], plan["phase_shift"][sl],
-                       plan["bfactor"][sl], xp=xp)
+                       plan["bfactor"][sl], xp=xp, intact_first_peak=intact_first_peak)
         ctf = geom.gather(c)
     else:
         ctf = xp.ones(X.shape, dtype=xp.float32)
@@ -160,8 +164,8 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
     if spec.fixed_class:
         L = xp.where((cand_cls == prev_class[:, None])[:, None, :], L, -xp.inf)
     marg = _logsumexp(L, axis=1)                                                       # (n, K*C)
-    S = min(spec.n_select, marg.shape[1])
-    sel = xp.argsort(-marg, axis=1)[:, :S]                                             # (n, S)
+    sel = select_candidates(marg, K, C, spec.n_select, spec.class_select)             # (n, S)
+    S = sel.shape[1]
     best_t = T_c[xp.argmax(xp.take_along_axis(L, sel[:, None, :1], axis=2)[:, :, 0], axis=1)]  # (n, 2)
     return cand_mats, cand_cls, sel, best_t, lcp
 
@@ -215,7 +219,12 @@ def _insert_contributions(X, ctf, inv_sigma2, vol_base, spec, geom, F_acc, W_acc
     data = Xw * wts[:, None, :]
     weights = wc[:, :, None].astype(xp.float32) * (ctf * wts)[:, None, :]
     ii, cc = xp.nonzero(keep)
-    insert(F_acc, W_acc, d, f_mats[ii, cc], f_cls[ii, cc] + vol_base[ii], data[ii, cc], weights[ii, cc], geom)
+    ins_mats, ins_vol, ins_data, ins_w = f_mats[ii, cc], f_cls[ii, cc] + vol_base[ii], data[ii, cc], weights[ii, cc]
+    if spec.sym_mats is None or d != 3:
+        insert(F_acc, W_acc, d, ins_mats, ins_vol, ins_data, ins_w, geom)
+    else:  # symmetry copies A.L, as the known-pose reconstruction (mpi_em.reconstruction.insert)
+        for L in spec.sym_mats:
+            insert(F_acc, W_acc, d, ins_mats @ L, ins_vol, ins_data, ins_w, geom)
     fine["keep"] = keep
 
 
@@ -251,6 +260,34 @@ def _batch_stats(X, inv_sigma2, shells, spec, geom, stats, n_shells, fine):
     stats.loglike += float(ll.sum())
     return {"mats": to_host(best_mats), "cls": to_host(best_cls), "shift": to_host(best_shift),
             "pmax": to_host(pmax), "loglike": to_host(ll), "nsig": to_host(keep.sum(axis=1))}
+
+
+def select_candidates(marg, K: int, C: int, n_select: int, class_select: int):
+    """Coarse poses that the fine pass refines, per particle: flat indices (n, S) into the (K, C) class-major
+    candidates of ``marg`` (n, K*C) (log-likelihood marginalised over translations).
+
+    The ``n_select`` best poses of the most probable class (class marginal over its poses), plus the best pose
+    of each of the next ``class_select`` - 1 classes: every competitive class keeps a share of the posterior,
+    so class memberships stay soft (as RELION's marginalisation over classes) while the cost grows by one pose
+    per class, not by ``n_select`` per class. Classes are disjoint, so no pose is selected twice. With K = 1
+    this is the ``n_select`` best poses. The first entry is the best pose of the most probable class."""
+    xp = xp_of(marg)
+    n = marg.shape[0]
+    if K == 1:
+        S = min(n_select, C)
+        return xp.argsort(-marg, axis=1)[:, :S]
+    m3 = marg.reshape(n, K, C)
+    cls_marg = _logsumexp(m3, axis=2)                                                  # (n, K)
+    Kc = max(1, min(K, class_select))
+    top_cls = xp.argsort(-cls_marg, axis=1)[:, :Kc]                                    # (n, Kc)
+    S0 = min(n_select, C)
+    first = xp.take_along_axis(m3, top_cls[:, :1, None], axis=1)[:, 0]                 # (n, C)
+    sel0 = xp.argsort(-first, axis=1)[:, :S0] + top_cls[:, :1] * C                     # (n, S0)
+    if Kc == 1:
+        return sel0
+    rest = xp.take_along_axis(m3, top_cls[:, 1:, None], axis=1)                        # (n, Kc-1, C)
+    sel1 = xp.argmax(rest, axis=2) + top_cls[:, 1:] * C                                # (n, Kc-1)
+    return xp.concatenate([sel0, sel1], axis=1)
 
 
 def update_plan_poses(plan, sl, res, dim: int, pixel_size: float) -> None:

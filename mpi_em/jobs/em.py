@@ -71,6 +71,11 @@ def add_arguments(p, mode: str) -> None:
     if cfg["dim"] == 2:
         p.add_argument("--psi-step", type=float, default=10.0, help="in-plane angular step, degrees (default 10)")
         p.add_argument("--no-center", action="store_true", help="do not re-centre the class averages")
+    if mode != "refine3d":
+        p.add_argument("--reseed-below", type=float, default=0.2, metavar="F",
+                       help="re-seed a class whose share of the particles falls below F / K: its reference "
+                            "becomes a seeded, perturbed copy of the largest class's, which it splits with "
+                            "(default 0.2; 0 = never)")
     p.add_argument("--iter", type=int, default=None,
                    help="maximum number of iterations (default 25; refine3d: 20, and it stops earlier when "
                         "converged); with --continue, the new limit")
@@ -82,6 +87,11 @@ def add_arguments(p, mode: str) -> None:
                    help=f"regularisation T: weight of the data against the prior (default {cfg['fudge']:g})")
     p.add_argument("--n-select", type=int, default=4,
                    help="coarse poses per particle kept for the oversampled fine pass (default 4)")
+    if mode != "refine3d":
+        p.add_argument("--class-select", type=int, default=10,
+                       help="per particle, besides the --n-select best poses of its most probable class, the fine "
+                            "pass refines the best pose of each of the next most probable classes up to this many "
+                            "classes, so that class memberships stay soft (default 10)")
     p.add_argument("--batch", type=int, default=64, help="particles per E-step batch (default 64)")
     p.add_argument("--pad", type=int, default=2, help="Fourier padding of the references (default 2)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
@@ -90,6 +100,9 @@ def add_arguments(p, mode: str) -> None:
                    help="send volume buffers compressed (lossless) in the reduce-scatter")
     p.add_argument("--seed", type=int, default=0, help="seed for half sets and initial class subsets")
     p.add_argument("--no-ctf", action="store_true", help="ignore the CTF")
+    p.add_argument("--ctf-intact-first-peak", action="store_true",
+                   help="treat the CTF as 1 up to its first peak (RELION's --ctf_intact_first_peak: for data with "
+                        "very low defocus or uncertain low-resolution CTF)")
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -150,7 +163,7 @@ def _initial_state(args, mode, meta, ref):
         r_cur = min(default_r_max(box), max(4, box // 4))
     return {"iter": 0, "order": int(order), "local": bool(getattr(args, "local", False)), "r_cur": float(r_cur),
             "sigma2": None, "offset_sigma": float(args.offset_range / 2.0), "class_prior": np.full(K, 1.0 / K),
-            "maps": maps, "resolution": [], "ang_change": [], "best_res": 1e9, "no_improve": 0,
+            "maps": maps, "resolution": [], "ang_change": [], "class_history": [], "best_res": 1e9, "no_improve": 0,
             "final": False, "done": False, "accuracy": 0.0, "accuracy_global": 0.0}
 
 
@@ -217,7 +230,9 @@ def _write_iteration(out, it, mode, star, particles, state, info, meta, final=Fa
                             "rlnLogLikelihood": [info.get("loglike", 0.0)]})
     classes = pd.DataFrame({"rlnReferenceImage": [f"{k + 1:06d}@{tag}_classes.mrcs" if cfg["dim"] == 2 else
                                                   f"{tag}_class{k + 1:03d}.mrc" for k in range(meta["K"])],
-                            "rlnClassDistribution": state["class_prior"]})
+                            "rlnClassDistribution": state["class_prior"],
+                            "rlnEstimatedResolution": _class_resolutions(info, meta["K"], box, apix, cfg["gold"],
+                                                                         state)})
     blocks = {"model_general": general, "model_classes": classes}
     noise = pd.DataFrame({"rlnSpectralIndex": np.arange(n_sh), "rlnResolution": freqs,
                           "rlnSigma2Noise": state["sigma2"][:n_sh]})
@@ -235,6 +250,11 @@ def _write_iteration(out, it, mode, star, particles, state, info, meta, final=Fa
 
         fsc_png(os.path.join(out, f"{tag}_fsc.png"), freqs, {"half1 vs half2": info["fsc"]},
                 title=f"iteration {it}: {state['resolution'][-1]:.2f} Å at FSC 0.143")
+    if not cfg["gold"] and state.get("class_history"):
+        from ..plots import class_sizes_png
+
+        class_sizes_png(os.path.join(out, "run_class_sizes.png"), np.asarray(state["class_history"]),
+                        title=f"{mode}: class sizes, iteration {it}")
     if cfg["dim"] == 2:
         from ..plots import montage_png
 
@@ -248,6 +268,7 @@ def _write_iteration(out, it, mode, star, particles, state, info, meta, final=Fa
     arrays["class_prior"] = state["class_prior"]
     arrays["resolution"] = np.asarray(state["resolution"], dtype=np.float64)
     arrays["ang_change"] = np.asarray(state["ang_change"], dtype=np.float64)
+    arrays["class_history"] = np.asarray(state.get("class_history", []), dtype=np.float64).reshape(-1, meta["K"])
     scal = {k: state[k] for k in ("iter", "order", "local", "r_cur", "offset_sigma", "best_res", "no_improve",
                                   "final", "done", "accuracy", "accuracy_global")}
     ck = f"run_it{it:03d}_checkpoint.h5"
@@ -268,7 +289,8 @@ def _load_checkpoint(folder, mode):
     arrays, attrs = read_hdf5(os.path.join(folder, ptr["checkpoint"]))
     state = json.loads(attrs["state"])
     state.update({"maps": arrays["maps"], "sigma2": arrays["sigma2"], "class_prior": arrays["class_prior"],
-                  "resolution": list(arrays["resolution"]), "ang_change": list(arrays["ang_change"])})
+                  "resolution": list(arrays["resolution"]), "ang_change": list(arrays["ang_change"]),
+                  "class_history": np.asarray(arrays.get("class_history", np.zeros((0, 1)))).tolist()})
     particles = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("particles/")}
     return ptr, state, particles
 
@@ -331,6 +353,9 @@ def run(args, comm, mode: str) -> dict:
     n_shells = box // 2 + 1
     sym_name = getattr(args, "sym", "C1")
     mask = _mask(box, apix, args, dim, xp)
+    sym_ops = None
+    if dim == 3 and symmetry_matrices(sym_name).shape[0] > 1:
+        sym_ops = xp.asarray(symmetry_matrices(sym_name), dtype=xp.float64)
     if comm.rank == 0:
         log.info("%s: %d particles, box %d, %.3f Å/px, K=%d, %d rank(s); rank 0 on %s", mode, meta["n"], box,
                  apix, K, comm.size, device)
@@ -382,8 +407,9 @@ def run(args, comm, mode: str) -> dict:
             local_mats=local_offsets(dim, step, 1.5, xp) if state["local"] else None,
             fine_mats=fine_offsets(dim, step, xp), offset_range=args.offset_range, offset_step=args.offset_step,
             offset_sigma=state["offset_sigma"], n_select=args.n_select,
+            class_select=int(getattr(args, "class_select", 10)),
             log_class_prior=xp.asarray(np.log(np.maximum(state["class_prior"], 1e-10)), dtype=xp.float32),
-            fixed_class=(it == 1 and K > 1 and dim == 3))
+            fixed_class=(it == 1 and K > 1 and dim == 3), sym_mats=sym_ops)
         V = 2 if cfg["gold"] else K
         vol_shape = geom.vol_shape if dim == 3 else (geom.npad, geom.npad // 2 + 1)
         prev = {k: plan[k].copy() for k in ("rot", "tilt", "psi")}
@@ -403,7 +429,8 @@ def run(args, comm, mode: str) -> dict:
                     break
                 sl, imgs = item
                 with timer("prepare"):
-                    X, ctf = prepare_batch(imgs, plan, sl, geom, box, apix, use_ctf=not args.no_ctf)
+                    X, ctf = prepare_batch(imgs, plan, sl, geom, box, apix, use_ctf=not args.no_ctf,
+                                       intact_first_peak=getattr(args, "ctf_intact_first_peak", False))
                 base = xp.asarray((plan["half"][sl] - 1) * K) if cfg["gold"] else xp.zeros(sl.stop - sl.start,
                                                                                           dtype=xp.int64)
                 res = expectation_batch(X, ctf, inv_s2, shells, refs, base, current_mats(plan, sl, dim, xp),
@@ -445,6 +472,12 @@ def run(args, comm, mode: str) -> dict:
         state["sigma2"] = np.where(cnt > 0, stats.sigma2_sum / np.maximum(cnt, 1), state["sigma2"])
         if stats.class_weight.sum() > 0:
             state["class_prior"] = stats.class_weight / stats.class_weight.sum()
+        state.setdefault("class_history", []).append([float(x) for x in state["class_prior"]])
+        if mode != "refine3d" and getattr(args, "reseed_below", 0) > 0 and not final:
+            done_k = _reseed_classes(state, args.reseed_below, args.seed, it, box, apix)
+            if done_k and comm.rank == 0:
+                log.info("iteration %d: re-seeded class(es) %s from the largest class", it,
+                         ", ".join(str(k + 1) for k in done_k))
         if stats.offset_w > 0:
             state["offset_sigma"] = float(np.clip(np.sqrt(stats.offset_sq / (2 * stats.offset_w)),
                                                   args.offset_step, args.offset_range))
@@ -550,6 +583,49 @@ def _schedule(state, info, mode, args, box, apix, maps, mask, final):
                 shell = good.max() + 1
                 state["r_cur"] = float(min(default_r_max(box), max(state["r_cur"], shell + 3)))
                 state["resolution"].append(float(box * apix / max(shell, 1)))
+
+
+def _class_resolutions(info, K, box, apix, gold, state):
+    """Per class: Å of the last shell whose data-vs-prior SSNR (tau^2 x mean W) is >= 1 (classification), or
+    the gold-standard resolution (refine3d)."""
+    if gold:
+        r = state["resolution"][-1] if state["resolution"] else 0.0
+        return np.full(K, float(r))
+    tau2, mw = info.get("tau2"), info.get("mean_w")
+    out = np.zeros(K)
+    if tau2 is None or mw is None:
+        return out
+    ssnr = np.atleast_2d(tau2) * np.atleast_2d(mw)
+    for k in range(min(K, ssnr.shape[0])):
+        good = np.flatnonzero(ssnr[k, 1:] >= 1.0)
+        out[k] = box * apix / (good.max() + 1) if good.size else 999.0
+    return out
+
+
+def _reseed_classes(state, below, seed, it, box, apix, amplitude=0.2):
+    """Classes with a share under ``below`` / K take over half of the largest class, split symmetrically as in
+    vector quantisation (Linde-Buzo-Gray): the largest class's reference m becomes m + e and the re-seeded one
+    m - e, with e seeded Gaussian noise low-passed to the current size at ``amplitude`` x the standard deviation
+    of m; each gets half of the largest class's prior. The same on every rank and for
+    every number of ranks (the noise is seeded by seed, iteration and class). Returns the re-seeded classes."""
+    prior = np.asarray(state["class_prior"], dtype=np.float64).copy()
+    maps = np.asarray(state["maps"]).copy()
+    K = len(prior)
+    out = []
+    if K < 2:
+        return out
+    for k in np.flatnonzero(prior < below / K):
+        big = int(np.argmax(prior))
+        rng = np.random.default_rng([int(seed), int(it), int(k)])
+        noise = lowpass(rng.standard_normal(maps[big].shape), box, apix, box * apix / state["r_cur"])
+        noise *= amplitude * float(maps[big].std()) / max(float(noise.std()), 1e-30)
+        # split symmetrically (m + e, m - e): neither copy is favoured, the data decide which members go where
+        maps[k] = (maps[big] - noise).astype(maps.dtype)
+        maps[big] = (maps[big] + noise).astype(maps.dtype)
+        prior[k] = prior[big] = 0.5 * prior[big]
+        out.append(int(k))
+    state["maps"], state["class_prior"] = maps, prior
+    return out
 
 
 def _center_2d(maps):
