@@ -372,10 +372,11 @@ def run(args, comm, mode: str) -> dict:
                 a, b = sigma2_from_images(X, sh, n_shells)
                 s_sum += a
                 s_cnt += b
-                if dim == 2:
+                if dim == 2:  # per-class sums of the images as one product: one_hot(class)^T @ images
                     cls = xp.asarray(plan["class_number"][sl] - 1)
-                    for k in range(K):
-                        sums[k] += xp.asarray(imgs)[cls == k].sum(axis=0)
+                    onehot = (cls[:, None] == xp.arange(K)[None, :]).astype(xp.float64)
+                    flat = xp.asarray(imgs, dtype=xp.float64).reshape(len(cls), -1)
+                    sums += (onehot.T @ flat).reshape(sums.shape)
             return s_sum, s_cnt, sums
         s_sum, s_cnt, sums = collective_step(comm, first_pass)
         tot = np.concatenate([s_sum, s_cnt])
