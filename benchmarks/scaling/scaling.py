@@ -235,6 +235,8 @@ def main(argv=None) -> int:
     ap.add_argument("--units", type=int, default=None,
                     help="processors the measured ranks shared (default: CPU cores for --device cpu, else no limit); "
                          "the model check accounts for oversubscription with it; projections assume one per rank")
+    ap.add_argument("--warmup", action="store_true",
+                    help="run every job once on 2000 particles first, untimed (GPU: kernel compilation)")
     ap.add_argument("--data", type=Path, default=None, help="data folder (default OUT/data; reused if present)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -249,6 +251,10 @@ def main(argv=None) -> int:
     d = args.data or args.out / "data"
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"mpi_em_scaling_{os.getpid()}"
     make_data(d, args.box, n_total, apix, env, log)
+    if args.warmup:  # GPU: compile every kernel (CuPy caches them on disk) before anything is timed
+        star = subset(d, "subset", min(args.n, 2000))
+        for job in args.jobs:
+            run_job(job, min(args.ranks), star, d, work / f"warmup_{job}", args, env, log)
     results = []
     t0 = time.time()
     modes = [("strong", args.n)] + ([("weak", None)] if args.weak_per_rank else [])
