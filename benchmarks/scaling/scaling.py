@@ -135,13 +135,22 @@ def run_job(job: str, P: int, star: Path, d: Path, out: Path, args, env, log) ->
     return rec
 
 
-def fit_model(points: list[dict], N: int) -> dict:
-    """Fit the projection model on one job's strong-scaling points (see module doc)."""
+def accumulator_bytes(job: str, box: int, K: int) -> int:
+    """Bytes of one rank's accumulators (complex128 F + float64 W, pad 2): what the reduction moves."""
+    npad, nxh = 2 * box, box + 1
+    if job == "class2d":
+        return K * npad * nxh * 24
+    return 2 * npad * npad * nxh * 24
+
+
+def fit_model(points: list[dict], N: int, reduce_GBps: float | None = None, V_bytes: int | None = None) -> dict:
+    """Fit the projection model on one job's strong-scaling points (see module doc). Without measured P >= 2
+    points the reduction is modelled at ``reduce_GBps`` (bytes handed to the reduce-scatter per second)."""
     by_p = {r["P"]: r for r in points}
     one = by_p[min(by_p)]
     p1 = one["P"]
     t_part1 = one["phases"]["particles"] * p1          # work of all particles on one rank
-    V = max(r["bytes_reduce_per_rank"] for r in points) or 1.0
+    V = max([r["bytes_reduce_per_rank"] for r in points] + [V_bytes or 0]) or 1.0
     multi = [r for r in points if r["P"] > 1]
     if multi:
         x = np.array([(r["P"] - 1) / r["P"] * V for r in multi])
@@ -152,7 +161,7 @@ def fit_model(points: list[dict], N: int) -> dict:
         else:
             a, b = 0.0, float(y.mean() / max(x.mean(), 1.0))
     else:
-        a, b = one["phases"]["reduce"], 0.0
+        a, b = 0.0, (1.0 / (reduce_GBps * 1e9) if reduce_GBps else 0.0)
     rec1 = one["phases"]["reconstruct"]
     if multi:
         Ps = np.array([r["P"] for r in points], float)
@@ -235,6 +244,12 @@ def main(argv=None) -> int:
     ap.add_argument("--units", type=int, default=None,
                     help="processors the measured ranks shared (default: CPU cores for --device cpu, else no limit); "
                          "the model check accounts for oversubscription with it; projections assume one per rank")
+    ap.add_argument("--reduce-GBps", type=float, default=None,
+                    help="model the reduction at this rate when no P >= 2 point was measured (e.g. 10 for GPU buffers "
+                         "staged through host memory and reduced by MPI in one node)")
+    ap.add_argument("--refit", type=Path, default=None,
+                    help="no runs: re-fit the model on the results of an earlier scaling.json and write "
+                         "model.txt / model.json next to --out")
     ap.add_argument("--warmup", action="store_true",
                     help="run every job once on 2000 particles first, untimed (GPU: kernel compilation)")
     ap.add_argument("--data", type=Path, default=None, help="data folder (default OUT/data; reused if present)")
@@ -243,6 +258,12 @@ def main(argv=None) -> int:
     if args.units is None and args.device == "cpu":
         args.units = os.cpu_count()
     apix = args.apix or 192.0 / args.box
+    if args.refit:
+        old = json.loads(args.refit.read_text())
+        args.out.mkdir(parents=True, exist_ok=True)
+        args.ranks = sorted({r["P"] for r in old["results"]})
+        args.jobs = [j for j in ("reconstruct", "refine3d", "class2d") if any(r["job"] == j for r in old["results"])]
+        return report(args, old["results"], apix, time.time(), args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "commands.log"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -269,17 +290,23 @@ def main(argv=None) -> int:
                 print(f"  {job:11s} {mode:6s} P={P:<3d} N={nn:<7d} {r['total_s']:8.2f} s  " +
                       "  ".join(f"{k} {v:.2f}" for k, v in r["phases"].items()), flush=True)
     shutil.rmtree(work, ignore_errors=True)
+    return report(args, results, apix, t0, args.out)
 
+
+def report(args, results, apix, t0, out: Path) -> int:
+    """Speedups, the fitted model, its check against the measured points, projections; table, JSON, plots."""
     models, checks, proj = {}, [], []
     for job in args.jobs:
         pts = [r for r in results if r["job"] == job and r["mode"] == "strong"]
-        m = fit_model(pts, args.n)
+        if not pts:
+            continue
+        m = fit_model(pts, args.n, args.reduce_GBps, accumulator_bytes(job, args.box, args.K))
         models[job] = m
         for r in pts:
             p = predict(m, r["P"], units=args.units)
             checks.append({"job": job, "P": r["P"], "measured_s": r["total_s"], "model_s": p["total"],
                            "error_percent": 100 * (p["total"] - r["total_s"]) / r["total_s"]})
-        for P in (8, 64):
+        for P in (2, 8, 64):
             p = predict(m, P, gpus_per_node=args.gpus_per_node, net_GBps=args.net_GBps)
             proj.append(dict(job=job, N=args.n, **p, speedup=predict(m, 1)["total"] / p["total"]))
     anchors = []
@@ -325,15 +352,16 @@ def main(argv=None) -> int:
         lines.append(f"anchor {a['anchor']}: P={a['P']} -> {a['projected_h']:.2f} h")
     text = "\n".join(lines)
     print(text)
-    (args.out / "scaling.txt").write_text(text + "\n")
-    (args.out / "scaling.json").write_text(json.dumps({
+    (out / ("model.txt" if args.refit else "scaling.txt")).write_text(text + "\n")
+    (out / ("model.json" if args.refit else "scaling.json")).write_text(json.dumps({
         "command": " ".join([Path(sys.executable).name] + sys.argv), "elapsed_s": time.time() - t0,
         "machine": {"node": platform.node(), "cpu_count": os.cpu_count(), "platform": platform.platform()},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "results": results, "models": models, "model_check": checks, "projections": proj, "anchors": anchors},
         indent=2, default=float))
-    plots(results, args.out)
-    print(f"wrote {args.out}/scaling.json, scaling.txt, speedup.png, efficiency.png")
+    if not args.refit:
+        plots(results, out)
+    print(f"wrote {out}")
     return 0
 
 

@@ -68,6 +68,7 @@ def reduce_and_reconstruct_3d(comm, F_acc, W_acc, box: int, pad: int, r_max: flo
         F_own = reduce_scatter_planes(comm, F_acc, compress=compress, r_max_padded=None, stats=stats_F)
         W_own = reduce_scatter_planes(comm, W_acc, compress=compress, r_max_padded=None, stats=stats_W)
     timer.add_bytes("reduce_sent", stats_F["bytes_sent"] + stats_W["bytes_sent"])
+    timer.add_bytes("reduce_raw", stats_F["bytes_raw"] + stats_W["bytes_raw"])
     planes = owned_planes(npad, comm.rank, comm.size)
     with timer("reconstruct"):
         return _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold, combined, xp)
