@@ -225,19 +225,24 @@ def project(Fvol, A, geom: SliceGeometry, vol_index=None):
     return xp.where(flip, xp.conj(vals), vals).reshape(lead + (geom.m,))
 
 
-def backproject(F_acc, W_acc, A, data, weights, geom: SliceGeometry, vol_index=None):
+def backproject(F_acc, W_acc, A, data, weights, geom: SliceGeometry, vol_index=None, sym_mats=None):
     """Adjoint of :func:`project`: insert (n, m) complex ``data`` and real ``weights`` (e.g. CTF.X, CTF^2).
 
     Accumulates in place into F_acc (complex) and W_acc (real), both FFT-layout (Np, Np, Np//2+1), or stacks
-    of such volumes with ``vol_index`` (n,) naming the target of each row.
+    of such volumes with ``vol_index`` (n,) naming the target of each row. ``sym_mats`` (G, 3, 3): every row is
+    inserted once per point-group operator L, with rotation A @ L (on GPUs in the same kernel launch).
     """
     xp = xp_of(F_acc)
     if xp is not np and fused_kernels() and F_acc.dtype == np.complex128 and \
             (W_acc is None or W_acc.dtype == np.float64):
         from . import kernels
 
-        return kernels.backproject(F_acc, W_acc, A, data, weights, geom, vol_index)
-    A = xp.asarray(A).reshape(-1, 3, 3)
+        return kernels.backproject(F_acc, W_acc, A, data, weights, geom, vol_index, sym_mats=sym_mats)
+    A = xp.asarray(A, dtype=xp.float64).reshape(-1, 3, 3)
+    if sym_mats is not None:
+        for L in sym_mats:
+            backproject(F_acc, W_acc, A @ xp.asarray(L, dtype=xp.float64), data, weights, geom, vol_index)
+        return
     data = data.reshape(-1, geom.m)
     idx, w, flip = _trilinear_stencil(geom.coords(A), geom.npad)
     if vol_index is not None:

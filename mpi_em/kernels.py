@@ -229,7 +229,7 @@ def backproject(F_acc, W_acc, A, data, weights, geom, vol_index=None, sym_mats=N
     w = None
     if W_acc is not None and weights is not None:
         w = cp.ascontiguousarray(cp.asarray(weights).reshape(n, m).astype(cp.float64, copy=False))
-    L = None if sym_mats is None else cp.ascontiguousarray(cp.asarray(np.asarray(sym_mats), dtype=cp.float64))
+    L = None if sym_mats is None else cp.ascontiguousarray(cp.asarray(sym_mats, dtype=cp.float64))
     S = 1 if L is None else L.shape[0]
     vol = None if vol_index is None else cp.ascontiguousarray(
         cp.broadcast_to(cp.asarray(vol_index, dtype=cp.int64).reshape(-1), (n,)))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .fourier import SliceGeometry, backproject, fused_kernels, image_fft, shift_phases
+from .fourier import SliceGeometry, backproject, image_fft, shift_phases
 
 
 class Accumulators:
@@ -39,23 +39,12 @@ def prepare_images(images, ctf, shifts_px, geom: SliceGeometry):
 
 
 def insert(acc: Accumulators, vol_index, A, data, weights, sym_mats=None) -> None:
-    """Back-project prepared data for rotations A (n,3,3) into volume(s) ``vol_index`` (int or (n,) ints)."""
+    """Back-project prepared data for rotations A (n,3,3) into volume(s) ``vol_index`` (int or (n,) ints), once
+    per symmetry operator L (rotation A @ L) when ``sym_mats`` is given."""
     xp = acc.geom.xp
     A = xp.asarray(A, dtype=xp.float64)
-    if xp is not np and fused_kernels() and acc.F.dtype == np.complex128:
-        from . import kernels  # one launch: every image, every symmetry copy, its own volume
-
-        kernels.backproject(acc.F, acc.W, A, data, weights, acc.geom,
-                            vol_index=xp.broadcast_to(xp.asarray(vol_index), (A.shape[0],)), sym_mats=sym_mats)
-        return
-    mats = [None] if sym_mats is None else [xp.asarray(L, dtype=xp.float64) for L in sym_mats]
-    vol_index = np.asarray(vol_index)
-    groups = [(int(vol_index), slice(None))] if vol_index.ndim == 0 else \
-        [(int(k), xp.asarray(np.flatnonzero(vol_index == k))) for k in np.unique(vol_index)]
-    for k, sel in groups:
-        Ak, dk, wk = A[sel], data[sel], weights[sel]
-        for L in mats:
-            backproject(acc.F[k], acc.W[k], Ak if L is None else Ak @ L, dk, wk, acc.geom)
+    vol = xp.broadcast_to(xp.asarray(vol_index, dtype=xp.int64), (A.shape[0],))
+    backproject(acc.F, acc.W, A, data, weights, acc.geom, vol_index=vol, sym_mats=sym_mats)
 
 
 def insert_images(acc: Accumulators, vol_index, images, A, ctf=None, shifts_px=None, sym_mats=None) -> None:

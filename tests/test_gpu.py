@@ -61,7 +61,8 @@ def _stencil_path(monkeypatch):
     monkeypatch.setenv("MPI_EM_FUSED_KERNELS", "0")
 
 
-def test_fused_insertion_equals_cpu_with_volumes_and_symmetry(rng):
+@pytest.mark.parametrize("sym_on_device", [False, True])
+def test_fused_insertion_equals_cpu_with_volumes_and_symmetry(rng, sym_on_device):
     """The fused CUDA insertion (one thread per image frequency, symmetry copies inside the thread, per-image
     target volume) against the NumPy stencil path: float64 coordinates and accumulation in both, only the order
     of the additions differs -> agreement to float64 rounding (1e-12 of the largest value)."""
@@ -77,7 +78,7 @@ def test_fused_insertion_equals_cpu_with_volumes_and_symmetry(rng):
     sym = symmetry_matrices("D7")
     ac, ag = Accumulators(geom_c, n_vol=3), Accumulators(geom_g, n_vol=3)
     insert(ac, vol, A, data, w, sym)
-    insert(ag, vol, cp.asarray(A), cp.asarray(data), cp.asarray(w), sym)
+    insert(ag, vol, cp.asarray(A), cp.asarray(data), cp.asarray(w), cp.asarray(sym) if sym_on_device else sym)
     np.testing.assert_allclose(ag.F.get(), ac.F, rtol=0, atol=1e-12 * np.abs(ac.F).max())
     np.testing.assert_allclose(ag.W.get(), ac.W, rtol=0, atol=1e-12 * np.abs(ac.W).max())
 

@@ -165,7 +165,6 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
         L = xp.where((cand_cls == prev_class[:, None])[:, None, :], L, -xp.inf)
     marg = _logsumexp(L, axis=1)                                                       # (n, K*C)
     sel = select_candidates(marg, K, C, spec.n_select, spec.class_select)             # (n, S)
-    S = sel.shape[1]
     best_t = T_c[xp.argmax(xp.take_along_axis(L, sel[:, None, :1], axis=2)[:, :, 0], axis=1)]  # (n, 2)
     return cand_mats, cand_cls, sel, best_t, lcp
 
@@ -220,11 +219,8 @@ def _insert_contributions(X, ctf, inv_sigma2, vol_base, spec, geom, F_acc, W_acc
     weights = wc[:, :, None].astype(xp.float32) * (ctf * wts)[:, None, :]
     ii, cc = xp.nonzero(keep)
     ins_mats, ins_vol, ins_data, ins_w = f_mats[ii, cc], f_cls[ii, cc] + vol_base[ii], data[ii, cc], weights[ii, cc]
-    if spec.sym_mats is None or d != 3:
-        insert(F_acc, W_acc, d, ins_mats, ins_vol, ins_data, ins_w, geom)
-    else:  # symmetry copies A.L, as the known-pose reconstruction (mpi_em.reconstruction.insert)
-        for L in spec.sym_mats:
-            insert(F_acc, W_acc, d, ins_mats @ L, ins_vol, ins_data, ins_w, geom)
+    # symmetry copies A.L (3D), as the known-pose reconstruction (mpi_em.reconstruction.insert)
+    insert(F_acc, W_acc, d, ins_mats, ins_vol, ins_data, ins_w, geom, sym_mats=spec.sym_mats if d == 3 else None)
     fine["keep"] = keep
 
 
