@@ -1,6 +1,7 @@
 """A rank's particles: batches read from their stacks (memory-mapped), with the next batch prefetched."""
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -8,8 +9,30 @@ import numpy as np
 from .io import read_images
 
 
-def read_rows(stacks, indices) -> np.ndarray:
-    """Images for parallel arrays of stack paths and 0-based slices, in that order (one read per stack run)."""
+def _pinned_alloc():
+    """An allocator of page-locked host arrays (CuPy's pinned pool: host-to-device copies at DMA speed) that
+    works from the reading threads: each call first makes this rank's GPU current in the calling thread, so no
+    thread touches (and creates a context on) another rank's GPU."""
+    import cupy  # type: ignore
+    import cupyx  # type: ignore
+
+    dev = cupy.cuda.runtime.getDevice()
+
+    def alloc(shape, dtype):
+        cupy.cuda.Device(dev).use()
+        return cupyx.empty_pinned(shape, dtype=dtype)
+
+    return alloc
+
+
+def pinned_wanted(xp) -> bool:
+    """Read batches into page-locked memory for GPU ranks (MPI_EM_PINNED=0 turns it off)."""
+    return xp is not np and os.environ.get("MPI_EM_PINNED", "1") != "0"
+
+
+def read_rows(stacks, indices, alloc=np.empty) -> np.ndarray:
+    """Images for parallel arrays of stack paths and 0-based slices, in that order (one read per stack run);
+    ``alloc(shape, dtype)`` makes the output (e.g. page-locked memory for GPU ranks)."""
     stacks = np.asarray(stacks)
     indices = np.asarray(indices)
     out = None
@@ -20,22 +43,24 @@ def read_rows(stacks, indices) -> np.ndarray:
     for s, e in zip(starts, ends):
         imgs = read_images(stacks[s], indices[s:e])
         if out is None:
-            out = np.empty((len(stacks),) + imgs.shape[1:], dtype=np.float32)
+            out = alloc((len(stacks),) + imgs.shape[1:], dtype=np.float32)
         out[s:e] = imgs
     return out if out is not None else np.zeros((0, 0, 0), np.float32)
 
 
-def iter_batches(plan: dict, batch_size: int, prefetch: bool = True, depth: int = 2):
+def iter_batches(plan: dict, batch_size: int, prefetch: bool = True, depth: int = 2, pinned: bool = False):
     """Yield (slice into the plan, images (b, N, N) float32) over a rank's plan; reads overlap compute.
 
     With ``prefetch``, ``depth`` batches are read ahead by as many threads (reading is I/O and memory copies,
     which release the GIL), so a GPU that consumes a batch faster than one thread reads it still waits less.
+    ``pinned``: batches in page-locked host memory (GPU ranks; see :func:`pinned_wanted`).
     """
     n = len(plan["index"])
     slices = [slice(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
     if not slices:
         return
-    load = lambda sl: read_rows(plan["stack"][sl], plan["index"][sl])  # noqa: E731
+    alloc = _pinned_alloc() if pinned else np.empty
+    load = lambda sl: read_rows(plan["stack"][sl], plan["index"][sl], alloc)  # noqa: E731
     if not prefetch or len(slices) == 1:
         for sl in slices:
             yield sl, load(sl)

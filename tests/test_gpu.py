@@ -138,3 +138,15 @@ def test_fused_2d_insertion_and_projection_equal_cpu(rng):
     a = project2d(Fc, R, geom_c, plane_index=k)
     b = project2d(Fg, cp.asarray(R), geom_g, plane_index=cp.asarray(k)).get()
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-12 * np.abs(a).max())
+
+
+def test_pinned_batches_equal_pageable(small_dataset):
+    """Batches read into page-locked memory (GPU ranks) hold the same images as pageable ones."""
+    from mpi_em.distributed import make_plan
+    from mpi_em.io import read_particles
+    from mpi_em.particles import iter_batches
+
+    plan = make_plan(read_particles(small_dataset / "particles.star"), 1, seed=0)[0]
+    a = [imgs.copy() for _, imgs in iter_batches(plan, 128)]
+    b = [cp.asarray(imgs).get() for _, imgs in iter_batches(plan, 128, pinned=True)]
+    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))

@@ -28,7 +28,7 @@ from ..geometry import angular_distance, euler_to_matrix
 from ..io import (atomic_path, check_stacks, check_writable_dir, read_hdf5, read_map, read_particles,
                   write_hdf5, write_map, write_particles, write_stack)
 from ..masks import soft_sphere
-from ..particles import iter_batches
+from ..particles import iter_batches, pinned_wanted
 from ..sampling import angular_step
 from ..symmetry import symmetry_matrices
 from ..timing import PhaseTimer
@@ -367,7 +367,7 @@ def run(args, comm, mode: str) -> dict:
             sh = shell_of_points(geom)
             s_sum, s_cnt = np.zeros(n_shells), np.zeros(n_shells)
             sums = xp.zeros((K, box, box), dtype=xp.float64) if dim == 2 else None
-            for sl, imgs in iter_batches(plan, args.batch):
+            for sl, imgs in iter_batches(plan, args.batch, pinned=pinned_wanted(xp)):
                 X, _ = prepare_batch(imgs, plan, sl, geom, box, apix, use_ctf=False)
                 a, b = sigma2_from_images(X, sh, n_shells)
                 s_sum += a
@@ -422,7 +422,7 @@ def run(args, comm, mode: str) -> dict:
             W_acc = xp.zeros((V,) + vol_shape, dtype=xp.float64)
             stats = Stats.zeros(n_shells, K)
             done = 0
-            batches = iter_batches(plan, args.batch)
+            batches = iter_batches(plan, args.batch, pinned=pinned_wanted(xp))
             while True:
                 with timer("read"):  # waiting for the prefetched batch
                     item = next(batches, None)

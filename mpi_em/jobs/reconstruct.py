@@ -28,7 +28,7 @@ from ..fourier import SliceGeometry, default_r_max
 from ..fsc import fsc, resolution_at, shell_frequencies
 from ..geometry import euler_to_matrix
 from ..io import atomic_path, check_stacks, check_writable_dir, read_particles, write_map
-from ..particles import iter_batches
+from ..particles import iter_batches, pinned_wanted
 from ..reconstruction import Accumulators, insert_images, prepare_images
 from ..symmetry import symmetry_matrices
 
@@ -75,7 +75,7 @@ def insert_plan(plan, acc: Accumulators, box: int, pixel_size: float, batch: int
     """Insert a rank's particles into ``acc`` (volume = half set - 1). Returns the number inserted."""
     xp = acc.geom.xp
     done = 0
-    for sl, imgs in iter_batches(plan, batch):
+    for sl, imgs in iter_batches(plan, batch, pinned=pinned_wanted(xp)):
         A = euler_to_matrix(plan["rot"][sl], plan["tilt"][sl], plan["psi"][sl], xp=xp)
         ctf = None
         if use_ctf:
@@ -161,7 +161,7 @@ def stream_plan(comm, plan, acc: PlaneOwnerAccumulator, geom, box, apix, batch, 
     n_local = len(plan["index"])
     n_rounds = comm.allreduce(-(-n_local // batch), op=MPI.MAX)
     mats = [None] if sym_mats is None else [xp.asarray(L, dtype=xp.float64) for L in sym_mats]
-    batches = iter_batches(plan, batch)
+    batches = iter_batches(plan, batch, pinned=pinned_wanted(xp))
     done = 0
     for _ in range(n_rounds):
         try:
