@@ -25,16 +25,23 @@ class Accumulators:
         return int(self.F.nbytes + self.W.nbytes)
 
 
-def prepare_images(images, ctf, shifts_px, geom: SliceGeometry):
-    """(n, N, N) images -> in-ball (data = CTF.X, weights = CTF^2), each (n, m), images re-centred by -shift."""
+def centred_points(images, shifts_px, geom: SliceGeometry, ctf=None):
+    """(n, N, N) images -> (X, CTF) at the in-ball points, each (n, m): the FFT of the images re-centred by -shift
+    (``shifts_px`` (n, 2) or None) and the gathered ``ctf`` (n, N, N//2+1) grids (ones when None)."""
     xp = geom.xp
     F2 = image_fft(xp.asarray(images, dtype=xp.float32))
     if shifts_px is not None:
         F2 = F2 * shift_phases(geom.box, -xp.asarray(shifts_px), xp=xp, dtype=F2.dtype)
     x = geom.gather(F2)
+    c = xp.ones(x.shape, dtype=xp.float32) if ctf is None else geom.gather(xp.asarray(ctf))
+    return x, c
+
+
+def prepare_images(images, ctf, shifts_px, geom: SliceGeometry):
+    """(n, N, N) images -> in-ball (data = CTF.X, weights = CTF^2), each (n, m), images re-centred by -shift."""
+    x, c = centred_points(images, shifts_px, geom, ctf)
     if ctf is None:
-        return x, xp.ones(x.shape, dtype=xp.float32)
-    c = geom.gather(xp.asarray(ctf))
+        return x, c
     return c * x, c * c
 
 

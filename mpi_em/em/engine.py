@@ -18,11 +18,12 @@ import numpy as np
 
 from ..backend import to_host, xp_of
 from ..ctf import ctf_images
-from ..fourier import SliceGeometry, image_fft, shift_phases
+from ..fourier import SliceGeometry
 from ..geometry import euler_to_matrix
 from ..sampling import translation_grid
 from .likelihood import (data_term, log_likelihood_local, log_likelihood_shared, offset_log_prior, posterior,
                          shell_of_points, significant_mask, translation_phases)
+from ..reconstruction import centred_points
 from .references import References, angles_from_mats, compose, insert, rotation_2d
 from ..timing import NULL_TIMER
 
@@ -79,18 +80,13 @@ def prepare_batch(images, plan, sl, geom: SliceGeometry, box: int, pixel_size: f
     """In-ball FFT of the images re-centred on their current offsets, and their CTFs: (n, m) each
     (``intact_first_peak``: CTF = 1 up to its first peak, RELION's --ctf_intact_first_peak)."""
     xp = geom.xp
-    F2 = image_fft(xp.asarray(images, dtype=xp.float32))
     off = np.stack([plan["origin_x"][sl], plan["origin_y"][sl]], axis=1) / pixel_size
-    F2 = F2 * shift_phases(box, -off, xp=xp, dtype=F2.dtype)
-    X = geom.gather(F2)
+    c = None
     if use_ctf:
         c = ctf_images(box, pixel_size, plan["defocus_u"][sl], plan["defocus_v"][sl], plan["defocus_angle"][sl],
                        plan["voltage"][sl], plan["cs"][sl], plan["amp_contrast"][sl], plan["phase_shift"][sl],
                        plan["bfactor"][sl], xp=xp, intact_first_peak=intact_first_peak)
-        ctf = geom.gather(c)
-    else:
-        ctf = xp.ones(X.shape, dtype=xp.float32)
-    return X, ctf
+    return centred_points(images, off, geom, c)
 
 
 def current_mats(plan, sl, dim: int, xp):

@@ -23,26 +23,44 @@ def _shell_index_planes(npad: int, pad: int, planes, xp, n_shells: int):
     return xp.minimum(xp.rint(r).astype(xp.int64), n_shells)  # n_shells = "outside" bin
 
 
-def shell_statistics(comm, F_own, W_own, planes, npad: int, pad: int, n_shells: int):
-    """Per volume and image-pixel shell: mean W, and mean |F/W|^2 over voxels with W > 0 (summed over ranks)."""
-    xp = xp_of(F_own)
-    V = F_own.shape[0]
-    out = np.zeros((4, V, n_shells + 1))
-    if len(planes):
-        sh = _shell_index_planes(npad, pad, planes, xp, n_shells).reshape(-1)
-        for v in range(V):
-            W = W_own[v].reshape(-1)
-            F = F_own[v].reshape(-1)
-            pos = W > 0
-            ratio = xp.where(pos, (F.real ** 2 + F.imag ** 2) / xp.where(pos, W, 1.0) ** 2, 0.0)
-            out[0, v] = to_host(xp.bincount(sh, weights=W.astype(xp.float64), minlength=n_shells + 1))
-            out[1, v] = to_host(xp.bincount(sh, minlength=n_shells + 1))
-            out[2, v] = to_host(xp.bincount(sh, weights=ratio.astype(xp.float64), minlength=n_shells + 1))
-            out[3, v] = to_host(xp.bincount(sh, weights=pos.astype(xp.float64), minlength=n_shells + 1))
-    allreduce_sum(comm, out)
+def _shell_sums(F, W, sh, n_shells: int) -> np.ndarray:
+    """Per volume of F, W (V, ...) and shell index ``sh`` (flat, n_shells = "outside" bin): sums of W, voxel
+    counts, |F/W|^2 over voxels with W > 0, and counts of W > 0 -> host (4, V, n_shells + 1). Volumes are done
+    together in chunks of ~16M voxels (one bincount per quantity and chunk)."""
+    xp = xp_of(F)
+    V = F.shape[0]
+    nb = n_shells + 1
+    Ff = F.reshape(V, -1)
+    Wf = W.reshape(V, -1)
+    out = np.zeros((4, V, nb))
+    chunk = max(1, (1 << 24) // max(Wf.shape[1], 1))
+    for v0 in range(0, V, chunk):
+        v1 = min(V, v0 + chunk)
+        idx = (sh[None, :] + nb * xp.arange(v1 - v0)[:, None]).reshape(-1)
+        w, f = Wf[v0:v1], Ff[v0:v1]
+        pos = w > 0
+        ratio = xp.where(pos, (f.real ** 2 + f.imag ** 2) / xp.where(pos, w, 1.0) ** 2, 0.0)
+        for q, vals in enumerate((w, xp.ones_like(w), ratio, pos)):
+            out[q, v0:v1] = to_host(xp.bincount(idx, weights=vals.reshape(-1).astype(xp.float64),
+                                                minlength=(v1 - v0) * nb)).reshape(v1 - v0, nb)
+    return out
+
+
+def _shell_means(out, n_shells: int):
+    """(mean W, mean |F/W|^2 over W > 0) per volume and shell from :func:`_shell_sums`."""
     mean_w = np.where(out[1] > 0, out[0] / np.maximum(out[1], 1), 0.0)[:, :n_shells]
     power = np.where(out[3] > 0, out[2] / np.maximum(out[3], 1), 0.0)[:, :n_shells]
     return mean_w, power
+
+
+def shell_statistics(comm, F_own, W_own, planes, npad: int, pad: int, n_shells: int):
+    """Per volume and image-pixel shell: mean W, and mean |F/W|^2 over voxels with W > 0 (summed over ranks)."""
+    xp = xp_of(F_own)
+    out = np.zeros((4, F_own.shape[0], n_shells + 1))
+    if len(planes):
+        out = _shell_sums(F_own, W_own, _shell_index_planes(npad, pad, planes, xp, n_shells).reshape(-1), n_shells)
+    allreduce_sum(comm, out)
+    return _shell_means(out, n_shells)
 
 
 def tau2_from_fsc(curve, mean_w, fudge: float):
@@ -116,20 +134,8 @@ def _reconstruct_2d(F_acc, W_acc, box, pad, r_max, fudge):
     npad = pad * box
     n_shells = box // 2 + 1
     sh = xp.minimum(xp.rint(radius_plane(npad, xp) / pad).astype(xp.int64), n_shells).reshape(-1)
-    K = F_acc.shape[0]
-    tau2 = np.zeros((K, n_shells))
-    mean_w = np.zeros((K, n_shells))
-    for k in range(K):
-        W = W_acc[k].reshape(-1)
-        F = F_acc[k].reshape(-1)
-        pos = W > 0
-        ratio = xp.where(pos, (F.real ** 2 + F.imag ** 2) / xp.where(pos, W, 1.0) ** 2, 0.0)
-        s = to_host(xp.bincount(sh, weights=ratio.astype(xp.float64), minlength=n_shells + 1))[:n_shells]
-        c = to_host(xp.bincount(sh, weights=pos.astype(xp.float64), minlength=n_shells + 1))[:n_shells]
-        tau2[k] = fudge * np.where(c > 0, s / np.maximum(c, 1), 0.0)
-        sw = to_host(xp.bincount(sh, weights=W.astype(xp.float64), minlength=n_shells + 1))[:n_shells]
-        nv = to_host(xp.bincount(sh, minlength=n_shells + 1))[:n_shells]
-        mean_w[k] = np.where(nv > 0, sw / np.maximum(nv, 1), 0.0)
+    mean_w, power = _shell_means(_shell_sums(F_acc, W_acc, sh, n_shells), n_shells)
+    tau2 = fudge * power
     maps = reconstruct2d(F_acc, W_acc, box, pad, r_max, tau2=xp.asarray(tau2), tau2_fudge=1.0)
     return maps.astype(xp.float32), {"tau2": tau2, "mean_w": mean_w}
 

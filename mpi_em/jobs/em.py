@@ -368,6 +368,7 @@ def run(args, comm, mode: str) -> dict:
             s_sum, s_cnt = np.zeros(n_shells), np.zeros(n_shells)
             sums = xp.zeros((K, box, box), dtype=xp.float64) if dim == 2 else None
             for sl, imgs in iter_batches(plan, args.batch, pinned=pinned_wanted(xp)):
+                imgs = xp.asarray(imgs)  # one host-to-device copy for the spectrum and the class sums
                 X, _ = prepare_batch(imgs, plan, sl, geom, box, apix, use_ctf=False)
                 a, b = sigma2_from_images(X, sh, n_shells)
                 s_sum += a
@@ -375,7 +376,7 @@ def run(args, comm, mode: str) -> dict:
                 if dim == 2:  # per-class sums of the images as one product: one_hot(class)^T @ images
                     cls = xp.asarray(plan["class_number"][sl] - 1)
                     onehot = (cls[:, None] == xp.arange(K)[None, :]).astype(xp.float64)
-                    flat = xp.asarray(imgs, dtype=xp.float64).reshape(len(cls), -1)
+                    flat = imgs.astype(xp.float64).reshape(len(cls), -1)
                     sums += (onehot.T @ flat).reshape(sums.shape)
             return s_sum, s_cnt, sums
         s_sum, s_cnt, sums = collective_step(comm, first_pass)

@@ -20,16 +20,16 @@ import time
 import numpy as np
 
 from ..backend import get_xp, synchronize, to_host
-from ..ctf import ctf_images
 from ..distributed import collective_step, log_placement, make_plan, root_step, select_device
 from ..distvolume import PlaneOwnerAccumulator, distributed_reconstruct, reduce_scatter_planes, volume_bytes_per_rank
 from ..errors import InputError
+from ..em.engine import prepare_batch
 from ..fourier import SliceGeometry, default_r_max
 from ..fsc import fsc, resolution_at, shell_frequencies
 from ..geometry import euler_to_matrix
 from ..io import atomic_path, check_stacks, check_writable_dir, read_particles, write_map
 from ..particles import iter_batches, pinned_wanted
-from ..reconstruction import Accumulators, insert_images, prepare_images
+from ..reconstruction import Accumulators, insert
 from ..symmetry import symmetry_matrices
 
 log = logging.getLogger("mpi_em")
@@ -76,14 +76,7 @@ def insert_plan(plan, acc: Accumulators, box: int, pixel_size: float, batch: int
     xp = acc.geom.xp
     done = 0
     for sl, imgs in iter_batches(plan, batch, pinned=pinned_wanted(xp)):
-        A = euler_to_matrix(plan["rot"][sl], plan["tilt"][sl], plan["psi"][sl], xp=xp)
-        ctf = None
-        if use_ctf:
-            ctf = ctf_images(box, pixel_size, plan["defocus_u"][sl], plan["defocus_v"][sl],
-                             plan["defocus_angle"][sl], plan["voltage"][sl], plan["cs"][sl],
-                             plan["amp_contrast"][sl], plan["phase_shift"][sl], plan["bfactor"][sl], xp=xp)
-        shifts = np.stack([plan["origin_x"][sl], plan["origin_y"][sl]], axis=1) / pixel_size
-        insert_images(acc, plan["half"][sl] - 1, xp.asarray(imgs), A, ctf, shifts, sym_mats)
+        insert(acc, *_image_batch(plan, sl, imgs, acc.geom, box, pixel_size, use_ctf), sym_mats)
         done += sl.stop - sl.start
         if progress:
             progress(done)
@@ -138,17 +131,13 @@ def volume_plan(box: int, pad: int, r_max: float, size: int, budget_text, batch:
     return dict(common, mode="stream", batch=int(min(batch, b)))
 
 
-def _image_batch(plan, sl, imgs, geom, box, apix, use_ctf, xp):
-    """(half index (n,), rotations (n,3,3), data = CTF.X (n, m), weights = CTF^2) of one batch."""
+def _image_batch(plan, sl, imgs, geom, box, apix, use_ctf):
+    """(half index (n,), rotations (n,3,3), data = CTF.X (n, m), weights = CTF^2) of one batch: the E-step's
+    batch preparation (images re-centred on their origins, in-ball values, CTFs) with the known poses."""
+    xp = geom.xp
     A = euler_to_matrix(plan["rot"][sl], plan["tilt"][sl], plan["psi"][sl], xp=xp)
-    ctf = None
-    if use_ctf:
-        ctf = ctf_images(box, apix, plan["defocus_u"][sl], plan["defocus_v"][sl], plan["defocus_angle"][sl],
-                         plan["voltage"][sl], plan["cs"][sl], plan["amp_contrast"][sl], plan["phase_shift"][sl],
-                         plan["bfactor"][sl], xp=xp)
-    shifts = np.stack([plan["origin_x"][sl], plan["origin_y"][sl]], axis=1) / apix
-    data, weights = prepare_images(xp.asarray(imgs), ctf, shifts, geom)
-    return plan["half"][sl] - 1, A, data, weights
+    X, ctf = prepare_batch(imgs, plan, sl, geom, box, apix, use_ctf=use_ctf)
+    return plan["half"][sl] - 1, A, ctf * X, ctf * ctf
 
 
 def stream_plan(comm, plan, acc: PlaneOwnerAccumulator, geom, box, apix, batch, sym_mats, use_ctf,
@@ -167,10 +156,9 @@ def stream_plan(comm, plan, acc: PlaneOwnerAccumulator, geom, box, apix, batch, 
         try:
             item = next(batches, None)
             prepared = None if item is None else (item[0], _image_batch(plan, item[0], item[1], geom, box, apix,
-                                                                        use_ctf, xp))
+                                                                        use_ctf))
         except Exception as e:  # noqa: BLE001 - sent to every rank in this round
-            for _L in mats:
-                acc.fail(e)  # raises RankFailed on every rank (first call)
+            acc.fail(e)  # the other ranks are in the same round: every rank raises RankFailed here
         for L in mats:
             if prepared is None:
                 acc.add_empty()
