@@ -108,10 +108,11 @@ __device__ void project_impl(const complex<T>* __restrict__ V, const double* __r
 }
 
 // ---- 2D: planes (K, Np, Np/2+1), rotations R (n, 2, 2), coords = pad * R^T (kx, ky); y wraps, x does not
+// (same argument list as backproject_fused; L and S are unused: no point groups in 2D)
 extern "C" __global__ void backproject2d_fused(
-        const double* __restrict__ R, const complex<double>* __restrict__ data, const double* __restrict__ weights,
-        const double* __restrict__ kxy, const long long* __restrict__ plane, double* __restrict__ F,
-        double* __restrict__ W, long long n, int m, int npad, int nxh, double pad) {
+        const double* __restrict__ R, const double* __restrict__ L, const complex<double>* __restrict__ data,
+        const double* __restrict__ weights, const double* __restrict__ kxy, const long long* __restrict__ plane,
+        double* __restrict__ F, double* __restrict__ W, long long n, int m, int S, int npad, int nxh, double pad) {
     long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= n * m) return;
     long long i = t / m;
@@ -211,58 +212,80 @@ def _ptr_or_null(a):
     return a if a is not None else np.uint64(0)
 
 
-def backproject(F_acc, W_acc, A, data, weights, geom, vol_index=None, sym_mats=None) -> None:
-    """GPU :func:`mpi_em.fourier.backproject` (in place), with optional symmetry copies A @ L for L in sym_mats.
+def _per_row(index, n):
+    """Per-row int64 volume/plane index on the device, or None."""
+    import cupy as cp
 
-    F_acc complex128 and W_acc float64 (or None), C-contiguous, one volume or a stack with ``vol_index``.
-    """
+    if index is None:
+        return None
+    return cp.ascontiguousarray(cp.broadcast_to(cp.asarray(index, dtype=cp.int64).reshape(-1), (n,)))
+
+
+def _launch(name, total, args):
+    _fn(name)(((total + _THREADS - 1) // _THREADS,), (_THREADS,), args)
+
+
+def _insert(name, d, F_acc, W_acc, R, data, weights, geom, index, sym_mats=None) -> None:
+    """Fused insertion with rotations R (n, d, d) into F_acc / W_acc (in place), rows into volume/plane index."""
     import cupy as cp
 
     if F_acc.dtype != np.complex128 or (W_acc is not None and W_acc.dtype != np.float64):
         raise TypeError("the fused GPU insertion accumulates in complex128 / float64")
-    A = cp.ascontiguousarray(cp.asarray(A, dtype=cp.float64).reshape(-1, 3, 3))
-    n = A.shape[0]
-    m = geom.m
+    R = cp.ascontiguousarray(cp.asarray(R, dtype=cp.float64).reshape(-1, d, d))
+    n, m = R.shape[0], geom.m
     if n == 0 or m == 0:
         return
     data = cp.ascontiguousarray(cp.asarray(data).reshape(n, m).astype(cp.complex128, copy=False))
     w = None
     if W_acc is not None and weights is not None:
-        w = cp.ascontiguousarray(cp.asarray(weights).reshape(n, m).astype(cp.float64, copy=False))
+        w = cp.asarray(weights, dtype=cp.float64)
+        w = cp.ascontiguousarray(w.reshape(n, m) if w.size == n * m else cp.broadcast_to(w, (n, m)))
     L = None if sym_mats is None else cp.ascontiguousarray(cp.asarray(sym_mats, dtype=cp.float64))
-    S = 1 if L is None else L.shape[0]
-    vol = None if vol_index is None else cp.ascontiguousarray(
-        cp.broadcast_to(cp.asarray(vol_index, dtype=cp.int64).reshape(-1), (n,)))
-    kxy = _kxy(geom)
-    total = n * m
-    _fn("backproject_fused")(
-        ((total + _THREADS - 1) // _THREADS,), (_THREADS,),
-        (A, _ptr_or_null(L), data, _ptr_or_null(w), kxy, _ptr_or_null(vol), F_acc,
-         _ptr_or_null(W_acc if w is not None else None), np.int64(n), np.int32(m), np.int32(S),
-         np.int32(geom.npad), np.int32(geom.npad // 2 + 1), np.float64(geom.pad)))
+    _launch(name, n * m,
+            (R, _ptr_or_null(L), data, _ptr_or_null(w), _kxy(geom), _ptr_or_null(_per_row(index, n)), F_acc,
+             _ptr_or_null(W_acc if w is not None else None), np.int64(n), np.int32(m),
+             np.int32(1 if L is None else L.shape[0]), np.int32(geom.npad), np.int32(geom.npad // 2 + 1),
+             np.float64(geom.pad)))
+
+
+def _project(prefix, d, V, R, geom, index):
+    """Fused slice extraction (rotations R (..., d, d)) from V (complex64 or complex128) -> (..., m)."""
+    import cupy as cp
+
+    lead = tuple(R.shape[:-2])
+    R = cp.ascontiguousarray(cp.asarray(R, dtype=cp.float64).reshape(-1, d, d))
+    n, m = R.shape[0], geom.m
+    suffix, dt = ("_c64", cp.complex64) if V.dtype == np.complex64 else ("_c128", cp.complex128)
+    V = cp.ascontiguousarray(V.astype(dt, copy=False))
+    out = cp.empty((n, m), dtype=dt)
+    if n and m:
+        _launch(prefix + suffix, n * m,
+                (V, R, _kxy(geom), _ptr_or_null(_per_row(index, n)), out, np.int64(n), np.int32(m),
+                 np.int32(geom.npad), np.int32(geom.npad // 2 + 1), np.float64(geom.pad)))
+    return out.reshape(lead + (m,))
+
+
+def backproject(F_acc, W_acc, A, data, weights, geom, vol_index=None, sym_mats=None) -> None:
+    """GPU :func:`mpi_em.fourier.backproject` (in place), with optional symmetry copies A @ L for L in sym_mats.
+
+    F_acc complex128 and W_acc float64 (or None), C-contiguous, one volume or a stack with ``vol_index``.
+    """
+    _insert("backproject_fused", 3, F_acc, W_acc, A, data, weights, geom, vol_index, sym_mats)
 
 
 def project(Fvol, A, geom, vol_index=None):
     """GPU :func:`mpi_em.fourier.project`: (..., m) in-ball values of the slices A (..., 3, 3)."""
-    import cupy as cp
+    return _project("project_fused", 3, Fvol, A, geom, vol_index)
 
-    lead = A.shape[:-2]
-    A = cp.ascontiguousarray(cp.asarray(A, dtype=cp.float64).reshape(-1, 3, 3))
-    n, m = A.shape[0], geom.m
-    if Fvol.dtype == np.complex64:
-        name, dt = "project_fused_c64", cp.complex64
-    else:
-        name, dt = "project_fused_c128", cp.complex128
-    V = cp.ascontiguousarray(Fvol.astype(dt, copy=False))
-    out = cp.empty((n, m), dtype=dt)
-    if n and m:
-        vol = None if vol_index is None else cp.ascontiguousarray(
-            cp.broadcast_to(cp.asarray(vol_index, dtype=cp.int64).reshape(-1), (n,)))
-        total = n * m
-        _fn(name)(((total + _THREADS - 1) // _THREADS,), (_THREADS,),
-                  (V, A, _kxy(geom), _ptr_or_null(vol), out, np.int64(n), np.int32(m), np.int32(geom.npad),
-                   np.int32(geom.npad // 2 + 1), np.float64(geom.pad)))
-    return out.reshape(lead + (m,))
+
+def backproject2d(F_acc, W_acc, R, data, weights, geom, plane_index=None) -> None:
+    """GPU :func:`mpi_em.fourier2d.backproject2d` for one plane or a stack with ``plane_index`` (in place)."""
+    _insert("backproject2d_fused", 2, F_acc, W_acc, R, data, weights, geom, plane_index)
+
+
+def project2d(Fplanes, R, geom, plane_index=None):
+    """GPU :func:`mpi_em.fourier2d.project2d` for one plane or a stack with ``plane_index``."""
+    return _project("project2d_fused", 2, Fplanes, R, geom, plane_index)
 
 
 def _kxy(geom):
@@ -273,48 +296,3 @@ def _kxy(geom):
         k = cp.ascontiguousarray(cp.asarray(geom.kxy, dtype=cp.float64))
         geom._kxy_f64 = k
     return k
-
-
-def backproject2d(F_acc, W_acc, R, data, weights, geom, plane_index=None) -> None:
-    """GPU :func:`mpi_em.fourier2d.backproject2d` for one plane or a stack with ``plane_index`` (in place)."""
-    import cupy as cp
-
-    if F_acc.dtype != np.complex128 or (W_acc is not None and W_acc.dtype != np.float64):
-        raise TypeError("the fused GPU insertion accumulates in complex128 / float64")
-    R = cp.ascontiguousarray(cp.asarray(R, dtype=cp.float64).reshape(-1, 2, 2))
-    n, m = R.shape[0], geom.m
-    if n == 0 or m == 0:
-        return
-    data = cp.ascontiguousarray(cp.asarray(data).reshape(n, m).astype(cp.complex128, copy=False))
-    w = None
-    if W_acc is not None and weights is not None:
-        w = cp.ascontiguousarray(cp.broadcast_to(cp.asarray(weights, dtype=cp.float64), (n, m)))
-    plane = None if plane_index is None else cp.ascontiguousarray(
-        cp.broadcast_to(cp.asarray(plane_index, dtype=cp.int64).reshape(-1), (n,)))
-    total = n * m
-    _fn("backproject2d_fused")(
-        ((total + _THREADS - 1) // _THREADS,), (_THREADS,),
-        (R, data, _ptr_or_null(w), _kxy(geom), _ptr_or_null(plane), F_acc,
-         _ptr_or_null(W_acc if w is not None else None), np.int64(n), np.int32(m), np.int32(geom.npad),
-         np.int32(geom.npad // 2 + 1), np.float64(geom.pad)))
-
-
-def project2d(Fplanes, R, geom, plane_index=None):
-    """GPU :func:`mpi_em.fourier2d.project2d` for one plane or a stack with ``plane_index``."""
-    import cupy as cp
-
-    lead = tuple(R.shape[:-2])
-    R = cp.ascontiguousarray(cp.asarray(R, dtype=cp.float64).reshape(-1, 2, 2))
-    n, m = R.shape[0], geom.m
-    name, dt = ("project2d_fused_c64", cp.complex64) if Fplanes.dtype == np.complex64 else \
-        ("project2d_fused_c128", cp.complex128)
-    V = cp.ascontiguousarray(Fplanes.astype(dt, copy=False))
-    out = cp.empty((n, m), dtype=dt)
-    if n and m:
-        plane = None if plane_index is None else cp.ascontiguousarray(
-            cp.broadcast_to(cp.asarray(plane_index, dtype=cp.int64).reshape(-1), (n,)))
-        total = n * m
-        _fn(name)(((total + _THREADS - 1) // _THREADS,), (_THREADS,),
-                  (V, R, _kxy(geom), _ptr_or_null(plane), out, np.int64(n), np.int32(m), np.int32(geom.npad),
-                   np.int32(geom.npad // 2 + 1), np.float64(geom.pad)))
-    return out.reshape(lead + (m,))
