@@ -60,6 +60,22 @@ def ctf_images(box: int, pixel_size, defocus_u, defocus_v, defocus_angle, voltag
     return out.astype(dtype)
 
 
+def ctf_points(geom, pixel_size, defocus_u, defocus_v, defocus_angle, voltage, cs, amp_contrast,
+               phase_shift=0.0, bfactor=0.0, dtype=np.float32, intact_first_peak: bool = False):
+    """(n, m) CTFs at the in-ball points of ``geom`` (:class:`mpi_em.fourier.SliceGeometry`): the values of
+    :func:`ctf_images` there, without evaluating the rest of the rfft2 grid."""
+    xp = geom.xp
+    def col(a):
+        return xp.asarray(a, dtype=xp.float64).reshape(-1, 1)
+    apix = col(pixel_size)
+    k = xp.asarray(geom.kxy, dtype=xp.float64)
+    fx = k[None, :, 0] / (geom.box * apix)
+    fy = k[None, :, 1] / (geom.box * apix)
+    out = ctf_values(fx, fy, col(defocus_u), col(defocus_v), col(defocus_angle), col(voltage), col(cs),
+                     col(amp_contrast), col(phase_shift), col(bfactor), xp=xp, intact_first_peak=intact_first_peak)
+    return out.astype(dtype)
+
+
 def ctf_for_particles(star, rows, xp=np, dtype=np.float32):
     """CTFs for the given rows of a :class:`mpi_em.io.star.ParticleStar`."""
     rows = np.asarray(rows)

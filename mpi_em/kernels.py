@@ -189,6 +189,80 @@ extern "C" __global__ void project_fused_c128(const complex<double>* V, const do
         const long long* vol, complex<double>* out, long long n, int m, int npad, int nxh, double pad) {
     project_impl<double>(V, A, kxy, vol, out, n, m, npad, nxh, pad);
 }
+
+// ---- symmetrise summed accumulators (RELION BackProjector::symmetrise): one thread per output voxel of the
+// half grid (V, Np, Np, Np/2+1): out(q) = sum_s G(L_s q), trilinear, Friedel flip for x < 0 (conjugate F);
+// voxels with |q| > rlim are set to zero (no data there: see mpi_em.fourier.symmetrise)
+extern "C" __global__ void symmetrise_fused(
+        const complex<double>* __restrict__ F, const double* __restrict__ W, const double* __restrict__ L, int S,
+        complex<double>* __restrict__ Fo, double* __restrict__ Wo, long long total, int npad, int nxh,
+        double rlim2) {
+    long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= total) return;
+    const long long per = (long long)npad * npad * nxh;
+    const long long v = t / per, r = t - v * per;
+    const int x = (int)(r % nxh);
+    const long long zy = r / nxh;
+    const int y = (int)(zy % npad), z = (int)(zy / npad);
+    const double qx = x, qy = y >= (npad + 1) / 2 ? y - npad : y, qz = z >= (npad + 1) / 2 ? z - npad : z;
+    complex<double> accF(0, 0);
+    double accW = 0.0;
+    if (qx * qx + qy * qy + qz * qz <= rlim2) {
+        const long long off = v * per;
+        for (int s = 0; s < S; ++s) {
+            const double* l = L + 9 * s;
+            double c0 = l[0] * qx + l[1] * qy + l[2] * qz;
+            double c1 = l[3] * qx + l[4] * qy + l[5] * qz;
+            double c2 = l[6] * qx + l[7] * qy + l[8] * qz;
+            const bool flip = c0 < 0;
+            if (flip) { c0 = -c0; c1 = -c1; c2 = -c2; }
+            const double x0 = floor(c0), y0 = floor(c1), z0 = floor(c2);
+            const double fx = c0 - x0, fy = c1 - y0, fz = c2 - z0;
+            const long long ix = (long long)x0, iy = (long long)y0, iz = (long long)z0;
+            complex<double> g(0, 0);
+            double gw = 0.0;
+            #pragma unroll
+            for (int dz = 0; dz < 2; ++dz) {
+                long long zz = ((iz + dz) % npad + npad) % npad;
+                double wz = dz ? fz : 1.0 - fz;
+                #pragma unroll
+                for (int dy = 0; dy < 2; ++dy) {
+                    long long yy = ((iy + dy) % npad + npad) % npad;
+                    double wzy = wz * (dy ? fy : 1.0 - fy);
+                    #pragma unroll
+                    for (int dx = 0; dx < 2; ++dx) {
+                        double w = wzy * (dx ? fx : 1.0 - fx);
+                        long long idx = off + (zz * npad + yy) * nxh + ix + dx;
+                        g += F[idx] * w;
+                        gw += W[idx] * w;
+                    }
+                }
+            }
+            accF += flip ? conj(g) : g;
+            accW += gw;
+        }
+    }
+    Fo[t] = accF;
+    Wo[t] = accW;
+}
+
+// ---- E-step: out[i, c] = log sum_t exp(L[i, t, c] + prior[t]) for L (n, T, C) float32, one pass over L
+// (online log-sum-exp; consecutive threads read consecutive c of one (i, t) row)
+extern "C" __global__ void logsumexp_translations(const float* __restrict__ L, const float* __restrict__ prior,
+                                                  float* __restrict__ out, long long n, int T, long long C) {
+    long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= n * C) return;
+    long long i = t / C, c = t - i * C;
+    const float* p = L + i * (long long)T * C + c;
+    const float neg_inf = __int_as_float(0xff800000);
+    float mx = neg_inf, s = 0.0f;
+    for (int k = 0; k < T; ++k) {
+        float x = p[(long long)k * C] + prior[k];
+        if (x > mx) { s = s * expf(mx - x) + 1.0f; mx = x; }
+        else if (x > neg_inf) s += expf(x - mx);
+    }
+    out[t] = mx > neg_inf ? mx + logf(s) : mx;
+}
 """
 
 _THREADS = 256
@@ -286,6 +360,33 @@ def backproject2d(F_acc, W_acc, R, data, weights, geom, plane_index=None) -> Non
 def project2d(Fplanes, R, geom, plane_index=None):
     """GPU :func:`mpi_em.fourier2d.project2d` for one plane or a stack with ``plane_index``."""
     return _project("project2d_fused", 2, Fplanes, R, geom, plane_index)
+
+
+def symmetrise(F, W, sym_mats, rlim: float):
+    """GPU gather of :func:`mpi_em.fourier.symmetrise` (complex128 F, float64 W stacks) -> new (F, W)."""
+    import cupy as cp
+
+    F = cp.ascontiguousarray(F.astype(cp.complex128, copy=False))
+    W = cp.ascontiguousarray(W.astype(cp.float64, copy=False))
+    L = cp.ascontiguousarray(cp.asarray(sym_mats, dtype=cp.float64).reshape(-1, 3, 3))
+    Fo, Wo = cp.empty_like(F), cp.empty_like(W)
+    npad = F.shape[-3]
+    _launch("symmetrise_fused", F.size,
+            (F, W, L, np.int32(L.shape[0]), Fo, Wo, np.int64(F.size), np.int32(npad), np.int32(F.shape[-1]),
+             np.float64(rlim * rlim)))
+    return Fo, Wo
+
+
+def logsumexp_translations(L, prior_t):
+    """GPU :func:`mpi_em.em.likelihood.marginalise_translations`: L (n, T, C) float32 C-contiguous -> (n, C)."""
+    import cupy as cp
+
+    n, T, C = L.shape
+    out = cp.empty((n, C), dtype=cp.float32)
+    if n and C:
+        _launch("logsumexp_translations", n * C,
+                (L, cp.ascontiguousarray(prior_t, dtype=cp.float32), out, np.int64(n), np.int32(T), np.int64(C)))
+    return out
 
 
 def _kxy(geom):

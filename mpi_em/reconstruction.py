@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .fourier import SliceGeometry, backproject, image_fft, shift_phases
+from .fourier import SliceGeometry, backproject, image_fft
 
 
 class Accumulators:
@@ -27,14 +27,16 @@ class Accumulators:
 
 def centred_points(images, shifts_px, geom: SliceGeometry, ctf=None):
     """(n, N, N) images -> (X, CTF) at the in-ball points, each (n, m): the FFT of the images re-centred by -shift
-    (``shifts_px`` (n, 2) or None) and the gathered ``ctf`` (n, N, N//2+1) grids (ones when None)."""
+    (``shifts_px`` (n, 2) or None; the phase factors are applied at the in-ball points only) and the CTFs, given
+    at the points (n, m) or as (n, N, N//2+1) grids to gather (ones when None)."""
     xp = geom.xp
-    F2 = image_fft(xp.asarray(images, dtype=xp.float32))
+    x = geom.gather(image_fft(xp.asarray(images, dtype=xp.float32)))
     if shifts_px is not None:
-        F2 = F2 * shift_phases(geom.box, -xp.asarray(shifts_px), xp=xp, dtype=F2.dtype)
-    x = geom.gather(F2)
-    c = xp.ones(x.shape, dtype=xp.float32) if ctf is None else geom.gather(xp.asarray(ctf))
-    return x, c
+        x = x * geom.phases(xp.asarray(shifts_px, dtype=xp.float64)[:, None, :], dtype=x.dtype)[:, 0]
+    if ctf is None:
+        return x, xp.ones(x.shape, dtype=xp.float32)
+    ctf = xp.asarray(ctf)
+    return x, ctf if ctf.ndim == 2 else geom.gather(ctf)
 
 
 def prepare_images(images, ctf, shifts_px, geom: SliceGeometry):

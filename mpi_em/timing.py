@@ -4,7 +4,8 @@ A :class:`PhaseTimer` is passed down the data path; ``with timer("name"):`` adds
 ``timer.seconds[name]``. On the GPU the device is synchronised at the block's start and end, so the time belongs to
 the phase that launched the work (a few synchronisations per batch). ``timer.flops[name]`` counts floating-point
 operations where the phase is a matrix product (the E-step's GEMMs), for achieved-rate figures, and
-``timer.bytes[name]`` bytes handed to collectives.
+``timer.bytes[name]`` bytes handed to collectives. ``timer.detail(name)`` times a step inside a phase only when
+the timer was made with ``detail=True`` (benchmarks; kept apart in ``detail_seconds``, so phases still add up).
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from .backend import synchronize
 
 
 class PhaseTimer:
-    def __init__(self, xp=np, sync: bool = True):
-        self.xp, self.sync = xp, sync
+    def __init__(self, xp=np, sync: bool = True, detail: bool = False):
+        self.xp, self.sync, self.detailed = xp, sync, detail
         self.seconds: dict[str, float] = defaultdict(float)
+        self.detail_seconds: dict[str, float] = defaultdict(float)
         self.flops: dict[str, float] = defaultdict(float)
         self.bytes: dict[str, float] = defaultdict(float)
 
@@ -36,6 +38,19 @@ class PhaseTimer:
                 synchronize(self.xp)
             self.seconds[name] += time.perf_counter() - t
 
+    @contextmanager
+    def detail(self, name: str):
+        if not self.detailed:
+            yield
+            return
+        synchronize(self.xp)
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.xp)
+            self.detail_seconds[name] += time.perf_counter() - t
+
     def add_flops(self, name: str, n: float) -> None:
         self.flops[name] += float(n)
 
@@ -43,7 +58,10 @@ class PhaseTimer:
         self.bytes[name] += float(n)
 
     def as_dict(self) -> dict:
-        return {"seconds": dict(self.seconds), "flops": dict(self.flops), "bytes": dict(self.bytes)}
+        out = {"seconds": dict(self.seconds), "flops": dict(self.flops), "bytes": dict(self.bytes)}
+        if self.detailed:
+            out["detail_seconds"] = dict(self.detail_seconds)
+        return out
 
 
 class _Null:
@@ -52,6 +70,8 @@ class _Null:
     @contextmanager
     def __call__(self, name: str):
         yield
+
+    detail = __call__
 
     def add_flops(self, name: str, n: float) -> None:
         pass

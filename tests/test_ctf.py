@@ -64,3 +64,15 @@ def test_grid_layout():
         fy = (i if i < 32 else i - 64) / (box * apix)
         assert c[0, i, j] == pytest.approx(ctf_values(j / (box * apix), fy, 15000, 14000, 20, 300, 2.7, 0.1),
                                            abs=1e-12)
+
+
+def test_ctf_points_are_the_grid_values_at_the_in_ball_points():
+    """The E-step evaluates CTFs at the in-ball points only: the same formula on the same frequencies, so
+    bit-identical to gathering the full rfft2 grid."""
+    from mpi_em.ctf import ctf_points
+    from mpi_em.fourier import SliceGeometry
+
+    geom = SliceGeometry(48, r_max=17)
+    args = (1.3, [15000.0, 9000.0], [14000.0, 8800.0], [20.0, 100.0], 300.0, 2.7, 0.1, [0.0, 30.0], [0.0, 50.0])
+    grid = ctf_images(48, *args)
+    assert np.array_equal(ctf_points(geom, *args), geom.gather(grid))

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from mpi_em.fourier import (SliceGeometry, backproject, enforce_hermitian_x0, image_fft, image_ifft, project,
+from mpi_em.fourier import (SliceGeometry, backproject, enforce_hermitian_x0, symmetrise, image_fft, image_ifft, project,
                             reconstruct, shift_phases, volume_fft)
 from mpi_em.fsc import fsc
 from mpi_em.geometry import euler_to_matrix, random_rotations
@@ -77,7 +77,7 @@ def test_euler_matrix_is_relion_convention():
     np.testing.assert_allclose(A, [[0, 0, -1], [0, 1, 0], [1, 0, 0]], atol=1e-15)
 
 
-def _noiseless_reconstruction(box, n, sym, seed):
+def _noiseless_reconstruction(box, n, sym, seed, symmetrise_sum=False):
     vol = phantom(box, seed=seed, sym=sym).astype(np.float64)
     sim = simulate_particles(vol, n, pixel_size=2.0, snr=0, seed=seed, max_shift=2.0)
     geom = SliceGeometry(box)
@@ -91,7 +91,9 @@ def _noiseless_reconstruction(box, n, sym, seed):
     A = euler_to_matrix(sim.rot, sim.tilt, sim.psi)
     for s in range(0, n, 500):
         insert_images(acc, 0, sim.images[s:s + 500], A[s:s + 500], ctf[s:s + 500],
-                      np.stack([sim.shift_x, sim.shift_y], 1)[s:s + 500], mats)
+                      np.stack([sim.shift_x, sim.shift_y], 1)[s:s + 500], None if symmetrise_sum else mats)
+    if symmetrise_sum:
+        symmetrise(acc.F, acc.W, mats)
     rec = reconstruct(acc.F[0], acc.W[0], box)
     return vol, rec
 
@@ -110,3 +112,51 @@ def test_hermitian_x0_merge_is_symmetric(rng):
     enforce_hermitian_x0(F)
     m = (-np.arange(8)) % 8
     np.testing.assert_allclose(F[:, :, 0], np.conj(F[m][:, m, 0]))
+
+
+def _random_sums(rng, box, n, mats=None, n_vol=1):
+    """Accumulators of n random complex slices (random poses, volumes), per-copy insertion with ``mats``."""
+    geom = SliceGeometry(box)
+    acc = Accumulators(geom, n_vol=n_vol)
+    data = rng.normal(size=(n, geom.m)) + 1j * rng.normal(size=(n, geom.m))
+    A = euler_to_matrix(*random_rotations(n, rng))
+    backproject(acc.F, acc.W, A, data, rng.uniform(0.1, 1, (n, geom.m)), geom,
+                vol_index=rng.integers(0, n_vol, n), sym_mats=mats)
+    return acc
+
+
+@pytest.mark.parametrize("sym", ["C4", "D2", "O"])
+def test_symmetrise_equals_per_copy_insertion_for_grid_operators(sym):
+    """Operators that map the padded grid onto itself (rotations by 90/180 degrees about the axes: C4, D2, and the
+    axis-permuting 3-folds of O) move every trilinear stencil onto the rotated stencil with the same weights, so
+    symmetrising the sum is per-copy insertion up to float64 rounding (relative 1e-12 allows the accumulation
+    order of ~200 terms per voxel and cos(90 deg) = 6e-17 in the matrices)."""
+    from mpi_em.symmetry import symmetry_matrices
+    mats = symmetry_matrices(sym)
+    copies = _random_sums(np.random.default_rng(3), 16, 40, mats, n_vol=2)
+    once = _random_sums(np.random.default_rng(3), 16, 40, None, n_vol=2)
+    symmetrise(once.F, once.W, mats)
+    for a in (copies, once):
+        enforce_hermitian_x0(a.F, a.W)  # as reconstruct() does
+    np.testing.assert_allclose(once.F, copies.F, rtol=0, atol=1e-12 * np.abs(copies.F).max())
+    np.testing.assert_allclose(once.W, copies.W, rtol=0, atol=1e-12 * copies.W.max())
+
+
+def test_symmetrise_identity_group_changes_nothing(rng):
+    acc = _random_sums(rng, 16, 20)
+    F, W = acc.F.copy(), acc.W.copy()
+    symmetrise(acc.F, acc.W, np.eye(3)[None])
+    assert np.array_equal(F, acc.F) and np.array_equal(W, acc.W)
+
+
+def test_symmetrised_sum_reconstructs_as_well_as_per_copy_insertion():
+    """D7 (7-fold operators do not map the grid onto itself: the sum is re-sampled by trilinear interpolation, as
+    RELION does): noiseless known-pose reconstruction from 300 particles, the same bar as per-copy insertion
+    (FSC with truth >= 0.9 up to 0.8 Nyquist), and the two maps agree to within the interpolation error of
+    re-sampling a 2x oversampled grid (FSC between them >= 0.99 up to 0.8 Nyquist)."""
+    box = 48
+    vol, rec = _noiseless_reconstruction(box, 300, "D7", seed=11, symmetrise_sum=True)
+    _, ref = _noiseless_reconstruction(box, 300, "D7", seed=11)
+    upto = int(0.8 * (box // 2))
+    assert fsc(vol, rec)[1:upto + 1].min() >= 0.9
+    assert fsc(ref, rec)[1:upto + 1].min() >= 0.99, fsc(ref, rec)

@@ -117,6 +117,84 @@ def test_fused_and_stencil_gpu_paths_agree(rng, monkeypatch):
     np.testing.assert_allclose(fused.F.get(), plain.F.get(), rtol=0, atol=1e-12 * float(abs(plain.F).max()))
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_symmetrise_gpu_equals_cpu(rng, monkeypatch, fused):
+    """Symmetrising a stack of summed accumulators (D7: re-sampled by interpolation) on the GPU, with the fused
+    gather kernel and with the array path, against NumPy: the same float64 terms summed in another order ->
+    1e-12 of the largest value."""
+    from mpi_em.fourier import backproject, symmetrise
+    from mpi_em.symmetry import symmetry_matrices
+
+    box, n = 32, 200
+    geom = SliceGeometry(box)
+    F = np.zeros((2,) + geom.vol_shape, dtype=np.complex128)
+    W = np.zeros((2,) + geom.vol_shape)
+    backproject(F, W, euler_to_matrix(*random_rotations(n, rng)),
+                rng.normal(size=(n, geom.m)) + 1j * rng.normal(size=(n, geom.m)), rng.random((n, geom.m)), geom,
+                vol_index=rng.integers(0, 2, n))
+    Fg, Wg = cp.asarray(F), cp.asarray(W)
+    sym = symmetry_matrices("D7")
+    symmetrise(F, W, sym)
+    if not fused:
+        _stencil_path(monkeypatch)
+    symmetrise(Fg, Wg, sym)
+    np.testing.assert_allclose(Fg.get(), F, rtol=0, atol=1e-12 * np.abs(F).max())
+    np.testing.assert_allclose(Wg.get(), W, rtol=0, atol=1e-12 * np.abs(W).max())
+
+
+def test_logsumexp_translations_kernel_equals_cpu(rng):
+    """The fused marginalisation over translations against the NumPy path on the same float32 input: |L| <= 1e3,
+    so float32 rounding of L + prior (6e-5) and of expf/logf bound the difference (4 x 2^-24 x 1e3)."""
+    from mpi_em.em.likelihood import marginalise_translations
+
+    L = rng.uniform(-1000, 1000, (7, 13, 300)).astype(np.float32)
+    L[0, :, 5] = -np.inf
+    prior = rng.uniform(-4, 0, 13).astype(np.float32)
+    a = marginalise_translations(L, prior)
+    b = marginalise_translations(cp.asarray(L), cp.asarray(prior)).get()
+    assert b[0, 5] == -np.inf
+    ok = np.isfinite(a)
+    np.testing.assert_allclose(b[ok], a[ok], rtol=0, atol=4 * 2.0 ** -24 * 1000)
+
+
+def test_expectation_batch_gpu_equals_cpu():
+    """One E-step batch (global order-1 search, gold-standard halves, CTF) on the GPU and on the CPU: the same
+    best poses and translations for every particle (SNR 1: no float32 near-ties), posterior maxima and inserted
+    accumulators equal to float32 accuracy of the likelihoods (1e-3 relative)."""
+    from mpi_em.em.engine import (SearchSpec, Stats, expectation_batch, inverse_sigma2_points, shell_of_points,
+                                  sigma2_from_images)
+    from mpi_em.em.references import References, fine_offsets, global_grid
+    from mpi_em.reconstruction import centred_points
+
+    box, n = 32, 64
+    vol = phantom(box, seed=4).astype(np.float64)
+    sim = simulate_particles(vol, n, pixel_size=4.0, snr=1.0, seed=9, max_shift=1.0)
+    g0 = SliceGeometry(box, r_max=12)
+    s_sum, s_cnt = sigma2_from_images(centred_points(sim.images, None, g0)[0], shell_of_points(g0), box // 2 + 1)
+    sigma2 = s_sum / np.maximum(s_cnt, 1)  # the image power spectrum, as a job's first pass
+    out = {}
+    for xp in (np, cp):
+        geom = SliceGeometry(box, r_max=12, xp=xp)
+        sh = shell_of_points(geom)
+        c = ctf_images(box, 4.0, sim.defocus_u, sim.defocus_v, sim.defocus_angle, 300.0, 2.7, 0.1, xp=xp)
+        X, ctf = centred_points(xp.asarray(sim.images), None, geom, c)
+        spec = SearchSpec(dim=3, n_classes=1, global_mats=global_grid(3, 1, "C1", xp), local_mats=None,
+                          fine_mats=fine_offsets(3, 30.0, xp), offset_range=2.0, offset_step=1.0, offset_sigma=2.0,
+                          log_class_prior=xp.zeros(1, dtype=xp.float32))
+        refs = References(xp.asarray(np.stack([vol, vol])), 3, 2)
+        F = xp.zeros((2,) + geom.vol_shape, dtype=xp.complex128)
+        W = xp.zeros((2,) + geom.vol_shape, dtype=xp.float64)
+        res = expectation_batch(X, ctf, inverse_sigma2_points(sigma2, sh, xp), sh, refs,
+                                xp.asarray(np.arange(n) % 2), None, xp.zeros(n, dtype=xp.int64), spec, geom, F, W,
+                                Stats.zeros(box // 2 + 1, 1), box // 2 + 1)
+        out[xp.__name__] = (res, F.get() if xp is cp else F)
+    (rc, Fc), (rg, Fg) = out["numpy"], out["cupy"]
+    np.testing.assert_allclose(rg["mats"], rc["mats"], atol=1e-9)
+    np.testing.assert_allclose(rg["shift"], rc["shift"], atol=1e-9)
+    np.testing.assert_allclose(rg["pmax"], rc["pmax"], rtol=1e-3, atol=1e-3)
+    assert np.abs(Fg - Fc).max() <= 1e-3 * np.abs(Fc).max()
+
+
 def test_fused_2d_insertion_and_projection_equal_cpu(rng):
     """2D planes (class2d): fused bilinear insertion into a stack with plane_index, and projection from it,
     against the NumPy path (float64 coordinates and accumulation: 1e-12 of the largest value)."""

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..backend import to_host, xp_of
-from ..ctf import ctf_images
+from ..ctf import ctf_points
 from ..fourier import SliceGeometry
 from ..geometry import euler_to_matrix
 from ..sampling import translation_grid
-from .likelihood import (data_term, log_likelihood_local, log_likelihood_shared, offset_log_prior, posterior,
-                         shell_of_points, significant_mask, translation_phases)
+from .likelihood import (data_term, log_likelihood_local, marginalise_translations, offset_log_prior, posterior,
+                         shared_operands, shared_parts, shell_of_points, significant_mask, top_k,
+                         translation_phases)
 from ..reconstruction import centred_points
 from .references import References, angles_from_mats, compose, insert, rotation_2d
 from ..timing import NULL_TIMER
@@ -44,7 +45,6 @@ class SearchSpec:
     class_select: int = 10           # classes per particle whose best coarse pose(s) the fine pass also refines
     log_class_prior: object | None = None   # (K,) log pi_k
     fixed_class: bool = False        # iteration-1 random subsets: each particle sees only its class
-    sym_mats: object | None = None   # (G, 3, 3) point-group operators: every pose is inserted as A.L for each L
     projection_cache: dict = field(default_factory=dict)  # reference set -> projections of the global grid
 
 
@@ -79,13 +79,12 @@ def prepare_batch(images, plan, sl, geom: SliceGeometry, box: int, pixel_size: f
                   intact_first_peak: bool = False):
     """In-ball FFT of the images re-centred on their current offsets, and their CTFs: (n, m) each
     (``intact_first_peak``: CTF = 1 up to its first peak, RELION's --ctf_intact_first_peak)."""
-    xp = geom.xp
     off = np.stack([plan["origin_x"][sl], plan["origin_y"][sl]], axis=1) / pixel_size
     c = None
     if use_ctf:
-        c = ctf_images(box, pixel_size, plan["defocus_u"][sl], plan["defocus_v"][sl], plan["defocus_angle"][sl],
+        c = ctf_points(geom, pixel_size, plan["defocus_u"][sl], plan["defocus_v"][sl], plan["defocus_angle"][sl],
                        plan["voltage"][sl], plan["cs"][sl], plan["amp_contrast"][sl], plan["phase_shift"][sl],
-                       plan["bfactor"][sl], xp=xp, intact_first_peak=intact_first_peak)
+                       plan["bfactor"][sl], intact_first_peak=intact_first_peak)
     return centred_points(images, off, geom, c)
 
 
@@ -112,7 +111,7 @@ def expectation_batch(X, ctf, inv_sigma2, shells, refs: References, vol_base, pr
     with timer("fine"):
         fine = _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coarse, timer)
     with timer("insert"):
-        _insert_contributions(X, ctf, inv_sigma2, vol_base, spec, geom, F_acc, W_acc, fine)
+        _insert_contributions(X, ctf, inv_sigma2, vol_base, spec, geom, F_acc, W_acc, fine, timer)
     with timer("stats"):
         return _batch_stats(X, inv_sigma2, shells, spec, geom, stats, n_shells, fine)
 
@@ -125,44 +124,72 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
     # coarse translations at twice the step (RELION's adaptive oversampling); the fine pass refines them
     T_c = xp.asarray(translation_grid(spec.offset_range, 2.0 * spec.offset_step))    # (T, 2)
     prior_t = offset_log_prior(T_c, spec.offset_sigma)                                 # (T,)
-    ph_c = translation_phases(geom, T_c, dtype=X.dtype)                                # (T, m)
-    Xt = X[:, None, :] * ph_c[None]                                                    # (n, T, m)
+    with timer.detail("coarse.shift"):
+        ph_c = translation_phases(geom, T_c, dtype=X.dtype)                            # (T, m)
+        Xt = X[:, None, :] * ph_c[None]                                                # (n, T, m)
     lcp = spec.log_class_prior if spec.log_class_prior is not None else xp.zeros(K, dtype=xp.float32)
     lcp = xp.asarray(lcp, dtype=xp.float32)
 
-    # ---------------- coarse pass
     if spec.global_mats is not None:
         G = spec.global_mats
         C = G.shape[0]
-        cand_mats = xp.broadcast_to(G[None, None], (n, K, C, d, d))
-        cand_cls = xp.broadcast_to(xp.arange(K)[None, :, None], (n, K, C))
-        L = xp.empty((n, T_c.shape[0], K * C), dtype=xp.float32)
-        for base in np.unique(to_host(vol_base)):
-            sel = xp.asarray(np.flatnonzero(to_host(vol_base) == base))
-            P = spec.projection_cache.get(int(base))
-            if P is None:  # the shared grid's projections: computed once per iteration and reference set
-                P = refs.project(xp.broadcast_to(G[None], (K, C, d, d)), xp.arange(K)[:, None] + int(base),
-                                 geom).reshape(K * C, m).astype(xp.complex64)
-                spec.projection_cache[int(base)] = P
-            L[sel] = log_likelihood_shared(Xt[sel], ctf[sel], inv_sigma2, P)
-            timer.add_flops("coarse", 2.0 * int(sel.size) * T_c.shape[0] * P.shape[0] * 2 * m)
+        # shared by all particles: (1, K*C, d, d) and (1, K*C), class-major
+        cand_mats = xp.broadcast_to(G[None], (K, C, d, d)).reshape(1, K * C, d, d)
+        cand_cls = xp.repeat(xp.arange(K), C)[None]
+        sel, best_t = None, xp.empty((n, 2), dtype=T_c.dtype)
+        bases = to_host(vol_base)
+        for base in np.unique(bases):
+            rows = np.flatnonzero(bases == base)
+            rows = xp.asarray(rows) if rows.size < n else slice(None)
+            ops = spec.projection_cache.get(int(base))
+            if ops is None:  # the shared grid's projections: computed once per iteration and reference set
+                with timer.detail("coarse.project"):
+                    P = refs.project(xp.broadcast_to(G[None], (K, C, d, d)), xp.arange(K)[:, None] + int(base),
+                                     geom).reshape(K * C, m).astype(xp.complex64)
+                    ops = shared_operands(P)
+                    del P
+                spec.projection_cache[int(base)] = ops
+            with timer.detail("coarse.likelihood"):
+                cross, norm = shared_parts(Xt[rows], ctf[rows], inv_sigma2, ops)
+            timer.add_flops("coarse", 2.0 * cross.shape[0] * T_c.shape[0] * ops[0].shape[0] * 2 * m)
+            s, t = _select(cross, norm, T_c, prior_t, lcp[cand_cls[0]], prev_class[rows], K, C, spec, timer)
+            if sel is None:
+                sel = xp.empty((n, s.shape[1]), dtype=s.dtype)
+            sel[rows] = s
+            best_t[rows] = t
+            del cross, norm
     else:
         Lm = spec.local_mats
         C = Lm.shape[0]
-        cand_mats = xp.broadcast_to(compose(Lm, prev_mats)[:, None], (n, K, C, d, d))
-        cand_cls = xp.broadcast_to(xp.arange(K)[None, :, None], (n, K, C))
-        P = refs.project(cand_mats, cand_cls + vol_base[:, None, None], geom)            # (n, K, C, m)
-        L = log_likelihood_local(Xt, ctf, inv_sigma2, P.reshape(n, K * C, m))
+        cand_mats = xp.broadcast_to(compose(Lm, prev_mats)[:, None], (n, K, C, d, d)).reshape(n, K * C, d, d)
+        cand_cls = xp.broadcast_to(xp.repeat(xp.arange(K), C)[None], (n, K * C))
+        P = refs.project(cand_mats, cand_cls + vol_base[:, None], geom)                   # (n, K*C, m)
+        with timer.detail("coarse.likelihood"):
+            L = log_likelihood_local(Xt, ctf, inv_sigma2, P)
         timer.add_flops("coarse", 2.0 * n * T_c.shape[0] * K * C * 2 * m)
-    cand_mats = cand_mats.reshape(n, K * C, d, d)
-    cand_cls = cand_cls.reshape(n, K * C)
-    L = L + prior_t[None, :, None] + lcp[cand_cls][:, None, :]
-    if spec.fixed_class:
-        L = xp.where((cand_cls == prev_class[:, None])[:, None, :], L, -xp.inf)
-    marg = _logsumexp(L, axis=1)                                                       # (n, K*C)
-    sel = select_candidates(marg, K, C, spec.n_select, spec.class_select)             # (n, S)
-    best_t = T_c[xp.argmax(xp.take_along_axis(L, sel[:, None, :1], axis=2)[:, :, 0], axis=1)]  # (n, 2)
+        sel, best_t = _select(L, None, T_c, prior_t, lcp[cand_cls[0]], prev_class, K, C, spec, timer)
     return cand_mats, cand_cls, sel, best_t, lcp
+
+
+def _select(L, norm, T_c, prior_t, lcp_c, prev_class, K, C, spec, timer):
+    """Coarse log-likelihoods L (n, T, K*C) (less ``norm`` (n, K*C), which does not depend on the translation)
+    -> the candidates the fine pass refines (n, S) and each particle's best coarse translation (n, 2).
+
+    marg = log sum_t exp(L + log prior(t)) - norm + log pi_class; in the first class3d iteration (fixed
+    classes) only the particle's own class is allowed."""
+    xp = xp_of(L)
+    with timer.detail("coarse.marginal"):
+        marg = marginalise_translations(L, prior_t) + lcp_c[None, :]
+        if norm is not None:
+            marg -= norm
+        if spec.fixed_class:
+            cls_c = xp.arange(K * C) // C
+            marg = xp.where(cls_c[None, :] == prev_class[:, None], marg, -xp.inf)
+    with timer.detail("coarse.select"):
+        sel = select_candidates(marg, K, C, spec.n_select, spec.class_select)             # (n, S)
+        at_best = xp.take_along_axis(L, sel[:, None, :1], axis=2)[:, :, 0] + prior_t[None, :]  # (n, T)
+        best_t = T_c[xp.argmax(at_best, axis=1)]                                           # (n, 2)
+    return sel, best_t
 
 
 def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coarse, timer):
@@ -173,8 +200,11 @@ def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coars
     S = sel.shape[1]
     Fm = spec.fine_mats
     nf = Fm.shape[0]
-    s_mats = xp.take_along_axis(cand_mats, sel[:, :, None, None], axis=1)             # (n, S, d, d)
-    s_cls = xp.take_along_axis(cand_cls, sel, axis=1)                                  # (n, S)
+    if cand_mats.shape[0] == 1:  # the shared global grid
+        s_mats, s_cls = cand_mats[0][sel], cand_cls[0][sel]                            # (n, S, d, d), (n, S)
+    else:
+        s_mats = xp.take_along_axis(cand_mats, sel[:, :, None, None], axis=1)
+        s_cls = xp.take_along_axis(cand_cls, sel, axis=1)
     f_mats = compose(Fm, s_mats).reshape(n, S * nf, d, d)
     f_cls = xp.repeat(s_cls, nf, axis=1)                                               # (n, S*nf)
     h = spec.offset_step
@@ -182,8 +212,10 @@ def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coars
     t_f = best_t[:, None, :] + dt[None]                                                # (n, 9, 2)
     ph_f = translation_phases(geom, t_f, dtype=X.dtype)                                # (n, 9, m)
     Xt_f = X[:, None, :] * ph_f
-    P_f = refs.project(f_mats, f_cls + vol_base[:, None], geom)                        # (n, S*nf, m)
-    Lf = log_likelihood_local(Xt_f, ctf, inv_sigma2, P_f)                              # (n, 9, S*nf)
+    with timer.detail("fine.project"):
+        P_f = refs.project(f_mats, f_cls + vol_base[:, None], geom)                    # (n, S*nf, m)
+    with timer.detail("fine.likelihood"):
+        Lf = log_likelihood_local(Xt_f, ctf, inv_sigma2, P_f)                          # (n, 9, S*nf)
     timer.add_flops("fine", 2.0 * n * 9 * S * nf * 2 * m)
     Lf = Lf + offset_log_prior(t_f, spec.offset_sigma)[:, :, None] + lcp[f_cls][:, None, :]
     if spec.fixed_class:
@@ -200,7 +232,7 @@ def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coars
                 best_mats=best_mats, best_cls=best_cls, best_shift=best_shift, pmax=pmax)
 
 
-def _insert_contributions(X, ctf, inv_sigma2, vol_base, spec, geom, F_acc, W_acc, fine):
+def _insert_contributions(X, ctf, inv_sigma2, vol_base, spec, geom, F_acc, W_acc, fine, timer=NULL_TIMER):
     xp = xp_of(X)
     d = spec.dim
     w, f_mats, f_cls, Xt_f = fine["w"], fine["f_mats"], fine["f_cls"], fine["Xt_f"]
@@ -215,8 +247,9 @@ def _insert_contributions(X, ctf, inv_sigma2, vol_base, spec, geom, F_acc, W_acc
     weights = wc[:, :, None].astype(xp.float32) * (ctf * wts)[:, None, :]
     ii, cc = xp.nonzero(keep)
     ins_mats, ins_vol, ins_data, ins_w = f_mats[ii, cc], f_cls[ii, cc] + vol_base[ii], data[ii, cc], weights[ii, cc]
-    # symmetry copies A.L (3D), as the known-pose reconstruction (mpi_em.reconstruction.insert)
-    insert(F_acc, W_acc, d, ins_mats, ins_vol, ins_data, ins_w, geom, sym_mats=spec.sym_mats if d == 3 else None)
+    # point groups: the job symmetrises the summed accumulators once per iteration (mpi_em.fourier.symmetrise)
+    with timer.detail("insert.backproject"):
+        insert(F_acc, W_acc, d, ins_mats, ins_vol, ins_data, ins_w, geom)
     fine["keep"] = keep
 
 
@@ -266,15 +299,14 @@ def select_candidates(marg, K: int, C: int, n_select: int, class_select: int):
     xp = xp_of(marg)
     n = marg.shape[0]
     if K == 1:
-        S = min(n_select, C)
-        return xp.argsort(-marg, axis=1)[:, :S]
+        return top_k(marg, n_select)
     m3 = marg.reshape(n, K, C)
     cls_marg = _logsumexp(m3, axis=2)                                                  # (n, K)
     Kc = max(1, min(K, class_select))
     top_cls = xp.argsort(-cls_marg, axis=1)[:, :Kc]                                    # (n, Kc)
     S0 = min(n_select, C)
     first = xp.take_along_axis(m3, top_cls[:, :1, None], axis=1)[:, 0]                 # (n, C)
-    sel0 = xp.argsort(-first, axis=1)[:, :S0] + top_cls[:, :1] * C                     # (n, S0)
+    sel0 = top_k(first, S0) + top_cls[:, :1] * C                                       # (n, S0)
     if Kc == 1:
         return sel0
     rest = xp.take_along_axis(m3, top_cls[:, 1:, None], axis=1)                        # (n, Kc-1, C)

@@ -23,11 +23,7 @@ def translation_phases(geom, shifts, dtype=np.complex64):
 
     ``shifts`` (T, 2) shared, or (n, T, 2) per particle -> (T, m) or (n, T, m).
     """
-    xp = geom.xp
-    s = xp.asarray(shifts, dtype=xp.float64)
-    k = geom.kxy  # (m, 2) as (kx, ky)
-    ph = 2.0 * np.pi / geom.box * (s @ k.T)
-    return xp.exp(1j * ph).astype(dtype)
+    return geom.phases(shifts, dtype)
 
 
 def shell_of_points(geom):
@@ -36,20 +32,54 @@ def shell_of_points(geom):
     return xp.rint(xp.sqrt((geom.kxy ** 2).sum(axis=1))).astype(xp.int64)
 
 
-def log_likelihood_shared(Xt, ctf, inv_sigma2, P):
-    """Xt (n, T, m) complex, ctf (n, m), inv_sigma2 (m,), P (C, m) complex -> (n, T, C) float32.
+def shared_operands(P):
+    """The GEMM operands of a projection set shared by all particles, P (C, m) complex: B = [Re P, Im P] (C, 2m)
+    and |P|^2 (C, m), float32; made once per reference set and iteration (not per batch)."""
+    xp = xp_of(P)
+    B = xp.concatenate([P.real, P.imag], axis=1).astype(np.float32)
+    return B, (P.real ** 2 + P.imag ** 2).astype(np.float32)
+
+
+def shared_parts(Xt, ctf, inv_sigma2, ops):
+    """log L = cross - norm over a shared projection set: Xt (n, T, m) complex, ctf (n, m), inv_sigma2 (m,),
+    ops = :func:`shared_operands` -> cross (n, T, C) = Re <CTF X_t / sigma^2, P> (one real GEMM, inner size 2m)
+    and norm (n, C) = sum CTF^2 |P|^2 / (2 sigma^2) (one GEMM), float32. The norm does not depend on the
+    translation, so the coarse pass subtracts it after marginalising over translations.
 
     The particle-only term -sum |X|^2 / (2 sigma^2) is left out (constant over poses; see :func:`data_term`).
     """
     xp = xp_of(Xt)
+    B, P2 = ops
     n, T, m = Xt.shape
     w = (ctf * inv_sigma2[None, :]).astype(np.float32)
     Y = Xt * w[:, None, :]
     A = xp.concatenate([Y.real.reshape(n * T, m), Y.imag.reshape(n * T, m)], axis=1)  # (nT, 2m)
-    B = xp.concatenate([P.real, P.imag], axis=1).astype(np.float32)                  # (C, 2m)
     cross = (A @ B.T).reshape(n, T, -1)
-    norm = (0.5 * ctf * ctf * inv_sigma2[None, :]).astype(np.float32) @ (P.real ** 2 + P.imag ** 2).T.astype(np.float32)
+    norm = (0.5 * ctf * ctf * inv_sigma2[None, :]).astype(np.float32) @ P2.T
+    return cross, norm
+
+
+def log_likelihood_shared(Xt, ctf, inv_sigma2, P):
+    """Xt (n, T, m) complex, ctf (n, m), inv_sigma2 (m,), P (C, m) complex -> (n, T, C) float32."""
+    cross, norm = shared_parts(Xt, ctf, inv_sigma2, shared_operands(P))
     return cross - norm[:, None, :]
+
+
+def marginalise_translations(L, prior_t):
+    """log sum_t exp(L[:, t, :] + prior_t[t]) for L (n, T, C) float32 -> (n, C) float32 (on GPUs one fused pass
+    over L, :func:`mpi_em.kernels.logsumexp_translations`)."""
+    xp = xp_of(L)
+    prior_t = xp.asarray(prior_t, dtype=xp.float32)
+    if xp is not np and L.dtype == np.float32 and L.flags.c_contiguous:
+        from .. import kernels
+
+        return kernels.logsumexp_translations(L, prior_t)
+    a = L + prior_t[None, :, None]
+    mx = a.max(axis=1, keepdims=True)
+    finite = xp.isfinite(mx)
+    safe = xp.where(finite, mx, 0)
+    out = safe + xp.log(xp.exp(a - safe).sum(axis=1, keepdims=True))
+    return xp.where(finite, out, mx)[:, 0]
 
 
 def log_likelihood_local(Xt, ctf, inv_sigma2, P):
@@ -105,11 +135,22 @@ def significant_mask(weights, fraction: float = 0.999, max_count: int | None = N
 
 
 def top_k(values, k: int):
-    """Indices (n, k) of the k largest entries of each row of a (n, C) array, best first."""
+    """Indices (n, k) of the k largest entries of each row of a (n, C) array, best first (ties: lowest index).
+    k passes of argmax (k is a handful of poses; a full sort of C ~ 10^4-10^5 candidates per row is not needed)."""
     xp = xp_of(values)
-    k = min(k, values.shape[1])
-    idx = xp.argsort(-values, axis=1)[:, :k]
-    return idx
+    n, C = values.shape
+    k = min(k, C)
+    # distinct indices even where fewer than k entries are finite: -inf/NaN become the lowest finite value and
+    # a taken entry becomes -inf, strictly below every untaken one
+    v = xp.where(values > -np.inf, values, np.finfo(values.dtype).min)
+    ar = xp.arange(n)
+    out = xp.empty((n, k), dtype=xp.int64)
+    for j in range(k):
+        i = xp.argmax(v, axis=1)
+        out[:, j] = i
+        if j + 1 < k:
+            v[ar, i] = -xp.inf
+    return out
 
 
 def offset_log_prior(shifts, sigma_px: float):

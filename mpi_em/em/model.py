@@ -14,7 +14,6 @@ from ..distributed import allreduce_sum
 from ..distvolume import distributed_reconstruct, owned_planes, reduce_scatter_planes
 from ..fourier import radius_3d
 from ..fourier2d import radius_plane, reconstruct2d
-from ..fsc import fsc
 from ..timing import NULL_TIMER
 
 
@@ -63,6 +62,58 @@ def shell_statistics(comm, F_own, W_own, planes, npad: int, pad: int, n_shells: 
     return _shell_means(out, n_shells)
 
 
+def downsampled_sums(F_own, W_own, planes, npad: int, pad: int):
+    """RELION's BackProjector::getDownsampledAverage, before the division: the padded accumulators' voxels summed
+    into the voxel of the unpadded grid nearest to k / pad (ROUND = floor(x + 0.5)), for the owned kz
+    ``planes`` of F_own, W_own (V, len(planes), Np, Np//2+1) -> this rank's partial sums, (V, N, N, N//2+1)
+    complex and real (N = Np / pad), to be summed over ranks."""
+    xp = xp_of(F_own)
+    V = F_own.shape[0]
+    box = npad // pad
+    nxh, nxh_d = npad // 2 + 1, box // 2 + 1
+    k = xp.fft.fftfreq(npad, 1.0 / npad)
+    down = lambda v: xp.floor(v / pad + 0.5).astype(xp.int64)  # noqa: E731
+    kz = down(k[xp.asarray(planes)]) % box
+    ky = down(k) % box
+    kx = xp.minimum(down(xp.arange(nxh, dtype=xp.float64)), nxh_d - 1)
+    idx = ((kz[:, None, None] * box + ky[None, :, None]) * nxh_d + kx[None, None, :]).reshape(-1)
+    size = box * box * nxh_d
+    dF = xp.zeros((V, size), dtype=xp.complex128)
+    dW = xp.zeros((V, size), dtype=xp.float64)
+    if len(planes):
+        for v in range(V):
+            f = F_own[v].reshape(-1)
+            dF[v] = xp.bincount(idx, weights=f.real, minlength=size) + \
+                1j * xp.bincount(idx, weights=f.imag, minlength=size)
+            dW[v] = xp.bincount(idx, weights=W_own[v].reshape(-1), minlength=size)
+    return dF.reshape(V, box, box, nxh_d), dW.reshape(V, box, box, nxh_d)
+
+
+def fourier_fsc(comm, F_own, W_own, planes, npad: int, pad: int, r_max: float):
+    """Gold-standard FSC of volumes 0 and 1 as RELION computes it (calculateDownSampledFourierShellCorrelation):
+    from the down-sampled averages F / W in Fourier space, without the two inverse transforms of the padded
+    halves (distributed FFTs at P >= 2) that a real-space FSC of unregularised maps needs. Unmasked, as RELION's
+    refinement. Shells beyond ``r_max`` (no data) are 0."""
+    xp = xp_of(F_own)
+    dF, dW = downsampled_sums(F_own[:2], W_own[:2], planes, npad, pad)
+    allreduce_sum(comm, dF)
+    allreduce_sum(comm, dW)
+    box = npad // pad
+    a = xp.where(dW > 0, dF / xp.where(dW > 0, dW, 1.0), 0)
+    sh = xp.rint(radius_3d(box, xp)).astype(xp.int64).reshape(-1)
+    n_shells = box // 2 + 1
+    ok = sh < n_shells
+    sh = sh[ok]
+    a1, a2 = a[0].reshape(-1)[ok], a[1].reshape(-1)[ok]
+    num = to_host(xp.bincount(sh, weights=(a1 * xp.conj(a2)).real, minlength=n_shells))
+    d1 = to_host(xp.bincount(sh, weights=xp.abs(a1) ** 2, minlength=n_shells))
+    d2 = to_host(xp.bincount(sh, weights=xp.abs(a2) ** 2, minlength=n_shells))
+    den = np.sqrt(d1 * d2)
+    curve = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)[:n_shells]
+    curve[int(np.floor(r_max)) + 1:] = 0.0
+    return curve
+
+
 def tau2_from_fsc(curve, mean_w, fudge: float):
     """RELION's gold-standard prior: SSNR = FSC / (1 - FSC), tau^2 = fudge * SSNR / mean W (per shell)."""
     c = np.clip(np.asarray(curve, dtype=np.float64), 0.0, 0.999)
@@ -98,9 +149,7 @@ def _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold,
     mean_w, power = shell_statistics(comm, F_own, W_own, planes, npad, pad, n_shells)
     info = {"mean_w": mean_w, "power": power}
     if gold:
-        plain = distributed_reconstruct(comm, F_own, W_own, box, pad, r_max)
-        curve = fsc(plain[0], plain[1])  # unmasked: a shared mask would correlate the halves' high frequencies
-        curve[int(np.floor(r_max)) + 1:] = 0.0  # no data beyond the current size
+        curve = fourier_fsc(comm, F_own, W_own, planes, npad, pad, r_max)  # unmasked, as RELION's
         info["fsc_unregularised"] = curve
         tau2 = np.stack([tau2_from_fsc(curve, mean_w[v], fudge) for v in range(F_own.shape[0])])
     else:

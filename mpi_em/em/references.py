@@ -39,11 +39,10 @@ class References:
         return out.reshape(lead + (geom.m,))
 
 
-def insert(F_acc, W_acc, dim: int, mats, vol_index, data, weights, geom: SliceGeometry, sym_mats=None) -> None:
-    """Back-project rows (n, m) with rotations (n, d, d) into accumulator stacks (V, ...); 3D: once per symmetry
-    operator L of ``sym_mats`` (rotation A @ L)."""
+def insert(F_acc, W_acc, dim: int, mats, vol_index, data, weights, geom: SliceGeometry) -> None:
+    """Back-project rows (n, m) with rotations (n, d, d) into accumulator stacks (V, ...)."""
     if dim == 3:
-        backproject(F_acc, W_acc, mats, data, weights, geom, vol_index=vol_index, sym_mats=sym_mats)
+        backproject(F_acc, W_acc, mats, data, weights, geom, vol_index=vol_index)
     else:
         backproject2d(F_acc, W_acc, mats, data, weights, geom, plane_index=vol_index)
 

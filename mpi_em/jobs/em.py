@@ -22,7 +22,7 @@ from ..em.engine import (SearchSpec, Stats, current_mats, expectation_batch, inv
 from ..em.model import lowpass, reduce_and_reconstruct_2d, reduce_and_reconstruct_3d
 from ..em.references import References, fine_offsets, global_grid, local_offsets
 from ..errors import InputError, MpiEmError
-from ..fourier import SliceGeometry, default_r_max
+from ..fourier import SliceGeometry, default_r_max, symmetrise
 from ..fsc import fsc, resolution_at, shell_frequencies
 from ..geometry import angular_distance, euler_to_matrix
 from ..io import (atomic_path, check_stacks, check_writable_dir, read_hdf5, read_map, read_particles,
@@ -355,7 +355,7 @@ def run(args, comm, mode: str) -> dict:
     mask = _mask(box, apix, args, dim, xp)
     sym_ops = None
     if dim == 3 and symmetry_matrices(sym_name).shape[0] > 1:
-        sym_ops = xp.asarray(symmetry_matrices(sym_name), dtype=xp.float64)
+        sym_ops = symmetry_matrices(sym_name)  # applied to the summed accumulators (RELION's symmetrise)
     if comm.rank == 0:
         log.info("%s: %d particles, box %d, %.3f Å/px, K=%d, %d rank(s); rank 0 on %s", mode, meta["n"], box,
                  apix, K, comm.size, device)
@@ -411,7 +411,7 @@ def run(args, comm, mode: str) -> dict:
             offset_sigma=state["offset_sigma"], n_select=args.n_select,
             class_select=int(getattr(args, "class_select", 10)),
             log_class_prior=xp.asarray(np.log(np.maximum(state["class_prior"], 1e-10)), dtype=xp.float32),
-            fixed_class=(it == 1 and K > 1 and dim == 3), sym_mats=sym_ops)
+            fixed_class=(it == 1 and K > 1 and dim == 3))
         V = 2 if cfg["gold"] else K
         vol_shape = geom.vol_shape if dim == 3 else (geom.npad, geom.npad // 2 + 1)
         prev = {k: plan[k].copy() for k in ("rot", "tilt", "psi")}
@@ -440,6 +440,9 @@ def run(args, comm, mode: str) -> dict:
                                         stats, n_shells, timer=timer)
                 update_plan_poses(plan, sl, res, dim, apix)
                 done += sl.stop - sl.start
+            if sym_ops is not None:  # linear: each rank symmetrises its partial sums before the reduction
+                with timer("symmetrise"):
+                    symmetrise(F_acc, W_acc, sym_ops)
             synchronize(xp)
             return F_acc, W_acc, stats
 

@@ -24,7 +24,7 @@ from ..distributed import collective_step, log_placement, make_plan, root_step, 
 from ..distvolume import PlaneOwnerAccumulator, distributed_reconstruct, reduce_scatter_planes, volume_bytes_per_rank
 from ..errors import InputError
 from ..em.engine import prepare_batch
-from ..fourier import SliceGeometry, default_r_max
+from ..fourier import SliceGeometry, default_r_max, symmetrise
 from ..fsc import fsc, resolution_at, shell_frequencies
 from ..geometry import euler_to_matrix
 from ..io import atomic_path, check_stacks, check_writable_dir, read_particles, write_map
@@ -70,13 +70,13 @@ def _load(args, size):
     return plans, meta
 
 
-def insert_plan(plan, acc: Accumulators, box: int, pixel_size: float, batch: int, sym_mats, use_ctf=True,
+def insert_plan(plan, acc: Accumulators, box: int, pixel_size: float, batch: int, use_ctf=True,
                 progress=None) -> int:
     """Insert a rank's particles into ``acc`` (volume = half set - 1). Returns the number inserted."""
     xp = acc.geom.xp
     done = 0
     for sl, imgs in iter_batches(plan, batch, pinned=pinned_wanted(xp)):
-        insert(acc, *_image_batch(plan, sl, imgs, acc.geom, box, pixel_size, use_ctf), sym_mats)
+        insert(acc, *_image_batch(plan, sl, imgs, acc.geom, box, pixel_size, use_ctf))
         done += sl.stop - sl.start
         if progress:
             progress(done)
@@ -227,7 +227,9 @@ def run(args, comm) -> dict:
     else:
         def _insert():
             acc = Accumulators(geom, n_vol=2)
-            insert_plan(plan, acc, box, apix, args.batch, sym_mats, not args.no_ctf, progress)
+            insert_plan(plan, acc, box, apix, args.batch, not args.no_ctf, progress)
+            if sym_mats is not None:  # RELION's symmetrise of the (partial) sums: linear, so before the reduction
+                symmetrise(acc.F, acc.W, sym_mats)
             return acc
 
         dense = collective_step(comm, _insert)

@@ -1,0 +1,114 @@
+"""The E-step's pieces: cross terms as GEMMs, marginalisation over translations, top-k selection, the coarse
+pass finding known poses."""
+import numpy as np
+import pytest
+
+from mpi_em.em.engine import SearchSpec, _coarse_pass, inverse_sigma2_points, shell_of_points
+from mpi_em.em.likelihood import (log_likelihood_shared, marginalise_translations, shared_operands, shared_parts,
+                                  top_k, translation_phases)
+from mpi_em.em.references import References, fine_offsets, global_grid
+from mpi_em.fourier import SliceGeometry
+from mpi_em.simulate import phantom
+from mpi_em.timing import NULL_TIMER
+
+
+def test_shared_parts_are_the_gaussian_log_likelihood(rng):
+    """cross - norm = -|X_t - CTF P|^2 / (2 sigma^2) + |X_t|^2 / (2 sigma^2), computed directly in float64. Each
+    of cross and norm sums 2m float32 products of size <= max|CTF / sigma^2| max|X| max|P| (<= 2 max|X| max|P|):
+    worst-case rounding 2m * eps32 * that, twice."""
+    n, T, C, m = 5, 3, 7, 60
+    Xt = (rng.normal(size=(n, T, m)) + 1j * rng.normal(size=(n, T, m))).astype(np.complex64)
+    P = (rng.normal(size=(C, m)) + 1j * rng.normal(size=(C, m))).astype(np.complex64)
+    ctf = rng.uniform(-1, 1, (n, m)).astype(np.float32)
+    inv_s2 = rng.uniform(0.5, 2, m).astype(np.float32)
+    cross, norm = shared_parts(Xt, ctf, inv_s2, shared_operands(P))
+    X64, P64 = Xt.astype(np.complex128), P.astype(np.complex128)
+    r = X64[:, :, None, :] - ctf[:, None, None, :] * P64[None, None]
+    want = (-0.5 * (np.abs(r) ** 2 - np.abs(X64[:, :, None, :]) ** 2) * inv_s2).sum(-1)
+    got = cross - norm[:, None, :]
+    bound = 2 * (2 * m * np.finfo(np.float32).eps * 2 * np.abs(X64).max() * max(np.abs(P64).max() ** 2, np.abs(P64).max() * np.abs(X64).max()))
+    np.testing.assert_allclose(got, want, rtol=0, atol=bound)
+    np.testing.assert_array_equal(log_likelihood_shared(Xt, ctf, inv_s2, P), got)
+
+
+def test_marginalise_translations_matches_float64(rng):
+    """float32 log-sum-exp over T = 9 translations with a prior, against float64: |L| <= 1000 here, so one
+    float32 rounding of L + prior (2^-24 * 1000 = 6e-5) dominates; -inf columns stay -inf."""
+    L = rng.uniform(-1000, 1000, (4, 9, 50)).astype(np.float32)
+    L[0, :, 3] = -np.inf
+    L[1, 2:, 4] = -np.inf
+    prior = rng.uniform(-3, 0, 9).astype(np.float32)
+    got = marginalise_translations(L, prior)
+    a = L.astype(np.float64) + prior[None, :, None]
+    mx = a.max(axis=1)
+    with np.errstate(invalid="ignore"):
+        want = mx + np.log(np.exp(a - mx[:, None, :]).sum(axis=1))
+    assert got[0, 3] == -np.inf and np.isfinite(got[1, 4])
+    ok = np.isfinite(want)
+    np.testing.assert_allclose(got[ok], want[ok], rtol=0, atol=4 * 2.0 ** -24 * 1000)
+
+
+def test_top_k_best_first_and_distinct(rng):
+    v = rng.normal(size=(6, 40)).astype(np.float32)
+    np.testing.assert_array_equal(top_k(v, 4), np.argsort(-v, axis=1, kind="stable")[:, :4])
+    v[:, 2:] = -np.inf  # fewer finite entries than k: still k distinct indices, the finite ones first
+    idx = top_k(v, 4)
+    assert all(len(set(row)) == 4 for row in idx.tolist())
+    assert all(set(row[:2]) == {0, 1} for row in idx.tolist())
+
+
+def test_coarse_pass_finds_the_pose_and_translation_of_noiseless_projections():
+    """Particles that are exact central slices of the reference at grid orientations, shifted by grid
+    translations: the coarse pass ranks the true orientation first and picks the true translation (gold-standard
+    halves with two references exercise the per-half rows)."""
+    box = 32
+    vol = phantom(box, seed=3).astype(np.float64)
+    geom = SliceGeometry(box, r_max=10)
+    refs = References(np.stack([vol, vol]), 3, 2)
+    glob = global_grid(3, 1, "C1", np)
+    rng = np.random.default_rng(7)
+    n = 12
+    true_c = rng.integers(0, glob.shape[0], n)
+    P = refs.project(glob[true_c], np.zeros(n, dtype=np.int64), geom)
+    spec = SearchSpec(dim=3, n_classes=1, global_mats=glob, local_mats=None, fine_mats=fine_offsets(3, 30.0, np),
+                      offset_range=3.0, offset_step=1.0, offset_sigma=10.0, log_class_prior=np.zeros(1, np.float32))
+    from mpi_em.sampling import translation_grid
+    T_c = translation_grid(3.0, 2.0)
+    true_t = rng.integers(0, T_c.shape[0], n)
+    X = (P * np.conj(translation_phases(geom, T_c[true_t][:, None, :])[:, 0])).astype(np.complex64)
+    ctf = np.ones((n, geom.m), dtype=np.float32)
+    inv_s2 = inverse_sigma2_points(np.ones(box // 2 + 1), shell_of_points(geom), np)
+    base = np.arange(n) % 2
+    _, _, sel, best_t, _ = _coarse_pass(X, ctf, inv_s2, refs, base, None, np.zeros(n, np.int64), spec, geom,
+                                        NULL_TIMER)
+    np.testing.assert_array_equal(sel[:, 0], true_c)
+    np.testing.assert_allclose(best_t, T_c[true_t])
+
+
+def test_fourier_fsc_one_where_shared_zero_where_independent():
+    """The gold-standard FSC from down-sampled accumulators: halves made of the same noiseless slices of a
+    low-passed phantom plus independent noise give FSC ~1 where the signal dominates and ~0 where it is absent
+    (shells 9-14: |FSC| below 4 / sqrt(voxels in the shell of the half-complex grid), 4 standard errors)."""
+    from mpi_em.distributed import world
+    from mpi_em.em.model import fourier_fsc, lowpass
+    from mpi_em.fourier import backproject, project, volume_fft
+    from mpi_em.geometry import euler_to_matrix, random_rotations
+    from mpi_em.fourier import radius_3d
+
+    box, pad = 32, 2
+    rng = np.random.default_rng(0)
+    Fv = volume_fft(lowpass(phantom(box, seed=2).astype(float), box, 1.0, box / 6.0))
+    geom = SliceGeometry(box, r_max=14)
+    F = np.zeros((2,) + geom.vol_shape, complex)
+    W = np.zeros((2,) + geom.vol_shape)
+    A = euler_to_matrix(*random_rotations(600, rng))
+    clean = project(Fv, A, geom)
+    for h in range(2):
+        noise = 0.05 * np.abs(clean).max() * (rng.normal(size=clean.shape) + 1j * rng.normal(size=clean.shape))
+        backproject(F[h:h + 1], W[h:h + 1], A, clean + noise, np.ones(clean.shape), geom,
+                    vol_index=np.zeros(len(A), int))
+    curve = fourier_fsc(world(), F, W, np.arange(pad * box), pad * box, pad, 14)
+    counts = np.bincount(np.rint(radius_3d(box)).astype(int).ravel())
+    assert curve[1:4].min() > 0.95, curve
+    assert np.all(np.abs(curve[9:15]) < 4 / np.sqrt(counts[9:15])), curve
+    assert np.all(curve[15:] == 0)
