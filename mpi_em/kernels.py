@@ -30,6 +30,31 @@ __device__ __forceinline__ void rotate(const double* __restrict__ A, const doubl
     c[2] = pad * (L[2] * p0 + L[5] * p1 + L[8] * p2);
 }
 
+__device__ __forceinline__ void trilinear(const double* c, int npad, int nxh, long long off, long long* idx,
+                                          double* w) {
+    // the 8 corners of c (x >= 0) in (dz, dy, dx) raster order: flat indices (y and z wrap) and weights, as
+    // mpi_em.fourier._trilinear_stencil
+    const double x0 = floor(c[0]), y0 = floor(c[1]), z0 = floor(c[2]);
+    const double fx = c[0] - x0, fy = c[1] - y0, fz = c[2] - z0;
+    const long long ix = (long long)x0, iy = (long long)y0, iz = (long long)z0;
+    int q = 0;
+    #pragma unroll
+    for (int dz = 0; dz < 2; ++dz) {
+        const long long zz = ((iz + dz) % npad + npad) % npad;
+        const double wz = dz ? fz : 1.0 - fz;
+        #pragma unroll
+        for (int dy = 0; dy < 2; ++dy) {
+            const long long yy = ((iy + dy) % npad + npad) % npad;
+            const double wzy = wz * (dy ? fy : 1.0 - fy);
+            #pragma unroll
+            for (int dx = 0; dx < 2; ++dx, ++q) {
+                w[q] = wzy * (dx ? fx : 1.0 - fx);
+                idx[q] = off + (zz * npad + yy) * nxh + ix + dx;
+            }
+        }
+    }
+}
+
 extern "C" __global__ void backproject_fused(
         const double* __restrict__ A, const double* __restrict__ L, const complex<double>* __restrict__ data,
         const double* __restrict__ weights, const double* __restrict__ kxy, const long long* __restrict__ vol,
@@ -48,26 +73,14 @@ extern "C" __global__ void backproject_fused(
         rotate(A + 9 * i, L != nullptr ? L + 9 * s : nullptr, kx, ky, pad, c);
         double im = d.imag();
         if (c[0] < 0) { c[0] = -c[0]; c[1] = -c[1]; c[2] = -c[2]; im = -im; }
-        const double x0 = floor(c[0]), y0 = floor(c[1]), z0 = floor(c[2]);
-        const double fx = c[0] - x0, fy = c[1] - y0, fz = c[2] - z0;
-        const long long ix = (long long)x0, iy = (long long)y0, iz = (long long)z0;
+        long long idx[8];
+        double w[8];
+        trilinear(c, npad, nxh, off, idx, w);
         #pragma unroll
-        for (int dz = 0; dz < 2; ++dz) {
-            long long zz = ((iz + dz) % npad + npad) % npad;
-            double wz = dz ? fz : 1.0 - fz;
-            #pragma unroll
-            for (int dy = 0; dy < 2; ++dy) {
-                long long yy = ((iy + dy) % npad + npad) % npad;
-                double wzy = wz * (dy ? fy : 1.0 - fy);
-                #pragma unroll
-                for (int dx = 0; dx < 2; ++dx) {
-                    double w = wzy * (dx ? fx : 1.0 - fx);
-                    long long idx = off + (zz * npad + yy) * nxh + ix + dx;
-                    atomicAdd(F + 2 * idx, w * d.real());
-                    atomicAdd(F + 2 * idx + 1, w * im);
-                    if (W != nullptr) atomicAdd(W + idx, w * wv);
-                }
-            }
+        for (int q = 0; q < 8; ++q) {
+            atomicAdd(F + 2 * idx[q], w[q] * d.real());
+            atomicAdd(F + 2 * idx[q] + 1, w[q] * im);
+            if (W != nullptr) atomicAdd(W + idx[q], w[q] * wv);
         }
     }
 }
@@ -84,26 +97,12 @@ __device__ void project_impl(const complex<T>* __restrict__ V, const double* __r
     rotate(A + 9 * i, nullptr, kxy[2 * j], kxy[2 * j + 1], pad, c);
     bool flip = c[0] < 0;
     if (flip) { c[0] = -c[0]; c[1] = -c[1]; c[2] = -c[2]; }
-    const double x0 = floor(c[0]), y0 = floor(c[1]), z0 = floor(c[2]);
-    const T fx = (T)(c[0] - x0), fy = (T)(c[1] - y0), fz = (T)(c[2] - z0);
-    const long long ix = (long long)x0, iy = (long long)y0, iz = (long long)z0;
-    const long long off = (vol != nullptr ? vol[i] : 0) * (long long)npad * npad * nxh;
+    long long idx[8];
+    double w[8];
+    trilinear(c, npad, nxh, (vol != nullptr ? vol[i] : 0) * (long long)npad * npad * nxh, idx, w);
     complex<T> acc(0, 0);
     #pragma unroll
-    for (int dz = 0; dz < 2; ++dz) {
-        long long zz = ((iz + dz) % npad + npad) % npad;
-        T wz = dz ? fz : (T)1 - fz;
-        #pragma unroll
-        for (int dy = 0; dy < 2; ++dy) {
-            long long yy = ((iy + dy) % npad + npad) % npad;
-            T wzy = wz * (dy ? fy : (T)1 - fy);
-            #pragma unroll
-            for (int dx = 0; dx < 2; ++dx) {
-                T w = wzy * (dx ? fx : (T)1 - fx);
-                acc += V[off + (zz * npad + yy) * nxh + ix + dx] * w;
-            }
-        }
-    }
+    for (int q = 0; q < 8; ++q) acc += V[idx[q]] * (T)w[q];
     out[t] = flip ? conj(acc) : acc;
 }
 
@@ -215,28 +214,16 @@ extern "C" __global__ void symmetrise_fused(
             double c1 = l[3] * qx + l[4] * qy + l[5] * qz;
             double c2 = l[6] * qx + l[7] * qy + l[8] * qz;
             const bool flip = c0 < 0;
-            if (flip) { c0 = -c0; c1 = -c1; c2 = -c2; }
-            const double x0 = floor(c0), y0 = floor(c1), z0 = floor(c2);
-            const double fx = c0 - x0, fy = c1 - y0, fz = c2 - z0;
-            const long long ix = (long long)x0, iy = (long long)y0, iz = (long long)z0;
+            const double c[3] = {flip ? -c0 : c0, flip ? -c1 : c1, flip ? -c2 : c2};
+            long long idx[8];
+            double w[8];
+            trilinear(c, npad, nxh, off, idx, w);
             complex<double> g(0, 0);
             double gw = 0.0;
             #pragma unroll
-            for (int dz = 0; dz < 2; ++dz) {
-                long long zz = ((iz + dz) % npad + npad) % npad;
-                double wz = dz ? fz : 1.0 - fz;
-                #pragma unroll
-                for (int dy = 0; dy < 2; ++dy) {
-                    long long yy = ((iy + dy) % npad + npad) % npad;
-                    double wzy = wz * (dy ? fy : 1.0 - fy);
-                    #pragma unroll
-                    for (int dx = 0; dx < 2; ++dx) {
-                        double w = wzy * (dx ? fx : 1.0 - fx);
-                        long long idx = off + (zz * npad + yy) * nxh + ix + dx;
-                        g += F[idx] * w;
-                        gw += W[idx] * w;
-                    }
-                }
+            for (int q = 0; q < 8; ++q) {
+                g += F[idx[q]] * w[q];
+                gw += W[idx[q]] * w[q];
             }
             accF += flip ? conj(g) : g;
             accW += gw;

@@ -55,7 +55,8 @@ def add_arguments(p, mode: str) -> None:
         p.add_argument("--ref", metavar="MRC", help="initial reference map (box and pixel size of the particles)")
         p.add_argument("--ini-high", type=float, default=30.0,
                        help="low-pass the initial reference to this resolution, Å (default 30)")
-        p.add_argument("--sym", default="C1", help="point-group symmetry C<n>, D<n>, T, O, I (default C1)")
+        p.add_argument("--sym", default="C1", help="point-group symmetry C<n>, D<n>, T, O, I (default C1): the search covers the "
+                       "asymmetric unit, the summed accumulators are symmetrised (RELION's symmetrise)")
         p.add_argument("--healpix-order", type=int, default=2,
                        help="initial HEALPix order of the global search (2 = 15°, 3 = 7.5°; default 2)")
     if mode != "refine3d":

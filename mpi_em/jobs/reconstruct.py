@@ -40,7 +40,8 @@ def add_arguments(p) -> None:
                    help="particles STAR file (RELION 3.1+; rlnImageName, CTF and pose columns)")
     p.add_argument("--o", dest="output", required=True, metavar="DIR",
                    help="output folder (created; half1.mrc, half2.mrc, map.mrc, fsc.star, fsc.png, run.json)")
-    p.add_argument("--sym", default="C1", help="point-group symmetry: C<n>, D<n>, T, O, I (default C1)")
+    p.add_argument("--sym", default="C1", help="point-group symmetry: C<n>, D<n>, T, O, I (default C1); applied to the summed "
+                   "accumulators (RELION's symmetrise), or per inserted copy with --max-volume-memory")
     p.add_argument("--batch", type=int, default=256, help="particles per insertion batch (default 256)")
     p.add_argument("--r-max", type=float, default=None,
                    help="highest frequency inserted, in Fourier pixels (default box/2 - 1)")
