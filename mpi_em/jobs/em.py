@@ -566,8 +566,10 @@ def _schedule(state, info, mode, args, box, apix, maps, mask, final):
         small_change = state["ang_change"][-1] < step
         # RELION's auto-sampling: refine the sampling when the resolution or the poses stop improving, but only
         # while the step is coarser than the angular accuracy the posteriors show; otherwise converge.
-        if not state["local"]:
-            state["accuracy_global"] = state["accuracy"]  # local windows truncate the posterior spread
+        # the posterior spread of a global search; of a local one only when well inside its window (radius
+        # 1.5 steps): a spread as wide as the window is truncated by it
+        if not state["local"] or state["accuracy"] < 0.75 * step:
+            state["accuracy_global"] = state["accuracy"]
         if not improved or small_change:
             if state["order"] < args.max_order and step > state.get("accuracy_global", 0.0):
                 state["order"] += 1
