@@ -121,3 +121,28 @@ def test_class3d_and_class2d_run_and_write_outputs(tiny, tmp_path):
     assert r.returncode == 0, r.stderr
     assert mrcfile.read(tmp_path / "c2" / "run_classes.mrcs").shape == (3, 32, 32)
     assert os.path.getsize(tmp_path / "c2" / "run_classes.png") > 0
+
+
+def test_auto_sampling_uses_local_accuracy_well_inside_the_window():
+    """RELION's auto-sampling refines the order when poses stop changing, while the step is coarser than the
+    angular accuracy. A local search (window radius 1.5 steps) truncates posteriors as wide as the window, so its
+    spread counts only when below 0.75 step; before this rule local refinement stopped at the first local order."""
+    from types import SimpleNamespace
+
+    from mpi_em.jobs.em import _schedule
+    from mpi_em.simulate import phantom
+
+    box, apix = 32, 4.0
+    v = phantom(box, seed=1).astype(np.float64)
+    args = SimpleNamespace(max_order=5, local_from_order=4)
+
+    def state(acc):
+        return {"resolution": [], "r_cur": 10.0, "best_res": 9.0, "ang_change": [1.0], "order": 4, "local": True,
+                "accuracy": acc, "accuracy_global": 4.3, "no_improve": 0, "final": False}
+
+    s = state(1.5)  # order 4: step 3.75°, window 5.6°; spread 1.5° well inside -> order 5
+    _schedule(s, {}, "refine3d", args, box, apix, np.stack([v, v]), None, False)
+    assert s["order"] == 5 and s["accuracy_global"] == 1.5
+    s = state(3.5)  # as wide as the window: truncated, not used; the global 4.3° keeps the order
+    _schedule(s, {}, "refine3d", args, box, apix, np.stack([v, v]), None, False)
+    assert s["order"] == 4 and s["accuracy_global"] == 4.3
