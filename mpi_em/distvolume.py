@@ -115,7 +115,10 @@ def reduce_scatter_planes(comm, buf, compress: bool = False, r_max_padded=None, 
     volumes, e.g. the two half sets); the result has the same dtype and module.
 
     - ``compress=False``: one ``Reduce`` per volume and owner on a host copy of that owner's planes (the bytes
-      of a ``Reduce_scatter``, with a staging copy of 1/P of one volume). The summation order is MPI's.
+      of a ``Reduce_scatter``, with a staging copy of 1/P of one volume). The summation order is MPI's. With
+      ``r_max_padded`` only the cube |kx|, |ky|, |kz| <= ceil(r_max_padded) around the origin is sent (the
+      data of a current size r: (2R+1)^2 (R+1) of Np^2 (Np/2+1) voxels); every voxel outside must be zero
+      (checked collectively unless ``check=False``, for callers whose insertion geometry guarantees it).
     - ``compress=True``: each owner's chunk is compressed with :mod:`mpi_em.codec` (byte shuffle + zstd,
       lossless) and sent with one ``Alltoallv`` of bytes; with ``r_max_padded`` (radius in padded-grid
       voxels) only the voxels with |k| <= r_max_padded are packed, and every voxel outside must be exactly
@@ -145,10 +148,13 @@ def reduce_scatter_planes(comm, buf, compress: bool = False, r_max_padded=None, 
             stats["bytes_sent"] = 0
         return buf.copy()
 
-    # one Reduce per (volume, owner) on that owner's planes only: the bytes of one Reduce_scatter, with a host
-    # staging copy of 1/P of one volume instead of the whole buffer, received straight into the result
     nv = int(np.prod(lead, dtype=np.int64))
     flat = buf.reshape((nv, npad, npad, nxh))
+    R = None if r_max_padded is None else int(np.ceil(r_max_padded))
+    if R is not None and R < npad // 2:
+        return _reduce_scatter_cube(comm, flat, plan, R, check, stats).reshape(lead + (mine.size, npad, nxh))
+    # one Reduce per (volume, owner) on that owner's planes only: the bytes of one Reduce_scatter, with a host
+    # staging copy of 1/P of one volume instead of the whole buffer, received straight into the result
     out = np.empty((nv, mine.size, npad, nxh), dtype=buf.dtype)
     real = _real_dtype(buf.dtype) if np.iscomplexobj(out) else out.dtype
     for v in range(nv):
@@ -161,6 +167,45 @@ def reduce_scatter_planes(comm, buf, compress: bool = False, r_max_padded=None, 
             del chunk
     out = out.reshape(lead + (mine.size, npad, nxh))
     return out if xp is np else xp.asarray(out)
+
+
+def _reduce_scatter_cube(comm, flat, plan, R, check, stats=None):
+    """Plain reduce-scatter of the cube |k_i| <= R only (see :func:`reduce_scatter_planes`): flat (V, Np, Np,
+    Np//2+1) -> owned planes (V, n_owned, Np, Np//2+1), zero outside the cube."""
+    from mpi4py import MPI
+
+    xp = xp_of(flat)
+    nv, npad, nxh = flat.shape[0], flat.shape[1], flat.shape[-1]
+    rank = comm.rank
+    near = np.flatnonzero(np.abs(_wrapped(np.arange(npad), npad)) <= R)  # planes / rows inside the cube
+    if check:
+        inside = np.zeros((npad, npad, nxh), dtype=bool)
+        inside[np.ix_(near, near, np.arange(R + 1))] = True
+        bad = bool((flat[:, xp.asarray(~inside)] != 0).any())
+        if comm.allreduce(bad, op=MPI.LOR):
+            raise ValueError(f"reduce_scatter_planes(r_max_padded -> cube {R}): non-zero data outside the cube on "
+                             "some rank; sending the cube would lose it")
+    mine = plan[rank]
+    out = xp.zeros((nv, mine.size, npad, nxh), dtype=flat.dtype)  # on the buffer's device: only the cube moves
+    rows = xp.asarray(near)
+    sent = 0
+    for d in range(comm.size):
+        pl = plan[d][np.isin(plan[d], near)]
+        if pl.size == 0:
+            continue
+        for v in range(nv):
+            chunk = _as_real_host(flat[v][xp.asarray(pl)][:, rows, :R + 1])
+            recv = np.empty_like(chunk) if d == rank else None
+            comm.Reduce(chunk, recv, op=MPI.SUM, root=d)
+            sent += chunk.nbytes  # as the full path counts its buffer: every chunk handed to a Reduce
+            if d == rank:
+                if np.iscomplexobj(out):
+                    recv = recv.view(out.dtype)
+                loc = xp.asarray(np.searchsorted(mine, pl))
+                out[v][loc[:, None, None], rows[None, :, None], xp.arange(R + 1)[None, None, :]] = xp.asarray(recv)
+    if stats is not None:
+        stats["bytes_sent"] = int(sent)
+    return out
 
 
 def _reduce_scatter_compressed(comm, buf, plan, r_max_padded, level, check, stats=None):

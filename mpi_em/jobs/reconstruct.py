@@ -237,9 +237,10 @@ def run(args, comm) -> dict:
         t_ins = time.time() - t_ins
         t_red = time.time()
         rp = r_max * args.pad + 2.0  # the trilinear stencil of in-ball points |k| <= r_max reaches +sqrt(3)
-        F_own = reduce_scatter_planes(comm, dense.F, compress=compress, r_max_padded=rp if compress else None)
-        W_own = reduce_scatter_planes(comm, dense.W, compress=compress, r_max_padded=rp if compress else None)
-        sent = int(dense.nbytes)
+        st_F, st_W = {}, {}
+        F_own = reduce_scatter_planes(comm, dense.F, compress=compress, r_max_padded=rp, check=False, stats=st_F)
+        W_own = reduce_scatter_planes(comm, dense.W, compress=compress, r_max_padded=rp, check=False, stats=st_W)
+        sent = int(st_F["bytes_sent"] + st_W["bytes_sent"])
         del dense
         t_red = time.time() - t_red
     t_rec = time.time()

@@ -212,6 +212,32 @@ def test_distributed_reconstruct_matches_serial(with_tau2, box, pad, r_max):
 
 
 @pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("complex_", [True, False])
+def test_reduce_scatter_of_the_data_cube_equals_full(complex_):
+    """r_max_padded without compression: only the cube |k_i| <= ceil(r) is reduced (the bytes of a small current
+    size); with the data inside it the owned planes equal the full reduce-scatter's (float64 sums in MPI's order:
+    1e-12), and the bytes handed over shrink to the cube's share. Data outside the cube: ValueError on every rank
+    (the check), or dropped with check=False."""
+    comm = WORLD
+    npad, r = 32, 5.3
+    R = 6
+    mine = _rand_buf(70 + comm.rank, (2,), npad, complex_=complex_)
+    k = np.abs(np.where(np.arange(npad) < npad / 2, np.arange(npad), np.arange(npad) - npad))
+    outside = (k[:, None, None] > R) | (k[None, :, None] > R) | (np.arange(npad // 2 + 1)[None, None, :] > R)
+    mine[..., outside] = 0
+    st_full, st_cube = {}, {}
+    full = reduce_scatter_planes(comm, mine, stats=st_full)
+    cube = reduce_scatter_planes(comm, mine, r_max_padded=r, stats=st_cube)
+    assert _rel(cube, full) < 1e-12 if full.size else cube.shape == full.shape
+    assert st_cube["bytes_sent"] < 0.1 * st_full["bytes_sent"]
+    mine[0, 0, 0, R + 1] = 1.0  # one voxel outside the cube
+    with pytest.raises(ValueError, match="outside the cube"):
+        reduce_scatter_planes(comm, mine, r_max_padded=r)
+    dropped = reduce_scatter_planes(comm, mine, r_max_padded=r, check=False)
+    assert _rel(dropped, full) < 1e-12 if full.size else True
+
+
+@pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("box,pad", [(16, 2), (8, 3)])
 def test_fourier_fsc_of_owned_planes_matches_one_rank(box, pad):
     """The gold-standard FSC from down-sampled F / W (RELION's): each rank sums its owned planes into the
