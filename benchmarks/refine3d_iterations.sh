@@ -1,0 +1,32 @@
+#!/bin/bash
+# refine3d on simulated data, FSC 0.5 of every iteration's half maps with the truth (issue 4's monotonicity study).
+# usage: bash benchmarks/refine3d_iterations.sh OUTDIR BOX N SNR APIX ITER MAXORDER [extra refine3d options...]
+# (2 CPU ranks; the start is the truth low-passed to 1/4 Nyquist, as in tests/test_em_jobs.py)
+set -e
+D=$1 box=$2 n=$3 snr=$4 apix=$5 iter=$6 mo=$7; shift 7
+export OMP_NUM_THREADS=1 MPI_EM_DEVICE=${MPI_EM_DEVICE:-cpu}
+rm -rf "$D"; mkdir -p "$D"
+python -m mpi_em simulate --out "$D/d" --box "$box" --n "$n" --snr "$snr" --apix "$apix" --seed 2 --max-shift 2 >/dev/null 2>&1
+python - "$D" "$box" "$apix" <<'PY'
+import sys, mrcfile, numpy as np
+from mpi_em.em.model import lowpass
+d, box, apix = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+t = mrcfile.read(f"{d}/d/truth.mrc").astype(np.float64)
+with mrcfile.new(f"{d}/d/start.mrc", overwrite=True) as m:
+    m.set_data(lowpass(t, box, apix, 8 * apix).astype(np.float32)); m.voxel_size = apix
+PY
+ini=$(python -c "print(8 * $apix)")
+mpirun -n 2 python -m mpi_em refine3d --i "$D/d/particles_unaligned.star" --ref "$D/d/start.mrc" --ini-high "$ini" \
+  --o "$D/ref" --max-order "$mo" --iter "$iter" "$@" > "$D/run.log" 2>&1
+python - "$D" "$box" "$apix" <<'PY'
+import glob, sys, mrcfile, numpy as np
+from mpi_em.evaluate import pose_errors
+from mpi_em.fsc import fsc, resolution_at
+d, box, apix = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+t = mrcfile.read(f"{d}/d/truth.mrc").astype(np.float64)
+res = lambda f: round(resolution_at(fsc(mrcfile.read(f), t), box, apix, 0.5), 2)
+s = res(f"{d}/d/start.mrc")
+h = [[res(f) for f in sorted(glob.glob(f"{d}/ref/run_it*_half{k}_class001_unfil.mrc"))] for k in (1, 2)]
+ang, _ = pose_errors(f"{d}/ref/run_data.star", f"{d}/d/particles.star")
+print("start", s, "half1", h[0], "half2", h[1], "median angular error %.2f" % np.median(ang))
+PY
