@@ -3,10 +3,7 @@
 # (per-copy insertion vs RELION's symmetrised sum); where the E-step's time goes at box 128 (bench_estep).
 # From the repo root on the device, wheels in .whl/:  bash benchmarks/gpu_session3_a.sh "$OUT"
 set -u
-OUT=${1:-/tmp/out}; R=/tmp/runH; mkdir -p "$OUT" $R
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-nvidia-smi -L > $R/device.txt
+OUT=${1:-/tmp/out}; . benchmarks/gpu_setup.sh; gpu_setup runH
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -3 | tee $R/gpu_tests.txt
 timeout 150 python3 benchmarks/bench_insert.py --device gpu --box 64 --n 2000 --anchor-n 100000 \
   --json $R/anchor.json 2>&1 | tail -4 | tee $R/anchor.txt

@@ -6,24 +6,14 @@
 # command), warm, with its map and angular error vs truth.
 # From the repo root on the device, wheels in .whl/:  bash benchmarks/gpu_session3_b.sh "$OUT"
 set -u
-OUT=${1:-/tmp/out}; R=/tmp/runI; mkdir -p "$OUT" $R
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-nvidia-smi -L > $R/device.txt
+OUT=${1:-/tmp/out}; . benchmarks/gpu_setup.sh; gpu_setup runI
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -3 | tee $R/gpu_tests.txt
 for off in 3 5; do
   timeout 150 python3 benchmarks/bench_estep.py --device gpu --box 128 --n 8192 --batch 1024 --order 3 --r 29 \
     --offset-range $off --json $R/estep_order3_off$off.json 2>&1 | tee $R/estep_order3_off$off.txt
 done
 D=/tmp/d128
-timeout 150 python3 -m mpi_em simulate --out $D --box 128 --n 50000 --snr 0.05 --apix 1.5 --per-stack 5000 --seed 11 2>&1 | tail -1
-python3 - <<'PY'
-import mrcfile, numpy as np
-from mpi_em.em.model import lowpass
-v = mrcfile.read('/tmp/d128/truth.mrc').astype(np.float64)
-with mrcfile.new('/tmp/d128/start.mrc', overwrite=True) as m:
-    m.set_data(lowpass(v, 128, 1.5, 30.0).astype(np.float32)); m.voxel_size = 1.5
-PY
+gpu_data $D 50000
 # warm-up (kernel compilation), then the timed run (run D's command)
 timeout 100 python3 -m mpi_em refine3d --i $D/particles_unaligned.star --ref $D/start.mrc --ini-high 30 --o /tmp/warm \
   --device gpu --batch 1024 --max-order 3 --iter 2 >/dev/null 2>&1

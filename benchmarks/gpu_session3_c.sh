@@ -4,17 +4,9 @@
 # 1 rank: same poses, and the cost of the phases that only exist at P >= 2 (host-staged reduce-scatter and
 # distributed FFT) at box 128.
 set -u
-OUT=${1:-/tmp/out}; R=/tmp/runJ; mkdir -p "$OUT" $R
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-D=/tmp/d; python3 -m mpi_em simulate --out $D --box 128 --n 20000 --snr 0.05 --apix 1.5 --per-stack 5000 --seed 11 2>&1 | tail -1
-python3 - <<'PY'
-import mrcfile, numpy as np
-from mpi_em.em.model import lowpass
-v = mrcfile.read('/tmp/d/truth.mrc').astype(np.float64)
-with mrcfile.new('/tmp/d/start.mrc', overwrite=True) as m:
-    m.set_data(lowpass(v, 128, 1.5, 30.0).astype(np.float32)); m.voxel_size = 1.5
-PY
+OUT=${1:-/tmp/out}; . benchmarks/gpu_setup.sh; gpu_setup ${2:-runJ}   # run M: the same script, gpu_setup runM
+D=/tmp/d
+gpu_data $D 20000
 for P in 1 1 2; do
   timeout 120 mpirun -n $P --oversubscribe python3 -m mpi_em refine3d --i $D/particles_unaligned.star --ref $D/start.mrc \
     --ini-high 30 --o /tmp/r$P --device gpu --batch 1024 --iter 2 2>&1 | grep -E "placement|iteration|finished" > $R/refine3d_P$P.log
@@ -32,4 +24,4 @@ for P in (1, 2):
         print(P, 'ranks, iteration', it['iteration'], 'total %.2f s' % it['seconds_iteration'], 'reduce %.3f s reconstruct %.3f s' % (ph['reduce'], ph['reconstruct']),
               'bytes sent %.0f MB' % (max(r['bytes'].get('reduce_sent', 0) for r in it['per_rank']) / 1e6))
 PY
-tar czf "$OUT/runJ.tgz" -C /tmp runJ
+tar czf "$OUT/${2:-runJ}.tgz" -C /tmp ${2:-runJ}

@@ -5,19 +5,9 @@
 # 0.143) and maps vs truth (FSC 0.5), median angular error, seconds and E-step FLOP rate per iteration.
 # From the repo root on the device, wheels in .whl/:  bash benchmarks/gpu_session3_e.sh "$OUT"
 set -u
-OUT=${1:-/tmp/out}; R=/tmp/runL; mkdir -p "$OUT" $R
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-nvidia-smi -L > $R/device.txt
+OUT=${1:-/tmp/out}; . benchmarks/gpu_setup.sh; gpu_setup runL
 D=/tmp/d128
-timeout 150 python3 -m mpi_em simulate --out $D --box 128 --n 50000 --snr 0.05 --apix 1.5 --per-stack 5000 --seed 11 2>&1 | tail -1
-python3 - <<'PY'
-import mrcfile, numpy as np
-from mpi_em.em.model import lowpass
-v = mrcfile.read('/tmp/d128/truth.mrc').astype(np.float64)
-with mrcfile.new('/tmp/d128/start.mrc', overwrite=True) as m:
-    m.set_data(lowpass(v, 128, 1.5, 30.0).astype(np.float32)); m.voxel_size = 1.5
-PY
+gpu_data $D 50000
 timeout 100 python3 -m mpi_em reconstruct --i $D/particles.star --o /tmp/known --device gpu 2>&1 | tail -1 > $R/known.log
 timeout 420 python3 -m mpi_em refine3d --i $D/particles_unaligned.star --ref $D/start.mrc --ini-high 30 --o /tmp/ref \
   --device gpu --batch 1024 --max-order 5 --iter 25 2>&1 | grep -E "iteration|finished|converged" > $R/refine3d.log
