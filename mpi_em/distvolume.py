@@ -543,44 +543,52 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
     Vol = F
     del F, W, r, inside
 
-    # (d) distributed inverse FFT: ky on owned kz planes, transpose to y rows, kz then kx (c2r) locally
-    G = xp.fft.ifft(Vol, axis=-2) if Vol.size else Vol                    # (nv, n_own, Np_y, Nxh)
+    # (d) distributed inverse FFT: ky on owned kz planes, transpose to y rows, kz then kx (c2r) locally. Only what
+    # can be non-zero and is kept is sent: planes |kz| <= Rp and columns kx <= Rp (F is zero outside the ball of
+    # radius Rp = pad (r_max + 0.5)), and the y rows inside the final crop (box of Np)
+    Rp = pad * (r_max + 0.5)
+    band = np.abs(np.fft.fftfreq(npad, d=1.0 / npad)) <= Rp                # over all kz
+    ncol = min(nxh, int(np.floor(Rp)) + 1)
+    own_band = np.flatnonzero(band[mine])
+    G = Vol[:, xp.asarray(own_band), :, :ncol]
+    G = xp.fft.ifft(G, axis=-2) if G.size else G                            # (nv, n_band, Np_y, ncol)
     del Vol
     yplan = plan                                                           # y rows: same striding
-    ymine = yplan[rank]
-    order_y = xp.asarray(np.concatenate(yplan))
-    send = _as_real_host(xp.moveaxis(G[:, :, order_y, :], 2, 0)).reshape(-1)   # (Np_y by dest, nv, n_own, Nxh)
-    del G
-    scounts = [int(p.size) * nv * n_own * nxh * 2 for p in yplan]
-    rcounts = [ymine.size * nv * int(plan[s].size) * nxh * 2 for s in range(size)]
-    recv = np.empty(sum(rcounts), dtype=np.float64)
-    comm.Alltoallv([send, (scounts, _displs(scounts)), MPI.DOUBLE],
-                   [recv, (rcounts, _displs(rcounts)), MPI.DOUBLE])
-    del send
-    H = np.empty((nv, npad, ymine.size, nxh), dtype=np.complex128)        # (nv, Np_kz, n_y, Nxh)
-    rd = _displs(rcounts)
-    for s in range(size):
-        if plan[s].size and ymine.size:
-            blk = recv[rd[s]:rd[s] + rcounts[s]].view(np.complex128)
-            H[:, plan[s]] = np.moveaxis(blk.reshape(ymine.size, nv, plan[s].size, nxh), 0, 2)
-    del recv
-    H = xp.asarray(H)
-    if H.size:
-        H = xp.fft.ifft(H, axis=1)
-        R = xp.fft.irfft(H, n=npad, axis=-1)                               # (nv, Np_z, n_y, Np_x) real
-    else:
-        R = xp.zeros((nv, npad, ymine.size, npad), dtype=xp.float64)
-    del H
-
     # fftshift + crop: cropped index i of an axis reads full index (o + i + Np/2) mod Np
     o = (npad - box) // 2
     src = (np.arange(o, o + box) + npad // 2) % npad
     b_of = [(p - o - npad // 2) % npad for p in yplan]                     # crop row of each owned y
     b_keep = [np.flatnonzero(b < box) for b in b_of]
     b_rows = [b_of[s][b_keep[s]] for s in range(size)]
+    rows_to = [yplan[s][b_keep[s]] for s in range(size)]                   # full y rows each rank receives
+    n_band = [int(band[plan[s]].sum()) for s in range(size)]
+    order_y = xp.asarray(np.concatenate(rows_to).astype(np.int64))
+    send = _as_real_host(xp.moveaxis(G[:, :, order_y, :], 2, 0)).reshape(-1)   # (y rows by dest, nv, n_band, ncol)
+    del G
+    scounts = [int(rows_to[d].size) * nv * own_band.size * ncol * 2 for d in range(size)]
+    rcounts = [int(rows_to[rank].size) * nv * n_band[s] * ncol * 2 for s in range(size)]
+    recv = np.empty(sum(rcounts), dtype=np.float64)
+    comm.Alltoallv([send, (scounts, _displs(scounts)), MPI.DOUBLE],
+                   [recv, (rcounts, _displs(rcounts)), MPI.DOUBLE])
+    del send
+    n_y = int(rows_to[rank].size)
+    H = np.zeros((nv, npad, n_y, nxh), dtype=np.complex128)               # (nv, Np_kz, n_y, Nxh)
+    rd = _displs(rcounts)
+    for s in range(size):
+        if n_band[s] and n_y:
+            blk = recv[rd[s]:rd[s] + rcounts[s]].view(np.complex128)
+            zs = plan[s][band[plan[s]]]
+            H[:, zs, :, :ncol] = np.moveaxis(blk.reshape(n_y, nv, n_band[s], ncol), 0, 2)
+    del recv
+    H = xp.asarray(H)
+    if H.size:
+        H = xp.fft.ifft(H, axis=1)
+        R = xp.fft.irfft(H, n=npad, axis=-1)                               # (nv, Np_z, n_y, Np_x) real
+    else:
+        R = xp.zeros((nv, npad, n_y, npad), dtype=xp.float64)
+    del H
     srcx = xp.asarray(src)
-    mine_cols = xp.asarray(b_keep[rank])
-    part = R[:, srcx][:, :, mine_cols][..., srcx]                          # (nv, box_z, n_b, box_x)
+    part = R[:, srcx][..., srcx]                                            # (nv, box_z, n_y, box_x)
     del R
     if gridding:
         part = part / gridding_factor(box, pad, xp)[:, xp.asarray(b_rows[rank]), :]
