@@ -78,7 +78,8 @@ def marginalise_translations(L, prior_t):
     mx = a.max(axis=1, keepdims=True)
     finite = xp.isfinite(mx)
     safe = xp.where(finite, mx, 0)
-    out = safe + xp.log(xp.exp(a - safe).sum(axis=1, keepdims=True))
+    tot = xp.exp(a - safe).sum(axis=1, keepdims=True)  # >= 1 where the max is finite
+    out = safe + xp.log(xp.where(finite, tot, 1.0))
     return xp.where(finite, out, mx)[:, 0]
 
 
