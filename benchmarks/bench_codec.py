@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import zstandard  # noqa: E402
 
 from mpi_em import codec  # noqa: E402
-from mpi_em.backend import get_xp, to_host  # noqa: E402
+from mpi_em.backend import get_xp  # noqa: E402
 
 
 def radius(npix: int) -> np.ndarray:

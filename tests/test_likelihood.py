@@ -1,7 +1,6 @@
 """The E-step's pieces: cross terms as GEMMs, marginalisation over translations, top-k selection, the coarse
 pass finding known poses."""
 import numpy as np
-import pytest
 
 from mpi_em.em.engine import SearchSpec, _coarse_pass, inverse_sigma2_points, shell_of_points
 from mpi_em.em.likelihood import (log_likelihood_shared, marginalise_translations, shared_operands, shared_parts,
