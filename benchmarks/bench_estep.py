@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Where the E-step's time goes: one refine3d E-step (coarse global pass, fine pass, insertion, statistics) over
 simulated particles, every phase and the steps inside the coarse pass timed, the cross-term GEMM flops against
-the same run's SGEMM ceiling (square 8192^3) and against a bare GEMM of the coarse pass's own shape.
+the same run's SGEMM ceiling (square 8192^3) and against a bare GEMM of the coarse pass's own shape. Image
+preparation (FFT, CTF at the in-ball points) as in the jobs; runs H and I prepared CTFs on the full rfft grid.
 
     python benchmarks/bench_estep.py --device gpu --box 128 --n 8192 --batch 1024 --order 3 --r 29 --json OUT.json
 
@@ -21,7 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from mpi_em.backend import get_xp, synchronize  # noqa: E402
-from mpi_em.ctf import ctf_images  # noqa: E402
+from mpi_em.ctf import ctf_points  # noqa: E402
 from mpi_em.em.engine import SearchSpec, Stats, expectation_batch, inverse_sigma2_points, shell_of_points  # noqa: E402
 from mpi_em.em.references import References, fine_offsets, global_grid  # noqa: E402
 from mpi_em.fourier import SliceGeometry  # noqa: E402
@@ -90,8 +91,8 @@ def main(argv=None):
         for s in range(lo, hi, a.batch):
             e = min(hi, s + a.batch)
             with timer("prepare"):
-                c = ctf_images(box, apix, sim.defocus_u[s:e], sim.defocus_v[s:e], sim.defocus_angle[s:e], 300.0,
-                               2.7, 0.1, xp=xp)
+                c = ctf_points(geom, apix, sim.defocus_u[s:e], sim.defocus_v[s:e], sim.defocus_angle[s:e], 300.0,
+                               2.7, 0.1)
                 X, ctf = centred_points(xp.asarray(sim.images[s:e]), None, geom, c)
             expectation_batch(X, ctf, inv_s2, shells, refs, xp.asarray(half[s:e]), A_prev[s:e],
                               xp.zeros(e - s, dtype=xp.int64), sp, geom, F, W, stats, n_shells, timer=timer)

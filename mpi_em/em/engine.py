@@ -21,9 +21,8 @@ from ..ctf import ctf_points
 from ..fourier import SliceGeometry
 from ..geometry import euler_to_matrix
 from ..sampling import translation_grid
-from .likelihood import (data_term, log_likelihood_local, marginalise_translations, offset_log_prior, posterior,
-                         shared_operands, shared_parts, shell_of_points, significant_mask, top_k,
-                         translation_phases)
+from .likelihood import (data_term, log_likelihood_local, logsumexp, marginalise_translations, offset_log_prior,
+                         posterior, shared_operands, shared_parts, shell_of_points, significant_mask, top_k)
 from ..reconstruction import centred_points
 from .references import References, angles_from_mats, compose, insert, rotation_2d
 from ..timing import NULL_TIMER
@@ -94,12 +93,6 @@ def current_mats(plan, sl, dim: int, xp):
     return rotation_2d(xp.asarray(plan["psi"][sl]), xp)
 
 
-def _logsumexp(a, axis):
-    xp = xp_of(a)
-    m = a.max(axis=axis, keepdims=True)
-    return (m + xp.log(xp.exp(a - m).sum(axis=axis, keepdims=True))).squeeze(axis)
-
-
 def expectation_batch(X, ctf, inv_sigma2, shells, refs: References, vol_base, prev_mats, prev_class,
                       spec: SearchSpec, geom: SliceGeometry, F_acc, W_acc, stats: Stats, n_shells: int,
                       timer=NULL_TIMER):
@@ -125,7 +118,7 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
     T_c = xp.asarray(translation_grid(spec.offset_range, 2.0 * spec.offset_step))    # (T, 2)
     prior_t = offset_log_prior(T_c, spec.offset_sigma)                                 # (T,)
     with timer.detail("coarse.shift"):
-        ph_c = translation_phases(geom, T_c, dtype=X.dtype)                            # (T, m)
+        ph_c = geom.phases(T_c, dtype=X.dtype)                            # (T, m)
         Xt = X[:, None, :] * ph_c[None]                                                # (n, T, m)
     lcp = spec.log_class_prior if spec.log_class_prior is not None else xp.zeros(K, dtype=xp.float32)
     lcp = xp.asarray(lcp, dtype=xp.float32)
@@ -133,9 +126,8 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
     if spec.global_mats is not None:
         G = spec.global_mats
         C = G.shape[0]
-        # shared by all particles: (1, K*C, d, d) and (1, K*C), class-major
+        # shared by all particles (1, K*C, d, d), class-major: candidate j is class j // C
         cand_mats = xp.broadcast_to(G[None], (K, C, d, d)).reshape(1, K * C, d, d)
-        cand_cls = xp.repeat(xp.arange(K), C)[None]
         sel, best_t = None, xp.empty((n, 2), dtype=T_c.dtype)
         bases = to_host(vol_base)
         for base in np.unique(bases):
@@ -152,7 +144,7 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
             with timer.detail("coarse.likelihood"):
                 cross, norm = shared_parts(Xt[rows], ctf[rows], inv_sigma2, ops)
             timer.add_flops("coarse", 2.0 * cross.shape[0] * T_c.shape[0] * ops[0].shape[0] * 2 * m)
-            s, t = _select(cross, norm, T_c, prior_t, lcp[cand_cls[0]], prev_class[rows], K, C, spec, timer)
+            s, t = _select(cross, norm, T_c, prior_t, lcp, prev_class[rows], K, C, spec, timer)
             if sel is None:
                 sel = xp.empty((n, s.shape[1]), dtype=s.dtype)
             sel[rows] = s
@@ -162,29 +154,27 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
         Lm = spec.local_mats
         C = Lm.shape[0]
         cand_mats = xp.broadcast_to(compose(Lm, prev_mats)[:, None], (n, K, C, d, d)).reshape(n, K * C, d, d)
-        cand_cls = xp.broadcast_to(xp.repeat(xp.arange(K), C)[None], (n, K * C))
-        P = refs.project(cand_mats, cand_cls + vol_base[:, None], geom)                   # (n, K*C, m)
+        P = refs.project(cand_mats, (xp.arange(K * C) // C)[None] + vol_base[:, None], geom)  # (n, K*C, m)
         with timer.detail("coarse.likelihood"):
             L = log_likelihood_local(Xt, ctf, inv_sigma2, P)
         timer.add_flops("coarse", 2.0 * n * T_c.shape[0] * K * C * 2 * m)
-        sel, best_t = _select(L, None, T_c, prior_t, lcp[cand_cls[0]], prev_class, K, C, spec, timer)
-    return cand_mats, cand_cls, sel, best_t, lcp
+        sel, best_t = _select(L, None, T_c, prior_t, lcp, prev_class, K, C, spec, timer)
+    return cand_mats, sel, best_t, lcp
 
 
-def _select(L, norm, T_c, prior_t, lcp_c, prev_class, K, C, spec, timer):
+def _select(L, norm, T_c, prior_t, lcp, prev_class, K, C, spec, timer):
     """Coarse log-likelihoods L (n, T, K*C) (less ``norm`` (n, K*C), which does not depend on the translation)
     -> the candidates the fine pass refines (n, S) and each particle's best coarse translation (n, 2).
 
     marg = log sum_t exp(L + log prior(t)) - norm + log pi_class; in the first class3d iteration (fixed
-    classes) only the particle's own class is allowed."""
+    classes) only the particle's own class is allowed. Candidate j (class-major) is of class j // C."""
     xp = xp_of(L)
     with timer.detail("coarse.marginal"):
-        marg = marginalise_translations(L, prior_t) + lcp_c[None, :]
+        marg = marginalise_translations(L, prior_t) + xp.repeat(lcp, C)[None, :]
         if norm is not None:
             marg -= norm
         if spec.fixed_class:
-            cls_c = xp.arange(K * C) // C
-            marg = xp.where(cls_c[None, :] == prev_class[:, None], marg, -xp.inf)
+            marg = xp.where((xp.arange(K * C) // C)[None, :] == prev_class[:, None], marg, -xp.inf)
     with timer.detail("coarse.select"):
         sel = select_candidates(marg, K, C, spec.n_select, spec.class_select)             # (n, S)
         at_best = xp.take_along_axis(L, sel[:, None, :1], axis=2)[:, :, 0] + prior_t[None, :]  # (n, T)
@@ -196,21 +186,21 @@ def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coars
     xp = xp_of(X)
     n, m = X.shape
     d = spec.dim
-    cand_mats, cand_cls, sel, best_t, lcp = coarse
+    cand_mats, sel, best_t, lcp = coarse
     S = sel.shape[1]
     Fm = spec.fine_mats
     nf = Fm.shape[0]
     if cand_mats.shape[0] == 1:  # the shared global grid
-        s_mats, s_cls = cand_mats[0][sel], cand_cls[0][sel]                            # (n, S, d, d), (n, S)
+        s_mats = cand_mats[0][sel]                                                     # (n, S, d, d)
     else:
         s_mats = xp.take_along_axis(cand_mats, sel[:, :, None, None], axis=1)
-        s_cls = xp.take_along_axis(cand_cls, sel, axis=1)
+    s_cls = sel // (cand_mats.shape[1] // spec.n_classes)                           # (n, S): j // C
     f_mats = compose(Fm, s_mats).reshape(n, S * nf, d, d)
     f_cls = xp.repeat(s_cls, nf, axis=1)                                               # (n, S*nf)
     h = spec.offset_step
     dt = xp.asarray([[0.0, 0.0], [-h, 0], [h, 0], [0, -h], [0, h], [-h, -h], [h, -h], [-h, h], [h, h]])
     t_f = best_t[:, None, :] + dt[None]                                                # (n, 9, 2)
-    ph_f = translation_phases(geom, t_f, dtype=X.dtype)                                # (n, 9, m)
+    ph_f = geom.phases(t_f, dtype=X.dtype)                                # (n, 9, m)
     Xt_f = X[:, None, :] * ph_f
     with timer.detail("fine.project"):
         P_f = refs.project(f_mats, f_cls + vol_base[:, None], geom)                    # (n, S*nf, m)
@@ -301,7 +291,7 @@ def select_candidates(marg, K: int, C: int, n_select: int, class_select: int):
     if K == 1:
         return top_k(marg, n_select)
     m3 = marg.reshape(n, K, C)
-    cls_marg = _logsumexp(m3, axis=2)                                                  # (n, K)
+    cls_marg = logsumexp(m3, axis=2)                                                  # (n, K)
     Kc = max(1, min(K, class_select))
     top_cls = xp.argsort(-cls_marg, axis=1)[:, :Kc]                                    # (n, Kc)
     S0 = min(n_select, C)

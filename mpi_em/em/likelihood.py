@@ -18,14 +18,6 @@ from ..backend import xp_of
 from ..fourier import freq_grid_2d
 
 
-def translation_phases(geom, shifts, dtype=np.complex64):
-    """exp(+2 pi i k.t / N) at the in-ball points: multiplying X by it moves the image by -t.
-
-    ``shifts`` (T, 2) shared, or (n, T, 2) per particle -> (T, m) or (n, T, m).
-    """
-    return geom.phases(shifts, dtype)
-
-
 def shell_of_points(geom):
     """Integer shell (rounded |k|) of each in-ball point."""
     xp = geom.xp
@@ -74,13 +66,18 @@ def marginalise_translations(L, prior_t):
         from .. import kernels
 
         return kernels.logsumexp_translations(L, prior_t)
-    a = L + prior_t[None, :, None]
-    mx = a.max(axis=1, keepdims=True)
+    return logsumexp(L + prior_t[None, :, None], axis=1)
+
+
+def logsumexp(a, axis: int):
+    """log sum exp(a) along ``axis`` (removed), shifted by the maximum; -inf where every entry is -inf."""
+    xp = xp_of(a)
+    mx = a.max(axis=axis, keepdims=True)
     finite = xp.isfinite(mx)
     safe = xp.where(finite, mx, 0)
-    tot = xp.exp(a - safe).sum(axis=1, keepdims=True)  # >= 1 where the max is finite
-    out = safe + xp.log(xp.where(finite, tot, 1.0))
-    return xp.where(finite, out, mx)[:, 0]
+    tot = xp.exp(a - safe).sum(axis=axis, keepdims=True)  # >= 1 where the max is finite
+    out = xp.where(finite, safe + xp.log(xp.where(finite, tot, 1.0)), mx)
+    return out.squeeze(axis)
 
 
 def log_likelihood_local(Xt, ctf, inv_sigma2, P):
