@@ -10,9 +10,13 @@ from .fourier import radius_3d
 def fsc(vol1, vol2):
     """FSC per integer shell 0..N/2 of two real (N, N, N) volumes -> numpy float64 array (N//2 + 1,)."""
     xp = xp_of(vol1, vol2)
-    n = vol1.shape[-1]
-    F1 = xp.fft.rfftn(vol1.astype(xp.float64))
-    F2 = xp.fft.rfftn(vol2.astype(xp.float64))
+    return fsc_fourier(xp.fft.rfftn(vol1.astype(xp.float64)), xp.fft.rfftn(vol2.astype(xp.float64)))
+
+
+def fsc_fourier(F1, F2):
+    """FSC per integer shell 0..N/2 of two (N, N, N//2+1) rfftn-layout arrays -> numpy float64 (N//2 + 1,)."""
+    xp = xp_of(F1, F2)
+    n = F1.shape[-3]
     shell = xp.rint(radius_3d(n, xp)).astype(xp.int64).ravel()
     keep = shell <= n // 2
     shell = shell[keep]

@@ -14,6 +14,7 @@ from ..distributed import allreduce_sum
 from ..distvolume import distributed_reconstruct, owned_planes, reduce_scatter_planes
 from ..fourier import radius_3d
 from ..fourier2d import radius_plane, reconstruct2d
+from ..fsc import fsc_fourier
 from ..timing import NULL_TIMER
 
 
@@ -98,18 +99,8 @@ def fourier_fsc(comm, F_own, W_own, planes, npad: int, pad: int, r_max: float):
     dF, dW = downsampled_sums(F_own[:2], W_own[:2], planes, npad, pad)
     allreduce_sum(comm, dF)
     allreduce_sum(comm, dW)
-    box = npad // pad
     a = xp.where(dW > 0, dF / xp.where(dW > 0, dW, 1.0), 0)
-    sh = xp.rint(radius_3d(box, xp)).astype(xp.int64).reshape(-1)
-    n_shells = box // 2 + 1
-    ok = sh < n_shells
-    sh = sh[ok]
-    a1, a2 = a[0].reshape(-1)[ok], a[1].reshape(-1)[ok]
-    num = to_host(xp.bincount(sh, weights=(a1 * xp.conj(a2)).real, minlength=n_shells))
-    d1 = to_host(xp.bincount(sh, weights=xp.abs(a1) ** 2, minlength=n_shells))
-    d2 = to_host(xp.bincount(sh, weights=xp.abs(a2) ** 2, minlength=n_shells))
-    den = np.sqrt(d1 * d2)
-    curve = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)[:n_shells]
+    curve = fsc_fourier(a[0], a[1])
     curve[int(np.floor(r_max)) + 1:] = 0.0
     return curve
 
