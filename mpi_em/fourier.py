@@ -322,10 +322,8 @@ def _symmetrise_host(F, W, L, rlim, chunk, xp):
     Wf = W.reshape((-1, npad * npad * nxh))
     Fo = xp.zeros_like(Ff)
     Wo = xp.zeros_like(Wf)
-    sq = lambda a: a * a  # noqa: E731
     k = xp.fft.fftfreq(npad, 1.0 / npad)
-    inside = xp.flatnonzero(((sq(k)[:, None, None] + sq(k)[None, :, None] + sq(xp.arange(nxh))[None, None, :])
-                             <= rlim * rlim).ravel())
+    inside = xp.flatnonzero(radius_3d(npad, xp).ravel() <= rlim)
     Lx = xp.asarray(L)
     for s in range(0, int(inside.size), chunk):
         flat = inside[s:s + chunk]
