@@ -41,7 +41,7 @@ from mpi4py import MPI  # noqa: E402
 
 from mpi_em import codec  # noqa: E402
 from mpi_em.distvolume import PlaneOwnerAccumulator, _ball_index, owned_planes, reduce_scatter_planes  # noqa: E402
-from mpi_em.fourier import SliceGeometry  # noqa: E402
+from mpi_em.fourier import SliceGeometry, padded_reach  # noqa: E402
 from mpi_em.reconstruction import Accumulators, insert  # noqa: E402
 from mpi_em.simulate import phantom, simulate_particles  # noqa: E402
 
@@ -93,7 +93,7 @@ def one_case(comm, box: int, r_max: float, n: int, level: int, stream_batch: int
     geom, batches = prepared_batches(box, r_max, n_local, seed=100 + rank)
     npad, nxh = 2 * box, box + 1
     full_bytes = N_VOL * npad * npad * nxh * (16 + 8)
-    rp = r_max * 2 + 2.0
+    rp = padded_reach(r_max, 2)
     planes = owned_planes(npad, rank, P)
     ball = _ball_index(planes, npad, nxh, rp)
 

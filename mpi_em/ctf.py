@@ -46,12 +46,12 @@ def ctf_values(fx, fy, defocus_u, defocus_v, defocus_angle, voltage, cs, amp_con
     return val * xp.exp(k4 * u2)
 
 
-def ctf_images(box: int, pixel_size, defocus_u, defocus_v, defocus_angle, voltage, cs, amp_contrast,
-               phase_shift=0.0, bfactor=0.0, xp=np, dtype=np.float32, intact_first_peak: bool = False):
-    """(n, box, box//2+1) CTFs on the rfft2 grid, one per particle (per-particle parameter arrays)."""
-    ky, kx = freq_grid_2d(box, xp)
+def _ctf_at(kx, ky, box: int, pixel_size, defocus_u, defocus_v, defocus_angle, voltage, cs, amp_contrast,
+            phase_shift, bfactor, xp, dtype, intact_first_peak):
+    """CTFs of n particles (per-particle parameter arrays) at frequency indices kx, ky of a box (any shape S,
+    same for all particles) -> (n,) + S."""
     def col(a):
-        return xp.asarray(a, dtype=xp.float64).reshape(-1, 1, 1)
+        return xp.asarray(a, dtype=xp.float64).reshape((-1,) + (1,) * kx.ndim)
     apix = col(pixel_size)
     fx = kx[None] / (box * apix)
     fy = ky[None] / (box * apix)
@@ -60,20 +60,23 @@ def ctf_images(box: int, pixel_size, defocus_u, defocus_v, defocus_angle, voltag
     return out.astype(dtype)
 
 
+def ctf_images(box: int, pixel_size, defocus_u, defocus_v, defocus_angle, voltage, cs, amp_contrast,
+               phase_shift=0.0, bfactor=0.0, xp=np, dtype=np.float32, intact_first_peak: bool = False):
+    """(n, box, box//2+1) CTFs on the rfft2 grid, one per particle (per-particle parameter arrays)."""
+    ky, kx = freq_grid_2d(box, xp)
+    ky, kx = xp.broadcast_arrays(ky, kx)
+    return _ctf_at(kx, ky, box, pixel_size, defocus_u, defocus_v, defocus_angle, voltage, cs, amp_contrast,
+                   phase_shift, bfactor, xp, dtype, intact_first_peak)
+
+
 def ctf_points(geom, pixel_size, defocus_u, defocus_v, defocus_angle, voltage, cs, amp_contrast,
                phase_shift=0.0, bfactor=0.0, dtype=np.float32, intact_first_peak: bool = False):
     """(n, m) CTFs at the in-ball points of ``geom`` (:class:`mpi_em.fourier.SliceGeometry`): the values of
     :func:`ctf_images` there, without evaluating the rest of the rfft2 grid."""
     xp = geom.xp
-    def col(a):
-        return xp.asarray(a, dtype=xp.float64).reshape(-1, 1)
-    apix = col(pixel_size)
     k = xp.asarray(geom.kxy, dtype=xp.float64)
-    fx = k[None, :, 0] / (geom.box * apix)
-    fy = k[None, :, 1] / (geom.box * apix)
-    out = ctf_values(fx, fy, col(defocus_u), col(defocus_v), col(defocus_angle), col(voltage), col(cs),
-                     col(amp_contrast), col(phase_shift), col(bfactor), xp=xp, intact_first_peak=intact_first_peak)
-    return out.astype(dtype)
+    return _ctf_at(k[:, 0], k[:, 1], geom.box, pixel_size, defocus_u, defocus_v, defocus_angle, voltage, cs,
+                   amp_contrast, phase_shift, bfactor, xp, dtype, intact_first_peak)
 
 
 def ctf_for_particles(star, rows, xp=np, dtype=np.float32):

@@ -172,6 +172,13 @@ class SliceGeometry:
         return self.pad * xp.einsum("mi,nij->nmj", self.kxy, A[:, :2, :])
 
 
+def padded_reach(r_max: float, pad: int) -> float:
+    """Radius in padded-grid voxels that the insertion of in-ball points |k| <= r_max can reach: the trilinear
+    stencil adds at most sqrt(3) to pad * r_max (bounded by pad * r_max + 2); the symmetrised sum stays inside
+    it too. Nothing outside needs sending in a reduction."""
+    return pad * float(r_max) + 2.0
+
+
 def fused_kernels() -> bool:
     """GPU arrays use the fused CUDA kernels of :mod:`mpi_em.kernels` unless MPI_EM_FUSED_KERNELS=0."""
     return os.environ.get("MPI_EM_FUSED_KERNELS", "1") != "0"

@@ -12,7 +12,7 @@ import numpy as np
 from ..backend import to_host, xp_of
 from ..distributed import allreduce_sum
 from ..distvolume import distributed_reconstruct, owned_planes, reduce_scatter_planes
-from ..fourier import radius_3d
+from ..fourier import padded_reach, radius_3d
 from ..fourier2d import radius_plane, reconstruct2d
 from ..fsc import fsc_fourier
 from ..timing import NULL_TIMER
@@ -124,9 +124,7 @@ def reduce_and_reconstruct_3d(comm, F_acc, W_acc, box: int, pad: int, r_max: flo
     xp = xp_of(F_acc)
     npad = pad * box
     stats_F, stats_W = {}, {}
-    # the insertion's trilinear stencil of in-ball points |k| <= r_max reaches pad * r_max + sqrt(3) (and so does
-    # the symmetrised sum): nothing outside the ball of pad * r_max + 2 needs sending, by construction
-    rp = pad * r_max + 2.0
+    rp = padded_reach(r_max, pad)  # nothing outside needs sending, by construction
     with timer("reduce"):
         F_own = reduce_scatter_planes(comm, F_acc, compress=compress, r_max_padded=rp, check=False, stats=stats_F)
         W_own = reduce_scatter_planes(comm, W_acc, compress=compress, r_max_padded=rp, check=False, stats=stats_W)

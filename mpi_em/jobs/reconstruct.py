@@ -24,7 +24,7 @@ from ..distributed import collective_step, log_placement, make_plan, root_step, 
 from ..distvolume import PlaneOwnerAccumulator, distributed_reconstruct, reduce_scatter_planes, volume_bytes_per_rank
 from ..errors import InputError
 from ..em.engine import prepare_batch
-from ..fourier import SliceGeometry, default_r_max, symmetrise
+from ..fourier import SliceGeometry, default_r_max, padded_reach, symmetrise
 from ..fsc import fsc, resolution_at, shell_frequencies
 from ..geometry import euler_to_matrix
 from ..io import atomic_path, check_stacks, check_writable_dir, read_particles, write_map
@@ -236,7 +236,7 @@ def run(args, comm) -> dict:
         dense = collective_step(comm, _insert)
         t_ins = time.time() - t_ins
         t_red = time.time()
-        rp = r_max * args.pad + 2.0  # the trilinear stencil of in-ball points |k| <= r_max reaches +sqrt(3)
+        rp = padded_reach(r_max, args.pad)
         st_F, st_W = {}, {}
         F_own = reduce_scatter_planes(comm, dense.F, compress=compress, r_max_padded=rp, check=False, stats=st_F)
         W_own = reduce_scatter_planes(comm, dense.W, compress=compress, r_max_padded=rp, check=False, stats=st_W)
