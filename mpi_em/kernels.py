@@ -244,7 +244,7 @@ extern "C" __global__ void logsumexp_translations(const float* __restrict__ L, c
     const float neg_inf = __int_as_float(0xff800000);
     float mx = neg_inf, s = 0.0f;
     for (int k = 0; k < T; ++k) {
-        float x = p[(long long)k * C] + prior[k];
+        float x = p[(long long)k * C] + prior[i * T + k];
         if (x > mx) { s = s * expf(mx - x) + 1.0f; mx = x; }
         else if (x > neg_inf) s += expf(x - mx);
     }
@@ -365,7 +365,8 @@ def symmetrise(F, W, sym_mats, rlim: float):
 
 
 def logsumexp_translations(L, prior_t):
-    """GPU :func:`mpi_em.em.likelihood.marginalise_translations`: L (n, T, C) float32 C-contiguous -> (n, C)."""
+    """GPU :func:`mpi_em.em.likelihood.marginalise_translations`: L (n, T, C) float32 C-contiguous, log priors
+    (n, T) -> (n, C)."""
     import cupy as cp
 
     n, T, C = L.shape

@@ -23,7 +23,8 @@ from .symmetry import canonical_symmetry_name, symmetry_matrices
 
 __all__ = ["healpix_nside", "healpix_npix", "pix2ang_ring", "healpix_directions", "direction_vectors",
            "angular_step", "psi_angles", "reduce_to_asymmetric_unit", "orientation_grid", "local_rotations",
-           "perturb", "rotation_vector_to_matrix", "rotations_near", "translation_grid"]
+           "perturb", "rotation_vector_to_matrix", "rotations_near", "translation_grid", "next_perturbation",
+           "perturbation_rotation"]
 
 
 # ---------------------------------------------------------------------------------------------- HEALPix
@@ -254,3 +255,27 @@ def translation_grid(max_shift_px: float, step_px: float = 1.0, xp=np):
     zero = np.flatnonzero((s == 0).all(axis=1))[0]
     s = np.concatenate([s[zero:zero + 1], np.delete(s, zero, axis=0)])
     return xp.asarray(s)
+
+
+# ------------------------------------------------------------------------------ random grid perturbation
+def next_perturbation(previous: float, factor: float, seed: int, iteration: int) -> float:
+    """The grids' random perturbation for ``iteration``, as a fraction of a step (RELION's
+    HealpixSampling::resetRandomlyPerturbedSampling): previous + U(factor/2, factor), wrapped into
+    [-factor, factor), so that it changes by at least half its range every iteration. Seeded by (seed,
+    iteration): every rank draws the same value, and a resumed run the same sequence. factor 0: no perturbation.
+
+    The grids are otherwise the same every iteration, so every particle's pose is rounded the same way each
+    time and the references adapt to the grid; moving the grid by a random fraction of a step each iteration
+    turns that rounding into noise that averages out."""
+    if factor <= 0:
+        return 0.0
+    u = np.random.default_rng([int(seed), int(iteration), 0x5eed]).uniform(0.5 * factor, factor)
+    return float((previous + u + factor) % (2.0 * factor) - factor)
+
+
+def perturbation_rotation(dim: int, angle_deg: float) -> np.ndarray:
+    """The rotation that perturbs a pose grid by ``angle_deg`` (right-multiplied, A' = A @ R, as RELION's
+    getOrientations): 3D, euler_to_matrix(a, a, a); 2D, the in-plane rotation that adds a to psi."""
+    if dim == 3:
+        return euler_to_matrix(angle_deg, angle_deg, angle_deg)[0]
+    return euler_to_matrix(0.0, 0.0, angle_deg)[0, :2, :2]

@@ -75,21 +75,40 @@ def test_refine3d_continue_after_interruption(tiny, tmp_path):
     assert np.array_equal(ma, mb)
 
 
+def _resolution_and_error(vol, truth, box, apix, threshold=0.5):
+    """FSC-``threshold`` resolution (Å) of ``vol`` against ``truth`` and its statistical standard error: a
+    correlation estimated from n independent real samples has standard error (1 - FSC^2) / sqrt(n); a shell of N
+    voxels holds N/2 independent complex coefficients (Friedel pairs), n = N real samples. Divided by the curve's
+    slope at the crossing it becomes an error in shells, then in Å."""
+    curve = fsc(vol, truth)
+    res = resolution_at(curve, box, apix, threshold)
+    k = box * apix / res                                   # crossing, in shells
+    i = min(int(np.ceil(k)), len(curve) - 1)
+    f = np.fft.fftfreq(box, 1.0 / box)
+    r = np.rint(np.sqrt(f[:, None, None] ** 2 + f[None, :, None] ** 2 + f[None, None, :] ** 2)).astype(int)
+    n = np.bincount(r.ravel())[i]
+    slope = max(abs(curve[i - 1] - curve[i]), 1e-3)        # FSC per shell
+    dk = (1.0 - threshold ** 2) / np.sqrt(n) / slope
+    return res, res * dk / k
+
+
 def test_refine3d_recovers_poses_and_resolution(tmp_path):
     """Box 48, 1000 particles, SNR 0.25 (whole-box variance ratio), CTF, shifts, from the truth low-passed to
-    1/4 Nyquist. Every iteration's half map is closer to the truth than the start (not monotonically: at this
-    SNR the last order-3 iterations lose ~8% again, measured 15.9 -> 15.4, 11.6, 11.3, 11.6, 12.2 Å), the best is
-    at least 25% better than the start, the final map's FSC(0.5)
-    with truth is within 15% of what the true poses give, and the median angular error is below the final
-    angular step (order 3: 7.5°). At SNR 0.1 a box-48 particle carries too little signal: even the true
-    reference aligns to ~10° median error (measured), so this test uses 0.25.
-    Why not monotonic (measured, order 2 fixed): with 500 particles per half set the best poses are stable from
-    iteration 3 (8.1° median error; a hard-assignment reconstruction from them stays at 13.2 Å), but the posterior
-    spread shrinks every iteration (6.8° -> 3.6°) and the EM half map loses its soft-averaging advantage
-    (11.6 -> 13.4 Å). Not the particles' own noise in their reference: aligning each half against the other
-    half's reference degrades the same way (measured). Holding the offset prior at its start value (1.5 px)
-    halves the loss (11.18 -> 11.53 Å instead of 11.32 -> 11.95). With 3000 particles at SNR 0.25 it remains
-    (9.83 -> 10.22 Å)."""
+    1/4 Nyquist. The half map improves on the start from the first iteration, and monotonically within the
+    precision of the measure: no iteration is worse than the one before by more than the standard error of its
+    FSC-0.5 resolution (1-2% here; measured 15.9 -> 15.4, 11.6, 11.5, 11.3, 11.4 Å, the last step +0.06 Å against
+    an error of 0.11 Å). The best is at least 25% better than the start, the final map's FSC(0.5) with truth is
+    within 15% of what the true poses give, and the median angular error is below the final angular step (order
+    3: 7.5°). At SNR 0.1 a box-48 particle carries too little signal: even the true reference aligns to ~10°
+    median error (measured), so this test uses 0.25.
+    Strictly monotonic it is not (benchmarks/results/issue4-monotonic/): after 3-4 iterations the map settles and
+    then moves by up to 1% per iteration here, 1-3% with 3000 or 10 000 particles (GPU run O, three data seeds).
+    Before session 4 the last iterations lost 5-8% (11.3 -> 11.6 -> 12.2 Å), which fails this test; what
+    removed most of it, in order of effect: a random perturbation of the sampling grids every iteration
+    (RELION's; with fixed grids every particle is rounded onto the same poses each time), the noise spectrum as
+    the posterior expectation of the residual (the EM update; the best pose alone under-estimates it), the offset
+    prior centred on 0 instead of each particle's previous offset (whose error was carried into the next
+    prior)."""
     d = tmp_path / "d"
     truth = _dataset(d, 48, 1000, 0.25, 2.67)
     out = tmp_path / "ref"
@@ -98,8 +117,14 @@ def test_refine3d_recovers_poses_and_resolution(tmp_path):
     assert r.returncode == 0, r.stderr
     start = resolution_at(fsc(mrcfile.read(d / "start.mrc"), truth), 48, 2.67, 0.5)
     halves = sorted(glob.glob(str(out / "run_it*_half1_class001_unfil.mrc")))
-    res = [resolution_at(fsc(mrcfile.read(f), truth), 48, 2.67, 0.5) for f in halves]
-    assert all(x < start for x in res) and min(res) < 0.75 * start, (start, res)
+    res, err = zip(*[_resolution_and_error(mrcfile.read(f), truth, 48, 2.67) for f in halves])
+    print("start", start, "half 1 per iteration", np.round(res, 2), "+-", np.round(err, 2))
+    assert res[0] < start and min(res) < 0.75 * start, (start, res)
+    # monotonic within the FSC's own precision: no iteration worse than the one before by more than the standard
+    # error of its FSC-0.5 resolution (~2-3% here; before the grid perturbation, the posterior-weighted noise
+    # update and the offset prior centred on 0 the last iterations lost 5-8%: 11.3 -> 11.6 -> 12.2 Å)
+    for i in range(1, len(res)):
+        assert res[i] <= res[i - 1] + err[i], (i + 1, res, err)
     final = resolution_at(fsc(mrcfile.read(out / "run_class001.mrc"), truth), 48, 2.67, 0.5)
     r = mpi_em(["reconstruct", "--i", d / "particles.star", "--o", tmp_path / "known"], ranks=2)
     assert r.returncode == 0, r.stderr

@@ -149,7 +149,7 @@ def test_logsumexp_translations_kernel_equals_cpu(rng):
 
     L = rng.uniform(-1000, 1000, (7, 13, 300)).astype(np.float32)
     L[0, :, 5] = -np.inf
-    prior = rng.uniform(-4, 0, 13).astype(np.float32)
+    prior = rng.uniform(-4, 0, (7, 13)).astype(np.float32)   # per particle: the kernel indexes prior[i, t]
     a = marginalise_translations(L, prior)
     b = marginalise_translations(cp.asarray(L), cp.asarray(prior)).get()
     assert b[0, 5] == -np.inf

@@ -36,9 +36,10 @@ def test_marginalise_translations_matches_float64(rng):
     L = rng.uniform(-1000, 1000, (4, 9, 50)).astype(np.float32)
     L[0, :, 3] = -np.inf
     L[1, 2:, 4] = -np.inf
-    prior = rng.uniform(-3, 0, 9).astype(np.float32)
+    prior = rng.uniform(-3, 0, (4, 9)).astype(np.float32)   # per particle (offset priors around each one's offset)
     got = marginalise_translations(L, prior)
-    a = L.astype(np.float64) + prior[None, :, None]
+    assert np.array_equal(marginalise_translations(L[:1], prior[0]), got[:1])   # a shared (T,) prior broadcasts
+    a = L.astype(np.float64) + prior[:, :, None]
     mx = a.max(axis=1)
     with np.errstate(invalid="ignore"):
         want = mx + np.log(np.exp(a - mx[:, None, :]).sum(axis=1))
@@ -59,29 +60,43 @@ def test_top_k_best_first_and_distinct(rng):
 def test_coarse_pass_finds_the_pose_and_translation_of_noiseless_projections():
     """Particles that are exact central slices of the reference at grid orientations, shifted by grid
     translations: the coarse pass ranks the true orientation first and picks the true translation (gold-standard
-    halves with two references exercise the per-half rows)."""
+    halves with two references exercise the per-half rows). The grids are randomly perturbed (RELION's: poses
+    right-multiplied by R(a, a, a), translations + p x step on both axes); the particles lie on the perturbed
+    grids, so the pass must search those, not the unperturbed ones."""
     box = 32
     vol = phantom(box, seed=3).astype(np.float64)
     geom = SliceGeometry(box, r_max=10)
     refs = References(np.stack([vol, vol]), 3, 2)
-    glob = global_grid(3, 1, "C1", np)
+    glob = global_grid(3, 1, "C1", np, perturb_deg=0.37 * 30.0)
+    from mpi_em.sampling import perturbation_rotation
+    np.testing.assert_allclose(glob, global_grid(3, 1, "C1", np) @ perturbation_rotation(3, 11.1), atol=1e-12)
     rng = np.random.default_rng(7)
     n = 12
     true_c = rng.integers(0, glob.shape[0], n)
     P = refs.project(glob[true_c], np.zeros(n, dtype=np.int64), geom)
     spec = SearchSpec(dim=3, n_classes=1, global_mats=glob, local_mats=None, fine_mats=fine_offsets(3, 30.0, np),
-                      offset_range=3.0, offset_step=1.0, offset_sigma=10.0, log_class_prior=np.zeros(1, np.float32))
+                      offset_range=3.0, offset_step=1.0, offset_sigma=10.0, log_class_prior=np.zeros(1, np.float32),
+                      offset_perturb=0.37)
     from mpi_em.sampling import translation_grid
-    T_c = translation_grid(3.0, 2.0)
+    T_c = translation_grid(3.0, 2.0) + 0.37
     true_t = rng.integers(0, T_c.shape[0], n)
     X = (P * np.conj(geom.phases(T_c[true_t][:, None, :])[:, 0])).astype(np.complex64)
     ctf = np.ones((n, geom.m), dtype=np.float32)
     inv_s2 = inverse_sigma2_points(np.ones(box // 2 + 1), shell_of_points(geom), np)
     base = np.arange(n) % 2
-    _, sel, best_t, _ = _coarse_pass(X, ctf, inv_s2, refs, base, None, np.zeros(n, np.int64), spec, geom,
-                                     NULL_TIMER)
+    po = np.zeros((n, 2))
+    _, sel, best_t, _, _ = _coarse_pass(X, ctf, inv_s2, refs, base, None, np.zeros(n, np.int64), spec, geom,
+                                     NULL_TIMER, po)
     np.testing.assert_array_equal(sel[:, 0], true_c)
     np.testing.assert_allclose(best_t, T_c[true_t])
+
+    # the offset prior is centred on 0, not on the particle's current offset po: when the data say nothing
+    # (1/sigma^2 -> 1e-9) and the prior is narrow, the translation taken is the one that brings po + t nearest 0
+    spec.offset_sigma = 0.5
+    po = -T_c[true_t[::-1]]
+    _, _, best_t, _, _ = _coarse_pass(X, ctf, inv_s2 * 1e-9, refs, base, None, np.zeros(n, np.int64), spec, geom,
+                                   NULL_TIMER, po)
+    np.testing.assert_allclose(best_t, T_c[true_t[::-1]])
 
 
 def test_fourier_fsc_one_where_shared_zero_where_independent():

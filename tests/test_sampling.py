@@ -164,3 +164,33 @@ def test_translation_grid():
     assert len(t) == 21 and np.array_equal(t[0], [0, 0])
     t = translation_grid(1.5, 1.0)  # 3x3 square: corners at sqrt(2) < 1.5
     assert len(t) == 9
+
+
+def test_grid_perturbation_changes_by_half_its_range_and_is_seeded():
+    """RELION's resetRandomlyPerturbedSampling: p <- p + U(f/2, f), wrapped into [-f, f). Every step moves the
+    grid by at least f/2 (mod the wrap), the sequence is the same for the same seed (every rank, resumed runs)
+    and different for another seed; factor 0 turns it off."""
+    from mpi_em.sampling import next_perturbation
+
+    f = 0.5
+    seq, p = [], 0.0
+    for it in range(1, 200):
+        q = next_perturbation(p, f, seed=3, iteration=it)
+        assert -f <= q < f
+        step = (q - p) % (2 * f)
+        assert 0.5 * f - 1e-12 <= step <= f + 1e-12, (p, q)
+        seq.append(q)
+        p = q
+    assert np.std(seq) > 0.2   # spread over the whole range (uniform on [-0.5, 0.5): std 0.29)
+    assert next_perturbation(0.1, f, 3, 7) == next_perturbation(0.1, f, 3, 7)
+    assert next_perturbation(0.1, f, 3, 7) != next_perturbation(0.1, f, 4, 7)
+    assert next_perturbation(0.3, 0.0, 3, 7) == 0.0
+
+
+def test_perturbed_2d_grid_adds_the_angle_to_psi():
+    from mpi_em.em.references import angles_from_mats, global_grid
+
+    g0 = global_grid(2, 0, "C1", np, psi_step=10.0)
+    g1 = global_grid(2, 0, "C1", np, psi_step=10.0, perturb_deg=3.0)
+    d = (angles_from_mats(g1, 2)[2] - angles_from_mats(g0, 2)[2]) % 360.0
+    np.testing.assert_allclose(d, 3.0, atol=1e-9)

@@ -40,7 +40,9 @@ class SearchSpec:
     offset_range: float              # px
     offset_step: float               # px
     offset_sigma: float              # px, Gaussian prior on the offset change
-    n_select: int = 4
+    offset_perturb: float = 0.0      # px added to both axes of every translation (the grid's random perturbation)
+    n_select: int = 4                # at most this many coarse poses per particle go to the fine pass
+    significant: float = 0.999       # ... those the best of which hold less than this share of the coarse posterior
     class_select: int = 10           # classes per particle whose best coarse pose(s) the fine pass also refines
     log_class_prior: object | None = None   # (K,) log pi_k
     fixed_class: bool = False        # iteration-1 random subsets: each particle sees only its class
@@ -95,28 +97,34 @@ def current_mats(plan, sl, dim: int, xp):
 
 def expectation_batch(X, ctf, inv_sigma2, shells, refs: References, vol_base, prev_mats, prev_class,
                       spec: SearchSpec, geom: SliceGeometry, F_acc, W_acc, stats: Stats, n_shells: int,
-                      timer=NULL_TIMER):
+                      timer=NULL_TIMER, prior_offsets=None):
     """E-step of one batch (n particles). Returns host arrays of the new poses and weights per particle:
     dict(mats (n,d,d), cls (n,), shift (n,2) change in px, pmax (n,), loglike (n,), nsig (n,)).
-    ``timer`` (:class:`mpi_em.timing.PhaseTimer`): phases coarse / fine / insert / stats, GEMM flops."""
+    ``timer`` (:class:`mpi_em.timing.PhaseTimer`): phases coarse / fine / insert / stats, GEMM flops.
+    ``prior_offsets`` (n, 2) px: the images' current offsets from the centre of the offset prior (the images
+    are already re-centred on them): translation t gives the offset o + t, whose prior is Gaussian around 0 of
+    width ``spec.offset_sigma`` (RELION's: centred on the prior, not on the previous estimate, so that an
+    offset's error is not carried into the next iteration's prior). None: zeros."""
+    xp = xp_of(X)
+    po = xp.zeros((X.shape[0], 2)) if prior_offsets is None else xp.asarray(prior_offsets, dtype=xp.float64)
     with timer("coarse"):
-        coarse = _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec, geom, timer)
+        coarse = _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec, geom, timer, po)
     with timer("fine"):
-        fine = _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coarse, timer)
+        fine = _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coarse, timer, po)
     with timer("insert"):
         _insert_contributions(X, ctf, inv_sigma2, vol_base, spec, geom, F_acc, W_acc, fine, timer)
     with timer("stats"):
         return _batch_stats(X, inv_sigma2, shells, spec, geom, stats, n_shells, fine)
 
 
-def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec, geom, timer):
+def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec, geom, timer, po):
     xp = xp_of(X)
     n, m = X.shape
     K = spec.n_classes
     d = spec.dim
     # coarse translations at twice the step (RELION's adaptive oversampling); the fine pass refines them
-    T_c = xp.asarray(translation_grid(spec.offset_range, 2.0 * spec.offset_step))    # (T, 2)
-    prior_t = offset_log_prior(T_c, spec.offset_sigma)                                 # (T,)
+    T_c = xp.asarray(translation_grid(spec.offset_range, 2.0 * spec.offset_step) + spec.offset_perturb)  # (T, 2)
+    prior_t = offset_log_prior(po[:, None, :] + T_c[None], spec.offset_sigma)         # (n, T)
     with timer.detail("coarse.shift"):
         ph_c = geom.phases(T_c, dtype=X.dtype)                            # (T, m)
         Xt = X[:, None, :] * ph_c[None]                                                # (n, T, m)
@@ -128,7 +136,7 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
         C = G.shape[0]
         # shared by all particles (1, K*C, d, d), class-major: candidate j is class j // C
         cand_mats = xp.broadcast_to(G[None], (K, C, d, d)).reshape(1, K * C, d, d)
-        sel, best_t = None, xp.empty((n, 2), dtype=T_c.dtype)
+        sel, valid, best_t = None, None, xp.empty((n, 2), dtype=T_c.dtype)
         bases = to_host(vol_base)
         for base in np.unique(bases):
             rows = np.flatnonzero(bases == base)
@@ -144,10 +152,12 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
             with timer.detail("coarse.likelihood"):
                 cross, norm = shared_parts(Xt[rows], ctf[rows], inv_sigma2, ops)
             timer.add_flops("coarse", 2.0 * cross.shape[0] * T_c.shape[0] * ops[0].shape[0] * 2 * m)
-            s, t = _select(cross, norm, T_c, prior_t, lcp, prev_class[rows], K, C, spec, timer)
+            s, v, t = _select(cross, norm, T_c, prior_t[rows], lcp, prev_class[rows], K, C, spec, timer)
             if sel is None:
                 sel = xp.empty((n, s.shape[1]), dtype=s.dtype)
+                valid = xp.empty((n, s.shape[1]), dtype=bool)
             sel[rows] = s
+            valid[rows] = v
             best_t[rows] = t
             del cross, norm
     else:
@@ -158,13 +168,21 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
         with timer.detail("coarse.likelihood"):
             L = log_likelihood_local(Xt, ctf, inv_sigma2, P)
         timer.add_flops("coarse", 2.0 * n * T_c.shape[0] * K * C * 2 * m)
-        sel, best_t = _select(L, None, T_c, prior_t, lcp, prev_class, K, C, spec, timer)
-    return cand_mats, sel, best_t, lcp
+        sel, valid, best_t = _select(L, None, T_c, prior_t, lcp, prev_class, K, C, spec, timer)
+    if K == 1:  # candidates best first: the fine pass needs only as many as the widest posterior of the batch
+        S = max(1, int(valid.sum(axis=1).max()))
+        sel, valid = sel[:, :S], valid[:, :S]
+    return cand_mats, sel, best_t, lcp, valid
 
 
 def _select(L, norm, T_c, prior_t, lcp, prev_class, K, C, spec, timer):
     """Coarse log-likelihoods L (n, T, K*C) (less ``norm`` (n, K*C), which does not depend on the translation)
-    -> the candidates the fine pass refines (n, S) and each particle's best coarse translation (n, 2).
+    and log offset priors (n, T) -> the candidates the fine pass refines (n, S), which of them are significant
+    (n, S) and each particle's best coarse translation (n, 2).
+
+    Significant (RELION's adaptive oversampling): the candidate's better-ranked selected candidates hold less than
+    ``spec.significant`` of the coarse posterior (so the best is always kept and a particle with a broad posterior
+    keeps up to ``spec.n_select``); the fine pass gives the others no weight.
 
     marg = log sum_t exp(L + log prior(t)) - norm + log pi_class; in the first class3d iteration (fixed
     classes) only the particle's own class is allowed. Candidate j (class-major) is of class j // C."""
@@ -177,16 +195,21 @@ def _select(L, norm, T_c, prior_t, lcp, prev_class, K, C, spec, timer):
             marg = xp.where((xp.arange(K * C) // C)[None, :] == prev_class[:, None], marg, -xp.inf)
     with timer.detail("coarse.select"):
         sel = select_candidates(marg, K, C, spec.n_select, spec.class_select)             # (n, S)
-        at_best = xp.take_along_axis(L, sel[:, None, :1], axis=2)[:, :, 0] + prior_t[None, :]  # (n, T)
+        at_best = xp.take_along_axis(L, sel[:, None, :1], axis=2)[:, :, 0] + prior_t         # (n, T)
         best_t = T_c[xp.argmax(at_best, axis=1)]                                           # (n, 2)
-    return sel, best_t
+        m_sel = xp.take_along_axis(marg, sel, axis=1)                                       # (n, S)
+        w_sel = xp.exp(m_sel - logsumexp(marg, axis=1)[:, None])
+        better = m_sel[:, None, :] > m_sel[:, :, None]                                     # [i, j, k]: k beats j
+        valid = (better * w_sel[:, None, :]).sum(axis=2) < spec.significant
+        valid[:, 0] = True
+    return sel, valid, best_t
 
 
-def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coarse, timer):
+def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coarse, timer, po):
     xp = xp_of(X)
     n, m = X.shape
     d = spec.dim
-    cand_mats, sel, best_t, lcp = coarse
+    cand_mats, sel, best_t, lcp, valid = coarse
     S = sel.shape[1]
     Fm = spec.fine_mats
     nf = Fm.shape[0]
@@ -207,9 +230,11 @@ def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coars
     with timer.detail("fine.likelihood"):
         Lf = log_likelihood_local(Xt_f, ctf, inv_sigma2, P_f)                          # (n, 9, S*nf)
     timer.add_flops("fine", 2.0 * n * 9 * S * nf * 2 * m)
-    Lf = Lf + offset_log_prior(t_f, spec.offset_sigma)[:, :, None] + lcp[f_cls][:, None, :]
+    Lf = Lf + offset_log_prior(po[:, None, :] + t_f, spec.offset_sigma)[:, :, None] + lcp[f_cls][:, None, :]
     if spec.fixed_class:
         Lf = xp.where((f_cls == prev_class[:, None])[:, None, :], Lf, -xp.inf)
+    if not bool(valid.all()):  # coarse candidates outside the significant set get no weight
+        Lf = xp.where(xp.repeat(valid, nf, axis=1)[:, None, :], Lf, -xp.inf)
     w, mx, lse = posterior(Lf)                                                         # (n, 9, S*nf)
     flat_best = xp.argmax(w.reshape(n, -1), axis=1)
     bt, bc = flat_best // (S * nf), flat_best % (S * nf)
@@ -218,7 +243,7 @@ def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coars
     best_cls = f_cls[ar, bc]
     best_shift = t_f[ar, bt]
     pmax = w.reshape(n, -1).max(axis=1)
-    return dict(w=w, mx=mx, lse=lse, f_mats=f_mats, f_cls=f_cls, t_f=t_f, Xt_f=Xt_f, P_f=P_f, bc=bc, ctf=ctf,
+    return dict(w=w, mx=mx, lse=lse, po=po, f_mats=f_mats, f_cls=f_cls, t_f=t_f, Xt_f=Xt_f, P_f=P_f, bc=bc, ctf=ctf,
                 best_mats=best_mats, best_cls=best_cls, best_shift=best_shift, pmax=pmax)
 
 
@@ -233,6 +258,7 @@ def _insert_contributions(X, ctf, inv_sigma2, vol_base, spec, geom, F_acc, W_acc
     wts = (ctf * inv_sigma2[None, :]).astype(xp.float32)
     # sum_t w_{t,c} X_t  for every fine pose (complex batched matmul), then x CTF / sigma^2
     Xw = xp.matmul(w.transpose(0, 2, 1).astype(Xt_f.dtype), Xt_f)                      # (n, S*nf, m)
+    fine["Xw"] = Xw
     data = Xw * wts[:, None, :]
     weights = wc[:, :, None].astype(xp.float32) * (ctf * wts)[:, None, :]
     ii, cc = xp.nonzero(keep)
@@ -248,21 +274,23 @@ def _batch_stats(X, inv_sigma2, shells, spec, geom, stats, n_shells, fine):
     n = X.shape[0]
     K = spec.n_classes
     d = spec.dim
-    ar = xp.arange(n)
     w, wc, keep, mx, lse = fine["w"], fine["wc"], fine["keep"], fine["mx"], fine["lse"]
-    f_mats, f_cls, t_f, P_f, bc = fine["f_mats"], fine["f_cls"], fine["t_f"], fine["P_f"], fine["bc"]
+    f_mats, f_cls, t_f, P_f = fine["f_mats"], fine["f_cls"], fine["t_f"], fine["P_f"]
     best_mats, best_cls, best_shift, pmax = fine["best_mats"], fine["best_cls"], fine["best_shift"], fine["pmax"]
     ctf = fine["ctf"]
-    # noise power at the best pose, class weights, offsets, log-likelihood
-    resid = X * xp.exp(1j * (2 * np.pi / geom.box) * (best_shift @ geom.kxy.T)).astype(X.dtype) \
-        - ctf * P_f[ar, bc]
-    r2 = 0.5 * (resid.real ** 2 + resid.imag ** 2).astype(xp.float64)
+    # noise power: the residual's expectation under the posterior (RELION's wsum_sigma2_noise, the EM update),
+    # sum_{t,c} w_tc |X_t - CTF P_c|^2 / 2 = (|X|^2 - 2 CTF Re sum_c conj(Xw_c) P_c + CTF^2 sum_c wc_c |P_c|^2) / 2
+    # with Xw_c = sum_t w_tc X_t (the insertion's) and sum w = 1; class weights, offsets, log-likelihood
+    Xw = fine["Xw"]
+    cross = (Xw.real * P_f.real + Xw.imag * P_f.imag).sum(axis=1)                      # (n, m)
+    pp = xp.matmul(wc[:, None, :].astype(xp.float32), (P_f.real ** 2 + P_f.imag ** 2))[:, 0]  # (n, m)
+    r2 = 0.5 * ((X.real ** 2 + X.imag ** 2) - 2.0 * ctf * cross + ctf * ctf * pp).astype(xp.float64)
     stats.sigma2_sum += to_host(xp.bincount(shells, weights=r2.sum(axis=0), minlength=n_shells)[:n_shells])
     stats.sigma2_count += to_host(xp.bincount(shells, minlength=n_shells)[:n_shells]) * n
     cls_w = xp.zeros(K, dtype=xp.float64)
     cls_w = cls_w + xp.bincount(f_cls.reshape(-1), weights=wc.reshape(-1).astype(xp.float64), minlength=K)[:K]
     stats.class_weight += to_host(cls_w)
-    stats.offset_sq += float((w.sum(axis=2) * (t_f ** 2).sum(axis=2)).sum())
+    stats.offset_sq += float((w.sum(axis=2) * ((fine["po"][:, None, :] + t_f) ** 2).sum(axis=2)).sum())
     stats.offset_w += float(n)
     # angular accuracy: posterior rms angle of the fine poses about the best one
     tr = xp.einsum("ncij,nij->nc", f_mats, best_mats)

@@ -58,15 +58,15 @@ def log_likelihood_shared(Xt, ctf, inv_sigma2, P):
 
 
 def marginalise_translations(L, prior_t):
-    """log sum_t exp(L[:, t, :] + prior_t[t]) for L (n, T, C) float32 -> (n, C) float32 (on GPUs one fused pass
-    over L, :func:`mpi_em.kernels.logsumexp_translations`)."""
+    """log sum_t exp(L[:, t, :] + prior_t[:, t]) for L (n, T, C) float32 and log priors (n, T) or (T,) (shared)
+    -> (n, C) float32 (on GPUs one fused pass over L, :func:`mpi_em.kernels.logsumexp_translations`)."""
     xp = xp_of(L)
-    prior_t = xp.asarray(prior_t, dtype=xp.float32)
+    prior_t = xp.broadcast_to(xp.asarray(prior_t, dtype=xp.float32), L.shape[:2])
     if xp is not np and L.dtype == np.float32 and L.flags.c_contiguous:
         from .. import kernels
 
         return kernels.logsumexp_translations(L, prior_t)
-    return logsumexp(L + prior_t[None, :, None], axis=1)
+    return logsumexp(L + prior_t[:, :, None], axis=1)
 
 
 def logsumexp(a, axis: int):

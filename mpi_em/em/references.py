@@ -11,7 +11,7 @@ from ..backend import xp_of
 from ..fourier import SliceGeometry, backproject, project, volume_fft
 from ..fourier2d import backproject2d, plane_fft, project2d
 from ..geometry import euler_to_matrix, matrix_to_euler
-from ..sampling import orientation_grid, psi_angles, rotation_vector_to_matrix
+from ..sampling import orientation_grid, perturbation_rotation, psi_angles, rotation_vector_to_matrix
 
 
 class References:
@@ -62,13 +62,17 @@ def angles_from_mats(mats, dim: int, xp=np):
     return z, z, psi
 
 
-def global_grid(dim: int, order: int, sym: str, xp, psi_step: float | None = None):
-    """The shared pose grid of a global search: (C, d, d)."""
+def global_grid(dim: int, order: int, sym: str, xp, psi_step: float | None = None, perturb_deg: float = 0.0):
+    """The shared pose grid of a global search: (C, d, d), every pose right-multiplied by the perturbation
+    rotation of ``perturb_deg`` (:func:`mpi_em.sampling.perturbation_rotation`; 2D: psi + perturb_deg)."""
     if dim == 3:
-        return xp.asarray(orientation_grid(order, sym)[0])
-    step = psi_step if psi_step else 360.0 / len(psi_angles(order))
-    psi = np.arange(0.0, 360.0, step)
-    return rotation_2d(xp.asarray(psi), xp)
+        A = orientation_grid(order, sym)[0]
+    else:
+        step = psi_step if psi_step else 360.0 / len(psi_angles(order))
+        A = rotation_2d(np.arange(0.0, 360.0, step))
+    if perturb_deg:
+        A = A @ perturbation_rotation(dim, perturb_deg)
+    return xp.asarray(A)
 
 
 def fine_offsets(dim: int, step_deg: float, xp):

@@ -29,7 +29,7 @@ from ..io import (atomic_path, check_stacks, check_writable_dir, read_hdf5, read
                   write_hdf5, write_map, write_particles, write_stack)
 from ..masks import soft_sphere
 from ..particles import iter_batches, pinned_wanted
-from ..sampling import angular_step
+from ..sampling import angular_step, next_perturbation
 from ..symmetry import symmetry_matrices
 from ..timing import PhaseTimer
 
@@ -84,10 +84,17 @@ def add_arguments(p, mode: str) -> None:
                    help="diameter of the soft spherical mask, Å (default: 80%% of the box)")
     p.add_argument("--offset-range", type=float, default=3.0, help="translation search range, pixels (default 3)")
     p.add_argument("--offset-step", type=float, default=1.0, help="translation search step, pixels (default 1)")
+    p.add_argument("--perturb", type=float, default=0.5, metavar="F",
+                   help="random perturbation of the angular and translational grids each iteration, as a fraction "
+                        "of a step in [-F, F] (RELION's --perturb; default 0.5; 0 = fixed grids). With fixed grids "
+                        "every particle is rounded onto the same poses each iteration and the references adapt "
+                        "to the grid")
     p.add_argument("--tau2-fudge", type=float, default=cfg["fudge"],
                    help=f"regularisation T: weight of the data against the prior (default {cfg['fudge']:g})")
     p.add_argument("--n-select", type=int, default=4,
-                   help="coarse poses per particle kept for the oversampled fine pass (default 4)")
+                   help="at most this many coarse poses per particle go to the oversampled fine pass: the best "
+                        "ones until they hold 99.9%% of the coarse posterior (RELION's significant samples; "
+                        "default 4)")
     if mode != "refine3d":
         p.add_argument("--class-select", type=int, default=10,
                        help="per particle, besides the --n-select best poses of its most probable class, the fine "
@@ -165,7 +172,7 @@ def _initial_state(args, mode, meta, ref):
     return {"iter": 0, "order": int(order), "local": bool(getattr(args, "local", False)), "r_cur": float(r_cur),
             "sigma2": None, "offset_sigma": float(args.offset_range / 2.0), "class_prior": np.full(K, 1.0 / K),
             "maps": maps, "resolution": [], "ang_change": [], "class_history": [], "best_res": 1e9, "no_improve": 0,
-            "final": False, "done": False, "accuracy": 0.0, "accuracy_global": 0.0}
+            "final": False, "done": False, "accuracy": 0.0, "accuracy_global": 0.0, "perturb": 0.0}
 
 
 def _mask(box, apix, args, dim, xp):
@@ -271,7 +278,7 @@ def _write_iteration(out, it, mode, star, particles, state, info, meta, final=Fa
     arrays["ang_change"] = np.asarray(state["ang_change"], dtype=np.float64)
     arrays["class_history"] = np.asarray(state.get("class_history", []), dtype=np.float64).reshape(-1, meta["K"])
     scal = {k: state[k] for k in ("iter", "order", "local", "r_cur", "offset_sigma", "best_res", "no_improve",
-                                  "final", "done", "accuracy", "accuracy_global")}
+                                  "final", "done", "accuracy", "accuracy_global", "perturb")}
     ck = f"run_it{it:03d}_checkpoint.h5"
     write_hdf5(os.path.join(out, ck), arrays, attrs={"state": json.dumps(scal), "mode": mode})
     with atomic_path(os.path.join(out, "checkpoint.json")) as tmp:
@@ -404,12 +411,17 @@ def run(args, comm, mode: str) -> dict:
             step = angular_step(state["order"])
         else:
             step = args.psi_step
-        glob = None if state["local"] else global_grid(dim, state["order"], sym_name, xp, psi_step=step)
+        # the grids' random perturbation (RELION's): angles by p x step, translations by p x offset step
+        state["perturb"] = next_perturbation(state.get("perturb", 0.0), getattr(args, "perturb", 0.0), args.seed,
+                                             it)
+        glob = None if state["local"] else global_grid(dim, state["order"], sym_name, xp, psi_step=step,
+                                                       perturb_deg=state["perturb"] * step)
         spec = SearchSpec(
             dim=dim, n_classes=K, global_mats=glob,
             local_mats=local_offsets(dim, step, 1.5, xp) if state["local"] else None,
             fine_mats=fine_offsets(dim, step, xp), offset_range=args.offset_range, offset_step=args.offset_step,
-            offset_sigma=state["offset_sigma"], n_select=args.n_select,
+            offset_sigma=state["offset_sigma"], offset_perturb=state["perturb"] * args.offset_step,
+            n_select=args.n_select,
             class_select=int(getattr(args, "class_select", 10)),
             log_class_prior=xp.asarray(np.log(np.maximum(state["class_prior"], 1e-10)), dtype=xp.float32),
             fixed_class=(it == 1 and K > 1 and dim == 3))
@@ -438,7 +450,8 @@ def run(args, comm, mode: str) -> dict:
                                                                                           dtype=xp.int64)
                 res = expectation_batch(X, ctf, inv_s2, shells, refs, base, current_mats(plan, sl, dim, xp),
                                         xp.asarray(plan["class_number"][sl] - 1), spec, geom, F_acc, W_acc,
-                                        stats, n_shells, timer=timer)
+                                        stats, n_shells, timer=timer,
+                                        prior_offsets=np.stack([plan["origin_x"][sl], plan["origin_y"][sl]], 1) / apix)
                 update_plan_poses(plan, sl, res, dim, apix)
                 done += sl.stop - sl.start
             if sym_ops is not None:  # linear: each rank symmetrises its partial sums before the reduction
