@@ -74,3 +74,44 @@ def iter_batches(plan: dict, batch_size: int, prefetch: bool = True, depth: int 
             if i + depth < len(slices):
                 futs.append(pool.submit(load, slices[i + depth]))
             yield sl, imgs
+
+
+class ImageCache:
+    """A rank's images kept in its array module's memory between passes over the same plan (EM jobs read every
+    particle every iteration): the first complete pass reads from disk as :func:`iter_batches` does and keeps
+    each batch; later passes yield the kept batches (no disk read, no host-to-device copy). Batches are yielded on
+    ``xp`` either way. ``enabled`` False: every pass reads from disk."""
+
+    def __init__(self, xp, enabled: bool):
+        self.xp, self.enabled = xp, bool(enabled)
+        self._items = None
+
+    @property
+    def full(self) -> bool:
+        return self._items is not None
+
+    def batches(self, plan: dict, batch_size: int, pinned: bool = False):
+        if self._items is not None:
+            yield from self._items
+            return
+        items = [] if self.enabled else None
+        for sl, imgs in iter_batches(plan, batch_size, pinned=pinned):
+            imgs = self.xp.asarray(imgs)
+            if items is not None:
+                items.append((sl, imgs))
+            yield sl, imgs
+        if items is not None:
+            self._items = items  # only a complete pass is kept
+
+
+def cache_wanted(mode: str, xp, n_images: int, box: int, fraction: float = 0.25) -> bool:
+    """``--cache-images``: 'on', 'off', or 'auto' = on GPU ranks whose images (float32) fit in ``fraction`` of the
+    device's free memory (the E-step's working arrays need the rest); CPU ranks read through the page cache."""
+    if mode in ("on", "off"):
+        return mode == "on"
+    if xp is np:
+        return False
+    import cupy  # type: ignore
+
+    free, _ = cupy.cuda.runtime.memGetInfo()
+    return 4.0 * n_images * box * box <= fraction * free

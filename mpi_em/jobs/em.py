@@ -28,7 +28,7 @@ from ..geometry import angular_distance, euler_to_matrix
 from ..io import (atomic_path, check_stacks, check_writable_dir, read_hdf5, read_map, read_particles,
                   write_hdf5, write_map, write_particles, write_stack)
 from ..masks import soft_sphere
-from ..particles import iter_batches, pinned_wanted
+from ..particles import ImageCache, cache_wanted, pinned_wanted
 from ..sampling import angular_step, next_perturbation
 from ..symmetry import symmetry_matrices
 from ..timing import PhaseTimer
@@ -101,6 +101,10 @@ def add_arguments(p, mode: str) -> None:
                             "pass refines the best pose of each of the next most probable classes up to this many "
                             "classes, so that class memberships stay soft (default 10)")
     p.add_argument("--batch", type=int, default=64, help="particles per E-step batch (default 64)")
+    p.add_argument("--cache-images", choices=["auto", "on", "off"], default="auto",
+                   help="keep each rank's particle images in its memory between iterations instead of reading them "
+                        "again (auto: on GPU ranks whose images fit in a quarter of the free GPU memory; CPU ranks "
+                        "read through the operating system's page cache)")
     p.add_argument("--pad", type=int, default=2, help="Fourier padding of the references (default 2)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
                    help="auto: one GPU per rank when CuPy sees one, else CPU")
@@ -368,6 +372,10 @@ def run(args, comm, mode: str) -> dict:
         log.info("%s: %d particles, box %d, %.3f Å/px, K=%d, %d rank(s); rank 0 on %s", mode, meta["n"], box,
                  apix, K, comm.size, device)
 
+    images = ImageCache(xp, cache_wanted(getattr(args, "cache_images", "auto"), xp, len(plan["index"]), box))
+    if comm.rank == 0 and images.enabled:
+        log.info("particle images kept in memory between iterations (rank 0: %.2f GB)",
+                 4.0 * len(plan["index"]) * box * box / 1e9)
     # first pass (new runs): noise spectrum from the images; 2D references from random subsets
     if state["sigma2"] is None:
         def first_pass():
@@ -375,8 +383,7 @@ def run(args, comm, mode: str) -> dict:
             sh = shell_of_points(geom)
             s_sum, s_cnt = np.zeros(n_shells), np.zeros(n_shells)
             sums = xp.zeros((K, box, box), dtype=xp.float64) if dim == 2 else None
-            for sl, imgs in iter_batches(plan, args.batch, pinned=pinned_wanted(xp)):
-                imgs = xp.asarray(imgs)  # one host-to-device copy for the spectrum and the class sums
+            for sl, imgs in images.batches(plan, args.batch, pinned=pinned_wanted(xp)):  # on xp: one copy
                 X, _ = prepare_batch(imgs, plan, sl, geom, box, apix, use_ctf=False)
                 a, b = sigma2_from_images(X, sh, n_shells)
                 s_sum += a
@@ -436,7 +443,7 @@ def run(args, comm, mode: str) -> dict:
             W_acc = xp.zeros((V,) + vol_shape, dtype=xp.float64)
             stats = Stats.zeros(n_shells, K)
             done = 0
-            batches = iter_batches(plan, args.batch, pinned=pinned_wanted(xp))
+            batches = images.batches(plan, args.batch, pinned=pinned_wanted(xp))
             while True:
                 with timer("read"):  # waiting for the prefetched batch
                     item = next(batches, None)
