@@ -6,17 +6,21 @@
 # From the repo root on the device, wheels in .whl/:  bash benchmarks/gpu_session4_a.sh "$OUT"
 # Run P: bash benchmarks/gpu_session4_a.sh "$OUT" runP warm -- the same after a 2-GPU warm-up run that compiles
 # every kernel (CuPy's on-disk kernel cache), so that neither timed run pays compilation.
+# Run R: bash benchmarks/gpu_session4_a.sh "$OUT" runR warm launcher -- as run P, no kernel tests, every run started
+# by launch/mpi-em-run (CPU threads per rank = cores / ranks, each rank through launch/gpu-bind).
 set -u
 OUT=${1:-/tmp/out}; NAME=${2:-runN}; . benchmarks/gpu_setup.sh; gpu_setup $NAME
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -3 | tee $R/gpu_tests.txt
+[ -n "${4:-}" ] || timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -3 | tee $R/gpu_tests.txt
+LAUNCHER=${4:-}
+pre() { if [ -n "$LAUNCHER" ]; then echo "launch/mpi-em-run -n $1 --"; else echo "mpirun -n $1 --bind-to none"; fi; }
 D=/tmp/d128
 gpu_data $D 50000
 timeout 100 python3 -m mpi_em reconstruct --i $D/particles.star --o /tmp/known --device gpu 2>&1 | tail -1 > $R/known.log
 for P in ${3:+w} 1 2; do
-  [ "$P" = w ] && { timeout 150 mpirun -n 2 --bind-to none python3 -m mpi_em refine3d --i $D/particles_unaligned.star \
+  [ "$P" = w ] && { timeout 150 $(pre 2) python3 -m mpi_em refine3d --i $D/particles_unaligned.star \
     --ref $D/start.mrc --ini-high 30 --o /tmp/warm --device gpu --batch 1024 --max-order 5 --iter 25 >/dev/null 2>&1;
     continue; }
-  timeout 200 mpirun -n $P --bind-to none python3 -m mpi_em refine3d --i $D/particles_unaligned.star \
+  timeout 200 $(pre $P) python3 -m mpi_em refine3d --i $D/particles_unaligned.star \
     --ref $D/start.mrc --ini-high 30 --o /tmp/r$P --device gpu --batch 1024 --max-order 5 --iter 25 2>&1 \
     | grep -E "placement|rank|iteration|finished|converged" > $R/refine3d_P$P.log
   cp /tmp/r$P/run_timings.json $R/refine3d_P${P}_timings.json

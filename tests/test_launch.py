@@ -78,6 +78,41 @@ def test_dry_run_cpu_threads():
     assert "OMP_NUM_THREADS 3" in cmd or "OMP_NUM_THREADS=3" in cmd
 
 
+@pytest.mark.skipif(not _launcher_available(), reason="no mpirun/mpiexec")
+def test_dry_run_on_a_gpu_node_starts_ranks_through_gpu_bind(tmp_path):
+    """With GPUs seen (a stand-in nvidia-smi listing two), every rank starts through launch/gpu-bind, one rank per
+    GPU and half the cores each; --no-gpu-bind starts them directly."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: H200 (UUID: a)'\necho 'GPU 1: H200 (UUID: b)'\n")
+    fake.chmod(0o755)
+    env = _env()
+    env["PATH"] = f"{tmp_path}{os.pathsep}{env['PATH']}"
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    for extra, bound in (([], True), (["--no-gpu-bind"], False)):
+        r = subprocess.run([str(RUN), "--dry-run", *extra, "--", "mpi-em", "refine3d", "--i", "x.star"],
+                           capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 0, r.stderr
+        cmd = [ln for ln in r.stdout.splitlines() if ln.startswith("+ ")][0]
+        assert " -n 2 " in cmd
+        assert ("gpu-bind mpi-em refine3d" in cmd) == bound, cmd
+
+
+@pytest.mark.parametrize("env_rank", ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"])
+def test_gpu_bind_gives_each_local_rank_its_gpu(env_rank):
+    """gpu-bind: CUDA_VISIBLE_DEVICES becomes the visible list's entry (local rank mod its length); without a
+    local rank the command runs with the environment unchanged."""
+    show = ["bash", "-c", 'echo "[${CUDA_VISIBLE_DEVICES-unset}]"']
+    for rank, want in (("0", "[4]"), ("1", "[6]"), ("2", "[4]")):
+        r = subprocess.run([str(LAUNCH / "gpu-bind"), *show], capture_output=True, text=True, timeout=60,
+                           env=_env(**{env_rank: rank, "CUDA_VISIBLE_DEVICES": "4,6"}))
+        assert r.returncode == 0 and r.stdout.strip() == want, (rank, r.stdout, r.stderr)
+    env = {k: v for k, v in _env(CUDA_VISIBLE_DEVICES="4,6").items()
+           if k not in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMIX_LOCAL_RANK", "PMI_LOCAL_RANK",
+                        "SLURM_LOCALID")}
+    r = subprocess.run([str(LAUNCH / "gpu-bind"), *show], capture_output=True, text=True, env=env, timeout=60)
+    assert r.stdout.strip() == "[4,6]"
+
+
 def test_bad_option_fails():
     r = subprocess.run([str(RUN), "--no-such-option", "--", "mpi-em"], capture_output=True, text=True,
                        env=_env(), timeout=60)
