@@ -126,3 +126,21 @@ def test_fourier_fsc_one_where_shared_zero_where_independent():
     assert curve[1:4].min() > 0.95, curve
     assert np.all(np.abs(curve[9:15]) < 4 / np.sqrt(counts[9:15])), curve
     assert np.all(curve[15:] == 0)
+
+
+def test_significant_coarse_candidates():
+    """RELION's significant samples: of the n_select best coarse poses, the fine pass refines those whose better
+    ones hold less than 99.9% of the coarse posterior. A particle whose best pose holds 99.95% keeps one; one with
+    a flat posterior keeps all n_select; with K = 1 the batch is cut to its widest posterior."""
+    from mpi_em.em.engine import _select
+
+    C, T = 50, 1
+    L = np.full((2, T, C), -50.0, dtype=np.float32)
+    L[0, 0, 7] = 0.0                                   # 1 / (1 + 49 e^-50): all but 1e-20 of the mass
+    L[1, 0, :] = np.linspace(0.0, -0.01, C)            # nearly flat
+    spec = SearchSpec(dim=3, n_classes=1, global_mats=None, local_mats=None, fine_mats=None, offset_range=0.0,
+                      offset_step=1.0, offset_sigma=0.0, n_select=4)
+    sel, valid, _ = _select(L, None, np.zeros((1, 2)), np.zeros((2, T), np.float32), np.zeros(1, np.float32),
+                            np.zeros(2, np.int64), 1, C, spec, NULL_TIMER)
+    assert sel[0, 0] == 7 and valid[0].tolist() == [True, False, False, False]
+    assert valid[1].all() and sel[1].tolist() == [0, 1, 2, 3]

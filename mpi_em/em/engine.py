@@ -39,7 +39,7 @@ class SearchSpec:
     fine_mats: object                # (F, d, d) oversampling of a coarse cell
     offset_range: float              # px
     offset_step: float               # px
-    offset_sigma: float              # px, Gaussian prior on the offset change
+    offset_sigma: float              # px, width of the Gaussian prior on the offset (centred on 0)
     offset_perturb: float = 0.0      # px added to both axes of every translation (the grid's random perturbation)
     n_select: int = 4                # at most this many coarse poses per particle go to the fine pass
     significant: float = 0.999       # ... those the best of which hold less than this share of the coarse posterior
@@ -243,7 +243,7 @@ def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coars
     best_cls = f_cls[ar, bc]
     best_shift = t_f[ar, bt]
     pmax = w.reshape(n, -1).max(axis=1)
-    return dict(w=w, mx=mx, lse=lse, po=po, f_mats=f_mats, f_cls=f_cls, t_f=t_f, Xt_f=Xt_f, P_f=P_f, bc=bc, ctf=ctf,
+    return dict(w=w, mx=mx, lse=lse, po=po, f_mats=f_mats, f_cls=f_cls, t_f=t_f, Xt_f=Xt_f, P_f=P_f, ctf=ctf,
                 best_mats=best_mats, best_cls=best_cls, best_shift=best_shift, pmax=pmax)
 
 
