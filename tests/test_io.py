@@ -471,3 +471,24 @@ def test_hdf5_round_trip(tmp_path):
     (tmp_path / "bad.h5").write_bytes(b"not hdf5")
     with pytest.raises(InputError):
         read_hdf5(tmp_path / "bad.h5")
+
+
+def test_background_writer_runs_in_order_and_reraises():
+    """submit returns at once and runs one call at a time, in order; wait re-raises the call's exception."""
+    import threading
+    import time
+
+    from mpi_em.io import BackgroundWriter
+
+    w = BackgroundWriter()
+    done, main = [], threading.get_ident()
+    w.submit(lambda: (time.sleep(0.1), done.append(("a", threading.get_ident() != main))))
+    assert done == []                        # returned before the call finished
+    w.submit(lambda: done.append(("b", True)))
+    w.wait()
+    assert done == [("a", True), ("b", True)]
+    w.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        w.wait()
+    w.wait()                                 # reported once
+    w.close()

@@ -60,3 +60,32 @@ def check_writable_dir(path) -> str:
     except OSError as e:
         raise OutputError(path, f"output folder is not writable: {e.strerror or e}") from e
     return path
+
+
+class BackgroundWriter:
+    """One writer thread: :meth:`submit` starts ``fn(*args)`` and returns at once, so that rank 0 writes an
+    iteration's outputs while every rank computes the next one; :meth:`wait` blocks until the last submitted call
+    has finished and re-raises its exception. One call at a time (submit waits for the previous one first), so
+    files are written in iteration order; each file is still written atomically, and a job killed while a write
+    runs leaves the previous checkpoint as the last complete one."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpi_em-writer")
+        self._fut = None
+
+    def submit(self, fn, *args, **kwargs) -> None:
+        self.wait()
+        self._fut = self._pool.submit(fn, *args, **kwargs)
+
+    def wait(self) -> None:
+        fut, self._fut = self._fut, None
+        if fut is not None:
+            fut.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)

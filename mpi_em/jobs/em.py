@@ -25,7 +25,7 @@ from ..errors import InputError, MpiEmError
 from ..fourier import SliceGeometry, default_r_max, symmetrise
 from ..fsc import fsc, resolution_at, shell_frequencies
 from ..geometry import angular_distance, euler_to_matrix
-from ..io import (atomic_path, check_stacks, check_writable_dir, read_hdf5, read_map, read_particles,
+from ..io import (BackgroundWriter, atomic_path, check_stacks, check_writable_dir, read_hdf5, read_map, read_particles,
                   write_hdf5, write_map, write_particles, write_stack)
 from ..masks import soft_sphere
 from ..particles import ImageCache, cache_wanted, pinned_wanted
@@ -211,6 +211,22 @@ def _star_updates(particles, mode):
     if MODES[mode]["gold"]:
         up["rlnRandomSubset"] = particles["half"]
     return up
+
+
+def _snapshot(state):
+    """The state as it is now, for the background writer: the loop replaces arrays (maps, sigma2, class_prior)
+    with new ones every iteration but appends to these lists, so they are copied."""
+    snap = dict(state)
+    for k in ("resolution", "ang_change", "class_history"):
+        snap[k] = list(state.get(k, []))
+    return snap
+
+
+def _write_outputs(out, it, mode, star, particles, state, info, meta):
+    """An iteration's files, and after the last iteration the final ones (run_*)."""
+    _write_iteration(out, it, mode, star, particles, state, info, meta, False)
+    if state["done"]:
+        _write_iteration(out, it, mode, star, particles, state, info, meta, True)
 
 
 def _write_iteration(out, it, mode, star, particles, state, info, meta, final=False):
@@ -406,6 +422,7 @@ def run(args, comm, mode: str) -> dict:
             state["maps"] = lowpass(avg, box, apix, box * apix / state["r_cur"]).astype(np.float32)
 
     stopped = False
+    writer = BackgroundWriter() if comm.rank == 0 else None
     while not state["done"] and state["iter"] < args.iter:
         it = state["iter"] + 1
         t_it = time.time()
@@ -535,15 +552,18 @@ def run(args, comm, mode: str) -> dict:
                      "next order %d%s, r %.0f px", it, t_e, t_m, state["ang_change"][-1], state["accuracy"],
                      res_txt, state["order"],
                      " (local)" if state["local"] else "", state["r_cur"])
-        root_step(comm, _write_iteration, args.output, it, mode, star_rank0 if comm.rank == 0 else None,
-                  particles, state, info, meta, False)
-        if state["done"]:
-            root_step(comm, _write_iteration, args.output, it, mode, star_rank0 if comm.rank == 0 else None,
-                      particles, state, info, meta, True)
+        # rank 0 writes this iteration's outputs while every rank computes the next one; the previous iteration's
+        # writing must have succeeded (a failure there stops every rank here, cleanly)
+        root_step(comm, writer.wait if writer else None)
+        if comm.rank == 0:
+            writer.submit(_write_outputs, args.output, it, mode, star_rank0, particles, _snapshot(state), info, meta)
         stop_after = os.environ.get("MPI_EM_STOP_AFTER_ITERATION")
         if stop_after and int(stop_after) == it:  # test hook: behave like a job killed after a finished iteration
             stopped = True
             break
+    root_step(comm, writer.wait if writer else None)
+    if writer is not None:
+        writer.close()
     summary = {"mode": mode, "iterations": state["iter"], "resolution": state["resolution"][-1]
                if state["resolution"] else None, "class_prior": list(map(float, state["class_prior"])),
                "seconds": time.time() - t_start, "ranks": comm.size, "device_rank0": device, "stopped": stopped}

@@ -70,6 +70,35 @@ def test_failure_on_one_rank_reaches_every_rank():
 
 
 @pytest.mark.mpi(min_size=2)
+def test_background_write_failure_stops_every_rank():
+    """The EM jobs' outputs are written by a thread on rank 0 while every rank computes on; the next
+    root_step(comm, writer.wait) turns a failed write into a clean stop of every rank, with the write's error."""
+    import time
+
+    from mpi_em.distributed import RankFailed, root_step
+    from mpi_em.io import BackgroundWriter
+
+    comm = _comm()
+    writer = BackgroundWriter() if comm.rank == 0 else None
+
+    def failing_write():
+        time.sleep(0.2)   # still running when the other ranks reach the collective
+        raise OSError("No space left on device: run_it002_data.star")
+
+    if writer:
+        writer.submit(failing_write)
+    with pytest.raises(RankFailed) as e:
+        root_step(comm, writer.wait if writer else None)
+    assert "No space left on device: run_it002_data.star" in str(e.value)
+    if writer:
+        writer.submit(lambda: None)   # the writer is usable again
+        root_step(comm, writer.wait)
+        writer.close()
+    else:
+        root_step(comm, None)
+
+
+@pytest.mark.mpi(min_size=2)
 def test_plan_is_balanced_and_complete(dataset):
     from mpi_em.distributed import make_plan
     from mpi_em.io import read_particles
