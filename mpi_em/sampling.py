@@ -23,8 +23,7 @@ from .symmetry import canonical_symmetry_name, symmetry_matrices
 
 __all__ = ["healpix_nside", "healpix_npix", "pix2ang_ring", "healpix_directions", "direction_vectors",
            "angular_step", "psi_angles", "reduce_to_asymmetric_unit", "orientation_grid", "local_rotations",
-           "perturb", "rotation_vector_to_matrix", "rotations_near", "translation_grid", "next_perturbation",
-           "perturbation_rotation"]
+           "perturb", "rotation_vector_to_matrix", "rotations_near", "translation_grid", "next_perturbation"]
 
 
 # ---------------------------------------------------------------------------------------------- HEALPix
@@ -272,10 +271,3 @@ def next_perturbation(previous: float, factor: float, seed: int, iteration: int)
     u = np.random.default_rng([int(seed), int(iteration), 0x5eed]).uniform(0.5 * factor, factor)
     return float((previous + u + factor) % (2.0 * factor) - factor)
 
-
-def perturbation_rotation(dim: int, angle_deg: float) -> np.ndarray:
-    """The rotation that perturbs a pose grid by ``angle_deg`` (right-multiplied, A' = A @ R, as RELION's
-    getOrientations): 3D, euler_to_matrix(a, a, a); 2D, the in-plane rotation that adds a to psi."""
-    if dim == 3:
-        return euler_to_matrix(angle_deg, angle_deg, angle_deg)[0]
-    return euler_to_matrix(0.0, 0.0, angle_deg)[0, :2, :2]

@@ -68,7 +68,7 @@ def test_coarse_pass_finds_the_pose_and_translation_of_noiseless_projections():
     geom = SliceGeometry(box, r_max=10)
     refs = References(np.stack([vol, vol]), 3, 2)
     glob = global_grid(3, 1, "C1", np, perturb_deg=0.37 * 30.0)
-    from mpi_em.sampling import perturbation_rotation
+    from mpi_em.em.references import perturbation_rotation
     np.testing.assert_allclose(glob, global_grid(3, 1, "C1", np) @ perturbation_rotation(3, 11.1), atol=1e-12)
     rng = np.random.default_rng(7)
     n = 12

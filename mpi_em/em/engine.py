@@ -3,8 +3,9 @@
 E-step for a batch (all arrays on the rank's array module):
   1. coarse pass: log-likelihood over (translation grid) x (K classes x pose set) — a shared global grid
      (one GEMM) or per-particle local poses around the previous pose (batched GEMM);
-  2. the ``n_select`` best coarse poses survive (significant weights); the fine pass oversamples each of them
-     (finer rotations, translations at the full step around the best coarse one, whose grid has twice the step) and gives the posterior weights;
+  2. the coarse poses inside 99.9% of the coarse posterior survive, at most ``n_select`` (significant weights);
+     the fine pass oversamples each of them (finer rotations, translations at the full step around the best coarse
+     one, whose grid has twice the step) and gives the posterior weights;
   3. M-step contributions: for every significant fine pose, sum_t w X_t, times CTF / sigma^2, is inserted with
      weight w CTF^2 / sigma^2 into the accumulators of its reference; noise power at the best pose, class
      weights and offset moments are summed for the model update.
@@ -80,13 +81,18 @@ def prepare_batch(images, plan, sl, geom: SliceGeometry, box: int, pixel_size: f
                   intact_first_peak: bool = False):
     """In-ball FFT of the images re-centred on their current offsets, and their CTFs: (n, m) each
     (``intact_first_peak``: CTF = 1 up to its first peak, RELION's --ctf_intact_first_peak)."""
-    off = np.stack([plan["origin_x"][sl], plan["origin_y"][sl]], axis=1) / pixel_size
+    off = current_offsets(plan, sl, pixel_size)
     c = None
     if use_ctf:
         c = ctf_points(geom, pixel_size, plan["defocus_u"][sl], plan["defocus_v"][sl], plan["defocus_angle"][sl],
                        plan["voltage"][sl], plan["cs"][sl], plan["amp_contrast"][sl], plan["phase_shift"][sl],
                        plan["bfactor"][sl], intact_first_peak=intact_first_peak)
     return centred_points(images, off, geom, c)
+
+
+def current_offsets(plan, sl, pixel_size: float) -> np.ndarray:
+    """(n, 2) px: the particles' current offsets (origin x, y in Å / pixel size), host array."""
+    return np.stack([plan["origin_x"][sl], plan["origin_y"][sl]], axis=1) / pixel_size
 
 
 def current_mats(plan, sl, dim: int, xp):
@@ -230,7 +236,8 @@ def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coars
     with timer.detail("fine.likelihood"):
         Lf = log_likelihood_local(Xt_f, ctf, inv_sigma2, P_f)                          # (n, 9, S*nf)
     timer.add_flops("fine", 2.0 * n * 9 * S * nf * 2 * m)
-    Lf = Lf + offset_log_prior(po[:, None, :] + t_f, spec.offset_sigma)[:, :, None] + lcp[f_cls][:, None, :]
+    o_f = po[:, None, :] + t_f                                                         # (n, 9, 2) offsets
+    Lf = Lf + offset_log_prior(o_f, spec.offset_sigma)[:, :, None] + lcp[f_cls][:, None, :]
     if spec.fixed_class:
         Lf = xp.where((f_cls == prev_class[:, None])[:, None, :], Lf, -xp.inf)
     if not bool(valid.all()):  # coarse candidates outside the significant set get no weight
@@ -243,7 +250,7 @@ def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coars
     best_cls = f_cls[ar, bc]
     best_shift = t_f[ar, bt]
     pmax = w.reshape(n, -1).max(axis=1)
-    return dict(w=w, mx=mx, lse=lse, po=po, f_mats=f_mats, f_cls=f_cls, t_f=t_f, Xt_f=Xt_f, P_f=P_f, ctf=ctf,
+    return dict(w=w, mx=mx, lse=lse, o_f=o_f, f_mats=f_mats, f_cls=f_cls, Xt_f=Xt_f, P_f=P_f, ctf=ctf,
                 best_mats=best_mats, best_cls=best_cls, best_shift=best_shift, pmax=pmax)
 
 
@@ -275,7 +282,7 @@ def _batch_stats(X, inv_sigma2, shells, spec, geom, stats, n_shells, fine):
     K = spec.n_classes
     d = spec.dim
     w, wc, keep, mx, lse = fine["w"], fine["wc"], fine["keep"], fine["mx"], fine["lse"]
-    f_mats, f_cls, t_f, P_f = fine["f_mats"], fine["f_cls"], fine["t_f"], fine["P_f"]
+    f_mats, f_cls, P_f = fine["f_mats"], fine["f_cls"], fine["P_f"]
     best_mats, best_cls, best_shift, pmax = fine["best_mats"], fine["best_cls"], fine["best_shift"], fine["pmax"]
     ctf = fine["ctf"]
     # noise power: the residual's expectation under the posterior (RELION's wsum_sigma2_noise, the EM update),
@@ -290,7 +297,7 @@ def _batch_stats(X, inv_sigma2, shells, spec, geom, stats, n_shells, fine):
     cls_w = xp.zeros(K, dtype=xp.float64)
     cls_w = cls_w + xp.bincount(f_cls.reshape(-1), weights=wc.reshape(-1).astype(xp.float64), minlength=K)[:K]
     stats.class_weight += to_host(cls_w)
-    stats.offset_sq += float((w.sum(axis=2) * ((fine["po"][:, None, :] + t_f) ** 2).sum(axis=2)).sum())
+    stats.offset_sq += float((w.sum(axis=2) * (fine["o_f"] ** 2).sum(axis=2)).sum())
     stats.offset_w += float(n)
     # angular accuracy: posterior rms angle of the fine poses about the best one
     tr = xp.einsum("ncij,nij->nc", f_mats, best_mats)
@@ -360,5 +367,5 @@ def inverse_sigma2_points(sigma2, shells, xp):
     return xp.where(s > 0, 1.0 / xp.where(s > 0, s, 1.0), 0.0).astype(xp.float32)
 
 
-__all__ = ["SearchSpec", "Stats", "prepare_batch", "current_mats", "expectation_batch", "update_plan_poses",
-           "sigma2_from_images", "inverse_sigma2_points", "shell_of_points"]
+__all__ = ["SearchSpec", "Stats", "prepare_batch", "current_mats", "current_offsets", "expectation_batch",
+           "update_plan_poses", "sigma2_from_images", "inverse_sigma2_points", "shell_of_points"]

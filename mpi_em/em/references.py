@@ -11,7 +11,7 @@ from ..backend import xp_of
 from ..fourier import SliceGeometry, backproject, project, volume_fft
 from ..fourier2d import backproject2d, plane_fft, project2d
 from ..geometry import euler_to_matrix, matrix_to_euler
-from ..sampling import orientation_grid, perturbation_rotation, psi_angles, rotation_vector_to_matrix
+from ..sampling import orientation_grid, psi_angles, rotation_vector_to_matrix
 
 
 class References:
@@ -64,7 +64,7 @@ def angles_from_mats(mats, dim: int, xp=np):
 
 def global_grid(dim: int, order: int, sym: str, xp, psi_step: float | None = None, perturb_deg: float = 0.0):
     """The shared pose grid of a global search: (C, d, d), every pose right-multiplied by the perturbation
-    rotation of ``perturb_deg`` (:func:`mpi_em.sampling.perturbation_rotation`; 2D: psi + perturb_deg)."""
+    rotation of ``perturb_deg`` (:func:`perturbation_rotation`; 2D: psi + perturb_deg)."""
     if dim == 3:
         A = orientation_grid(order, sym)[0]
     else:
@@ -73,6 +73,14 @@ def global_grid(dim: int, order: int, sym: str, xp, psi_step: float | None = Non
     if perturb_deg:
         A = A @ perturbation_rotation(dim, perturb_deg)
     return xp.asarray(A)
+
+
+def perturbation_rotation(dim: int, angle_deg: float) -> np.ndarray:
+    """The rotation that perturbs a pose grid by ``angle_deg`` (right-multiplied, A' = A @ R, as RELION's
+    getOrientations): 3D, euler_to_matrix(a, a, a); 2D, the in-plane rotation of psi = a (:func:`rotation_2d`)."""
+    if dim == 3:
+        return euler_to_matrix(angle_deg, angle_deg, angle_deg)[0]
+    return rotation_2d(np.asarray([angle_deg]))[0]
 
 
 def fine_offsets(dim: int, step_deg: float, xp):

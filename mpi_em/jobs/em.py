@@ -17,8 +17,9 @@ import numpy as np
 
 from ..backend import get_xp, synchronize, to_host
 from ..distributed import allreduce_sum, collective_step, log_placement, make_plan, root_step, select_device
-from ..em.engine import (SearchSpec, Stats, current_mats, expectation_batch, inverse_sigma2_points,
-                         prepare_batch, shell_of_points, sigma2_from_images, update_plan_poses)
+from ..em.engine import (SearchSpec, Stats, current_mats, current_offsets, expectation_batch,
+                         inverse_sigma2_points, prepare_batch, shell_of_points, sigma2_from_images,
+                         update_plan_poses)
 from ..em.model import lowpass, reduce_and_reconstruct_2d, reduce_and_reconstruct_3d
 from ..em.references import References, fine_offsets, global_grid, local_offsets
 from ..errors import InputError, MpiEmError
@@ -475,7 +476,7 @@ def run(args, comm, mode: str) -> dict:
                 res = expectation_batch(X, ctf, inv_s2, shells, refs, base, current_mats(plan, sl, dim, xp),
                                         xp.asarray(plan["class_number"][sl] - 1), spec, geom, F_acc, W_acc,
                                         stats, n_shells, timer=timer,
-                                        prior_offsets=np.stack([plan["origin_x"][sl], plan["origin_y"][sl]], 1) / apix)
+                                        prior_offsets=current_offsets(plan, sl, apix))
                 update_plan_poses(plan, sl, res, dim, apix)
                 done += sl.stop - sl.start
             if sym_ops is not None:  # linear: each rank symmetrises its partial sums before the reduction
