@@ -86,6 +86,18 @@ def test_refine3d_continue_after_interruption(tiny, tmp_path):
     assert np.array_equal(ma, mb)
 
 
+def test_refined_particles_star_feeds_the_next_job(tiny, tmp_path):
+    """The particles STAR a job writes in its output folder names images that resolve from there (the input's
+    names were relative to the input STAR's folder): `reconstruct` runs on refine3d's output from another
+    working directory."""
+    r = _refine(tiny, tmp_path / "ref", 1, ["--iter", 1])
+    assert r.returncode == 0, r.stderr
+    r = mpi_em(["reconstruct", "--i", tmp_path / "ref" / "run_data.star", "--o", tmp_path / "rec"], ranks=0,
+               cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert os.path.exists(tmp_path / "rec" / "map.mrc")
+
+
 def _resolution_and_error(vol, truth, box, apix, threshold=0.5):
     """FSC-``threshold`` resolution (Å) of ``vol`` against ``truth`` and its statistical standard error: a
     correlation estimated from n independent real samples has standard error (1 - FSC^2) / sqrt(n); a shell of N

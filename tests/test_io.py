@@ -12,7 +12,7 @@ import pytest
 
 from mpi_em.errors import InputError, OutputError
 from mpi_em.io import (ParticleStar, atomic_path, check_stacks, check_writable_dir,
-                       particles_table, read_hdf5, read_images, read_map, read_particles,
+                       particles_table, read_hdf5, read_images, read_map, read_particles, rebase_image_names,
                        stack_info, write_hdf5, write_map, write_particles, write_stack)
 
 BOX = 16
@@ -141,6 +141,29 @@ def test_stack_resolved_relative_to_cwd_first(tmp_path, monkeypatch):
     monkeypatch.chdir(other)
     s = read_particles(star_path)
     assert s.stack[0] == str(other / "Particles" / "stack.mrcs")
+
+
+def test_rebased_image_names_resolve_from_the_new_folder(tmp_path, monkeypatch):
+    """A job's output STAR lives in another folder than its input: image names that were found relative to the
+    input STAR's folder are rewritten relative to the output folder, so the output STAR reads the same images
+    from any working directory; absolute names stay as they are."""
+    star_path, _ = make_dataset(tmp_path)
+    s = read_particles(star_path)
+    out = tmp_path / "job" / "run1"
+    out.mkdir(parents=True)
+    rebased = rebase_image_names(s, out)
+    assert rebased["rlnImageName"].iloc[0] == "000001@../../Particles/stack.mrcs"
+    write_particles(out / "run_data.star", (s.optics, rebased))
+    monkeypatch.chdir(tmp_path / "job")
+    t = read_particles(out / "run_data.star")
+    np.testing.assert_array_equal(t.stack, s.stack)
+    np.testing.assert_array_equal(t.index, s.index)
+    check_stacks(t)
+    # absolute names are kept; the input table is not modified
+    s.particles["rlnImageName"] = [f"{i + 1:06d}@{tmp_path}/Particles/stack.mrcs" for i in range(s.n)]
+    before = s.particles.copy()
+    assert rebase_image_names(s, out)["rlnImageName"].tolist() == before["rlnImageName"].tolist()
+    pd.testing.assert_frame_equal(s.particles, before)
 
 
 def test_star_missing_file(tmp_path):

@@ -2,11 +2,11 @@
 from .atomic import BackgroundWriter, atomic_path, check_writable_dir
 from .mrc import (check_stacks, read_hdf5, read_images, read_map, stack_info, write_hdf5,
                   write_map, write_stack)
-from .star import ParticleStar, particles_table, read_particles, write_particles
+from .star import ParticleStar, particles_table, read_particles, rebase_image_names, write_particles
 
 __all__ = [
     "atomic_path", "check_writable_dir", "BackgroundWriter",
-    "ParticleStar", "read_particles", "write_particles", "particles_table",
+    "ParticleStar", "read_particles", "rebase_image_names", "write_particles", "particles_table",
     "stack_info", "read_images", "check_stacks", "read_map", "write_map", "write_stack",
     "write_hdf5", "read_hdf5",
 ]

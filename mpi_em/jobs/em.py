@@ -27,7 +27,7 @@ from ..fourier import SliceGeometry, default_r_max, symmetrise
 from ..fsc import fsc, resolution_at, shell_frequencies
 from ..geometry import angular_distance, euler_to_matrix
 from ..io import (BackgroundWriter, atomic_path, check_stacks, check_writable_dir, read_hdf5, read_map, read_particles,
-                  write_hdf5, write_map, write_particles, write_stack)
+                  write_hdf5, write_map, write_particles, write_stack, rebase_image_names)
 from ..masks import soft_sphere
 from ..particles import ImageCache, cache_wanted, pinned_wanted
 from ..sampling import angular_step, next_perturbation
@@ -368,7 +368,8 @@ def run(args, comm, mode: str) -> dict:
             for k in ("half",) + PER_PARTICLE:
                 p[k] = particles[k][p["row"]]
     plan = comm.scatter(plans, root=0)
-    star_rank0 = star
+    # the particles STAR written by rank 0: image names that resolve from the output folder
+    star_rank0 = (star.optics, rebase_image_names(star, args.output)) if comm.rank == 0 else None
     if state is None:
         state = _initial_state(args, mode, meta, ref) if comm.rank == 0 else None
         state = comm.bcast(state, root=0)
