@@ -1,5 +1,6 @@
 """refine3d / class2d / class3d end to end on small simulated data (CPU)."""
 import glob
+import json
 import os
 
 import mrcfile
@@ -96,6 +97,18 @@ def test_refined_particles_star_feeds_the_next_job(tiny, tmp_path):
                cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert os.path.exists(tmp_path / "rec" / "map.mrc")
+
+
+def test_refine3d_records_timings_per_iteration(tiny, tmp_path):
+    """run_timings.json: one row per iteration with every rank's phases; the wall clock since the start grows by
+    at least each iteration's compute (it also counts the waiting for the previous iteration's files)."""
+    r = _refine(tiny, tmp_path / "ref", 2, ["--iter", 3])
+    assert r.returncode == 0, r.stderr
+    rows = json.load(open(tmp_path / "ref" / "run_timings.json"))
+    assert [row["iteration"] for row in rows] == [1, 2, 3]
+    assert all(len(row["per_rank"]) == 2 for row in rows)
+    for a, b in zip(rows, rows[1:]):
+        assert b["seconds_since_start"] - a["seconds_since_start"] >= b["seconds_iteration"] > 0
 
 
 def _resolution_and_error(vol, truth, box, apix, threshold=0.5):

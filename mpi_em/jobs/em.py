@@ -544,7 +544,8 @@ def run(args, comm, mode: str) -> dict:
             state["done"] = True
 
         particles = _gather_particles(comm, plan)
-        _record_timings(comm, args.output, it, time.time() - t_it, t_e, t_m, timer, len(plan["index"]))
+        _record_timings(comm, args.output, it, time.time() - t_it, t_e, t_m, timer, len(plan["index"]),
+                        time.time() - t_start)
         if comm.rank == 0:
             info["fsc"] = info.get("fsc_gold")
             if info["fsc"] is None:
@@ -574,9 +575,11 @@ def run(args, comm, mode: str) -> dict:
     return summary
 
 
-def _record_timings(comm, out, it, t_iter, t_e, t_m, timer, n_local) -> None:
+def _record_timings(comm, out, it, t_iter, t_e, t_m, timer, n_local, since_start) -> None:
     """Per-phase seconds, GEMM flops and bytes of every rank for this iteration -> rank 0 appends them to
-    ``run_timings.json`` (atomically), read by the scaling benchmarks."""
+    ``run_timings.json`` (atomically), read by the scaling benchmarks. ``seconds_iteration`` is the iteration's
+    compute; ``seconds_since_start`` (rank 0's clock at the same point) also counts what lies between iterations
+    (waiting for the previous iteration's files), so its differences are the wall clock per iteration."""
     mine = dict(timer.as_dict(), n_particles=n_local, seconds_estep=t_e, seconds_mstep=t_m)
     every = comm.gather(mine, root=0)
     if comm.rank:
@@ -584,7 +587,8 @@ def _record_timings(comm, out, it, t_iter, t_e, t_m, timer, n_local) -> None:
     path = os.path.join(out, "run_timings.json")
     rows = json.load(open(path)) if os.path.exists(path) else []
     rows = [r for r in rows if r["iteration"] < it]
-    rows.append({"iteration": it, "ranks": comm.size, "seconds_iteration": t_iter, "per_rank": every})
+    rows.append({"iteration": it, "ranks": comm.size, "seconds_iteration": t_iter,
+                 "seconds_since_start": since_start, "per_rank": every})
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             json.dump(rows, f, indent=1)
