@@ -3,7 +3,7 @@
 usage: python benchmarks/refine3d_diagnose.py DATA_DIR RUN_DIR [--hard]
 
 For every iteration: FSC-0.5 resolution of both half maps against the truth, their mean truth-FSC over shells 4 to
-the last shell the E-step used (a statistic of the whole curve, less noisy than one crossing), the gold-standard
+0.85 Nyquist (a statistic of the whole curve, less noisy than one crossing; the same shells every iteration), the gold-standard
 resolution, the median angular and shift errors of the iteration's poses, the posterior spread ("accuracy"), the
 offset prior's sigma and the current size from the model STAR / log; with --hard, also the FSC-0.5 resolution of
 a reconstruction of all particles at the iteration's best poses (`mpi-em reconstruct`), which separates pose
@@ -37,7 +37,7 @@ def main(argv):
             m = re.search(r"iteration (\d+): .*accuracy ([\d.]+)°.*resolution ([\d.]+) Å, next order (\d+)", line)
             if m:
                 logs[int(m.group(1))] = (float(m.group(2)), float(m.group(3)), int(m.group(4)))
-    print("it | half1 / half2 vs truth (Å) | mean truth-FSC sh4-r | gold (Å) | median err (°) | shift err (Å) | "
+    print("it | half1 / half2 vs truth (Å) | mean truth-FSC sh4-0.85Nyq | gold (Å) | median err (°) | shift err (Å) | "
           "accuracy (°) | sigma_offset (Å) | size | hard-assignment map (Å)")
     for h1 in sorted(glob.glob(os.path.join(run, "run_it*_half1_class001_unfil.mrc"))):
         it = int(re.search(r"run_it(\d+)_", h1).group(1))
@@ -46,10 +46,9 @@ def main(argv):
         model = starfile.read(f"{tag}_model.star")
         gen = model["model_general"]
         size = int(gen["rlnCurrentImageSize"].iloc[0])
-        r = size // 2
         curves = [fsc(m, truth) for m in maps]
         res = [resolution_at(c, box, apix, 0.5) for c in curves]
-        mean = [float(np.mean(c[4:r + 1])) for c in curves]
+        mean = [float(np.mean(c[4:int(0.85 * box / 2) + 1])) for c in curves]
         ang, sh = pose_errors(f"{tag}_data.star", os.path.join(data, "particles.star"))
         acc, gold, order = logs.get(it, (float("nan"), float(gen["rlnCurrentResolution"].iloc[0]), -1))
         hard_res = ""
