@@ -8,13 +8,21 @@ from .io import read_particles
 
 
 def pose_errors(refined_star, truth_star, sym: str = "C1"):
-    """Per-particle angular error (deg, minimised over symmetry copies) and shift error (Å), rows matched by
-    rlnImageName."""
+    """Per-particle angular error (deg, minimised over symmetry copies) and shift error (Å). Rows are paired by
+    the image they read (the resolved stack file and the index in it), so the files may list the particles in
+    any order and name them relative to different folders. Raises ValueError for a refined row whose image is
+    not in the truth file."""
     a, b = read_particles(refined_star), read_particles(truth_star)
-    key_a = a.particles["rlnImageName"].to_numpy()
-    key_b = b.particles["rlnImageName"].to_numpy()
+    key_a = np.char.add(np.char.add(a.stack.astype(str), "@"), a.index.astype(str))
+    key_b = np.char.add(np.char.add(b.stack.astype(str), "@"), b.index.astype(str))
     order = np.argsort(key_b)
-    idx = order[np.searchsorted(key_b, key_a, sorter=order)]
+    pos = np.minimum(np.searchsorted(key_b, key_a, sorter=order), len(key_b) - 1)
+    idx = order[pos]
+    missing = np.flatnonzero(key_b[idx] != key_a)
+    if missing.size:
+        i = int(missing[0])
+        raise ValueError(f"{refined_star}: row {i + 1} ({a.particles['rlnImageName'].iloc[i]}) reads an image "
+                         f"that is not in {truth_star}")
     A = euler_to_matrix(a.rot, a.tilt, a.psi)
     B = euler_to_matrix(b.rot[idx], b.tilt[idx], b.psi[idx])
     mats = None

@@ -166,6 +166,28 @@ def test_rebased_image_names_resolve_from_the_new_folder(tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(s.particles, before)
 
 
+def test_pose_errors_match_particles_by_image_not_by_name_text(tmp_path):
+    """pose_errors pairs a refined STAR's rows with the truth's by the image they read (stack file and index),
+    so rows in another order and names rewritten for another folder still pair up; a row whose image is not in
+    the truth is an error, not a silent mismatch."""
+    from mpi_em.evaluate import pose_errors
+
+    star_path, _ = make_dataset(tmp_path)
+    s = read_particles(star_path)
+    out = tmp_path / "run"
+    out.mkdir()
+    moved = rebase_image_names(s, out).iloc[::-1].reset_index(drop=True)    # other order, other name text
+    moved["rlnAngleRot"] = moved["rlnAngleRot"] + 10.0                       # 10° about the z axis
+    write_particles(out / "data.star", (s.optics, moved))
+    ang, sh = pose_errors(out / "data.star", star_path)
+    np.testing.assert_allclose(ang, 10.0, atol=1e-6)
+    np.testing.assert_allclose(sh, 0.0, atol=1e-12)
+    moved.loc[0, "rlnImageName"] = "000099@../Particles/stack.mrcs"
+    write_particles(out / "bad.star", (s.optics, moved))
+    with pytest.raises(ValueError, match="000099"):
+        pose_errors(out / "bad.star", star_path)
+
+
 def test_star_missing_file(tmp_path):
     with pytest.raises(InputError, match="not found") as e:
         read_particles(tmp_path / "nope.star")
