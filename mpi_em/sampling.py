@@ -271,3 +271,40 @@ def next_perturbation(previous: float, factor: float, seed: int, iteration: int)
     u = np.random.default_rng([int(seed), int(iteration), 0x5eed]).uniform(0.5 * factor, factor)
     return float((previous + u + factor) % (2.0 * factor) - factor)
 
+
+
+# ------------------------------------------------------------------------------ translational sampling
+def next_translations(step: float, search_range: float, accuracy: float, change: float):
+    """The translational sampling after the angular sampling of an auto-refinement is refined (RELION's
+    MlOptimiser::updateAngularSampling), in pixels. ``step``: the fine translation step (the coarse pass uses
+    twice it, as RELION's adaptive oversampling); ``accuracy``: the translational accuracy (posterior standard
+    deviation of an offset per axis); ``change``: the mean change of the particles' offsets in the last
+    iteration. Returns (step, range):
+
+    - coarse step = 2 min(1.5, 0.75 accuracy): a quarter finer than the accuracy, never coarser than 3 px;
+    - range = 5 x change, at most 1.3 x the previous range, at least 1.5 coarse steps (a 3 x 3 coarse grid);
+      wider than 4 coarse steps: halved; still wider: the coarse step becomes range / 4.
+
+    So the coarse pass keeps between 9 and ~49 translations while the fine pass's spacing follows the accuracy
+    (a fine step much coarser than the accuracy rounds every particle's offset onto the grid: quantisation
+    noise of step / sqrt(12) per axis, re-drawn by every grid perturbation)."""
+    coarse = 2.0 * min(1.5, 0.75 * float(accuracy))
+    if not coarse > 0:
+        coarse = 2.0 * float(step)
+    rng = min(5.0 * float(change), 1.3 * float(search_range))
+    rng = max(rng, 1.5 * coarse)
+    if rng > 4.0 * coarse:
+        rng /= 2.0
+    if rng > 4.0 * coarse:
+        coarse = rng / 4.0
+    return coarse / 2.0, rng
+
+
+def laplace_offset_variance(l_center, l_minus, l_plus, step: float, cap: float):
+    """Posterior variance of an offset along one axis from the log-posterior at -step, 0, +step around its
+    mode (Laplace's approximation: the curvature of a Gaussian log-density is -1 / variance). Valid however
+    coarse the grid is compared with the posterior, where the posterior's own spread on the grid is not (a
+    posterior narrower than the step puts all its weight on one point). Flat or convex: ``cap``."""
+    xp = xp_of(l_center)
+    curv = (l_minus + l_plus - 2.0 * l_center) / (step * step)
+    return xp.where(curv < 0, xp.minimum(-1.0 / xp.where(curv < 0, curv, -1.0), cap), cap)

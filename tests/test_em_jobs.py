@@ -199,11 +199,15 @@ def test_auto_sampling_uses_local_accuracy_well_inside_the_window():
 
     def state(acc):
         return {"resolution": [], "r_cur": 10.0, "best_res": 9.0, "ang_change": [1.0], "order": 4, "local": True,
-                "accuracy": acc, "accuracy_global": 4.3, "no_improve": 0, "final": False}
+                "accuracy": acc, "accuracy_global": 4.3, "no_improve": 0, "final": False,
+                "offset_step": 1.0, "offset_range": 3.0, "accuracy_trans": 0.4, "offset_change": 0.3}
 
     s = state(1.5)  # order 4: step 3.75°, window 5.6°; spread 1.5° well inside -> order 5
     _schedule(s, {}, "refine3d", args, box, apix, np.stack([v, v]), None, False)
     assert s["order"] == 5 and s["accuracy_global"] == 1.5
+    # the translations are refined with the angles (RELION's rule, tests/test_sampling.py)
+    assert (s["offset_step"], s["offset_range"]) == pytest.approx((0.3, 1.5))
     s = state(3.5)  # as wide as the window: truncated, not used; the global 4.3° keeps the order
     _schedule(s, {}, "refine3d", args, box, apix, np.stack([v, v]), None, False)
     assert s["order"] == 4 and s["accuracy_global"] == 4.3
+    assert (s["offset_step"], s["offset_range"]) == (1.0, 3.0)

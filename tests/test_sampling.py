@@ -194,3 +194,38 @@ def test_perturbed_2d_grid_adds_the_angle_to_psi():
     g1 = global_grid(2, 0, "C1", np, psi_step=10.0, perturb_deg=3.0)
     d = (angles_from_mats(g1, 2)[2] - angles_from_mats(g0, 2)[2]) % 360.0
     np.testing.assert_allclose(d, 3.0, atol=1e-9)
+
+
+def test_translational_sampling_follows_accuracy_and_changes():
+    """RELION's update of the translations with the angular sampling: coarse step 2 x min(1.5, 0.75 accuracy),
+    range 5 x the last offset change within [1.5, 4] coarse steps and at most 1.3 x the old range."""
+    from mpi_em.sampling import next_translations
+
+    step, rng = next_translations(1.0, 3.0, 0.4, 0.3)                   # coarse 0.6: range 1.5 in [0.9, 2.4]
+    assert step == pytest.approx(0.3) and rng == pytest.approx(1.5)
+    step, rng = next_translations(1.0, 3.0, 0.4, 0.05)                  # tiny change: at least 1.5 coarse steps
+    assert step == pytest.approx(0.3) and rng == pytest.approx(0.9)
+    step, rng = next_translations(1.0, 3.0, 0.2, 1.0)                   # 3.9 > 4 x 0.3: halved, still > 1.2
+    assert rng == pytest.approx(1.95) and step == pytest.approx(1.95 / 8)
+    step, rng = next_translations(1.0, 3.0, 5.0, 2.0)                   # accuracy capped at a 3 px coarse step
+    assert step == pytest.approx(1.5) and rng == pytest.approx(4.5)
+    # the coarse grid keeps 9 to ~49 translations
+    from mpi_em.sampling import translation_grid
+    for acc in (0.05, 0.3, 1.0, 3.0):
+        for chg in (0.0, 0.2, 1.0, 5.0):
+            step, rng = next_translations(1.0, 3.0, acc, chg)
+            assert 9 <= len(translation_grid(rng, 2 * step)) <= 49, (acc, chg, step, rng)
+
+
+def test_laplace_offset_variance_recovers_a_gaussian_width():
+    """On the log-density of a Gaussian of standard deviation s, sampled at -h, 0, +h around its mode, the
+    curvature gives s^2 back exactly, for a grid step h far coarser than s; a flat or convex profile gives the
+    cap."""
+    from mpi_em.sampling import laplace_offset_variance
+
+    for s, h in ((0.2, 1.0), (0.5, 1.0), (1.3, 0.5)):
+        lp = lambda x: -0.5 * (x / s) ** 2 + 3.0
+        v = laplace_offset_variance(np.array([lp(0.0)]), np.array([lp(-h)]), np.array([lp(h)]), h, cap=9.0)
+        assert v[0] == pytest.approx(s * s, rel=1e-12)
+    v = laplace_offset_variance(np.array([0.0, 0.0]), np.array([0.0, 1.0]), np.array([0.0, 1.0]), 1.0, cap=9.0)
+    np.testing.assert_array_equal(v, [9.0, 9.0])

@@ -21,7 +21,7 @@ from ..backend import to_host, xp_of
 from ..ctf import ctf_points
 from ..fourier import SliceGeometry
 from ..geometry import euler_to_matrix
-from ..sampling import translation_grid
+from ..sampling import laplace_offset_variance, translation_grid
 from .likelihood import (data_term, log_likelihood_local, logsumexp, marginalise_translations, offset_log_prior,
                          posterior, shared_operands, shared_parts, shell_of_points, significant_mask, top_k)
 from ..reconstruction import centred_points
@@ -61,16 +61,16 @@ class Stats:
     offset_w: float = 0.0
     loglike: float = 0.0
     angle_spread: float = 0.0   # sum over particles of the posterior rms angle about the best pose (deg)
+    offset_var: float = 0.0     # sum over particles of the posterior variance of an offset per axis (px^2)
 
     def as_vector(self) -> np.ndarray:
         return np.concatenate([self.sigma2_sum, self.sigma2_count, self.class_weight,
-                               [self.offset_sq, self.offset_w, self.loglike, self.angle_spread]])
+                               [self.offset_sq, self.offset_w, self.loglike, self.angle_spread, self.offset_var]])
 
     @classmethod
     def from_vector(cls, v, n_shells, n_classes):
         a, b = n_shells, 2 * n_shells
-        return cls(v[:a].copy(), v[a:b].copy(), v[b:b + n_classes].copy(), float(v[-4]), float(v[-3]),
-                   float(v[-2]), float(v[-1]))
+        return cls(v[:a].copy(), v[a:b].copy(), v[b:b + n_classes].copy(), *(float(x) for x in v[-5:]))
 
     @classmethod
     def zeros(cls, n_shells, n_classes):
@@ -250,8 +250,13 @@ def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coars
     best_cls = f_cls[ar, bc]
     best_shift = t_f[ar, bt]
     pmax = w.reshape(n, -1).max(axis=1)
+    # translational accuracy: the posterior's curvature at the best pose along x (dt 1, 0, 2) and y (3, 0, 4)
+    lb = Lf[ar, :, bc].astype(xp.float64)                                              # (n, 9)
+    cap = max(spec.offset_range, h) ** 2
+    t_var = 0.5 * (laplace_offset_variance(lb[:, 0], lb[:, 1], lb[:, 2], h, cap)
+                   + laplace_offset_variance(lb[:, 0], lb[:, 3], lb[:, 4], h, cap))
     return dict(w=w, mx=mx, lse=lse, o_f=o_f, f_mats=f_mats, f_cls=f_cls, Xt_f=Xt_f, P_f=P_f, ctf=ctf,
-                best_mats=best_mats, best_cls=best_cls, best_shift=best_shift, pmax=pmax)
+                best_mats=best_mats, best_cls=best_cls, best_shift=best_shift, pmax=pmax, t_var=t_var)
 
 
 def _insert_contributions(X, ctf, inv_sigma2, vol_base, spec, geom, F_acc, W_acc, fine, timer=NULL_TIMER):
@@ -299,6 +304,7 @@ def _batch_stats(X, inv_sigma2, shells, spec, geom, stats, n_shells, fine):
     stats.class_weight += to_host(cls_w)
     stats.offset_sq += float((w.sum(axis=2) * (fine["o_f"] ** 2).sum(axis=2)).sum())
     stats.offset_w += float(n)
+    stats.offset_var += float(fine["t_var"].sum())
     # angular accuracy: posterior rms angle of the fine poses about the best one
     tr = xp.einsum("ncij,nij->nc", f_mats, best_mats)
     if d == 3:

@@ -30,7 +30,7 @@ from ..io import (BackgroundWriter, atomic_path, check_stacks, check_writable_di
                   write_hdf5, write_map, write_particles, write_stack, rebase_image_names)
 from ..masks import soft_sphere
 from ..particles import ImageCache, cache_wanted, pinned_wanted
-from ..sampling import angular_step, next_perturbation
+from ..sampling import angular_step, next_perturbation, next_translations
 from ..symmetry import symmetry_matrices
 from ..timing import PhaseTimer
 
@@ -177,7 +177,9 @@ def _initial_state(args, mode, meta, ref):
     return {"iter": 0, "order": int(order), "local": bool(getattr(args, "local", False)), "r_cur": float(r_cur),
             "sigma2": None, "offset_sigma": float(args.offset_range / 2.0), "class_prior": np.full(K, 1.0 / K),
             "maps": maps, "resolution": [], "ang_change": [], "class_history": [], "best_res": 1e9, "no_improve": 0,
-            "final": False, "done": False, "accuracy": 0.0, "accuracy_global": 0.0, "perturb": 0.0}
+            "final": False, "done": False, "accuracy": 0.0, "accuracy_global": 0.0, "perturb": 0.0,
+            "offset_step": float(args.offset_step), "offset_range": float(args.offset_range), "accuracy_trans": 0.0,
+            "offset_change": 0.0}
 
 
 def _mask(box, apix, args, dim, xp):
@@ -299,7 +301,8 @@ def _write_iteration(out, it, mode, star, particles, state, info, meta, final=Fa
     arrays["ang_change"] = np.asarray(state["ang_change"], dtype=np.float64)
     arrays["class_history"] = np.asarray(state.get("class_history", []), dtype=np.float64).reshape(-1, meta["K"])
     scal = {k: state[k] for k in ("iter", "order", "local", "r_cur", "offset_sigma", "best_res", "no_improve",
-                                  "final", "done", "accuracy", "accuracy_global", "perturb")}
+                                  "final", "done", "accuracy", "accuracy_global", "perturb", "offset_step",
+                                  "offset_range", "accuracy_trans", "offset_change")}
     ck = f"run_it{it:03d}_checkpoint.h5"
     write_hdf5(os.path.join(out, ck), arrays, attrs={"state": json.dumps(scal), "mode": mode})
     with atomic_path(os.path.join(out, "checkpoint.json")) as tmp:
@@ -376,6 +379,10 @@ def run(args, comm, mode: str) -> dict:
         state["args"] = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"}
     else:
         state["args"] = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"}
+        # checkpoints written before the translational sampling was refined during the run
+        for k, v in (("offset_step", args.offset_step), ("offset_range", args.offset_range),
+                     ("accuracy_trans", 0.0), ("offset_change", 0.0)):
+            state.setdefault(k, float(v))
     device = collective_step(comm, select_device, comm, args.device)
     xp = get_xp(device)
     log_placement(comm, device, log)
@@ -445,15 +452,16 @@ def run(args, comm, mode: str) -> dict:
         spec = SearchSpec(
             dim=dim, n_classes=K, global_mats=glob,
             local_mats=local_offsets(dim, step, 1.5, xp) if state["local"] else None,
-            fine_mats=fine_offsets(dim, step, xp), offset_range=args.offset_range, offset_step=args.offset_step,
-            offset_sigma=state["offset_sigma"], offset_perturb=state["perturb"] * args.offset_step,
+            fine_mats=fine_offsets(dim, step, xp), offset_range=state["offset_range"],
+            offset_step=state["offset_step"], offset_sigma=state["offset_sigma"],
+            offset_perturb=state["perturb"] * state["offset_step"],
             n_select=args.n_select,
             class_select=int(getattr(args, "class_select", 10)),
             log_class_prior=xp.asarray(np.log(np.maximum(state["class_prior"], 1e-10)), dtype=xp.float32),
             fixed_class=(it == 1 and K > 1 and dim == 3))
         V = 2 if cfg["gold"] else K
         vol_shape = geom.vol_shape if dim == 3 else (geom.npad, geom.npad // 2 + 1)
-        prev = {k: plan[k].copy() for k in ("rot", "tilt", "psi")}
+        prev = {k: plan[k].copy() for k in ("rot", "tilt", "psi", "origin_x", "origin_y")}
 
         timer = PhaseTimer(xp)
 
@@ -530,13 +538,15 @@ def run(args, comm, mode: str) -> dict:
             A0 = euler_to_matrix(prev["rot"], prev["tilt"], prev["psi"])
             A1 = euler_to_matrix(plan["rot"], plan["tilt"], plan["psi"])
             ch = angular_distance(A0, A1, sym=None if sym_name.upper() == "C1" else symmetry_matrices(sym_name))
-            tot = np.array([ch.sum(), len(ch)], dtype=np.float64)
         else:
-            d = np.abs((plan["psi"] - prev["psi"] + 180) % 360 - 180)
-            tot = np.array([d.sum(), len(d)], dtype=np.float64)
+            ch = np.abs((plan["psi"] - prev["psi"] + 180) % 360 - 180)
+        moved = np.hypot(plan["origin_x"] - prev["origin_x"], plan["origin_y"] - prev["origin_y"]) / apix
+        tot = np.array([ch.sum(), len(ch), moved.sum()], dtype=np.float64)
         allreduce_sum(comm, tot)
         state["ang_change"].append(float(tot[0] / max(tot[1], 1)))
+        state["offset_change"] = float(tot[2] / max(tot[1], 1))       # px, mean over particles
         state["accuracy"] = stats.angle_spread / max(stats.offset_w, 1)
+        state["accuracy_trans"] = float(np.sqrt(stats.offset_var / max(stats.offset_w, 1)))  # px, per axis
         # refine3d: the half maps' FSC on their device (two 128^3 FFTs: 0.16 s on a host core, ~1 ms on a GPU)
         _schedule(state, info, mode, args, box, apix, maps if cfg["gold"] else maps_h, mask, final)
         state["iter"] = it
@@ -551,10 +561,11 @@ def run(args, comm, mode: str) -> dict:
             if info["fsc"] is None:
                 info.pop("fsc")
             res_txt = f", resolution {state['resolution'][-1]:.2f} Å" if state["resolution"] else ""
-            log.info("iteration %d: E-step %.1f s, M-step %.1f s, mean pose change %.2f°, accuracy %.2f°%s, "
-                     "next order %d%s, r %.0f px", it, t_e, t_m, state["ang_change"][-1], state["accuracy"],
-                     res_txt, state["order"],
-                     " (local)" if state["local"] else "", state["r_cur"])
+            log.info("iteration %d: E-step %.1f s, M-step %.1f s, mean pose change %.2f° / %.2f px, accuracy %.2f° / "
+                     "%.2f px%s, next order %d%s, offsets step %.2f px range %.2f px, r %.0f px", it, t_e, t_m,
+                     state["ang_change"][-1], state["offset_change"], state["accuracy"], state["accuracy_trans"],
+                     res_txt, state["order"], " (local)" if state["local"] else "", state["offset_step"],
+                     state["offset_range"], state["r_cur"])
         # rank 0 writes this iteration's outputs while every rank computes the next one; the previous iteration's
         # writing must have succeeded (a failure there stops every rank here, cleanly)
         root_step(comm, writer.wait if writer else None)
@@ -620,6 +631,10 @@ def _schedule(state, info, mode, args, box, apix, maps, mask, final):
         if not improved or small_change:
             if state["order"] < args.max_order and step > state.get("accuracy_global", 0.0):
                 state["order"] += 1
+                # the translations follow (RELION's): a fine step a quarter below the translational accuracy, a
+                # range of 5 x the last offset change, 9 to ~49 coarse translations
+                state["offset_step"], state["offset_range"] = next_translations(
+                    state["offset_step"], state["offset_range"], state["accuracy_trans"], state["offset_change"])
                 if state["order"] >= args.local_from_order:
                     state["local"] = True
                 state["no_improve"] = 0
