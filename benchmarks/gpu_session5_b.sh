@@ -5,33 +5,38 @@
 #   B = main (translations refined with the angles, RELION's rule),
 #   C = B with rank 0 writing each iteration's files in the main thread (no background writer).
 # A and C are code trees in .ab/ (git-ignored; made with `git archive`), carried to the device.
-# From the repo root on the device, wheels in .whl/:  bash benchmarks/gpu_session5_b.sh "$OUT" runV
+# From the repo root on the device, wheels in .whl/:  bash benchmarks/gpu_session5_b.sh "$OUT" runW
+# (run V, the first try, ran B three times: `python -m mpi_em` imported the repo root's package from the cwd)
+# Run X: VARIANTS="S P" bash benchmarks/gpu_session5_b.sh "$OUT" runX -- S = main with the files written in the
+# main thread (.ab/S), P = main (a forked writer process since commit "BackgroundWriter: forked process").
 set -u
-OUT=${1:-/tmp/out}; NAME=${2:-runV}; . benchmarks/gpu_setup.sh; gpu_setup $NAME
+OUT=${1:-/tmp/out}; NAME=${2:-runW}; . benchmarks/gpu_setup.sh; gpu_setup $NAME
 D=/tmp/d128
 gpu_data $D 50000
-run1() {  # code tree, output folder, iterations
-  PYTHONPATH=/tmp/site:$1 timeout 200 launch/mpi-em-run -n 1 -- python3 -m mpi_em refine3d \
+REPO=$PWD
+run1() {  # code tree, output folder, iterations (run from the code tree: `python -m` imports from the cwd first)
+  (cd $1 && PYTHONPATH=/tmp/site:$1 timeout 200 $REPO/launch/mpi-em-run -n 1 -- python3 -m mpi_em refine3d \
     --i $D/particles_unaligned.star --ref $D/start.mrc --ini-high 30 --o $2 --device gpu --batch 1024 \
-    --max-order 5 --iter $3 2>&1
+    --max-order 5 --iter $3 2>&1)
 }
 run1 $PWD /tmp/warm 6 >/dev/null
-for V in A B C; do
-  code=$PWD/.ab/$V; [ $V = B ] && code=$PWD
+for V in ${VARIANTS:-A B C}; do
+  code=$PWD; [ -d .ab/$V ] && code=$PWD/.ab/$V
   run1 $code /tmp/r$V 12 | grep -E "iteration|finished" > $R/refine3d_$V.log
   cp /tmp/r$V/run_timings.json $R/refine3d_${V}_timings.json
 done
-python3 - <<'PY' 2>&1 | tee $R/eval.txt
-import json, re
+NAME=$NAME VARIANTS="${VARIANTS:-A B C}" python3 - <<'PY' 2>&1 | tee $R/eval.txt
+import json, os, re
+NAME = os.environ['NAME']
 import mrcfile, numpy as np
 from mpi_em.evaluate import pose_errors
 from mpi_em.fsc import fsc, resolution_at
 t = mrcfile.read('/tmp/d128/truth.mrc')
-for V in 'ABC':
+for V in os.environ.get('VARIANTS', 'A B C').split():
     T = json.load(open(f'/tmp/r{V}/run_timings.json'))
     c = sum(r['seconds_iteration'] for r in T[1:11])
     w = T[10]['seconds_since_start'] - T[0]['seconds_since_start'] if len(T) > 10 else float('nan')
-    lines = open(f'/tmp/runV/refine3d_{V}.log').read().splitlines()
+    lines = open(f'/tmp/{NAME}/refine3d_{V}.log').read().splitlines()
     stamps = [l.split()[0] for l in lines if ' iteration ' in l]
     h1, h2 = (mrcfile.read(f'/tmp/r{V}/run_half{k}_class001_unfil.mrc') for k in (1, 2))
     rr = resolution_at(fsc(h1, h2), 128, 1.5, 0.143)

@@ -518,22 +518,36 @@ def test_hdf5_round_trip(tmp_path):
         read_hdf5(tmp_path / "bad.h5")
 
 
-def test_background_writer_runs_in_order_and_reraises():
-    """submit returns at once and runs one call at a time, in order; wait re-raises the call's exception."""
-    import threading
+def _append_line(path, text, delay=0.0):
     import time
 
+    time.sleep(delay)
+    with open(path, "a") as f:
+        f.write(f"{text} {os.getpid()}\n")
+
+
+@pytest.mark.parametrize("use_process", [True, False])
+def test_background_writer_runs_in_order_and_reraises(tmp_path, use_process):
+    """submit returns at once and runs one call at a time, in order, in another process (where the platform
+    forks) or thread; wait re-raises the call's exception, once; a writer process that dies is an error."""
+    from mpi_em.errors import OutputError
     from mpi_em.io import BackgroundWriter
 
-    w = BackgroundWriter()
-    done, main = [], threading.get_ident()
-    w.submit(lambda: (time.sleep(0.1), done.append(("a", threading.get_ident() != main))))
-    assert done == []                        # returned before the call finished
-    w.submit(lambda: done.append(("b", True)))
+    log = tmp_path / "log.txt"
+    w = BackgroundWriter(use_process=use_process)
+    w.submit(_append_line, log, "a", 0.3)
+    assert not log.exists()                  # returned before the call finished
+    w.submit(_append_line, log, "b")
     w.wait()
-    assert done == [("a", True), ("b", True)]
+    lines = [line.split() for line in log.read_text().splitlines()]
+    assert [t for t, _ in lines] == ["a", "b"]
+    assert all((int(pid) != os.getpid()) == use_process for _, pid in lines)
     w.submit(lambda: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         w.wait()
     w.wait()                                 # reported once
+    if use_process:
+        w.submit(os._exit, 7)                # the child vanishes without a word
+        with pytest.raises(OutputError, match="exit code 7"):
+            w.wait()
     w.close()

@@ -71,7 +71,8 @@ def test_failure_on_one_rank_reaches_every_rank():
 
 @pytest.mark.mpi(min_size=2)
 def test_background_write_failure_stops_every_rank():
-    """The EM jobs' outputs are written by a thread on rank 0 while every rank computes on; the next
+    """The EM jobs' outputs are written in the background (a forked process) on rank 0 while every rank
+    computes on; the next
     root_step(comm, writer.wait) turns a failed write into a clean stop of every rank, with the write's error."""
     import time
 
