@@ -4,11 +4,13 @@
 #   A = main before the translational sampling followed the angular one (fixed 1 px fine / 2 px coarse steps),
 #   B = main (translations refined with the angles, RELION's rule),
 #   C = B with rank 0 writing each iteration's files in the main thread (no background writer).
-# A and C are code trees in .ab/ (git-ignored; made with `git archive`), carried to the device.
+# A and C are code trees in .ab/ (git-ignored), carried to the device (run's carry: .whl, .ab), made by
+#   mkdir -p .ab/A .ab/C && git archive 88763bb mpi_em | tar -x -C .ab/A && git archive fd0d1e3 mpi_em | tar -x -C .ab/C
+#   sed -i 's/writer.submit(_write_outputs, /_write_outputs(/' .ab/C/mpi_em/jobs/em.py
 # From the repo root on the device, wheels in .whl/:  bash benchmarks/gpu_session5_b.sh "$OUT" runW
 # (run V, the first try, ran B three times: `python -m mpi_em` imported the repo root's package from the cwd)
 # Run X: VARIANTS="S P" bash benchmarks/gpu_session5_b.sh "$OUT" runX -- S = main with the files written in the
-# main thread (.ab/S), P = main (a forked writer process since commit "BackgroundWriter: forked process").
+# main thread (.ab/S: git archive 0b0ce4f + the same sed), P = main at 0b0ce4f (a forked writer process).
 set -u
 OUT=${1:-/tmp/out}; NAME=${2:-runW}; . benchmarks/gpu_setup.sh; gpu_setup $NAME
 D=/tmp/d128

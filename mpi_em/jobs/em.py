@@ -83,8 +83,14 @@ def add_arguments(p, mode: str) -> None:
                         "converged); with --continue, the new limit")
     p.add_argument("--particle-diameter", type=float, default=None,
                    help="diameter of the soft spherical mask, Å (default: 80%% of the box)")
-    p.add_argument("--offset-range", type=float, default=3.0, help="translation search range, pixels (default 3)")
-    p.add_argument("--offset-step", type=float, default=1.0, help="translation search step, pixels (default 1)")
+    p.add_argument("--offset-range", type=float, default=3.0,
+                   help="translation search range around each particle's current offset, pixels (default 3); "
+                        "refine3d narrows it whenever it refines the angular sampling, to 5 x the last mean offset "
+                        "change (RELION's rule)")
+    p.add_argument("--offset-step", type=float, default=1.0,
+                   help="fine translation step, pixels (the coarse pass uses twice it; default 1); refine3d sets it "
+                        "to min(1.5, 0.75 x the translational accuracy) whenever it refines the angular sampling "
+                        "(RELION's rule; logged per iteration)")
     p.add_argument("--perturb", type=float, default=0.5, metavar="F",
                    help="random perturbation of the angular and translational grids each iteration, as a fraction "
                         "of a step in [-F, F] (RELION's --perturb; default 0.5; 0 = fixed grids). With fixed grids "
