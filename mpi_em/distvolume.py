@@ -28,7 +28,7 @@ import numpy as np
 from .backend import scatter_add, to_host, xp_of
 from .codec import compress_for_send, decompress_received
 from .distributed import RankFailed
-from .fourier import _trilinear_stencil, default_r_max, gridding_factor
+from .fourier import _trilinear_stencil, default_r_max, gridding_factor, regularised_denominator
 
 __all__ = [
     "owned_planes",
@@ -526,14 +526,10 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
     if tau2 is not None:
         tau2 = xp.asarray(tau2, dtype=xp.float64)
         tau2 = tau2.reshape(-1, tau2.shape[-1]) if tau2.ndim > 1 else tau2
-        sh = xp.rint(r).astype(xp.int64)
     for v in range(nv):  # in place in F (a private complex128 copy): no third volume-sized array
-        if tau2 is not None:
-            t2 = tau2[v] if tau2.ndim > 1 else tau2
-            t = t2[xp.clip(sh, 0, t2.shape[-1] - 1)] * tau2_fudge
-            denom = W[v] + xp.where(t > 0, 1.0 / xp.where(t > 0, t, 1.0), 0.0)
-            floor = 1e-10 * float(means[v]) if means[v] is not None else 1e-10
-            denom = xp.maximum(denom, floor)
+        if tau2 is not None:  # the serial reconstruction's divisor (a zero-variance prior where tau2 = 0)
+            denom = regularised_denominator(W[v], r, means[v] if means[v] is not None else 0.0,
+                                            tau2[v] if tau2.ndim > 1 else tau2, tau2_fudge)
         else:
             mean_w = float(means[v]) if means[v] is not None else 1.0
             denom = xp.maximum(W[v], min_weight * mean_w)

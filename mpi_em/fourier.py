@@ -351,7 +351,12 @@ def shell_index(npad: int, pad: int, xp=np):
 def regularised_denominator(W, r, mean_w, tau2=None, tau2_fudge: float = 1.0, min_weight: float = 1e-3):
     """The divisor of F in reconstruction, shared by 2D and 3D: max(W, min_weight * mean_w) without a prior,
     W + 1 / (tau2_fudge * tau2(shell)) (floored at 1e-10 * mean_w) with one; ``r`` is |k| in image pixels and
-    ``mean_w`` the mean weight inside the ball (a scalar, or broadcastable per volume/plane)."""
+    ``mean_w`` the mean weight inside the ball (a scalar, or broadcastable per volume/plane).
+
+    A shell whose tau2 is 0 (no signal: the gold-standard FSC is 0 or below) has a prior of zero variance, so its
+    coefficients come out 0 (an infinite divisor), as RELION's (whose FSC floor of 0.001 makes them ~1000x
+    smaller). Treating tau2 = 0 as "no prior" divided those noise-only shells by W alone: the half maps' noise
+    there grew up to 60x the signal's power and the E-step aligned particles to it (session 5)."""
     xp = xp_of(W)
     floor_ok = xp.asarray(mean_w) > 0
     if tau2 is None:
@@ -359,7 +364,7 @@ def regularised_denominator(W, r, mean_w, tau2=None, tau2_fudge: float = 1.0, mi
     tau2 = xp.asarray(tau2, dtype=xp.float64)
     sh = xp.clip(xp.rint(r).astype(xp.int64), 0, tau2.shape[-1] - 1)
     t = tau2[..., sh] * tau2_fudge
-    denom = W + xp.where(t > 0, 1.0 / xp.where(t > 0, t, 1.0), 0.0)
+    denom = W + xp.where(t > 0, 1.0 / xp.where(t > 0, t, 1.0), xp.inf)
     return xp.maximum(denom, xp.where(floor_ok, 1e-10 * xp.asarray(mean_w), 1e-10))
 
 

@@ -160,3 +160,24 @@ def test_symmetrised_sum_reconstructs_as_well_as_per_copy_insertion():
     upto = int(0.8 * (box // 2))
     assert fsc(vol, rec)[1:upto + 1].min() >= 0.9
     assert fsc(ref, rec)[1:upto + 1].min() >= 0.99, fsc(ref, rec)
+
+
+def test_zero_tau2_shells_come_out_zero():
+    """The MAP divisor W + 1/(fudge tau2): a shell whose tau2 is 0 (no signal: gold-standard FSC <= 0) has a
+    zero-variance prior, so F / divisor is exactly 0 there; elsewhere the divisor is W + 1/(fudge tau2) exactly.
+    (Taking tau2 = 0 as 'no prior' divided those noise-only shells by W alone and amplified their noise.)"""
+    from mpi_em.em.model import tau2_from_fsc
+    from mpi_em.fourier import regularised_denominator
+
+    rng = np.random.default_rng(4)
+    r = np.arange(8, dtype=np.float64)[None, :].repeat(3, axis=0) + rng.uniform(-0.4, 0.4, (3, 8))
+    W = rng.uniform(0.5, 2.0, r.shape)
+    F = rng.standard_normal(r.shape) + 1j * rng.standard_normal(r.shape)
+    tau2 = tau2_from_fsc(np.array([1.0, 0.9, 0.6, 0.3, 0.1, 0.0, -0.05, -0.2]), np.full(8, 2.0), 1.0)
+    assert np.all(tau2[:5] > 0) and np.all(tau2[5:] == 0)
+    d = regularised_denominator(W, r, 1.0, tau2, tau2_fudge=2.0)
+    sh = np.rint(r).astype(int)
+    out = F / d
+    assert np.all(out[sh >= 5] == 0)
+    ok = sh < 5
+    np.testing.assert_allclose(d[ok], W[ok] + 1.0 / (2.0 * tau2[sh[ok]]), rtol=1e-15)

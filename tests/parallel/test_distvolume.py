@@ -72,7 +72,7 @@ def _serial(F, W, box, pad, **kw):
 def _tau2(box, seed=3):
     rng = np.random.default_rng(seed)
     t = rng.exponential(1.0, box // 2 + 1)
-    t[-2:] = 0.0  # shells without signal estimate: no regularisation term
+    t[-2:] = 0.0  # shells without signal (FSC <= 0): a zero-variance prior, coefficients 0
     return t
 
 
