@@ -11,20 +11,24 @@
 # (run V, the first try, ran B three times: `python -m mpi_em` imported the repo root's package from the cwd)
 # Run X: VARIANTS="S P" bash benchmarks/gpu_session5_b.sh "$OUT" runX -- S = main with the files written in the
 # main thread (.ab/S: git archive 0b0ce4f + the same sed), P = main at 0b0ce4f (a forked writer process).
+# Run Y: VARIANTS="D R" WARM_ITER=3 bash benchmarks/gpu_session5_b.sh "$OUT" runY -- D = main (zero-variance prior
+# where tau2 = 0; fixed translations by default), R = main with --refine-offsets.
 set -u
 OUT=${1:-/tmp/out}; NAME=${2:-runW}; . benchmarks/gpu_setup.sh; gpu_setup $NAME
 D=/tmp/d128
 gpu_data $D 50000
 REPO=$PWD
-run1() {  # code tree, output folder, iterations (run from the code tree: `python -m` imports from the cwd first)
-  (cd $1 && PYTHONPATH=/tmp/site:$1 timeout 200 $REPO/launch/mpi-em-run -n 1 -- python3 -m mpi_em refine3d \
-    --i $D/particles_unaligned.star --ref $D/start.mrc --ini-high 30 --o $2 --device gpu --batch 1024 \
-    --max-order 5 --iter $3 2>&1)
+run1() {  # code tree, output folder, iterations, options (run from the code tree: `python -m` imports from the cwd)
+  local code=$1 out=$2 it=$3; shift 3
+  (cd $code && PYTHONPATH=/tmp/site:$code timeout 200 $REPO/launch/mpi-em-run -n 1 -- python3 -m mpi_em refine3d \
+    --i $D/particles_unaligned.star --ref $D/start.mrc --ini-high 30 --o $out --device gpu --batch 1024 \
+    --max-order 5 --iter $it "$@" 2>&1)
 }
-run1 $PWD /tmp/warm 6 >/dev/null
+run1 $PWD /tmp/warm ${WARM_ITER:-6} >/dev/null
 for V in ${VARIANTS:-A B C}; do
   code=$PWD; [ -d .ab/$V ] && code=$PWD/.ab/$V
-  run1 $code /tmp/r$V 12 | grep -E "iteration|finished" > $R/refine3d_$V.log
+  opts=(); [ $V = R ] && opts=(--refine-offsets)   # R: main with --refine-offsets
+  run1 $code /tmp/r$V 12 "${opts[@]}" | grep -E "iteration|finished" > $R/refine3d_$V.log
   cp /tmp/r$V/run_timings.json $R/refine3d_${V}_timings.json
 done
 NAME=$NAME VARIANTS="${VARIANTS:-A B C}" python3 - <<'PY' 2>&1 | tee $R/eval.txt

@@ -195,7 +195,7 @@ def test_auto_sampling_uses_local_accuracy_well_inside_the_window():
 
     box, apix = 32, 4.0
     v = phantom(box, seed=1).astype(np.float64)
-    args = SimpleNamespace(max_order=5, local_from_order=4)
+    args = SimpleNamespace(max_order=5, local_from_order=4, refine_offsets=True)
 
     def state(acc):
         return {"resolution": [], "r_cur": 10.0, "best_res": 9.0, "ang_change": [1.0], "order": 4, "local": True,
@@ -211,3 +211,7 @@ def test_auto_sampling_uses_local_accuracy_well_inside_the_window():
     _schedule(s, {}, "refine3d", args, box, apix, np.stack([v, v]), None, False)
     assert s["order"] == 4 and s["accuracy_global"] == 4.3
     assert (s["offset_step"], s["offset_range"]) == (1.0, 3.0)
+    args.refine_offsets = False   # the default: the order is refined, the translations are not
+    s = state(1.5)
+    _schedule(s, {}, "refine3d", args, box, apix, np.stack([v, v]), None, False)
+    assert s["order"] == 5 and (s["offset_step"], s["offset_range"]) == (1.0, 3.0)
