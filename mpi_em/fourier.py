@@ -354,8 +354,8 @@ def regularised_denominator(W, r, mean_w, tau2=None, tau2_fudge: float = 1.0, mi
     ``mean_w`` the mean weight inside the ball (a scalar, or broadcastable per volume/plane).
 
     A shell whose tau2 is 0 (no signal: the gold-standard FSC is 0 or below) has a prior of zero variance, so its
-    coefficients come out 0 (an infinite divisor), as RELION's (whose FSC floor of 0.001 makes them ~1000x
-    smaller). Treating tau2 = 0 as "no prior" divided those noise-only shells by W alone: the half maps' noise
+    coefficients come out 0 (a divisor of 1e20 x mean W: 1e-20 of their unregularised value), as RELION's (whose
+    FSC floor of 0.001 makes them ~1000x smaller). Treating tau2 = 0 as "no prior" divided those noise-only shells by W alone: the half maps' noise
     there grew up to 60x the signal's power and the E-step aligned particles to it (session 5)."""
     xp = xp_of(W)
     floor_ok = xp.asarray(mean_w) > 0
@@ -364,8 +364,10 @@ def regularised_denominator(W, r, mean_w, tau2=None, tau2_fudge: float = 1.0, mi
     tau2 = xp.asarray(tau2, dtype=xp.float64)
     sh = xp.clip(xp.rint(r).astype(xp.int64), 0, tau2.shape[-1] - 1)
     t = tau2[..., sh] * tau2_fudge
-    denom = W + xp.where(t > 0, 1.0 / xp.where(t > 0, t, 1.0), xp.inf)
-    return xp.maximum(denom, xp.where(floor_ok, 1e-10 * xp.asarray(mean_w), 1e-10))
+    scale = xp.where(floor_ok, xp.asarray(mean_w, dtype=xp.float64), 1.0)
+    # tau2 = 0: 1e20 x mean W, not infinity: complex / inf is NaN on CuPy (its division scales by |divisor|)
+    denom = W + xp.where(t > 0, 1.0 / xp.where(t > 0, t, 1.0), 1e20 * scale)
+    return xp.maximum(denom, 1e-10 * scale)
 
 
 def reconstruct(F_acc, W_acc, box: int, pad: int = 2, r_max: float | None = None, tau2=None,

@@ -164,7 +164,8 @@ def test_symmetrised_sum_reconstructs_as_well_as_per_copy_insertion():
 
 def test_zero_tau2_shells_come_out_zero():
     """The MAP divisor W + 1/(fudge tau2): a shell whose tau2 is 0 (no signal: gold-standard FSC <= 0) has a
-    zero-variance prior, so F / divisor is exactly 0 there; elsewhere the divisor is W + 1/(fudge tau2) exactly.
+    zero-variance prior, so F / divisor is 0 there (1e-20 of F / W, from a finite divisor: CuPy's complex division
+    by infinity is NaN); elsewhere the divisor is W + 1/(fudge tau2) exactly.
     (Taking tau2 = 0 as 'no prior' divided those noise-only shells by W alone and amplified their noise.)"""
     from mpi_em.em.model import tau2_from_fsc
     from mpi_em.fourier import regularised_denominator
@@ -178,6 +179,6 @@ def test_zero_tau2_shells_come_out_zero():
     d = regularised_denominator(W, r, 1.0, tau2, tau2_fudge=2.0)
     sh = np.rint(r).astype(int)
     out = F / d
-    assert np.all(out[sh >= 5] == 0)
+    assert np.all(np.isfinite(d)) and np.all(np.abs(out[sh >= 5]) <= 1e-19 * np.abs(F / W)[sh >= 5])
     ok = sh < 5
     np.testing.assert_allclose(d[ok], W[ok] + 1.0 / (2.0 * tau2[sh[ok]]), rtol=1e-15)
