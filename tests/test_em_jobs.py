@@ -215,3 +215,17 @@ def test_auto_sampling_uses_local_accuracy_well_inside_the_window():
     s = state(1.5)
     _schedule(s, {}, "refine3d", args, box, apix, np.stack([v, v]), None, False)
     assert s["order"] == 5 and (s["offset_step"], s["offset_range"]) == (1.0, 3.0)
+
+
+def test_nonfinite_maps_stop_the_job():
+    """NaN or infinite voxels in an iteration's maps stop the job with an error naming the iteration; finite maps
+    pass."""
+    from mpi_em.errors import MpiEmError
+    from mpi_em.jobs.em import check_finite_maps
+
+    maps = np.zeros((2, 4, 4, 4), np.float32)
+    check_finite_maps(maps, 3)
+    maps[1, 0, 0, 0] = np.nan
+    maps[0, 1, 2, 3] = np.inf
+    with pytest.raises(MpiEmError, match="iteration 3: .* 2 NaN or infinite voxels"):
+        check_finite_maps(maps, 3)

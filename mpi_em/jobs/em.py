@@ -523,6 +523,7 @@ def run(args, comm, mode: str) -> dict:
         del F_acc, W_acc
         info.update(inf)
         maps_h = to_host(maps)
+        check_finite_maps(maps_h, it)  # the same maps on every rank: every rank stops here, nobody waits
         if dim == 2 and not args.no_center:
             maps_h = _center_2d(maps_h)
         state["maps"] = maps_h
@@ -594,6 +595,15 @@ def run(args, comm, mode: str) -> dict:
     if comm.rank == 0:
         log.info("%s finished: %d iterations in %.1f s", mode, state["iter"], summary["seconds"])
     return summary
+
+
+def check_finite_maps(maps, it: int) -> None:
+    """Stop the job with a clear error when an iteration's maps hold NaN or infinity (a numerical failure would
+    otherwise look like a refinement that converged at the box size: session 5's GPU run Y)."""
+    bad = ~np.isfinite(maps)
+    if bad.any():
+        raise MpiEmError(f"iteration {it}: the reconstructed maps hold {int(bad.sum())} NaN or infinite voxels "
+                         f"(of {maps.size}); stopping instead of refining against them")
 
 
 def _record_timings(comm, out, it, t_iter, t_e, t_m, timer, n_local, since_start) -> None:
