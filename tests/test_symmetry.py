@@ -22,10 +22,14 @@ def rz(deg):
 
 
 def fold_axes(G, fold):
-    """Unit axes (sign made canonical) of the elements of G that rotate by exactly 360/fold degrees."""
+    """Unit axes (sign made canonical) of the elements of G that rotate by exactly 360/fold degrees. The angle is
+    atan2(sin, cos) of the rotation (sin from the antisymmetric part): well conditioned everywhere, where
+    arccos((trace - 1) / 2) near 180° turns a 1e-16 rounding of the trace into ~1e-6° (numpy 2.4's rounding of
+    the group's products put one two-fold element of I2 just outside a 1e-6° tolerance)."""
     axes = []
     for m in G:
-        ang = np.degrees(np.arccos(np.clip((np.trace(m) - 1) / 2, -1, 1)))
+        sin = 0.5 * np.linalg.norm([m[2, 1] - m[1, 2], m[0, 2] - m[2, 0], m[1, 0] - m[0, 1]])
+        ang = np.degrees(np.arctan2(sin, (np.trace(m) - 1) / 2))
         if abs(ang - 360.0 / fold) < 1e-6:
             if fold == 2:  # axis = eigenvector of eigenvalue 1
                 w, v = np.linalg.eigh((m + m.T) / 2 + np.eye(3))
