@@ -6,7 +6,8 @@ the mean posterior spread (RMS angle about the best pose) against the actual err
 
 DATA_DIR is a `mpi-em simulate` output (particles.star with the true poses, truth.mrc); MAP a reference (e.g. a
 refine3d iteration's half map, or DATA_DIR/truth.mrc). The particles are re-centred on their true origins and
-the noise spectrum is the residual power with the true poses and the true map, so only the reference differs.
+the noise spectrum is the residual power with the true poses and the true map, so only the reference differs
+(--sigma-from-map: the residual power against MAP, which then includes the reference's own errors).
 """
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ def main(argv=None):
     ap.add_argument("--order", type=int, default=3)
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--r", type=float, default=16, help="current size, pixels")
+    ap.add_argument("--sigma-from-map", action="store_true",
+                    help="noise spectrum from the residuals against MAP (at the true poses), as a refinement "
+                         "estimates it, instead of against the true map")
     a = ap.parse_args(argv)
     truth = mrcfile.read(os.path.join(a.data, "truth.mrc")).astype(np.float64)
     ref = mrcfile.read(a.map).astype(np.float64)
@@ -54,7 +58,7 @@ def main(argv=None):
     A = euler_to_matrix(s.rot[:n], s.tilt[:n], s.psi[:n])
     sh = shell_of_points(geom)
     nsh = box // 2 + 1
-    res = (0.5 * np.abs(X - c * project(volume_fft(truth), A, geom)) ** 2).mean(0)
+    res = (0.5 * np.abs(X - c * project(volume_fft(ref if a.sigma_from_map else truth), A, geom)) ** 2).mean(0)
     sigma2 = np.bincount(sh, weights=res, minlength=nsh) / np.maximum(np.bincount(sh, minlength=nsh), 1)
     spec = SearchSpec(dim=3, n_classes=1, global_mats=global_grid(3, a.order, "C1", np), local_mats=None,
                       fine_mats=fine_offsets(3, angular_step(a.order), np), offset_range=3.0, offset_step=1.0,
