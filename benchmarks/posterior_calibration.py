@@ -39,6 +39,10 @@ def main(argv=None):
     ap.add_argument("--order", type=int, default=3)
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--r", type=float, default=16, help="current size, pixels")
+    ap.add_argument("--weight-model", default=None, metavar="MODEL_STAR",
+                    help="weight each shell's likelihood by the gold-standard FSC of this model STAR raised to "
+                         "--weight-power (noise spectrum divided by it): a test of down-weighting unreliable shells")
+    ap.add_argument("--weight-power", type=float, default=1.0)
     ap.add_argument("--sigma-from-map", action="store_true",
                     help="noise spectrum from the residuals against MAP (at the true poses), as a refinement "
                          "estimates it, instead of against the true map")
@@ -60,6 +64,12 @@ def main(argv=None):
     nsh = box // 2 + 1
     res = (0.5 * np.abs(X - c * project(volume_fft(ref if a.sigma_from_map else truth), A, geom)) ** 2).mean(0)
     sigma2 = np.bincount(sh, weights=res, minlength=nsh) / np.maximum(np.bincount(sh, minlength=nsh), 1)
+    if a.weight_model:
+        import starfile
+
+        fsc_k = starfile.read(a.weight_model)["model_class_1"]["rlnGoldStandardFsc"].to_numpy()[:nsh]
+        wk = np.clip(fsc_k, 1e-3, 1.0) ** a.weight_power
+        sigma2 = sigma2 / wk
     spec = SearchSpec(dim=3, n_classes=1, global_mats=global_grid(3, a.order, "C1", np), local_mats=None,
                       fine_mats=fine_offsets(3, angular_step(a.order), np), offset_range=3.0, offset_step=1.0,
                       offset_sigma=1.5, log_class_prior=np.zeros(1, np.float32))
