@@ -170,18 +170,18 @@ def rebase_image_names(star: ParticleStar, out_dir) -> pd.DataFrame:
     """A copy of ``star``'s particle table for a STAR file written in ``out_dir``: image names whose stack was
     found relative to the input STAR's folder are rewritten relative to ``out_dir`` (same file, from the new
     folder); absolute names and names that resolved from the working directory (RELION's project-relative
-    convention) are kept. The input table is not modified."""
+    convention) are kept. The input table is not modified. One decision per stack file, not per particle: each
+    stack token resolved to one path in :func:`read_particles` (``star.stack``)."""
     out_dir = os.path.abspath(os.fspath(out_dir))
     particles = star.particles.copy()
-    names = particles["rlnImageName"].astype(str).to_numpy(dtype=object)
-    num, stacks = np.empty(len(names), dtype=object), np.empty(len(names), dtype=object)
-    for i, name in enumerate(names):
-        num[i], _, stacks[i] = name.partition("@")
+    parts = particles["rlnImageName"].astype(str).str.partition("@")
+    tokens = parts[2].to_numpy(dtype=str)
+    uniq, first = np.unique(tokens, return_index=True)
     new = {}
-    for rel, path in zip(*np.unique(np.stack([stacks.astype(str), star.stack.astype(str)]), axis=1)):
+    for rel, path in zip(uniq, star.stack[first]):
         kept = os.path.isabs(rel.strip()) or os.path.normpath(os.path.abspath(rel.strip())) == path
         new[rel] = rel if kept else os.path.relpath(path, out_dir)
-    particles["rlnImageName"] = [f"{n}@{new[s]}" for n, s in zip(num, stacks.astype(str))]
+    particles["rlnImageName"] = parts[0] + "@" + parts[2].map(new)
     return particles
 
 
