@@ -12,6 +12,7 @@ the noise spectrum is the residual power with the true poses and the true map, s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -46,10 +47,20 @@ def main(argv=None):
     ap.add_argument("--sigma-from-map", action="store_true",
                     help="noise spectrum from the residuals against MAP (at the true poses), as a refinement "
                          "estimates it, instead of against the true map")
+    ap.add_argument("--half", nargs=2, default=None, metavar=("RUN_DATA_STAR", "K"),
+                    help="only the particles of half set K in a refinement's particles STAR (rlnRandomSubset): "
+                         "with MAP a half map, particles that built it (K = its half) or not (the other half)")
     a = ap.parse_args(argv)
     truth = mrcfile.read(os.path.join(a.data, "truth.mrc")).astype(np.float64)
     ref = mrcfile.read(a.map).astype(np.float64)
     s = read_particles(os.path.join(a.data, "particles.star"))
+    if a.half:
+        r = read_particles(a.half[0])
+        key = lambda t: np.char.add(np.char.add(t.stack.astype(str), "@"), t.index.astype(str))  # noqa: E731
+        mine = set(key(r)[r.random_subset == int(a.half[1])])
+        sel = np.flatnonzero(np.isin(key(s), list(mine)))
+        s = dataclasses.replace(s, **{f.name: getattr(s, f.name)[sel] for f in dataclasses.fields(s)
+                                      if isinstance(getattr(s, f.name), np.ndarray)})
     n, box, apix = min(a.n, len(s.rot)), truth.shape[-1], float(s.pixel_size[0])
     imgs = np.empty((n, box, box), dtype=np.float32)
     for p in set(s.stack[:n]):

@@ -114,10 +114,12 @@ def tau2_from_fsc(curve, mean_w, fudge: float):
 
 def reduce_and_reconstruct_3d(comm, F_acc, W_acc, box: int, pad: int, r_max: float, fudge: float,
                               gold: bool, mask=None, compress: bool = False, combined: bool = False,
-                              timer=NULL_TIMER):
+                              timer=NULL_TIMER, folds: int = 1):
     """Sum accumulators over ranks (stride-distributed) and reconstruct every volume; maps on every rank.
 
-    gold: volumes are (half1, half2) of each class... here exactly 2 volumes, tau^2 from their FSC.
+    gold: the volumes are the 2 x ``folds`` parts of the two half sets, (half1 fold 1..F, half2 fold 1..F); the
+    half maps are reconstructed from each half's sum with tau^2 from their FSC. With folds > 1 also each fold's
+    leave-one-fold-out reference, its half without it (same tau^2), in info["references"] (2 x folds maps).
     Otherwise (classification): tau^2 from each volume's own power spectrum (fudge x mean |F/W|^2).
     Returns (maps (V, N, N, N) float32 on F_acc's module, info dict with fsc, tau2, mean_w).
     """
@@ -132,12 +134,17 @@ def reduce_and_reconstruct_3d(comm, F_acc, W_acc, box: int, pad: int, r_max: flo
     timer.add_bytes("reduce_raw", stats_F["bytes_raw"] + stats_W["bytes_raw"])
     planes = owned_planes(npad, comm.rank, comm.size)
     with timer("reconstruct"):
-        return _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold, combined, xp)
+        return _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold, combined, xp, folds)
 
 
-def _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold, combined, xp):
+def _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold, combined, xp, folds=1):
     npad = pad * box
     n_shells = box // 2 + 1
+    parts = None
+    if gold and folds > 1:
+        # the folds' sums, and each half's sum of its folds
+        parts = (F_own.reshape((2, folds) + F_own.shape[1:]), W_own.reshape((2, folds) + W_own.shape[1:]))
+        F_own, W_own = parts[0].sum(axis=1), parts[1].sum(axis=1)
     mean_w, power = shell_statistics(comm, F_own, W_own, planes, npad, pad, n_shells)
     info = {"mean_w": mean_w, "power": power}
     if gold:
@@ -148,6 +155,16 @@ def _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold,
         tau2 = fudge * power
     maps = distributed_reconstruct(comm, F_own, W_own, box, pad, r_max, tau2=tau2, tau2_fudge=1.0)
     info["tau2"] = tau2
+    if parts is not None:
+        # leave one fold out: each fold's particles are aligned against their half without their own
+        # contribution, which otherwise pulls them to their previous poses (benchmarks/results/issue4-monotonic/)
+        F_lo = (F_own[:, None] - parts[0]).reshape((2 * folds,) + F_own.shape[1:])
+        W_lo = (W_own[:, None] - parts[1]).reshape((2 * folds,) + W_own.shape[1:])
+        del parts
+        info["references"] = distributed_reconstruct(comm, F_lo, W_lo, box, pad, r_max,
+                                                     tau2=np.repeat(tau2, folds, axis=0),
+                                                     tau2_fudge=1.0).astype(xp.float32)
+        del F_lo, W_lo
     if gold and combined:
         # the final map: both halves summed, prior from the FSC of the full set, 2 FSC / (1 + FSC)
         c = np.clip(curve, 0.0, 0.999)

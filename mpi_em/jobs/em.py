@@ -67,6 +67,13 @@ def add_arguments(p, mode: str) -> None:
                        help="finest HEALPix order the auto-refinement may reach (default 4 = 3.75°)")
         p.add_argument("--local-from-order", type=int, default=4,
                        help="from this order on, search locally around the previous pose (default 4, as RELION)")
+        p.add_argument("--folds", type=int, default=1, metavar="F",
+                       help="split each half set into F folds (particle row modulo F) and align each fold's particles "
+                            "against its half's reconstruction without that fold (leave one fold out): a particle "
+                            "is then not compared with a reference that holds its own noise at its previous pose, "
+                            "which pulls it there and narrows its posterior. Costs F x the accumulators and the "
+                            "reference projections, 1 + F reconstructions per half. Default 1 (RELION's: each "
+                            "half's particles against their whole half map)")
         p.add_argument("--refine-offsets", action="store_true",
                        help="whenever the angular sampling is refined, refine the translations too (RELION's "
                             "auto-refine rule): fine step min(1.5, 0.75 x the translational accuracy) px, range 5 x "
@@ -139,6 +146,9 @@ def _init(args, mode, size):
     K = 1 if mode == "refine3d" else int(args.K)
     if K < 1:
         raise MpiEmError(f"--K must be >= 1, got {K}")
+    folds = _folds(args, mode)
+    if folds < 1 or 4 * folds > star.n:
+        raise MpiEmError(f"--folds must be between 1 and a quarter of the particles ({star.n}), got {folds}")
     if cfg["dim"] == 3:
         symmetry_matrices(args.sym)
         if not args.ref:
@@ -189,7 +199,11 @@ def _initial_state(args, mode, meta, ref):
             "maps": maps, "resolution": [], "ang_change": [], "class_history": [], "best_res": 1e9, "no_improve": 0,
             "final": False, "done": False, "accuracy": 0.0, "accuracy_global": 0.0, "perturb": 0.0,
             "offset_step": float(args.offset_step), "offset_range": float(args.offset_range), "accuracy_trans": 0.0,
-            "offset_change": 0.0}
+            "offset_change": 0.0, "references": None}
+
+
+def _folds(args, mode):
+    return int(getattr(args, "folds", 1) or 1) if MODES[mode]["gold"] else 1
 
 
 def _mask(box, apix, args, dim, xp):
@@ -305,6 +319,8 @@ def _write_iteration(out, it, mode, star, particles, state, info, meta, final=Fa
     # checkpoint (everything needed to resume) then the pointer
     arrays = {f"particles/{k}": v for k, v in particles.items()}
     arrays["maps"] = maps
+    if state.get("references") is not None:
+        arrays["references"] = state["references"]
     arrays["sigma2"] = state["sigma2"]
     arrays["class_prior"] = state["class_prior"]
     arrays["resolution"] = np.asarray(state["resolution"], dtype=np.float64)
@@ -330,7 +346,8 @@ def _load_checkpoint(folder, mode):
         raise InputError(path, f"checkpoint is of a {ptr.get('mode')} run, not {mode}", field="mode")
     arrays, attrs = read_hdf5(os.path.join(folder, ptr["checkpoint"]))
     state = json.loads(attrs["state"])
-    state.update({"maps": arrays["maps"], "sigma2": arrays["sigma2"], "class_prior": arrays["class_prior"],
+    state.update({"maps": arrays["maps"], "references": arrays.get("references"),
+                  "sigma2": arrays["sigma2"], "class_prior": arrays["class_prior"],
                   "resolution": list(arrays["resolution"]), "ang_change": list(arrays["ang_change"]),
                   "class_history": np.asarray(arrays.get("class_history", np.zeros((0, 1)))).tolist()})
     particles = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("particles/")}
@@ -381,6 +398,12 @@ def run(args, comm, mode: str) -> dict:
             for k in ("half",) + PER_PARTICLE:
                 p[k] = particles[k][p["row"]]
     plan = comm.scatter(plans, root=0)
+    folds = _folds(args, mode)
+    if folds > 1:
+        # each rank's particles grouped by reference (half, fold), in stack order within a group: an E-step batch
+        # then compares its particles with one or two references (GEMMs of whole batches, not of 2 x folds parts)
+        o = np.argsort((plan["half"] - 1) * folds + plan["row"] % folds, kind="stable")
+        plan = {k: v[o] for k, v in plan.items()}
     # the particles STAR written by rank 0: image names that resolve from the output folder
     star_rank0 = (star.optics, rebase_image_names(star, args.output)) if comm.rank == 0 else None
     if state is None:
@@ -449,7 +472,12 @@ def run(args, comm, mode: str) -> dict:
         geom = SliceGeometry(box, r_max=state["r_cur"], pad=args.pad, xp=xp)
         shells = shell_of_points(geom)
         inv_s2 = inverse_sigma2_points(state["sigma2"], shells, xp)
-        refs = References(xp.asarray(state["maps"]), dim, args.pad, mask=mask)
+        if folds > 1:  # each fold's reference: its half without it (the half map itself before the first)
+            ref_maps = state["references"] if state.get("references") is not None else \
+                np.repeat(state["maps"], folds, axis=0)
+        else:
+            ref_maps = state["maps"]
+        refs = References(xp.asarray(ref_maps), dim, args.pad, mask=mask)
         if dim == 3:
             step = angular_step(state["order"])
         else:
@@ -469,7 +497,7 @@ def run(args, comm, mode: str) -> dict:
             class_select=int(getattr(args, "class_select", 10)),
             log_class_prior=xp.asarray(np.log(np.maximum(state["class_prior"], 1e-10)), dtype=xp.float32),
             fixed_class=(it == 1 and K > 1 and dim == 3))
-        V = 2 if cfg["gold"] else K
+        V = 2 * folds if cfg["gold"] else K
         vol_shape = geom.vol_shape if dim == 3 else (geom.npad, geom.npad // 2 + 1)
         prev = {k: plan[k].copy() for k in ("rot", "tilt", "psi", "origin_x", "origin_y")}
 
@@ -490,8 +518,8 @@ def run(args, comm, mode: str) -> dict:
                 with timer("prepare"):
                     X, ctf = prepare_batch(imgs, plan, sl, geom, box, apix, use_ctf=not args.no_ctf,
                                        intact_first_peak=getattr(args, "ctf_intact_first_peak", False))
-                base = xp.asarray((plan["half"][sl] - 1) * K) if cfg["gold"] else xp.zeros(sl.stop - sl.start,
-                                                                                          dtype=xp.int64)
+                base = xp.asarray(((plan["half"][sl] - 1) * folds + plan["row"][sl] % folds) * K) if cfg["gold"] \
+                    else xp.zeros(sl.stop - sl.start, dtype=xp.int64)
                 res = expectation_batch(X, ctf, inv_s2, shells, refs, base, current_mats(plan, sl, dim, xp),
                                         xp.asarray(plan["class_number"][sl] - 1), spec, geom, F_acc, W_acc,
                                         stats, n_shells, timer=timer,
@@ -516,11 +544,12 @@ def run(args, comm, mode: str) -> dict:
             maps, inf = reduce_and_reconstruct_3d(comm, F_acc, W_acc, box, args.pad, state["r_cur"],
                                                   args.tau2_fudge, cfg["gold"], mask=mask,
                                                   compress=args.compress, combined=final and cfg["gold"],
-                                                  timer=timer)
+                                                  timer=timer, folds=folds)
         else:
             maps, inf = reduce_and_reconstruct_2d(comm, F_acc, W_acc, box, args.pad, state["r_cur"],
                                                   args.tau2_fudge, timer=timer)
         del F_acc, W_acc
+        state["references"] = to_host(inf.pop("references")) if "references" in inf else None
         info.update(inf)
         maps_h = to_host(maps)
         check_finite_maps(maps_h, it)  # the same maps on every rank: every rank stops here, nobody waits

@@ -369,3 +369,32 @@ def test_streaming_add_bad_input_fails_on_every_rank():
     acc.add(0, np.arange(10), np.ones(10, complex), np.ones(10))
     assert comm.allreduce(float(acc.W.sum())) == 10.0 * comm.size
     acc.free()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_folds_reconstruct_halves_and_leave_one_fold_out_references():
+    """refine3d --folds F: the accumulators hold (half, fold) parts. The half maps are those of the halves' sums
+    (as without folds, to float64 rounding of the sums), and each fold's reference is its half's sum without that
+    fold, reconstructed with its half's tau2 (the same prior: the signal does not depend on the data's amount)."""
+    from mpi_em.em.model import reduce_and_reconstruct_3d
+
+    comm = WORLD
+    box, pad, folds = 12, 2, 3
+    npad = pad * box
+    F, W = _rand_accumulators(44 + comm.rank, (2 * folds,), npad, zeros=False)  # this rank's partial sums
+    F[..., radius_3d(npad) > 0.5 * npad - 1] = 0
+    W[..., radius_3d(npad) > 0.5 * npad - 1] = 0
+    F[folds:] = 0.5 * F[:folds] + 0.5 * F[folds:]   # the halves partly correlated: a non-trivial FSC
+    r_max = box // 2 - 1
+    maps, info = reduce_and_reconstruct_3d(comm, F, W, box, pad, r_max, 1.0, True, folds=folds)
+    Fh = F.reshape(2, folds, *F.shape[1:]).sum(1)
+    Wh = W.reshape(2, folds, *W.shape[1:]).sum(1)
+    maps_h, info_h = reduce_and_reconstruct_3d(comm, Fh, Wh, box, pad, r_max, 1.0, True)
+    assert _rel(maps, maps_h) < 1e-5 and _rel(info["tau2"], info_h["tau2"]) < 1e-10  # float32 maps
+    assert "references" not in info_h and info["references"].shape == (2 * folds, box, box, box)
+    # one reference by hand: half 2 without its fold 1, summed over the ranks, reconstructed with half 2's tau2
+    lo_F = comm.allreduce(Fh[1] - F[folds + 1], op=MPI.SUM)
+    lo_W = comm.allreduce(Wh[1] - W[folds + 1], op=MPI.SUM)
+    ref = fourier.reconstruct(lo_F, lo_W, box, pad, r_max=r_max, tau2=info["tau2"][1])
+    assert _rel(info["references"][folds + 1], ref) < 1e-5
+    assert _rel(info["references"][folds + 1], maps[1]) > 1e-2  # and not the half map
