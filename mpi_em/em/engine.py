@@ -28,6 +28,10 @@ from ..reconstruction import centred_points
 from .references import References, angles_from_mats, compose, insert, rotation_2d
 from ..timing import NULL_TIMER
 
+# the coarse pass's likelihoods (particles x translations x poses) per GEMM, at most: on CPU ranks 2^24 (64 MB of
+# float32; the marginal makes several temporaries that size, in float64 where NumPy promotes), on GPUs 2^31
+COARSE_ELEMENTS = {True: 2 ** 24, False: 2 ** 31}
+
 
 @dataclass
 class SearchSpec:
@@ -144,14 +148,27 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
         cand_mats = xp.broadcast_to(G[None], (K, C, d, d)).reshape(1, K * C, d, d)
         sel, valid, best_t = None, None, xp.empty((n, 2), dtype=T_c.dtype)
         bases = to_host(vol_base)
-        for base in np.unique(bases):
-            rows = np.flatnonzero(bases == base)
+        # projections are kept for the reference sets of this batch only: a rank's particles come grouped by
+        # reference set (refine3d --folds), so each set is projected once per iteration and at most two are held
+        for k in set(spec.projection_cache) - set(np.unique(bases).tolist()):
+            del spec.projection_cache[k]
+        # particles per GEMM: all of a batch's particles of one reference set, in chunks whose (rows, T, C)
+        # likelihoods stay within COARSE_ELEMENTS (CPU ranks: the marginal's temporaries are several such arrays)
+        chunk = max(1, COARSE_ELEMENTS[xp is np] // (T_c.shape[0] * K * C))
+        for base, start in [(b, s) for b in np.unique(bases) for s in range(0, int((bases == b).sum()), chunk)]:
+            rows = np.flatnonzero(bases == base)[start:start + chunk]
             rows = xp.asarray(rows) if rows.size < n else slice(None)
             ops = spec.projection_cache.get(int(base))
             if ops is None:  # the shared grid's projections: computed once per iteration and reference set
                 with timer.detail("coarse.project"):
-                    P = refs.project(xp.broadcast_to(G[None], (K, C, d, d)), xp.arange(K)[:, None] + int(base),
-                                     geom).reshape(K * C, m).astype(xp.complex64)
+                    # in chunks of orientations: a CPU projection holds ~30 bytes per point and corner at once
+                    P = xp.empty((K, C, m), dtype=xp.complex64)
+                    step = max(1, COARSE_ELEMENTS[xp is np] // (8 * m))
+                    for c0 in range(0, C, step):
+                        Gc = G[c0:c0 + step]
+                        P[:, c0:c0 + step] = refs.project(xp.broadcast_to(Gc[None], (K,) + Gc.shape),
+                                                          xp.arange(K)[:, None] + int(base), geom)
+                    P = P.reshape(K * C, m)
                     ops = shared_operands(P)
                     del P
                 spec.projection_cache[int(base)] = ops

@@ -8,6 +8,7 @@ checkpoint (HDF5 + STAR, written under temporary names and renamed, then `checkp
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -67,21 +68,22 @@ def add_arguments(p, mode: str) -> None:
                        help="finest HEALPix order the auto-refinement may reach (default 4 = 3.75°)")
         p.add_argument("--local-from-order", type=int, default=4,
                        help="from this order on, search locally around the previous pose (default 4, as RELION)")
-        p.add_argument("--folds", type=int, default=1, metavar="F",
+        p.add_argument("--folds", type=int, default=4, metavar="F",
                        help="split each half set into F folds (particle row modulo F) and align each fold's particles "
                             "against its half's reconstruction without that fold (leave one fold out): a particle "
                             "is then not compared with a reference that holds its own noise at its previous pose, "
                             "which pulls it there and narrows its posterior. Costs F x the accumulators and the "
-                            "reference projections, 1 + F reconstructions per half. Default 1 (RELION's: each "
-                            "half's particles against their whole half map)")
-        p.add_argument("--refine-offsets", action="store_true",
+                            "coarse search's reference projections (on a GPU no measurable time; on CPU ranks up to "
+                            "3x the E-step of small boxes) and 1 + F reconstructions per half. Measured better maps "
+                            "on every data set tried (benchmarks/results/session6-h200/). Default 4; 1 = RELION's "
+                            "(each half's particles against their whole half map)")
+        p.add_argument("--refine-offsets", action=argparse.BooleanOptionalAction, default=True,
                        help="whenever the angular sampling is refined, refine the translations too (RELION's "
                             "auto-refine rule): fine step min(1.5, 0.75 x the translational accuracy) px, range 5 x "
                             "the last mean offset change, 9 to ~49 coarse translations (logged per iteration). "
                             "Measured: better maps (50 000 particles, box 128: 4.66 instead of 4.84 Å, shift error "
-                            "0.29 instead of 0.46 px) for ~15%% more time; off by default because the maps peak "
-                            "earlier and then lose ~1%% per iteration at unchanged sampling "
-                            "(benchmarks/results/issue4-monotonic/)")
+                            "0.29 instead of 0.46 px) for ~10%% more time. Default on; --no-refine-offsets keeps "
+                            "the --offset-step / --offset-range grid")
     if mode == "class3d":
         p.add_argument("--local", action="store_true",
                        help="local searches around the input poses instead of global searches")
@@ -99,9 +101,11 @@ def add_arguments(p, mode: str) -> None:
     p.add_argument("--particle-diameter", type=float, default=None,
                    help="diameter of the soft spherical mask, Å (default: 80%% of the box)")
     p.add_argument("--offset-range", type=float, default=3.0,
-                   help="translation search range around each particle's current offset, pixels (default 3)")
+                   help="translation search range around each particle's current offset, pixels (default 3; refine3d: "
+                        "the start, refined with the angular sampling unless --no-refine-offsets)")
     p.add_argument("--offset-step", type=float, default=1.0,
-                   help="fine translation step, pixels (the coarse pass uses twice it; default 1)")
+                   help="fine translation step, pixels (the coarse pass uses twice it; default 1; refine3d: the start, "
+                        "refined with the angular sampling unless --no-refine-offsets)")
     p.add_argument("--perturb", type=float, default=0.5, metavar="F",
                    help="random perturbation of the angular and translational grids each iteration, as a fraction "
                         "of a step in [-F, F] (RELION's --perturb; default 0.5; 0 = fixed grids). With fixed grids "
@@ -368,6 +372,8 @@ def run(args, comm, mode: str) -> dict:
 
         ptr, state, particles, saved = root_step(comm, load)
         cont_dir = args.continue_dir
+        # runs started before these options existed ran without them
+        saved = {"folds": 1, "refine_offsets": False, **saved}
         for k, v in saved.items():
             setattr(args, k, v)
         args.output = cont_dir
@@ -468,7 +474,7 @@ def run(args, comm, mode: str) -> dict:
     while not state["done"] and state["iter"] < args.iter:
         it = state["iter"] + 1
         t_it = time.time()
-        final = state["final"] or (it == args.iter)
+        final = state["final"] or (it == args.iter)  # known before the iteration (or found after it, below)
         geom = SliceGeometry(box, r_max=state["r_cur"], pad=args.pad, xp=xp)
         shells = shell_of_points(geom)
         inv_s2 = inverse_sigma2_points(state["sigma2"], shells, xp)
@@ -543,7 +549,7 @@ def run(args, comm, mode: str) -> dict:
         if dim == 3:
             maps, inf = reduce_and_reconstruct_3d(comm, F_acc, W_acc, box, args.pad, state["r_cur"],
                                                   args.tau2_fudge, cfg["gold"], mask=mask,
-                                                  compress=args.compress, combined=final and cfg["gold"],
+                                                  compress=args.compress, combined=cfg["gold"],
                                                   timer=timer, folds=folds)
         else:
             maps, inf = reduce_and_reconstruct_2d(comm, F_acc, W_acc, box, args.pad, state["r_cur"],
@@ -590,7 +596,10 @@ def run(args, comm, mode: str) -> dict:
         # refine3d: the half maps' FSC on their device (two 128^3 FFTs: 0.16 s on a host core, ~1 ms on a GPU)
         _schedule(state, info, mode, args, box, apix, maps if cfg["gold"] else maps_h, mask, final)
         state["iter"] = it
-        if final:
+        if final or state["final"]:
+            # converged (or the last allowed iteration): this iteration's maps are the final ones. RELION runs one
+            # more iteration after convergence, whose E-step uses the full image size; ours would repeat the same
+            # sampling and size, and after the peak it makes the map worse (benchmarks/results/issue4-monotonic/)
             state["done"] = True
 
         particles = _gather_particles(comm, plan)
