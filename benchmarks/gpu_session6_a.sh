@@ -4,6 +4,9 @@
 # diagnostics (benchmarks/refine3d_diagnose.py). 10 000 particles, data seed 2, convergence switched off (a patched
 # copy of the code, as run T) so the iterations after the peak can be seen; VARIANTS picks the option sets.
 # From the repo root on the device, wheels in .whl/:  bash benchmarks/gpu_session6_a.sh "$OUT" runZ
+# The variants pass only the options in their names; from 45127c7 on the defaults are --folds 4 --refine-offsets,
+# so there "default" is ro_f4 (runs Z and AC ran at cdcef7f: --folds 1, fixed translations by default).
+# Run AE (main at 45127c7): VARIANTS="f8" for N=1000 SEED=2,3,4 and for the 10 000-particle seed 2.
 set -u
 OUT=${1:-/tmp/out}; NAME=${2:-runZ}; . benchmarks/gpu_setup.sh; gpu_setup $NAME
 export MPI_EM_DEVICE=gpu
@@ -29,6 +32,7 @@ variant() {  # name, iterations, refine3d options...
       ro_f4) variant ro_f4 10 --refine-offsets --folds 4 ;;
       f4) variant f4 10 --folds 4 ;;
       default) variant default 10 ;;
+      f8) variant f8 10 --refine-offsets --folds 8 ;;
     esac
   done
 } 2>&1 | tee $R/diagnose.txt
