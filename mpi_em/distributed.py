@@ -95,11 +95,21 @@ def balanced_blocks(n: int, size: int) -> list[slice]:
     return [slice(int(bounds[r]), int(bounds[r + 1])) for r in range(size)]
 
 
-def make_plan(star, size: int, seed: int = 0, halves=None) -> list[dict]:
-    """Per-rank dicts of row ids ('row') and the metadata fields of those rows, plus 'half'."""
+def reference_group(halves, rows, folds: int):
+    """The reference set a particle is aligned against in refine3d: (half - 1) x folds + row mod folds."""
+    return (np.asarray(halves) - 1) * folds + np.asarray(rows) % folds
+
+
+def make_plan(star, size: int, seed: int = 0, halves=None, folds: int = 1) -> list[dict]:
+    """Per-rank dicts of row ids ('row') and the metadata fields of those rows, plus 'half'. With folds > 1
+    (refine3d's leave-one-fold-out references) the particles are ordered by reference set first, so a rank holds
+    few of the 2 x folds sets and projects only those."""
     n = star.n
     halves = assign_halves(n, star.random_subset, seed) if halves is None else np.asarray(halves)
-    order = np.lexsort((star.index, star.stack))  # group each stack's slices together
+    keys = (star.index, star.stack)  # group each stack's slices together
+    if folds > 1:
+        keys = keys + (reference_group(halves, np.arange(n), folds),)
+    order = np.lexsort(keys)
     plans = []
     for blk in balanced_blocks(n, size):
         rows = order[blk]

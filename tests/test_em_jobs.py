@@ -96,6 +96,7 @@ def test_refine3d_stops_with_the_iteration_that_converged(tiny, tmp_path):
     r = _refine(tiny, out, 1, ["--iter", 15])
     assert r.returncode == 0, r.stderr
     ck = json.load(open(out / "checkpoint.json"))
+    assert ck["args"]["folds"] == 4 and ck["args"]["refine_offsets"]  # the defaults, resolved and recorded
     it = ck["iteration"]
     assert it < 15 and not os.path.exists(out / f"run_it{it + 1:03d}_half1_class001_unfil.mrc")
     arrays, attrs = read_hdf5(out / ck["checkpoint"])
@@ -108,6 +109,52 @@ def test_refine3d_stops_with_the_iteration_that_converged(tiny, tmp_path):
     for k in (1, 2):
         assert np.array_equal(mrcfile.read(out / f"run_half{k}_class001_unfil.mrc"),
                               mrcfile.read(out / f"run_it{it:03d}_half{k}_class001_unfil.mrc"))
+
+
+def test_refine3d_continues_a_run_started_before_folds(tiny, tmp_path):
+    """A checkpoint whose saved options predate --folds and --refine-offsets continues as it ran (one reference
+    per half, fixed translations), not with today's defaults: the same result as an uninterrupted run with
+    --folds 1 --no-refine-offsets."""
+    old = ["--folds", 1, "--no-refine-offsets"]
+    r = _refine(tiny, tmp_path / "full", 1, ["--iter", 3] + old)
+    assert r.returncode == 0, r.stderr
+    os.environ["MPI_EM_STOP_AFTER_ITERATION"] = "2"
+    try:
+        r = _refine(tiny, tmp_path / "cut", 1, ["--iter", 3] + old)
+    finally:
+        del os.environ["MPI_EM_STOP_AFTER_ITERATION"]
+    assert r.returncode == 0, r.stderr
+    ptr = json.load(open(tmp_path / "cut" / "checkpoint.json"))
+    del ptr["args"]["folds"], ptr["args"]["refine_offsets"]   # as written before these options existed
+    json.dump(ptr, open(tmp_path / "cut" / "checkpoint.json", "w"))
+    r = mpi_em(["refine3d", "--continue", tmp_path / "cut", "--iter", 3], ranks=1)
+    assert r.returncode == 0, r.stderr
+    ck = json.load(open(tmp_path / "cut" / "checkpoint.json"))
+    assert ck["iteration"] == 3 and ck["args"]["folds"] == 1 and not ck["args"]["refine_offsets"]
+    assert np.array_equal(_poses(tmp_path / "full" / "run_data.star"), _poses(tmp_path / "cut" / "run_data.star"))
+
+
+def test_default_folds_keep_the_accumulators_within_4_gb():
+    """--folds' default: 4 while the 2 x F padded accumulators (complex128 + float64) fit 4 GB per rank, fewer
+    above, never below 1 (box 256 at pad 2: one 512^2 x 257 volume is 1.6 GB)."""
+    from mpi_em.jobs.em import default_folds
+
+    vol = lambda box, pad: (pad * box) ** 2 * (pad * box // 2 + 1) * 24  # noqa: E731
+    for box in range(16, 420, 2):
+        f = default_folds(box, 2)
+        assert 1 <= f <= 4
+        assert f == 1 or 2 * f * vol(box, 2) <= 4e9
+        assert f == 4 or 2 * (f + 1) * vol(box, 2) > 4e9
+    assert (default_folds(48, 2), default_folds(128, 2), default_folds(256, 2)) == (4, 4, 1)
+
+
+@pytest.mark.parametrize("folds", [0, 76])
+def test_refine3d_rejects_impossible_folds(tiny, tmp_path, folds):
+    """--folds below 1, or so many that a fold of a half could hold its whole half (300 particles: at most 75),
+    is an error naming the option, before any output is written."""
+    r = _refine(tiny, tmp_path / "ref", 1, ["--iter", 1, "--folds", folds])
+    assert r.returncode != 0 and "--folds must be between 1 and" in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "ref" / "checkpoint.json")
 
 
 def test_refined_particles_star_feeds_the_next_job(tiny, tmp_path):

@@ -33,3 +33,22 @@ def test_image_cache_reads_once_and_yields_the_same_batches(small_dataset, monke
 def test_cache_wanted_modes():
     assert particles.cache_wanted("on", np, 10, 32) and not particles.cache_wanted("off", np, 10, 32)
     assert not particles.cache_wanted("auto", np, 10, 32)   # CPU ranks: the page cache
+
+
+def test_plan_groups_particles_by_reference_set(small_dataset):
+    """refine3d --folds F: the plan orders the particles by reference set ((half - 1) x F + row mod F), then by
+    stack, before the balanced split, so every row is on exactly one rank and a rank holds a contiguous run of
+    sets (3 ranks, 8 sets: at most 4 each, not all 8); without folds, stack order as before."""
+    from mpi_em.distributed import reference_group
+
+    star = read_particles(small_dataset / "particles.star")
+    plans = make_plan(star, 3, seed=0, folds=4)
+    rows = np.concatenate([p["row"] for p in plans])
+    assert np.array_equal(np.sort(rows), np.arange(star.n))
+    for p in plans:
+        g = reference_group(p["half"], p["row"], 4)
+        assert np.all(np.diff(g) >= 0) and len(np.unique(g)) <= 4
+    plain = make_plan(star, 3, seed=0)
+    half = lambda ps: np.concatenate([p["half"] for p in ps])[np.argsort(np.concatenate([p["row"] for p in ps]))]  # noqa: E731
+    assert np.array_equal(half(plain), half(plans))  # the same half sets
+    assert np.array_equal(np.concatenate([p["row"] for p in plain]), np.lexsort((star.index, star.stack)))

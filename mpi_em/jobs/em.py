@@ -17,7 +17,8 @@ import time
 import numpy as np
 
 from ..backend import get_xp, synchronize, to_host
-from ..distributed import allreduce_sum, collective_step, log_placement, make_plan, root_step, select_device
+from ..distributed import (allreduce_sum, collective_step, log_placement, make_plan, reference_group, root_step,
+                           select_device)
 from ..em.engine import (SearchSpec, Stats, current_mats, current_offsets, expectation_batch,
                          inverse_sigma2_points, prepare_batch, shell_of_points, sigma2_from_images,
                          update_plan_poses)
@@ -68,15 +69,20 @@ def add_arguments(p, mode: str) -> None:
                        help="finest HEALPix order the auto-refinement may reach (default 4 = 3.75°)")
         p.add_argument("--local-from-order", type=int, default=4,
                        help="from this order on, search locally around the previous pose (default 4, as RELION)")
-        p.add_argument("--folds", type=int, default=4, metavar="F",
+        p.add_argument("--folds", type=int, default=None, metavar="F",
                        help="split each half set into F folds (particle row modulo F) and align each fold's particles "
                             "against its half's reconstruction without that fold (leave one fold out): a particle "
                             "is then not compared with a reference that holds its own noise at its previous pose, "
-                            "which pulls it there and narrows its posterior. Costs F x the accumulators and the "
-                            "coarse search's reference projections (on a GPU no measurable time; on CPU ranks up to "
-                            "3x the E-step of small boxes) and 1 + F reconstructions per half. Measured better maps "
-                            "on every data set tried (benchmarks/results/session6-h200/). Default 4; 1 = RELION's "
-                            "(each half's particles against their whole half map)")
+                            "which pulls it there and narrows its posterior. Measured better maps on every data set "
+                            "tried, most with few particles (1000: 10.69 instead of 11.19 Å; 50 000: 4.64 instead "
+                            "of 4.66 Å; benchmarks/results/session6-h200/). Costs 2 x F padded Fourier accumulators "
+                            "per rank instead of 2 (box 128: 1.6 GB at F = 4; box 256: 13 GB), F x the coarse "
+                            "search's reference projections (on a GPU no measurable time; on CPU ranks up to 3x the "
+                            "E-step of small boxes) and 1 + F reconstructions per half; each iteration's checkpoint "
+                            "holds the 2 x F references too (for an exact --continue). Default: 4 where the 2 x F "
+                            "accumulators stay within 4 GB per rank, fewer where they would not (--pad 2: 4 below "
+                            "box 174, 3 below 192, 2 below 220, 1 from box 220 on); 1 = RELION's scheme (each half's "
+                            "particles against their whole half map)")
         p.add_argument("--refine-offsets", action=argparse.BooleanOptionalAction, default=True,
                        help="whenever the angular sampling is refined, refine the translations too (RELION's "
                             "auto-refine rule): fine step min(1.5, 0.75 x the translational accuracy) px, range 5 x "
@@ -150,6 +156,8 @@ def _init(args, mode, size):
     K = 1 if mode == "refine3d" else int(args.K)
     if K < 1:
         raise MpiEmError(f"--K must be >= 1, got {K}")
+    if MODES[mode]["gold"] and getattr(args, "folds", 1) is None:
+        args.folds = default_folds(box, args.pad)
     folds = _folds(args, mode)
     if folds < 1 or 4 * folds > star.n:
         raise MpiEmError(f"--folds must be between 1 and a quarter of the particles ({star.n}), got {folds}")
@@ -168,7 +176,7 @@ def _init(args, mode, size):
     else:
         ref = None
     rng = np.random.default_rng(args.seed)
-    plans = make_plan(star, size, seed=args.seed)
+    plans = make_plan(star, size, seed=args.seed, folds=folds)
     if not cfg["gold"]:
         for p in plans:
             p["half"] = np.ones(len(p["row"]), dtype=np.int64)
@@ -182,7 +190,7 @@ def _init(args, mode, size):
         for f in ("pmax", "loglike"):
             p[f] = np.zeros(len(p["row"]))
         p["nsig"] = np.zeros(len(p["row"]), dtype=np.int64)
-    meta = {"box": box, "pixel_size": apix, "n": star.n, "K": K}
+    meta = {"box": box, "pixel_size": apix, "n": star.n, "K": K, "folds": folds}
     return plans, meta, ref, star
 
 
@@ -206,8 +214,16 @@ def _initial_state(args, mode, meta, ref):
             "offset_change": 0.0, "references": None}
 
 
+def default_folds(box: int, pad: int, budget: float = 4e9, most: int = 4) -> int:
+    """--folds' default: the most folds (up to ``most``) whose 2 x F padded accumulators (complex128 F and
+    float64 W, Np^2 (Np/2 + 1) voxels each) stay within ``budget`` bytes per rank; at least 1."""
+    npad = pad * box
+    volume = npad * npad * (npad // 2 + 1) * (16 + 8)
+    return int(min(most, max(1, budget // (2 * volume))))
+
+
 def _folds(args, mode):
-    return int(getattr(args, "folds", 1) or 1) if MODES[mode]["gold"] else 1
+    return int(getattr(args, "folds", 1)) if MODES[mode]["gold"] else 1
 
 
 def _mask(box, apix, args, dim, xp):
@@ -398,18 +414,15 @@ def run(args, comm, mode: str) -> dict:
     agree(comm, err)
     plans, meta, ref, star = res if comm.rank == 0 else (None, None, None, None)
     meta = comm.bcast(meta, root=0)
+    if MODES[mode]["gold"]:
+        args.folds = meta["folds"]  # resolved on rank 0 (the default depends on the box)
     # every rank gets its plan; on --continue the per-particle state comes from the checkpoint
     if comm.rank == 0 and particles is not None:
         for p in plans:
             for k in ("half",) + PER_PARTICLE:
                 p[k] = particles[k][p["row"]]
     plan = comm.scatter(plans, root=0)
-    folds = _folds(args, mode)
-    if folds > 1:
-        # each rank's particles grouped by reference (half, fold), in stack order within a group: an E-step batch
-        # then compares its particles with one or two references (GEMMs of whole batches, not of 2 x folds parts)
-        o = np.argsort((plan["half"] - 1) * folds + plan["row"] % folds, kind="stable")
-        plan = {k: v[o] for k, v in plan.items()}
+    folds = _folds(args, mode)  # the plan holds each rank's particles grouped by reference set (make_plan)
     # the particles STAR written by rank 0: image names that resolve from the output folder
     star_rank0 = (star.optics, rebase_image_names(star, args.output)) if comm.rank == 0 else None
     if state is None:
@@ -524,7 +537,7 @@ def run(args, comm, mode: str) -> dict:
                 with timer("prepare"):
                     X, ctf = prepare_batch(imgs, plan, sl, geom, box, apix, use_ctf=not args.no_ctf,
                                        intact_first_peak=getattr(args, "ctf_intact_first_peak", False))
-                base = xp.asarray(((plan["half"][sl] - 1) * folds + plan["row"][sl] % folds) * K) if cfg["gold"] \
+                base = xp.asarray(reference_group(plan["half"][sl], plan["row"][sl], folds) * K) if cfg["gold"] \
                     else xp.zeros(sl.stop - sl.start, dtype=xp.int64)
                 res = expectation_batch(X, ctf, inv_s2, shells, refs, base, current_mats(plan, sl, dim, xp),
                                         xp.asarray(plan["class_number"][sl] - 1), spec, geom, F_acc, W_acc,
