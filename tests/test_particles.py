@@ -49,6 +49,8 @@ def test_plan_groups_particles_by_reference_set(small_dataset):
         g = reference_group(p["half"], p["row"], 4)
         assert np.all(np.diff(g) >= 0) and len(np.unique(g)) <= 4
     plain = make_plan(star, 3, seed=0)
-    half = lambda ps: np.concatenate([p["half"] for p in ps])[np.argsort(np.concatenate([p["row"] for p in ps]))]  # noqa: E731
+    def half(ps):
+        return np.concatenate([p["half"] for p in ps])[np.argsort(np.concatenate([p["row"] for p in ps]))]
+
     assert np.array_equal(half(plain), half(plans))  # the same half sets
     assert np.array_equal(np.concatenate([p["row"] for p in plain]), np.lexsort((star.index, star.stack)))

@@ -74,9 +74,10 @@ def add_arguments(p, mode: str) -> None:
                             "against its half's reconstruction without that fold (leave one fold out): a particle "
                             "is then not compared with a reference that holds its own noise at its previous pose, "
                             "which pulls it there and narrows its posterior. Measured better maps on every data set "
-                            "tried, most with few particles (with --refine-offsets, 1000 particles: 10.69 instead of "
-                            "10.80 Å; 50 000: 4.64 instead of 4.66 Å; benchmarks/results/session6-h200/). Costs 2 x F padded Fourier accumulators "
-                            "per rank instead of 2 (box 128: 1.6 GB at F = 4; box 256: 13 GB), F x the coarse "
+                            "tried, most with few particles (with --refine-offsets, 1000 particles: 10.69 instead "
+                            "of 10.80 Å; 50 000: 4.64 instead of 4.66 Å; benchmarks/results/session6-h200/). Costs "
+                            "2 x F padded Fourier accumulators per rank instead of 2 (box 128: 1.6 GB at F = 4; box "
+                            "256: 13 GB), F x the coarse "
                             "search's reference projections, of the sets a rank holds (on a GPU no measurable time; "
                             "box 48 on 2 CPU ranks 1.5x the E-step, less with more ranks) and 1 + F "
                             "reconstructions per half; each iteration's checkpoint "
@@ -89,7 +90,8 @@ def add_arguments(p, mode: str) -> None:
                             "auto-refine rule): fine step min(1.5, 0.75 x the translational accuracy) px, range 5 x "
                             "the last mean offset change, 9 to ~49 coarse translations (logged per iteration). "
                             "Measured: better maps (50 000 particles, box 128: 4.66 instead of 4.84 Å, shift error "
-                            "0.29 instead of 0.46 px) for ~10%% more time. Default on; --no-refine-offsets keeps "
+                            "0.29 instead of 0.46 px) for ~10%% more time on a GPU (CPU ranks: ~1.3x the order-3 "
+                            "E-step, 49 instead of 9 coarse translations). Default on; --no-refine-offsets keeps "
                             "the --offset-step / --offset-range grid")
     if mode == "class3d":
         p.add_argument("--local", action="store_true",
