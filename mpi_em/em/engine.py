@@ -150,13 +150,15 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
         bases = to_host(vol_base)
         # projections are kept for the reference sets of this batch only: a rank's particles come grouped by
         # reference set (refine3d --folds), so each set is projected once per iteration and at most two are held
-        for k in set(spec.projection_cache) - set(np.unique(bases).tolist()):
+        sets = np.unique(bases)
+        for k in set(spec.projection_cache) - set(sets.tolist()):
             del spec.projection_cache[k]
         # particles per GEMM: all of a batch's particles of one reference set, in chunks whose (rows, T, C)
         # likelihoods stay within COARSE_ELEMENTS (CPU ranks: the marginal's temporaries are several such arrays)
         chunk = max(1, COARSE_ELEMENTS[xp is np] // (T_c.shape[0] * K * C))
-        for base, start in [(b, s) for b in np.unique(bases) for s in range(0, int((bases == b).sum()), chunk)]:
-            rows = np.flatnonzero(bases == base)[start:start + chunk]
+        groups = [(b, r[s:s + chunk]) for b in sets for r in (np.flatnonzero(bases == b),)
+                  for s in range(0, r.size, chunk)]
+        for base, rows in groups:
             rows = xp.asarray(rows) if rows.size < n else slice(None)
             ops = spec.projection_cache.get(int(base))
             if ops is None:  # the shared grid's projections: computed once per iteration and reference set

@@ -417,15 +417,15 @@ def run(args, comm, mode: str) -> dict:
     agree(comm, err)
     plans, meta, ref, star = res if comm.rank == 0 else (None, None, None, None)
     meta = comm.bcast(meta, root=0)
+    folds = meta["folds"]  # resolved on rank 0 (the default depends on the box); 1 outside refine3d
     if MODES[mode]["gold"]:
-        args.folds = meta["folds"]  # resolved on rank 0 (the default depends on the box)
+        args.folds = folds
     # every rank gets its plan; on --continue the per-particle state comes from the checkpoint
     if comm.rank == 0 and particles is not None:
         for p in plans:
             for k in ("half",) + PER_PARTICLE:
                 p[k] = particles[k][p["row"]]
     plan = comm.scatter(plans, root=0)
-    folds = _folds(args, mode)  # the plan holds each rank's particles grouped by reference set (make_plan)
     # the particles STAR written by rank 0: image names that resolve from the output folder
     star_rank0 = (star.optics, rebase_image_names(star, args.output)) if comm.rank == 0 else None
     if state is None:
