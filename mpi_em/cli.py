@@ -191,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         "refine3d": ("gold-standard 3D auto-refinement by expectation-maximisation",
                      "RELION-style 3D auto-refine: half sets fixed at the start, global then local searches with "
                      "automatic HEALPix refinement, tau^2 from the gold-standard FSC, convergence when resolution "
-                     "and poses stop improving; half maps, final map, FSC, particles and model STAR per iteration."),
+                     "and poses stop improving; half maps, combined map, FSC, particles and model STAR per "
+                     "iteration (run_itNNN_*). The final files (run_*) are copies of the iteration with the best "
+                     "gold-standard resolution: the last one, or an earlier one that the last did not improve on."),
         "class3d": ("3D classification by expectation-maximisation",
                     "K 3D references from the low-passed initial map (first iteration on random subsets), class "
                     "assignment with global or local orientation searches; per-class maps and sizes."),

@@ -283,17 +283,20 @@ def _insert_contributions(X, ctf, inv_sigma2, vol_base, spec, geom, F_acc, W_acc
     d = spec.dim
     w, f_mats, f_cls, Xt_f = fine["w"], fine["f_mats"], fine["f_cls"], fine["Xt_f"]
     # ---------------- M-step contributions
-    wc = w.sum(axis=1)                                                                  # (n, S*nf)
-    fine["wc"] = wc
-    keep = significant_mask(wc, 0.999)
-    wts = (ctf * inv_sigma2[None, :]).astype(xp.float32)
-    # sum_t w_{t,c} X_t  for every fine pose (complex batched matmul), then x CTF / sigma^2
-    Xw = xp.matmul(w.transpose(0, 2, 1).astype(Xt_f.dtype), Xt_f)                      # (n, S*nf, m)
-    fine["Xw"] = Xw
-    data = Xw * wts[:, None, :]
-    weights = wc[:, :, None].astype(xp.float32) * (ctf * wts)[:, None, :]
-    ii, cc = xp.nonzero(keep)
-    ins_mats, ins_vol, ins_data, ins_w = f_mats[ii, cc], f_cls[ii, cc] + vol_base[ii], data[ii, cc], weights[ii, cc]
+    with timer.detail("insert.select"):
+        wc = w.sum(axis=1)                                                              # (n, S*nf)
+        fine["wc"] = wc
+        keep = significant_mask(wc, 0.999)
+    with timer.detail("insert.data"):
+        wts = (ctf * inv_sigma2[None, :]).astype(xp.float32)
+        # sum_t w_{t,c} X_t  for every fine pose (complex batched matmul), then x CTF / sigma^2
+        Xw = xp.matmul(w.transpose(0, 2, 1).astype(Xt_f.dtype), Xt_f)                  # (n, S*nf, m)
+        fine["Xw"] = Xw
+        data = Xw * wts[:, None, :]
+        weights = wc[:, :, None].astype(xp.float32) * (ctf * wts)[:, None, :]
+        ii, cc = xp.nonzero(keep)
+        ins_mats, ins_vol = f_mats[ii, cc], f_cls[ii, cc] + vol_base[ii]
+        ins_data, ins_w = data[ii, cc], weights[ii, cc]
     # point groups: the job symmetrises the summed accumulators once per iteration (mpi_em.fourier.symmetrise)
     with timer.detail("insert.backproject"):
         insert(F_acc, W_acc, d, ins_mats, ins_vol, ins_data, ins_w, geom)

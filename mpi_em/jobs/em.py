@@ -272,20 +272,44 @@ def _snapshot(state):
     return snap
 
 
+def final_iteration(resolution, gold: bool, last: int) -> int:
+    """The iteration (1-based) whose outputs become the final ones (run_*). refine3d: the one with the best
+    gold-standard resolution, the latest of equals (``resolution``: one value per iteration): after its peak a
+    map loses a little at unchanged sampling (benchmarks/results/issue4-monotonic/), and the iteration that finds
+    the convergence is one that did not improve; the choice uses no ground truth, only the half sets' FSC.
+    Classification (no gold standard): the last iteration."""
+    if not gold:
+        return last
+    if len(resolution) != last:
+        raise ValueError(f"{len(resolution)} gold-standard resolutions for {last} iterations")
+    r = np.asarray(resolution, dtype=np.float64)
+    return int(last - np.argmin(r[::-1]))
+
+
 def _write_outputs(out, it, mode, star, particles, state, info, meta):
-    """An iteration's files, and after the last iteration the final ones (run_*)."""
-    _write_iteration(out, it, mode, star, particles, state, info, meta, False)
+    """An iteration's files, and after the last iteration the final ones (run_*): byte copies of the files of
+    the iteration :func:`final_iteration` chooses (written by this or an earlier call)."""
+    _write_iteration(out, it, mode, star, particles, state, info, meta)
     if state["done"]:
-        _write_iteration(out, it, mode, star, particles, state, info, meta, True)
+        import glob
+        import shutil
+
+        best = final_iteration(state["resolution"], MODES[mode]["gold"], it)
+        prefix = os.path.join(out, f"run_it{best:03d}_")
+        for src in sorted(glob.glob(glob.escape(prefix) + "*")):
+            if src.endswith("_checkpoint.h5"):
+                continue
+            with atomic_path(os.path.join(out, "run_" + src[len(prefix):])) as tmp:
+                shutil.copyfile(src, tmp)
 
 
-def _write_iteration(out, it, mode, star, particles, state, info, meta, final=False):
-    """Rank 0: maps, particles STAR, model STAR, checkpoint, pointer (each written atomically)."""
+def _write_iteration(out, it, mode, star, particles, state, info, meta):
+    """Rank 0: an iteration's maps, particles STAR, model STAR, checkpoint, pointer (each written atomically)."""
     import pandas as pd
     import starfile
 
     box, apix = meta["box"], meta["pixel_size"]
-    tag = "run" if final else f"run_it{it:03d}"
+    tag = f"run_it{it:03d}"
     maps = state["maps"]
     cfg = MODES[mode]
     if cfg["dim"] == 2:
@@ -293,8 +317,8 @@ def _write_iteration(out, it, mode, star, particles, state, info, meta, final=Fa
     elif cfg["gold"]:
         write_map(os.path.join(out, f"{tag}_half1_class001_unfil.mrc"), maps[0], apix)
         write_map(os.path.join(out, f"{tag}_half2_class001_unfil.mrc"), maps[1], apix)
-        if final and info.get("combined") is not None:
-            write_map(os.path.join(out, "run_class001.mrc"), info["combined"], apix)
+        if info.get("combined") is not None:  # both halves' sums, reconstructed with the gold-standard FSC
+            write_map(os.path.join(out, f"{tag}_class001.mrc"), info["combined"], apix)
     else:
         for k in range(maps.shape[0]):
             write_map(os.path.join(out, f"{tag}_class{k + 1:03d}.mrc"), maps[k], apix)
@@ -523,7 +547,9 @@ def run(args, comm, mode: str) -> dict:
         vol_shape = geom.vol_shape if dim == 3 else (geom.npad, geom.npad // 2 + 1)
         prev = {k: plan[k].copy() for k in ("rot", "tilt", "psi", "origin_x", "origin_y")}
 
-        timer = PhaseTimer(xp)
+        # MPI_EM_TIMING_DETAIL=1: steps inside the phases too (run_timings.json's detail_seconds; more device
+        # synchronisations, so for diagnosis rather than for timing runs)
+        timer = PhaseTimer(xp, detail=os.environ.get("MPI_EM_TIMING_DETAIL") == "1")
 
         def e_step():
             F_acc = xp.zeros((V,) + vol_shape, dtype=xp.complex128)
@@ -613,9 +639,10 @@ def run(args, comm, mode: str) -> dict:
         _schedule(state, info, mode, args, box, apix, maps if cfg["gold"] else maps_h, mask, final)
         state["iter"] = it
         if final or state["final"]:
-            # converged (or the last allowed iteration): this iteration's maps are the final ones. RELION runs one
-            # more iteration after convergence, whose E-step uses the full image size; ours would repeat the same
-            # sampling and size, and after the peak it makes the map worse (benchmarks/results/issue4-monotonic/)
+            # converged (or the last allowed iteration): no further iteration. RELION runs one more after
+            # convergence, whose E-step uses the full image size; ours would repeat the same sampling and size, and
+            # after the peak it makes the map worse (benchmarks/results/issue4-monotonic/). The final outputs are
+            # those of the best gold-standard iteration (final_iteration), this one or an earlier one.
             state["done"] = True
 
         particles = _gather_particles(comm, plan)
@@ -646,6 +673,13 @@ def run(args, comm, mode: str) -> dict:
     summary = {"mode": mode, "iterations": state["iter"], "resolution": state["resolution"][-1]
                if state["resolution"] else None, "class_prior": list(map(float, state["class_prior"])),
                "seconds": time.time() - t_start, "ranks": comm.size, "device_rank0": device, "stopped": stopped}
+    if state["done"] and cfg["gold"]:
+        best = final_iteration(state["resolution"], True, state["iter"])
+        summary.update(final_iteration=best, resolution=state["resolution"][best - 1])
+        if comm.rank == 0:
+            log.info("final outputs (run_*): iteration %d, gold-standard resolution %.2f Å%s", best,
+                     summary["resolution"], "" if best == state["iter"] else
+                     f" (the last iteration, {state['iter']}: {state['resolution'][-1]:.2f} Å)")
     if comm.rank == 0:
         log.info("%s finished: %d iterations in %.1f s", mode, state["iter"], summary["seconds"])
     return summary
