@@ -36,7 +36,7 @@ res = lambda f: round(resolution_at(fsc(mrcfile.read(f), t), box, apix, 0.5), 2)
 s = res(f"{d}/d/start.mrc")
 h = [[res(f) for f in sorted(glob.glob(f"{d}/ref/run_it*_half{k}_class001_unfil.mrc"))] for k in (1, 2)]
 ang, _ = pose_errors(f"{d}/ref/run_data.star", f"{d}/d/particles.star")
-g = [round(float(l.split("resolution ")[1].split(" ")[0]), 2) for l in open(f"{d}/run.log") if "resolution " in l]
+g = [round(float(l.split("resolution ")[1].split(" ")[0]), 2) for l in open(f"{d}/run.log") if "E-step" in l and "resolution " in l]
 import starfile
 fin = int(starfile.read(f"{d}/ref/run_model.star")["model_general"]["rlnCurrentIteration"].iloc[0])
 print("start", s, "half1", h[0], "half2", h[1], "gold", g, "median angular error %.2f" % np.median(ang),

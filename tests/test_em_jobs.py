@@ -119,6 +119,26 @@ def test_refine3d_stops_with_the_iteration_that_converged(tiny, tmp_path):
     assert np.isclose(float(general["rlnCurrentResolution"].iloc[0]), res.min())
 
 
+def test_continue_of_a_finished_run_rewrites_its_final_files(tiny, tmp_path):
+    """A finished run killed while its final files were being copied: --continue runs no iteration and makes them
+    again from the chosen iteration's files, byte for byte."""
+    out = tmp_path / "ref"
+    r = _refine(tiny, out, 1, ["--iter", 2])
+    assert r.returncode == 0, r.stderr
+    def final_files():  # run_*, but not the per-iteration files nor the timings (a log of the iterations)
+        return {f: open(f, "rb").read() for f in glob.glob(str(out / "run_*"))
+                if "run_it" not in f and not f.endswith("run_timings.json")}
+
+    before = final_files()
+    assert len(before) == 6, sorted(before)
+    for f in before:
+        os.remove(f)
+    r = mpi_em(["refine3d", "--continue", out], ranks=1)
+    assert r.returncode == 0, r.stderr
+    assert not glob.glob(str(out / "run_it003_*"))
+    assert final_files() == before
+
+
 def test_final_iteration_is_the_best_gold_standard_one():
     """refine3d: the iteration of the best (smallest) gold-standard resolution, the latest of equals, 1-based;
     classification (no gold standard): the last iteration."""

@@ -291,16 +291,22 @@ def _write_outputs(out, it, mode, star, particles, state, info, meta):
     the iteration :func:`final_iteration` chooses (written by this or an earlier call)."""
     _write_iteration(out, it, mode, star, particles, state, info, meta)
     if state["done"]:
-        import glob
-        import shutil
+        _write_final(out, it, mode, state)
 
-        best = final_iteration(state["resolution"], MODES[mode]["gold"], it)
-        prefix = os.path.join(out, f"run_it{best:03d}_")
-        for src in sorted(glob.glob(glob.escape(prefix) + "*")):
-            if src.endswith("_checkpoint.h5"):
-                continue
-            with atomic_path(os.path.join(out, "run_" + src[len(prefix):])) as tmp:
-                shutil.copyfile(src, tmp)
+
+def _write_final(out, it, mode, state) -> None:
+    """The final files (run_*): byte copies of the files of the iteration :func:`final_iteration` chooses."""
+    import glob
+    import shutil
+
+    best = final_iteration(state["resolution"], MODES[mode]["gold"], it)
+    prefix = os.path.join(out, f"run_it{best:03d}_")
+    sources = [f for f in sorted(glob.glob(glob.escape(prefix) + "*")) if not f.endswith("_checkpoint.h5")]
+    if not sources:
+        raise InputError(prefix + "*", f"iteration {best}'s files, from which the final ones are copied, are missing")
+    for src in sources:
+        with atomic_path(os.path.join(out, "run_" + src[len(prefix):])) as tmp:
+            shutil.copyfile(src, tmp)
 
 
 def _write_iteration(out, it, mode, star, particles, state, info, meta):
@@ -509,11 +515,12 @@ def run(args, comm, mode: str) -> dict:
             avg = to_host(sums) / np.maximum(counts, 1)[:, None, None]
             state["maps"] = lowpass(avg, box, apix, box * apix / state["r_cur"]).astype(np.float32)
 
-    stopped = False
+    stopped, ran = False, False
     writer = BackgroundWriter() if comm.rank == 0 else None
     while not state["done"] and state["iter"] < args.iter:
         it = state["iter"] + 1
         t_it = time.time()
+        ran = True
         final = state["final"] or (it == args.iter)  # known before the iteration (or found after it, below)
         geom = SliceGeometry(box, r_max=state["r_cur"], pad=args.pad, xp=xp)
         shells = shell_of_points(geom)
@@ -670,6 +677,8 @@ def run(args, comm, mode: str) -> dict:
     root_step(comm, writer.wait if writer else None)
     if writer is not None:
         writer.close()
+    if state["done"] and not ran:  # --continue of a finished run (killed while its final files were being copied)
+        root_step(comm, _write_final, args.output, state["iter"], mode, state)
     summary = {"mode": mode, "iterations": state["iter"], "resolution": state["resolution"][-1]
                if state["resolution"] else None, "class_prior": list(map(float, state["class_prior"])),
                "seconds": time.time() - t_start, "ranks": comm.size, "device_rank0": device, "stopped": stopped}
