@@ -139,6 +139,32 @@ def test_continue_of_a_finished_run_rewrites_its_final_files(tiny, tmp_path):
     assert final_files() == before
 
 
+def test_final_files_are_copies_of_the_chosen_iteration(tmp_path, caplog):
+    """The final files are byte copies of the best iteration's (not its checkpoint); where the user removed those
+    while the run went on, the last iteration's, with a warning; with none left, a clear error naming them."""
+    from mpi_em.errors import InputError
+    from mpi_em.jobs.em import _write_final
+
+    for k in (1, 2):
+        for name in ("half1_class001_unfil.mrc", "data.star", "checkpoint.h5"):
+            (tmp_path / f"run_it{k:03d}_{name}").write_bytes(f"{k} {name}".encode())
+    state = {"resolution": [10.0, 12.0]}
+    _write_final(str(tmp_path), 2, "refine3d", state)
+    assert (tmp_path / "run_half1_class001_unfil.mrc").read_bytes() == b"1 half1_class001_unfil.mrc"
+    assert (tmp_path / "run_data.star").read_bytes() == b"1 data.star"
+    assert not (tmp_path / "run_checkpoint.h5").exists()
+    for f in ("half1_class001_unfil.mrc", "data.star"):
+        (tmp_path / f"run_it001_{f}").unlink()
+    with caplog.at_level("WARNING", logger="mpi_em"):
+        _write_final(str(tmp_path), 2, "refine3d", state)
+    assert "files of iteration 1" in caplog.text
+    assert (tmp_path / "run_data.star").read_bytes() == b"2 data.star"
+    for f in ("half1_class001_unfil.mrc", "data.star"):
+        (tmp_path / f"run_it002_{f}").unlink()
+    with pytest.raises(InputError, match="run_it002_"):
+        _write_final(str(tmp_path), 2, "refine3d", state)
+
+
 def test_final_iteration_is_the_best_gold_standard_one():
     """refine3d: the iteration of the best (smallest) gold-standard resolution, the latest of equals, 1-based;
     classification (no gold standard): the last iteration."""

@@ -299,14 +299,26 @@ def _write_final(out, it, mode, state) -> None:
     import glob
     import shutil
 
-    best = final_iteration(state["resolution"], MODES[mode]["gold"], it)
-    prefix = os.path.join(out, f"run_it{best:03d}_")
-    sources = [f for f in sorted(glob.glob(glob.escape(prefix) + "*")) if not f.endswith("_checkpoint.h5")]
+    def files(k):
+        prefix = os.path.join(out, f"run_it{k:03d}_")
+        return prefix, [f for f in sorted(glob.glob(glob.escape(prefix) + "*")) if not f.endswith("_checkpoint.h5")]
+
+    k = final_iteration(state["resolution"], MODES[mode]["gold"], it)
+    prefix, sources = files(k)
+    if not sources and k != it:  # removed by the user while the run went on: the last iteration's, said so
+        log.warning("the files of iteration %d (the best gold-standard resolution) are gone from %s: the final "
+                    "files are those of the last iteration, %d", k, out, it)
+        k = it
+        prefix, sources = files(k)
     if not sources:
-        raise InputError(prefix + "*", f"iteration {best}'s files, from which the final ones are copied, are missing")
+        raise InputError(prefix + "*", "the files from which the final ones are copied are missing")
     for src in sources:
         with atomic_path(os.path.join(out, "run_" + src[len(prefix):])) as tmp:
             shutil.copyfile(src, tmp)
+    if MODES[mode]["gold"]:
+        log.info("final outputs (run_*): iteration %d, gold-standard resolution %.2f Å%s", k,
+                 state["resolution"][k - 1], "" if k == it else
+                 f" (the last iteration, {it}: {state['resolution'][-1]:.2f} Å)")
 
 
 def _write_iteration(out, it, mode, star, particles, state, info, meta):
@@ -685,10 +697,6 @@ def run(args, comm, mode: str) -> dict:
     if state["done"] and cfg["gold"]:
         best = final_iteration(state["resolution"], True, state["iter"])
         summary.update(final_iteration=best, resolution=state["resolution"][best - 1])
-        if comm.rank == 0:
-            log.info("final outputs (run_*): iteration %d, gold-standard resolution %.2f Å%s", best,
-                     summary["resolution"], "" if best == state["iter"] else
-                     f" (the last iteration, {state['iter']}: {state['resolution'][-1]:.2f} Å)")
     if comm.rank == 0:
         log.info("%s finished: %d iterations in %.1f s", mode, state["iter"], summary["seconds"])
     return summary
