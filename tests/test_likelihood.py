@@ -3,8 +3,8 @@ pass finding known poses."""
 import numpy as np
 
 from mpi_em.em.engine import SearchSpec, _coarse_pass, inverse_sigma2_points, shell_of_points
-from mpi_em.em.likelihood import (log_likelihood_shared, marginalise_translations, shared_operands, shared_parts,
-                                  top_k)
+from mpi_em.em.likelihood import (log_likelihood_phased, log_likelihood_shared, marginalise_translations,
+                                  shared_operands, shared_parts, top_k, weighted_translations)
 from mpi_em.em.references import References, fine_offsets, global_grid
 from mpi_em.fourier import SliceGeometry
 from mpi_em.simulate import phantom
@@ -28,6 +28,35 @@ def test_shared_parts_are_the_gaussian_log_likelihood(rng):
     bound = 2 * (2 * m * np.finfo(np.float32).eps * 2 * np.abs(X64).max() * max(np.abs(P64).max() ** 2, np.abs(P64).max() * np.abs(X64).max()))
     np.testing.assert_allclose(got, want, rtol=0, atol=bound)
     np.testing.assert_array_equal(log_likelihood_shared(Xt, ctf, inv_s2, P), got)
+
+
+def test_phased_likelihood_is_the_gaussian_log_likelihood(rng):
+    """Per-particle poses P (n, C, m), translations as shared unit phases (X_t = X ph_t): log L + |X_t|^2 / (2
+    sigma^2) = -|X_t - CTF P|^2 / (2 sigma^2) + |X_t|^2 / (2 sigma^2), computed directly in float64. The products
+    are formed in float32 (Z = X CTF / sigma^2 conj(P), then Z ph_t: a few roundings each, |ph| = 1) and summed over
+    2m terms: the bound of test_shared_parts_are_the_gaussian_log_likelihood with 4 roundings per term instead of
+    one."""
+    n, T, C, m = 5, 9, 7, 60
+    X = (rng.normal(size=(n, m)) + 1j * rng.normal(size=(n, m))).astype(np.complex64)
+    P = (rng.normal(size=(n, C, m)) + 1j * rng.normal(size=(n, C, m))).astype(np.complex64)
+    ph = np.exp(1j * rng.uniform(-np.pi, np.pi, (T, m))).astype(np.complex64)
+    ctf = rng.uniform(-1, 1, (n, m)).astype(np.float32)
+    inv_s2 = rng.uniform(0.5, 2, m).astype(np.float32)
+    got = log_likelihood_phased(X, ctf, inv_s2, P, ph)
+    assert got.shape == (n, T, C) and got.dtype == np.float32 and got.flags.c_contiguous
+    Xt = X.astype(np.complex128)[:, None, :] * ph.astype(np.complex128)[None]           # (n, T, m)
+    P64 = P.astype(np.complex128)
+    r = Xt[:, :, None, :] - ctf[:, None, None, :] * P64[:, None]                        # (n, T, C, m)
+    want = (-0.5 * (np.abs(r) ** 2 - np.abs(Xt[:, :, None, :]) ** 2) * inv_s2).sum(-1)
+    big = 2 * np.abs(X).max() * max(np.abs(P64).max() ** 2, np.abs(P64).max() * np.abs(X).max())
+    np.testing.assert_allclose(got, want, rtol=0, atol=2 * (2 * m * 4 * np.finfo(np.float32).eps * big))
+    # the weighted sum over translations, sum_t w X_t, against float64
+    w = rng.uniform(0, 1, (n, T, C))
+    got_w = weighted_translations(X, w, ph)
+    want_w = np.einsum("ntc,ntm->ncm", w, Xt)
+    bound = T * 4 * np.finfo(np.float32).eps * np.abs(X).max()
+    assert got_w.dtype == np.complex64
+    np.testing.assert_allclose(got_w, want_w, rtol=0, atol=bound)
 
 
 def test_marginalise_translations_matches_float64(rng):

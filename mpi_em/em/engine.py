@@ -2,7 +2,7 @@
 
 E-step for a batch (all arrays on the rank's array module):
   1. coarse pass: log-likelihood over (translation grid) x (K classes x pose set) — a shared global grid
-     (one GEMM) or per-particle local poses around the previous pose (batched GEMM);
+     (one GEMM) or per-particle local poses around the previous pose (one GEMM against the shared translations);
   2. the coarse poses inside 99.9% of the coarse posterior survive, at most ``n_select`` (significant weights);
      the fine pass oversamples each of them (finer rotations, translations at the full step around the best coarse
      one, whose grid has twice the step) and gives the posterior weights;
@@ -22,8 +22,9 @@ from ..ctf import ctf_points
 from ..fourier import SliceGeometry
 from ..geometry import euler_to_matrix
 from ..sampling import laplace_offset_variance, translation_grid
-from .likelihood import (data_term, log_likelihood_local, logsumexp, marginalise_translations, offset_log_prior,
-                         posterior, shared_operands, shared_parts, shell_of_points, significant_mask, top_k)
+from .likelihood import (data_term, log_likelihood_phased, logsumexp, marginalise_translations, offset_log_prior,
+                         posterior, shared_operands, shared_parts, shell_of_points, significant_mask, top_k,
+                         weighted_translations)
 from ..reconstruction import centred_points
 from .references import References, angles_from_mats, compose, insert, rotation_2d
 from ..timing import NULL_TIMER
@@ -135,15 +136,15 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
     # coarse translations at twice the step (RELION's adaptive oversampling); the fine pass refines them
     T_c = xp.asarray(translation_grid(spec.offset_range, 2.0 * spec.offset_step) + spec.offset_perturb)  # (T, 2)
     prior_t = offset_log_prior(po[:, None, :] + T_c[None], spec.offset_sigma)         # (n, T)
-    with timer.detail("coarse.shift"):
-        ph_c = geom.phases(T_c, dtype=X.dtype)                            # (T, m)
-        Xt = X[:, None, :] * ph_c[None]                                                # (n, T, m)
+    ph_c = geom.phases(T_c, dtype=X.dtype)                                            # (T, m)
     lcp = spec.log_class_prior if spec.log_class_prior is not None else xp.zeros(K, dtype=xp.float32)
     lcp = xp.asarray(lcp, dtype=xp.float32)
 
     if spec.global_mats is not None:
         G = spec.global_mats
         C = G.shape[0]
+        with timer.detail("coarse.shift"):
+            Xt = X[:, None, :] * ph_c[None]                                            # (n, T, m)
         # shared by all particles (1, K*C, d, d), class-major: candidate j is class j // C
         cand_mats = xp.broadcast_to(G[None], (K, C, d, d)).reshape(1, K * C, d, d)
         sel, valid, best_t = None, None, xp.empty((n, 2), dtype=T_c.dtype)
@@ -191,7 +192,7 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
         cand_mats = xp.broadcast_to(compose(Lm, prev_mats)[:, None], (n, K, C, d, d)).reshape(n, K * C, d, d)
         P = refs.project(cand_mats, (xp.arange(K * C) // C)[None] + vol_base[:, None], geom)  # (n, K*C, m)
         with timer.detail("coarse.likelihood"):
-            L = log_likelihood_local(Xt, ctf, inv_sigma2, P)
+            L = log_likelihood_phased(X, ctf, inv_sigma2, P, ph_c)                     # (n, T, K*C)
         timer.add_flops("coarse", 2.0 * n * T_c.shape[0] * K * C * 2 * m)
         sel, valid, best_t = _select(L, None, T_c, prior_t, lcp, prev_class, K, C, spec, timer)
     if K == 1:  # candidates best first: the fine pass needs only as many as the widest posterior of the batch
@@ -248,12 +249,13 @@ def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coars
     h = spec.offset_step
     dt = xp.asarray([[0.0, 0.0], [-h, 0], [h, 0], [0, -h], [0, h], [-h, -h], [h, -h], [-h, h], [h, h]])
     t_f = best_t[:, None, :] + dt[None]                                                # (n, 9, 2)
-    ph_f = geom.phases(t_f, dtype=X.dtype)                                # (n, 9, m)
-    Xt_f = X[:, None, :] * ph_f
+    # translation best_t + dt: the image moved by its best coarse translation, then by the 9 shared dt
+    Xb = X * geom.phases(best_t, dtype=X.dtype)                                        # (n, m)
+    ph_d = geom.phases(dt, dtype=X.dtype)                                              # (9, m)
     with timer.detail("fine.project"):
         P_f = refs.project(f_mats, f_cls + vol_base[:, None], geom)                    # (n, S*nf, m)
     with timer.detail("fine.likelihood"):
-        Lf = log_likelihood_local(Xt_f, ctf, inv_sigma2, P_f)                          # (n, 9, S*nf)
+        Lf = log_likelihood_phased(Xb, ctf, inv_sigma2, P_f, ph_d)                     # (n, 9, S*nf)
     timer.add_flops("fine", 2.0 * n * 9 * S * nf * 2 * m)
     o_f = po[:, None, :] + t_f                                                         # (n, 9, 2) offsets
     Lf = Lf + offset_log_prior(o_f, spec.offset_sigma)[:, :, None] + lcp[f_cls][:, None, :]
@@ -274,14 +276,14 @@ def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coars
     cap = max(spec.offset_range, h) ** 2
     t_var = 0.5 * (laplace_offset_variance(lb[:, 0], lb[:, 1], lb[:, 2], h, cap)
                    + laplace_offset_variance(lb[:, 0], lb[:, 3], lb[:, 4], h, cap))
-    return dict(w=w, mx=mx, lse=lse, o_f=o_f, f_mats=f_mats, f_cls=f_cls, Xt_f=Xt_f, P_f=P_f, ctf=ctf,
+    return dict(w=w, mx=mx, lse=lse, o_f=o_f, f_mats=f_mats, f_cls=f_cls, Xb=Xb, ph_d=ph_d, P_f=P_f, ctf=ctf,
                 best_mats=best_mats, best_cls=best_cls, best_shift=best_shift, pmax=pmax, t_var=t_var)
 
 
 def _insert_contributions(X, ctf, inv_sigma2, vol_base, spec, geom, F_acc, W_acc, fine, timer=NULL_TIMER):
     xp = xp_of(X)
     d = spec.dim
-    w, f_mats, f_cls, Xt_f = fine["w"], fine["f_mats"], fine["f_cls"], fine["Xt_f"]
+    w, f_mats, f_cls = fine["w"], fine["f_mats"], fine["f_cls"]
     # ---------------- M-step contributions
     with timer.detail("insert.select"):
         wc = w.sum(axis=1)                                                              # (n, S*nf)
@@ -289,8 +291,8 @@ def _insert_contributions(X, ctf, inv_sigma2, vol_base, spec, geom, F_acc, W_acc
         keep = significant_mask(wc, 0.999)
     with timer.detail("insert.data"):
         wts = (ctf * inv_sigma2[None, :]).astype(xp.float32)
-        # sum_t w_{t,c} X_t  for every fine pose (complex batched matmul), then x CTF / sigma^2
-        Xw = xp.matmul(w.transpose(0, 2, 1).astype(Xt_f.dtype), Xt_f)                  # (n, S*nf, m)
+        # sum_t w_{t,c} X_t  for every fine pose, then x CTF / sigma^2
+        Xw = weighted_translations(fine["Xb"], w, fine["ph_d"])                        # (n, S*nf, m)
         fine["Xw"] = Xw
         data = Xw * wts[:, None, :]
         weights = wc[:, :, None].astype(xp.float32) * (ctf * wts)[:, None, :]

@@ -7,8 +7,10 @@ Fourier component of shell s. For a particle i, translation t and pose c (class 
                    = - |X_i|^2 term  +  Re sum_s X_i,t conj(P_c) CTF_i / sigma^2  -  sum_s CTF_i^2 |P_c|^2 / (2 sigma^2)
 
 The cross term over many (t, c) is a real matrix product: [Re Y, Im Y] @ [Re P; Im P]^T with
-Y = X_t . CTF / sigma^2 — one GEMM for a shared pose set (global search), one batched GEMM for per-particle pose
-sets (local searches and the oversampled fine pass). NumPy and CuPy alike (cuBLAS on the GPU).
+Y = X_t . CTF / sigma^2 — one GEMM for a shared pose set (global search). For per-particle pose sets (local
+searches and the oversampled fine pass) the translations are shared instead (X_t = X . phase_t, the fine pass's
+around each particle's best coarse translation, folded into X): one GEMM of Z = Y conj(P) against the phases.
+NumPy and CuPy alike (cuBLAS on the GPU).
 """
 from __future__ import annotations
 
@@ -80,16 +82,38 @@ def logsumexp(a, axis: int):
     return out.squeeze(axis)
 
 
-def log_likelihood_local(Xt, ctf, inv_sigma2, P):
-    """Per-particle pose sets: Xt (n, T, m), ctf (n, m), P (n, C, m) -> (n, T, C) float32 (batched GEMM)."""
-    xp = xp_of(Xt)
+def log_likelihood_phased(X, ctf, inv_sigma2, P, ph):
+    """Per-particle pose sets, translations shared by all particles: X (n, m) complex, ctf (n, m), inv_sigma2
+    (m,), P (n, C, m) complex, ph (T, m) complex phases (X_t = X ph_t: :meth:`SliceGeometry.phases`) ->
+    (n, T, C) float32 = Re <CTF X_t / sigma^2, P> - sum CTF^2 |P|^2 / (2 sigma^2).
+
+    With Z = X CTF / sigma^2 conj(P) (n, C, m), the cross term Re sum_k ph_t Z_c = sum ph.re Z.re - ph.im Z.im is one
+    real GEMM (n C, 2m) @ (2m, T) over Z's interleaved (re, im) floats: a tall, thin product that streams Z once,
+    instead of n small (T, 2m) @ (2m, C) products (cuBLAS runs those far below its rate)."""
+    xp = xp_of(X)
+    n, C, m = P.shape
     w = (ctf * inv_sigma2[None, :]).astype(np.float32)
-    Y = Xt * w[:, None, :]
-    A = xp.concatenate([Y.real, Y.imag], axis=2)                                # (n, T, 2m)
-    B = xp.concatenate([P.real, P.imag], axis=2).astype(np.float32)              # (n, C, 2m)
-    cross = xp.matmul(A, B.transpose(0, 2, 1))
+    Z = xp.conj(P).astype(np.complex64, copy=False) * (X * w).astype(np.complex64, copy=False)[:, None, :]
+    B = xp.empty((ph.shape[0], m, 2), dtype=np.float32)                       # (ph.re, -ph.im) interleaved
+    B[..., 0] = ph.real
+    B[..., 1] = -ph.imag
+    cross = Z.view(np.float32).reshape(n * C, 2 * m) @ B.reshape(-1, 2 * m).T   # (n C, T)
+    del Z
     norm = ((P.real ** 2 + P.imag ** 2) * (0.5 * ctf * ctf * inv_sigma2[None, :])[:, None, :]).sum(axis=2)
-    return cross - norm[:, None, :].astype(np.float32)
+    L = cross.reshape(n, C, -1) - norm[:, :, None].astype(np.float32)
+    return xp.ascontiguousarray(L.transpose(0, 2, 1))
+
+
+def weighted_translations(Xb, w, ph):
+    """sum_t w[n, t, c] X_t for images Xb (n, m) complex shifted by shared phases ph (T, m) (X_t = Xb ph_t),
+    weights w (n, T, C) -> (n, C, m) complex64: Xb * (w^T @ ph), one real GEMM (n C, T) @ (T, 2m) over ph's
+    interleaved (re, im) floats."""
+    xp = xp_of(Xb)
+    n, T, C = w.shape
+    m = ph.shape[1]
+    ph = xp.ascontiguousarray(ph.astype(np.complex64, copy=False))
+    Q = w.transpose(0, 2, 1).reshape(n * C, T).astype(np.float32) @ ph.view(np.float32).reshape(T, 2 * m)
+    return Q.view(np.complex64).reshape(n, C, m) * Xb.astype(np.complex64, copy=False)[:, None, :]
 
 
 def data_term(X, inv_sigma2):
