@@ -140,8 +140,9 @@ def test_continue_of_a_finished_run_rewrites_its_final_files(tiny, tmp_path):
 
 
 def test_final_files_are_copies_of_the_chosen_iteration(tmp_path, caplog):
-    """The final files are byte copies of the best iteration's (not its checkpoint); where the user removed those
-    while the run went on, the last iteration's, with a warning; with none left, a clear error naming them."""
+    """The final files are byte copies of the best iteration's (not its checkpoint); where that iteration lacks a
+    file the last one has (removed by the user while the run went on, or not written by the version that ran it),
+    the last iteration's, with a warning; with none left, a clear error naming them."""
     from mpi_em.errors import InputError
     from mpi_em.jobs.em import _write_final
 
@@ -153,15 +154,16 @@ def test_final_files_are_copies_of_the_chosen_iteration(tmp_path, caplog):
     assert (tmp_path / "run_half1_class001_unfil.mrc").read_bytes() == b"1 half1_class001_unfil.mrc"
     assert (tmp_path / "run_data.star").read_bytes() == b"1 data.star"
     assert not (tmp_path / "run_checkpoint.h5").exists()
-    for f in ("half1_class001_unfil.mrc", "data.star"):
-        (tmp_path / f"run_it001_{f}").unlink()
+    (tmp_path / "run_it001_half1_class001_unfil.mrc").unlink()
     with caplog.at_level("WARNING", logger="mpi_em"):
         _write_final(str(tmp_path), 2, "refine3d", state)
-    assert "files of iteration 1" in caplog.text
+    assert "iteration 1 (the best gold-standard resolution) lacks half1_class001_unfil.mrc" in caplog.text
     assert (tmp_path / "run_data.star").read_bytes() == b"2 data.star"
+    assert (tmp_path / "run_half1_class001_unfil.mrc").read_bytes() == b"2 half1_class001_unfil.mrc"
+    (tmp_path / "run_it001_data.star").unlink()
     for f in ("half1_class001_unfil.mrc", "data.star"):
         (tmp_path / f"run_it002_{f}").unlink()
-    with pytest.raises(InputError, match="run_it002_"):
+    with pytest.raises(InputError, match="run_it001_"):
         _write_final(str(tmp_path), 2, "refine3d", state)
 
 

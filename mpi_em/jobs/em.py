@@ -299,21 +299,23 @@ def _write_final(out, it, mode, state) -> None:
     import glob
     import shutil
 
-    def files(k):
+    def files(k):  # iteration k's files by name (run_itNNN_<name>), its checkpoint excepted
         prefix = os.path.join(out, f"run_it{k:03d}_")
-        return prefix, [f for f in sorted(glob.glob(glob.escape(prefix) + "*")) if not f.endswith("_checkpoint.h5")]
+        return {f[len(prefix):]: f for f in glob.glob(glob.escape(prefix) + "*") if not f.endswith("_checkpoint.h5")}
 
     k = final_iteration(state["resolution"], MODES[mode]["gold"], it)
-    prefix, sources = files(k)
-    if not sources and k != it:  # removed by the user while the run went on: the last iteration's, said so
-        log.warning("the files of iteration %d (the best gold-standard resolution) are gone from %s: the final "
-                    "files are those of the last iteration, %d", k, out, it)
+    sources = files(k)
+    missing = sorted(set(files(it)) - set(sources)) if k != it else []
+    if missing:  # removed by the user while the run went on, or written before a version that wrote them
+        log.warning("iteration %d (the best gold-standard resolution) lacks %s in %s: the final files are those of "
+                    "the last iteration, %d", k, ", ".join(missing), out, it)
         k = it
-        prefix, sources = files(k)
+        sources = files(k)
     if not sources:
-        raise InputError(prefix + "*", "the files from which the final ones are copied are missing")
-    for src in sources:
-        with atomic_path(os.path.join(out, "run_" + src[len(prefix):])) as tmp:
+        raise InputError(os.path.join(out, f"run_it{k:03d}_*"), "the files from which the final ones are copied "
+                         "are missing")
+    for name, src in sorted(sources.items()):
+        with atomic_path(os.path.join(out, "run_" + name)) as tmp:
             shutil.copyfile(src, tmp)
     if MODES[mode]["gold"]:
         log.info("final outputs (run_*): iteration %d, gold-standard resolution %.2f Å%s", k,
