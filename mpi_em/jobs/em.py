@@ -286,14 +286,6 @@ def final_iteration(resolution, gold: bool, last: int) -> int:
     return int(last - np.argmin(r[::-1]))
 
 
-def _write_outputs(out, it, mode, star, particles, state, info, meta):
-    """An iteration's files, and after the last iteration the final ones (run_*): byte copies of the files of
-    the iteration :func:`final_iteration` chooses (written by this or an earlier call)."""
-    _write_iteration(out, it, mode, star, particles, state, info, meta)
-    if state["done"]:
-        _write_final(out, it, mode, state)
-
-
 def _write_final(out, it, mode, state) -> None:
     """The final files (run_*): byte copies of the files of the iteration :func:`final_iteration` chooses."""
     import glob
@@ -529,12 +521,11 @@ def run(args, comm, mode: str) -> dict:
             avg = to_host(sums) / np.maximum(counts, 1)[:, None, None]
             state["maps"] = lowpass(avg, box, apix, box * apix / state["r_cur"]).astype(np.float32)
 
-    stopped, ran = False, False
+    stopped = False
     writer = BackgroundWriter() if comm.rank == 0 else None
     while not state["done"] and state["iter"] < args.iter:
         it = state["iter"] + 1
         t_it = time.time()
-        ran = True
         final = state["final"] or (it == args.iter)  # known before the iteration (or found after it, below)
         geom = SliceGeometry(box, r_max=state["r_cur"], pad=args.pad, xp=xp)
         shells = shell_of_points(geom)
@@ -683,7 +674,8 @@ def run(args, comm, mode: str) -> dict:
         # writing must have succeeded (a failure there stops every rank here, cleanly)
         root_step(comm, writer.wait if writer else None)
         if comm.rank == 0:
-            writer.submit(_write_outputs, args.output, it, mode, star_rank0, particles, _snapshot(state), info, meta)
+            writer.submit(_write_iteration, args.output, it, mode, star_rank0, particles, _snapshot(state), info,
+                          meta)
         stop_after = os.environ.get("MPI_EM_STOP_AFTER_ITERATION")
         if stop_after and int(stop_after) == it:  # test hook: behave like a job killed after a finished iteration
             stopped = True
@@ -691,7 +683,8 @@ def run(args, comm, mode: str) -> dict:
     root_step(comm, writer.wait if writer else None)
     if writer is not None:
         writer.close()
-    if state["done"] and not ran:  # --continue of a finished run (killed while its final files were being copied)
+    if state["done"]:  # after the last iteration's files; again on --continue of a finished run (a run killed
+        # while its final files were being copied)
         root_step(comm, _write_final, args.output, state["iter"], mode, state)
     summary = {"mode": mode, "iterations": state["iter"], "resolution": state["resolution"][-1]
                if state["resolution"] else None, "class_prior": list(map(float, state["class_prior"])),
