@@ -67,7 +67,7 @@ def main(argv=None):
         sel = np.flatnonzero(s.stack[:n] == p)
         imgs[sel] = read_images(p, s.index[sel])
     geom = SliceGeometry(box, r_max=a.r)
-    X, _ = centred_points(imgs, np.stack([s.origin_x[:n], s.origin_y[:n]], 1) / apix, geom)
+    X, _ = centred_points(imgs, -np.stack([s.origin_x[:n], s.origin_y[:n]], 1) / apix, geom)
     c = ctf_points(geom, apix, s.defocus_u[:n], s.defocus_v[:n], s.defocus_angle[:n], s.voltage[:n], s.cs[:n],
                    s.amp_contrast[:n])
     A = euler_to_matrix(s.rot[:n], s.tilt[:n], s.psi[:n])

@@ -145,7 +145,7 @@ class SimulatedParticles:
     rot: np.ndarray
     tilt: np.ndarray
     psi: np.ndarray
-    shift_x: np.ndarray  # pixels (image = projection moved by +shift)
+    shift_x: np.ndarray  # pixels: image = projection moved by +shift (RELION origin = -shift x pixel size)
     shift_y: np.ndarray
     defocus_u: np.ndarray
     defocus_v: np.ndarray
@@ -217,7 +217,7 @@ def write_dataset(out_dir: str, vol_or_vols, sim: SimulatedParticles, pixel_size
         "rlnDefocusU": sim.defocus_u, "rlnDefocusV": sim.defocus_v, "rlnDefocusAngle": sim.defocus_angle,
         "rlnPhaseShift": np.zeros(n), "rlnCtfBfactor": np.zeros(n),
         "rlnAngleRot": sim.rot, "rlnAngleTilt": sim.tilt, "rlnAnglePsi": sim.psi,
-        "rlnOriginXAngst": sim.shift_x * pixel_size, "rlnOriginYAngst": sim.shift_y * pixel_size,
+        "rlnOriginXAngst": -sim.shift_x * pixel_size, "rlnOriginYAngst": -sim.shift_y * pixel_size,
     }
     if sim.class_number is not None:
         cols["rlnClassNumber"] = sim.class_number.astype(np.int64)

@@ -86,7 +86,7 @@ def prepare_batch(images, plan, sl, geom: SliceGeometry, box: int, pixel_size: f
                   intact_first_peak: bool = False):
     """In-ball FFT of the images re-centred on their current offsets, and their CTFs: (n, m) each
     (``intact_first_peak``: CTF = 1 up to its first peak, RELION's --ctf_intact_first_peak)."""
-    off = current_offsets(plan, sl, pixel_size)
+    off = image_shifts_px(plan, sl, pixel_size)
     c = None
     if use_ctf:
         c = ctf_points(geom, pixel_size, plan["defocus_u"][sl], plan["defocus_v"][sl], plan["defocus_angle"][sl],
@@ -95,9 +95,12 @@ def prepare_batch(images, plan, sl, geom: SliceGeometry, box: int, pixel_size: f
     return centred_points(images, off, geom, c)
 
 
-def current_offsets(plan, sl, pixel_size: float) -> np.ndarray:
-    """(n, 2) px: the particles' current offsets (origin x, y in Å / pixel size), host array."""
-    return np.stack([plan["origin_x"][sl], plan["origin_y"][sl]], axis=1) / pixel_size
+def image_shifts_px(plan, sl, pixel_size: float) -> np.ndarray:
+    """(n, 2) px, host array: how far each particle's projection is moved in its image, -origin / pixel size.
+
+    RELION's rule (``src/apps/project.cpp``, ``src/reconstructor.cpp``): an image is its projection shifted by
+    -rlnOriginXAngst/YAngst; inserting it shifts it back by +origin. The plan holds RELION's origins in Å."""
+    return -np.stack([plan["origin_x"][sl], plan["origin_y"][sl]], axis=1) / pixel_size
 
 
 def current_mats(plan, sl, dim: int, xp):
@@ -375,8 +378,9 @@ def update_plan_poses(plan, sl, res, dim: int, pixel_size: float) -> None:
     if dim == 3:
         plan["rot"][sl], plan["tilt"][sl] = rot, tilt
     plan["psi"][sl] = psi
-    plan["origin_x"][sl] = plan["origin_x"][sl] + res["shift"][:, 0] * pixel_size
-    plan["origin_y"][sl] = plan["origin_y"][sl] + res["shift"][:, 1] * pixel_size
+    # res["shift"]: the change of the image shift (px); RELION's origin is minus the image shift
+    plan["origin_x"][sl] = plan["origin_x"][sl] - res["shift"][:, 0] * pixel_size
+    plan["origin_y"][sl] = plan["origin_y"][sl] - res["shift"][:, 1] * pixel_size
     plan["class_number"][sl] = res["cls"] + 1
     plan["pmax"][sl] = res["pmax"]
     plan["loglike"][sl] = res["loglike"]
@@ -397,5 +401,5 @@ def inverse_sigma2_points(sigma2, shells, xp):
     return xp.where(s > 0, 1.0 / xp.where(s > 0, s, 1.0), 0.0).astype(xp.float32)
 
 
-__all__ = ["SearchSpec", "Stats", "prepare_batch", "current_mats", "current_offsets", "expectation_batch",
+__all__ = ["SearchSpec", "Stats", "prepare_batch", "current_mats", "image_shifts_px", "expectation_batch",
            "update_plan_poses", "sigma2_from_images", "inverse_sigma2_points", "shell_of_points"]

@@ -19,7 +19,7 @@ import numpy as np
 from ..backend import get_xp, synchronize, to_host
 from ..distributed import (allreduce_sum, collective_step, log_placement, make_plan, reference_group, root_step,
                            select_device)
-from ..em.engine import (SearchSpec, Stats, current_mats, current_offsets, expectation_batch,
+from ..em.engine import (SearchSpec, Stats, current_mats, image_shifts_px, expectation_batch,
                          inverse_sigma2_points, prepare_batch, shell_of_points, sigma2_from_images,
                          update_plan_poses)
 from ..em.model import lowpass, reduce_and_reconstruct_2d, reduce_and_reconstruct_3d
@@ -43,6 +43,8 @@ MODES = {
     "class3d": {"dim": 3, "gold": False, "fudge": 4.0},
     "class2d": {"dim": 2, "gold": False, "fudge": 2.0},
 }
+# checkpoints record the origin sign they were written with (older ones have none: the opposite sign)
+ORIGIN_RULE = "relion"
 PER_PARTICLE = ("rot", "tilt", "psi", "origin_x", "origin_y", "class_number", "pmax", "loglike", "nsig")
 
 
@@ -388,6 +390,7 @@ def _write_iteration(out, it, mode, star, particles, state, info, meta):
     scal = {k: state[k] for k in ("iter", "order", "local", "r_cur", "offset_sigma", "best_res", "no_improve",
                                   "final", "done", "accuracy", "accuracy_global", "perturb", "offset_step",
                                   "offset_range", "accuracy_trans", "offset_change")}
+    scal["origin_rule"] = ORIGIN_RULE
     ck = f"run_it{it:03d}_checkpoint.h5"
     write_hdf5(os.path.join(out, ck), arrays, attrs={"state": json.dumps(scal), "mode": mode})
     with atomic_path(os.path.join(out, "checkpoint.json")) as tmp:
@@ -410,6 +413,13 @@ def _load_checkpoint(folder, mode):
                   "resolution": list(arrays["resolution"]), "ang_change": list(arrays["ang_change"]),
                   "class_history": np.asarray(arrays.get("class_history", np.zeros((0, 1)))).tolist()})
     particles = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("particles/")}
+    if state.pop("origin_rule", None) != ORIGIN_RULE:
+        # written before origins followed RELION's sign (the image is its projection moved by -origin): those
+        # runs stored the image's shift itself, so the same particles' RELION origins are its negation
+        particles["origin_x"], particles["origin_y"] = -particles["origin_x"], -particles["origin_y"]
+        log.warning("%s: checkpoint written with the old origin sign; its origins were converted to RELION's "
+                    "(rlnOriginXAngst = -shift of the projection in the image); the STAR files of its earlier "
+                    "iterations keep the old sign", path)
     return ptr, state, particles
 
 
@@ -583,7 +593,7 @@ def run(args, comm, mode: str) -> dict:
                 res = expectation_batch(X, ctf, inv_s2, shells, refs, base, current_mats(plan, sl, dim, xp),
                                         xp.asarray(plan["class_number"][sl] - 1), spec, geom, F_acc, W_acc,
                                         stats, n_shells, timer=timer,
-                                        prior_offsets=current_offsets(plan, sl, apix))
+                                        prior_offsets=image_shifts_px(plan, sl, apix))
                 update_plan_poses(plan, sl, res, dim, apix)
                 done += sl.stop - sl.start
             if sym_ops is not None:  # linear: each rank symmetrises its partial sums before the reduction
