@@ -3,7 +3,7 @@
 
 Run under MPI (every rank takes part)::
 
-    mpirun -n 2 python benchmarks/bench_volume.py --box 64 96 --n 1000 --json benchmarks/results/volume_cpu_P2.json
+    mpirun -n 2 python benchmarks/volume_memory.py --box 64 96 --n 1000 --json volume_P2.json
 
 Each rank inserts its share of ``--n`` simulated particles (phantom, CTF, noise, random poses) into two
 half-set accumulators (complex128 F, float64 W; FFT layout, pad 2) at r_max = box/8, box/4 and box/2 - 1

@@ -5,7 +5,7 @@ each costs 3 float scatter-adds (real and imaginary part of F, and W). The scatt
 device is measured in the same run (random and sorted indices, float32 and float64), so the fraction of the
 ceiling is a ratio from one run.
 
-    python benchmarks/bench_insert.py --device gpu --box 64 128 256 --project --anchor-n 100000 --json OUT.json
+    python benchmarks/insertion.py --device gpu --box 64 128 256 --project --anchor-n 100000 --json OUT.json
 
 On the GPU both paths are timed: 'stencil' (the array formulation: stencil arrays + cupyx.scatter_add) and
 'fused' (the CUDA kernels of mpi_em.kernels; selected by MPI_EM_FUSED_KERNELS).

@@ -2,7 +2,7 @@
 """Are the E-step's posteriors calibrated? One E-step over particles with known poses, against a given map:
 the mean posterior spread (RMS angle about the best pose) against the actual error of the best pose.
 
-    python benchmarks/posterior_calibration.py DATA_DIR MAP [--order 3] [--n 200] [--r 16]
+    python benchmarks/studies/posterior_calibration.py DATA_DIR MAP [--order 3] [--n 200] [--r 16]
 
 DATA_DIR is a `mpi-em simulate` output (particles.star with the true poses, truth.mrc); MAP a reference (e.g. a
 refine3d iteration's half map, or DATA_DIR/truth.mrc). The particles are re-centred on their true origins and
@@ -19,7 +19,7 @@ import sys
 import mrcfile
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from mpi_em.ctf import ctf_points  # noqa: E402
 from mpi_em.em.engine import SearchSpec, Stats, expectation_batch, inverse_sigma2_points  # noqa: E402

@@ -1,6 +1,6 @@
 """Per-iteration diagnostics of a refine3d run on simulated data (issue 4's monotonicity study).
 
-usage: python benchmarks/refine3d_diagnose.py DATA_DIR RUN_DIR [--hard]
+usage: python benchmarks/studies/refine3d_diagnose.py DATA_DIR RUN_DIR [--hard]
 
 For every iteration: FSC-0.5 resolution of both half maps against the truth, their mean truth-FSC over shells 4 to
 0.85 Nyquist (a statistic of the whole curve, less noisy than one crossing; the same shells every iteration), the gold-standard

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time the distributed reconstruction (division + distributed inverse FFT of two half volumes) under mpirun.
 
-    mpirun -n 2 python benchmarks/bench_distfft.py --box 96 --r-max 47 12 [--json OUT.json]
+    mpirun -n 2 python benchmarks/distfft.py --box 96 --r-max 47 12 [--json OUT.json]
 
 Random owned planes, zero outside the ball of each current size r_max (as the accumulators of an iteration at
 that size are); prints seconds per call (mean of --repeats) and a checksum of the maps (equal between versions).

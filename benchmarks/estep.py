@@ -4,7 +4,7 @@ simulated particles, every phase and the steps inside the coarse pass timed, the
 the same run's SGEMM ceiling (square 8192^3) and against a bare GEMM of the coarse pass's own shape. Image
 preparation (FFT, CTF at the in-ball points) as in the jobs; runs H and I prepared CTFs on the full rfft grid.
 
-    python benchmarks/bench_estep.py --device gpu --box 128 --n 8192 --batch 1024 --order 3 --r 29 --json OUT.json
+    python benchmarks/estep.py --device gpu --box 128 --n 8192 --batch 1024 --order 3 --r 29 --json OUT.json
 
 The first batch of a pass is a warm-up (CuPy compiles kernels, the shared grid is projected): it is run once
 untimed, then all batches are timed. Image preparation (FFT, re-centring, CTF) is timed as in the jobs.

@@ -6,7 +6,7 @@ layout (Np, Np, Np//2+1), with magnitudes decaying with radius and exact zeros o
 r_max = Np/8, Np/4, Np/2 (early low-resolution iterations ... full resolution), and measures
 compress/decompress (half-ball pack + byte shuffle + zstd). MB/s are of raw full-volume bytes.
 
-    python benchmarks/bench_codec.py --np 128 256 --device cpu --json benchmarks/results/codec.json
+    python benchmarks/codec.py --np 128 256 --device cpu --json codec.json
 """
 from __future__ import annotations
 
