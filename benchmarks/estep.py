@@ -2,7 +2,7 @@
 """Where the E-step's time goes: one refine3d E-step (coarse global pass, fine pass, insertion, statistics) over
 simulated particles, every phase and the steps inside the coarse pass timed, the cross-term GEMM flops against
 the same run's SGEMM ceiling (square 8192^3) and against a bare GEMM of the coarse pass's own shape. Image
-preparation (FFT, CTF at the in-ball points) as in the jobs; runs H and I prepared CTFs on the full rfft grid.
+preparation (FFT, CTF at the in-ball points) as in the jobs; the E-step results of 2026-11-23 prepared CTFs on the full rfft grid.
 
     python benchmarks/estep.py --device gpu --box 128 --n 8192 --batch 1024 --order 3 --r 29 --json OUT.json
 

@@ -1,4 +1,4 @@
-"""Evaluate refine3d runs on simulated data: resolutions, pose errors, seconds and GEMM rates per iteration.
+"""Evaluate refinements (refine3d) on simulated data: resolutions, pose errors, seconds and GEMM rates per iteration.
 
 usage: python benchmarks/refine3d_eval.py DATA_DIR [--known DIR] [--particles STAR] [--ceiling 55] [--compare] [--per-iteration]
                                           NAME=RUN_DIR ...
@@ -114,16 +114,16 @@ def main():
         mk = resolution_at(fsc(mrcfile.read(f"{a.known}/map.mrc"), truth), box, apix, 0.5)
         print("true poses (mpi-em reconstruct): gold-standard %.2f A, map vs truth %.2f A" % (known, mk))
     runs = [r.split("=", 1) if "=" in r else (os.path.basename(r.rstrip("/")), r) for r in a.runs]
-    for name, run in runs:
-        T = summary(name, run, truth, box, apix, known)
-        for f in sorted(glob.glob(f"{run}/run_it*_data.star")) if a.per_iteration else []:
+    for name, d in runs:
+        T = summary(name, d, truth, box, apix, known)
+        for f in sorted(glob.glob(f"{d}/run_it*_data.star")) if a.per_iteration else []:
             e, _ = pose_errors(f, PARTICLES)
             print("   %s: median angular error %.2f deg" % (os.path.basename(f), np.median(e)))
         per_iteration(T, a.ceiling)
     if a.compare:
-        for name, run in runs[1:]:
+        for name, d in runs[1:]:
             print("%s vs %s: identical poses (1e-3) for %.4f of the particles"
-                  % (runs[0][0], name, same_poses(runs[0][1], run)))
+                  % (runs[0][0], name, same_poses(runs[0][1], d)))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 #             sampling, plain mpirun (1 rank twice: the first run compiles the kernels)
 #   two-gpus  1 vs 2 GPUs of one host: $N = 50 000 particles, auto-sampling to order 5, at most 25 iterations, the
 #             true-pose reconstruction (KNOWN=0: none) and the GPU tests (TESTS=0: none) first; WARM=I: a 2-rank
-#             warm-up run of I iterations first (CuPy's on-disk kernel cache: no timed run pays compilation);
+#             warm-up of I iterations first (CuPy's on-disk kernel cache: no timed refinement pays compilation);
 #             LAUNCH=1: every run started by launch/mpi-em-run (CPU threads per rank = cores / ranks, each rank
 #             through launch/gpu-bind) instead of `mpirun --bind-to none`
 #   binding   2 ranks on 2 GPUs, 4 iterations after a warm-up, started four ways: (a) plain mpirun, (b) CPU threads

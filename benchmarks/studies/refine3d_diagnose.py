@@ -1,4 +1,4 @@
-"""Per-iteration diagnostics of a refine3d run on simulated data (issue 4's monotonicity study).
+"""Per-iteration diagnostics of a refinement (refine3d) on simulated data (issue 4's monotonicity study).
 
 usage: python benchmarks/studies/refine3d_diagnose.py DATA_DIR RUN_DIR [--hard]
 
