@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""GEMM ceilings of the GPU in the same run as the E-step figures: SGEMM (FP32 math), SGEMM with TF32 math, CGEMM.
+"""GEMM ceilings of the GPU measured beside the E-step figures: SGEMM (FP32 math), SGEMM with TF32 math, CGEMM.
 
     python benchmarks/gemm_ceiling.py --n 8192 --json OUT.json
 """

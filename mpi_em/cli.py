@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mpi-em",
         description="MPI-distributed, multi-GPU cryo-EM reconstruction. Launch with `mpirun -n P mpi-em ...` "
-                    "(one rank per GPU or CPU worker); every command also runs on a single rank.")
+                    "(one rank per GPU or CPU worker); every command also works on a single rank.")
     parser.add_argument("--version", action="version", version=f"mpi_em {__version__}")
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors on the console")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -24,7 +24,7 @@ Three levels of use:
 * :class:`CompressedBuffer`, :func:`compress_for_send` / :func:`decompress_received` — holding a
   buffer compressed between steps, and sending one through mpi4py as a uint8 buffer.
 
-CuPy arrays are accepted everywhere: the check, the packing and the shuffle run on the device with
+CuPy arrays are accepted everywhere: the check, the packing and the shuffle execute on the device with
 the array's own module, only the packed, shuffled bytes go to the host for zstd;
 ``decompress(blob, xp=cupy)`` unshuffles and unpacks on the device.
 """

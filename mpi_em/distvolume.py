@@ -466,7 +466,7 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
     mirror plane -kz; (b) mean of W in the ball by allreduce; (c) local division; (d) ifft along ky on owned
     kz planes, ``Alltoallv`` transpose to y rows (y = rank mod P) with all kz, ifft along kz and irfft along kx
     locally; the y rows inside the crop are gridding-corrected and the box^3 map ``Allgatherv``-ed.
-    On one rank (``serial_shortcut``) :func:`mpi_em.fourier.reconstruct` runs on the arrays' device instead.
+    On one rank (``serial_shortcut``) :func:`mpi_em.fourier.reconstruct` works on the arrays' device instead.
     """
     from mpi4py import MPI
 

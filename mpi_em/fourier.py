@@ -357,7 +357,7 @@ def regularised_denominator(W, r, mean_w, tau2=None, tau2_fudge: float = 1.0, mi
     coefficients come out 0 (a divisor of 1e20 x mean W: 1e-20 of their unregularised value), as RELION's (whose
     FSC floor of 0.001 makes them ~1000x smaller). Treating tau2 = 0 as "no prior" divided those noise-only
     shells by W alone: the half maps' noise there grew up to 60x the signal's power, at the edge of the band the
-    E-step aligns with (session 5)."""
+    E-step aligns with (benchmarks/results/refine3d-convergence/)."""
     xp = xp_of(W)
     floor_ok = xp.asarray(mean_w) > 0
     if tau2 is None:

@@ -36,7 +36,7 @@ def read_rows(stacks, indices, alloc=np.empty) -> np.ndarray:
     stacks = np.asarray(stacks)
     indices = np.asarray(indices)
     out = None
-    # consecutive runs of the same stack (plans are sorted by stack, so this is one run per stack)
+    # consecutive rows of the same stack (plans are sorted by stack, so this is one block per stack)
     change = np.flatnonzero(stacks[1:] != stacks[:-1]) + 1
     starts = np.concatenate([[0], change])
     ends = np.concatenate([change, [len(stacks)]])

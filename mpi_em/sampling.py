@@ -217,7 +217,7 @@ def rotations_near(A_center, max_angle_deg: float, order: int, sym=None):
     The grid is ``orientation_grid(order, sym or "C1")`` (its columns, in its order). The angle is
     arccos((tr(A_c^T B) - 1) / 2), with B = A_g, minimised over the symmetry copies B = A_g @ L when ``sym``
     is given (the poses that give identical images of a symmetric map), so centres near the edge of the
-    asymmetric unit also find their neighbours across it. Runs on the array module of ``A_center``.
+    asymmetric unit also find their neighbours across it. Works on the array module of ``A_center``.
     """
     xp = xp_of(A_center)
     Ac = xp.asarray(A_center, dtype=xp.float64).reshape(-1, 3, 3)

@@ -33,7 +33,7 @@ def _classes(star):
 
 
 class _Runs:
-    """Runs of one job on one data set, made once per number of ranks and shared by the tests of a module."""
+    """Results of one job on one data set, made once per number of ranks and shared by the tests of a module."""
 
     def __init__(self, tmp, args):
         self.tmp, self.args, self.out = tmp, args, {}
@@ -101,7 +101,7 @@ def test_class2d_assigns_views_and_averages_match_them(views, class2d):
 
 
 def test_class2d_one_rank_equals_two_ranks(class2d):
-    """Same classes and in-plane angles on 1 and 2 ranks: the run is seeded (initial subsets and re-seeding
+    """Same classes and in-plane angles on 1 and 2 ranks: the job is seeded (initial subsets and re-seeding
     noise do not depend on the number of ranks) and sums over ranks change float rounding only, so a particle
     can move only where two classes tie to float32 precision: >= 99% identical (measured 100%)."""
     a = read_particles(class2d(1) / "run_data.star")
@@ -215,7 +215,7 @@ def test_ctf_intact_first_peak():
 
 def test_class3d_symmetry_gives_symmetric_maps(tmp_path):
     """--sym C2: the search covers the asymmetric unit and every pose is inserted with its symmetry copies, so
-    each class map is C2-symmetric to float precision even from data of an asymmetric particle; the C1 run of
+    each class map is C2-symmetric to float precision even from data of an asymmetric particle; the C1 job of
     the same data is not (measured relative asymmetry 0 vs ~0.5)."""
     d = tmp_path / "d"
     r = mpi_em(["simulate", "--out", d, "--box", 32, "--n", 120, "--snr", 1.0, "--apix", 4.0, "--seed", 4],

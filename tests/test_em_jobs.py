@@ -120,7 +120,7 @@ def test_refine3d_stops_with_the_iteration_that_converged(tiny, tmp_path):
 
 
 def test_continue_of_a_finished_run_rewrites_its_final_files(tiny, tmp_path):
-    """A finished run killed while its final files were being copied: --continue runs no iteration and makes them
+    """A finished run killed while its final files were being copied: --continue repeats no iteration and makes them
     again from the chosen iteration's files, byte for byte."""
     out = tmp_path / "ref"
     r = _refine(tiny, out, 1, ["--iter", 2])
@@ -229,7 +229,7 @@ def test_refine3d_rejects_impossible_folds(tiny, tmp_path, folds):
 
 def test_refined_particles_star_feeds_the_next_job(tiny, tmp_path):
     """The particles STAR a job writes in its output folder names images that resolve from there (the input's
-    names were relative to the input STAR's folder): `reconstruct` runs on refine3d's output from another
+    names were relative to the input STAR's folder): `reconstruct` reads refine3d's output from another
     working directory."""
     r = _refine(tiny, tmp_path / "ref", 1, ["--iter", 1])
     assert r.returncode == 0, r.stderr
@@ -280,13 +280,13 @@ def test_refine3d_recovers_poses_and_resolution(tmp_path):
     particle carries too little signal: even the true reference aligns to ~10° median error (measured), so this
     test uses 0.25.
     After its peak a map loses 0.1-1% per iteration at unchanged sampling while the poses stay as good
-    (benchmarks/results/issue4-monotonic/). What removed most of the loss: a random perturbation of the sampling
+    (benchmarks/results/refine3d-monotonic/). What removed most of the loss: a random perturbation of the sampling
     grids every iteration (RELION's), the noise spectrum as the posterior expectation of the residual, the offset
-    prior centred on 0 (session 4); shells without signal zeroed by the regularised reconstruction (session 5);
-    session 6: leave-one-fold-out references (--folds 4: a particle's own noise in its reference pulled it to its
+    prior centred on 0; shells without signal zeroed by the regularised reconstruction; then
+    leave-one-fold-out references (--folds 4: a particle's own noise in its reference pulled it to its
     previous pose and narrowed its posterior), the translations refined with the angles (--refine-offsets), both
-    now defaults, and a run that stops with the iteration that converged; session 7: the final outputs from the
-    best gold-standard iteration. Before session 6 (RELION's scheme, --folds 1 --no-refine-offsets): 15.37, 11.57,
+    now defaults, and a run that stops with the iteration that converged; last, the final outputs from the
+    best gold-standard iteration. Before the folds (RELION's scheme, --folds 1 --no-refine-offsets): 15.37, 11.57,
     11.50, 11.19, 11.25 Å."""
     d = tmp_path / "d"
     truth = _dataset(d, 48, 1000, 0.25, 2.67)

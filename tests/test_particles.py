@@ -37,7 +37,7 @@ def test_cache_wanted_modes():
 
 def test_plan_groups_particles_by_reference_set(small_dataset):
     """refine3d --folds F: the plan orders the particles by reference set ((half - 1) x F + row mod F), then by
-    stack, before the balanced split, so every row is on exactly one rank and a rank holds a contiguous run of
+    stack, before the balanced split, so every row is on exactly one rank and a rank holds a contiguous block of
     sets (3 ranks, 8 sets: at most 4 each, not all 8); without folds, stack order as before."""
     from mpi_em.distributed import reference_group
 

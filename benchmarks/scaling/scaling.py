@@ -5,7 +5,7 @@
         --out benchmarks/results/scaling-cpu            # CPU ranks (here: 2 cores, P = 4 oversubscribed)
     python benchmarks/scaling/scaling.py --box 128 --n 50000 --ranks 1 --device gpu --out OUT   # one GPU
 
-Each job runs as ``mpirun -n P python -m mpi_em ...`` (the command is printed) on a simulated data set (phantom,
+Each job is started as ``mpirun -n P python -m mpi_em ...`` (the command is printed) on a simulated data set (phantom,
 CTF, SNR 0.05). Strong scaling: the same N particles for every P. Weak scaling: ``--weak-per-rank`` x P particles
 (the first rows of the same data set). Phases come from the jobs' own records (``run.json`` of reconstruct,
 ``run_timings.json`` of refine3d/class2d: per rank, synchronised at phase boundaries on the GPU); a phase's time

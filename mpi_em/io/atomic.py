@@ -84,9 +84,9 @@ class BackgroundWriter:
     files are written in iteration order; each file is still written atomically, and a job killed while a write
     runs leaves the previous checkpoint as the last complete one.
 
-    The call runs in a forked process where the platform forks (Linux), otherwise in a thread. A thread shares
+    The call is made in a forked process where the platform forks (Linux), otherwise in a thread. A thread shares
     Python's global lock with the rank's main thread: formatting a 50 000-row STAR file there slowed the GPU
-    E-step's kernel launches by more than the writing it hid (GPU run W: 25.2 s of iterations with the files
+    E-step's kernel launches by more than the writing it hid (benchmarks/results/refine3d-convergence/writer-h200-2026-12-01/: 25.2 s of iterations with the files
     written in the main thread, 40.8 s with a writer thread). A forked child has its own interpreter and a
     copy-on-write snapshot of the arguments; its side effects are the files it writes."""
 

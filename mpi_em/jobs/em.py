@@ -54,7 +54,7 @@ def add_arguments(p, mode: str) -> None:
     p.add_argument("--i", dest="input", metavar="STAR", help="particles STAR file (RELION 3.1+)")
     p.add_argument("--o", dest="output", metavar="DIR", help="output folder (created)")
     p.add_argument("--continue", dest="continue_dir", metavar="DIR",
-                   help="resume the run in DIR from its last finished iteration (other options are read from "
+                   help="resume the refinement in DIR from its last finished iteration (other options are read from "
                         "its checkpoint; --iter may raise the iteration limit)")
     if cfg["dim"] == 3:
         p.add_argument("--ref", metavar="MRC", help="initial reference map (box and pixel size of the particles)")
@@ -76,8 +76,8 @@ def add_arguments(p, mode: str) -> None:
                             "against its half's reconstruction without that fold (leave one fold out): a particle "
                             "is then not compared with a reference that holds its own noise at its previous pose, "
                             "which pulls it there and narrows its posterior. Measured better maps on every data set "
-                            "tried, most with few particles (with --refine-offsets, 1000 particles: 10.69 instead "
-                            "of 10.80 Å; 50 000: 4.64 instead of 4.66 Å; benchmarks/results/session6-h200/). Costs "
+                            "tried, most with few particles (README; benchmarks/results/refine3d-monotonic/). "
+                            "Costs "
                             "2 x F padded Fourier accumulators per rank instead of 2 (box 128: 1.6 GB at F = 4; box "
                             "256: 13 GB), F x the coarse "
                             "search's reference projections, of the sets a rank holds (on a GPU no measurable time; "
@@ -709,7 +709,7 @@ def run(args, comm, mode: str) -> dict:
 
 def check_finite_maps(maps, it: int) -> None:
     """Stop the job with a clear error when an iteration's maps hold NaN or infinity (a numerical failure would
-    otherwise look like a refinement that converged at the box size: session 5's GPU run Y)."""
+    otherwise look like a refinement that converged at the box size: benchmarks/results/refine3d-convergence/, zero-variance prior)."""
     bad = ~np.isfinite(maps)
     if bad.any():
         raise MpiEmError(f"iteration {it}: the reconstructed maps hold {int(bad.sum())} NaN or infinite voxels "

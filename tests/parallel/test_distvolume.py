@@ -2,7 +2,7 @@
 
 Multi-rank tests are marked ``mpi(min_size=2)`` and run under
 ``mpirun -n P python -m pytest --with-mpi tests/parallel`` (P = 2, 3, 4); the unmarked tests are pure or use
-MPI.COMM_SELF, so they also run in the plain ``pytest`` run (and on every rank under mpirun).
+MPI.COMM_SELF, so a plain ``pytest`` collects them too (and on every rank under mpirun).
 
 Tolerances: MPI's Reduce_scatter, the compressed path (received chunks summed in rank order), the streaming
 accumulator (scatter-adds in arrival order) and the distributed FFT all sum in other orders than the dense

@@ -111,6 +111,6 @@ def test_plan_is_balanced_and_complete(dataset):
     assert np.array_equal(np.sort(rows), np.arange(star.n))
     sizes = [len(p["row"]) for p in plans]
     assert max(sizes) - min(sizes) <= 1
-    # every rank reads whole runs of stacks: within a plan, the stack changes at most (#stacks - 1) times
+    # every rank reads whole blocks of stacks: within a plan, the stack changes at most (#stacks - 1) times
     for p in plans:
         assert (p["stack"][1:] != p["stack"][:-1]).sum() <= len(set(star.stack)) - 1
