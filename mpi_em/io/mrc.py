@@ -156,8 +156,10 @@ def check_stacks(star) -> None:
             raise InputError(stack, f"row {int(worst) + 1} of {star.path} refers to image {kmax + 1}, "
                                     f"past the end of the stack ({n} images)", field="rlnImageName")
         if ny != box or nx != box:
-            raise InputError(stack, f"STAR file {star.path} says images are {box} x {box} pixels "
-                                    f"but the stack holds {nx} x {ny}", field="rlnImageSize")
+            src = getattr(star, "box_source", "rlnImageSize")
+            said = f"STAR file {star.path} says" if src == "rlnImageSize" else f"{src} (STAR file {star.path}) has"
+            raise InputError(stack, f"{said} images of {box} x {box} pixels but the stack holds {nx} x {ny}",
+                             field="rlnImageSize")
         if note is None and vs > 0 and abs(vs - psize) > 1e-3 * psize:
             raise InputError(stack, f"STAR file {star.path} says {psize:g} Å but the MRC header says {vs:g} Å",
                              field=getattr(star, "pixel_size_field", "rlnImagePixelSize"))

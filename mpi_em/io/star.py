@@ -60,6 +60,7 @@ class ParticleStar:
     optics_group: np.ndarray   # int64
     ctf_scale: np.ndarray      # rlnCtfScalefactor (1 where absent): multiplies the CTF, as RELION's CTF::getCTF
     pixel_size_field: str = "rlnImagePixelSize"  # where the pixel size was read (named in later errors)
+    box_source: str = "rlnImageSize"             # where the box size was read
 
     @property
     def n(self) -> int:
@@ -257,14 +258,16 @@ def read_particles(path) -> ParticleStar:
     amp, _ = optics_value(("rlnAmplitudeContrast",))
     index, stacks = _parse_image_names(path, particles["rlnImageName"])
     stack_paths = _resolve_stacks(path, stacks)
-    # A RELION 3.1+ file (data_optics) must give the pixel and box sizes, as RELION's ObservationModel requires;
-    # a 3.0 file (one table) may not: the pixel size from detector pixel size and magnification, the box from the
-    # stacks (check_stacks checks that every stack has it).
-    old_style = optics is None
-    pixel_size, pixel_field = _pixel_size(path, optics_value, stack_paths, old_style)
-    box_f, _ = optics_value(("rlnImageSize",), required=not old_style, default=np.nan)
-    if np.isnan(box_f).all():
+    # A RELION 3.1+ file (data_optics) must give the pixel size, as RELION's ObservationModel requires; a 3.0 file
+    # (one table) may give it as detector pixel size and magnification. The box may be absent from both (RELION's
+    # ObservationModel: hasBoxSizes; relion_project writes none when it converts a 3.0 file): then it is the first
+    # stack's, and check_stacks checks that every stack has it.
+    pixel_size, pixel_field = _pixel_size(path, optics_value, stack_paths, optics is None)
+    box_f, box_col = optics_value(("rlnImageSize",), required=False, default=np.nan)
+    box_source = "rlnImageSize"
+    if box_col is None:
         box_f = np.full(n, float(_first_stack_info(path, stack_paths, "rlnImageSize")[2]))
+        box_source = f"the first stack {stack_paths[0]}"
     if np.any(box_f != np.round(box_f)) or np.any(box_f < 1):
         raise InputError(path, "image size must be a positive integer", field="rlnImageSize")
     box = box_f.astype(np.int64)
@@ -335,6 +338,7 @@ def read_particles(path) -> ParticleStar:
         optics_group=pgroup.astype(np.int64),
         ctf_scale=ctf_scale,
         pixel_size_field=pixel_field,
+        box_source=box_source,
     )
 
 
