@@ -510,3 +510,26 @@ def test_relion30_file_read_as_relion_converts_it(tmp_path):
     np.testing.assert_allclose(ours.origin_x, converted.origin_x, rtol=0, atol=1e-5)
     np.testing.assert_allclose(ours.origin_y, converted.origin_y, rtol=0, atol=1e-5)
     np.testing.assert_allclose(ours.origin_x, np.asarray(cols["rlnOriginX"]) * 4.0, rtol=1e-12)
+
+
+def test_origins_written_in_angstrom_drop_the_relion30_pixel_origins(tmp_path):
+    """Writing refined origins (Å) for a 3.0 input: the stale rlnOriginX/Y (pixels) go, so that neither our reader
+    nor RELION's 3.0 conversion (which writes rlnOriginXAngst = rlnOriginX x pixel size) sees the old values."""
+    write_images(tmp_path / "stack.mrcs", psize=1.25)
+    (tmp_path / "in.star").write_text(star_text(relion30_columns()))
+    s = read_particles(tmp_path / "in.star")
+    new_x, new_y = s.origin_x + 1.0, s.origin_y - 2.0
+    out = tmp_path / "out.star"
+    write_particles(out, s, updates={"rlnOriginXAngst": new_x, "rlnOriginYAngst": new_y})
+    t = read_particles(out)
+    assert "rlnOriginX" not in t.particles.columns and "rlnOriginY" not in t.particles.columns
+    np.testing.assert_array_equal(t.origin_x, new_x)
+    np.testing.assert_array_equal(t.origin_y, new_y)
+    assert "rlnOriginX" in s.particles.columns  # the input table is not modified
+    if RELION_PROJECT is None:
+        return
+    # RELION reads our output as the 3.0 file it is and keeps our origins
+    _gaussian_map(tmp_path / "map.mrc", box=BOX, apix=1.25)
+    converted = read_particles(_relion_project(tmp_path, "out.star", "proj"))
+    np.testing.assert_allclose(converted.origin_x, new_x, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(converted.origin_y, new_y, rtol=0, atol=1e-5)

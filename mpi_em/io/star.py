@@ -435,6 +435,12 @@ def write_particles(path, star, updates: dict | None = None) -> None:
     else:
         optics, particles = star
     particles = particles.copy()
+    # Origins updated in Å supersede RELION 3.0's pixel origins: a stale rlnOriginX/Y left beside them would be
+    # read by RELION in their place (its 3.0 -> 3.1 conversion, StarConverter::translateOffsets in
+    # src/star_converter.cpp, writes rlnOriginXAngst = rlnOriginX x pixel size over any existing value).
+    for axis in ("X", "Y", "Z"):
+        if f"rlnOrigin{axis}Angst" in (updates or {}) and f"rlnOrigin{axis}" in particles.columns:
+            particles = particles.drop(columns=[f"rlnOrigin{axis}"])
     for col, values in (updates or {}).items():
         values = np.asarray(values)
         if values.ndim != 1 or len(values) != len(particles):
