@@ -47,9 +47,10 @@ def ctf_values(fx, fy, defocus_u, defocus_v, defocus_angle, voltage, cs, amp_con
 
 
 def _ctf_at(kx, ky, box: int, pixel_size, defocus_u, defocus_v, defocus_angle, voltage, cs, amp_contrast,
-            phase_shift, bfactor, xp, dtype, intact_first_peak):
+            phase_shift, bfactor, xp, dtype, intact_first_peak, scale=1.0):
     """CTFs of n particles (per-particle parameter arrays) at frequency indices kx, ky of a box (any shape S,
-    same for all particles) -> (n,) + S."""
+    same for all particles) -> (n,) + S. ``scale`` (rlnCtfScalefactor) multiplies the result, last, as in RELION's
+    CTF::getCTF (src/ctf.h: ``retval *= scale`` after the B-factor envelope)."""
     def col(a):
         return xp.asarray(a, dtype=xp.float64).reshape((-1,) + (1,) * kx.ndim)
     apix = col(pixel_size)
@@ -57,26 +58,28 @@ def _ctf_at(kx, ky, box: int, pixel_size, defocus_u, defocus_v, defocus_angle, v
     fy = ky[None] / (box * apix)
     out = ctf_values(fx, fy, col(defocus_u), col(defocus_v), col(defocus_angle), col(voltage), col(cs),
                      col(amp_contrast), col(phase_shift), col(bfactor), xp=xp, intact_first_peak=intact_first_peak)
+    if scale is not None and not (np.ndim(scale) == 0 and float(scale) == 1.0):
+        out = out * col(scale)
     return out.astype(dtype)
 
 
 def ctf_images(box: int, pixel_size, defocus_u, defocus_v, defocus_angle, voltage, cs, amp_contrast,
-               phase_shift=0.0, bfactor=0.0, xp=np, dtype=np.float32, intact_first_peak: bool = False):
+               phase_shift=0.0, bfactor=0.0, xp=np, dtype=np.float32, intact_first_peak: bool = False, scale=1.0):
     """(n, box, box//2+1) CTFs on the rfft2 grid, one per particle (per-particle parameter arrays)."""
     ky, kx = freq_grid_2d(box, xp)
     ky, kx = xp.broadcast_arrays(ky, kx)
     return _ctf_at(kx, ky, box, pixel_size, defocus_u, defocus_v, defocus_angle, voltage, cs, amp_contrast,
-                   phase_shift, bfactor, xp, dtype, intact_first_peak)
+                   phase_shift, bfactor, xp, dtype, intact_first_peak, scale)
 
 
 def ctf_points(geom, pixel_size, defocus_u, defocus_v, defocus_angle, voltage, cs, amp_contrast,
-               phase_shift=0.0, bfactor=0.0, dtype=np.float32, intact_first_peak: bool = False):
+               phase_shift=0.0, bfactor=0.0, dtype=np.float32, intact_first_peak: bool = False, scale=1.0):
     """(n, m) CTFs at the in-ball points of ``geom`` (:class:`mpi_em.fourier.SliceGeometry`): the values of
     :func:`ctf_images` there, without evaluating the rest of the rfft2 grid."""
     xp = geom.xp
     k = xp.asarray(geom.kxy, dtype=xp.float64)
     return _ctf_at(k[:, 0], k[:, 1], geom.box, pixel_size, defocus_u, defocus_v, defocus_angle, voltage, cs,
-                   amp_contrast, phase_shift, bfactor, xp, dtype, intact_first_peak)
+                   amp_contrast, phase_shift, bfactor, xp, dtype, intact_first_peak, scale)
 
 
 def ctf_for_particles(star, rows, xp=np, dtype=np.float32):
@@ -85,4 +88,4 @@ def ctf_for_particles(star, rows, xp=np, dtype=np.float32):
     return ctf_images(int(star.box[rows[0]]) if len(rows) else int(star.box[0]), star.pixel_size[rows],
                       star.defocus_u[rows], star.defocus_v[rows], star.defocus_angle[rows], star.voltage[rows],
                       star.cs[rows], star.amp_contrast[rows], star.phase_shift[rows], star.bfactor[rows],
-                      xp=xp, dtype=dtype)
+                      xp=xp, dtype=dtype, scale=star.ctf_scale[rows])

@@ -22,7 +22,7 @@ log = logging.getLogger("mpi_em")
 # per-particle metadata fields that travel in the plan
 PLAN_FIELDS = ("stack", "index", "defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amp_contrast",
                "phase_shift", "bfactor", "pixel_size", "rot", "tilt", "psi", "origin_x", "origin_y",
-               "class_number", "optics_group")
+               "class_number", "optics_group", "ctf_scale")
 
 
 class RankFailed(MpiEmError):

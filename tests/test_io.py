@@ -204,8 +204,10 @@ def test_star_garbage(tmp_path):
         read_particles(p)
 
 
+# rlnImageSize may be absent (RELION's own relion_project writes files without it): the box is then the stack's,
+# tests/test_metadata_variants.py::test_box_from_stack_when_image_size_absent
 @pytest.mark.parametrize("column", ["rlnImageName", "rlnDefocusU", "rlnVoltage", "rlnImagePixelSize",
-                                    "rlnImageSize", "rlnOpticsGroup"])
+                                    "rlnOpticsGroup"])
 def test_star_missing_column(tmp_path, column):
     star_path, _ = make_dataset(tmp_path)
     s = read_particles(star_path)

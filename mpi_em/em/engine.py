@@ -91,7 +91,7 @@ def prepare_batch(images, plan, sl, geom: SliceGeometry, box: int, pixel_size: f
     if use_ctf:
         c = ctf_points(geom, pixel_size, plan["defocus_u"][sl], plan["defocus_v"][sl], plan["defocus_angle"][sl],
                        plan["voltage"][sl], plan["cs"][sl], plan["amp_contrast"][sl], plan["phase_shift"][sl],
-                       plan["bfactor"][sl], intact_first_peak=intact_first_peak)
+                       plan["bfactor"][sl], intact_first_peak=intact_first_peak, scale=plan["ctf_scale"][sl])
     return centred_points(images, off, geom, c)
 
 

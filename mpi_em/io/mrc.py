@@ -1,6 +1,7 @@
 """MRC image stacks and maps (mrcfile), plus small HDF5 helpers (h5py)."""
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -11,6 +12,8 @@ import numpy as np
 from ..errors import InputError
 from .atomic import atomic_path
 
+log = logging.getLogger("mpi_em")
+
 
 def _check_exists(path, field=None):
     if not os.path.exists(path):
@@ -19,9 +22,13 @@ def _check_exists(path, field=None):
         raise InputError(path, "is a folder, not an MRC file", field=field)
 
 
-def _open_mmap(path):
-    """Open ``path`` read-only memory-mapped, with strict checks; InputError on failure."""
+def _open_mmap(path, with_note: bool = False):
+    """Open ``path`` read-only memory-mapped; InputError on failure. ``with_note``: return (mrc, note), where note
+    is None for a standard header, else a short text saying why the strict reader refused the header (the file was
+    then opened with mrcfile's permissive mode, which reads headers that lack the ``MAP `` id or carry an unknown
+    machine stamp, as older programs write them)."""
     _check_exists(path)
+    note = None
     # Header first, so header faults and data-size faults get different fields.
     try:
         with warnings.catch_warnings():
@@ -29,17 +36,40 @@ def _open_mmap(path):
             with mrcfile.open(path, mode="r", header_only=True, permissive=False):
                 pass
     except Exception as e:
-        raise InputError(path, f"bad MRC header: {e}", field="header") from e
+        mrc = _open_permissive(path, e)
+        note = str(e)
+        return (mrc, note) if with_note else mrc
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return mrcfile.mmap(path, mode="r", permissive=False)
+            mrc = mrcfile.mmap(path, mode="r", permissive=False)
     except Exception as e:
         msg = str(e)
         if "length" in msg or "bytes" in msg or "size" in msg:
             raise InputError(path, f"file is shorter than its header says (truncated?): {msg}",
                              field="data size") from e
         raise InputError(path, f"cannot read MRC data: {msg}", field="header") from e
+    return (mrc, note) if with_note else mrc
+
+
+def _open_permissive(path, strict_error):
+    """The file whose header the strict reader refused, opened in permissive mode; a file whose data still cannot
+    be read (random bytes, a truncated file, an unknown mode) gets the strict reader's one-line error."""
+    problems = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mrc = mrcfile.mmap(path, mode="r", permissive=True)
+        problems = [str(w.message) for w in caught]
+    except Exception as e:
+        raise InputError(path, f"bad MRC header: {strict_error}", field="header") from e
+    data = mrc.data
+    if data is None or data.ndim not in (2, 3) or data.size == 0:
+        mrc.close()
+        extra = [p for p in problems if p != str(strict_error)]
+        detail = f" ({'; '.join(extra)})" if extra else ""
+        raise InputError(path, f"bad MRC header: {strict_error}{detail}", field="header") from strict_error
+    return mrc
 
 
 def _stack_view(mrc, path):
@@ -57,12 +87,17 @@ def _stack_view(mrc, path):
 
 def stack_info(path) -> tuple[int, int, int, float]:
     """(n_images, ny, nx, voxel_size_A) of an image stack (a 2D image counts as 1 image)."""
+    return _stack_header(path)[:4]
+
+
+def _stack_header(path) -> tuple[int, int, int, float, str | None]:
+    """:func:`stack_info` plus the note of :func:`_open_mmap` (None for a standard header)."""
     path = os.fspath(path)
-    mrc = _open_mmap(path)
+    mrc, note = _open_mmap(path, with_note=True)
     try:
         data = _stack_view(mrc, path)
         n, ny, nx = data.shape
-        return int(n), int(ny), int(nx), float(mrc.voxel_size.x)
+        return int(n), int(ny), int(nx), float(mrc.voxel_size.x), note
     finally:
         mrc.close()
 
@@ -92,7 +127,9 @@ def read_images(path, indices) -> np.ndarray:
 
 
 def check_stacks(star) -> None:
-    """Cheap header-only checks of every stack a ParticleStar refers to."""
+    """Cheap header-only checks of every stack a ParticleStar refers to. Stacks whose header is non-standard (no
+    ``MAP `` id: read in permissive mode) or whose voxel size is 0 are accepted with one warning each kind (naming
+    the first such file): the STAR file's pixel size is used, as always."""
     box = int(star.box[0])
     psize = float(star.pixel_size[0])
     stacks = np.asarray(star.stack)
@@ -100,6 +137,7 @@ def check_stacks(star) -> None:
     sorted_stacks = stacks[order]
     starts = np.flatnonzero(np.r_[True, sorted_stacks[1:] != sorted_stacks[:-1]])
     ends = np.r_[starts[1:], len(order)]
+    nonstandard, no_voxel = [], []
     for s, e in zip(starts, ends):
         rows = order[s:e]
         stack = str(sorted_stacks[s])
@@ -107,18 +145,33 @@ def check_stacks(star) -> None:
         if not os.path.isfile(stack):
             raise InputError(stack, f"stack file not found (referenced by row {first_row} of {star.path})",
                              field="rlnImageName")
-        n, ny, nx, vs = stack_info(stack)
+        n, ny, nx, vs, note = _stack_header(stack)
+        if note is not None:
+            nonstandard.append((stack, note))
+        elif not vs > 0:
+            no_voxel.append(stack)
         worst = rows[np.argmax(star.index[rows])]
         kmax = int(star.index[worst])
         if kmax >= n:
             raise InputError(stack, f"row {int(worst) + 1} of {star.path} refers to image {kmax + 1}, "
                                     f"past the end of the stack ({n} images)", field="rlnImageName")
         if ny != box or nx != box:
-            raise InputError(stack, f"STAR file {star.path} says images are {box} x {box} pixels "
-                                    f"but the stack holds {nx} x {ny}", field="rlnImageSize")
-        if vs > 0 and abs(vs - psize) > 1e-3 * psize:
+            src = getattr(star, "box_source", "rlnImageSize")
+            said = f"STAR file {star.path} says" if src == "rlnImageSize" else f"{src} (STAR file {star.path}) has"
+            raise InputError(stack, f"{said} images of {box} x {box} pixels but the stack holds {nx} x {ny}",
+                             field="rlnImageSize")
+        if note is None and vs > 0 and abs(vs - psize) > 1e-3 * psize:
             raise InputError(stack, f"STAR file {star.path} says {psize:g} Å but the MRC header says {vs:g} Å",
-                             field="rlnImagePixelSize")
+                             field=getattr(star, "pixel_size_field", "rlnImagePixelSize"))
+    if nonstandard:
+        stack, note = nonstandard[0]
+        more = f" (and {len(nonstandard) - 1} more stacks)" if len(nonstandard) > 1 else ""
+        log.warning("%s%s: non-standard MRC header (%s); read in permissive mode, pixel size %g Å from %s",
+                    stack, more, note, psize, star.path)
+    if no_voxel:
+        more = f" (and {len(no_voxel) - 1} more stacks)" if len(no_voxel) > 1 else ""
+        log.warning("%s%s: the MRC header's voxel size is 0; pixel size %g Å from %s",
+                    no_voxel[0], more, psize, star.path)
 
 
 def read_map(path) -> tuple[np.ndarray, float]:

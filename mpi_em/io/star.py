@@ -1,13 +1,17 @@
 """RELION particle STAR files: read into per-particle arrays, write back.
 
 Reading: RELION 3.1+ files with ``data_optics`` + ``data_particles`` blocks, or
-old-style single-block files whose particle table carries the optics columns.
+RELION 3.0 single-block files whose particle table carries the optics columns
+(voltage, Cs, Q0 per particle; origins rlnOriginX/Y in pixels; pixel size from
+rlnDetectorPixelSize [µm] x 1e4 / rlnMagnification; the box from the stack
+header where rlnImageSize is absent). Origins are stored as read, in Å.
 Writing: ``starfile.write`` with ``float_format=None`` so pandas writes every
 float with ``repr`` (shortest string that round-trips exactly). starfile's
 own default, ``'%.6f'``, would silently lose precision (1e-7 -> 0.000000).
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -17,6 +21,8 @@ import starfile
 
 from ..errors import InputError
 from .atomic import atomic_path
+
+log = logging.getLogger("mpi_em")
 
 # Columns that must be in the particle table.
 PARTICLE_REQUIRED = ("rlnImageName", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
@@ -52,6 +58,9 @@ class ParticleStar:
     class_number: np.ndarray   # int64
     random_subset: np.ndarray  # int64
     optics_group: np.ndarray   # int64
+    ctf_scale: np.ndarray      # rlnCtfScalefactor (1 where absent): multiplies the CTF, as RELION's CTF::getCTF
+    pixel_size_field: str = "rlnImagePixelSize"  # where the pixel size was read (named in later errors)
+    box_source: str = "rlnImageSize"             # where the box size was read
 
     @property
     def n(self) -> int:
@@ -238,24 +247,49 @@ def read_particles(path) -> ParticleStar:
             raise InputError(path, f"required column missing from {where}", field=cols[0])
         return np.full(n, default, dtype=np.float64), None
 
+    if optics is None and "rlnOpticsGroup" in particles.columns:
+        missing = [c for c in OPTICS_REQUIRED if c not in particles.columns]
+        if missing:  # a RELION 3.1+ particle table whose optics block is gone
+            raise InputError(path, f"no data_optics block: data_particles has rlnOpticsGroup (RELION 3.1+ format) "
+                                   f"but neither block gives {', '.join(missing)}", field="data_optics")
+
     voltage, _ = optics_value(("rlnVoltage",))
     cs, _ = optics_value(("rlnSphericalAberration",))
     amp, _ = optics_value(("rlnAmplitudeContrast",))
-    pixel_size, _ = optics_value(PIXEL_SIZE_COLUMNS)
-    box_f, _ = optics_value(("rlnImageSize",))
+    index, stacks = _parse_image_names(path, particles["rlnImageName"])
+    stack_paths = _resolve_stacks(path, stacks)
+    # A RELION 3.1+ file (data_optics) must give the pixel size, as RELION's ObservationModel requires; a 3.0 file
+    # (one table) may give it as detector pixel size and magnification. The box may be absent from both (RELION's
+    # ObservationModel: hasBoxSizes; relion_project writes none when it converts a 3.0 file): then it is the first
+    # stack's, and check_stacks checks that every stack has it.
+    pixel_size, pixel_field = _pixel_size(path, optics_value, stack_paths, optics is None)
+    box_f, box_col = optics_value(("rlnImageSize",), required=False, default=np.nan)
+    box_source = "rlnImageSize"
+    if box_col is None:
+        box_f = np.full(n, float(_first_stack_info(path, stack_paths, "rlnImageSize")[2]))
+        box_source = f"the first stack {stack_paths[0]}"
     if np.any(box_f != np.round(box_f)) or np.any(box_f < 1):
         raise InputError(path, "image size must be a positive integer", field="rlnImageSize")
     box = box_f.astype(np.int64)
 
-    # All particles must share one pixel size and one box size.
+    # All particles must share one pixel size and one box size (voltage, Cs, Q0 may differ: per-particle CTFs).
     if not np.allclose(pixel_size, pixel_size[0], rtol=1e-6, atol=0):
-        detail = _per_group(pgroup, pixel_size)
-        raise InputError(path, f"mismatched pixel sizes across optics groups: {detail}",
-                         field="rlnImagePixelSize")
+        detail = _per_group(pgroup, pixel_size, optics is not None, " Å")
+        raise InputError(path, f"mismatched pixel sizes across {detail}; one pixel size and one box size for all "
+                               "particles is needed (rescale the groups to one, or process them separately)",
+                         field=pixel_field)
     if np.any(box != box[0]):
-        detail = _per_group(pgroup, box)
-        raise InputError(path, f"mismatched image sizes across optics groups: {detail}",
+        detail = _per_group(pgroup, box, optics is not None, " px")
+        raise InputError(path, f"mismatched image sizes across {detail}; one pixel size and one box size for all "
+                               "particles is needed (re-extract to one box, or process the groups separately)",
                          field="rlnImageSize")
+
+    premult, _ = optics_value(("rlnCtfDataAreCtfPremultiplied",), required=False, default=0.0)
+    if np.any(premult != 0):
+        detail = _per_group(pgroup, premult, optics is not None, "")
+        raise InputError(path, f"the images are CTF-premultiplied ({detail}), which is not supported: "
+                               "re-extract the particles without CTF premultiplication",
+                         field="rlnCtfDataAreCtfPremultiplied")
 
     def col_or(col, default):
         if col in particles.columns:
@@ -265,18 +299,22 @@ def read_particles(path) -> ParticleStar:
     if "rlnOriginXAngst" in particles.columns or "rlnOriginX" not in particles.columns:
         origin_x = col_or("rlnOriginXAngst", 0.0)
         origin_y = col_or("rlnOriginYAngst", 0.0)
-    else:  # pre-3.1 origins in pixels
+    else:  # pre-3.1 origins in pixels (RELION 3.1's conversion of 3.0 files multiplies them by the pixel size)
         origin_x = col_or("rlnOriginX", 0.0) * pixel_size
         origin_y = col_or("rlnOriginY", 0.0) * pixel_size
 
-    index, stacks = _parse_image_names(path, particles["rlnImageName"])
     phase_shift, _ = optics_value(("rlnPhaseShift",), required=False, default=0.0)
+    # RELION's CTF::readValue looks in the particle table first, then in the optics table (default 1)
+    if "rlnCtfScalefactor" in particles.columns:
+        ctf_scale = _numeric(path, particles, "rlnCtfScalefactor", "particles")
+    else:
+        ctf_scale, _ = optics_value(("rlnCtfScalefactor",), required=False, default=1.0)
 
     return ParticleStar(
         path=os.path.abspath(path),
         optics=optics,
         particles=particles,
-        stack=_resolve_stacks(path, stacks),
+        stack=stack_paths,
         index=index,
         defocus_u=_numeric(path, particles, "rlnDefocusU", "particles"),
         defocus_v=_numeric(path, particles, "rlnDefocusV", "particles"),
@@ -298,14 +336,75 @@ def read_particles(path) -> ParticleStar:
         random_subset=(_integer(path, particles, "rlnRandomSubset", "particles")
                        if "rlnRandomSubset" in particles.columns else np.zeros(n, dtype=np.int64)),
         optics_group=pgroup.astype(np.int64),
+        ctf_scale=ctf_scale,
+        pixel_size_field=pixel_field,
+        box_source=box_source,
     )
 
 
-def _per_group(groups, values) -> str:
+def _first_stack_info(path, stack_paths, field):
+    """stack_info of the first particle's stack, for a value the STAR file lacks (``field``)."""
+    from .mrc import stack_info
+    if not os.path.isfile(stack_paths[0]):
+        raise InputError(stack_paths[0], f"stack file not found (referenced by row 1 of {path}, which has no "
+                                         f"{field}: the stack header gives it)", field="rlnImageName")
+    return stack_info(stack_paths[0])
+
+
+def _pixel_size(path, optics_value, stack_paths, old_style: bool):
+    """Per-particle pixel size (Å) and the column it came from: rlnImagePixelSize (RELION 3.1+) or rlnPixelSize;
+    else RELION 3.0's rlnDetectorPixelSize (µm) x 1e4 / rlnMagnification (as RELION's own readers of 3.0 files,
+    e.g. src/apps/project.cpp: angpix = 10000. * dstep / mag); else the first stack's header voxel size, with a
+    warning; else an error naming the columns."""
+    for col in PIXEL_SIZE_COLUMNS:
+        vals, found = optics_value((col,), required=False, default=np.nan)
+        if found:
+            _positive(path, vals, col)
+            return vals, col
+    dstep, has_dstep = optics_value(("rlnDetectorPixelSize",), required=False, default=np.nan)
+    mag, has_mag = optics_value(("rlnMagnification",), required=False, default=np.nan)
+    has_dstep, has_mag = has_dstep is not None, has_mag is not None
+    if has_dstep and has_mag:
+        _positive(path, dstep, "rlnDetectorPixelSize")
+        _positive(path, mag, "rlnMagnification")
+        return dstep * 1e4 / mag, "rlnDetectorPixelSize"
+    if has_dstep != has_mag:
+        have, lack = ("rlnDetectorPixelSize", "rlnMagnification")[:: 1 if has_dstep else -1]
+        raise InputError(path, f"{have} is given but {lack} is not (the RELION 3.0 pixel size needs both)",
+                         field=lack)
+    if not old_style:
+        raise InputError(path, "required column missing from data_optics or data_particles",
+                         field=PIXEL_SIZE_COLUMNS[0])
+    vs = _first_stack_info(path, stack_paths, "pixel size")[3]
+    if vs > 0:
+        log.warning("%s: no pixel size (rlnImagePixelSize, or rlnDetectorPixelSize and rlnMagnification); "
+                    "using the voxel size of the stack header of %s: %g Å", path, stack_paths[0], vs)
+        return np.full(len(stack_paths), vs), "rlnImagePixelSize"
+    raise InputError(path, "no pixel size: neither rlnImagePixelSize (RELION 3.1+) nor rlnDetectorPixelSize and "
+                           f"rlnMagnification (RELION 3.0), and the stack header of {stack_paths[0]} has voxel size 0",
+                     field="rlnImagePixelSize")
+
+
+def _positive(path, vals, col):
+    bad = ~(vals > 0)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InputError(path, f"value {vals[i]:g} for particle {i + 1} must be positive", field=col)
+
+
+def _per_group(groups, values, by_group: bool = True, unit: str = "") -> str:
+    """'optics groups (group 1: 1.5 Å, group 2: 1.6 Å)', or without optics groups the first row of each value."""
     seen = {}
-    for g, v in zip(groups.tolist(), np.asarray(values).tolist()):
-        seen.setdefault(g, v)
-    return ", ".join(f"group {g}: {v:g}" for g, v in sorted(seen.items()))
+    if by_group:
+        for g, v in zip(groups.tolist(), np.asarray(values).tolist()):
+            seen.setdefault(g, v)
+        return "optics groups (" + ", ".join(f"group {g}: {v:g}{unit}" for g, v in sorted(seen.items())) + ")"
+    for i, v in enumerate(np.asarray(values).tolist()):
+        if v not in seen:
+            seen[v] = i
+            if len(seen) == 4:
+                break
+    return "particles (" + ", ".join(f"row {i + 1}: {v:g}{unit}" for v, i in seen.items()) + ")"
 
 
 # ----------------------------------------------------------------- writing
@@ -336,6 +435,12 @@ def write_particles(path, star, updates: dict | None = None) -> None:
     else:
         optics, particles = star
     particles = particles.copy()
+    # Origins updated in Å supersede RELION 3.0's pixel origins: a stale rlnOriginX/Y left beside them would be
+    # read by RELION in their place (its 3.0 -> 3.1 conversion, StarConverter::translateOffsets in
+    # src/star_converter.cpp, writes rlnOriginXAngst = rlnOriginX x pixel size over any existing value).
+    for axis in ("X", "Y", "Z"):
+        if f"rlnOrigin{axis}Angst" in (updates or {}) and f"rlnOrigin{axis}" in particles.columns:
+            particles = particles.drop(columns=[f"rlnOrigin{axis}"])
     for col, values in (updates or {}).items():
         values = np.asarray(values)
         if values.ndim != 1 or len(values) != len(particles):
