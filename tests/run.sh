@@ -4,6 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+
+# ---- Slurm for tests/test_slurm.py (a one-node slurmctld/slurmd the test starts itself): installed only as root
+# ---- with apt-get (Debian/Ubuntu; about 40 s); elsewhere that test skips. MPI_EM_NO_SLURM=1 leaves it out.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v slurmctld >/dev/null \
+   && [ -z "${MPI_EM_NO_SLURM:-}" ]; then
+  echo "== installing slurm-wlm and munge for tests/test_slurm.py"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null) \
+    || echo "   slurm-wlm/munge not installed: tests/test_slurm.py will skip"
+fi
+# ----
+
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[mpi,test]"
 export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1

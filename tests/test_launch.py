@@ -124,7 +124,11 @@ def test_sbatch_dry_run(tmp_path):
     r = subprocess.run(["bash", str(LAUNCH / "slurm" / "reconstruct.sbatch")], capture_output=True, text=True,
                        cwd=tmp_path, env=_env(DRY_RUN="1", SLURM_CPUS_PER_TASK="4", INPUT_STAR="p.star"), timeout=60)
     assert r.returncode == 0, r.stderr
-    assert "+ srun --cpu-bind=cores mpi-em reconstruct --i p.star" in r.stdout
+    assert "+ srun --cpu-bind=cores --mpi=pmi2 mpi-em reconstruct --i p.star" in r.stdout  # PMI-2: MPICH's
+    for srun_mpi, want in (("pmix", "--mpi=pmix mpi-em"), ("default", "--cpu-bind=cores mpi-em")):
+        r = subprocess.run(["bash", str(LAUNCH / "slurm" / "refine3d.sbatch")], capture_output=True, text=True,
+                           cwd=tmp_path, env=_env(DRY_RUN="1", SRUN_MPI=srun_mpi), timeout=60)
+        assert r.returncode == 0 and want in r.stdout, (r.stdout, r.stderr)
 
 
 # ------------------------------------------------------------------ several tasks that are not one MPI job
