@@ -111,7 +111,9 @@ class Cluster:
             if any(p.poll() is not None for p in self.procs):
                 break
             time.sleep(0.5)
-        raise RuntimeError(f"the test node is not idle (sinfo: {state!r}); see {d}/*.log, {d}/*.out")
+        tails = "".join(f"\n--- {f.name}:\n" + "\n".join(f.read_text(errors="replace").splitlines()[-5:])
+                        for f in sorted(d.glob("*.log")) + sorted(d.glob("*.out")))
+        raise RuntimeError(f"the test node is not idle (sinfo: {state!r}){tails}")
 
     def stop(self):
         if len(self.procs) == 3 and all(p.poll() is None for p in self.procs):
