@@ -214,9 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .distributed import world
+    from .distributed import launch_mismatch, launcher_rank, world
 
     comm = world()
+    mismatch = launch_mismatch(comm.size)
+    if mismatch:  # several tasks, each alone in its MPI job: stop before any of them writes
+        if launcher_rank() == 0:
+            print(f"mpi-em: error: {mismatch}", file=sys.stderr)
+        return 2
     _setup_logging(comm.rank, args.quiet)
     out_dir = getattr(args, "continue_dir", None) or getattr(args, "output", None) \
         if args.command in ("reconstruct", "refine3d", "class3d", "class2d") else None

@@ -40,6 +40,51 @@ def world():
     return MPI.COMM_WORLD
 
 
+def _env_int(env, name: str) -> int:
+    try:
+        return int(env.get(name, ""))
+    except ValueError:
+        return 0
+
+
+def launch_mismatch(size: int, env=None) -> str | None:
+    """Why this process, alone in COMM_WORLD (``size`` 1), was started as one of several tasks, or None.
+
+    A launcher that numbers its tasks (srun's job step: SLURM_STEP_ID with SLURM_STEP_NUM_TASKS; a PMI-1/2
+    launcher such as MPICH's mpiexec or ``srun --mpi=pmi2``: PMI_SIZE; Open MPI's mpirun: OMPI_COMM_WORLD_SIZE)
+    that the MPI library did not join would make each task a separate 1-rank job writing the same outputs.
+    sbatch's own SLURM_NTASKS (the batch script, outside any step) is not such a launch."""
+    env = os.environ if env is None else env
+    if size != 1:
+        return None
+    pmi, ompi = _env_int(env, "PMI_SIZE"), _env_int(env, "OMPI_COMM_WORLD_SIZE")
+    step = _env_int(env, "SLURM_STEP_NUM_TASKS") if "SLURM_STEP_ID" in env else 0
+    if pmi > 1:
+        n, by = pmi, "srun --mpi=pmi2" if step else "a PMI launcher (MPICH's mpiexec/mpirun)"
+        fix = ("this MPI does not speak PMI-2: use `srun --mpi=pmix`" if step else
+               "use the mpirun of the MPI that mpi4py was built with")
+    elif ompi > 1:
+        n, by = ompi, "Open MPI's mpirun"
+        fix = "use the mpirun of the MPI that mpi4py was built with (the venv's for the `mpi` extra)"
+    elif step > 1:
+        n, by = step, "srun"
+        fix = ("start it with `srun --mpi=pmi2` (MPICH, as the `mpi` extra installs) or `srun --mpi=pmix` "
+               "(an MPI built with PMIx); `srun --mpi=list` shows what this Slurm has")
+    else:
+        return None
+    return (f"this process is 1 of {n} tasks started by {by}, but MPI sees it alone (each task would run the "
+            f"whole job by itself): {fix}")
+
+
+def launcher_rank(env=None) -> int:
+    """This task's number as its launcher gave it (0 when none did)."""
+    env = os.environ if env is None else env
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID"):
+        if name in env:
+            return _env_int(env, name)
+    return 0
+
+
 def agree(comm, error: BaseException | None) -> None:
     """Collective: raise RankFailed on every rank if ``error`` is set on any rank."""
     msg = None

@@ -4,16 +4,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+
+# ---- Real parts the tests use where they can be installed (root with apt-get, Debian/Ubuntu; elsewhere those
+# ---- tests skip and say why):
+#  - Debian's relion package (CPU + MPI) for the conformance tests against RELION (tests/test_relion.py, ...);
+#    its Open MPI goes to /usr/bin: the venv's MPICH stays first on PATH (test_relion.py asserts it);
+#  - slurm-wlm and munge for tests/test_slurm.py (a one-node slurmctld/slurmd the test starts itself);
+#    MPI_EM_NO_SLURM=1 leaves Slurm out.
+pkgs=()
+command -v relion_reconstruct >/dev/null || pkgs+=(relion)
+[ -n "${MPI_EM_NO_SLURM:-}" ] || command -v slurmctld >/dev/null || pkgs+=(slurm-wlm munge)
+if [ ${#pkgs[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "== installing ${pkgs[*]} (Debian packages) for the tests against RELION and Slurm"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null; } \
+    || echo "   could not install ${pkgs[*]}: the tests that need them will skip"
+fi
+
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[mpi,test]"
-# RELION (Debian's package, CPU + MPI) for the conformance tests (tests/test_relion.py); where it cannot be
-# installed (not root, no apt-get) those tests skip and say why. Its Open MPI goes to /usr/bin: the tests keep
-# the venv's MPICH first on PATH (and test_relion.py asserts that the MPI tests use it).
-if ! command -v relion_reconstruct >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  echo "== installing RELION (Debian's relion package) for the conformance tests"
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq relion >/dev/null; } \
-    || echo "   could not install RELION: its tests will skip"
-fi
 export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 python -m pytest -q -p no:cacheprovider tests
 for P in 2 3; do

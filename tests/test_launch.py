@@ -124,4 +124,64 @@ def test_sbatch_dry_run(tmp_path):
     r = subprocess.run(["bash", str(LAUNCH / "slurm" / "reconstruct.sbatch")], capture_output=True, text=True,
                        cwd=tmp_path, env=_env(DRY_RUN="1", SLURM_CPUS_PER_TASK="4", INPUT_STAR="p.star"), timeout=60)
     assert r.returncode == 0, r.stderr
-    assert "+ srun --cpu-bind=cores mpi-em reconstruct --i p.star" in r.stdout
+    assert "+ srun --cpu-bind=cores --mpi=pmi2 mpi-em reconstruct --i p.star" in r.stdout  # PMI-2: MPICH's
+    for srun_mpi, want in (("pmix", "--mpi=pmix mpi-em"), ("default", "--cpu-bind=cores mpi-em")):
+        r = subprocess.run(["bash", str(LAUNCH / "slurm" / "refine3d.sbatch")], capture_output=True, text=True,
+                           cwd=tmp_path, env=_env(DRY_RUN="1", SRUN_MPI=srun_mpi), timeout=60)
+        assert r.returncode == 0 and want in r.stdout, (r.stdout, r.stderr)
+
+
+# ------------------------------------------------------------------ several tasks that are not one MPI job
+LAUNCH_VARS = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "MPI_LOCAL")
+
+
+def _clean_env(**extra):
+    env = {k: v for k, v in _env().items() if not k.startswith(LAUNCH_VARS)}
+    env.update(OMP_NUM_THREADS="1", MPI_EM_DEVICE="cpu", **extra)
+    return env
+
+
+def test_launch_mismatch_reads_the_launchers_task_count():
+    from mpi_em.distributed import launch_mismatch, launcher_rank
+
+    batch = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_NPROCS": "2", "SLURM_PROCID": "0"}
+    assert launch_mismatch(1, batch) is None          # sbatch's script itself: no step, one process
+    assert launch_mismatch(1, {}) is None
+    step = dict(batch, SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS="2", SLURM_PROCID="1")
+    msg = launch_mismatch(1, step)
+    assert "1 of 2 tasks started by srun" in msg and "srun --mpi=pmi2" in msg and "pmix" in msg
+    assert launch_mismatch(2, step) is None           # one 2-rank job: as meant
+    assert launch_mismatch(1, dict(step, SLURM_STEP_NUM_TASKS="1")) is None
+    assert "srun --mpi=pmix" in launch_mismatch(1, dict(step, PMI_SIZE="2", PMI_RANK="1"))
+    assert "mpirun of the MPI" in launch_mismatch(1, {"PMI_SIZE": "4", "PMI_RANK": "3"})
+    assert "Open MPI" in launch_mismatch(1, {"OMPI_COMM_WORLD_SIZE": "2"})
+    assert launch_mismatch(1, {"PMI_SIZE": "1", "OMPI_COMM_WORLD_SIZE": "x"}) is None
+    assert launcher_rank(step) == 1 and launcher_rank(dict(step, PMI_RANK="0")) == 0 and launcher_rank({}) == 0
+
+
+@pytest.mark.parametrize("procid, printed", [("0", True), ("1", False)])
+def test_one_of_several_srun_tasks_alone_in_mpi_stops(tmp_path, procid, printed):
+    """A 1-rank process whose environment says it is task PROCID of a 2-task srun step (srun --mpi=none) exits 2
+    before writing anything; task 0 says how to fix it in one line, the others stay quiet."""
+    env = _clean_env(SLURM_JOB_ID="7", SLURM_NTASKS="2", SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS="2",
+                     SLURM_PROCID=procid)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "mpi_em", "simulate", "--out", str(out), "--box", "16", "--n", "4"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    if printed:
+        assert len(lines) == 1 and lines[0].startswith("mpi-em: error: ") and "srun --mpi=pmi2" in lines[0], lines
+    else:
+        assert lines == []
+    assert not out.exists()
+
+
+def test_sbatch_script_environment_is_not_a_mismatch(tmp_path):
+    """sbatch sets SLURM_NTASKS for the batch script too: a plain 1-rank `mpi-em` there runs (here: up to the
+    missing input)."""
+    env = _clean_env(SLURM_JOB_ID="7", SLURM_NTASKS="2", SLURM_NPROCS="2", SLURM_PROCID="0")
+    r = subprocess.run([sys.executable, "-m", "mpi_em", "fsc", str(tmp_path / "a.mrc"), str(tmp_path / "b.mrc")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2
+    assert "a.mrc" in r.stderr and "tasks" not in r.stderr
