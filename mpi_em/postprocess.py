@@ -8,7 +8,10 @@
 3. The average of the half maps, divided by the detector MTF (optional), weighted per shell by
    sqrt(2 FSC / (1 + FSC)) up to the shell before the corrected FSC first falls below 1e-4 (zero beyond).
 4. Guinier plot ln(mean |F|) against 1/d^2 of the weighted map; the B-factor is 4x the slope of a straight line
-   fitted over ``fit_lowres`` >= d >= ``fit_highres`` (RELION: 10 Å to 0, i.e. every shell that the weighting kept).
+   fitted over ``fit_lowres`` >= d >= ``fit_highres``. Defaults 10 Å to the final resolution, as RELION documents
+   its defaults (--autob_lowres 10, --autob_highres 0 "until the final resolution"); RELION's program with 0 in
+   fact fits every shell the FSC weighting kept, up to where the corrected FSC first reaches 0, where the weights
+   are noise: a negative ``fit_highres`` does that.
 5. exp(-B/4 |s|^2) up to Nyquist (zero beyond), then a raised-cosine low-pass (two shells wide) at the final
    resolution.
 
@@ -199,8 +202,13 @@ def sharpen(r: Result, half1, half2, auto_bfac: bool = True, adhoc_bfac: float =
             edge_width: int = 2) -> Result:
     """Steps 3-5 on the average of the half maps; fills r.map, r.bfactor, r.fit, r.guinier, r.low_pass.
 
+    ``fit_highres``: 0 = the final resolution, negative = every shell the FSC weighting kept (RELION's program).
     ``low_pass``: None = at the final resolution; 0 = none. ``mtf``: None or the per-coefficient MTF array."""
     n, apix = r.box, r.pixel_size
+    if fit_highres == 0:
+        fit_highres = r.resolution
+    elif fit_highres < 0:
+        fit_highres = 0.0
     avg = 0.5 * (np.asarray(half1, dtype=np.float64) + np.asarray(half2, dtype=np.float64))
     F = rfft_relion(avg)
     x, y_in, _ = guinier(F, n, apix, fit_lowres, fit_highres)
