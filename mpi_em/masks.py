@@ -46,7 +46,7 @@ def lowpass_map(vol, resolution: float, pixel_size: float, edge_width: int = 2) 
     n = vol.shape[-1]
     F = np.fft.rfftn(vol)
     F *= lowpass_weights(n, resolution, pixel_size, edge_width)
-    return np.fft.irfftn(F, s=vol.shape)
+    return np.fft.irfftn(F, s=vol.shape, axes=(0, 1, 2))
 
 
 def lowpass_weights(n: int, resolution: float, pixel_size: float, edge_width: int = 2) -> np.ndarray:

@@ -40,7 +40,7 @@ def rfft_relion(vol) -> np.ndarray:
 
 
 def irfft_relion(F, n: int) -> np.ndarray:
-    return np.fft.irfftn(F * n ** 3, s=(n, n, n))
+    return np.fft.irfftn(F * n ** 3, s=(n, n, n), axes=(0, 1, 2))
 
 
 def randomize_phases_beyond(vol, index: int, rng) -> np.ndarray:
@@ -52,7 +52,7 @@ def randomize_phases_beyond(vol, index: int, rng) -> np.ndarray:
     sel = radius_3d(n) ** 2 >= index * index - 1e-9
     phase = rng.uniform(0.0, 2.0 * np.pi, int(sel.sum()))
     F[sel] = np.abs(F[sel]) * np.exp(1j * phase)
-    return np.fft.irfftn(F, s=vol.shape)
+    return np.fft.irfftn(F, s=vol.shape, axes=(0, 1, 2))
 
 
 def corrected_fsc(fsc_masked, fsc_random, randomize_at: int) -> np.ndarray:
