@@ -54,9 +54,11 @@ def make_mask(args) -> dict:
     if args.invert:
         mask = 1.0 - mask
     write_map(args.output, mask, apix)
-    info = {"voxels_inside": int((mask >= 0.5).sum()), "fraction": float(mask.mean()), "pixel_size": apix}
-    log.info("mask %s: %d voxels >= 0.5 (mean %.3f), %.3f Å/px", args.output, info["voxels_inside"],
-             info["fraction"], apix)
+    info = {"voxels_inside": int((mask >= 0.5).sum()), "fraction": float(mask.mean()), "pixel_size": apix,
+            "map_max": float(np.max(vol))}
+    log.info("mask %s: %d voxels >= 0.5 (mean %.3f), %.3f Å/px; map maximum %.4g%s", args.output,
+             info["voxels_inside"], info["fraction"], apix, info["map_max"],
+             " after the low-pass" if args.lowpass > 0 else "")
     return info
 
 
