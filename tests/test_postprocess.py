@@ -254,9 +254,9 @@ def test_postprocess_matches_relion_postprocess(half_maps, ours):
     r = pp.Result(box=n, pixel_size=apix, fsc_unmasked=None,
                   fsc_true=theirs["fsc"]["rlnFourierShellCorrelationCorrected"].to_numpy(), resolution=res)
     pp.sharpen(r, h1, h2, fit_lowres=10.0, fit_highres=res)
-    assert r.bfactor == pytest.approx(rel_b, rel=1e-3)
+    assert r.bfactor == pytest.approx(rel_b, rel=1e-4)  # RELION's STAR holds 6 significant digits
     rmap, _ = read_map(d / "relion.mrc")
-    assert np.abs(r.map - rmap).max() <= 1e-3 * np.abs(rmap).max()
+    assert np.abs(r.map - rmap).max() <= 1e-5 * np.abs(rmap).max()  # measured 3e-7: float32 maps
 
 
 def test_sharpened_map_no_worse_against_truth(half_maps, ours):
