@@ -172,8 +172,9 @@ def postprocess(args) -> dict:
                fit_highres=args.autob_highres, fsc_weighting=not args.skip_fsc_weighting, low_pass=args.low_pass,
                mtf=mtf)
     if args.auto_bfac and not np.isfinite(r.bfactor):
-        raise InputError("--autob-lowres", f"fewer than two shells between {args.autob_lowres:g} Å and the high "
-                                           f"limit: widen the B-factor fit range")
+        hi = {0.0: f"the final resolution ({r.resolution:.2f} Å)"}.get(args.autob_highres, f"{args.autob_highres:g} Å")
+        raise InputError("--autob-lowres", f"fewer than two shells from {args.autob_lowres:g} Å to {hi}: give a "
+                                           f"lower resolution (e.g. --autob-lowres 20) or --adhoc-bfac")
     write_map(os.path.join(out, "postprocess.mrc"), r.map, apix)
     if mask is not None:
         write_map(os.path.join(out, "postprocess_masked.mrc"), r.map * mask, apix)
