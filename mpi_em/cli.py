@@ -205,6 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=short, description=long)
         em.add_arguments(p, name)
         p.set_defaults(func=_em_job, mode=name)
+    from .jobs import mask as mask_job, postprocess as pp_job
+
+    p = sub.add_parser("mask", help="soft solvent mask from a map (threshold, extension, soft edge)",
+                       description="A solvent mask as RELION's relion_mask_create: optional low-pass, binarisation "
+                                   "at a threshold, extension in pixels, raised-cosine soft edge; MRC with the "
+                                   "map's voxel size.")
+    mask_job.add_arguments(p)
+    p.set_defaults(func=lambda a, c: mask_job.run(a, c))
+    p = sub.add_parser("postprocess", help="mask-corrected FSC, B-factor, sharpened and FSC-weighted map",
+                       description="RELION's post-processing of two half maps: unmasked, masked, phase-randomised "
+                                   "and corrected FSC (Chen et al. 2013), final resolution, B-factor from a Guinier "
+                                   "fit or given, FSC-weighted sharpened map low-passed at the final resolution.")
+    pp_job.add_arguments(p)
+    p.set_defaults(func=lambda a, c: pp_job.run(a, c))
     p = sub.add_parser("fsc", help="FSC between two maps and the resolution at a threshold")
     _fsc_args(p)
     p.set_defaults(func=_fsc)
@@ -224,7 +238,7 @@ def main(argv=None) -> int:
         return 2
     _setup_logging(comm.rank, args.quiet)
     out_dir = getattr(args, "continue_dir", None) or getattr(args, "output", None) \
-        if args.command in ("reconstruct", "refine3d", "class3d", "class2d") else None
+        if args.command in ("reconstruct", "refine3d", "class3d", "class2d", "postprocess") else None
     try:
         if out_dir and comm.rank == 0 and not os.path.isdir(out_dir):
             try:

@@ -1,4 +1,5 @@
-"""Soft spherical masks (cosine edge), for 2D images and 3D volumes."""
+"""Masks: soft spherical masks (cosine edge) for 2D images and 3D volumes; solvent masks from a map (RELION's
+relion_mask_create) and RELION's raised-cosine low-pass filter."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,3 +15,70 @@ def soft_sphere(box: int, radius: float, width: float = 3.0, ndim: int = 3, xp=n
         edge = (r > radius) & (r < radius + width)
         m = xp.where(edge, 0.5 + 0.5 * xp.cos(np.pi * (r - radius) / width), m)
     return m.astype(dtype)
+
+
+def _min_sq_distance(binary: np.ndarray, reach: int) -> np.ndarray:
+    """Squared distance from every voxel to the nearest True voxel within the cube |dz|, |dy|, |dx| <= ``reach``
+    (inf where there is none), as RELION's autoMask searches it. Exact: the squared distance is a sum over the
+    axes, so the minimum over the cube is taken one axis at a time (3 (2 reach + 1) shifted minima)."""
+    d = np.where(binary, 0.0, np.inf)
+    if reach <= 0:
+        return d
+    offsets = np.arange(-reach, reach + 1)
+    for axis in range(3):
+        pad = [(0, 0)] * 3
+        pad[axis] = (reach, reach)
+        p = np.pad(d, pad, constant_values=np.inf)
+        n = d.shape[axis]
+        out = np.full(d.shape, np.inf)
+        for o in offsets:
+            sl = [slice(None)] * 3
+            sl[axis] = slice(reach + o, reach + o + n)
+            np.minimum(out, p[tuple(sl)] + float(o * o), out=out)
+        d = out
+    return d
+
+
+def lowpass_map(vol, resolution: float, pixel_size: float, edge_width: int = 2) -> np.ndarray:
+    """RELION's lowPassFilterMap: a raised-cosine low-pass from shell round(N apix / resolution) - edge_width // 2
+    to + edge_width // 2 (frequencies in 1/pixel), zero beyond."""
+    vol = np.asarray(vol, dtype=np.float64)
+    n = vol.shape[-1]
+    F = np.fft.rfftn(vol)
+    F *= lowpass_weights(n, resolution, pixel_size, edge_width)
+    return np.fft.irfftn(F, s=vol.shape, axes=(0, 1, 2))
+
+
+def lowpass_weights(n: int, resolution: float, pixel_size: float, edge_width: int = 2) -> np.ndarray:
+    """The (n, n, n//2+1) weights of :func:`lowpass_map` (RELION's raised-cosine edge)."""
+    from .fourier import radius_3d
+
+    ires = int(np.floor(n * pixel_size / resolution + 0.5))
+    half = int(edge_width) // 2
+    lo = max(0.0, (ires - half) / n)
+    hi = min(n // 2 + 1, (ires + half) / n)
+    res = radius_3d(n) / n
+    w = np.ones_like(res)
+    w[res > hi] = 0.0
+    edge = (res >= lo) & (res <= hi)
+    if hi > lo:
+        w[edge] = 0.5 + 0.5 * np.cos(np.pi * (res[edge] - lo) / (hi - lo))
+    return w
+
+
+def threshold_mask(vol, threshold: float, extend: float = 0.0, soft_edge: float = 0.0) -> np.ndarray:
+    """A solvent mask from a map, RELION's ``relion_mask_create`` (autoMask): 1 where ``vol >= threshold``;
+    extended by ``extend`` pixels (a voxel becomes 1 when a 1-voxel lies closer than ``extend``; negative values
+    shrink the mask the same way); then a raised-cosine edge ``soft_edge`` pixels wide, 0.5 + 0.5 cos(pi d / w)
+    at distance d from the nearest 1-voxel. Returns float32 values in [0, 1]."""
+    m = np.asarray(vol) >= threshold
+    if extend > 0:
+        m |= _min_sq_distance(m, int(np.ceil(extend))) < extend * extend
+    elif extend < 0:
+        m &= ~(_min_sq_distance(~m, int(np.ceil(-extend))) < extend * extend)
+    out = m.astype(np.float64)
+    if soft_edge > 0:
+        d2 = _min_sq_distance(m, int(np.ceil(soft_edge)))
+        edge = ~m & (d2 < soft_edge * soft_edge)
+        out[edge] = 0.5 + 0.5 * np.cos(np.pi * np.sqrt(d2[edge]) / soft_edge)
+    return out.astype(np.float32)

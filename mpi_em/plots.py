@@ -68,3 +68,27 @@ def class_sizes_png(path, history, title: str = "") -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
     plt.close(fig)
+
+
+def guinier_png(path, x, curves: dict, fit=None, title: str = "") -> None:
+    """Guinier plot: ln(amplitude) against resolution^2 (1/Å^2), one line per curve (points at -99, RELION's
+    'no amplitude', left out); ``fit`` = (slope, intercept, x_low, x_high) draws the fitted line over its range."""
+    plt = _plt()
+    x = np.asarray(x)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for label, y in curves.items():
+        y = np.asarray(y)
+        ok = y > -99
+        ax.plot(x[ok], y[ok], marker=".", ms=3, label=label)
+    if fit is not None:
+        slope, intercept, x0, x1 = fit
+        xx = np.array([x0, x1])
+        ax.plot(xx, intercept + slope * xx, color="black", ls="--", lw=1, label="fit")
+    ax.set_xlabel("resolution$^2$ (1/Å$^2$)")
+    ax.set_ylabel("ln(amplitude)")
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+    plt.close(fig)
