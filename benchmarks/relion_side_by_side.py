@@ -592,7 +592,7 @@ class Bench:
         R = self.em_ranks(job)
         os.makedirs(os.path.join(self.out, job, "relion"), exist_ok=True)
         name = "relion_refine_mpi" + (" --grad" if job == "class2d-vdam" else "")
-        d, r = self.exec(job, name, self.relion("relion_refine_mpi", R) + ["--i", unal, "--o", "run"] + rel +
+        d, r = self.exec(job, name, self.relion("relion_refine_mpi", R) + ["--i", unal, "--o", os.path.join(self.out, job, "relion", "run")] + rel +
                          self.common_relion(), "relion", R)
         row = {"job": job, "program": name, "procs": f"{R} ranks x {a.threads} thr (1 leader)",
                "wall_s": r["wall_s"], "status": status_of(r), "peak_gpu_mib": r["peak_gpu_mib"],
