@@ -440,7 +440,8 @@ class Bench:
         # Open MPI (Debian's relion): allow root, oversubscription (RELION's leader rank) and let idle ranks
         # yield the core instead of polling; ignored by other MPIs
         self.env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-                        OMPI_MCA_rmaps_base_oversubscribe="1", OMPI_MCA_mpi_yield_when_idle="1")
+                        OMPI_MCA_rmaps_base_oversubscribe="1", OMPI_MCA_mpi_yield_when_idle="1",
+                        OMPI_MCA_hwloc_base_binding_policy="none")
         self.bin = os.path.abspath(args.relion_bin)
         self.rows: list[dict] = []
         self.record: dict = {}
@@ -458,13 +459,22 @@ class Bench:
             return [self.args.relion_mpirun, "-n", str(ranks), exe]
         return [exe]
 
+    def have(self, prog) -> bool:
+        return os.access(os.path.join(self.bin, prog), os.X_OK)
+
     def relion_help(self, prog) -> str:
+        """--help of ``prog`` (of its serial or MPI twin where only that one is built)."""
         if prog not in self._help:
-            try:
-                self._help[prog] = subprocess.run([os.path.join(self.bin, prog), "--help"], capture_output=True,
-                                                  text=True, timeout=60).stdout
-            except (OSError, subprocess.SubprocessError):
-                self._help[prog] = ""
+            self._help[prog] = ""
+            for name in (prog, prog + "_mpi", prog.replace("_mpi", "")):
+                if self.have(name):
+                    try:
+                        self._help[prog] = subprocess.run([os.path.join(self.bin, name), "--help"],
+                                                          capture_output=True, text=True, timeout=60,
+                                                          env=self.env).stdout
+                    except (OSError, subprocess.SubprocessError):
+                        continue
+                    break
         return self._help[prog]
 
     def em_ranks(self, job):
@@ -508,7 +518,7 @@ class Bench:
         return d, r
 
     # -- jobs
-    def reconstruct(self, job, ranks):
+    def reconstruct(self, job, ranks, relion_ranks, threads):
         a, T = self.args, self.truth
         star = os.path.join(self.data, "particles_abs.star")
         d, r = self.exec(job, "mpi_em", self.ours(ranks) + ["reconstruct", "--i", star, "--o", "out", "--device",
@@ -521,14 +531,16 @@ class Bench:
             row.update(resolution=s.get("resolution_0143"), seconds_internal=s.get("seconds_total"))
             row["map_vs_truth_05"] = T.res05(os.path.join(d, "out", "map.mrc"))
         self.add(row)
-        prog = "relion_reconstruct_mpi" if ranks > 1 else "relion_reconstruct"
-        base = self.relion(prog, ranks) + ["--i", star, "--ctf", "--pad", "2", "--sym", "C1"]
+        prog = "relion_reconstruct_mpi" if relion_ranks > 1 else "relion_reconstruct"
+        if not self.have(prog):  # only one of the two built
+            prog = "relion_reconstruct" if prog.endswith("_mpi") else "relion_reconstruct_mpi"
+        base = self.relion(prog, relion_ranks) + ["--i", star, "--ctf", "--pad", "2", "--sym", "C1"]
         if help_has(self.relion_help("relion_reconstruct"), "--j"):
-            base += ["--j", a.threads]
+            base += ["--j", threads]
         walls, peaks, runs, status = [], [], [], "ok"
         for what, extra in (("half1", ["--subset", "1"]), ("half2", ["--subset", "2"]), ("full", [])):
             dd, rr = self.exec(job, f"{prog} {what}", base + ["--o", f"{what}.mrc"] + extra, f"relion_{what}",
-                               ranks)
+                               relion_ranks)
             runs.append(rr)
             if status_of(rr) != "ok" and status == "ok":
                 status = f"{what}: {status_of(rr)}"
@@ -536,7 +548,9 @@ class Bench:
                 walls.append(rr["wall_s"])
             if rr["peak_gpu_mib"] is not None:
                 peaks.append(rr["peak_gpu_mib"])
-        row = {"job": job, "program": prog, "procs": f"{ranks} rank(s)", "wall_s": sum(walls), "status": status,
+        thr = f" x {threads} thr" if "--j" in base else ""
+        row = {"job": job, "program": prog, "procs": f"{relion_ranks} rank(s){thr}", "wall_s": sum(walls),
+               "status": status,
                "peak_gpu_mib": max(peaks) if peaks else None, "wall_full_map_s": runs[2]["wall_s"],
                "command": " ; ".join(x["command"] for x in runs)}
         h1, h2 = (os.path.join(self.out, job, f"relion_half{k}", f"half{k}.mrc") for k in (1, 2))
@@ -608,9 +622,10 @@ class Bench:
         os.makedirs(self.out, exist_ok=True)
         ver = ""
         try:
-            ver = subprocess.run([os.path.join(self.bin, "relion_refine"), "--version"], capture_output=True,
-                                 text=True, timeout=60).stdout
-        except (OSError, subprocess.SubprocessError):
+            exe = next(p for p in ("relion_refine", "relion_refine_mpi", "relion_reconstruct") if self.have(p))
+            ver = subprocess.run([os.path.join(self.bin, exe), "--version"], capture_output=True, text=True,
+                                 timeout=60, env=self.env).stdout
+        except (OSError, StopIteration, subprocess.SubprocessError):
             pass
         import mpi_em
 
@@ -636,9 +651,9 @@ class Bench:
             print(f"{job}:", flush=True)
             try:
                 if job == "reconstruct":
-                    self.reconstruct(job, a.ranks)
+                    self.reconstruct(job, a.ranks, a.relion_reconstruct_ranks or a.ranks, a.threads)
                 elif job == "reconstruct-1":
-                    self.reconstruct(job, 1)
+                    self.reconstruct(job, 1, 1, 1)
                 else:
                     self.em(job)
             except Exception as e:  # noqa: BLE001 (one job's failure keeps the others' results)
@@ -715,6 +730,9 @@ def parse_args(argv=None):
     p.add_argument("--relion-ranks", type=int, default=None,
                    help="MPI processes of relion_refine_mpi (default --ranks + 1: a leader and --ranks workers; at "
                         "least 3 for auto-refine)")
+    p.add_argument("--relion-reconstruct-ranks", type=int, default=None,
+                   help="MPI processes of relion_reconstruct_mpi in the 'reconstruct' job (default --ranks; RELION's "
+                        "reconstruction runs on CPU cores only)")
     p.add_argument("--threads", type=int, default=1, help="RELION --j (default 1)")
     p.add_argument("--omp-threads", type=int, default=1, help="OMP_NUM_THREADS of every process (default 1)")
     p.add_argument("--pool", type=int, default=3, help="RELION --pool (default 3)")
