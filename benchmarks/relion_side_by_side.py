@@ -213,6 +213,7 @@ def run(cmd, log_path, cwd, timeout, env, gpu=False):
     with open(log_path, "w") as log:
         log.write("$ " + shlex.join(str(c) for c in cmd) + "\n")
         log.flush()
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         with GpuSampler(gpu) as g:
             t0 = time.time()
             p = subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env,
@@ -235,6 +236,7 @@ def run(cmd, log_path, cwd, timeout, env, gpu=False):
                 rc = p.returncode if p.returncode is not None else -9
             wall = time.time() - t0
     return {"rc": rc, "wall_s": wall, "start": t0, "timed_out": timed_out, "peak_gpu_mib": g.peak_mib,
+            "load_before": load, "load_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "command": shlex.join(str(c) for c in cmd), "log": log_path}
 
 
@@ -524,7 +526,8 @@ class Bench:
         d, r = self.exec(job, "mpi_em", self.ours(ranks) + ["reconstruct", "--i", star, "--o", "out", "--device",
                                                             "gpu" if a.gpu else "cpu", "--pad", 2], "mpi_em", ranks)
         row = {"job": job, "program": "mpi_em", "procs": f"{ranks} rank(s)", "wall_s": r["wall_s"],
-               "status": status_of(r), "peak_gpu_mib": r["peak_gpu_mib"], "command": r["command"]}
+               "status": status_of(r), "peak_gpu_mib": r["peak_gpu_mib"], "command": r["command"],
+               "load_average_1min": [r["load_before"], r["load_after"]]}
         rj = os.path.join(d, "out", "run.json")
         if os.path.exists(rj):
             s = json.load(open(rj))
@@ -552,7 +555,9 @@ class Bench:
         row = {"job": job, "program": prog, "procs": f"{relion_ranks} rank(s){thr}", "wall_s": sum(walls),
                "status": status,
                "peak_gpu_mib": max(peaks) if peaks else None, "wall_full_map_s": runs[2]["wall_s"],
-               "command": " ; ".join(x["command"] for x in runs)}
+               "command": " ; ".join(x["command"] for x in runs),
+               "walls_half1_half2_full_s": [x["wall_s"] for x in runs],
+               "load_average_1min": [[x["load_before"], x["load_after"]] for x in runs]}
         h1, h2 = (os.path.join(self.out, job, f"relion_half{k}", f"half{k}.mrc") for k in (1, 2))
         if os.path.exists(h1) and os.path.exists(h2):
             import mrcfile
@@ -600,7 +605,8 @@ class Bench:
             d, r = self.exec(job, "mpi_em", self.ours(P) + ours + ["--i", unal, "--o", "out"] + self.common_ours(),
                              "mpi_em", P)
             row = {"job": job, "program": "mpi_em", "procs": f"{P} rank(s)", "wall_s": r["wall_s"],
-                   "status": status_of(r), "peak_gpu_mib": r["peak_gpu_mib"], "command": r["command"]}
+                   "status": status_of(r), "peak_gpu_mib": r["peak_gpu_mib"], "command": r["command"],
+               "load_average_1min": [r["load_before"], r["load_after"]]}
             row.update(summarize_em(os.path.join(d, "out"), T, mode, r, "mpi_em"))
             self.add(row)
         R = self.em_ranks(job)
@@ -665,7 +671,11 @@ class Bench:
         plot(self.rows, os.path.join(self.out, "side_by_side.png"), self.record)
         print()
         print(table(self.rows))
-        print(f"\nstart map vs truth (FSC 0.5): {fmt(self.record['start_map_vs_truth_05'])} Å; "
+        loads = [x for r in self.rows for x in np.ravel(r.get("load_average_1min", [])) if x is not None]
+        if loads:
+            print(f"\nload average (1 min) at the runs' start and end: {min(loads):.1f} to {max(loads):.1f} "
+                  f"on {os.cpu_count()} cores")
+        print(f"start map vs truth (FSC 0.5): {fmt(self.record['start_map_vs_truth_05'])} Å; "
               f"JSON: {os.path.join(self.out, 'side_by_side.json')}")
 
 
