@@ -1,0 +1,70 @@
+"""The pure helpers of benchmarks/relion_side_by_side.py (file names, RELION's text output, per-iteration times)."""
+import importlib.util
+import os
+
+import pytest
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "relion_side_by_side.py")
+_spec = importlib.util.spec_from_file_location("relion_side_by_side", _PATH)
+sbs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sbs)
+
+
+def test_iteration_of():
+    assert sbs.iteration_of("/x/run_it012_half1_model.star") == 12
+    assert sbs.iteration_of("run_it000_data.star") == 0
+    assert sbs.iteration_of("run_model.star") is None
+    assert sbs.iteration_of("/a_it003_b/run_data.star") is None  # only the file's own name counts
+
+
+def test_relion_text():
+    assert sbs.relion_version("RELION version: 3.1.3 \nPrecision: BASE=double") == "3.1.3"
+    assert sbs.relion_version("RELION version: 5.0.1-commit-abc\n") == "5.0.1-commit-abc"
+    assert sbs.relion_version("nothing") is None
+    h = "  --j (1) : Number of threads\n  --grad (false) : VDAM\n  --jpeg () : x\n"
+    assert sbs.help_has(h, "--j") and sbs.help_has(h, "--grad")
+    assert not sbs.help_has(h, "--jp") and not sbs.help_has(h, "--center_classes")
+    out = (" Auto-refine: + Final resolution (without masking) is: 19.2\n"
+           " Auto-refine: + Final resolution (without masking) is: 7.55\n")
+    assert sbs.final_resolution_from_stdout(out) == 7.55
+    assert sbs.final_resolution_from_stdout("Expectation iteration 3") is None
+
+
+def test_seconds_per_iteration():
+    # RELION: iteration 0's files are the set-up; iteration k's time is the gap between end times
+    ends = {0: 5.0, 1: 15.0, 2: 18.0, 3: 22.0}
+    assert sbs.seconds_per_iteration(ends) == {1: 10.0, 2: 3.0, 3: 4.0}
+    # mpi_em: no iteration 0, the first from the job's start
+    assert sbs.seconds_per_iteration({1: 7.0, 2: 9.5}, start=0.0) == {1: 7.0, 2: 2.5}
+    assert sbs.seconds_per_iteration({1: 7.0, 2: 9.5}) == {2: 2.5}
+    # the steady rate leaves the first iteration out when there are others
+    assert sbs.steady_seconds({1: 10.0, 2: 3.0, 3: 5.0, 4: 4.0}) == 4.0
+    assert sbs.steady_seconds({1: 10.0}) == 10.0
+    assert sbs.steady_seconds({}) is None
+    assert sbs.by_order({1: 10.0, 2: 3.0, 3: 5.0, 4: 9.0}, {1: 2, 2: 2, 3: 3, 4: 3}) == {2: 3.0, 3: 7.0}
+
+
+def test_table_and_ratio():
+    rows = [{"job": "refine3d", "program": "mpi_em", "procs": "2 rank(s)", "wall_s": 10.0,
+             "seconds_per_iteration": 1.0, "iterations": 9, "resolution": 5.25, "map_vs_truth_05": 5.3,
+             "median_angular_error": 1.5, "status": "ok"},
+            {"job": "refine3d", "program": "relion_refine_mpi", "procs": "3 ranks", "wall_s": 200.0,
+             "seconds_per_iteration": 25.0, "iterations": 12, "resolution": 6.4, "map_vs_truth_05": None,
+             "status": "timeout"},
+            {"job": "class2d-vdam", "program": "relion_refine_mpi --grad", "status": "skipped: no --grad"}]
+    t = sbs.table(rows)
+    lines = t.splitlines()
+    assert lines[0].split()[:4] == ["job", "program", "procs", "wall"]
+    assert "5.30" in lines[2] and "timeout" in lines[3] and "skipped: no --grad" in lines[4]
+    assert "wall ours/RELION 0.050 (RELION/ours 20.00x)" in t
+    assert "s/it ours/RELION 0.040 (RELION/ours 25.00x)" in t
+    assert "map vs truth" not in t  # RELION's map vs truth missing: no comparison printed
+    assert sbs.ratio(1.0, None) is None and sbs.ratio(1.0, 0.0) is None and sbs.ratio(3.0, 2.0) == 1.5
+
+
+def test_arguments():
+    a = sbs.parse_args(["--relion-bin", "/usr/bin", "--out", "x", "--box", "64", "--apix", "2"])
+    assert a.diameter == pytest.approx(102.4)
+    assert a.jobs == ["reconstruct", "refine3d", "class3d", "class2d"]
+    with pytest.raises(SystemExit):
+        sbs.parse_args(["--relion-bin", "/usr/bin", "--out", "x", "--jobs", "refine2d"])
