@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# mpi_em and RELION's GPU programs side by side on one GPU (benchmarks/relion_side_by_side.py with the GPU settings
+# of benchmarks/results/relion-side-by-side/), on a machine whose python3 has CuPy and mpi4py (Open MPI).
+# RELION's GPU programs are taken from $RELION_BIN (default /tmp/relion-gpu/bin); this script builds nothing.
+# mpi_em: 1 rank on the GPU. RELION: relion_refine_mpi with 3 ranks (a leader and 2 GPU workers x 4 threads),
+# relion_reconstruct_mpi on 8 CPU ranks (RELION's reconstruction has no GPU code).
+# Usage (repo root): bash benchmarks/relion_side_by_side_gpu.sh OUTDIR [N] [BOX]   (JOBS, ITER, TIMEOUT: env)
+set -uo pipefail
+out=${1:?usage: relion_side_by_side_gpu.sh OUTDIR [N] [BOX]}; n=${2:-10000}; box=${3:-128}
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
+export LD_LIBRARY_PATH=/tmp:${LD_LIBRARY_PATH:-}   # RELION's build links a libtiff stub from /tmp
+# shellcheck disable=SC2086
+python3 benchmarks/relion_side_by_side.py --relion-bin "${RELION_BIN:-/tmp/relion-gpu/bin}" \
+  --relion-mpirun "$(command -v mpirun)" --mpi-em-cmd "mpirun -n {ranks} --bind-to none python3 -m mpi_em" \
+  --gpu --ranks 1 --relion-ranks 3 --relion-reconstruct-ranks 8 --threads 4 --box "$box" --n "$n" --snr 0.05 \
+  --apix 1.5 --iter "${ITER:-5}" --k3d 4 --k2d 50 --timeout "${TIMEOUT:-300}" \
+  --jobs ${JOBS:-reconstruct refine3d class3d class2d} --out "$out"
