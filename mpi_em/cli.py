@@ -289,7 +289,8 @@ def main(argv=None) -> int:
     except MpiEmError as e:
         from .distributed import RankFailed
 
-        lines = [" ".join(line.split()) for line in str(e).split("; ")]  # each message on one line
+        # one line per failing rank, each on one line
+        lines = [" ".join(str(m).split()) for m in (e.messages if isinstance(e, RankFailed) else [e])]
         agreed = isinstance(e, RankFailed) or _others_ended_too(comm, dup)
         if comm.rank == 0 or not agreed:
             for line in lines:

@@ -151,12 +151,11 @@ def _tmpfs(path, size="16m"):
 def _fill(folder):
     """Fill the file system of ``folder`` to the last byte; returns the filler's path."""
     path = os.path.join(folder, "filler")
-    with open(path, "wb") as f:
+    with open(path, "wb", buffering=0) as f:
         for block in (1 << 20, 1 << 12, 1):
             with contextlib.suppress(OSError):
                 while True:
                     f.write(b"\0" * block)
-                    f.flush()
     return path
 
 

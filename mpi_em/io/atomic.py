@@ -223,7 +223,7 @@ def lock_folder(folder) -> bool:
         f.seek(0)
         holder = f.read().strip() or "unknown"
         f.close()
-        raise OutputError(os.fspath(folder), f"in use by another mpi-em job ({holder}); wait for it to end or "
+        raise OutputError(os.fspath(folder), f"in use by another mpi-em job ({holder}): wait for it to end, or "
                           "choose another output folder") from None
     except OSError as e:  # no lock support (some network file systems): go on without
         f.close()

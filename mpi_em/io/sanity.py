@@ -53,7 +53,7 @@ def warn_absurd_values(star) -> list[str]:
         if bad.size:
             i = int(bad[0])
             out.append(f"{star.path}: field {field}: {bad.size} particle(s) with a defocus below 0 or above "
-                       f"{DEFOCUS_MAX:.0e} Å (row {i + 1}: {v[i]:g} Å); the CTF expects Å")
+                       f"{DEFOCUS_MAX:.0e} Å (row {i + 1}: {v[i]:g} Å): the CTF expects Å")
     for w in out:
         log.warning("warning: %s", w)
     return out
@@ -86,5 +86,5 @@ def check_same_input(now: dict, then: dict, folder) -> None:
         changes.append("other images (or another order) than the run's")
         field = "rlnImageName"
     if changes:
-        raise InputError(now["path"], f"changed since the run in {folder} started: {', '.join(changes)}; "
-                         "--continue needs the run's own particles", field=field)
+        raise InputError(now["path"], f"changed since the run in {folder} started: {', '.join(changes)} "
+                         "(--continue needs the run's own particles)", field=field)

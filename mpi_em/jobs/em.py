@@ -472,6 +472,10 @@ def run(args, comm, mode: str) -> dict:
         state = None
         if not args.input or not args.output:
             raise MpiEmError(f"{mode} needs --i STAR and --o DIR (or --continue DIR)")
+        # recorded in the checkpoint by absolute path: --continue works from any working directory
+        args.input = os.path.abspath(args.input)
+        if getattr(args, "ref", None):
+            args.ref = os.path.abspath(args.ref)
     if args.iter is None:
         args.iter = 20 if mode == "refine3d" else 25
     from ..distributed import agree
