@@ -508,3 +508,57 @@ def test_error_messages_are_picklable_subclasses():
 
     for cls in subclasses(MpiEmError):
         assert "__reduce__" in vars(cls) or cls.__init__ is MpiEmError.__init__, cls
+
+
+def test_run_log_on_a_full_disk_warns_once(tmp_path, capsys):
+    """run.log that cannot be written: one warning on stderr, then silence (no '--- Logging error ---' per line)."""
+    import errno
+    import logging
+
+    from mpi_em import cli
+
+    class Full:
+        def write(self, _):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    h = cli._RunLog(tmp_path / "run.log")
+    h.stream.close()
+    h.stream = Full()
+    rec = logging.LogRecord("mpi_em", logging.INFO, __file__, 0, "iteration %d", (1,), None)
+    for _ in range(3):
+        h.emit(rec)
+    err = capsys.readouterr().err
+    assert err.count("mpi-em: warning: cannot write") == 1 and "No space left on device" in err
+    assert "Logging error" not in err and "Traceback" not in err
+
+
+_ONE_RANK_FAILS = """
+import sys
+from mpi_em import cli
+from mpi_em.errors import OutputError
+
+def boom(args, comm):  # an error outside any agreed step, on rank 1 only; rank 0 goes on into a collective
+    if comm.rank == 1:
+        raise OutputError("/somewhere/x.json", "cannot write: No space left on device")
+    comm.barrier()
+
+cli._fsc = boom
+sys.exit(cli.main(["fsc", "a.mrc", "b.mrc"]))
+"""
+
+
+def test_an_error_on_one_rank_outside_an_agreed_step_ends_the_job(tmp_path):
+    """Safety net: a rank that stops with an error its peers did not agree on (they wait in a collective) aborts
+    the job with the error's exit code and one line, within seconds instead of hanging."""
+    if MPIRUN is None:
+        pytest.skip("no mpirun on PATH")
+    t0 = time.monotonic()
+    r = subprocess.run([MPIRUN, "-n", "2", sys.executable, "-c", _ONE_RANK_FAILS], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    errors = _errors(r.stderr)
+    assert r.returncode == 3, r.stderr
+    assert errors == ["mpi-em: error: rank 1: /somewhere/x.json: cannot write: No space left on device"], r.stderr
+    assert time.monotonic() - t0 < 60
