@@ -307,8 +307,9 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     data = work / "data"
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "mpi_em", "simulate", "--out", data, "--box", BOX, "--n", N,
-                        "--snr", 1.0, "--apix", 4.0, "--seed", 4, "--per-stack", 120], capture_output=True,
+    r = subprocess.run([str(a) for a in [sys.executable, "-m", "mpi_em", "simulate", "--out", data, "--box", BOX,
+                                         "--n", N, "--snr", 1.0, "--apix", 4.0, "--seed", 4, "--per-stack", 120]],
+                       capture_output=True,
                        text=True, env=dict(os.environ, MPI_EM_DEVICE="cpu"))
     assert r.returncode == 0, r.stderr
     from mpi_em.em.model import lowpass
