@@ -400,16 +400,17 @@ def test_continue_refuses_another_input_and_finds_its_own_from_anywhere(data, tm
         assert r.returncode == 2 and len(errors) == 1, r.stderr
         assert str(star) in errors[0] and "changed since the run" in errors[0] and what in errors[0], errors
     shutil.copy(tmp_path / "keep.star", star)
-    r = mpi_em(["refine3d", "--continue", out], ranks=0, cwd=tmp_path)  # not the folder the run started in
-    assert r.returncode == 0, r.stderr
+    # --iter 1: the inputs are read and checked, no iteration is run (the results of a continued run are checked
+    # by the kill and full-disk tests)
+    r = mpi_em(["refine3d", "--continue", out, "--iter", 1], ranks=0, cwd=tmp_path)  # not the run's folder
+    assert r.returncode == 0 and not _errors(r.stderr), r.stderr
     old = tmp_path / "old"
     ptr = json.load(open(old / "checkpoint.json"))
     del ptr["input"]
     ptr["args"]["input"] = str(star)
     json.dump(ptr, open(old / "checkpoint.json", "w"))
-    r = mpi_em(["refine3d", "--continue", old], ranks=0)
+    r = mpi_em(["refine3d", "--continue", old, "--iter", 1], ranks=0)
     assert r.returncode == 0 and "has no record of its input" in r.stderr, r.stderr
-    _same_result(out, old)
 
 
 # ------------------------------------------------------------------------------------ degenerate inputs
