@@ -25,10 +25,54 @@ def _setup_logging(rank: int, quiet: bool = False) -> None:
     log.propagate = False
 
 
+class _RunLog(logging.FileHandler):
+    """run.log: a log file that, when it cannot be written (full disk), says so once on stderr and stops, instead
+    of printing a '--- Logging error ---' traceback for every later line."""
+
+    failed = False
+
+    def handleError(self, record) -> None:  # noqa: N802 - logging's name
+        if self.failed:
+            return
+        self.failed = True
+        err = sys.exc_info()[1]
+        sys.stderr.write(f"mpi-em: warning: cannot write {self.baseFilename} "
+                         f"({getattr(err, 'strerror', None) or err}); logging to stderr only\n")
+
+    def emit(self, record) -> None:
+        if not self.failed:
+            super().emit(record)
+
+
 def _add_log_file(path: str) -> None:
-    fh = logging.FileHandler(path)
+    fh = _RunLog(path)
     fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(fh)
+
+
+def _error_to_run_log(lines) -> None:
+    """The final error into run.log (where it can still be written); stderr gets it anyway."""
+    for h in log.handlers:
+        if isinstance(h, _RunLog) and not h.failed:
+            for line in lines:
+                h.emit(logging.LogRecord("mpi_em", logging.ERROR, __file__, 0, f"error: {line}", None, None))
+
+
+def _others_ended_too(comm, dup, timeout: float = 5.0) -> bool:
+    """After an error that was not agreed on (not RankFailed): True when every rank reaches this point within
+    ``timeout`` seconds (the same error everywhere, e.g. a bad option), False when some rank is still inside
+    a collective, waiting for this one (then the job must be aborted, or it would hang forever)."""
+    import time
+
+    if dup is None:
+        return True
+    req = dup.Ibarrier()
+    t0 = time.monotonic()
+    while not req.Test():
+        if time.monotonic() - t0 > timeout:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -236,24 +280,47 @@ def main(argv=None) -> int:
         if launcher_rank() == 0:
             print(f"mpi-em: error: {mismatch}", file=sys.stderr)
         return 2
+    # a second communicator for the exit agreement only: its barrier never mixes with a collective of the job
+    dup = comm.Dup() if comm.size > 1 else None
     _setup_logging(comm.rank, args.quiet)
+    continuing = bool(getattr(args, "continue_dir", None))
     out_dir = getattr(args, "continue_dir", None) or getattr(args, "output", None) \
         if args.command in ("reconstruct", "refine3d", "class3d", "class2d", "postprocess") else None
     try:
-        if out_dir and comm.rank == 0 and not os.path.isdir(out_dir):
-            try:
-                os.makedirs(out_dir, exist_ok=True)
-            except OSError:
-                pass  # reported as a clear error by the job's own check
-        if out_dir and comm.rank == 0 and os.path.isdir(out_dir) and os.access(out_dir, os.W_OK):
-            _add_log_file(os.path.join(out_dir, "run.log"))
+        if out_dir:
+            from .distributed import root_step
+            from .io.atomic import claim_output
+
+            # the folder locked for the job's life; a new run refuses a folder that holds another run unless
+            # --overwrite; a --continue folder must exist (never created)
+            claim = root_step(comm, claim_output, out_dir, continuing=continuing,
+                              overwrite=bool(getattr(args, "overwrite", False)))
+            if comm.rank == 0:
+                try:
+                    _add_log_file(os.path.join(out_dir, "run.log"))
+                except OSError as e:
+                    log.warning("cannot open %s (%s): logging to stderr only", os.path.join(out_dir, "run.log"),
+                                e.strerror or e)
+                if claim["removed"]:
+                    log.info("--overwrite: removed %d files of the previous run in %s", len(claim["removed"]),
+                             claim["folder"])
         args.func(args, comm)
     except MpiEmError as e:
-        if comm.rank == 0:
-            for line in str(e).split("; "):
-                print(f"mpi-em: error: {line}", file=sys.stderr)
+        from .distributed import RankFailed
+
+        # one line per failing rank, each on one line
+        lines = [" ".join(str(m).split()) for m in (e.messages if isinstance(e, RankFailed) else [e])]
+        agreed = isinstance(e, RankFailed) or _others_ended_too(comm, dup)
+        if comm.rank == 0 or not agreed:
+            for line in lines:
+                print(f"mpi-em: error: {line}" if agreed or comm.size == 1 else
+                      f"mpi-em: error: rank {comm.rank}: {line}", file=sys.stderr)
+            _error_to_run_log(lines)
         sys.stderr.flush()
-        return getattr(e, "exit_code", 1) or 1
+        code = getattr(e, "exit_code", 1) or 1
+        if not agreed:  # another rank waits in a collective for this one: end them all
+            comm.Abort(code)
+        return code
     except KeyboardInterrupt:
         comm.Abort(130)
     except Exception:  # an unexpected failure outside an agreed step: take every rank down, never hang

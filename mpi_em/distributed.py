@@ -33,6 +33,9 @@ class RankFailed(MpiEmError):
         self.exit_code = exit_code
         super().__init__("; ".join(messages))
 
+    def __reduce__(self):
+        return (type(self), (self.messages, self.exit_code))
+
 
 def world():
     from mpi4py import MPI

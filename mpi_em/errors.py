@@ -3,7 +3,8 @@ from __future__ import annotations
 
 
 class MpiEmError(Exception):
-    """A user-facing error: printed as one line, exit status 2 (bad input) or 1 (other)."""
+    """A user-facing error: printed as one line, exit status 2 (bad input), 3 (output) or 1 (other).
+    Every subclass must survive pickling (the background writer process sends its error back)."""
 
     exit_code = 1
 
@@ -20,6 +21,9 @@ class InputError(MpiEmError):
         where = f"{self.path}" + (f": field {field}" if field else "")
         super().__init__(f"{where}: {message}")
 
+    def __reduce__(self):  # pickled by the background writer process: rebuilt from the same arguments
+        return (type(self), (self.path, self.message, self.field))
+
 
 class OutputError(MpiEmError):
     """An output that cannot be written (unwritable folder, full disk, ...)."""
@@ -28,4 +32,8 @@ class OutputError(MpiEmError):
 
     def __init__(self, path, message: str):
         self.path = str(path)
+        self.message = message
         super().__init__(f"{self.path}: {message}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.message))

@@ -2,11 +2,29 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import os
 import tempfile
+import time
 import uuid
 
-from ..errors import OutputError
+from ..errors import InputError, OutputError
+
+#: errno values of a write that fails for lack of room (full disk or quota) or of a failing device
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG}
+
+
+def _os_error_in(e: BaseException):
+    """The OSError behind ``e`` (itself, or in its cause/context chain: libraries such as h5py or matplotlib
+    raise their own exception from the OSError), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _temp_name(final_path: str) -> str:
@@ -38,9 +56,27 @@ def atomic_path(final_path):
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError):
-            raise OutputError(final_path, f"cannot write: {e.strerror or e}") from e
+        if isinstance(e, OutputError):
+            raise
+        os_err = _os_error_in(e) if isinstance(e, Exception) else None
+        if os_err is not None:
+            raise OutputError(final_path, f"cannot write: {os_error_text(os_err)}") from e
         raise
+
+
+def os_error_text(e: OSError) -> str:
+    """One line for an OSError: the system's text for its errno (h5py puts the errno inside a long multi-line
+    message: 'errno = 28, error message = ...'), else its message on one line."""
+    import re
+
+    code = e.errno
+    if not code:
+        m = re.search(r"errno = (\d+)", str(e))
+        code = int(m.group(1)) if m else None
+    if code:
+        return os.strerror(code)
+    text = " ".join(str(e.strerror or e).split())
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def check_writable_dir(path) -> str:
@@ -145,3 +181,90 @@ class BackgroundWriter:
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
+
+
+# ------------------------------------------------------------------------------ output folders: runs and locks
+LOCK_NAME = ".mpi_em.lock"
+#: files that show a folder holds a run of a job (reconstruct, refine3d, class3d, class2d)
+RUN_FILES = ("checkpoint.json", "run.json", "run_timings.json", "half1.mrc", "half2.mrc", "map.mrc")
+RUN_PATTERNS = ("run_it[0-9][0-9][0-9]_*", "run_*.mrc", "run_*.mrcs", "run_*.star", "run_*.png")
+#: besides those: the other files a run writes, removed too by --overwrite
+OTHER_RUN_FILES = ("fsc.star", "fsc.png", "run.log")
+
+_held_locks = []  # lock files held by this process for its life (released by the kernel when it ends)
+
+
+def previous_run_files(folder) -> list[str]:
+    """Names of the files in ``folder`` that a previous run of a job wrote (sorted; [] for none)."""
+    folder = os.fspath(folder)
+    found = {f for f in RUN_FILES if os.path.isfile(os.path.join(folder, f))}
+    for pat in RUN_PATTERNS:
+        found.update(os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(folder), pat))
+                     if os.path.isfile(f))
+    return sorted(found)
+
+
+def lock_folder(folder) -> bool:
+    """Take ``folder``'s lock file for the life of this process (flock: released by the kernel when the process
+    ends, however it ends, so a killed job leaves no stale lock). Raises OutputError naming the job that holds it;
+    returns False (and takes no lock) where the file system does not support locks."""
+    import fcntl
+    import socket
+    import sys
+
+    path = os.path.join(os.fspath(folder), LOCK_NAME)
+    try:
+        f = open(path, "a+")
+    except OSError as e:
+        raise OutputError(path, f"cannot create the lock file: {e.strerror or e}") from e
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise OutputError(os.fspath(folder), f"in use by another mpi-em job ({holder}): wait for it to end, or "
+                          "choose another output folder") from None
+    except OSError as e:  # no lock support (some network file systems): go on without
+        f.close()
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return False
+        raise OutputError(path, f"cannot lock: {e.strerror or e}") from e
+    with contextlib.suppress(OSError):
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                f"mpi-em {' '.join(sys.argv[1:])}\n")
+        f.flush()
+    _held_locks.append(f)
+    return True
+
+
+def claim_output(folder, continuing: bool = False, overwrite: bool = False) -> dict:
+    """Rank 0, before a job writes anything: the output folder of a new run (created) or of a continued one (must
+    exist), locked for the job's life. A new run refuses a folder that holds another run unless ``overwrite``,
+    which removes that run's files first. Returns {'folder', 'locked', 'removed'}."""
+    folder = os.path.abspath(os.fspath(folder))
+    if continuing:
+        if not os.path.isdir(folder):
+            raise InputError(folder, "no such folder: nothing to continue (--continue takes the output folder of "
+                             "an earlier run)")
+    else:
+        check_writable_dir(folder)
+    locked = lock_folder(folder)
+    removed = []
+    if not continuing:
+        found = previous_run_files(folder)
+        if found and not overwrite:
+            shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+            raise OutputError(folder, f"holds another run ({shown}): choose another --o, resume it with "
+                              "--continue, or pass --overwrite to replace it")
+        if found:
+            for name in found + [f for f in OTHER_RUN_FILES if os.path.isfile(os.path.join(folder, f))]:
+                try:
+                    os.remove(os.path.join(folder, name))
+                except OSError as e:
+                    raise OutputError(os.path.join(folder, name), f"cannot remove (--overwrite): "
+                                      f"{e.strerror or e}") from e
+                removed.append(name)
+    return {"folder": folder, "locked": locked, "removed": removed}

@@ -243,7 +243,8 @@ def read_particles(path) -> ParticleStar:
             if col in particles.columns:
                 return _numeric(path, particles, col, "particles"), col
         if required:
-            where = "data_optics or data_particles" if optics is not None else "data_particles"
+            where = "data_optics or data_particles" if optics is not None else \
+                "data_particles (the file has no data_optics block)"
             raise InputError(path, f"required column missing from {where}", field=cols[0])
         return np.full(n, default, dtype=np.float64), None
 

@@ -17,8 +17,8 @@ import time
 import numpy as np
 
 from ..backend import get_xp, synchronize, to_host
-from ..distributed import (allreduce_sum, collective_step, log_placement, make_plan, reference_group, root_step,
-                           select_device)
+from ..distributed import (allreduce_sum, assign_halves, collective_step, log_placement, make_plan,
+                           reference_group, root_step, select_device)
 from ..em.engine import (SearchSpec, Stats, current_mats, image_shifts_px, expectation_batch,
                          inverse_sigma2_points, prepare_batch, shell_of_points, sigma2_from_images,
                          update_plan_poses)
@@ -30,6 +30,7 @@ from ..fsc import fsc, resolution_at, shell_frequencies
 from ..geometry import angular_distance, euler_to_matrix
 from ..io import (BackgroundWriter, atomic_path, check_stacks, check_writable_dir, read_hdf5, read_map, read_particles,
                   write_hdf5, write_map, write_particles, write_stack, rebase_image_names)
+from ..io.sanity import check_box, check_half_sets, check_same_input, input_record, warn_absurd_values
 from ..masks import soft_sphere
 from ..particles import ImageCache, cache_wanted, pinned_wanted
 from ..sampling import angular_step, next_perturbation, next_translations
@@ -54,8 +55,12 @@ def add_arguments(p, mode: str) -> None:
     p.add_argument("--i", dest="input", metavar="STAR", help="particles STAR file (RELION 3.1+)")
     p.add_argument("--o", dest="output", metavar="DIR", help="output folder (created)")
     p.add_argument("--continue", dest="continue_dir", metavar="DIR",
-                   help="resume the refinement in DIR from its last finished iteration (other options are read from "
-                        "its checkpoint; --iter may raise the iteration limit)")
+                   help="resume the run in DIR from its last finished iteration (other options are read from "
+                        "its checkpoint; --iter may raise the iteration limit); refused when the particles STAR "
+                        "file (by its absolute path) no longer holds the run's particles")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in the --o folder (its files are removed first); without it a "
+                        "folder that holds another run is refused")
     if cfg["dim"] == 3:
         p.add_argument("--ref", metavar="MRC", help="initial reference map (box and pixel size of the particles)")
         p.add_argument("--ini-high", type=float, default=30.0,
@@ -156,16 +161,27 @@ def _init(args, mode, size):
     cfg = MODES[mode]
     check_writable_dir(args.output)
     star = read_particles(args.input)
+    record = input_record(star)
+    if getattr(args, "_expected_input", None):  # --continue: the run's own particles, or a one-line refusal
+        check_same_input(record, args._expected_input, args.continue_dir)
+    check_box(star)
     check_stacks(star)
+    warn_absurd_values(star)
     box, apix = int(star.box[0]), float(star.pixel_size[0])
     K = 1 if mode == "refine3d" else int(args.K)
     if K < 1:
         raise MpiEmError(f"--K must be >= 1, got {K}")
-    if MODES[mode]["gold"] and getattr(args, "folds", 1) is None:
-        args.folds = default_folds(box, args.pad)
+    if K > star.n:  # more classes than particles: some would stay empty (all-zero maps)
+        log.warning("warning: K = %d classes is more than the %d particles of %s: using K = %d", K, star.n,
+                    args.input, star.n)
+        K = args.K = star.n
+    if cfg["gold"]:
+        if getattr(args, "folds", None) is None:  # the default, shrunk for few particles (a quarter of them)
+            args.folds = max(1, min(default_folds(box, args.pad), star.n // 4))
+        elif args.folds < 1 or 4 * args.folds > star.n:
+            raise MpiEmError(f"--folds must be between 1 and a quarter of the particles ({star.n} particles: at "
+                             f"most {max(1, star.n // 4)}), got {args.folds}")
     folds = _folds(args, mode)
-    if folds < 1 or 4 * folds > star.n:
-        raise MpiEmError(f"--folds must be between 1 and a quarter of the particles ({star.n}), got {folds}")
     if cfg["dim"] == 3:
         symmetry_matrices(args.sym)
         if not args.ref:
@@ -174,19 +190,28 @@ def _init(args, mode, size):
         if ref.shape != (box,) * 3:
             raise InputError(args.ref, f"map shape {ref.shape} does not match the particles' box {box}",
                              field="nx/ny/nz")
-        if ref_apix > 0 and abs(ref_apix - apix) > 1e-3 * apix:
+        if ref_apix <= 0:
+            log.warning("warning: %s: field voxel_size: %g Å in the header; taking the particles' %.4f Å", args.ref,
+                        ref_apix, apix)
+        elif abs(ref_apix - apix) > 1e-3 * apix:
             raise InputError(args.ref, f"voxel size {ref_apix:.4f} Å differs from the particles' {apix:.4f} Å",
                              field="voxel_size")
         ref = lowpass(ref.astype(np.float64), box, apix, args.ini_high).astype(np.float32)
     else:
         ref = None
     rng = np.random.default_rng(args.seed)
-    plans = make_plan(star, size, seed=args.seed, folds=folds)
+    halves = None
+    if cfg["gold"]:
+        halves = assign_halves(star.n, star.random_subset, args.seed)
+        check_half_sets(star, halves)
+    plans = make_plan(star, size, seed=args.seed, folds=folds, halves=halves)
     if not cfg["gold"]:
         for p in plans:
             p["half"] = np.ones(len(p["row"]), dtype=np.int64)
     # random class subsets for the first iteration (seeded, independent of the number of ranks)
     first_class = rng.integers(1, K + 1, star.n)
+    if np.bincount(first_class, minlength=K + 1)[1:].min() == 0:  # few particles: no class starts empty
+        first_class[np.random.default_rng([args.seed, 1]).permutation(star.n)[:K]] = np.arange(1, K + 1)
     for p in plans:
         p["class_number"] = first_class[p["row"]]
         if cfg["dim"] == 2 or not getattr(args, "local", False):
@@ -195,7 +220,7 @@ def _init(args, mode, size):
         for f in ("pmax", "loglike"):
             p[f] = np.zeros(len(p["row"]))
         p["nsig"] = np.zeros(len(p["row"]), dtype=np.int64)
-    meta = {"box": box, "pixel_size": apix, "n": star.n, "K": K, "folds": folds}
+    meta = {"box": box, "pixel_size": apix, "n": star.n, "K": K, "folds": folds, "input": record}
     return plans, meta, ref, star
 
 
@@ -395,7 +420,8 @@ def _write_iteration(out, it, mode, star, particles, state, info, meta):
     write_hdf5(os.path.join(out, ck), arrays, attrs={"state": json.dumps(scal), "mode": mode})
     with atomic_path(os.path.join(out, "checkpoint.json")) as tmp:
         with open(tmp, "w") as f:
-            json.dump({"iteration": it, "checkpoint": ck, "mode": mode, "args": state["args"]}, f, indent=1)
+            json.dump({"iteration": it, "checkpoint": ck, "mode": mode, "args": state["args"],
+                       "input": meta.get("input")}, f, indent=1)
 
 
 def _load_checkpoint(folder, mode):
@@ -443,6 +469,12 @@ def run(args, comm, mode: str) -> dict:
             setattr(args, k, v)
         args.output = cont_dir
         args.continue_dir = cont_dir
+        if ptr.get("input"):  # the input by its absolute path (any working directory), checked in _init
+            args.input = ptr["input"]["path"]
+            args._expected_input = ptr["input"]
+        elif comm.rank == 0:
+            log.warning("warning: the checkpoint in %s has no record of its input (written by an earlier version): "
+                        "%s is not checked against it", cont_dir, args.input)
         if new_iter is not None:
             args.iter = new_iter
     else:
@@ -450,6 +482,10 @@ def run(args, comm, mode: str) -> dict:
         state = None
         if not args.input or not args.output:
             raise MpiEmError(f"{mode} needs --i STAR and --o DIR (or --continue DIR)")
+        # recorded in the checkpoint by absolute path: --continue works from any working directory
+        args.input = os.path.abspath(args.input)
+        if getattr(args, "ref", None):
+            args.ref = os.path.abspath(args.ref)
     if args.iter is None:
         args.iter = 20 if mode == "refine3d" else 25
     from ..distributed import agree
@@ -682,10 +718,12 @@ def run(args, comm, mode: str) -> dict:
                      state["offset_range"], state["r_cur"])
         # rank 0 writes this iteration's outputs while every rank computes the next one; the previous iteration's
         # writing must have succeeded (a failure there stops every rank here, cleanly)
-        root_step(comm, writer.wait if writer else None)
-        if comm.rank == 0:
+        def hand_over():  # rank 0; its failure (the previous files, or starting the writer) stops every rank
+            writer.wait()
             writer.submit(_write_iteration, args.output, it, mode, star_rank0, particles, _snapshot(state), info,
                           meta)
+
+        root_step(comm, hand_over)
         stop_after = os.environ.get("MPI_EM_STOP_AFTER_ITERATION")
         if stop_after and int(stop_after) == it:  # test hook: behave like a job killed after a finished iteration
             stopped = True
@@ -723,16 +761,18 @@ def _record_timings(comm, out, it, t_iter, t_e, t_m, timer, n_local, since_start
     (waiting for the previous iteration's files), so its differences are the wall clock per iteration."""
     mine = dict(timer.as_dict(), n_particles=n_local, seconds_estep=t_e, seconds_mstep=t_m)
     every = comm.gather(mine, root=0)
-    if comm.rank:
-        return
-    path = os.path.join(out, "run_timings.json")
-    rows = json.load(open(path)) if os.path.exists(path) else []
-    rows = [r for r in rows if r["iteration"] < it]
-    rows.append({"iteration": it, "ranks": comm.size, "seconds_iteration": t_iter,
-                 "seconds_since_start": since_start, "per_rank": every})
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(rows, f, indent=1)
+
+    def write():  # rank 0, agreed on by every rank (a full disk ends the job on every rank, nobody waits)
+        path = os.path.join(out, "run_timings.json")
+        rows = json.load(open(path)) if os.path.exists(path) else []
+        rows = [r for r in rows if r["iteration"] < it]
+        rows.append({"iteration": it, "ranks": comm.size, "seconds_iteration": t_iter,
+                     "seconds_since_start": since_start, "per_rank": every})
+        with atomic_path(path) as tmp:
+            with open(tmp, "w") as f:
+                json.dump(rows, f, indent=1)
+
+    root_step(comm, write)
 
 
 def _schedule(state, info, mode, args, box, apix, maps, mask, final):

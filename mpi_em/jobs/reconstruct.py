@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from ..backend import get_xp, synchronize, to_host
-from ..distributed import collective_step, log_placement, make_plan, root_step, select_device
+from ..distributed import assign_halves, collective_step, log_placement, make_plan, root_step, select_device
 from ..distvolume import PlaneOwnerAccumulator, distributed_reconstruct, reduce_scatter_planes, volume_bytes_per_rank
 from ..errors import InputError
 from ..em.engine import prepare_batch
@@ -28,6 +28,7 @@ from ..fourier import SliceGeometry, default_r_max, padded_reach, symmetrise
 from ..fsc import fsc, resolution_at, shell_frequencies
 from ..geometry import euler_to_matrix
 from ..io import atomic_path, check_stacks, check_writable_dir, read_particles, write_map
+from ..io.sanity import check_box, check_half_sets, warn_absurd_values
 from ..particles import iter_batches, pinned_wanted
 from ..reconstruction import Accumulators, insert
 from ..symmetry import symmetry_matrices
@@ -59,14 +60,21 @@ def add_arguments(p) -> None:
     p.add_argument("--compress", action="store_true",
                    help="compress the accumulators sent in the reduce-scatter (lossless: half-ball packing, byte "
                         "shuffle, zstd); pays when the network, not the CPU, is the bottleneck")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in the output folder (its files are removed first); without it "
+                        "a folder that holds another run is refused")
 
 
 def _load(args, size):
     check_writable_dir(args.output)
     star = read_particles(args.input)
+    check_box(star)
     check_stacks(star)
+    warn_absurd_values(star)
     symmetry_matrices(args.sym)  # validates the name before any rank starts reading
-    plans = make_plan(star, size, seed=args.seed)
+    halves = assign_halves(star.n, star.random_subset, args.seed)
+    check_half_sets(star, halves)
+    plans = make_plan(star, size, seed=args.seed, halves=halves)
     meta = {"box": int(star.box[0]), "pixel_size": float(star.pixel_size[0]), "n": star.n}
     return plans, meta
 
