@@ -166,6 +166,7 @@ def _em_job(args, comm) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import memory
     from .jobs import reconstruct
 
     parser = argparse.ArgumentParser(
@@ -184,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Distributed Fourier reconstruction from the poses in the STAR file: "
                                    "half maps (rlnRandomSubset, assigned if absent), combined map, FSC.")
     reconstruct.add_arguments(p)
+    memory.add_argument(p)
     p.set_defaults(func=_reconstruct)
     from .jobs import em
 
@@ -204,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (short, long) in descriptions.items():
         p = sub.add_parser(name, help=short, description=long)
         em.add_arguments(p, name)
+        memory.add_argument(p)
         p.set_defaults(func=_em_job, mode=name)
     p = sub.add_parser("fsc", help="FSC between two maps and the resolution at a threshold")
     _fsc_args(p)
