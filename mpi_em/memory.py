@@ -370,8 +370,9 @@ def suggestions(inp, limit: int, max_ranks: int = 4096) -> list[str]:
     """Each change of one option that brings the peak under ``limit`` (more ranks: the fewest that fit)."""
     out = []
     fits = lambda x: estimate(x).total <= limit  # noqa: E731
-    if isinstance(inp, ReconstructInputs) and not inp.stream and fits(replace(inp, stream=True)):
-        out.append(f"--max-volume-memory {_size_arg(limit)} (owned planes only)")
+    if isinstance(inp, ReconstructInputs) and not inp.stream and \
+            _largest(lambda b: fits(replace(inp, stream=True, batch=b)), 1, inp.batch):
+        out.append(f"--max-volume-memory {_size_arg(limit)} (owned planes only)")  # it picks the batch
     P = inp.ranks + 1
     while P <= max_ranks and not fits(replace(inp, ranks=P)):
         P = P + 1 if P < 16 else P * 2
@@ -492,9 +493,9 @@ def check(comm, inp, max_memory=None, log=None, out_dir=None) -> MemoryEstimate:
         would = est.suggestions(limit)
         err = MemoryLimitError(
             f"memory: {inp.mode} needs {fmt(est.total)} per rank ({_terms_text(est)}), {fmt(limit)} available "
-            f"({source}) on rank {comm.rank} of {comm.size}: would fit with "
-            + (" or ".join(would) if would else "none of more ranks, a smaller --batch, --cache-images off, "
-                                                  "fewer --folds, --pad 1 alone"))
+            f"({source}): " + ("would fit with " + " or ".join(would) if would else
+                               "neither more ranks, a smaller --batch, --cache-images off, fewer --folds nor "
+                               "--pad 1 alone would fit"))
     if comm.rank == 0:
         if log is not None:
             log.info("memory model: %s; limit %s (%s)", est.summary(), fmt(limit) if limit else "unknown", source)
