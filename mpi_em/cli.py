@@ -210,6 +210,7 @@ def _em_job(args, comm) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import memory
     from .jobs import reconstruct
 
     parser = argparse.ArgumentParser(
@@ -228,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Distributed Fourier reconstruction from the poses in the STAR file: "
                                    "half maps (rlnRandomSubset, assigned if absent), combined map, FSC.")
     reconstruct.add_arguments(p)
+    memory.add_argument(p)
     p.set_defaults(func=_reconstruct)
     from .jobs import em
 
@@ -248,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (short, long) in descriptions.items():
         p = sub.add_parser(name, help=short, description=long)
         em.add_arguments(p, name)
+        memory.add_argument(p)
         p.set_defaults(func=_em_job, mode=name)
     from .jobs import mask as mask_job, postprocess as pp_job
 

@@ -535,6 +535,9 @@ def run(args, comm, mode: str) -> dict:
                  apix, K, comm.size, device)
 
     images = ImageCache(xp, cache_wanted(getattr(args, "cache_images", "auto"), xp, len(plan["index"]), box))
+    from ..memory import check as memory_check, em_inputs  # stops here (exit 2) if the model does not fit
+    memory_check(comm, em_inputs(args, mode, meta, comm.size, device, images.enabled),
+                 getattr(args, "max_memory", None), log, args.output)
     if comm.rank == 0 and images.enabled:
         log.info("particle images kept in memory between iterations (rank 0: %.2f GB)",
                  4.0 * len(plan["index"]) * box * box / 1e9)
