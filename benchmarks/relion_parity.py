@@ -31,7 +31,7 @@ import pandas as pd
 import starfile
 
 from mpi_em.distributed import make_plan
-from mpi_em.fourier import SliceGeometry, enforce_hermitian_x0, freq_grid_2d, radius_3d
+from mpi_em.fourier import SliceGeometry, enforce_hermitian_x0, freq_grid_2d, radius_3d, reconstruct
 from mpi_em.fsc import fsc
 from mpi_em.io import read_particles
 from mpi_em.io.mrc import read_map
@@ -227,6 +227,18 @@ def main():
         F, W = acc[(box // 2 if v["rmax"] else box // 2 - 1, v["x0"])]
         vol = finish(F, W, box, pad, v["rmax"], v["pm"], v["mask"], v["radial"])
         summary(name, fsc(vol, truth), box)
+    # the library as `mpi-em reconstruct` uses it (r_max N/2 on the standard grid, soft mask): "rmax + mask after
+    # gridding" above, to rounding
+    star_ = read_particles(star)
+    plan = make_plan(star_, 1)[0]
+    geom = SliceGeometry(box, r_max=box // 2, pad=pad)
+    lib = Accumulators(geom, n_vol=1)
+    for sl, imgs in iter_batches(plan, 256):
+        insert(lib, 0, *_image_batch(plan, sl, imgs, geom, box, APIX, True)[1:])
+    vol = reconstruct(lib.F[0], lib.W[0], box, pad, r_max=box // 2, mask_outside=True)
+    ref = finish(*acc[(box // 2, False)], box, pad, True, False, "after", False)
+    summary("mpi_em reconstruct (job)", fsc(vol, truth), box)
+    print(f"  max |job - (rmax + mask after gridding)| / max |map| = {np.abs(vol - ref).max() / np.abs(ref).max():.1e}")
 
 
 if __name__ == "__main__":
