@@ -602,7 +602,7 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
             out[:, :, b_rows[s], :] = np.moveaxis(blk, 0, 2)
     out = out.reshape(lead + (box, box, box))
     if mask_outside:
-        out = soft_mask_outside(out)
+        soft_mask_outside(out, inplace=True)
     return out if xp is np else xp.asarray(out)
 
 
