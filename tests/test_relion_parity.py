@@ -66,9 +66,9 @@ def test_noisy_known_pose_map_is_at_least_relions(noisy_set, tmp_path):
     """Mean FSC vs truth over shells 1 to 0.8 Nyquist of `mpi-em reconstruct`'s map >= that of
     `relion_reconstruct --ctf`'s map of the same particles, minus twice the standard error of the difference
     (each mean's error from Fisher's approximation, combined as if independent: the two maps share the particles'
-    noise, so the true error of the difference is smaller). The margin is 0.018 at box 48, 0.014 at box 64 (ours 0.410 vs 0.409, 0.375 vs 0.373);
-    before RELION's soft mask outside the sphere our maps were 0.042 and 0.044 below RELION's here (0.366 vs
-    0.409, 0.329 vs 0.373)."""
+    noise, so the true error of the difference is smaller). The margin is 0.018 at box 48, 0.014 at box 64
+    (ours 0.410 vs 0.409, 0.375 vs 0.373); before RELION's soft mask outside the sphere our maps were 0.042 and
+    0.044 below RELION's here (0.366 vs 0.409, 0.329 vs 0.373)."""
     d, box, ranks = noisy_set
     truth = read_map(str(d / "truth.mrc"))[0].astype(np.float64)
     r = mpi_em(["reconstruct", "--i", d / "noisy.star", "--o", tmp_path / "rec"], ranks=ranks)
