@@ -3,10 +3,10 @@
 The particles are projected by `relion_project --ctf` (two optics groups, astigmatism, phase shifts, B-factors,
 origins) with its white noise (`--add_noise --white_noise S`: real-space Gaussian noise of standard deviation S,
 0.99 S measured, added to the CTF-modulated projections, the same noise on every run) at SNR 0.1 (signal
-variance over the box / S^2). `benchmarks/relion_parity.py` measures each part of RELION's reconstruction on such data; the one that
-mattered is its soft mask outside the sphere of diameter N (`softMaskOutsideMap`): without it the noise and the
-interpolation aliasing that the gridding correction amplifies in the box corners cost our maps 0.044-0.046 of
-mean FSC against the truth (box 48 and 64).
+variance over the box / S^2). `benchmarks/relion_parity.py` measures each part of RELION's reconstruction on
+such data; the one that mattered is its soft mask outside the sphere of diameter N (`softMaskOutsideMap`):
+without it the noise and the interpolation aliasing that the gridding correction amplifies in the box corners
+cost our maps 0.044-0.046 of mean FSC against the truth (box 48 and 64).
 """
 import shutil
 
