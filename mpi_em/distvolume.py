@@ -28,7 +28,8 @@ import numpy as np
 from .backend import scatter_add, to_host, xp_of
 from .codec import compress_for_send, decompress_received
 from .distributed import RankFailed
-from .fourier import _trilinear_stencil, default_r_max, gridding_factor, regularised_denominator
+from .fourier import (_trilinear_stencil, default_r_max, gridding_factor, reconstruction_ball, regularised_denominator,
+                      soft_mask_outside)
 
 __all__ = [
     "owned_planes",
@@ -450,14 +451,14 @@ def _allgather_planes(comm, local, plan, axis_len):
 
 def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=None, tau2=None,
                             tau2_fudge: float = 1.0, min_weight: float = 1e-3, gridding: bool = True,
-                            serial_shortcut: bool = True):
+                            serial_shortcut: bool = True, mask_outside: bool = False):
     """Regularised division and distributed inverse FFT of owned planes -> real (..., box, box, box), every rank.
 
     Collective. ``F_own`` (..., n_owned, Np, Np//2+1) complex and ``W_own`` (same shape, real) are the summed
     planes this rank owns (:func:`owned_planes`, Np = pad * box). Each leading-axis volume gives the result of
     :func:`mpi_em.fourier.reconstruct` on that volume's full summed arrays (same formulas: Hermitian merge of
     the kx = 0 plane, division by max(W, min_weight * mean(W in ball)) or by W + 1/(tau2_fudge * tau2[shell]),
-    zero outside |k| <= r_max + 0.5 image pixels, irfftn, fftshift, crop, gridding correction), to float64
+    zero outside its ball, irfftn, fftshift, crop, gridding correction, ``mask_outside``), to float64
     rounding (sums and FFTs in a different order). ``tau2``: (n_shell,) for every volume or (..., n_shell)
     per volume. Computed in float64/complex128; returns float64 on the module of ``F_own``. Inputs are not
     modified.
@@ -465,7 +466,8 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
     Steps: (a) the kx = 0 plane (Np x Np per volume, small) is all-gathered for the Friedel merge with the
     mirror plane -kz; (b) mean of W in the ball by allreduce; (c) local division; (d) ifft along ky on owned
     kz planes, ``Alltoallv`` transpose to y rows (y = rank mod P) with all kz, ifft along kz and irfft along kx
-    locally; the y rows inside the crop are gridding-corrected and the box^3 map ``Allgatherv``-ed.
+    locally; the y rows inside the crop are gridding-corrected and the box^3 map ``Allgatherv``-ed; with
+    ``mask_outside`` every rank applies :func:`mpi_em.fourier.soft_mask_outside` to it (as the serial one).
     On one rank (``serial_shortcut``) :func:`mpi_em.fourier.reconstruct` works on the arrays' device instead.
     """
     from mpi4py import MPI
@@ -494,7 +496,7 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
         Wv = W_own.reshape((nv, npad, npad, nxh))
         out = xp.stack([reconstruct(Fv[v].astype(np.complex128), Wv[v].astype(np.float64), box, pad, r_max,
                                     None if t2 is None else xp.asarray(t2[v] if t2.ndim > 1 else t2),
-                                    tau2_fudge, min_weight, gridding) for v in range(nv)])
+                                    tau2_fudge, min_weight, gridding, mask_outside) for v in range(nv)])
         return out.astype(np.float64).reshape(lead + (box, box, box))
     F = xp.array(F_own, dtype=np.complex128).reshape((nv, n_own, npad, nxh))
     W = xp.array(W_own, dtype=np.float64).reshape((nv, n_own, npad, nxh))
@@ -515,7 +517,7 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
     ky = xp.fft.fftfreq(npad, d=1.0 / npad).reshape(1, -1, 1)
     kx = xp.arange(nxh, dtype=xp.float64).reshape(1, 1, -1)
     r = xp.sqrt(kz * kz + ky * ky + kx * kx) / pad
-    inside = r <= r_max + 0.5
+    inside = reconstruction_ball(r, r_max, box)
     loc = np.array([float(W[v][inside].sum()) for v in range(nv)] + [float(inside.sum())])
     tot = np.empty_like(loc)
     comm.Allreduce(loc, tot, op=MPI.SUM)
@@ -599,6 +601,8 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
             blk = allv[gd[s]:gd[s] + counts[s]].reshape(b_rows[s].size, nv, box, box)
             out[:, :, b_rows[s], :] = np.moveaxis(blk, 0, 2)
     out = out.reshape(lead + (box, box, box))
+    if mask_outside:
+        soft_mask_outside(out, inplace=True)
     return out if xp is np else xp.asarray(out)
 
 

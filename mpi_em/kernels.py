@@ -33,23 +33,28 @@ __device__ __forceinline__ void rotate(const double* __restrict__ A, const doubl
 __device__ __forceinline__ void trilinear(const double* c, int npad, int nxh, long long off, long long* idx,
                                           double* w) {
     // the 8 corners of c (x >= 0) in (dz, dy, dx) raster order: flat indices (y and z wrap) and weights, as
-    // mpi_em.fourier._trilinear_stencil
+    // mpi_em.fourier._trilinear_stencil (a corner beyond the grid, |z| or |y| > Np/2 or x > Np/2: weight 0, index
+    // clamped)
     const double x0 = floor(c[0]), y0 = floor(c[1]), z0 = floor(c[2]);
     const double fx = c[0] - x0, fy = c[1] - y0, fz = c[2] - z0;
     const long long ix = (long long)x0, iy = (long long)y0, iz = (long long)z0;
+    const long long half = npad / 2;
     int q = 0;
     #pragma unroll
     for (int dz = 0; dz < 2; ++dz) {
-        const long long zz = ((iz + dz) % npad + npad) % npad;
-        const double wz = dz ? fz : 1.0 - fz;
+        const long long cz = iz + dz;
+        const long long zz = (cz % npad + npad) % npad;
+        const double wz = (cz > half || cz < -half) ? 0.0 : (dz ? fz : 1.0 - fz);
         #pragma unroll
         for (int dy = 0; dy < 2; ++dy) {
-            const long long yy = ((iy + dy) % npad + npad) % npad;
-            const double wzy = wz * (dy ? fy : 1.0 - fy);
+            const long long cy = iy + dy;
+            const long long yy = (cy % npad + npad) % npad;
+            const double wzy = (cy > half || cy < -half) ? 0.0 : wz * (dy ? fy : 1.0 - fy);
             #pragma unroll
             for (int dx = 0; dx < 2; ++dx, ++q) {
-                w[q] = wzy * (dx ? fx : 1.0 - fx);
-                idx[q] = off + (zz * npad + yy) * nxh + ix + dx;
+                const long long cx = ix + dx;
+                w[q] = cx > half ? 0.0 : wzy * (dx ? fx : 1.0 - fx);
+                idx[q] = off + (zz * npad + yy) * nxh + (cx > half ? half : cx);
             }
         }
     }
@@ -191,7 +196,7 @@ extern "C" __global__ void project_fused_c128(const complex<double>* V, const do
 
 // ---- symmetrise summed accumulators (RELION BackProjector::symmetrise): one thread per output voxel of the
 // half grid (V, Np, Np, Np/2+1): out(q) = sum_s G(L_s q), trilinear, Friedel flip for x < 0 (conjugate F);
-// voxels with |q| > rlim are set to zero (no data there: see mpi_em.fourier.symmetrise)
+// voxels with |q| > rlim are set to zero (outside every reconstruction ball: see mpi_em.fourier.symmetrise)
 extern "C" __global__ void symmetrise_fused(
         const complex<double>* __restrict__ F, const double* __restrict__ W, const double* __restrict__ L, int S,
         complex<double>* __restrict__ Fo, double* __restrict__ Wo, long long total, int npad, int nxh,

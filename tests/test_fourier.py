@@ -3,17 +3,19 @@ import numpy as np
 import pytest
 
 from mpi_em.fourier import (SliceGeometry, backproject, enforce_hermitian_x0, symmetrise, image_fft, image_ifft, project,
-                            reconstruct, shift_phases, volume_fft)
+                            radius_3d, reconstruct, shift_phases, soft_mask_outside, volume_fft)
 from mpi_em.fsc import fsc
 from mpi_em.geometry import euler_to_matrix, random_rotations
 from mpi_em.reconstruction import Accumulators, insert_images
 from mpi_em.simulate import phantom, simulate_particles
 
 
-def test_project_backproject_adjoint(rng):
-    """<P v, x> = <v, P^T x> under the real inner product, for random complex v and x (float64 rounding)."""
+@pytest.mark.parametrize("r_max", [None, 12])
+def test_project_backproject_adjoint(rng, r_max):
+    """<P v, x> = <v, P^T x> under the real inner product, for random complex v and x (float64 rounding); also
+    up to Nyquist (r_max = N/2), where stencil corners beyond the grid are dropped by both."""
     box = 24
-    geom = SliceGeometry(box)
+    geom = SliceGeometry(box, r_max=r_max)
     v = rng.normal(size=geom.vol_shape) + 1j * rng.normal(size=geom.vol_shape)
     A = euler_to_matrix(*random_rotations(7, rng))
     x = rng.normal(size=(7, geom.m)) + 1j * rng.normal(size=(7, geom.m))
@@ -182,3 +184,85 @@ def test_zero_tau2_shells_come_out_zero():
     assert np.all(np.isfinite(d)) and np.all(np.abs(out[sh >= 5]) <= 1e-19 * np.abs(F / W)[sh >= 5])
     ok = sh < 5
     np.testing.assert_allclose(d[ok], W[ok] + 1.0 / (2.0 * tau2[sh[ok]]), rtol=1e-15)
+
+
+def _larger_grid(geom, extra=4):
+    """The same slice geometry on a padded grid ``extra`` voxels larger: no stencil corner leaves it."""
+    import copy
+
+    big = copy.copy(geom)
+    big.npad = geom.npad + extra
+    big.vol_shape = (big.npad, big.npad, big.npad // 2 + 1)
+    return big
+
+
+@pytest.mark.parametrize("pad", [1, 2])
+def test_insertion_up_to_nyquist_equals_a_larger_grid(rng, pad):
+    """Inserting up to |k| = N/2 (relion_reconstruct's default) reaches the padded grid's last index Np/2 on every
+    axis (|pad A^T k| <= Np/2), and a corner one beyond it with weight 0 (a point exactly on Np/2): that corner is
+    dropped (its x index would leave the array). Every voxel equals that of a grid 4 voxels larger (float64
+    rounding), except the kz and ky = Np/2 planes, where the larger grid keeps +Np/2 and -Np/2 apart (both lie
+    outside the ball |q| < Np/2 that the reconstruction keeps)."""
+    box = 16
+    geom = SliceGeometry(box, r_max=box // 2, pad=pad)
+    big = _larger_grid(geom)
+    A = euler_to_matrix(*random_rotations(40, rng))
+    A[0] = np.eye(3)  # points exactly on kx = N/2: corners at x = Np/2 + 1 with weight 0
+    x = rng.normal(size=(40, geom.m)) + 1j * rng.normal(size=(40, geom.m))
+    w = rng.uniform(0.1, 1.0, (40, geom.m))
+    F, W = np.zeros(geom.vol_shape, complex), np.zeros(geom.vol_shape)
+    Fb, Wb = np.zeros(big.vol_shape, complex), np.zeros(big.vol_shape)
+    backproject(F, W, A, x, w, geom)
+    backproject(Fb, Wb, A, x, w, big)
+    npad = geom.npad
+    f = np.fft.fftfreq(npad, 1.0 / npad).astype(int)
+    sel = np.ix_(f % big.npad, f % big.npad, np.arange(npad // 2 + 1))
+    keep = np.ones(geom.vol_shape, bool)
+    keep[npad // 2] = keep[:, npad // 2] = False
+    np.testing.assert_allclose(F[keep], Fb[sel][keep], rtol=0, atol=1e-12 * np.abs(F).max())
+    np.testing.assert_allclose(W[keep], Wb[sel][keep], rtol=0, atol=1e-12 * W.max())
+    assert W[..., npad // 2].sum() > 0 and W[npad // 2].sum() > 0  # the grid's edge was reached
+    # the projector reads the same stencil: equal slices from a volume with the same values on both grids (the
+    # Np/2 index's value at +Np/2 and -Np/2 on the larger one)
+    V = rng.normal(size=geom.vol_shape) + 1j * rng.normal(size=geom.vol_shape)
+    g = np.arange(-(npad // 2), npad // 2 + 1)
+    Vb = np.zeros(big.vol_shape, complex)
+    Vb[np.ix_(g % big.npad, g % big.npad, np.arange(npad // 2 + 1))] = V[np.ix_(g % npad, g % npad,
+                                                                                 np.arange(npad // 2 + 1))]
+    np.testing.assert_allclose(project(V, A, geom), project(Vb, A, big), rtol=0, atol=1e-12)
+
+
+def test_soft_mask_outside_is_relions():
+    """RELION's softMaskOutsideMap (radius N/2, 3-px raised cosine): the map is unchanged within N/2 of the
+    centre, constant beyond N/2 + 3 (the edge-weighted mean of the voxels beyond N/2), blended in between."""
+    box = 16
+    rng = np.random.default_rng(5)
+    vol = rng.normal(size=(2, box, box, box))
+    out = soft_mask_outside(vol)
+    c = np.arange(box) - box // 2
+    r = np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+    edge = np.where(r > box / 2 + 3, 1.0, np.where(r < box / 2, 0.0, 0.5 + 0.5 * np.cos(np.pi * (box / 2 + 3 - r) / 3)))
+    for v in range(2):  # each volume with its own background
+        bg = (edge * vol[v]).sum() / edge.sum()
+        np.testing.assert_array_equal(out[v][r <= box / 2], vol[v][r <= box / 2])
+        np.testing.assert_allclose(out[v][r > box / 2 + 3], bg, rtol=1e-12)
+        np.testing.assert_allclose(out[v], (1 - edge) * vol[v] + edge * bg, rtol=0, atol=1e-12)
+    assert np.array_equal(vol, np.random.default_rng(5).normal(size=(2, box, box, box)))  # input untouched
+
+
+def test_known_pose_reconstruction_with_the_soft_mask():
+    """RELION's soft mask outside the sphere of diameter N (as `mpi-em reconstruct`) on our noise-free projections:
+    the map's FSC against the truth >= 0.99 up to 0.9 Nyquist (measured 0.999; 0.988 without the mask, whose box
+    corners keep the interpolation aliasing that the gridding correction amplifies)."""
+    box, n = 48, 3000
+    vol = phantom(box, seed=11).astype(np.float64)
+    sim = simulate_particles(vol, n, pixel_size=2.0, snr=0, seed=11, max_shift=2.0)
+    from mpi_em.ctf import ctf_images
+    ctf = ctf_images(box, 2.0, sim.defocus_u, sim.defocus_v, sim.defocus_angle, 300.0, 2.7, 0.1)
+    A = euler_to_matrix(sim.rot, sim.tilt, sim.psi)
+    acc = Accumulators(SliceGeometry(box))
+    for s in range(0, n, 500):
+        insert_images(acc, 0, sim.images[s:s + 500], A[s:s + 500], ctf[s:s + 500],
+                      np.stack([sim.shift_x, sim.shift_y], 1)[s:s + 500])
+    curve = fsc(vol, reconstruct(acc.F[0], acc.W[0], box, mask_outside=True))
+    assert curve[1:int(0.9 * box / 2) + 1].min() >= 0.99, np.round(curve, 3)

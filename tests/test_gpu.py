@@ -107,6 +107,32 @@ def test_fused_projection_equals_cpu_with_volume_index(rng, dtype):
     np.testing.assert_allclose(b, a, rtol=0, atol=atol)
 
 
+def test_fused_kernels_up_to_nyquist_equal_cpu(rng):
+    """r_max = N/2 (`mpi-em reconstruct`'s default): stencil corners reach the grid's last index, and a point
+    exactly on kx = N/2 (identity pose) has a zero-weight corner beyond it, which the kernels drop (its index
+    would leave the array) as the NumPy stencil does: insertion and projection agree to float64 rounding, and the
+    reconstruction with RELION's soft mask to 1e-10 (cuFFT and pocketfft)."""
+    from mpi_em.reconstruction import insert
+
+    box, n = 32, 200
+    geom_c, geom_g = SliceGeometry(box, r_max=box // 2), SliceGeometry(box, r_max=box // 2, xp=cp)
+    A = euler_to_matrix(*random_rotations(n, rng))
+    A[0] = np.eye(3)
+    data = rng.normal(size=(n, geom_c.m)) + 1j * rng.normal(size=(n, geom_c.m))
+    w = rng.random((n, geom_c.m))
+    ac, ag = Accumulators(geom_c), Accumulators(geom_g)
+    insert(ac, 0, A, data, w)
+    insert(ag, 0, cp.asarray(A), cp.asarray(data), cp.asarray(w))
+    np.testing.assert_allclose(ag.F.get(), ac.F, rtol=0, atol=1e-12 * np.abs(ac.F).max())
+    np.testing.assert_allclose(ag.W.get(), ac.W, rtol=0, atol=1e-12 * np.abs(ac.W).max())
+    a = project(ac.F[0], A, geom_c)
+    b = project(ag.F[0], cp.asarray(A), geom_g).get()
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-12 * np.abs(a).max())
+    rc = reconstruct(ac.F[0], ac.W[0], box, r_max=box // 2, mask_outside=True)
+    rg = reconstruct(ag.F[0], ag.W[0], box, r_max=box // 2, mask_outside=True).get()
+    np.testing.assert_allclose(rg, rc, rtol=0, atol=1e-10 * np.abs(rc).max())
+
+
 def test_fused_and_stencil_gpu_paths_agree(rng, monkeypatch):
     """The two GPU paths (fused kernels, stencil arrays + cupyx.scatter_add) on the same input."""
     box, n = 32, 200

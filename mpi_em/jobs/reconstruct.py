@@ -24,7 +24,7 @@ from ..distributed import assign_halves, collective_step, log_placement, make_pl
 from ..distvolume import PlaneOwnerAccumulator, distributed_reconstruct, reduce_scatter_planes, volume_bytes_per_rank
 from ..errors import InputError
 from ..em.engine import prepare_batch
-from ..fourier import SliceGeometry, default_r_max, padded_reach, symmetrise
+from ..fourier import SliceGeometry, padded_reach, symmetrise
 from ..fsc import fsc, resolution_at, shell_frequencies
 from ..geometry import euler_to_matrix
 from ..io import atomic_path, check_stacks, check_writable_dir, read_particles, write_map
@@ -45,7 +45,7 @@ def add_arguments(p) -> None:
                    "accumulators (RELION's symmetrise), or per inserted copy with --max-volume-memory")
     p.add_argument("--batch", type=int, default=256, help="particles per insertion batch (default 256)")
     p.add_argument("--r-max", type=float, default=None,
-                   help="highest frequency inserted, in Fourier pixels (default box/2 - 1)")
+                   help="highest frequency inserted, in Fourier pixels (default box/2: Nyquist, as relion_reconstruct)")
     p.add_argument("--pad", type=int, default=2, help="Fourier padding factor of the volume (default 2)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
                    help="auto: one GPU per rank when CuPy sees one, else CPU")
@@ -193,7 +193,7 @@ def run(args, comm) -> dict:
     xp = get_xp(device)
     log_placement(comm, device, log)
     box, apix = meta["box"], meta["pixel_size"]
-    r_max = default_r_max(box) if args.r_max is None else args.r_max
+    r_max = box // 2 if args.r_max is None else args.r_max
     vplan = root_step(comm, volume_plan, box, args.pad, r_max, comm.size, getattr(args, "max_volume_memory", None),
                       args.batch)
     budget = vplan["budget"]
@@ -255,12 +255,16 @@ def run(args, comm) -> dict:
         del dense
         t_red = time.time() - t_red
     t_rec = time.time()
-    half1 = distributed_reconstruct(comm, F_own[0:1], W_own[0:1], box, args.pad, r_max)[0]
+    # RELION's reconstruction (relion_reconstruct, benchmarks/relion_parity.py): up to Nyquist, soft mask outside
+    # the sphere of diameter N
+    half1 = distributed_reconstruct(comm, F_own[0:1], W_own[0:1], box, args.pad, r_max, mask_outside=True)[0]
     half1 = to_host(half1).astype(np.float32)
-    half2 = to_host(distributed_reconstruct(comm, F_own[1:2], W_own[1:2], box, args.pad, r_max)[0]).astype(np.float32)
+    half2 = to_host(distributed_reconstruct(comm, F_own[1:2], W_own[1:2], box, args.pad, r_max,
+                                            mask_outside=True)[0]).astype(np.float32)
     F_own[0] += F_own[1]
     W_own[0] += W_own[1]
-    full = to_host(distributed_reconstruct(comm, F_own[0:1], W_own[0:1], box, args.pad, r_max)[0]).astype(np.float32)
+    full = to_host(distributed_reconstruct(comm, F_own[0:1], W_own[0:1], box, args.pad, r_max,
+                                           mask_outside=True)[0]).astype(np.float32)
     del F_own, W_own
     t_rec = time.time() - t_rec
     peak = None

@@ -116,15 +116,16 @@ def test_self_reduce_scatter_is_identity(compress):
 
 
 @pytest.mark.parametrize("with_tau2", [False, True])
-def test_self_reconstruct_matches_serial(with_tau2):
+@pytest.mark.parametrize("r_max,mask", [(6, False), (8, True)])
+def test_self_reconstruct_matches_serial(with_tau2, r_max, mask):
     """One rank, through the distributed code path (merge, division, transpose, FFTs), not the one-rank
-    shortcut (which calls the serial reconstruction itself)."""
+    shortcut (which calls the serial reconstruction itself); also up to Nyquist with RELION's soft mask."""
     box, pad = 16, 2
     F, W = _rand_accumulators(11, (2,), pad * box, zeros=not with_tau2)
     kw = {"tau2": _tau2(box), "tau2_fudge": 2.0} if with_tau2 else {}
-    got = distributed_reconstruct(SELF, F, W, box, pad, 6, serial_shortcut=False, **kw)
+    got = distributed_reconstruct(SELF, F, W, box, pad, r_max, serial_shortcut=False, mask_outside=mask, **kw)
     assert got.shape == (2, box, box, box) and got.dtype == np.float64
-    assert _rel(got, _serial(F, W, box, pad, r_max=6, **kw)) < 1e-12
+    assert _rel(got, _serial(F, W, box, pad, r_max=r_max, mask_outside=mask, **kw)) < 1e-12
 
 
 def test_self_accumulator_matches_backproject():
@@ -189,20 +190,20 @@ def test_reduce_scatter_compressed_full_chunks_and_outside_check():
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("with_tau2", [False, True])
-@pytest.mark.parametrize("box,pad,r_max", [(16, 2, None), (8, 3, 3)])
-def test_distributed_reconstruct_matches_serial(with_tau2, box, pad, r_max):
+@pytest.mark.parametrize("box,pad,r_max,mask", [(16, 2, None, False), (8, 3, 3, False), (16, 2, 8, True)])
+def test_distributed_reconstruct_matches_serial(with_tau2, box, pad, r_max, mask):
     comm = WORLD
     npad = pad * box
     F, W = _rand_accumulators(42, (2,), npad, zeros=not with_tau2)  # same full arrays on every rank
     kw = {"tau2": np.stack([_tau2(box, 3), _tau2(box, 4)]), "tau2_fudge": 1.5} if with_tau2 else {}
-    got = distributed_reconstruct(comm, _owned(F, comm), _owned(W, comm), box, pad, r_max, **kw)
-    ref = _serial(F, W, box, pad, r_max=r_max, **kw)
+    got = distributed_reconstruct(comm, _owned(F, comm), _owned(W, comm), box, pad, r_max, mask_outside=mask, **kw)
+    ref = _serial(F, W, box, pad, r_max=r_max, mask_outside=mask, **kw)
     assert got.shape == (2, box, box, box)
     assert _rel(got, ref) < 1e-10
     # single volume (no leading axis), inputs untouched
     F1, W1 = _owned(F[1], comm), _owned(W[1], comm)
     F1c, W1c = F1.copy(), W1.copy()
-    got1 = distributed_reconstruct(comm, F1, W1, box, pad, r_max,
+    got1 = distributed_reconstruct(comm, F1, W1, box, pad, r_max, mask_outside=mask,
                                    **({"tau2": kw["tau2"][1], "tau2_fudge": 1.5} if with_tau2 else {}))
     assert got1.shape == (box, box, box) and _rel(got1, ref[1]) < 1e-10
     assert np.array_equal(F1, F1c) and np.array_equal(W1, W1c)
