@@ -712,7 +712,12 @@ def plot(rows, path, record):
                 if r.get("resolution") is not None:
                     ax.plot([r["wall_s"]], [r["resolution"]], "s", color=c, alpha=0.6,
                             label=f"{r['program']}: gold (0.143)")
-        ax.set_xscale("log")
+        ts = [x["t"] for r in rows if r["job"] == job for x in r.get("per_iteration", []) if x["iteration"] > 0]
+        ts += [r["wall_s"] for r in rows if r["job"] == job and r.get("wall_s")]
+        if ts and max(ts) > 20 * max(min(ts), 1e-3):
+            ax.set_xscale("log")
+        else:
+            ax.set_xlim(0, 1.1 * max(ts) if ts else None)
         ax.set_xlabel("wall time from launch (s)")
         ax.set_ylabel("resolution (Å)")
         ax.set_title(job)
@@ -728,7 +733,7 @@ def plot(rows, path, record):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--relion-bin", required=True, metavar="DIR", help="folder with RELION's programs")
+    p.add_argument("--relion-bin", metavar="DIR", help="folder with RELION's programs (required)")
     p.add_argument("--relion-mpirun", default="/usr/bin/mpirun", metavar="PATH",
                    help="mpirun for RELION's *_mpi programs (default /usr/bin/mpirun: Debian's relion uses Open MPI)")
     p.add_argument("--mpi-em-cmd", default=None, metavar="CMD",
@@ -766,12 +771,20 @@ def parse_args(argv=None):
     p.add_argument("--k2d", type=int, default=50)
     p.add_argument("--jobs", nargs="+", default=["reconstruct", "refine3d", "class3d", "class2d"], choices=JOBS)
     p.add_argument("--timeout", type=float, default=3600, help="seconds per program run (default 3600)")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", metavar="DIR", help="output folder (required)")
+    p.add_argument("--replot", metavar="JSON", help="only draw the PNG again from a side_by_side.json (next to it)")
     a = p.parse_args(argv)
+    if not a.replot and not (a.relion_bin and a.out):
+        p.error("--relion-bin and --out are required")
     if a.diameter is None:
         a.diameter = round(0.8 * a.box * a.apix, 1)
     return a
 
 
 if __name__ == "__main__":
-    Bench(parse_args()).main()
+    _a = parse_args()
+    if _a.replot:
+        _rec = json.load(open(_a.replot))
+        plot(_rec["rows"], os.path.join(os.path.dirname(os.path.abspath(_a.replot)), "side_by_side.png"), _rec)
+    else:
+        Bench(_a).main()
