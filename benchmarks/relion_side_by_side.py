@@ -400,7 +400,7 @@ def make_data(args, env) -> str:
     import mrcfile
     import starfile
 
-    d = os.path.join(args.out, "data")
+    d = os.path.abspath(args.data or os.path.join(args.out, "data"))
     params = {"box": args.box, "n": args.n, "snr": args.snr, "apix": args.apix, "seed": args.seed,
               "ini_high": args.ini_high}
     pfile = os.path.join(d, "params.json")
@@ -408,7 +408,11 @@ def make_data(args, env) -> str:
             os.path.exists(os.path.join(d, "start.mrc")):
         print(f"data: reusing {d}")
         return d
-    shutil.rmtree(d, ignore_errors=True)
+    if os.path.isdir(d) and os.listdir(d):
+        if not os.path.exists(pfile):  # never delete a folder this script did not make
+            sys.exit(f"relion_side_by_side: error: {d}: not empty and not a data folder of this script "
+                     f"(no params.json)")
+        shutil.rmtree(d)
     cmd = [sys.executable, "-m", "mpi_em", "simulate", "--out", d, "--box", args.box, "--n", args.n, "--snr",
            args.snr, "--apix", args.apix, "--seed", args.seed, "--device", "gpu" if args.gpu else "cpu"]
     t = time.time()
@@ -772,6 +776,9 @@ def parse_args(argv=None):
     p.add_argument("--jobs", nargs="+", default=["reconstruct", "refine3d", "class3d", "class2d"], choices=JOBS)
     p.add_argument("--timeout", type=float, default=3600, help="seconds per program run (default 3600)")
     p.add_argument("--out", metavar="DIR", help="output folder (required)")
+    p.add_argument("--data", metavar="DIR",
+                   help="data folder (default OUT/data); reused when it holds a data set of the same parameters, so "
+                        "several runs with different --jobs / --out can share one")
     p.add_argument("--replot", metavar="JSON", help="only draw the PNG again from a side_by_side.json (next to it)")
     a = p.parse_args(argv)
     if not a.replot and not (a.relion_bin and a.out):
