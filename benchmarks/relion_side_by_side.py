@@ -154,7 +154,10 @@ def table(rows: list[dict]) -> str:
             continue
         rw = ratio(o.get("wall_s"), t.get("wall_s"))
         ri = ratio(o.get("seconds_per_iteration"), t.get("seconds_per_iteration"))
-        parts = [f"{j}: wall ours/RELION {fmt(rw, '.3f')}" + (f" (RELION/ours {1 / rw:.2f}x)" if rw else "")]
+        # a run that timed out or failed has a wall time that is a lower bound only
+        bound = "" if (o.get("status") == "ok" and t.get("status") == "ok") else \
+            f" [not both finished: ours {o.get('status')}, RELION {t.get('status')}]"
+        parts = [f"{j}: wall ours/RELION {fmt(rw, '.3f')}" + (f" (RELION/ours {1 / rw:.2f}x)" if rw else "") + bound]
         if ri:
             parts.append(f"s/it ours/RELION {ri:.3f} (RELION/ours {1 / ri:.2f}x)")
         if o.get("map_vs_truth_05") and t.get("map_vs_truth_05"):
@@ -400,7 +403,7 @@ def make_data(args, env) -> str:
     import mrcfile
     import starfile
 
-    d = os.path.join(args.out, "data")
+    d = os.path.abspath(args.data or os.path.join(args.out, "data"))
     params = {"box": args.box, "n": args.n, "snr": args.snr, "apix": args.apix, "seed": args.seed,
               "ini_high": args.ini_high}
     pfile = os.path.join(d, "params.json")
@@ -408,7 +411,11 @@ def make_data(args, env) -> str:
             os.path.exists(os.path.join(d, "start.mrc")):
         print(f"data: reusing {d}")
         return d
-    shutil.rmtree(d, ignore_errors=True)
+    if os.path.isdir(d) and os.listdir(d):
+        if not os.path.exists(pfile):  # never delete a folder this script did not make
+            sys.exit(f"relion_side_by_side: error: {d}: not empty and not a data folder of this script "
+                     f"(no params.json)")
+        shutil.rmtree(d)
     cmd = [sys.executable, "-m", "mpi_em", "simulate", "--out", d, "--box", args.box, "--n", args.n, "--snr",
            args.snr, "--apix", args.apix, "--seed", args.seed, "--device", "gpu" if args.gpu else "cpu"]
     t = time.time()
@@ -489,7 +496,7 @@ class Bench:
         c = ["--ctf", "--pad", "2", "--particle_diameter", a.diameter, "--offset_range", a.offset_range,
              "--offset_step", a.offset_step, "--oversampling", "1", "--flatten_solvent", "--zero_mask",
              "--dont_combine_weights_via_disc", "--pool", a.pool, "--j", a.threads, "--dont_check_norm",
-             "--random_seed", a.seed]
+             "--random_seed", a.seed + 1]  # RELION's seed 0 means: do not randomise the particle order
         if a.gpu:
             c += ["--gpu", a.gpu_ids]
         return c
@@ -712,7 +719,12 @@ def plot(rows, path, record):
                 if r.get("resolution") is not None:
                     ax.plot([r["wall_s"]], [r["resolution"]], "s", color=c, alpha=0.6,
                             label=f"{r['program']}: gold (0.143)")
-        ax.set_xscale("log")
+        ts = [x["t"] for r in rows if r["job"] == job for x in r.get("per_iteration", []) if x["iteration"] > 0]
+        ts += [r["wall_s"] for r in rows if r["job"] == job and r.get("wall_s")]
+        if ts and max(ts) > 20 * max(min(ts), 1e-3):
+            ax.set_xscale("log")
+        else:
+            ax.set_xlim(0, 1.1 * max(ts) if ts else None)
         ax.set_xlabel("wall time from launch (s)")
         ax.set_ylabel("resolution (Å)")
         ax.set_title(job)
@@ -728,7 +740,7 @@ def plot(rows, path, record):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--relion-bin", required=True, metavar="DIR", help="folder with RELION's programs")
+    p.add_argument("--relion-bin", metavar="DIR", help="folder with RELION's programs (required)")
     p.add_argument("--relion-mpirun", default="/usr/bin/mpirun", metavar="PATH",
                    help="mpirun for RELION's *_mpi programs (default /usr/bin/mpirun: Debian's relion uses Open MPI)")
     p.add_argument("--mpi-em-cmd", default=None, metavar="CMD",
@@ -766,12 +778,23 @@ def parse_args(argv=None):
     p.add_argument("--k2d", type=int, default=50)
     p.add_argument("--jobs", nargs="+", default=["reconstruct", "refine3d", "class3d", "class2d"], choices=JOBS)
     p.add_argument("--timeout", type=float, default=3600, help="seconds per program run (default 3600)")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", metavar="DIR", help="output folder (required)")
+    p.add_argument("--data", metavar="DIR",
+                   help="data folder (default OUT/data); reused when it holds a data set of the same parameters, so "
+                        "several runs with different --jobs / --out can share one")
+    p.add_argument("--replot", metavar="JSON", help="only draw the PNG again from a side_by_side.json (next to it)")
     a = p.parse_args(argv)
+    if not a.replot and not (a.relion_bin and a.out):
+        p.error("--relion-bin and --out are required")
     if a.diameter is None:
         a.diameter = round(0.8 * a.box * a.apix, 1)
     return a
 
 
 if __name__ == "__main__":
-    Bench(parse_args()).main()
+    _a = parse_args()
+    if _a.replot:
+        _rec = json.load(open(_a.replot))
+        plot(_rec["rows"], os.path.join(os.path.dirname(os.path.abspath(_a.replot)), "side_by_side.png"), _rec)
+    else:
+        Bench(_a).main()

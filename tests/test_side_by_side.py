@@ -56,7 +56,7 @@ def test_table_and_ratio():
     lines = t.splitlines()
     assert lines[0].split()[:4] == ["job", "program", "procs", "wall"]
     assert "5.30" in lines[2] and "timeout" in lines[3] and "skipped: no --grad" in lines[4]
-    assert "wall ours/RELION 0.050 (RELION/ours 20.00x)" in t
+    assert "wall ours/RELION 0.050 (RELION/ours 20.00x) [not both finished: ours ok, RELION timeout]" in t
     assert "s/it ours/RELION 0.040 (RELION/ours 25.00x)" in t
     assert "map vs truth" not in t  # RELION's map vs truth missing: no comparison printed
     assert sbs.ratio(1.0, None) is None and sbs.ratio(1.0, 0.0) is None and sbs.ratio(3.0, 2.0) == 1.5
