@@ -99,3 +99,39 @@ def test_solvent_mask_is_kept_for_continue(data, tmp_path):
     r = mpi_em(["refine3d", "--continue", out, "--iter", 2], ranks=1, timeout=120)
     errors = _errors(r.stderr)
     assert r.returncode == 2 and len(errors) == 1 and str(mask) in errors[0] and "field data" in errors[0], r.stderr
+
+
+def test_masked_refinement_is_at_least_as_good_as_unmasked(tmp_path):
+    """A small particle (radius 6 px) in a box of 32: most of the default sphere (80% of the box) is noisy
+    solvent. refine3d from the same start, with and without a solvent mask made from the truth (mpi-em mask:
+    threshold, extend, soft edge); the map with the mask is at least as close to the truth (FSC 0.5 against the
+    truth; measured 17.3 Å with the mask, 18.2 Å without; 14.1 and 16.2 Å at FSC 0.143)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mpi_em.fsc import fsc, resolution_at
+    from mpi_em.io import write_map
+    from mpi_em.simulate import phantom, simulate_particles, write_dataset
+
+    box, apix = 32, 4.0
+    truth = phantom(box, seed=3, radius=6)
+    write_dataset(str(tmp_path), truth, simulate_particles(truth, 500, apix, snr=0.3, seed=4, max_shift=2), apix)
+    write_map(str(tmp_path / "start.mrc"), lowpass(truth.astype(np.float64), box, apix, 30.0).astype(np.float32),
+              apix)
+    r = mpi_em(["mask", "--i", tmp_path / "truth.mrc", "--o", tmp_path / "mask.mrc", "--threshold",
+                0.05 * float(truth.max()), "--extend", 2, "--soft-edge", 3], ranks=0)
+    assert r.returncode == 0, r.stderr
+
+    def refine(tag):
+        extra = ["--solvent-mask", tmp_path / "mask.mrc"] if tag == "masked" else []
+        return mpi_em(["refine3d", "--i", tmp_path / "particles_unaligned.star", "--ref", tmp_path / "start.mrc",
+                       "--ini-high", 30, "--o", tmp_path / tag, "--max-order", 2, "--folds", 1, "--iter", 2] + extra,
+                      ranks=1, timeout=300)
+
+    with ThreadPoolExecutor(2) as pool:  # one rank each, side by side
+        runs = dict(zip(("plain", "masked"), pool.map(refine, ("plain", "masked"))))
+    res = {}
+    for tag, r in runs.items():
+        assert r.returncode == 0, r.stderr
+        curve = fsc(mrcfile.read(tmp_path / tag / "run_class001.mrc").astype(np.float64), truth.astype(np.float64))
+        res[tag] = resolution_at(curve, box, apix, 0.5)
+    assert res["masked"] <= res["plain"], res
