@@ -86,12 +86,17 @@ def test_bad_solvent_mask_is_refused(data, tmp_path, case):
 
 
 def test_solvent_mask_is_kept_for_continue(data, tmp_path):
-    """The mask's absolute path goes into the checkpoint's arguments, and --continue reads it again: a mask
-    replaced by a bad one in between is refused there."""
+    """refine3d (2 ranks: the unregularised half maps of the corrected FSC reconstructed distributed) and class3d
+    run with a mask; its absolute path goes into the checkpoint's arguments, and --continue reads it again: a
+    mask replaced by a bad one in between is refused there."""
     mask = tmp_path / "mask.mrc"
     _write(mask, soft_sphere(24, 7.0, 3.0), 4.0)
     out = tmp_path / "run"
-    r = mpi_em(_args(data, out, os.path.relpath(mask), ["--iter", 1]), ranks=1, timeout=120)
+    r = mpi_em(_args(data, out, os.path.relpath(mask), ["--iter", 1]), ranks=2, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "resolution" in open(out / "run.log").read()
+    r = mpi_em(["class3d", "--i", data / "particles_unaligned.star", "--ref", data / "truth.mrc", "--o",
+                tmp_path / "c3", "--solvent-mask", mask, "--K", 2, "--iter", 1], ranks=1, timeout=120)
     assert r.returncode == 0, r.stderr
     saved = json.load(open(out / "checkpoint.json"))["args"]
     assert saved["solvent_mask"] == str(mask)
