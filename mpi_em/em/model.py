@@ -114,13 +114,15 @@ def tau2_from_fsc(curve, mean_w, fudge: float):
 
 def reduce_and_reconstruct_3d(comm, F_acc, W_acc, box: int, pad: int, r_max: float, fudge: float,
                               gold: bool, mask=None, compress: bool = False, combined: bool = False,
-                              timer=NULL_TIMER, folds: int = 1):
+                              timer=NULL_TIMER, folds: int = 1, fsc_mask=None):
     """Sum accumulators over ranks (stride-distributed) and reconstruct every volume; maps on every rank.
 
     gold: the volumes are the 2 x ``folds`` parts of the two half sets, (half1 fold 1..F, half2 fold 1..F); the
     half maps are reconstructed from each half's sum with tau^2 from their FSC. With folds > 1 also each fold's
     leave-one-fold-out reference, its half without it (same tau^2), in info["references"] (2 x folds maps).
     Otherwise (classification): tau^2 from each volume's own power spectrum (fudge x mean |F/W|^2).
+    ``fsc_mask`` (gold, a (N, N, N) solvent mask on the host): tau^2 from the solvent-corrected FSC of the
+    unregularised half maps instead (:func:`solvent_corrected_fsc`).
     Returns (maps (V, N, N, N) float32 on F_acc's module, info dict with fsc, tau2, mean_w).
     """
     xp = xp_of(F_acc)
@@ -134,10 +136,28 @@ def reduce_and_reconstruct_3d(comm, F_acc, W_acc, box: int, pad: int, r_max: flo
     timer.add_bytes("reduce_raw", stats_F["bytes_raw"] + stats_W["bytes_raw"])
     planes = owned_planes(npad, comm.rank, comm.size)
     with timer("reconstruct"):
-        return _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold, combined, xp, folds)
+        return _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold, combined, xp, folds,
+                                  fsc_mask)
 
 
-def _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold, combined, xp, folds=1):
+def solvent_corrected_fsc(half1, half2, mask, r_max: float) -> np.ndarray:
+    """RELION's --solvent_correct_fsc inside the refinement: the FSC of the masked unregularised half maps,
+    corrected by phase randomisation beyond the first shell where their unmasked FSC falls below 0.8 (Chen et
+    al. 2013; :func:`mpi_em.postprocess.fsc_curves`, the mask always used as RELION's refinement does). Shells
+    beyond ``r_max`` (no data) are 0; the unmasked FSC where it never falls below 0.8."""
+    from ..postprocess import fsc_curves
+
+    try:
+        curve = fsc_curves(to_host(half1), to_host(half2), mask, force_mask=True).fsc_true
+    except ValueError:  # nothing to randomise: the unmasked FSC stays above 0.8 up to Nyquist
+        curve = fsc_curves(to_host(half1), to_host(half2)).fsc_true
+    curve = np.nan_to_num(curve, nan=0.0, posinf=0.0, neginf=0.0)
+    curve[int(np.floor(r_max)) + 1:] = 0.0
+    return curve
+
+
+def _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold, combined, xp, folds=1,
+                       fsc_mask=None):
     npad = pad * box
     n_shells = box // 2 + 1
     parts = None
@@ -149,6 +169,11 @@ def _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold,
     info = {"mean_w": mean_w, "power": power}
     if gold:
         curve = fourier_fsc(comm, F_own, W_own, planes, npad, pad, r_max)  # unmasked, as RELION's
+        if fsc_mask is not None:  # every rank gets both unregularised half maps and computes the same curve
+            info["fsc_unmasked"] = curve
+            unreg = distributed_reconstruct(comm, F_own, W_own, box, pad, r_max)
+            curve = solvent_corrected_fsc(unreg[0], unreg[1], fsc_mask, r_max)
+            del unreg
         info["fsc_unregularised"] = curve
         tau2 = np.stack([tau2_from_fsc(curve, mean_w[v], fudge) for v in range(F_own.shape[0])])
     else:

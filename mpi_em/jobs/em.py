@@ -69,6 +69,12 @@ def add_arguments(p, mode: str) -> None:
                        "asymmetric unit, the summed accumulators are symmetrised (RELION's symmetrise)")
         p.add_argument("--healpix-order", type=int, default=2,
                        help="initial HEALPix order of the global search (2 = 15°, 3 = 7.5°; default 2)")
+        p.add_argument("--solvent-mask", metavar="MRC", default=None,
+                       help="solvent mask, values in [0, 1] (mpi-em mask; box and pixel size of the particles): the "
+                            "references are multiplied by it, besides the --particle-diameter sphere, before they "
+                            "are projected (RELION's --solvent_mask); refine3d: the gold-standard FSC that sets "
+                            "tau^2 and the resolution is then the masked one, corrected by phase randomisation "
+                            "(RELION's --solvent_correct_fsc)")
     if mode != "refine3d":
         p.add_argument("--K", type=int, default=4 if cfg["dim"] == 3 else 10, help="number of classes")
     if mode == "refine3d":
@@ -199,6 +205,7 @@ def _init(args, mode, size):
         ref = lowpass(ref.astype(np.float64), box, apix, args.ini_high).astype(np.float32)
     else:
         ref = None
+    solvent = _read_solvent_mask(args.solvent_mask, box, apix) if getattr(args, "solvent_mask", None) else None
     rng = np.random.default_rng(args.seed)
     halves = None
     if cfg["gold"]:
@@ -220,7 +227,8 @@ def _init(args, mode, size):
         for f in ("pmax", "loglike"):
             p[f] = np.zeros(len(p["row"]))
         p["nsig"] = np.zeros(len(p["row"]), dtype=np.int64)
-    meta = {"box": box, "pixel_size": apix, "n": star.n, "K": K, "folds": folds, "input": record}
+    meta = {"box": box, "pixel_size": apix, "n": star.n, "K": K, "folds": folds, "input": record,
+            "solvent_mask": solvent}
     return plans, meta, ref, star
 
 
@@ -256,10 +264,28 @@ def _folds(args, mode):
     return int(getattr(args, "folds", 1)) if MODES[mode]["gold"] else 1
 
 
-def _mask(box, apix, args, dim, xp):
+def _mask(box, apix, args, dim, xp, solvent=None):
+    """The references' mask: the soft sphere of --particle-diameter, times the --solvent-mask where one is given."""
     diam = args.particle_diameter if args.particle_diameter else 0.8 * box * apix
     radius = min(0.5 * diam / apix, box / 2 - 2)
-    return soft_sphere(box, radius, width=min(4.0, box / 2 - radius), ndim=dim, xp=xp)
+    m = soft_sphere(box, radius, width=min(4.0, box / 2 - radius), ndim=dim, xp=xp)
+    return m if solvent is None else m * xp.asarray(solvent, dtype=m.dtype)
+
+
+def _read_solvent_mask(path, box, apix):
+    """--solvent-mask: the particles' box and pixel size, values in [0, 1], not empty; else a one-line error."""
+    mask, mask_apix = read_map(path)
+    if mask.shape != (box,) * 3:
+        raise InputError(path, f"map shape {mask.shape} does not match the particles' box {box}", field="nx/ny/nz")
+    if mask_apix > 0 and abs(mask_apix - apix) > 1e-3 * apix:
+        raise InputError(path, f"voxel size {mask_apix:.4f} Å differs from the particles' {apix:.4f} Å",
+                         field="voxel_size")
+    lo, hi = float(np.min(mask)), float(np.max(mask))
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1e-6 or hi > 1 + 1e-6:
+        raise InputError(path, f"mask values must lie in [0, 1], found {lo:.4g} to {hi:.4g}", field="data")
+    if hi <= 0:
+        raise InputError(path, "the mask is empty (all zero)", field="data")
+    return np.clip(mask, 0.0, 1.0).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
@@ -464,7 +490,7 @@ def run(args, comm, mode: str) -> dict:
         ptr, state, particles, saved = root_step(comm, load)
         cont_dir = args.continue_dir
         # runs started before these options existed ran without them
-        saved = {"folds": 1, "refine_offsets": False, **saved}
+        saved = {"folds": 1, "refine_offsets": False, "solvent_mask": None, **saved}
         for k, v in saved.items():
             setattr(args, k, v)
         args.output = cont_dir
@@ -484,8 +510,9 @@ def run(args, comm, mode: str) -> dict:
             raise MpiEmError(f"{mode} needs --i STAR and --o DIR (or --continue DIR)")
         # recorded in the checkpoint by absolute path: --continue works from any working directory
         args.input = os.path.abspath(args.input)
-        if getattr(args, "ref", None):
-            args.ref = os.path.abspath(args.ref)
+        for k in ("ref", "solvent_mask"):
+            if getattr(args, k, None):
+                setattr(args, k, os.path.abspath(getattr(args, k)))
     if args.iter is None:
         args.iter = 20 if mode == "refine3d" else 25
     from ..distributed import agree
@@ -498,6 +525,7 @@ def run(args, comm, mode: str) -> dict:
             err = e
     agree(comm, err)
     plans, meta, ref, star = res if comm.rank == 0 else (None, None, None, None)
+    solvent = comm.bcast(meta.pop("solvent_mask") if comm.rank == 0 else None, root=0)
     meta = comm.bcast(meta, root=0)
     folds = meta["folds"]  # resolved on rank 0 (the default depends on the box); 1 outside refine3d
     if MODES[mode]["gold"]:
@@ -526,7 +554,7 @@ def run(args, comm, mode: str) -> dict:
     box, apix, K = meta["box"], meta["pixel_size"], meta["K"]
     n_shells = box // 2 + 1
     sym_name = getattr(args, "sym", "C1")
-    mask = _mask(box, apix, args, dim, xp)
+    mask = _mask(box, apix, args, dim, xp, solvent)
     sym_ops = None
     if dim == 3 and symmetry_matrices(sym_name).shape[0] > 1:
         sym_ops = symmetry_matrices(sym_name)  # applied to the summed accumulators (RELION's symmetrise)
@@ -651,7 +679,7 @@ def run(args, comm, mode: str) -> dict:
         info = {"loglike": stats.loglike}
         if dim == 3:
             maps, inf = reduce_and_reconstruct_3d(comm, F_acc, W_acc, box, args.pad, state["r_cur"],
-                                                  args.tau2_fudge, cfg["gold"], mask=mask,
+                                                  args.tau2_fudge, cfg["gold"], mask=mask, fsc_mask=solvent,
                                                   compress=args.compress, combined=cfg["gold"],
                                                   timer=timer, folds=folds)
         else:
@@ -697,7 +725,8 @@ def run(args, comm, mode: str) -> dict:
         state["accuracy"] = stats.angle_spread / max(stats.offset_w, 1)
         state["accuracy_trans"] = float(np.sqrt(stats.offset_var / max(stats.offset_w, 1)))  # px, per axis
         # refine3d: the half maps' FSC on their device (two 128^3 FFTs: 0.16 s on a host core, ~1 ms on a GPU)
-        _schedule(state, info, mode, args, box, apix, maps if cfg["gold"] else maps_h, mask, final)
+        _schedule(state, info, mode, args, box, apix, maps if cfg["gold"] else maps_h, mask, final,
+                  masked=solvent is not None)
         state["iter"] = it
         if final or state["final"]:
             # converged (or the last allowed iteration): no further iteration. RELION runs one more after
@@ -778,12 +807,13 @@ def _record_timings(comm, out, it, t_iter, t_e, t_m, timer, n_local, since_start
     root_step(comm, write)
 
 
-def _schedule(state, info, mode, args, box, apix, maps, mask, final):
+def _schedule(state, info, mode, args, box, apix, maps, mask, final, masked=False):
     """Resolution, current image size and (refine3d) the auto-sampling / convergence decisions."""
     cfg = MODES[mode]
     if cfg["gold"]:
-        # unmasked, as RELION's refinement does: a mask shared by both halves correlates their high frequencies
-        curve = fsc(maps[0], maps[1])
+        # unmasked, as RELION's refinement does: a mask shared by both halves correlates their high frequencies;
+        # with --solvent-mask the solvent-corrected FSC that set tau^2 (RELION's --solvent_correct_fsc)
+        curve = info["fsc_unregularised"].copy() if masked else fsc(maps[0], maps[1])
         # only shells up to the current size carry data; beyond it both halves share the leakage of the crop
         curve[int(np.floor(state["r_cur"])) + 1:] = 0.0
         info["fsc_gold"] = curve
