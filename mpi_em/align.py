@@ -47,7 +47,7 @@ def resample(vol, M) -> np.ndarray:
 
 def shift_onto(vol, ref) -> np.ndarray:
     """``vol`` moved by the integer shift that maximises its cross-correlation with ``ref`` (circular)."""
-    cc = np.fft.irfftn(np.fft.rfftn(ref) * np.conj(np.fft.rfftn(vol)), s=vol.shape)
+    cc = np.fft.irfftn(np.fft.rfftn(ref) * np.conj(np.fft.rfftn(vol)), s=vol.shape, axes=(0, 1, 2))
     s = np.unravel_index(int(np.argmax(cc)), cc.shape)
     return np.roll(vol, s, axis=(0, 1, 2))
 

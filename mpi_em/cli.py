@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .jobs import initial_model
 
     p = sub.add_parser("initial-model", help="ab-initio 3D model(s) from the particles alone (no reference)",
-                       description=initial_model.__doc__.split("\n\n")[1])
+                       description=initial_model.DESCRIPTION)
     initial_model.add_arguments(p)
     p.set_defaults(func=lambda a, c: initial_model.run(a, c))
     from .jobs import mask as mask_job, postprocess as pp_job

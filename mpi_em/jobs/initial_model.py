@@ -44,6 +44,13 @@ from ..symmetry import symmetry_matrices
 from .em import PER_PARTICLE, _gather_particles, _mask, check_finite_maps
 
 log = logging.getLogger("mpi_em")
+DESCRIPTION = ("Mini-batch expectation-maximisation from a random start (RELION 3's SGD initial model, simple form): "
+               "K classes from random-pose reconstructions of a random subset; each iteration a seeded random "
+               "mini-batch, a global orientation and translation search and the mini-batch's map blended into the "
+               "model, at a resolution limit that rises from --ini-high to --final-high; then one pass over all "
+               "particles for their poses, classes and the final maps (run_classNNN.mrc at the particles' box, "
+               "run_data.star, run_model.star, run_itNNN_slices.png). --sym symmetrises that pass's sums without "
+               "aligning the map to the group's axes first (no symmetry-axis search yet).")
 E_BATCH = 64  # particles per E-step batch
 
 
