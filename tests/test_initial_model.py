@@ -37,7 +37,7 @@ def test_schedule_and_minibatches():
     assert np.linalg.norm(R.mean(axis=0)) < 0.1  # uniform: the mean rotation matrix vanishes
 
 
-def test_rotation_mean_recovers_a_rotation(rng):
+def test_rotation_mean_recovers_a_rotation():
     from mpi_em.geometry import euler_to_matrix
 
     R = euler_to_matrix(30.0, 60.0, -20.0)[0]

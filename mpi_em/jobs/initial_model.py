@@ -35,13 +35,12 @@ from ..em.model import reduce_and_reconstruct_3d
 from ..em.references import References, fine_offsets, global_grid, insert
 from ..errors import MpiEmError
 from ..fourier import SliceGeometry, default_r_max, symmetrise
-from ..geometry import euler_to_matrix
 from ..io import check_stacks, check_writable_dir, read_particles, rebase_image_names, write_map, write_particles
 from ..io.sanity import check_box, warn_absurd_values
 from ..particles import ImageCache, pinned_wanted
 from ..sampling import angular_step, next_perturbation
 from ..symmetry import symmetry_matrices
-from .em import PER_PARTICLE, _gather_particles, _mask, check_finite_maps
+from .em import _gather_particles, _mask, check_finite_maps
 
 log = logging.getLogger("mpi_em")
 DESCRIPTION = ("Mini-batch expectation-maximisation from a random start (RELION 3's SGD initial model, simple form): "
@@ -389,4 +388,4 @@ def _write_final(out, star, particles, model, apix, counts, class_prior, history
         class_sizes_png(os.path.join(out, "run_class_sizes.png"), history, title="initial-model: class sizes")
 
 
-__all__ = ["add_arguments", "run", "schedule", "minibatch_rows", "random_rotations", "PER_PARTICLE"]
+__all__ = ["add_arguments", "run", "schedule", "minibatch_rows", "random_rotations"]
