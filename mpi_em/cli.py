@@ -252,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
         em.add_arguments(p, name)
         memory.add_argument(p)
         p.set_defaults(func=_em_job, mode=name)
+    from .jobs import initial_model
+
+    p = sub.add_parser("initial-model", help="ab-initio 3D model(s) from the particles alone (no reference)",
+                       description=initial_model.DESCRIPTION)
+    initial_model.add_arguments(p)
+    p.set_defaults(func=lambda a, c: initial_model.run(a, c))
     from .jobs import mask as mask_job, postprocess as pp_job
 
     p = sub.add_parser("mask", help="soft solvent mask from a map (threshold, extension, soft edge)",
@@ -288,7 +294,8 @@ def main(argv=None) -> int:
     _setup_logging(comm.rank, args.quiet)
     continuing = bool(getattr(args, "continue_dir", None))
     out_dir = getattr(args, "continue_dir", None) or getattr(args, "output", None) \
-        if args.command in ("reconstruct", "refine3d", "class3d", "class2d", "postprocess") else None
+        if args.command in ("reconstruct", "refine3d", "class3d", "class2d", "postprocess", "initial-model") \
+        else None
     try:
         if out_dir:
             from .distributed import root_step
