@@ -285,3 +285,22 @@ def test_postprocess_bad_mask_ends_cleanly(half_maps, tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("mpi-em: error")]
     assert len(lines) == 1 and "bad.mrc" in lines[0] and "field data" in lines[0]
     assert not (tmp_path / "out" / "postprocess.mrc").exists()
+
+
+def test_postprocess_into_a_used_folder_needs_overwrite(tmp_path):
+    """A second postprocess into the same folder is refused in one line naming --overwrite, which postprocess
+    accepts (the output-folder protection applies to every job that writes run.json)."""
+    d = tmp_path / "maps"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(32, 32, 32)).astype(np.float32)
+    for k in (1, 2):
+        write_map(str(d / f"h{k}.mrc"), base + 0.5 * rng.normal(size=base.shape).astype(np.float32), 3.0)
+    write_map(str(d / "mask.mrc"), np.ones((32, 32, 32), np.float32), 3.0)
+    args = ["postprocess", "--half1", d / "h1.mrc", "--half2", d / "h2.mrc", "--mask", d / "mask.mrc",
+            "--o", tmp_path / "pp", "--adhoc-bfac", -50]
+    assert mpi_em(args, ranks=0).returncode == 0
+    r = mpi_em(args, ranks=0)
+    assert r.returncode == 3 and "--overwrite" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = mpi_em(args + ["--overwrite"], ranks=0)
+    assert r.returncode == 0, r.stderr

@@ -59,6 +59,9 @@ def add_arguments(p) -> None:
     p.add_argument("--force-mask", action="store_true",
                    help="use the mask even when the corrected FSC is worse than the unmasked one")
     p.add_argument("--seed", type=int, default=0, help="seed of the phase randomisation (default 0)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results already in the --o folder (without it a folder that holds another "
+                        "job's results is refused)")
 
 
 def _read_mtf(path, n, apix, mtf_apix):
