@@ -10,7 +10,7 @@ particle diameter, iterations, and the same CPU cores or the same GPU:
   refine3d       mpi-em refine3d                 vs  relion_refine_mpi --auto_refine --split_random_halves
   class3d        mpi-em class3d --K 4            vs  relion_refine_mpi 3D classification (fixed iterations)
   class2d        mpi-em class2d                  vs  relion_refine_mpi 2D classification (EM)
-  class2d-vdam   (the class2d run of mpi-em)     vs  relion_refine_mpi --grad (VDAM; RELION 4+ only, else skipped)
+  class2d-vdam   (mpi-em's class2d)          vs  relion_refine_mpi --grad (VDAM; RELION 4+ only, else skipped)
 
 Printed: one table (wall time, seconds per iteration, reported / gold-standard resolution, map-vs-truth resolution
 at FSC 0.5, median angular error against the true poses, peak GPU memory with --gpu, the time ratio); written:
@@ -24,7 +24,7 @@ Matched settings, where the two programs name them differently:
   step (its coarse pass uses twice it): RELION --offset_step S <-> mpi-em --offset-step S/2.
 - RELION's --healpix_order / --psi_step are the coarse sampling, oversampled once (--oversampling 1); mpi-em's
   --healpix-order / --psi-step are the same coarse sampling with one oversampling in its fine pass.
-- RELION's refinement and classification programs run a leader rank that does no alignment: by default RELION
+- RELION's refinement and classification programs start a leader rank that does no alignment: by default RELION
   gets --ranks + 1 MPI processes there (at least 3 for --split_random_halves), and mpi-em --ranks.
 - RELION reconstructs one map per run: its 'reconstruct' time is that of the two half-set runs (--subset 1, 2:
   every particle inserted once, as in mpi-em's one run that writes both halves and their sum); its full map
@@ -754,7 +754,7 @@ def parse_args(argv=None):
                         "least 3 for auto-refine)")
     p.add_argument("--relion-reconstruct-ranks", type=int, default=None,
                    help="MPI processes of relion_reconstruct_mpi in the 'reconstruct' job (default --ranks; RELION's "
-                        "reconstruction runs on CPU cores only)")
+                        "reconstruction uses CPU cores only)")
     p.add_argument("--threads", type=int, default=1, help="RELION --j (default 1)")
     p.add_argument("--omp-threads", type=int, default=1, help="OMP_NUM_THREADS of every process (default 1)")
     p.add_argument("--pool", type=int, default=3, help="RELION --pool (default 3)")

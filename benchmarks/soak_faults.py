@@ -1,10 +1,10 @@
-"""Soak test of the failure paths (not run in CI): many short refine3d jobs under `mpirun -n 2`, each with a random
+"""Soak test of the failure paths (not part of CI): many short refine3d jobs under `mpirun -n 2`, each with a random
 fault, counting hangs, lost checkpoints, wrong exit codes and --continue results that differ from the
 uninterrupted run.
 
 Faults: none; a rank killed (SIGKILL or SIGTERM) at a random moment; the disk filled at a random moment (a small
 tmpfs: needs root, else the fault is skipped); a STAR row past its stack's end; a second job on the same output
-folder. After a kill or a full disk the run is continued (`--continue`, with room again) and its final poses and
+folder. After a kill or a full disk the job is continued (`--continue`, with room again) and its final poses and
 map must equal the uninterrupted run's bit for bit.
 
     python benchmarks/soak_faults.py --jobs 100 --out benchmarks/results/fault-soak/

@@ -252,26 +252,23 @@ def build_parser() -> argparse.ArgumentParser:
         em.add_arguments(p, name)
         memory.add_argument(p)
         p.set_defaults(func=_em_job, mode=name)
-    from .jobs import initial_model
+    from .jobs import initial_model, mask as mask_job, postprocess as pp_job
 
-    p = sub.add_parser("initial-model", help="ab-initio 3D model(s) from the particles alone (no reference)",
-                       description=initial_model.DESCRIPTION)
-    initial_model.add_arguments(p)
-    p.set_defaults(func=lambda a, c: initial_model.run(a, c))
-    from .jobs import mask as mask_job, postprocess as pp_job
-
-    p = sub.add_parser("mask", help="soft solvent mask from a map (threshold, extension, soft edge)",
-                       description="A solvent mask as RELION's relion_mask_create: optional low-pass, binarisation "
-                                   "at a threshold, extension in pixels, raised-cosine soft edge; MRC with the "
-                                   "map's voxel size.")
-    mask_job.add_arguments(p)
-    p.set_defaults(func=lambda a, c: mask_job.run(a, c))
-    p = sub.add_parser("postprocess", help="mask-corrected FSC, B-factor, sharpened and FSC-weighted map",
-                       description="RELION's post-processing of two half maps: unmasked, masked, phase-randomised "
-                                   "and corrected FSC (Chen et al. 2013), final resolution, B-factor from a Guinier "
-                                   "fit or given, FSC-weighted sharpened map low-passed at the final resolution.")
-    pp_job.add_arguments(p)
-    p.set_defaults(func=lambda a, c: pp_job.run(a, c))
+    jobs = (  # commands whose module gives add_arguments(p) and run(args, comm)
+        ("initial-model", initial_model, "ab-initio 3D model(s) from the particles alone (no reference)",
+         initial_model.DESCRIPTION),
+        ("mask", mask_job, "soft solvent mask from a map (threshold, extension, soft edge)",
+         "A solvent mask as RELION's relion_mask_create: optional low-pass, binarisation at a threshold, extension "
+         "in pixels, raised-cosine soft edge; MRC with the map's voxel size."),
+        ("postprocess", pp_job, "mask-corrected FSC, B-factor, sharpened and FSC-weighted map",
+         "RELION's post-processing of two half maps: unmasked, masked, phase-randomised and corrected FSC (Chen et "
+         "al. 2013), final resolution, B-factor from a Guinier fit or given, FSC-weighted sharpened map low-passed "
+         "at the final resolution."),
+    )
+    for name, module, short, long in jobs:
+        p = sub.add_parser(name, help=short, description=long)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
     p = sub.add_parser("fsc", help="FSC between two maps and the resolution at a threshold")
     _fsc_args(p)
     p.set_defaults(func=_fsc)
@@ -312,7 +309,7 @@ def main(argv=None) -> int:
                     log.warning("cannot open %s (%s): logging to stderr only", os.path.join(out_dir, "run.log"),
                                 e.strerror or e)
                 if claim["removed"]:
-                    log.info("--overwrite: removed %d files of the previous run in %s", len(claim["removed"]),
+                    log.info("--overwrite: removed %d files of the previous job in %s", len(claim["removed"]),
                              claim["folder"])
         args.func(args, comm)
     except MpiEmError as e:

@@ -3,7 +3,7 @@
 Both templates, adapted to 2 CPU tasks as launch/slurm/README.md says, must start ONE 2-rank MPI job (not two
 1-rank jobs writing the same folder); a 2-task step whose MPI does not join its tasks (`srun --mpi=none`, the
 default of many sites) must stop with one line naming `srun --mpi=pmi2`. Needs root, Debian's `slurm-wlm` and
-`munge` (tests/run.sh installs them where it runs as root with apt-get) and the venv of the `mpi` extra; skipped
+`munge` (tests/run.sh installs them where it has root and apt-get) and the venv of the `mpi` extra; skipped
 otherwise. The cluster lives in a temporary folder on its own ports and is stopped at the end, also on failure.
 """
 import json

@@ -185,7 +185,7 @@ class BackgroundWriter:
 
 # ------------------------------------------------------------------------------ output folders: runs and locks
 LOCK_NAME = ".mpi_em.lock"
-#: files that show a folder holds a run of a job (reconstruct, refine3d, class3d, class2d)
+#: files that show a folder holds the results of a job (reconstruct, refine3d, class3d, class2d)
 RUN_FILES = ("checkpoint.json", "run.json", "run_timings.json", "half1.mrc", "half2.mrc", "map.mrc")
 RUN_PATTERNS = ("run_it[0-9][0-9][0-9]_*", "run_*.mrc", "run_*.mrcs", "run_*.star", "run_*.png")
 #: besides those: the other files a run writes, removed too by --overwrite
@@ -195,7 +195,7 @@ _held_locks = []  # lock files held by this process for its life (released by th
 
 
 def previous_run_files(folder) -> list[str]:
-    """Names of the files in ``folder`` that a previous run of a job wrote (sorted; [] for none)."""
+    """Names of the files in ``folder`` that a previous job wrote (sorted; [] for none)."""
     folder = os.fspath(folder)
     found = {f for f in RUN_FILES if os.path.isfile(os.path.join(folder, f))}
     for pat in RUN_PATTERNS:

@@ -70,7 +70,7 @@ def input_record(star) -> dict:
 
 def check_same_input(now: dict, then: dict, folder) -> None:
     """Raise InputError (one line: what changed) when ``now`` (:func:`input_record` of the input read) differs
-    from ``then`` (recorded in the checkpoint of the run in ``folder``)."""
+    from ``then`` (recorded in the checkpoint in ``folder``)."""
     changes = []
     field = None
     if now["n"] != then.get("n"):
@@ -86,5 +86,5 @@ def check_same_input(now: dict, then: dict, folder) -> None:
         changes.append("other images (or another order) than the run's")
         field = "rlnImageName"
     if changes:
-        raise InputError(now["path"], f"changed since the run in {folder} started: {', '.join(changes)} "
+        raise InputError(now["path"], f"changed since the run started in {folder}: {', '.join(changes)} "
                          "(--continue needs the run's own particles)", field=field)

@@ -55,12 +55,12 @@ def add_arguments(p, mode: str) -> None:
     p.add_argument("--i", dest="input", metavar="STAR", help="particles STAR file (RELION 3.1+)")
     p.add_argument("--o", dest="output", metavar="DIR", help="output folder (created)")
     p.add_argument("--continue", dest="continue_dir", metavar="DIR",
-                   help="resume the run in DIR from its last finished iteration (other options are read from "
+                   help="resume the job in DIR from its last finished iteration (other options are read from "
                         "its checkpoint; --iter may raise the iteration limit); refused when the particles STAR "
                         "file (by its absolute path) no longer holds the run's particles")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in the --o folder (its files are removed first); without it a "
-                        "folder that holds another run is refused")
+                        "folder that holds another job's results is refused")
     if cfg["dim"] == 3:
         p.add_argument("--ref", metavar="MRC", help="initial reference map (box and pixel size of the particles)")
         p.add_argument("--ini-high", type=float, default=30.0,

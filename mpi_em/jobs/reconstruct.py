@@ -62,7 +62,7 @@ def add_arguments(p) -> None:
                         "shuffle, zstd); pays when the network, not the CPU, is the bottleneck")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in the output folder (its files are removed first); without it "
-                        "a folder that holds another run is refused")
+                        "a folder that holds another job's results is refused")
 
 
 def _load(args, size):
