@@ -292,7 +292,8 @@ def test_refine3d_recovers_poses_and_resolution(tmp_path):
     truth = _dataset(d, 48, 1000, 0.25, 2.67)
     out = tmp_path / "ref"
     r = mpi_em(["refine3d", "--i", d / "particles_unaligned.star", "--ref", d / "start.mrc", "--ini-high", 21.36,
-                "--o", out, "--max-order", 3, "--iter", 5], ranks=2)
+                "--o", out, "--max-order", 3, "--iter", 5], ranks=2,
+               timeout=900)  # a hang guard: about 300 s on 2 loaded cores
     assert r.returncode == 0, r.stderr
     start = resolution_at(fsc(mrcfile.read(d / "start.mrc"), truth), 48, 2.67, 0.5)
     halves = sorted(glob.glob(str(out / "run_it*_half1_class001_unfil.mrc")))
