@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import xp_of
-from ..fourier import SliceGeometry, backproject, project, volume_fft
+from ..fourier import CentredVolumes, SliceGeometry, backproject, project, volume_fft
 from ..fourier2d import backproject2d, plane_fft, project2d
 from ..geometry import euler_to_matrix, matrix_to_euler
 from ..sampling import orientation_grid, psi_angles, rotation_vector_to_matrix
@@ -22,14 +22,19 @@ class References:
         self.dim, self.pad = dim, pad
         self.box = maps.shape[-1]
         m = maps if mask is None else maps * mask
+        self.centred = None
         if dim == 3:
             self.F = xp.stack([volume_fft(v, pad) for v in m])
+            if xp is np:  # CPU ranks: the centred layout's projector (GPUs: the fused kernel on self.F)
+                self.centred, self.F = CentredVolumes(self.F), None
         else:
             self.F = plane_fft(m, pad)
         self.n = maps.shape[0]
 
     def project(self, mats, vol_index, geom: SliceGeometry):
         lead = mats.shape[:-2]
+        if self.centred is not None:
+            return self.centred.project(mats, geom, vol_index=np.broadcast_to(np.asarray(vol_index), lead))
         xp = xp_of(self.F)
         vi = xp.broadcast_to(xp.asarray(vol_index), lead).reshape(-1)
         if self.dim == 3:
