@@ -197,11 +197,15 @@ def test_masked_refinement_is_at_least_as_good_as_unmasked(small_particle):
 def test_auto_mask_refinement(small_particle):
     """--auto-mask on the same data: (a) the map is at least as close to the truth as the unmasked one (FSC 0.5
     against the truth; measured 17.7 Å, unmasked 18.2 Å); (b) the resolution it reports (the solvent-corrected
-    gold-standard FSC at 0.143) claims at most one Fourier shell more than the map's FSC against the truth at 0.5
-    (its half-map equivalent; measured 16.7 Å reported, 17.7 Å against the truth: 0.4 shell); (c) the mask it
-    used in the last iteration (run_it002_mask.mrc, copied to run_mask.mrc) holds >= 99% of the truth's
-    positive density, lies in the particle sphere and is much tighter than it (measured: 3000 of the sphere's
-    12600 voxels, 99.9% of the density)."""
+    gold-standard FSC at 0.143) is compared with the map's FSC against the truth at 0.5 (its half-map
+    equivalent), in Fourier shells: the claim beyond the truth is at most one shell, and no more than that of the
+    unmasked gold-standard FSC of the plain run plus a quarter shell (the FSC's precision near the crossing: sigma
+    ~ 1 / sqrt(#coefficients / 2) = 0.05 over a fall of ~0.5 per shell, 0.1 shell). Measured: 15.7 Å reported,
+    17.7 Å against the truth, 0.93 shell; plain 16.1 and 18.2 Å, 0.94 shell (2 iterations on 250 particles per
+    half: the unmasked gold standard is optimistic too); the truth-made mask of the test above 14.1 and 17.3 Å,
+    1.7 shells, which (b) would refuse. (c) The mask it used in the last iteration (run_it002_mask.mrc, copied
+    to run_mask.mrc) holds >= 99% of the truth's positive density, lies in the particle sphere and is much
+    tighter than it (measured: 3000 of the sphere's 12600 voxels, 99.9% of the density)."""
     import starfile
 
     from mpi_em.fsc import resolution_at
@@ -210,8 +214,12 @@ def test_auto_mask_refinement(small_particle):
     box, apix = 32, 4.0
     res = {tag: resolution_at(curves[tag], box, apix, 0.5) for tag in ("plain", "auto")}
     assert res["auto"] <= res["plain"], res
-    reported = float(starfile.read(d / "auto" / "run_model.star")["model_general"]["rlnCurrentResolution"].iloc[0])
-    assert box * apix / reported <= box * apix / res["auto"] + 1.0, (reported, res["auto"])
+    over = {}
+    for tag in ("plain", "auto"):
+        model = starfile.read(d / tag / "run_model.star")
+        reported = float(model["model_general"]["rlnCurrentResolution"].iloc[0])
+        over[tag] = box * apix / reported - box * apix / res[tag]  # shells claimed beyond the truth's
+    assert over["auto"] <= 1.0 and over["auto"] <= over["plain"] + 0.25, over
     m = mrcfile.read(d / "auto" / "run_mask.mrc")
     np.testing.assert_array_equal(m, mrcfile.read(d / "auto" / "run_it002_mask.mrc"))
     assert 0.0 <= m.min() and m.max() <= 1.0
