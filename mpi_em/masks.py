@@ -49,15 +49,16 @@ def lowpass_map(vol, resolution: float, pixel_size: float, edge_width: int = 2) 
     return np.fft.irfftn(F, s=vol.shape, axes=(0, 1, 2))
 
 
-def lowpass_weights(n: int, resolution: float, pixel_size: float, edge_width: int = 2) -> np.ndarray:
-    """The (n, n, n//2+1) weights of :func:`lowpass_map` (RELION's raised-cosine edge)."""
+def lowpass_weights(n: int, resolution: float, pixel_size: float, edge_width: int = 2, radius=None) -> np.ndarray:
+    """The (n, n, n//2+1) weights of :func:`lowpass_map` (RELION's raised-cosine edge); at |k| = ``radius``
+    (pixels of the n^3 grid) where given."""
     from .fourier import radius_3d
 
     ires = int(np.floor(n * pixel_size / resolution + 0.5))
     half = int(edge_width) // 2
     lo = max(0.0, (ires - half) / n)
     hi = min(n // 2 + 1, (ires + half) / n)
-    res = radius_3d(n) / n
+    res = (radius_3d(n) if radius is None else np.asarray(radius, dtype=np.float64)) / n
     w = np.ones_like(res)
     w[res > hi] = 0.0
     edge = (res >= lo) & (res <= hi)
@@ -82,3 +83,31 @@ def threshold_mask(vol, threshold: float, extend: float = 0.0, soft_edge: float 
         edge = ~m & (d2 < soft_edge * soft_edge)
         out[edge] = 0.5 + 0.5 * np.cos(np.pi * np.sqrt(d2[edge]) / soft_edge)
     return out.astype(np.float32)
+
+
+def auto_solvent_mask(maps, resolution: float, pixel_size: float, radius: float, threshold: float = 0.1,
+                      extend: float | None = None, soft_edge: float | None = None) -> np.ndarray:
+    """A solvent mask from the current reference, recomputed each iteration (refine3d / class3d --auto-mask).
+
+    ``maps``: (N, N, N) or (V, N, N, N) (the two half maps, or the classes): their average, so that both half
+    sets get the same mask. The average is low-passed to ``resolution`` Å (:func:`lowpass_map`), its values
+    outside the sphere of ``radius`` pixels are ignored, and :func:`threshold_mask` keeps the voxels at or above
+    ``threshold`` x its maximum inside the sphere, extended by ``extend`` pixels and given a raised-cosine edge
+    ``soft_edge`` pixels wide (defaults: max(3, resolution / (2 pixel_size)) and max(3, resolution /
+    (2 pixel_size)), as much as the low-pass blurs an edge); the result is multiplied by the hard sphere of
+    ``radius`` pixels. Returns float32 (N, N, N) in [0, 1]; the sphere alone where nothing lies above the
+    threshold."""
+    vol = np.asarray(maps, dtype=np.float64)
+    if vol.ndim == 4:
+        vol = vol.mean(axis=0)
+    n = vol.shape[-1]
+    lp = lowpass_map(vol, max(float(resolution), 2.0 * pixel_size), pixel_size)
+    sphere = soft_sphere(n, radius, width=0.0).astype(bool)
+    blur = max(3.0, 0.5 * float(resolution) / pixel_size)
+    extend = blur if extend is None else float(extend)
+    soft_edge = blur if soft_edge is None else float(soft_edge)
+    peak = float(lp[sphere].max()) if sphere.any() else 0.0
+    if peak <= 0:
+        return sphere.astype(np.float32)
+    m = threshold_mask(np.where(sphere, lp, -np.inf), threshold * peak, extend, soft_edge)
+    return (m * sphere).astype(np.float32)

@@ -287,6 +287,31 @@ def test_postprocess_bad_mask_ends_cleanly(half_maps, tmp_path):
     assert not (tmp_path / "out" / "postprocess.mrc").exists()
 
 
+@pytest.mark.parametrize("case", ["shape", "nan"])
+def test_postprocess_distributed_bad_input(half_maps, tmp_path, case):
+    """Under mpirun -n 2 (the distributed path: headers checked on rank 0, rows read on every rank): a mask of
+    another box, and a half map with a NaN in a y row that only rank 1 reads; exit 2, one line naming the file
+    and the field, no map written."""
+    d = half_maps
+    half2, mask = d / "rec" / "half2.mrc", d / "mask.mrc"
+    if case == "shape":
+        mask = tmp_path / "bad.mrc"
+        write_map(mask, np.ones((46, 46, 46), np.float32), 2.0)
+        field, bad = "nx/ny/nz", mask
+    else:
+        vol = read_map(half2)[0]
+        vol[10, 1, 7] = np.nan  # y = 1: rank 1's rows at P = 2
+        half2 = tmp_path / "bad.mrc"
+        write_map(half2, vol, 2.0)
+        field, bad = "data", half2
+    r = mpi_em(["postprocess", "--half1", d / "rec" / "half1.mrc", "--half2", half2, "--mask", mask, "--o",
+                tmp_path / "out"], ranks=2)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("mpi-em: error")]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert str(bad) in lines[0] and f"field {field}" in lines[0], lines[0]
+    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".mrc")]
+
+
 def test_postprocess_into_a_used_folder_needs_overwrite(tmp_path):
     """A second postprocess into the same folder is refused in one line naming --overwrite, which postprocess
     accepts (the output-folder protection applies to every job that writes run.json)."""

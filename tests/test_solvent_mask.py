@@ -53,6 +53,37 @@ def test_references_are_multiplied_by_the_solvent_mask():
     assert np.abs(ref[:, outside]).max() > 0.5 * inside_rms
 
 
+def test_auto_solvent_mask_from_the_average_of_the_halves():
+    """masks.auto_solvent_mask on a ball of radius 4 px (box 48, sphere of radius 10 px): the two halves carry
+    opposite noise (+e, -e), so the mask is that of the clean ball (derived from the average, the same for both
+    halves); a blob 4x brighter 10 px outside the sphere changes nothing (with a sphere that holds it, its
+    maximum sets the threshold and the ball's mask shrinks); 1 where the ball's low-passed density is above
+    0.1 x its maximum and 1 px beyond, a cosine edge 2 + 3 px out, 0 from 6 px beyond and outside the sphere."""
+    from mpi_em.masks import auto_solvent_mask, lowpass_map
+
+    box, apix = 48, 2.0
+    c = np.arange(box) - box // 2
+    z, y, x = np.meshgrid(c, c, c, indexing="ij")
+    r = np.sqrt(z * z + y * y + x * x)
+    ball = (r <= 4).astype(np.float64)
+    blob = 5.0 * (np.sqrt(z * z + y * y + (x - 20) ** 2) <= 1.5)
+    e = np.random.default_rng(0).normal(size=ball.shape)
+    ref = auto_solvent_mask(ball, 8.0, apix, 10.0, extend=2, soft_edge=3)
+    m = auto_solvent_mask(np.stack([ball + blob + e, ball + blob - e]), 8.0, apix, 10.0, extend=2, soft_edge=3)
+    np.testing.assert_allclose(m, ref, atol=1e-6)
+    wide = auto_solvent_mask(ball + blob, 8.0, apix, 22.0, extend=2, soft_edge=3)
+    assert wide[r <= 8].sum() < 0.8 * ref.sum(), (wide[r <= 8].sum(), ref.sum())
+    lp = lowpass_map(ball, 8.0, apix)
+    inside = lp >= 0.1 * lp.max()
+    rin = r[inside].max()
+    assert m.dtype == np.float32 and 0 <= m.min() and m.max() <= 1
+    assert np.all(m[inside] == 1) and np.all(m[r <= rin + 1.0] == 1)
+    assert np.all(m[r >= rin + 2 + 3 + 1] == 0) and np.all(m[r > 10] == 0)
+    edge = (m > 0) & (m < 1)  # the soft edge: a shell beyond the extension, within 2 + 3 px of the threshold
+    assert edge.sum() > 500 and np.all(r[edge] > 5.0) and np.all(r[edge] < rin + 5), (edge.sum(), r[edge].min())
+    assert np.all(auto_solvent_mask(-1 - ball, 8.0, apix, 10.0) == soft_sphere(box, 10.0, width=0.0))  # none > 0
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("sm")
@@ -85,6 +116,17 @@ def test_bad_solvent_mask_is_refused(data, tmp_path, case):
         assert not [f for f in os.listdir(tmp_path / job) if f.endswith((".mrc", ".json"))]
 
 
+def test_auto_mask_with_solvent_mask_is_refused(data, tmp_path):
+    """--auto-mask and --solvent-mask together: exit 2, one line naming both, nothing written."""
+    mask = tmp_path / "mask.mrc"
+    _write(mask, soft_sphere(24, 7.0, 3.0), 4.0)
+    r = mpi_em(_args(data, tmp_path / "run", mask, ["--auto-mask"]), ranks=1, timeout=120)
+    errors = _errors(r.stderr)
+    assert r.returncode == 2 and len(errors) == 1, r.stderr
+    assert "--auto-mask" in errors[0] and "--solvent-mask" in errors[0], errors[0]
+    assert not [f for f in os.listdir(tmp_path / "run") if f.endswith((".mrc", ".json"))]
+
+
 def test_solvent_mask_is_kept_for_continue(data, tmp_path):
     """refine3d (2 ranks: the unregularised half maps of the corrected FSC reconstructed distributed) and class3d
     run with a mask; its absolute path goes into the checkpoint's arguments, and --continue reads it again: a
@@ -106,37 +148,83 @@ def test_solvent_mask_is_kept_for_continue(data, tmp_path):
     assert r.returncode == 2 and len(errors) == 1 and str(mask) in errors[0] and "field data" in errors[0], r.stderr
 
 
-def test_masked_refinement_is_at_least_as_good_as_unmasked(tmp_path):
+@pytest.fixture(scope="module")
+def small_particle(tmp_path_factory):
     """A small particle (radius 6 px) in a box of 32: most of the default sphere (80% of the box) is noisy
-    solvent. refine3d from the same start, with and without a solvent mask made from the truth (mpi-em mask:
-    threshold, extend, soft edge); the map with the mask is at least as close to the truth (FSC 0.5 against the
-    truth; measured 17.3 Å with the mask, 18.2 Å without; 14.1 and 16.2 Å at FSC 0.143)."""
+    solvent. refine3d from the same start (2 iterations, one rank each, side by side): without a mask, with a
+    solvent mask made from the truth (mpi-em mask: threshold, extend, soft edge), and with --auto-mask.
+    Returns the folder, the truth, and each run's FSC against the truth."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from mpi_em.fsc import fsc, resolution_at
+    from mpi_em.fsc import fsc
     from mpi_em.io import write_map
     from mpi_em.simulate import phantom, simulate_particles, write_dataset
 
+    d = tmp_path_factory.mktemp("small_particle")
     box, apix = 32, 4.0
     truth = phantom(box, seed=3, radius=6)
-    write_dataset(str(tmp_path), truth, simulate_particles(truth, 500, apix, snr=0.3, seed=4, max_shift=2), apix)
-    write_map(str(tmp_path / "start.mrc"), lowpass(truth.astype(np.float64), box, apix, 30.0).astype(np.float32),
-              apix)
-    r = mpi_em(["mask", "--i", tmp_path / "truth.mrc", "--o", tmp_path / "mask.mrc", "--threshold",
+    write_dataset(str(d), truth, simulate_particles(truth, 500, apix, snr=0.3, seed=4, max_shift=2), apix)
+    write_map(str(d / "start.mrc"), lowpass(truth.astype(np.float64), box, apix, 30.0).astype(np.float32), apix)
+    r = mpi_em(["mask", "--i", d / "truth.mrc", "--o", d / "mask.mrc", "--threshold",
                 0.05 * float(truth.max()), "--extend", 2, "--soft-edge", 3], ranks=0)
     assert r.returncode == 0, r.stderr
+    extra = {"plain": [], "masked": ["--solvent-mask", d / "mask.mrc"], "auto": ["--auto-mask"]}
 
     def refine(tag):
-        extra = ["--solvent-mask", tmp_path / "mask.mrc"] if tag == "masked" else []
-        return mpi_em(["refine3d", "--i", tmp_path / "particles_unaligned.star", "--ref", tmp_path / "start.mrc",
-                       "--ini-high", 30, "--o", tmp_path / tag, "--max-order", 2, "--folds", 1, "--iter", 2] + extra,
+        return mpi_em(["refine3d", "--i", d / "particles_unaligned.star", "--ref", d / "start.mrc",
+                       "--ini-high", 30, "--o", d / tag, "--max-order", 2, "--folds", 1, "--iter", 2] + extra[tag],
                       ranks=1, timeout=300)
 
-    with ThreadPoolExecutor(2) as pool:  # one rank each, side by side
-        runs = dict(zip(("plain", "masked"), pool.map(refine, ("plain", "masked"))))
-    res = {}
+    with ThreadPoolExecutor(3) as pool:
+        runs = dict(zip(extra, pool.map(refine, extra)))
+    curves = {}
     for tag, r in runs.items():
         assert r.returncode == 0, r.stderr
-        curve = fsc(mrcfile.read(tmp_path / tag / "run_class001.mrc").astype(np.float64), truth.astype(np.float64))
-        res[tag] = resolution_at(curve, box, apix, 0.5)
+        curves[tag] = fsc(mrcfile.read(d / tag / "run_class001.mrc").astype(np.float64), truth.astype(np.float64))
+    return d, truth, curves
+
+
+def test_masked_refinement_is_at_least_as_good_as_unmasked(small_particle):
+    """The map with the truth's solvent mask is at least as close to the truth as the one without (FSC 0.5
+    against the truth; measured 17.3 Å with the mask, 18.2 Å without; 14.1 and 16.2 Å at FSC 0.143)."""
+    from mpi_em.fsc import resolution_at
+
+    _, _, curves = small_particle
+    res = {tag: resolution_at(curves[tag], 32, 4.0, 0.5) for tag in ("plain", "masked")}
     assert res["masked"] <= res["plain"], res
+
+
+def test_auto_mask_refinement(small_particle):
+    """--auto-mask on the same data: (a) the map is at least as close to the truth as the unmasked one (FSC 0.5
+    against the truth; measured 17.7 Å, unmasked 18.2 Å). (b) The resolution it reports (the solvent-corrected
+    gold-standard FSC at 0.143) against the FSC of the map it describes, the map times the run's mask, with the
+    truth at 0.5 (the half-map equivalent), in Fourier shells: at most 0.75 shell more. Measured: 15.7 Å reported,
+    16.7 Å against the truth, 0.49 shell. For scale: the plain run's unmasked gold standard claims 0.94 shell more
+    than its map against the truth (16.1 and 18.2 Å: 2 iterations on 250 particles per half are optimistic
+    whatever the mask), the truth-made mask of the test above 1.03 shells (14.1 Å reported, 15.9 Å masked map
+    against the truth), which (b) would refuse; the FSC's own precision near the crossing is ~0.1-0.2 shell
+    (sigma ~ 1 / sqrt(#coefficients / 2) = 0.05 over a fall of 0.3-0.5 per shell). (c) The mask it used in the
+    last iteration (run_it002_mask.mrc, copied to run_mask.mrc) holds >= 99% of the truth's positive density,
+    lies in the particle sphere and is much tighter than it (measured: 3100 of the sphere's 12600 voxels, 99.9%
+    of the density)."""
+    import starfile
+
+    from mpi_em.fsc import fsc, resolution_at
+
+    d, truth, curves = small_particle
+    box, apix = 32, 4.0
+    res = {tag: resolution_at(curves[tag], box, apix, 0.5) for tag in ("plain", "auto")}
+    assert res["auto"] <= res["plain"], res
+    m = mrcfile.read(d / "auto" / "run_mask.mrc")
+    masked = resolution_at(fsc(mrcfile.read(d / "auto" / "run_class001.mrc").astype(np.float64) * m,
+                               truth.astype(np.float64)), box, apix, 0.5)
+    reported = float(starfile.read(d / "auto" / "run_model.star")["model_general"]["rlnCurrentResolution"].iloc[0])
+    over = box * apix / reported - box * apix / masked  # shells claimed beyond the masked map's against the truth
+    assert over <= 0.75, (reported, masked, over)
+    np.testing.assert_array_equal(m, mrcfile.read(d / "auto" / "run_it002_mask.mrc"))
+    assert 0.0 <= m.min() and m.max() <= 1.0
+    pos = np.clip(truth, 0.0, None)
+    assert (m * pos).sum() >= 0.99 * pos.sum(), (m * pos).sum() / pos.sum()
+    sphere = soft_sphere(box, min(0.4 * box, box / 2 - 2), width=0.0)
+    assert np.all(m[sphere == 0] == 0)
+    assert m.sum() < 0.5 * sphere.sum(), (m.sum(), sphere.sum())

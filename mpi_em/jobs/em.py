@@ -31,7 +31,7 @@ from ..geometry import angular_distance, euler_to_matrix
 from ..io import (BackgroundWriter, atomic_path, check_stacks, check_writable_dir, read_hdf5, read_map, read_particles,
                   write_hdf5, write_map, write_particles, write_stack, rebase_image_names)
 from ..io.sanity import check_box, check_half_sets, check_same_input, input_record, warn_absurd_values
-from ..masks import soft_sphere
+from ..masks import auto_solvent_mask, soft_sphere
 from ..particles import ImageCache, cache_wanted, pinned_wanted
 from ..sampling import angular_step, next_perturbation, next_translations
 from ..symmetry import symmetry_matrices
@@ -75,6 +75,14 @@ def add_arguments(p, mode: str) -> None:
                             "are projected (RELION's --solvent_mask); refine3d: the gold-standard FSC that sets "
                             "tau^2 and the resolution is then the masked one, corrected by phase randomisation "
                             "(RELION's --solvent_correct_fsc)")
+        p.add_argument("--auto-mask", action="store_true",
+                       help="without --solvent-mask: a solvent mask recomputed from the reference each iteration "
+                            "and used as --solvent-mask is (references, masked and phase-randomisation-corrected "
+                            "FSC): the average of the half maps (class3d: of the classes), low-passed to the "
+                            "current resolution, thresholded at 0.1 x its maximum, extended and given a soft edge "
+                            "of max(3 px, half the resolution) each (mpi-em mask), times the --particle-diameter "
+                            "sphere. One mask for both half sets, from their average, as RELION and cryoSPARC do: "
+                            "each half's noise enters it only through that average. Default off")
     if mode != "refine3d":
         p.add_argument("--K", type=int, default=4 if cfg["dim"] == 3 else 10, help="number of classes")
     if mode == "refine3d":
@@ -266,10 +274,14 @@ def _folds(args, mode):
 
 def _mask(box, apix, args, dim, xp, solvent=None):
     """The references' mask: the soft sphere of --particle-diameter, times the --solvent-mask where one is given."""
-    diam = args.particle_diameter if args.particle_diameter else 0.8 * box * apix
-    radius = min(0.5 * diam / apix, box / 2 - 2)
+    radius = _mask_radius(box, apix, args)
     m = soft_sphere(box, radius, width=min(4.0, box / 2 - radius), ndim=dim, xp=xp)
     return m if solvent is None else m * xp.asarray(solvent, dtype=m.dtype)
+
+
+def _mask_radius(box, apix, args):
+    diam = args.particle_diameter if args.particle_diameter else 0.8 * box * apix
+    return min(0.5 * diam / apix, box / 2 - 2)
 
 
 def _read_solvent_mask(path, box, apix):
@@ -387,6 +399,8 @@ def _write_iteration(out, it, mode, star, particles, state, info, meta):
     else:
         for k in range(maps.shape[0]):
             write_map(os.path.join(out, f"{tag}_class{k + 1:03d}.mrc"), maps[k], apix)
+    if info.get("auto_mask") is not None:  # --auto-mask: the mask this iteration used (a postprocess input)
+        write_map(os.path.join(out, f"{tag}_mask.mrc"), info["auto_mask"], apix)
     write_particles(os.path.join(out, f"{tag}_data.star"), star, updates=_star_updates(particles, mode))
     n_sh = box // 2 + 1
     freqs = shell_frequencies(box, apix)
@@ -510,6 +524,8 @@ def run(args, comm, mode: str) -> dict:
             raise MpiEmError(f"{mode} needs --i STAR and --o DIR (or --continue DIR)")
         # recorded in the checkpoint by absolute path: --continue works from any working directory
         args.input = os.path.abspath(args.input)
+        if getattr(args, "auto_mask", False) and getattr(args, "solvent_mask", None):
+            raise InputError("--auto-mask", "a solvent mask is given (--solvent-mask): use one or the other")
         for k in ("ref", "solvent_mask"):
             if getattr(args, k, None):
                 setattr(args, k, os.path.abspath(getattr(args, k)))
@@ -555,6 +571,7 @@ def run(args, comm, mode: str) -> dict:
     n_shells = box // 2 + 1
     sym_name = getattr(args, "sym", "C1")
     mask = _mask(box, apix, args, dim, xp, solvent)
+    auto_mask = getattr(args, "auto_mask", False) and solvent is None  # --auto-mask: recomputed each iteration
     sym_ops = None
     if dim == 3 and symmetry_matrices(sym_name).shape[0] > 1:
         sym_ops = symmetry_matrices(sym_name)  # applied to the summed accumulators (RELION's symmetrise)
@@ -612,6 +629,11 @@ def run(args, comm, mode: str) -> dict:
                 np.repeat(state["maps"], folds, axis=0)
         else:
             ref_maps = state["maps"]
+        if auto_mask:  # from the current references, on rank 0, the same on every rank
+            solvent = comm.bcast(auto_solvent_mask(state["maps"], state["resolution"][-1] if state["resolution"]
+                                                   else args.ini_high, apix, _mask_radius(box, apix, args))
+                                 if comm.rank == 0 else None, root=0)
+            mask = _mask(box, apix, args, dim, xp, solvent)
         refs = References(xp.asarray(ref_maps), dim, args.pad, mask=mask)
         if dim == 3:
             step = angular_step(state["order"])
@@ -677,6 +699,8 @@ def run(args, comm, mode: str) -> dict:
         stats = Stats.from_vector(vec, n_shells, K)
         t_m = time.time()
         info = {"loglike": stats.loglike}
+        if auto_mask:
+            info["auto_mask"] = solvent  # written as run_itNNN_mask.mrc
         if dim == 3:
             maps, inf = reduce_and_reconstruct_3d(comm, F_acc, W_acc, box, args.pad, state["r_cur"],
                                                   args.tau2_fudge, cfg["gold"], mask=mask, fsc_mask=solvent,

@@ -6,19 +6,25 @@ postprocess_masked.mrc (the same times the mask), postprocess.star (tables ``gen
 with RELION's labels), postprocess_fsc.png (unmasked, masked, phase-randomised and corrected FSC),
 postprocess_guinier.png, run.json, run.log.
 
-Under ``mpirun`` rank 0 does the work (three to four FFTs of the box); the other ranks wait and leave with it.
+Under ``mpirun -n P`` (P > 1) the maps are never whole on one rank: each rank reads its y rows of the half maps
+and of the mask (memory-mapped), the FFTs are distributed (:class:`mpi_em.postprocess.Slabs`: kz planes in
+Fourier space, the reconstruction's stride layout), shell sums are allreduced, and the two maps are written by
+rows into one file (created by rank 0, renamed when complete); rank 0 writes the STAR, plots and run.json. The
+results are those of one rank (the phase randomisation is seeded per kz plane), to float64 rounding.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 
+import mrcfile
 import numpy as np
 
-from ..distributed import root_step
-from ..errors import InputError
+from ..distributed import collective_step, root_step
+from ..errors import InputError, OutputError
 from ..io import atomic_path, check_writable_dir, read_map, write_map
 
 log = logging.getLogger("mpi_em")
@@ -64,7 +70,7 @@ def add_arguments(p) -> None:
                         "job's results is refused)")
 
 
-def _read_mtf(path, n, apix, mtf_apix):
+def _read_mtf(path, n, apix, mtf_apix, radius=None):
     import starfile
 
     from ..postprocess import mtf_curve
@@ -86,7 +92,7 @@ def _read_mtf(path, n, apix, mtf_apix):
         raise InputError(path, "resolutions must increase, at least two rows", field="rlnResolutionInversePixel")
     if np.any(val < 1e-10) or not np.isfinite(val).all():
         raise InputError(path, "zero, negative or non-finite MTF values", field="rlnMtfValue")
-    return mtf_curve(freq, val, mtf_apix, n, apix)
+    return mtf_curve(freq, val, mtf_apix, n, apix, radius=radius)
 
 
 def _load(args):
@@ -151,10 +157,32 @@ def _write_star(path, r, args, apix):
                         "guinier": pd.DataFrame(guinier)}, tmp, float_format=None)
 
 
-def postprocess(args) -> dict:
-    from .. import postprocess as pp
-    from ..plots import fsc_png, guinier_png
+def _options(args, n, apix):
+    if args.low_pass is not None and 0 < args.low_pass < 2 * apix:
+        raise InputError("--low-pass", f"{args.low_pass} Å is beyond Nyquist ({2 * apix:g} Å)")
 
+
+def _compute(args, h1, h2, mask, apix, mtf, layout=None):
+    """fsc_curves + sharpen (collective with a distributed ``layout``); the same errors on every rank."""
+    from .. import postprocess as pp
+
+    try:
+        r = pp.fsc_curves(h1, h2, mask, apix, randomize_fsc_at=args.randomize_at_fsc,
+                          randomize_at_A=args.randomize_at_A or None, seed=args.seed, force_mask=args.force_mask,
+                          layout=layout)
+    except ValueError as e:
+        raise InputError(args.half1, f"{e} (give --randomize-at-A)", field="data") from e
+    pp.sharpen(r, h1, h2, auto_bfac=args.auto_bfac, adhoc_bfac=args.adhoc_bfac, fit_lowres=args.autob_lowres,
+               fit_highres=args.autob_highres, fsc_weighting=not args.skip_fsc_weighting, low_pass=args.low_pass,
+               mtf=mtf, layout=layout)
+    if args.auto_bfac and not np.isfinite(r.bfactor):
+        hi = {0.0: f"the final resolution ({r.resolution:.2f} Å)"}.get(args.autob_highres, f"{args.autob_highres:g} Å")
+        raise InputError("--autob-lowres", f"fewer than two shells from {args.autob_lowres:g} Å to {hi}: give a "
+                                           f"lower resolution (e.g. --autob-lowres 20) or --adhoc-bfac")
+    return r
+
+
+def postprocess(args) -> dict:
     t0 = time.time()
     out = check_writable_dir(args.output)
     h1, h2, mask, apix = _load(args)
@@ -162,25 +190,20 @@ def postprocess(args) -> dict:
     mtf = None
     if args.mtf:
         mtf = _read_mtf(args.mtf, n, apix, args.mtf_angpix if args.mtf_angpix > 0 else apix)
-    if args.low_pass is not None and 0 < args.low_pass < 2 * apix:
-        raise InputError("--low-pass", f"{args.low_pass} Å is beyond Nyquist ({2 * apix:g} Å)")
-    try:
-        r = pp.fsc_curves(h1, h2, mask, apix, randomize_fsc_at=args.randomize_at_fsc,
-                          randomize_at_A=args.randomize_at_A or None, seed=args.seed, force_mask=args.force_mask)
-    except ValueError as e:
-        raise InputError(args.half1, f"{e} (give --randomize-at-A)", field="data") from e
+    _options(args, n, apix)
+    r = _compute(args, h1, h2, mask, apix, mtf)
     for w in r.warnings:
         log.warning("warning: %s", w)
-    pp.sharpen(r, h1, h2, auto_bfac=args.auto_bfac, adhoc_bfac=args.adhoc_bfac, fit_lowres=args.autob_lowres,
-               fit_highres=args.autob_highres, fsc_weighting=not args.skip_fsc_weighting, low_pass=args.low_pass,
-               mtf=mtf)
-    if args.auto_bfac and not np.isfinite(r.bfactor):
-        hi = {0.0: f"the final resolution ({r.resolution:.2f} Å)"}.get(args.autob_highres, f"{args.autob_highres:g} Å")
-        raise InputError("--autob-lowres", f"fewer than two shells from {args.autob_lowres:g} Å to {hi}: give a "
-                                           f"lower resolution (e.g. --autob-lowres 20) or --adhoc-bfac")
     write_map(os.path.join(out, "postprocess.mrc"), r.map, apix)
     if mask is not None:
         write_map(os.path.join(out, "postprocess_masked.mrc"), r.map * mask, apix)
+    return _write_results(args, out, r, n, apix, t0)
+
+
+def _write_results(args, out, r, n, apix, t0, ranks: int = 1) -> dict:
+    """Rank 0: postprocess.star, the two plots, run.json and the summary line."""
+    from ..plots import fsc_png, guinier_png
+
     _write_star(os.path.join(out, "postprocess.star"), r, args, apix)
     freqs = np.arange(n // 2 + 1) / (n * apix)
     curves = {"corrected": r.fsc_true, "unmasked": r.fsc_unmasked}
@@ -206,7 +229,7 @@ def postprocess(args) -> dict:
                "randomize_from_A": (n * apix / r.randomize_at) if r.randomize_at > 0 else None,
                "bfactor": r.bfactor, "bfactor_fit": r.fit or None, "low_pass": r.low_pass,
                "fsc_weighting": not args.skip_fsc_weighting, "mtf": args.mtf, "seed": args.seed,
-               "warnings": r.warnings, "seconds_total": time.time() - t0}
+               "warnings": r.warnings, "ranks": ranks, "seconds_total": time.time() - t0}
     with atomic_path(os.path.join(out, "run.json")) as tmp:
         with open(tmp, "w") as f:
             json.dump(summary, f, indent=2)
@@ -217,5 +240,154 @@ def postprocess(args) -> dict:
     return summary
 
 
+def _headers(args):
+    """Rank 0, distributed runs: (box, voxel size) from the headers, checked as :func:`_load` checks the maps."""
+    def header(path):
+        with mrcfile.open(path, mode="r", header_only=True, permissive=True) as m:
+            h = m.header
+            return (int(h.nz), int(h.ny), int(h.nx)), float(m.voxel_size.x)
+
+    for path in (args.half1, args.half2, args.mask):
+        if path and not os.path.isfile(path):
+            raise InputError(path, "file not found")
+    (s1, a1), (s2, a2) = header(args.half1), header(args.half2)
+    if s1 != s2:
+        raise InputError(args.half2, f"shape {s2} differs from {args.half1}'s {s1}", field="nx/ny/nz")
+    if len(set(s1)) != 1 or s1[0] % 2:
+        raise InputError(args.half1, f"expected an even cubic map, got shape {s1}", field="nx/ny/nz")
+    if args.angpix > 0:
+        apix = args.angpix
+    else:
+        apix = a1
+        if apix <= 0:
+            raise InputError(args.half1, "voxel size is 0 in the header; give --angpix", field="voxel_size")
+        if a2 > 0 and abs(a2 - a1) > 1e-3 * a1:
+            raise InputError(args.half2, f"voxel size {a2} Å differs from {args.half1}'s {a1} Å", field="voxel_size")
+    if args.mask:
+        sm = header(args.mask)[0]
+        if sm != s1:
+            raise InputError(args.mask, f"shape {sm} differs from the half maps' {s1}", field="nx/ny/nz")
+    _options(args, s1[0], apix)
+    return s1[0], apix
+
+
+def _read_rows(path, rows) -> np.ndarray:
+    """This rank's y rows (n, len(rows), n) of a map, float64, read memory-mapped."""
+    from ..io.mrc import _open_mmap
+
+    mrc = _open_mmap(os.fspath(path))
+    try:
+        if mrc.data is None or mrc.data.ndim != 3:
+            raise InputError(path, "expected a 3D map", field="nz")
+        a = np.array(mrc.data[:, rows, :], dtype=np.float64)
+    finally:
+        mrc.close()
+    if not np.isfinite(a).all():
+        raise InputError(path, "NaN or infinite voxel values", field="data")
+    return a
+
+
+def _write_rows(comm, path, rows, local, n, apix) -> None:
+    """Collective: a float32 n^3 MRC written by rows, each rank its own, under a temporary name that rank 0
+    renames once every rank has written (header statistics from allreduced sums)."""
+    from mpi4py import MPI
+
+    from ..io.atomic import _temp_name
+
+    local = np.asarray(local, dtype=np.float32)
+    stats = np.array([local.min(initial=np.inf), -local.max(initial=-np.inf)], dtype=np.float64)
+    sums = np.array([local.sum(dtype=np.float64), (local.astype(np.float64) ** 2).sum()])
+    comm.Allreduce(MPI.IN_PLACE, stats, op=MPI.MIN)
+    comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
+
+    def create():
+        tmp = _temp_name(path)
+        try:
+            with mrcfile.new_mmap(tmp, shape=(n, n, n), mrc_mode=2, overwrite=True) as m:
+                m.set_volume()
+                m.voxel_size = float(apix)
+        except OSError as e:
+            raise OutputError(path, f"cannot write: {e.strerror or e}") from e
+        return tmp
+
+    tmp = root_step(comm, create)
+
+    def fill():
+        try:
+            with mrcfile.mmap(tmp, mode="r+") as m:
+                m.data[:, rows, :] = local
+                m.flush()
+        except OSError as e:
+            raise OutputError(path, f"cannot write: {e.strerror or e}") from e
+
+    try:
+        collective_step(comm, fill)
+    except BaseException:
+        if comm.rank == 0:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        raise
+
+    def finish():
+        try:
+            with mrcfile.mmap(tmp, mode="r+") as m:
+                mean = sums[0] / n ** 3
+                m.header.dmin, m.header.dmax, m.header.dmean = stats[0], -stats[1], mean
+                m.header.rms = np.sqrt(max(sums[1] / n ** 3 - mean * mean, 0.0))
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise OutputError(path, f"cannot write: {e.strerror or e}") from e
+
+    root_step(comm, finish)
+
+
+def postprocess_distributed(args, comm) -> dict:
+    """``mpi-em postprocess`` over the ranks of ``comm`` (collective): no rank holds a whole map."""
+    from ..postprocess import Slabs
+
+    t0 = time.time()
+    out = root_step(comm, check_writable_dir, args.output)
+    n, apix = root_step(comm, _headers, args)
+    L = Slabs(comm, n)
+
+    def read():
+        h1, h2 = _read_rows(args.half1, L.rows), _read_rows(args.half2, L.rows)
+        mask = _read_rows(args.mask, L.rows) if args.mask else None
+        mtf = None
+        if args.mtf:
+            mtf = _read_mtf(args.mtf, n, apix, args.mtf_angpix if args.mtf_angpix > 0 else apix, radius=L.radius)
+        return h1, h2, mask, mtf
+
+    h1, h2, mask, mtf = collective_step(comm, read)
+    if mask is not None:
+        from mpi4py import MPI
+
+        lohi = np.array([mask.min(initial=np.inf), -mask.max(initial=-np.inf)])
+        comm.Allreduce(MPI.IN_PLACE, lohi, op=MPI.MIN)
+        lo, hi = float(lohi[0]), float(-lohi[1])
+
+        def check():
+            if lo < -1e-6 or hi > 1 + 1e-6:
+                raise InputError(args.mask, f"mask values must lie in [0, 1], found {lo:.4g} to {hi:.4g}",
+                                 field="data")
+            if hi <= 0:
+                raise InputError(args.mask, "the mask is empty (all zero)", field="data")
+
+        root_step(comm, check)
+    r = _compute(args, h1, h2, mask, apix, mtf, layout=L)
+    if comm.rank == 0:
+        for w in r.warnings:
+            log.warning("warning: %s", w)
+    _write_rows(comm, os.path.join(out, "postprocess.mrc"), L.rows, r.map, n, apix)
+    if mask is not None:
+        _write_rows(comm, os.path.join(out, "postprocess_masked.mrc"), L.rows, r.map * mask, n, apix)
+    r.map = None
+    return root_step(comm, _write_results, args, out, r, n, apix, t0, comm.size)
+
+
 def run(args, comm) -> dict:
+    if comm.size > 1:
+        return postprocess_distributed(args, comm)
     return root_step(comm, postprocess, args)
