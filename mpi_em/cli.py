@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         em.add_arguments(p, name)
         memory.add_argument(p)
         p.set_defaults(func=_em_job, mode=name)
-    from .jobs import initial_model, mask as mask_job, postprocess as pp_job
+    from .jobs import initial_model, mask as mask_job, postprocess as pp_job, warmup
 
     jobs = (  # commands whose module gives add_arguments(p) and run(args, comm)
         ("initial-model", initial_model, "ab-initio 3D model(s) from the particles alone (no reference)",
@@ -264,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
          "RELION's post-processing of two half maps: unmasked, masked, phase-randomised and corrected FSC (Chen et "
          "al. 2013), final resolution, B-factor from a Guinier fit or given, FSC-weighted sharpened map low-passed "
          "at the final resolution."),
+        ("warmup", warmup, "compile the GPU kernels ahead of the data (once per machine)", warmup.DESCRIPTION),
     )
     for name, module, short, long in jobs:
         p = sub.add_parser(name, help=short, description=long)

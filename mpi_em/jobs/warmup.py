@@ -1,0 +1,86 @@
+"""`mpi-em warmup`: compile the GPU kernels ahead of the data.
+
+The first job on a machine (or after a CuPy or driver update) compiles every GPU kernel it uses on first use: about
+50 s of a 69 s box-128 refine3d on one H200 (benchmarks/results/kernel-compile/). Nearly all of them are CuPy's
+element-wise and reduction kernels, which depend on dtypes and array ranks but not on the box, and CuPy keeps them
+on disk (``CUPY_CACHE_DIR``, default ``~/.cupy/kernel_cache``). This command runs each job once on a tiny simulated
+data set in a temporary folder — refine3d through its global and local searches, class3d, class2d, reconstruct —
+so that the cache holds what real jobs use and their first iteration runs at the speed of the later ones. Run it
+once per machine (or per shared home directory on a cluster), e.g. after installing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+
+from ..errors import MpiEmError
+
+log = logging.getLogger("mpi_em")
+
+DESCRIPTION = ("Compile the GPU kernels every job uses, ahead of the data: each job once on a tiny simulated data "
+               "set in a temporary folder (refine3d with global and local searches, class3d, class2d, "
+               "reconstruct). CuPy keeps the compiled kernels on disk (CUPY_CACHE_DIR, default "
+               "~/.cupy/kernel_cache), so later jobs skip the compilation (about 50 s of a fresh box-128 refine3d "
+               "on one H200). Once per machine or shared home directory. Nothing to do on CPU ranks.")
+
+# the jobs, on a box-48 simulated set: refine3d reaches order 3 and a local search (from order 3) in 4 iterations
+_JOBS = (
+    ["refine3d", "--i", "{d}/particles.star", "--ref", "{d}/truth.mrc", "--ini-high", "20", "--iter", "4",
+     "--max-order", "3", "--local-from-order", "3", "--o", "{t}/refine3d"],
+    ["class3d", "--i", "{d}/particles.star", "--ref", "{d}/truth.mrc", "--K", "2", "--iter", "2", "--o",
+     "{t}/class3d"],
+    ["class2d", "--i", "{d}/particles.star", "--K", "3", "--iter", "2", "--o", "{t}/class2d"],
+    ["reconstruct", "--i", "{d}/particles.star", "--o", "{t}/reconstruct"],
+)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--n", type=int, default=400, help="particles of the simulated set (default 400)")
+    p.add_argument("--keep", metavar="DIR", default=None,
+                   help="run in DIR (created) and keep its outputs, instead of a temporary folder removed after")
+
+
+def _gpu_available() -> bool:
+    from ..backend import default_device
+
+    return default_device() == "gpu"
+
+
+def run(args, comm) -> None:
+    from ..cli import _setup_logging, main as cli_main
+
+    if not _gpu_available():
+        if comm.rank == 0:
+            log.info("warmup: no GPU on this rank: nothing to compile (CPU ranks run NumPy)")
+        return
+    if args.n < 40:
+        raise MpiEmError(f"--n must be at least 40, got {args.n}")
+    top = os.path.abspath(args.keep) if args.keep else None
+    if comm.rank == 0:
+        if top:
+            os.makedirs(top, exist_ok=True)
+        else:
+            top = tempfile.mkdtemp(prefix="mpi_em_warmup_")
+    top = comm.bcast(top, root=0)
+    data = os.path.join(top, "data")
+    cache = os.environ.get("CUPY_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cupy", "kernel_cache"))
+    t0 = time.perf_counter()
+    steps = [["simulate", "--out", data, "--box", "48", "--n", str(args.n), "--snr", "0.3", "--seed", "3",
+              "--device", "gpu"]] + [[a.format(d=data, t=top) for a in job] for job in _JOBS]
+    try:
+        for step in steps:
+            if comm.rank == 0:
+                log.info("warmup: %s", step[0])
+            code = cli_main(["--quiet"] + step)
+            _setup_logging(comm.rank)
+            if code:
+                raise MpiEmError(f"warmup: the {step[0]} job failed (exit {code}); its error is above")
+    finally:
+        comm.Barrier()
+        if comm.rank == 0 and not args.keep:
+            shutil.rmtree(top, ignore_errors=True)
+    if comm.rank == 0:
+        log.info("warmup: GPU kernels compiled in %.1f s; cache %s", time.perf_counter() - t0, cache)
