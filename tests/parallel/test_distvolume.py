@@ -18,7 +18,7 @@ from mpi4py import MPI
 from mpi_em import fourier
 from mpi_em.backend import scatter_add
 from mpi_em.distributed import RankFailed
-from mpi_em.distvolume import (PlaneOwnerAccumulator, distributed_reconstruct, owned_planes,
+from mpi_em.distvolume import (PlaneOwnerAccumulator, distributed_reconstruct, owned_planes, plane_layout,
                                reduce_scatter_planes, volume_bytes_per_rank)
 from mpi_em.fourier import SliceGeometry, radius_3d
 from mpi_em.geometry import euler_to_matrix
@@ -86,6 +86,27 @@ def test_owned_planes_partition(npad, size):
     for r, p in enumerate(parts):
         assert np.all(p % size == r) and np.all(np.diff(p) > 0)
         assert p.size in (npad // size, npad // size + 1)
+
+
+@pytest.mark.parametrize("npad,size", [(16, 1), (30, 4), (64, 3), (16, 40)])
+def test_plane_layout_owner_local_and_transpose(npad, size):
+    lay = plane_layout(npad, size)
+    assert plane_layout(npad, size) is lay  # built once per (Np, P)
+    z = np.arange(npad)
+    for r in range(size):  # owner / local index agree with the owned lists, counts and displacements with both
+        mine = lay.owned(r)
+        assert np.array_equal(mine, owned_planes(npad, r, size))
+        assert np.all(lay.owner(mine) == r) and np.array_equal(lay.local(mine), np.arange(mine.size))
+    assert lay.counts.sum() == npad and lay.displs(7)[-1] == 7 * (npad - lay.counts[-1])
+    assert np.array_equal(np.sort(np.concatenate(lay.planes)), z)
+    box = npad // 2
+    t = lay.transpose(box, 2, box // 2 - 1)
+    assert lay.transpose(box, 2, box // 2 - 1) is t
+    # every cropped y row is received by exactly one rank; what each rank sends is what its peers receive
+    assert np.array_equal(np.sort(np.concatenate(t.crop_rows)), np.arange(box))
+    sends = np.array([t.counts(r, 2)[0] for r in range(size)])
+    recvs = np.array([t.counts(r, 2)[1] for r in range(size)])
+    assert np.array_equal(sends, recvs.T)
 
 
 def test_owned_planes_more_ranks_than_planes():
