@@ -108,12 +108,44 @@ def crop_volume(vol, box: int):
     return vol[..., o:o + box, o:o + box, o:o + box]
 
 
-def volume_fft(vol, pad: int = 2, gridding: bool = True):
-    """Projector preparation: gridding pre-correction, zero padding, 3D rFFT -> (Np, Np, Np//2+1)."""
+def volume_fft(vol, pad: int = 2, gridding: bool = True, out=None):
+    """Projector preparation: gridding pre-correction, zero padding, 3D rFFT -> (Np, Np, Np//2+1).
+
+    rfftn(ifftshift(padded)) without the padded real volume: the rows of the box are transformed along x and
+    placed at their wrapped (ifftshifted) y, z; then the box's z planes along y and every column along z, in
+    place, by chunks (~1/:data:`RECONSTRUCT_CHUNKS` of the volume): the output and small temporaries only. A
+    stack (V, N, N, N) gives (V, Np, Np, Np//2+1), each volume transformed in its place of the output (``out``:
+    a C-contiguous complex array of that shape to write into)."""
     xp = xp_of(vol)
+    if vol.ndim != 3:
+        npad = pad * vol.shape[-1]
+        if out is None:  # the single volume's dtype: complex128 from the float64 gridding factor
+            cdt = np.result_type(vol.dtype, np.float64 if gridding else np.float32, np.complex64)
+            out = xp.empty(vol.shape[:-3] + (npad, npad, npad // 2 + 1), dtype=cdt)
+        for v in range(vol.shape[0]):
+            volume_fft(vol[v], pad, gridding, out=out[v])
+        return out
     box = vol.shape[-1]
+    npad = pad * box
     v = vol / gridding_factor(box, pad, xp) if gridding else vol
-    return xp.fft.rfftn(xp.fft.ifftshift(pad_volume(v, pad), axes=(-3, -2, -1)), axes=(-3, -2, -1))
+    dst = xp.asarray((np.arange(box) + (npad - box) // 2 - npad // 2) % npad)  # wrapped index of each box index
+    rows = xp.zeros((box, box, npad), dtype=np.result_type(v.dtype, np.float32))
+    rows[..., dst] = v
+    del v
+    rows = xp.fft.rfft(rows, axis=-1)                                         # (box_z, box_y, Np//2+1)
+    if out is None:
+        out = xp.zeros((npad, npad, npad // 2 + 1), dtype=rows.dtype)
+    else:
+        out[...] = 0
+    out[dst[:, None], dst[None, :]] = rows
+    del rows
+    step = -(-npad // RECONSTRUCT_CHUNKS)
+    for z0 in range(0, box, step):
+        zs = dst[z0:z0 + step]
+        out[zs] = xp.fft.fft(out[zs], axis=1)
+    for y0 in range(0, npad, step):
+        out[:, y0:y0 + step] = xp.fft.fft(out[:, y0:y0 + step], axis=0)
+    return out
 
 
 def volume_ifft(F, box: int, pad: int = 2, gridding: bool = True):

@@ -23,7 +23,7 @@ class References:
         self.box = maps.shape[-1]
         m = maps if mask is None else maps * mask
         if dim == 3:
-            self.F = xp.stack([volume_fft(v, pad) for v in m])
+            self.F = volume_fft(m, pad)  # each volume transformed in its place (no list of them, then a copy)
         else:
             self.F = plane_fft(m, pad)
         self.n = maps.shape[0]
