@@ -378,6 +378,39 @@ def test_streaming_backprojection_end_to_end():
 
 
 @pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("r_max", [None, 8])
+def test_point_routing_equals_dense_backprojection(r_max):
+    """backproject_points (points to the owners of the planes their stencils touch) = the dense back-projection's
+    owned planes, summed over ranks, to float64 rounding; a rank with a failing batch stops every rank."""
+    comm = WORLD
+    box, pad = 16, 2
+    geom = SliceGeometry(box, r_max=r_max, pad=pad)
+    rng = np.random.default_rng(300 + comm.rank)
+    acc = PlaneOwnerAccumulator(comm, geom, n_vol=3)
+    ref_F = np.zeros((3,) + geom.vol_shape, np.complex128)
+    ref_W = np.zeros((3,) + geom.vol_shape, np.float64)
+    n_local = 1 + comm.rank % 2
+    for b in range(comm.allreduce(n_local, op=MPI.MAX)):
+        n = 5 if b < n_local else 0
+        A = euler_to_matrix(rng.uniform(-180, 180, n), rng.uniform(0, 180, n), rng.uniform(-180, 180, n))
+        data = (rng.standard_normal((n, geom.m)) + 1j * rng.standard_normal((n, geom.m))).astype(np.complex64)
+        wts = rng.random((n, geom.m)).astype(np.float32)
+        vol = rng.integers(0, 3, n)
+        acc.backproject_points(vol, A, data, wts, geom)
+        fourier.backproject(ref_F, ref_W, A, data, wts, geom, vol_index=vol)
+    comm.Allreduce(MPI.IN_PLACE, ref_F, op=MPI.SUM)
+    comm.Allreduce(MPI.IN_PLACE, ref_W, op=MPI.SUM)
+    planes = owned_planes(geom.npad, comm.rank, comm.size)
+    assert np.abs(ref_W).max() > 0
+    assert _rel(acc.F, ref_F[:, planes]) < 1e-12 and _rel(acc.W, ref_W[:, planes]) < 1e-12
+    A = euler_to_matrix(*rng.uniform(0, 90, (3, 2)))
+    with pytest.raises(RankFailed, match="bad batch"):
+        acc.backproject_points(0, A, np.zeros((2, geom.m), np.complex64), None, geom,
+                               error=ValueError("bad batch") if comm.rank == comm.size - 1 else None)
+    acc.free()
+
+
+@pytest.mark.mpi(min_size=2)
 def test_streaming_add_bad_input_fails_on_every_rank():
     comm = WORLD
     shape = (16, 16, 9)
