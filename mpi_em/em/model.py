@@ -76,9 +76,17 @@ class OwnedAccumulators:
 
 def e_step_accumulators(comm, V: int, vol_shape, xp, owned: bool = False, sym_mats=None):
     """(F, W) for the E-step: full local partial sums (V,) + vol_shape, complex128 and float64; or, ``owned``
-    (3D only), (:class:`OwnedAccumulators`, None)."""
-    if owned and len(vol_shape) == 3:
-        return OwnedAccumulators(comm, V, vol_shape, xp, sym_mats), None
+    (3D only; collective), (:class:`OwnedAccumulators`, None)."""
+    if owned and len(vol_shape) == 3:  # collective: the rounds start together, or every rank stops here
+        from ..distributed import agree
+
+        acc, err = None, None
+        try:
+            acc = OwnedAccumulators(comm, V, vol_shape, xp, sym_mats)
+        except Exception as e:  # noqa: BLE001 - reported to every rank
+            err = e
+        agree(comm, err)
+        return acc, None
     shape = (V,) + tuple(vol_shape)
     return xp.zeros(shape, dtype=xp.complex128), xp.zeros(shape, dtype=xp.float64)
 
