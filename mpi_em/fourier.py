@@ -108,12 +108,44 @@ def crop_volume(vol, box: int):
     return vol[..., o:o + box, o:o + box, o:o + box]
 
 
-def volume_fft(vol, pad: int = 2, gridding: bool = True):
-    """Projector preparation: gridding pre-correction, zero padding, 3D rFFT -> (Np, Np, Np//2+1)."""
+def volume_fft(vol, pad: int = 2, gridding: bool = True, out=None):
+    """Projector preparation: gridding pre-correction, zero padding, 3D rFFT -> (Np, Np, Np//2+1).
+
+    rfftn(ifftshift(padded)) without the padded real volume: the rows of the box are transformed along x and
+    placed at their wrapped (ifftshifted) y, z; then the box's z planes along y and every column along z, in
+    place, by chunks (~1/:data:`RECONSTRUCT_CHUNKS` of the volume): the output and small temporaries only. A
+    stack (V, N, N, N) gives (V, Np, Np, Np//2+1), each volume transformed in its place of the output (``out``:
+    a C-contiguous complex array of that shape to write into)."""
     xp = xp_of(vol)
+    if vol.ndim != 3:
+        npad = pad * vol.shape[-1]
+        if out is None:  # the single volume's dtype: complex128 from the float64 gridding factor
+            cdt = np.result_type(vol.dtype, np.float64 if gridding else np.float32, np.complex64)
+            out = xp.empty(vol.shape[:-3] + (npad, npad, npad // 2 + 1), dtype=cdt)
+        for v in range(vol.shape[0]):
+            volume_fft(vol[v], pad, gridding, out=out[v])
+        return out
     box = vol.shape[-1]
+    npad = pad * box
     v = vol / gridding_factor(box, pad, xp) if gridding else vol
-    return xp.fft.rfftn(xp.fft.ifftshift(pad_volume(v, pad), axes=(-3, -2, -1)), axes=(-3, -2, -1))
+    dst = xp.asarray((np.arange(box) + (npad - box) // 2 - npad // 2) % npad)  # wrapped index of each box index
+    rows = xp.zeros((box, box, npad), dtype=np.result_type(v.dtype, np.float32))
+    rows[..., dst] = v
+    del v
+    rows = xp.fft.rfft(rows, axis=-1)                                         # (box_z, box_y, Np//2+1)
+    if out is None:
+        out = xp.zeros((npad, npad, npad // 2 + 1), dtype=rows.dtype)
+    else:
+        out[...] = 0
+    out[dst[:, None], dst[None, :]] = rows
+    del rows
+    step = -(-npad // RECONSTRUCT_CHUNKS)
+    for z0 in range(0, box, step):
+        zs = dst[z0:z0 + step]
+        out[zs] = xp.fft.fft(out[zs], axis=1)
+    for y0 in range(0, npad, step):
+        out[:, y0:y0 + step] = xp.fft.fft(out[:, y0:y0 + step], axis=0)
+    return out
 
 
 def volume_ifft(F, box: int, pad: int = 2, gridding: bool = True):
@@ -465,6 +497,11 @@ def soft_mask_outside(vol, width: float = 3.0, inplace: bool = False):
     return out
 
 
+#: the reconstruction's division and inverse FFT go in this many chunks of planes or rows (its temporaries are
+#: ~1/RECONSTRUCT_CHUNKS of the volume's)
+RECONSTRUCT_CHUNKS = 16
+
+
 def reconstruct(F_acc, W_acc, box: int, pad: int = 2, r_max: float | None = None, tau2=None,
                 tau2_fudge: float = 1.0, min_weight: float = 1e-3, gridding: bool = True,
                 mask_outside: bool = False):
@@ -475,17 +512,65 @@ def reconstruct(F_acc, W_acc, box: int, pad: int = 2, r_max: float | None = None
     Voxels outside :func:`reconstruction_ball` are 0. ``mask_outside``: :func:`soft_mask_outside` on the
     gridding-corrected map (RELION applies it before the correction: the same map to 1e-3 in FSC).
     The inputs are not modified.
+
+    Lean: one complex128 working copy of F (the float64 copy of W only until the division) and temporaries of
+    ~1/:data:`RECONSTRUCT_CHUNKS` of the volume: the division and the inverse FFT (:func:`_ifft_cropped`) go plane by
+    plane, in place, and only the rows and columns inside the final crop are transformed along the last axes.
     """
     xp = xp_of(F_acc)
     r_max = default_r_max(box) if r_max is None else r_max
-    F = F_acc.copy()
-    W = W_acc.copy()
-    enforce_hermitian_x0(F, W)
     npad = pad * box
-    r = radius_3d(npad, xp) / pad
-    inside = reconstruction_ball(r, r_max, box)
-    mean_w = float(W[..., inside].mean()) if bool(inside.any()) else 1.0
-    denom = regularised_denominator(W, r, mean_w, tau2, tau2_fudge, min_weight)
-    V = xp.where(inside, F / denom, 0)
-    vol = volume_ifft(V, box, pad, gridding=gridding)
+    F = xp.array(F_acc, dtype=xp.complex128)
+    W = xp.array(W_acc, dtype=xp.float64)
+    enforce_hermitian_x0(F, W)
+    step = -(-npad // RECONSTRUCT_CHUNKS)
+    kz = np.fft.fftfreq(npad, d=1.0 / npad)
+    ky = xp.fft.fftfreq(npad, d=1.0 / npad).reshape(1, -1, 1)
+    kx = xp.arange(npad // 2 + 1, dtype=xp.float64).reshape(1, 1, -1)
+
+    def chunks():  # (plane slice, |k| / pad in image pixels, the ball) per chunk of kz planes
+        for z0 in range(0, npad, step):
+            z = xp.asarray(kz[z0:z0 + step]).reshape(-1, 1, 1)
+            r = xp.sqrt(z * z + ky * ky + kx * kx) / pad
+            yield slice(z0, z0 + step), r, reconstruction_ball(r, r_max, box)
+
+    total, count = 0.0, 0
+    for sl, r, inside in chunks():  # mean of W in the ball
+        total += float(W[sl][inside].sum())
+        count += int(inside.sum())
+    mean_w = total / count if count else 1.0
+    for sl, r, inside in chunks():  # division in place, zero outside the ball
+        F[sl] /= regularised_denominator(W[sl], r, mean_w, tau2, tau2_fudge, min_weight)
+        F[sl][~inside] = 0
+    del W
+    vol = _ifft_cropped(F, box, pad, reach=pad * (r_max + 0.5), gridding=gridding)
     return soft_mask_outside(vol, inplace=True) if mask_outside else vol
+
+
+def _ifft_cropped(F, box: int, pad: int, reach: float | None = None, gridding: bool = True):
+    """:func:`volume_ifft` of a private (Np, Np, Np//2+1) complex128 ``F``, overwritten, in
+    :data:`RECONSTRUCT_CHUNKS` chunks: ifft along ky of the kz planes (those with |kz| <= ``reach`` only, F
+    being zero beyond it), then per chunk of the y rows inside the crop ifft along kz and irfft along kx of the
+    columns kx <= ``reach``, kept at the z and x inside the crop -> real (box, box, box) float64."""
+    xp = xp_of(F)
+    npad = F.shape[0]
+    nxh = npad // 2 + 1
+    ncol = nxh if reach is None else min(nxh, int(np.floor(reach)) + 1)
+    k = np.abs(np.fft.fftfreq(npad, d=1.0 / npad))
+    band = np.flatnonzero(k <= reach) if reach is not None else np.arange(npad)
+    step = -(-npad // RECONSTRUCT_CHUNKS)
+    for i in range(0, band.size, step):
+        zs = xp.asarray(band[i:i + step])
+        F[zs, :, :ncol] = xp.fft.ifft(F[zs, :, :ncol], axis=1)
+    # fftshift + crop: cropped index i of an axis reads full index (o + i + Np/2) mod Np
+    o = (npad - box) // 2
+    src = xp.asarray((np.arange(o, o + box) + npad // 2) % npad)
+    out = xp.empty((box, box, box), dtype=xp.float64)
+    g = gridding_factor(box, pad, xp) if gridding else None
+    step = -(-box // RECONSTRUCT_CHUNKS)
+    for y0 in range(0, box, step):
+        ys = src[y0:y0 + step]
+        col = xp.fft.ifft(F[:, ys, :ncol], axis=0)[src]                    # (box_z, ny, ncol)
+        part = xp.fft.irfft(col, n=npad, axis=-1)[..., src]                  # (box_z, ny, box_x)
+        out[:, y0:y0 + step, :] = part if g is None else part / g[:, y0:y0 + step, :]
+    return out

@@ -131,6 +131,19 @@ def expectation_batch(X, ctf, inv_sigma2, shells, refs: References, vol_base, pr
         return _batch_stats(X, inv_sigma2, shells, spec, geom, stats, n_shells, fine)
 
 
+def end_e_step(refs: References, spec: SearchSpec, xp) -> None:
+    """Give back what only the E-step uses: the references' Fourier volumes (the next iteration makes new ones)
+    and the global grid's projections, then the device's pooled blocks and FFT plans
+    (:func:`mpi_em.memory.release_device_memory`): the M-step and the next references do not hold them."""
+    from ..memory import release_device_memory
+
+    spec.projection_cache.clear()
+    refs.F = None
+    if getattr(refs, "centred", None) is not None:  # a projector layout of the same volumes, where one is kept
+        refs.centred = None
+    release_device_memory(xp)
+
+
 def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec, geom, timer, po):
     xp = xp_of(X)
     n, m = X.shape
@@ -152,18 +165,22 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
         cand_mats = xp.broadcast_to(G[None], (K, C, d, d)).reshape(1, K * C, d, d)
         sel, valid, best_t = None, None, xp.empty((n, 2), dtype=T_c.dtype)
         bases = to_host(vol_base)
-        # projections are kept for the reference sets of this batch only: a rank's particles come grouped by
-        # reference set (refine3d --folds), so each set is projected once per iteration and at most two are held
+        # projections are kept for one reference set at a time: a rank's particles come grouped by reference set
+        # (refine3d --folds), so each set is projected once per iteration
         sets = np.unique(bases)
-        for k in set(spec.projection_cache) - set(sets.tolist()):
-            del spec.projection_cache[k]
         # particles per GEMM: all of a batch's particles of one reference set, in chunks whose (rows, T, C)
         # likelihoods stay within COARSE_ELEMENTS (CPU ranks: the marginal's temporaries are several such arrays)
         chunk = max(1, COARSE_ELEMENTS[xp is np] // (T_c.shape[0] * K * C))
         groups = [(b, r[s:s + chunk]) for b in sets for r in (np.flatnonzero(bases == b),)
                   for s in range(0, r.size, chunk)]
+        ops = None
         for base, rows in groups:
             rows = xp.asarray(rows) if rows.size < n else slice(None)
+            # one reference set's projections at a time: the next set's replace the last's (a rank's particles
+            # come grouped by set, so a set left behind is not needed again this iteration)
+            for k in set(spec.projection_cache) - {int(base)}:
+                del spec.projection_cache[k]
+                ops = None
             ops = spec.projection_cache.get(int(base))
             if ops is None:  # the shared grid's projections: computed once per iteration and reference set
                 with timer.detail("coarse.project"):
@@ -302,9 +319,13 @@ def _insert_contributions(X, ctf, inv_sigma2, vol_base, spec, geom, F_acc, W_acc
         ii, cc = xp.nonzero(keep)
         ins_mats, ins_vol = f_mats[ii, cc], f_cls[ii, cc] + vol_base[ii]
         ins_data, ins_w = data[ii, cc], weights[ii, cc]
-    # point groups: the job symmetrises the summed accumulators once per iteration (mpi_em.fourier.symmetrise)
+    # point groups: the job symmetrises the summed accumulators once per iteration (mpi_em.fourier.symmetrise);
+    # owned accumulators (em.model.OwnedAccumulators, W_acc None) route the stencil to the planes' owners
     with timer.detail("insert.backproject"):
-        insert(F_acc, W_acc, d, ins_mats, ins_vol, ins_data, ins_w, geom)
+        if W_acc is None:
+            F_acc.insert(ins_vol, ins_mats, ins_data, ins_w, geom)
+        else:
+            insert(F_acc, W_acc, d, ins_mats, ins_vol, ins_data, ins_w, geom)
     fine["keep"] = keep
 
 

@@ -4,18 +4,114 @@
 reduce-scattered to the owners of their kz planes, shell statistics are summed with small all-reduces, and the
 regularised division + inverse FFT run distributed; every rank receives the finished maps. 2D class averages
 are small: all-reduced and reconstructed on every rank.
+
+The E-step's accumulators (:func:`e_step_accumulators`) are either full local partial sums on every rank, or,
+with ``--owned-accumulators`` (or where the memory model says the full ones do not fit), only the kz planes the
+rank owns (:class:`OwnedAccumulators`): each batch's insertion is routed to the planes' owners, and the M-step
+starts from the owned planes without a reduce-scatter. Memory per rank for the accumulators falls as 1/P.
 """
 from __future__ import annotations
+
+import weakref
 
 import numpy as np
 
 from ..backend import to_host, xp_of
-from ..distributed import allreduce_sum
-from ..distvolume import distributed_reconstruct, owned_planes, reduce_scatter_planes
+from ..distributed import RankFailed, allreduce_sum
+from ..distvolume import PlaneOwnerAccumulator, distributed_reconstruct, owned_planes, reduce_scatter_planes
 from ..fourier import padded_reach, radius_3d
 from ..fourier2d import radius_plane, reconstruct2d
 from ..fsc import fsc_fourier
 from ..timing import NULL_TIMER
+
+
+# ------------------------------------------------------------------------------ the E-step's accumulators
+#: voxels per chunk of the shell statistics (:func:`_shell_sums`)
+SHELL_CHUNK = 1 << 24
+_OPEN = weakref.WeakSet()  # owned accumulators of this rank whose routed rounds have not all been played
+
+
+class OwnedAccumulators:
+    """The E-step's accumulators as the kz planes this rank owns (:class:`mpi_em.distvolume.PlaneOwnerAccumulator`,
+    F complex128 and W float64 of (V, n_owned, Np, Np//2+1)): each inserted point goes to the owners of the planes
+    its stencil touches, once per symmetry operator (rotation A @ L: the summed accumulators cannot be symmetrised
+    plane by plane; equal to the full accumulators' symmetrise to interpolation accuracy, exactly in C1).
+
+    Insertion is collective: every rank plays the same rounds (:meth:`rounds`), one per batch of the rank with the
+    most batches, plus a closing one; a rank out of batches plays empty rounds, a rank whose batch fails joins
+    the round the others are in with its error (:func:`routed_step`), so every rank stops together.
+    """
+
+    def __init__(self, comm, V: int, vol_shape, xp, sym_mats=None):
+        self.comm = comm
+        self.acc = PlaneOwnerAccumulator(comm, vol_shape, n_vol=V, xp=xp)
+        self.mats = [None] if sym_mats is None else [xp.asarray(L, dtype=xp.float64) for L in sym_mats]
+
+    @property
+    def nbytes(self) -> int:
+        return self.acc.nbytes
+
+    def insert(self, vol_index, mats, data, weights, geom) -> None:
+        """Collective: :meth:`PlaneOwnerAccumulator.backproject_points` once per symmetry operator."""
+        for L in self.mats:
+            self.acc.backproject_points(vol_index, mats if L is None else mats @ L, data, weights, geom)
+
+    def rounds(self, batches, n_local: int, batch: int):
+        """The batches of this rank (an iterator of ``n_local`` particles in batches of ``batch``), each yielded in
+        its collective round; the rounds this rank has no batch for are played empty here."""
+        from mpi4py import MPI
+
+        n_all = self.comm.allreduce(-(-int(n_local) // max(1, int(batch))), op=MPI.MAX)
+        _OPEN.add(self)
+        for _ in range(n_all):
+            item = next(batches, None)
+            if item is None:
+                for _ in self.mats:
+                    self.acc.add_empty()
+                continue
+            yield item
+        self.acc.add_empty()  # closing round: a rank failing after its last insertion meets the others here
+        _OPEN.discard(self)
+
+
+def e_step_accumulators(comm, V: int, vol_shape, xp, owned: bool = False, sym_mats=None):
+    """(F, W) for the E-step: full local partial sums (V,) + vol_shape, complex128 and float64; or, ``owned``
+    (3D only; collective), (:class:`OwnedAccumulators`, None)."""
+    if owned and len(vol_shape) == 3:  # collective: the rounds start together, or every rank stops here
+        from ..distributed import agree
+
+        acc, err = None, None
+        try:
+            acc = OwnedAccumulators(comm, V, vol_shape, xp, sym_mats)
+        except Exception as e:  # noqa: BLE001 - reported to every rank
+            err = e
+        agree(comm, err)
+        return acc, None
+    shape = (V,) + tuple(vol_shape)
+    return xp.zeros(shape, dtype=xp.complex128), xp.zeros(shape, dtype=xp.float64)
+
+
+def batch_rounds(F_acc, batches, n_local: int, batch: int):
+    """The E-step's batch iterator: as it is for full accumulators, in collective rounds for owned ones."""
+    return F_acc.rounds(batches, n_local, batch) if isinstance(F_acc, OwnedAccumulators) else batches
+
+
+def routed_step(fn):
+    """``fn`` (an E-step) for :func:`mpi_em.distributed.collective_step`: an error on this rank while owned
+    accumulators' rounds are open is sent in the round the other ranks are in, so that every rank raises
+    :class:`RankFailed` there instead of waiting for this one."""
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RankFailed:  # raised by a round: every rank has it
+            _OPEN.clear()
+            raise
+        except Exception as e:  # noqa: BLE001 - sent to every rank
+            for acc in list(_OPEN):
+                _OPEN.discard(acc)
+                acc.acc.fail(e)
+            raise
+    return run
 
 
 def _shell_index_planes(npad: int, pad: int, planes, xp, n_shells: int):
@@ -25,24 +121,29 @@ def _shell_index_planes(npad: int, pad: int, planes, xp, n_shells: int):
 
 def _shell_sums(F, W, sh, n_shells: int) -> np.ndarray:
     """Per volume of F, W (V, ...) and shell index ``sh`` (flat, n_shells = "outside" bin): sums of W, voxel
-    counts, |F/W|^2 over voxels with W > 0, and counts of W > 0 -> host (4, V, n_shells + 1). Volumes are done
-    together in chunks of ~16M voxels (one bincount per quantity and chunk)."""
+    counts, |F/W|^2 over voxels with W > 0, and counts of W > 0 -> host (4, V, n_shells + 1). At most
+    :data:`SHELL_CHUNK` voxels at a time: small volumes together (one bincount per quantity and chunk), large
+    ones in pieces (temporaries of ~56 bytes per voxel of a chunk, not of the volume)."""
     xp = xp_of(F)
     V = F.shape[0]
     nb = n_shells + 1
     Ff = F.reshape(V, -1)
     Wf = W.reshape(V, -1)
+    nvox = Wf.shape[1]
     out = np.zeros((4, V, nb))
-    chunk = max(1, (1 << 24) // max(Wf.shape[1], 1))
-    for v0 in range(0, V, chunk):
-        v1 = min(V, v0 + chunk)
-        idx = (sh[None, :] + nb * xp.arange(v1 - v0)[:, None]).reshape(-1)
-        w, f = Wf[v0:v1], Ff[v0:v1]
-        pos = w > 0
-        ratio = xp.where(pos, (f.real ** 2 + f.imag ** 2) / xp.where(pos, w, 1.0) ** 2, 0.0)
-        for q, vals in enumerate((w, xp.ones_like(w), ratio, pos)):
-            out[q, v0:v1] = to_host(xp.bincount(idx, weights=vals.reshape(-1).astype(xp.float64),
-                                                minlength=(v1 - v0) * nb)).reshape(v1 - v0, nb)
+    vols = max(1, SHELL_CHUNK // max(nvox, 1))
+    span = min(nvox, SHELL_CHUNK) if nvox else 1
+    for v0 in range(0, V, vols):
+        v1 = min(V, v0 + vols)
+        for a in range(0, nvox, span):
+            s = sh[a:a + span]
+            idx = (s[None, :] + nb * xp.arange(v1 - v0)[:, None]).reshape(-1)
+            w, f = Wf[v0:v1, a:a + span], Ff[v0:v1, a:a + span]
+            pos = w > 0
+            ratio = xp.where(pos, (f.real ** 2 + f.imag ** 2) / xp.where(pos, w, 1.0) ** 2, 0.0)
+            for q, vals in enumerate((w, xp.ones_like(w), ratio, pos)):
+                out[q, v0:v1] += to_host(xp.bincount(idx, weights=vals.reshape(-1).astype(xp.float64),
+                                                     minlength=(v1 - v0) * nb)).reshape(v1 - v0, nb)
     return out
 
 
@@ -124,20 +225,40 @@ def reduce_and_reconstruct_3d(comm, F_acc, W_acc, box: int, pad: int, r_max: flo
     ``fsc_mask`` (gold, a (N, N, N) solvent mask on the host): tau^2 from the solvent-corrected FSC of the
     unregularised half maps instead (:func:`solvent_corrected_fsc`).
     Returns (maps (V, N, N, N) float32 on F_acc's module, info dict with fsc, tau2, mean_w).
+    ``F_acc`` may be :class:`OwnedAccumulators` (``W_acc`` None): the owned planes are already summed; on one
+    rank the full accumulators are the owned planes (used as they are, not copied).
     """
-    xp = xp_of(F_acc)
+    from ..memory import release_device_memory
+
     npad = pad * box
-    stats_F, stats_W = {}, {}
-    rp = padded_reach(r_max, pad)  # nothing outside needs sending, by construction
+    release_device_memory(F_acc.acc.xp if W_acc is None else xp_of(F_acc))  # the E-step's blocks and plans
     with timer("reduce"):
-        F_own = reduce_scatter_planes(comm, F_acc, compress=compress, r_max_padded=rp, check=False, stats=stats_F)
-        W_own = reduce_scatter_planes(comm, W_acc, compress=compress, r_max_padded=rp, check=False, stats=stats_W)
-    timer.add_bytes("reduce_sent", stats_F["bytes_sent"] + stats_W["bytes_sent"])
-    timer.add_bytes("reduce_raw", stats_F["bytes_raw"] + stats_W["bytes_raw"])
+        F_own, W_own, sent, raw = _owned_sums(comm, F_acc, W_acc, compress, padded_reach(r_max, pad))
+    xp = xp_of(F_own)
+    timer.add_bytes("reduce_sent", sent)
+    timer.add_bytes("reduce_raw", raw)
     planes = owned_planes(npad, comm.rank, comm.size)
     with timer("reconstruct"):
-        return _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold, combined, xp, folds,
-                                  fsc_mask)
+        out = _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold, combined, xp, folds,
+                                 fsc_mask)
+    release_device_memory(xp)
+    return out
+
+
+def _owned_sums(comm, F_acc, W_acc, compress, rp):
+    """The summed owned planes (F, W) and the bytes sent / the local buffers' bytes."""
+    if W_acc is None:  # owned accumulators: summed by the routed insertion
+        acc = F_acc.acc
+        acc.free()
+        return acc.F, acc.W, acc.n_sent * acc._rec.itemsize, acc.nbytes
+    if comm.size == 1:  # one rank owns every plane: no copy
+        return F_acc, W_acc, 0, int(F_acc.nbytes + W_acc.nbytes)
+    stats_F, stats_W = {}, {}
+    # nothing outside the reach needs sending, by construction
+    F_own = reduce_scatter_planes(comm, F_acc, compress=compress, r_max_padded=rp, check=False, stats=stats_F)
+    W_own = reduce_scatter_planes(comm, W_acc, compress=compress, r_max_padded=rp, check=False, stats=stats_W)
+    return (F_own, W_own, stats_F["bytes_sent"] + stats_W["bytes_sent"],
+            stats_F["bytes_raw"] + stats_W["bytes_raw"])
 
 
 def solvent_corrected_fsc(half1, half2, mask, r_max: float) -> np.ndarray:

@@ -24,7 +24,7 @@ class References:
         m = maps if mask is None else maps * mask
         self.centred = None
         if dim == 3:
-            self.F = xp.stack([volume_fft(v, pad) for v in m])
+            self.F = volume_fft(m, pad)  # each volume transformed in its place (no list of them, then a copy)
             if xp is np:  # CPU ranks: the centred layout's projector (GPUs: the fused kernel on self.F)
                 self.centred, self.F = CentredVolumes(self.F), None
         else:

@@ -19,10 +19,11 @@ import numpy as np
 from ..backend import get_xp, synchronize, to_host
 from ..distributed import (allreduce_sum, assign_halves, collective_step, log_placement, make_plan,
                            reference_group, root_step, select_device)
-from ..em.engine import (SearchSpec, Stats, current_mats, image_shifts_px, expectation_batch,
+from ..em.engine import (SearchSpec, Stats, current_mats, end_e_step, image_shifts_px, expectation_batch,
                          inverse_sigma2_points, prepare_batch, shell_of_points, sigma2_from_images,
                          update_plan_poses)
-from ..em.model import lowpass, reduce_and_reconstruct_2d, reduce_and_reconstruct_3d
+from ..em.model import (batch_rounds, e_step_accumulators, lowpass, reduce_and_reconstruct_2d,
+                        reduce_and_reconstruct_3d, routed_step)
 from ..em.references import References, fine_offsets, global_grid, local_offsets
 from ..errors import InputError, MpiEmError
 from ..fourier import SliceGeometry, default_r_max, symmetrise
@@ -581,8 +582,10 @@ def run(args, comm, mode: str) -> dict:
 
     images = ImageCache(xp, cache_wanted(getattr(args, "cache_images", "auto"), xp, len(plan["index"]), box))
     from ..memory import check as memory_check, em_inputs  # stops here (exit 2) if the model does not fit
-    memory_check(comm, em_inputs(args, mode, meta, comm.size, device, images.enabled),
-                 getattr(args, "max_memory", None), log, args.output)
+    mem = memory_check(comm, em_inputs(args, mode, meta, comm.size, device, images.enabled),
+                       getattr(args, "max_memory", None), log, args.output,
+                       adapt=getattr(args, "owned_accumulators", "off")).inputs  # the batch and accumulators to use
+    args.batch = mem.batch
     if comm.rank == 0 and images.enabled:
         log.info("particle images kept in memory between iterations (rank 0: %.2f GB)",
                  4.0 * len(plan["index"]) * box * box / 1e9)
@@ -663,11 +666,11 @@ def run(args, comm, mode: str) -> dict:
         timer = PhaseTimer(xp, detail=os.environ.get("MPI_EM_TIMING_DETAIL") == "1")
 
         def e_step():
-            F_acc = xp.zeros((V,) + vol_shape, dtype=xp.complex128)
-            W_acc = xp.zeros((V,) + vol_shape, dtype=xp.float64)
+            F_acc, W_acc = e_step_accumulators(comm, V, vol_shape, xp, mem.owned_accumulators, sym_ops)
             stats = Stats.zeros(n_shells, K)
             done = 0
-            batches = images.batches(plan, args.batch, pinned=pinned_wanted(xp))
+            batches = batch_rounds(F_acc, images.batches(plan, args.batch, pinned=pinned_wanted(xp)),
+                                   len(plan["index"]), args.batch)
             while True:
                 with timer("read"):  # waiting for the prefetched batch
                     item = next(batches, None)
@@ -685,14 +688,15 @@ def run(args, comm, mode: str) -> dict:
                                         prior_offsets=image_shifts_px(plan, sl, apix))
                 update_plan_poses(plan, sl, res, dim, apix)
                 done += sl.stop - sl.start
-            if sym_ops is not None:  # linear: each rank symmetrises its partial sums before the reduction
+            if sym_ops is not None and W_acc is not None:  # linear: each rank symmetrises its partial sums
                 with timer("symmetrise"):
                     symmetrise(F_acc, W_acc, sym_ops)
             synchronize(xp)
             return F_acc, W_acc, stats
 
         t_e = time.time()
-        F_acc, W_acc, stats = collective_step(comm, e_step)
+        F_acc, W_acc, stats = collective_step(comm, routed_step(e_step))
+        end_e_step(refs, spec, xp)
         t_e = time.time() - t_e
         vec = stats.as_vector()
         allreduce_sum(comm, vec)

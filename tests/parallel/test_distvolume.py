@@ -18,7 +18,7 @@ from mpi4py import MPI
 from mpi_em import fourier
 from mpi_em.backend import scatter_add
 from mpi_em.distributed import RankFailed
-from mpi_em.distvolume import (PlaneOwnerAccumulator, distributed_reconstruct, owned_planes,
+from mpi_em.distvolume import (PlaneOwnerAccumulator, distributed_reconstruct, owned_planes, plane_layout,
                                reduce_scatter_planes, volume_bytes_per_rank)
 from mpi_em.fourier import SliceGeometry, radius_3d
 from mpi_em.geometry import euler_to_matrix
@@ -86,6 +86,27 @@ def test_owned_planes_partition(npad, size):
     for r, p in enumerate(parts):
         assert np.all(p % size == r) and np.all(np.diff(p) > 0)
         assert p.size in (npad // size, npad // size + 1)
+
+
+@pytest.mark.parametrize("npad,size", [(16, 1), (30, 4), (64, 3), (16, 40)])
+def test_plane_layout_owner_local_and_transpose(npad, size):
+    lay = plane_layout(npad, size)
+    assert plane_layout(npad, size) is lay  # built once per (Np, P)
+    z = np.arange(npad)
+    for r in range(size):  # owner / local index agree with the owned lists, counts and displacements with both
+        mine = lay.owned(r)
+        assert np.array_equal(mine, owned_planes(npad, r, size))
+        assert np.all(lay.owner(mine) == r) and np.array_equal(lay.local(mine), np.arange(mine.size))
+    assert lay.counts.sum() == npad and lay.displs(7)[-1] == 7 * (npad - lay.counts[-1])
+    assert np.array_equal(np.sort(np.concatenate(lay.planes)), z)
+    box = npad // 2
+    t = lay.transpose(box, 2, box // 2 - 1)
+    assert lay.transpose(box, 2, box // 2 - 1) is t
+    # every cropped y row is received by exactly one rank; what each rank sends is what its peers receive
+    assert np.array_equal(np.sort(np.concatenate(t.crop_rows)), np.arange(box))
+    sends = np.array([t.counts(r, 2)[0] for r in range(size)])
+    recvs = np.array([t.counts(r, 2)[1] for r in range(size)])
+    assert np.array_equal(sends, recvs.T)
 
 
 def test_owned_planes_more_ranks_than_planes():
@@ -353,6 +374,39 @@ def test_streaming_backprojection_end_to_end():
     # combined map from the sum of owned planes
     full = distributed_reconstruct(comm, acc.F[0] + acc.F[1], acc.W[0] + acc.W[1], box, pad)
     assert _rel(full, fourier.reconstruct(ref_F[0] + ref_F[1], ref_W[0] + ref_W[1], box, pad)) < 1e-10
+    acc.free()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("r_max", [None, 8])
+def test_point_routing_equals_dense_backprojection(r_max):
+    """backproject_points (points to the owners of the planes their stencils touch) = the dense back-projection's
+    owned planes, summed over ranks, to float64 rounding; a rank with a failing batch stops every rank."""
+    comm = WORLD
+    box, pad = 16, 2
+    geom = SliceGeometry(box, r_max=r_max, pad=pad)
+    rng = np.random.default_rng(300 + comm.rank)
+    acc = PlaneOwnerAccumulator(comm, geom, n_vol=3)
+    ref_F = np.zeros((3,) + geom.vol_shape, np.complex128)
+    ref_W = np.zeros((3,) + geom.vol_shape, np.float64)
+    n_local = 1 + comm.rank % 2
+    for b in range(comm.allreduce(n_local, op=MPI.MAX)):
+        n = 5 if b < n_local else 0
+        A = euler_to_matrix(rng.uniform(-180, 180, n), rng.uniform(0, 180, n), rng.uniform(-180, 180, n))
+        data = (rng.standard_normal((n, geom.m)) + 1j * rng.standard_normal((n, geom.m))).astype(np.complex64)
+        wts = rng.random((n, geom.m)).astype(np.float32)
+        vol = rng.integers(0, 3, n)
+        acc.backproject_points(vol, A, data, wts, geom)
+        fourier.backproject(ref_F, ref_W, A, data, wts, geom, vol_index=vol)
+    comm.Allreduce(MPI.IN_PLACE, ref_F, op=MPI.SUM)
+    comm.Allreduce(MPI.IN_PLACE, ref_W, op=MPI.SUM)
+    planes = owned_planes(geom.npad, comm.rank, comm.size)
+    assert np.abs(ref_W).max() > 0
+    assert _rel(acc.F, ref_F[:, planes]) < 1e-12 and _rel(acc.W, ref_W[:, planes]) < 1e-12
+    A = euler_to_matrix(*rng.uniform(0, 90, (3, 2)))
+    with pytest.raises(RankFailed, match="bad batch"):
+        acc.backproject_points(0, A, np.zeros((2, geom.m), np.complex64), None, geom,
+                               error=ValueError("bad batch") if comm.rank == comm.size - 1 else None)
     acc.free()
 
 
