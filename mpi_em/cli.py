@@ -206,7 +206,7 @@ def _reconstruct(args, comm) -> None:
 def _em_job(args, comm) -> None:
     from .jobs import em
 
-    em.run(args, comm, args.mode)
+    em.run(args, comm)
 
 
 def build_parser() -> argparse.ArgumentParser:

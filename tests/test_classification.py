@@ -168,19 +168,21 @@ def test_class3d_one_rank_equals_two_ranks(class3d):
 
 # ------------------------------------------------------------------------------------------ components
 def test_reseed_splits_the_largest_class_symmetrically():
-    from mpi_em.jobs.em import _reseed_classes
+    from mpi_em.em.classes import reseed_classes
 
     rng = np.random.default_rng(0)
     maps = rng.normal(size=(3, 16, 16)).astype(np.float32)
     state = {"class_prior": np.array([0.7, 0.29, 0.01]), "maps": maps.copy(), "r_cur": 6.0}
-    done = _reseed_classes(state, 0.2, seed=1, it=4, box=16, apix=2.0)
+    state["maps"], state["class_prior"], done = reseed_classes(state["maps"], state["class_prior"], state["r_cur"],
+                                                                0.2, seed=1, it=4, box=16, apix=2.0)
     assert done == [2]
     assert np.allclose(state["class_prior"], [0.35, 0.29, 0.35])
     m = state["maps"]
     assert np.allclose(0.5 * (m[0] + m[2]), maps[0], atol=1e-5) and not np.allclose(m[0], m[2])
     assert np.array_equal(m[1], maps[1])
     again = {"class_prior": np.array([0.7, 0.29, 0.01]), "maps": maps.copy(), "r_cur": 6.0}
-    _reseed_classes(again, 0.2, seed=1, it=4, box=16, apix=2.0)
+    again["maps"], again["class_prior"], _ = reseed_classes(again["maps"], again["class_prior"], again["r_cur"],
+                                                             0.2, seed=1, it=4, box=16, apix=2.0)
     assert np.array_equal(again["maps"], m)  # seeded: the same on every rank and in every run
 
 

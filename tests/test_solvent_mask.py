@@ -12,7 +12,7 @@ from conftest import mpi_em
 from mpi_em.em.model import lowpass
 from mpi_em.em.references import References
 from mpi_em.fourier import SliceGeometry, image_ifft
-from mpi_em.jobs.em import _mask
+from mpi_em.em.inputs import reference_mask as _mask
 from mpi_em.masks import soft_sphere
 
 
