@@ -540,13 +540,14 @@ _ONE_RANK_FAILS = """
 import sys
 from mpi_em import cli
 from mpi_em.errors import OutputError
+from mpi_em.jobs import fsc as fsc_job
 
 def boom(args, comm):  # an error outside any agreed step, on rank 1 only; rank 0 goes on into a collective
     if comm.rank == 1:
         raise OutputError("/somewhere/x.json", "cannot write: No space left on device")
     comm.barrier()
 
-cli._fsc = boom
+fsc_job.run = boom
 sys.exit(cli.main(["fsc", "a.mrc", "b.mrc"]))
 """
 

@@ -29,6 +29,7 @@ from ..fsc import fsc, resolution_at, shell_frequencies
 from ..geometry import euler_to_matrix
 from ..io import atomic_path, check_stacks, check_writable_dir, read_particles, write_map
 from ..io.sanity import check_box, check_half_sets, warn_absurd_values
+from ..io.star_tables import write_fsc_star
 from ..particles import iter_batches, pinned_wanted
 from ..reconstruction import Accumulators, insert
 from ..symmetry import symmetry_matrices
@@ -305,15 +306,3 @@ def run(args, comm) -> dict:
         return summary
 
     return root_step(comm, _finish)
-
-
-def write_fsc_star(path, freqs, curve) -> None:
-    import pandas as pd
-    import starfile
-
-    with np.errstate(divide="ignore"):
-        ang = np.where(freqs > 0, 1.0 / np.where(freqs > 0, freqs, 1), 999.0)
-    df = pd.DataFrame({"rlnSpectralIndex": np.arange(len(curve)), "rlnResolution": freqs,
-                       "rlnAngstromResolution": ang, "rlnFourierShellCorrelation": np.asarray(curve)})
-    with atomic_path(path) as tmp:
-        starfile.write({"fsc": df}, tmp, float_format=None)
