@@ -18,10 +18,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-import os
-
 import numpy as np
 
+from . import config
 from .backend import scatter_add, xp_of
 
 
@@ -183,7 +182,7 @@ def padded_reach(r_max: float, pad: int) -> float:
 
 def fused_kernels() -> bool:
     """GPU arrays use the fused CUDA kernels of :mod:`mpi_em.kernels` unless MPI_EM_FUSED_KERNELS=0."""
-    return os.environ.get("MPI_EM_FUSED_KERNELS", "1") != "0"
+    return config.fused_kernels()
 
 
 def _trilinear_stencil(coords, npad: int):
@@ -348,9 +347,13 @@ def _symmetrise_host(F, W, L, rlim, chunk, xp):
     return Fo.reshape(lead + (npad, npad, nxh)), Wo.reshape(lead + (npad, npad, nxh))
 
 
-def shell_index(npad: int, pad: int, xp=np):
-    """Integer shell (in image pixels, rounded) of each FFT-layout voxel of the padded grid."""
-    return xp.rint(radius_3d(npad, xp) / pad).astype(xp.int64)
+def shell_index(r, last: int | None = None):
+    """Integer shell round(|k|) of frequency radii ``r`` (image pixels, >= 0; any shape, NumPy or CuPy): the one
+    rounding rule of every per-shell sum (FSC, noise spectrum, tau^2). With ``last``, radii beyond it go to shell
+    ``last`` (the tau^2 table's end, or an "outside" bin)."""
+    xp = xp_of(r)
+    sh = xp.rint(r).astype(xp.int64)
+    return sh if last is None else xp.minimum(sh, last)
 
 
 def regularised_denominator(W, r, mean_w, tau2=None, tau2_fudge: float = 1.0, min_weight: float = 1e-3):
@@ -368,7 +371,7 @@ def regularised_denominator(W, r, mean_w, tau2=None, tau2_fudge: float = 1.0, mi
     if tau2 is None:
         return xp.maximum(W, xp.where(floor_ok, min_weight * xp.asarray(mean_w), 1.0))
     tau2 = xp.asarray(tau2, dtype=xp.float64)
-    sh = xp.clip(xp.rint(r).astype(xp.int64), 0, tau2.shape[-1] - 1)
+    sh = shell_index(r, tau2.shape[-1] - 1)
     t = tau2[..., sh] * tau2_fudge
     scale = xp.where(floor_ok, xp.asarray(mean_w, dtype=xp.float64), 1.0)
     # tau2 = 0: 1e20 x mean W, not infinity: complex / inf is NaN on CuPy (its division scales by |divisor|)
