@@ -44,6 +44,7 @@ def _poses(star):
     return np.stack([s.rot, s.tilt, s.psi, s.origin_x, s.origin_y], 1)
 
 
+@pytest.mark.slow
 def test_refine3d_one_rank_equals_two_ranks(tiny, tmp_path):
     """Same poses on 1 and 2 ranks. Sums over ranks change float rounding only, so a pose can differ only
     where two candidates tie to float32 precision: at least 97% identical."""
@@ -56,6 +57,7 @@ def test_refine3d_one_rank_equals_two_ranks(tiny, tmp_path):
     assert same >= 0.97, same
 
 
+@pytest.mark.slow
 def test_refine3d_cached_images_give_the_same_result(tiny, tmp_path):
     """Images kept in memory between iterations (--cache-images on; auto on GPU ranks) give the same poses and
     maps, bit for bit, as images read from the stacks every iteration."""
@@ -67,6 +69,7 @@ def test_refine3d_cached_images_give_the_same_result(tiny, tmp_path):
                           mrcfile.read(tmp_path / "off" / "run_class001.mrc"))
 
 
+@pytest.mark.slow
 def test_refine3d_continue_after_interruption(tiny, tmp_path):
     """A run stopped after iteration 2 and continued equals an uninterrupted 3-iteration run."""
     r = _refine(tiny, tmp_path / "full", 1, ["--iter", 3])
@@ -88,6 +91,7 @@ def test_refine3d_continue_after_interruption(tiny, tmp_path):
     assert np.array_equal(ma, mb)
 
 
+@pytest.mark.slow
 def test_refine3d_stops_with_the_iteration_that_converged(tiny, tmp_path):
     """Converged (finest order, the gold-standard resolution no longer 1% better than the best): the run stops
     with that iteration (no further iteration at the same sampling). The final outputs (run_*) are those of the
@@ -119,6 +123,7 @@ def test_refine3d_stops_with_the_iteration_that_converged(tiny, tmp_path):
     assert np.isclose(float(general["rlnCurrentResolution"].iloc[0]), res.min())
 
 
+@pytest.mark.slow
 def test_continue_of_a_finished_run_rewrites_its_final_files(tiny, tmp_path):
     """A finished run killed while its final files were being copied: --continue repeats no iteration and makes them
     again from the chosen iteration's files, byte for byte."""
@@ -181,6 +186,7 @@ def test_final_iteration_is_the_best_gold_standard_one():
         final_iteration([20.0, 10.0], True, 3)
 
 
+@pytest.mark.slow
 def test_refine3d_continues_a_run_started_before_folds(tiny, tmp_path):
     """A checkpoint whose saved options predate --folds and --refine-offsets continues as it ran (one reference
     per half, fixed translations), not with today's defaults: the same result as an uninterrupted run with
@@ -227,6 +233,7 @@ def test_refine3d_rejects_impossible_folds(tiny, tmp_path, folds):
     assert not os.path.exists(tmp_path / "ref" / "checkpoint.json")
 
 
+@pytest.mark.slow
 def test_refined_particles_star_feeds_the_next_job(tiny, tmp_path):
     """The particles STAR a job writes in its output folder names images that resolve from there (the input's
     names were relative to the input STAR's folder): `reconstruct` reads refine3d's output from another
@@ -239,6 +246,7 @@ def test_refined_particles_star_feeds_the_next_job(tiny, tmp_path):
     assert os.path.exists(tmp_path / "rec" / "map.mrc")
 
 
+@pytest.mark.slow
 def test_refine3d_records_timings_per_iteration(tiny, tmp_path):
     """run_timings.json: one row per iteration with every rank's phases; the wall clock since the start grows by
     at least each iteration's compute (it also counts the waiting for the previous iteration's files)."""
@@ -268,6 +276,7 @@ def _resolution_and_error(vol, truth, box, apix, threshold=0.5):
     return res, res * dk / k
 
 
+@pytest.mark.slow
 def test_refine3d_recovers_poses_and_resolution(tmp_path):
     """Box 48, 1000 particles, SNR 0.25 (whole-box variance ratio), CTF, shifts, from the truth low-passed to
     1/4 Nyquist. The refined map's FSC(0.5) resolution with truth improves strictly at every iteration up to the
@@ -321,6 +330,7 @@ def test_refine3d_recovers_poses_and_resolution(tmp_path):
         assert os.path.exists(out / name), name
 
 
+@pytest.mark.slow
 def test_class3d_and_class2d_run_and_write_outputs(tiny, tmp_path):
     r = mpi_em(["class3d", "--i", tiny / "particles_unaligned.star", "--ref", tiny / "start.mrc", "--K", 2,
                 "--iter", 2, "--ini-high", 32, "--o", tmp_path / "c3"], ranks=2)

@@ -85,6 +85,7 @@ def test_bad_solvent_mask_is_refused(data, tmp_path, case):
         assert not [f for f in os.listdir(tmp_path / job) if f.endswith((".mrc", ".json"))]
 
 
+@pytest.mark.slow
 def test_solvent_mask_is_kept_for_continue(data, tmp_path):
     """refine3d (2 ranks: the unregularised half maps of the corrected FSC reconstructed distributed) and class3d
     run with a mask; its absolute path goes into the checkpoint's arguments, and --continue reads it again: a
@@ -106,6 +107,7 @@ def test_solvent_mask_is_kept_for_continue(data, tmp_path):
     assert r.returncode == 2 and len(errors) == 1 and str(mask) in errors[0] and "field data" in errors[0], r.stderr
 
 
+@pytest.mark.slow
 def test_masked_refinement_is_at_least_as_good_as_unmasked(tmp_path):
     """A small particle (radius 6 px) in a box of 32: most of the default sphere (80% of the box) is noisy
     solvent. refine3d from the same start, with and without a solvent mask made from the truth (mpi-em mask:
