@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 
 from mpi_em.backend import to_host
-from mpi_em.fourier import (SliceGeometry, backproject, enforce_hermitian_x0, symmetrise, image_fft, image_ifft, project,
+from mpi_em.fourier import (SliceGeometry, backproject, enforce_hermitian_x0, image_fft, image_ifft, project,
                             radius_3d, reconstruct, shift_phases, soft_mask_outside, volume_fft)
 from mpi_em.fsc import fsc
+from mpi_em.symmetrise import symmetrise
 from mpi_em.geometry import euler_to_matrix, random_rotations
 from mpi_em.reconstruction import Accumulators, insert_images
 from mpi_em.simulate import phantom, simulate_particles

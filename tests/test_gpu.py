@@ -142,7 +142,8 @@ def test_symmetrise_gpu_equals_cpu(rng, monkeypatch, fused):
     """Symmetrising a stack of summed accumulators (D7: re-sampled by interpolation) on the GPU, with the fused
     gather kernel and with the array path, against NumPy: the same float64 terms summed in another order ->
     1e-12 of the largest value."""
-    from mpi_em.fourier import backproject, symmetrise
+    from mpi_em.fourier import backproject
+    from mpi_em.symmetrise import symmetrise
     from mpi_em.symmetry import symmetry_matrices
 
     box, n = 32, 200

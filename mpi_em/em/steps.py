@@ -13,7 +13,8 @@ import numpy as np
 from ..backend import synchronize, to_host
 from ..distributed import allreduce_sum, collective_step, reference_group
 from ..errors import MpiEmError
-from ..fourier import SliceGeometry, symmetrise
+from ..fourier import SliceGeometry
+from ..symmetrise import symmetrise
 from ..geometry import angular_distance, euler_to_matrix
 from ..particles import ImageCache, pinned_wanted
 from ..symmetry import symmetry_matrices

@@ -34,7 +34,8 @@ from ..em.engine import (SearchSpec, Stats, current_mats, expectation_batch, ima
 from ..em.model import reduce_and_reconstruct_3d
 from ..em.references import References, fine_offsets, global_grid, insert
 from ..errors import MpiEmError
-from ..fourier import SliceGeometry, default_r_max, symmetrise
+from ..fourier import SliceGeometry, default_r_max
+from ..symmetrise import symmetrise
 from ..io import check_stacks, check_writable_dir, read_particles, rebase_image_names, write_map, write_particles
 from ..io.sanity import check_box, warn_absurd_values
 from ..particles import ImageCache, pinned_wanted

@@ -24,7 +24,8 @@ from ..distributed import assign_halves, collective_step, log_placement, make_pl
 from ..distvolume import PlaneOwnerAccumulator, distributed_reconstruct, reduce_scatter_planes, volume_bytes_per_rank
 from ..errors import InputError
 from ..em.engine import prepare_batch
-from ..fourier import SliceGeometry, padded_reach, symmetrise
+from ..fourier import SliceGeometry, padded_reach
+from ..symmetrise import symmetrise
 from ..fsc import fsc, resolution_at, shell_frequencies
 from ..geometry import euler_to_matrix
 from ..io import atomic_path, check_stacks, check_writable_dir, read_particles, write_map
