@@ -99,18 +99,25 @@ def first_pass(job: EMRun) -> None:
         state.maps = lowpass(avg, box, apix, box * apix / state.r_cur).astype(np.float32)
 
 
-def expectation(job: EMRun, it: int, geom: SliceGeometry, timer) -> tuple[dict, Stats]:
-    """E-step over this rank's particles into local accumulators -> ({"F", "W"}, statistics summed over ranks)."""
+def references(job: EMRun) -> References:
+    """This iteration's references, masked and Fourier-transformed on the rank's device (refine3d with folds: each
+    fold's reference is its half without it; the half map itself before the first iteration)."""
+    state, folds = job.state, job.folds
+    if folds > 1:
+        ref_maps = state.references if state.references is not None else np.repeat(state.maps, folds, axis=0)
+    else:
+        ref_maps = state.maps
+    return References(job.xp.asarray(ref_maps), job.mode.dim, job.args.pad, mask=job.mask)
+
+
+def expectation(job: EMRun, it: int, geom: SliceGeometry, refs: References, timer) -> tuple[dict, Stats]:
+    """E-step over this rank's particles against ``refs`` into local accumulators -> ({"F", "W"}, statistics
+    summed over ranks)."""
     args, mode, state, plan, xp = job.args, job.mode, job.state, job.plan, job.xp
     box, apix, K, folds, dim = job.box, job.apix, job.K, job.folds, mode.dim
     n_shells = box // 2 + 1
     shells = shell_of_points(geom)
     inv_s2 = inverse_sigma2_points(state.sigma2, shells, xp)
-    if folds > 1:  # each fold's reference: its half without it (the half map itself before the first)
-        ref_maps = state.references if state.references is not None else np.repeat(state.maps, folds, axis=0)
-    else:
-        ref_maps = state.maps
-    refs = References(xp.asarray(ref_maps), dim, args.pad, mask=job.mask)
     spec = search_spec(state, args, mode, it, K, getattr(args, "sym", "C1"), xp)
     V = 2 * folds if mode.gold else K
     vol_shape = geom.vol_shape if dim == 3 else (geom.npad, geom.npad // 2 + 1)
@@ -149,17 +156,19 @@ def expectation(job: EMRun, it: int, geom: SliceGeometry, timer) -> tuple[dict, 
 
 def maximisation(job: EMRun, it: int, acc: dict, stats: Stats, timer):
     """M-step: the accumulators reduced and the references reconstructed -> (maps on the device, info); the
-    host maps (2D: centred) into the state. ``acc`` is emptied (the accumulators freed)."""
+    host maps (2D: centred) into the state. ``acc`` is emptied once the reconstruction is done (the accumulators
+    stay allocated through it, as :mod:`mpi_em.memory` models)."""
     args, mode, state = job.args, job.mode, job.state
     info = {"loglike": stats.loglike}
     if mode.dim == 3:
-        maps, inf = reduce_and_reconstruct_3d(job.comm, acc.pop("F"), acc.pop("W"), job.box, args.pad, state.r_cur,
+        maps, inf = reduce_and_reconstruct_3d(job.comm, acc["F"], acc["W"], job.box, args.pad, state.r_cur,
                                               args.tau2_fudge, mode.gold, mask=job.mask, fsc_mask=job.solvent,
                                               compress=args.compress, combined=mode.gold, timer=timer,
                                               folds=job.folds)
     else:
-        maps, inf = reduce_and_reconstruct_2d(job.comm, acc.pop("F"), acc.pop("W"), job.box, args.pad, state.r_cur,
+        maps, inf = reduce_and_reconstruct_2d(job.comm, acc["F"], acc["W"], job.box, args.pad, state.r_cur,
                                               args.tau2_fudge, timer=timer)
+    acc.clear()
     state.references = to_host(inf.pop("references")) if "references" in inf else None
     info.update(inf)
     maps_h = to_host(maps)

@@ -23,7 +23,7 @@ from ..em.inputs import default_folds, read_inputs, reference_mask  # noqa: F401
 from ..em.outputs import gather_particles, record_timings, write_final, write_iteration
 from ..em.schedule import final_iteration
 from ..em.state import MODES, PER_PARTICLE, EMState, Mode
-from ..em.steps import EMRun, expectation, first_pass, maximisation, update_model
+from ..em.steps import EMRun, expectation, first_pass, maximisation, references, update_model
 from ..errors import MpiEmError
 from ..fourier import SliceGeometry
 from ..io import BackgroundWriter, rebase_image_names
@@ -172,8 +172,9 @@ def run(args, comm, after_iteration: Callable[[int], bool] | None = None) -> dic
         geom = SliceGeometry(job.box, r_max=state.r_cur, pad=args.pad, xp=job.xp)
         prev = {k: job.plan[k].copy() for k in ("rot", "tilt", "psi", "origin_x", "origin_y")}
         timer = PhaseTimer(job.xp, detail=config.timing_detail())  # MPI_EM_TIMING_DETAIL: steps in the phases
+        refs = references(job)  # held until the next iteration's, as the memory model (mpi_em.memory) counts
         t_e = time.time()
-        acc, stats = expectation(job, it, geom, timer)
+        acc, stats = expectation(job, it, geom, refs, timer)
         t_e = time.time() - t_e
         t_m = time.time()
         maps, info = maximisation(job, it, acc, stats, timer)
