@@ -80,9 +80,10 @@ def bench_project(xp, box, n, batch, fused):
 def bench_symmetry_anchor(xp, box, n, n_sym, batch):
     """Umpalumpa's anchor: n projections of box^2 with n_sym symmetry copies each, two ways on the same data:
     every copy inserted (fused kernel, copies looped inside the thread) and RELION's way, each projection
-    inserted once and the summed accumulators symmetrised (:func:`mpi_em.fourier.symmetrise`). Their results
+    inserted once and the summed accumulators symmetrised (:func:`mpi_em.symmetrise.symmetrise`). Their results
     differ by the trilinear re-sampling of the sum: reported as the relative RMS difference of the two maps."""
-    from mpi_em.fourier import reconstruct, symmetrise
+    from mpi_em.fourier import reconstruct
+    from mpi_em.symmetrise import symmetrise
     from mpi_em.geometry import random_rotations as rr
 
     rng = np.random.default_rng(3)

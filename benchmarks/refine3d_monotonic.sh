@@ -55,8 +55,8 @@ case $MODE in
   variants)
     # a copy whose convergence never stops the run
     rm -rf /tmp/nc && mkdir /tmp/nc && cp -r mpi_em benchmarks /tmp/nc/
-    sed -i 's/if state\["no_improve"\] >= 1:/if state["no_improve"] >= 99:/' /tmp/nc/mpi_em/jobs/em.py
-    [ -n "${CONVERGE:-}" ] || grep -q 'no_improve"\] >= 99' /tmp/nc/mpi_em/jobs/em.py || { echo "patch failed"; exit 1; }
+    sed -i 's/if state.no_improve >= 1:/if state.no_improve >= 99:/' /tmp/nc/mpi_em/em/schedule.py
+    [ -n "${CONVERGE:-}" ] || grep -q 'no_improve >= 99' /tmp/nc/mpi_em/em/schedule.py || { echo "patch failed"; exit 1; }
     for v in ${VARIANTS:-ro ro_f4 f4}; do
       case $v in
         default) variant $v ;;

@@ -6,9 +6,9 @@ single code path. Only the few operations whose spelling differs between NumPy a
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
+
+from . import config
 
 try:  # CuPy is an optional extra ("gpu"); its absence is the normal CPU case.
     import cupy as _cp  # type: ignore
@@ -39,7 +39,7 @@ def get_xp(device: str = "cpu"):
 
 def default_device() -> str:
     """'gpu' when CuPy sees a device and MPI_EM_DEVICE does not say 'cpu'."""
-    want = os.environ.get("MPI_EM_DEVICE", "auto")
+    want = config.device()
     if want == "cpu":
         return "cpu"
     if want != "auto":
@@ -63,10 +63,6 @@ def to_host(a):
     if is_gpu_array(a):
         return a.get()
     return np.asarray(a)
-
-
-def to_device(a, xp):
-    return xp.asarray(a)
 
 
 def synchronize(xp) -> None:

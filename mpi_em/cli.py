@@ -76,142 +76,47 @@ def _others_ended_too(comm, dup, timeout: float = 5.0) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ commands
-def _simulate_args(p) -> None:
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (particles.star, stacks/, truth.mrc)")
-    p.add_argument("--box", type=int, default=64, help="box size in pixels, even (default 64)")
-    p.add_argument("--n", type=int, default=5000, help="number of particles (default 5000)")
-    p.add_argument("--snr", type=float, default=0.1,
-                   help="signal-to-noise ratio: variance of the CTF-modulated projections over the noise "
-                        "variance (default 0.1; 0 = noiseless)")
-    p.add_argument("--sym", default="C1", help="symmetry of the phantom (default C1)")
-    p.add_argument("--apix", type=float, default=2.5, help="pixel size in Å (default 2.5)")
-    p.add_argument("--max-shift", type=float, default=2.0, help="largest origin shift in pixels (default 2)")
-    p.add_argument("--defocus", type=float, nargs=2, default=(8000.0, 25000.0), metavar=("MIN", "MAX"),
-                   help="defocus range in Å (default 8000 25000)")
-    p.add_argument("--per-stack", type=int, default=1000, help="particles per .mrcs stack (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same data (default 0)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
-                   help="where projections are computed (auto: the GPU when CuPy sees one)")
-    p.add_argument("--domains", type=int, default=5, help="number of domains of the phantom (default 5)")
-    p.add_argument("--domain-spread", type=float, default=0.3,
-                   help="spread of each domain's atoms, fraction of the particle radius (default 0.3: a compact "
-                        "globule; e.g. --domains 4 --domain-spread 0.12 --domain-distance 0.8 gives a lumpy "
-                        "particle whose views differ clearly)")
-    p.add_argument("--domain-distance", type=float, default=0.55,
-                   help="largest distance of a domain centre from the particle centre, fraction of the radius "
-                        "(default 0.55)")
-    p.add_argument("--views", type=int, default=0, metavar="N",
-                   help="draw the projection directions from N well-separated views (random in-plane angle, "
-                        "shifts, CTF and noise as usual); the true view (1..N) goes into rlnClassNumber of "
-                        "particles.star, the noiseless centred CTF-free views into views.mrcs (default 0: "
-                        "uniformly random directions)")
-    p.add_argument("--conformations", type=int, default=1, choices=[1, 2],
-                   help="2: a mixture of two conformations (the second is the phantom without its largest "
-                        "domain), drawn at random; truth_class001.mrc / truth_class002.mrc, and the true class in "
-                        "rlnClassNumber of particles.star (default 1)")
-
-
-def _simulate(args, comm) -> None:
-    from .distributed import root_step
-    from .io import check_writable_dir
-    import numpy as np
-
-    from .simulate import clean_projections, phantom, simulate_particles, view_poses, write_dataset
-
-    def work():
-        check_writable_dir(args.out)
-        if args.box % 2 or args.box < 16:
-            raise MpiEmError(f"--box must be even and >= 16, got {args.box}")
-        from .backend import default_device, get_xp
-
-        xp = get_xp(default_device() if args.device == "auto" else args.device)
-        if args.views < 0:
-            raise MpiEmError(f"--views must be >= 0, got {args.views}")
-        if args.views and args.conformations > 1:
-            raise MpiEmError("--views and --conformations 2 label rlnClassNumber differently; use one of them")
-        shape = {"n_domains": args.domains, "domain_spread": args.domain_spread,
-                 "domain_distance": args.domain_distance}
-        vol = phantom(args.box, seed=args.seed, sym=args.sym, **shape)
-        vols, poses, class_of, what = vol, None, None, ""
-        if args.conformations > 1:
-            vols = [vol, phantom(args.box, seed=args.seed, sym=args.sym, remove_domain=-1, **shape)]
-            class_of = np.random.default_rng(args.seed + 3).integers(0, 2, args.n)
-            what = f", 2 conformations ({np.bincount(class_of, minlength=2).tolist()} particles)"
-        if args.views:
-            rot, tilt, psi, view, vrot, vtilt, sep = view_poses(args.n, args.views, seed=args.seed + 2)
-            poses = (rot, tilt, psi)
-            what = f", {args.views} views at least {sep:.1f}° apart"
-        sim = simulate_particles(vols, args.n, args.apix, snr=args.snr, seed=args.seed + 1,
-                                 max_shift=args.max_shift, defocus_range=tuple(args.defocus), poses=poses,
-                                 class_of=class_of, xp=xp)
-        if args.views:
-            sim.class_number = view + 1
-        path = write_dataset(args.out, vols, sim, args.apix, per_stack=args.per_stack, seed=args.seed)
-        if args.views:
-            from .io import write_stack
-
-            write_stack(os.path.join(args.out, "views.mrcs"), clean_projections(vol, vrot, vtilt), args.apix)
-        log.info("simulated %d particles (box %d, %.2f Å/px, SNR %g, %s%s): %s", args.n, args.box, args.apix,
-                 args.snr, args.sym, what, path)
-
-    root_step(comm, work)
-
-
-def _fsc_args(p) -> None:
-    p.add_argument("map1", help="first map (MRC)")
-    p.add_argument("map2", help="second map (MRC)")
-    p.add_argument("--plot", metavar="PNG", help="write the FSC curve as a PNG")
-    p.add_argument("--o", dest="output", metavar="STAR", help="write the FSC curve as a STAR table")
-    p.add_argument("--threshold", type=float, default=0.143, help="FSC threshold for the resolution (default 0.143)")
-
-
-def _fsc(args, comm) -> None:
-    from .distributed import root_step
-
-    def work():
-        from .errors import InputError
-        from .fsc import fsc, resolution_at, shell_frequencies
-        from .io import read_map
-
-        v1, a1 = read_map(args.map1)
-        v2, a2 = read_map(args.map2)
-        if v1.shape != v2.shape:
-            raise InputError(args.map2, f"shape {v2.shape} differs from {args.map1}'s {v1.shape}", field="nx/ny/nz")
-        if a1 > 0 and a2 > 0 and abs(a1 - a2) > 1e-3 * a1:
-            raise InputError(args.map2, f"voxel size {a2} Å differs from {args.map1}'s {a1} Å", field="voxel_size")
-        apix = a1 if a1 > 0 else 1.0
-        curve = fsc(v1, v2)
-        freqs = shell_frequencies(v1.shape[-1], apix)
-        res = resolution_at(curve, v1.shape[-1], apix, args.threshold)
-        if args.output:
-            from .jobs.reconstruct import write_fsc_star
-
-            write_fsc_star(args.output, freqs, curve)
-        if args.plot:
-            from .plots import fsc_png
-
-            fsc_png(args.plot, freqs, {"FSC": curve}, title=f"{res:.2f} Å at {args.threshold}",
-                    threshold=args.threshold)
-        print(f"resolution at FSC {args.threshold}: {res:.3f} Å")
-
-    root_step(comm, work)
-
-
-def _reconstruct(args, comm) -> None:
-    from .jobs import reconstruct
-
-    reconstruct.run(args, comm)
-
-
-def _em_job(args, comm) -> None:
-    from .jobs import em
-
-    em.run(args, comm, args.mode)
+_REFINE3D = ("RELION-style 3D auto-refine: half sets fixed at the start, global then local searches with automatic "
+             "HEALPix refinement, tau^2 from the gold-standard FSC, convergence when resolution and poses stop "
+             "improving; half maps, combined map, FSC, particles and model STAR per iteration (run_itNNN_*). The "
+             "final files (run_*) are copies of the iteration with the best gold-standard resolution: the last one, "
+             "or an earlier one that the last did not improve on.")
+#: every command: (name, module in mpi_em.jobs, short help, description, flags). Each module gives
+#: add_arguments(p) and run(args, comm) (the EM jobs: add_arguments(p, mode), the mode in args.mode).
+#: Flags: "memory": takes --max-memory (mpi_em.memory); "output": locks its output folder for the job's life.
+COMMANDS = (
+    ("simulate", "simulate", "make a simulated data set with known truth (STAR + MRC + truth map)",
+     "Simulate particles of a pseudo-atomic phantom: random poses and shifts, per-particle CTF with a defocus "
+     "spread, Gaussian noise at a given SNR.", ()),
+    ("reconstruct", "reconstruct", "reconstruct half maps + map from known poses, with the FSC",
+     "Distributed Fourier reconstruction from the poses in the STAR file: half maps (rlnRandomSubset, assigned if "
+     "absent), combined map, FSC.", ("memory", "output")),
+    ("refine3d", "em", "gold-standard 3D auto-refinement by expectation-maximisation", _REFINE3D,
+     ("memory", "output")),
+    ("class3d", "em", "3D classification by expectation-maximisation",
+     "K 3D references from the low-passed initial map (first iteration on random subsets), class assignment with "
+     "global or local orientation searches; per-class maps and sizes.", ("memory", "output")),
+    ("class2d", "em", "2D classification by expectation-maximisation",
+     "K 2D references from random subsets, in-plane rotation and translation search, class averages (MRC stack + "
+     "PNG montage sorted by size), class sizes and particle assignments.", ("memory", "output")),
+    ("initial-model", "initial_model", "ab-initio 3D model(s) from the particles alone (no reference)", None,
+     ("output",)),
+    ("mask", "mask", "soft solvent mask from a map (threshold, extension, soft edge)",
+     "A solvent mask as RELION's relion_mask_create: optional low-pass, binarisation at a threshold, extension in "
+     "pixels, raised-cosine soft edge; MRC with the map's voxel size.", ()),
+    ("postprocess", "postprocess", "mask-corrected FSC, B-factor, sharpened and FSC-weighted map",
+     "RELION's post-processing of two half maps: unmasked, masked, phase-randomised and corrected FSC (Chen et al. "
+     "2013), final resolution, B-factor from a Guinier fit or given, FSC-weighted sharpened map low-passed at the "
+     "final resolution.", ("output",)),
+    ("fsc", "fsc", "FSC between two maps and the resolution at a threshold", None, ()),
+    ("warmup", "warmup", "compile the GPU kernels ahead of the data (once per machine)", None, ()),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     from . import memory
-    from .jobs import reconstruct
 
     parser = argparse.ArgumentParser(
         prog="mpi-em",
@@ -220,60 +125,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mpi_em {__version__}")
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors on the console")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("simulate", help="make a simulated data set with known truth (STAR + MRC + truth map)",
-                       description="Simulate particles of a pseudo-atomic phantom: random poses and shifts, "
-                                   "per-particle CTF with a defocus spread, Gaussian noise at a given SNR.")
-    _simulate_args(p)
-    p.set_defaults(func=_simulate)
-    p = sub.add_parser("reconstruct", help="reconstruct half maps + map from known poses, with the FSC",
-                       description="Distributed Fourier reconstruction from the poses in the STAR file: "
-                                   "half maps (rlnRandomSubset, assigned if absent), combined map, FSC.")
-    reconstruct.add_arguments(p)
-    memory.add_argument(p)
-    p.set_defaults(func=_reconstruct)
-    from .jobs import em
-
-    descriptions = {
-        "refine3d": ("gold-standard 3D auto-refinement by expectation-maximisation",
-                     "RELION-style 3D auto-refine: half sets fixed at the start, global then local searches with "
-                     "automatic HEALPix refinement, tau^2 from the gold-standard FSC, convergence when resolution "
-                     "and poses stop improving; half maps, combined map, FSC, particles and model STAR per "
-                     "iteration (run_itNNN_*). The final files (run_*) are copies of the iteration with the best "
-                     "gold-standard resolution: the last one, or an earlier one that the last did not improve on."),
-        "class3d": ("3D classification by expectation-maximisation",
-                    "K 3D references from the low-passed initial map (first iteration on random subsets), class "
-                    "assignment with global or local orientation searches; per-class maps and sizes."),
-        "class2d": ("2D classification by expectation-maximisation",
-                    "K 2D references from random subsets, in-plane rotation and translation search, class "
-                    "averages (MRC stack + PNG montage sorted by size), class sizes and particle assignments."),
-    }
-    for name, (short, long) in descriptions.items():
-        p = sub.add_parser(name, help=short, description=long)
-        em.add_arguments(p, name)
-        memory.add_argument(p)
-        p.set_defaults(func=_em_job, mode=name)
-    from .jobs import initial_model, mask as mask_job, postprocess as pp_job, warmup
-
-    jobs = (  # commands whose module gives add_arguments(p) and run(args, comm)
-        ("initial-model", initial_model, "ab-initio 3D model(s) from the particles alone (no reference)",
-         initial_model.DESCRIPTION),
-        ("mask", mask_job, "soft solvent mask from a map (threshold, extension, soft edge)",
-         "A solvent mask as RELION's relion_mask_create: optional low-pass, binarisation at a threshold, extension "
-         "in pixels, raised-cosine soft edge; MRC with the map's voxel size."),
-        ("postprocess", pp_job, "mask-corrected FSC, B-factor, sharpened and FSC-weighted map",
-         "RELION's post-processing of two half maps: unmasked, masked, phase-randomised and corrected FSC (Chen et "
-         "al. 2013), final resolution, B-factor from a Guinier fit or given, FSC-weighted sharpened map low-passed "
-         "at the final resolution."),
-        ("warmup", warmup, "compile the GPU kernels ahead of the data (once per machine)", warmup.DESCRIPTION),
-    )
-    for name, module, short, long in jobs:
-        p = sub.add_parser(name, help=short, description=long)
-        module.add_arguments(p)
+    for name, module_name, short, long, flags in COMMANDS:
+        module = importlib.import_module(f".jobs.{module_name}", __package__)
+        p = sub.add_parser(name, help=short, description=long or getattr(module, "DESCRIPTION", None))
+        if module_name == "em":
+            module.add_arguments(p, name)
+            p.set_defaults(mode=name)
+        else:
+            module.add_arguments(p)
+        if "memory" in flags:
+            memory.add_argument(p)
         p.set_defaults(func=module.run)
-    p = sub.add_parser("fsc", help="FSC between two maps and the resolution at a threshold")
-    _fsc_args(p)
-    p.set_defaults(func=_fsc)
     return parser
+
+
+def _output_folder(args) -> str | None:
+    """The folder the command locks for its life (--continue's, else --o's), None for commands without one."""
+    flags = next(f for name, _, _, _, f in COMMANDS if name == args.command)
+    if "output" not in flags:
+        return None
+    return getattr(args, "continue_dir", None) or getattr(args, "output", None)
 
 
 def main(argv=None) -> int:
@@ -291,9 +162,7 @@ def main(argv=None) -> int:
     dup = comm.Dup() if comm.size > 1 else None
     _setup_logging(comm.rank, args.quiet)
     continuing = bool(getattr(args, "continue_dir", None))
-    out_dir = getattr(args, "continue_dir", None) or getattr(args, "output", None) \
-        if args.command in ("reconstruct", "refine3d", "class3d", "class2d", "postprocess", "initial-model") \
-        else None
+    out_dir = _output_folder(args)
     try:
         if out_dir:
             from .distributed import root_step

@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from . import config
 from .backend import gpu_available, is_gpu_array, to_host, xp_of
 from .errors import MpiEmError
 
@@ -180,7 +181,7 @@ def node_local_rank(comm) -> tuple[int, int]:
 
 def select_device(comm, want: str = "auto") -> str:
     """'cpu' or 'cuda:K' for this rank: one GPU per node-local rank, round robin if ranks > GPUs."""
-    if want == "cpu" or (want == "auto" and (os.environ.get("MPI_EM_DEVICE") == "cpu" or not gpu_available())):
+    if want == "cpu" or (want == "auto" and (config.device() == "cpu" or not gpu_available())):
         return "cpu"
     if not gpu_available():
         raise MpiEmError(f"--device {want} asked for, but CuPy with a CUDA device is not available on this rank")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import to_host, xp_of
-from .fourier import radius_3d
+from .fourier import radius_3d, shell_index
 
 
 def fsc(vol1, vol2):
@@ -17,7 +17,7 @@ def fsc_fourier(F1, F2):
     """FSC per integer shell 0..N/2 of two (N, N, N//2+1) rfftn-layout arrays -> numpy float64 (N//2 + 1,)."""
     xp = xp_of(F1, F2)
     n = F1.shape[-3]
-    shell = xp.rint(radius_3d(n, xp)).astype(xp.int64).ravel()
+    shell = shell_index(radius_3d(n, xp)).ravel()
     keep = shell <= n // 2
     shell = shell[keep]
     nb = n // 2 + 1

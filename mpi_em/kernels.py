@@ -196,7 +196,7 @@ extern "C" __global__ void project_fused_c128(const complex<double>* V, const do
 
 // ---- symmetrise summed accumulators (RELION BackProjector::symmetrise): one thread per output voxel of the
 // half grid (V, Np, Np, Np/2+1): out(q) = sum_s G(L_s q), trilinear, Friedel flip for x < 0 (conjugate F);
-// voxels with |q| > rlim are set to zero (outside every reconstruction ball: see mpi_em.fourier.symmetrise)
+// voxels with |q| > rlim are set to zero (outside every reconstruction ball: see mpi_em.symmetrise.symmetrise)
 extern "C" __global__ void symmetrise_fused(
         const complex<double>* __restrict__ F, const double* __restrict__ W, const double* __restrict__ L, int S,
         complex<double>* __restrict__ Fo, double* __restrict__ Wo, long long total, int npad, int nxh,
@@ -355,7 +355,7 @@ def project2d(Fplanes, R, geom, plane_index=None):
 
 
 def symmetrise(F, W, sym_mats, rlim: float):
-    """GPU gather of :func:`mpi_em.fourier.symmetrise` (complex128 F, float64 W stacks) -> new (F, W)."""
+    """GPU gather of :func:`mpi_em.symmetrise.symmetrise` (complex128 F, float64 W stacks) -> new (F, W)."""
     import cupy as cp
 
     F = cp.ascontiguousarray(F.astype(cp.complex128, copy=False))

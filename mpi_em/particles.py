@@ -1,11 +1,11 @@
 """A rank's particles: batches read from their stacks (memory-mapped), with the next batch prefetched."""
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from . import config
 from .io import read_images
 
 
@@ -27,7 +27,7 @@ def _pinned_alloc():
 
 def pinned_wanted(xp) -> bool:
     """Read batches into page-locked memory for GPU ranks (MPI_EM_PINNED=0 turns it off)."""
-    return xp is not np and os.environ.get("MPI_EM_PINNED", "1") != "0"
+    return xp is not np and config.pinned()
 
 
 def read_rows(stacks, indices, alloc=np.empty) -> np.ndarray:

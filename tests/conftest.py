@@ -15,6 +15,28 @@ def rng():
     return np.random.default_rng(1234)
 
 
+def _cupy():
+    """CuPy when it sees a CUDA device, else None."""
+    try:
+        import cupy
+
+        return cupy if cupy.cuda.runtime.getDeviceCount() > 0 else None
+    except Exception:  # noqa: BLE001 - not installed, no driver, no device
+        return None
+
+
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def xp(request):
+    """The array module a numerical test runs on: NumPy, and CuPy where it sees a GPU (skipped otherwise). The
+    same test, assertions on the host (``mpi_em.backend.to_host``), checks both backends."""
+    if request.param == "numpy":
+        return np
+    cp = _cupy()
+    if cp is None:
+        pytest.skip("needs CuPy and a CUDA device")
+    return cp
+
+
 def mpi_em(args, ranks: int = 1, timeout: float = 300, cwd=None):
     """Run `mpirun -n ranks python -m mpi_em ARGS` (or plain python for ranks=0); never hangs the suite."""
     cmd = [sys.executable, "-m", "mpi_em"] + [str(a) for a in args]

@@ -76,6 +76,7 @@ def test_simulated_views_are_labelled_and_separated(views):
     assert cc.max() < 0.95, cc.max()
 
 
+@pytest.mark.slow
 def test_class2d_assigns_views_and_averages_match_them(views, class2d):
     """>= 95% of the particles in a class whose majority is their own view (measured 99.0%); every view has a
     class; each class average correlates >= 0.95 with its view (over in-plane rotations and shifts; measured
@@ -100,6 +101,7 @@ def test_class2d_assigns_views_and_averages_match_them(views, class2d):
         assert os.path.getsize(out / name) > 0, name
 
 
+@pytest.mark.slow
 def test_class2d_one_rank_equals_two_ranks(class2d):
     """Same classes and in-plane angles on 1 and 2 ranks: the job is seeded (initial subsets and re-seeding
     noise do not depend on the number of ranks) and sums over ranks change float rounding only, so a particle
@@ -135,6 +137,7 @@ def class3d(conformations, tmp_path_factory):
                                                   "--iter", 6])
 
 
+@pytest.mark.slow
 def test_class3d_separates_conformations(conformations, class3d):
     """>= 90% of the particles in the class of their conformation (measured 97%), and each class map closer to
     its own truth than to the other: mean FSC over shells 1-8 (to 16 Å, where the conformations differ;
@@ -157,6 +160,7 @@ def test_class3d_separates_conformations(conformations, class3d):
         assert os.path.getsize(out / name) > 0, name
 
 
+@pytest.mark.slow
 def test_class3d_one_rank_equals_two_ranks(class3d):
     """Same classes on 1 and 2 ranks (float rounding of the sums over ranks only): >= 97% identical."""
     a = _classes(class3d(1) / "run_data.star")
@@ -168,19 +172,21 @@ def test_class3d_one_rank_equals_two_ranks(class3d):
 
 # ------------------------------------------------------------------------------------------ components
 def test_reseed_splits_the_largest_class_symmetrically():
-    from mpi_em.jobs.em import _reseed_classes
+    from mpi_em.em.classes import reseed_classes
 
     rng = np.random.default_rng(0)
     maps = rng.normal(size=(3, 16, 16)).astype(np.float32)
     state = {"class_prior": np.array([0.7, 0.29, 0.01]), "maps": maps.copy(), "r_cur": 6.0}
-    done = _reseed_classes(state, 0.2, seed=1, it=4, box=16, apix=2.0)
+    state["maps"], state["class_prior"], done = reseed_classes(state["maps"], state["class_prior"], state["r_cur"],
+                                                                0.2, seed=1, it=4, box=16, apix=2.0)
     assert done == [2]
     assert np.allclose(state["class_prior"], [0.35, 0.29, 0.35])
     m = state["maps"]
     assert np.allclose(0.5 * (m[0] + m[2]), maps[0], atol=1e-5) and not np.allclose(m[0], m[2])
     assert np.array_equal(m[1], maps[1])
     again = {"class_prior": np.array([0.7, 0.29, 0.01]), "maps": maps.copy(), "r_cur": 6.0}
-    _reseed_classes(again, 0.2, seed=1, it=4, box=16, apix=2.0)
+    again["maps"], again["class_prior"], _ = reseed_classes(again["maps"], again["class_prior"], again["r_cur"],
+                                                             0.2, seed=1, it=4, box=16, apix=2.0)
     assert np.array_equal(again["maps"], m)  # seeded: the same on every rank and in every run
 
 
@@ -213,6 +219,7 @@ def test_ctf_intact_first_peak():
     assert np.array_equal(a[first_peak + 2:], b[first_peak + 2:])
 
 
+@pytest.mark.slow
 def test_class3d_symmetry_gives_symmetric_maps(tmp_path):
     """--sym C2: the search covers the asymmetric unit and every pose is inserted with its symmetry copies, so
     each class map is C2-symmetric to float precision even from data of an asymmetric particle; the C1 job of

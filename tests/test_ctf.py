@@ -7,6 +7,7 @@ deltaf = -((dU+dV)/2 + (dU-dV)/2 * cos(2*(angle - azimuth)))   (underfocus dU, d
 import numpy as np
 import pytest
 
+from mpi_em.backend import to_host
 from mpi_em.ctf import ctf_images, ctf_values, electron_wavelength
 
 LAM = 0.0196876153  # 12.2643247 / sqrt(388061.94) = 12.2643247 / 622.94618
@@ -55,9 +56,9 @@ def test_phase_shift_and_bfactor():
         pytest.approx(np.exp(-25 * f * f), abs=1e-12)
 
 
-def test_grid_layout():
+def test_grid_layout(xp):
     box, apix = 64, 1.5
-    c = ctf_images(box, apix, [15000.0], [14000.0], [20.0], 300, 2.7, 0.1, dtype=np.float64)
+    c = to_host(ctf_images(box, apix, [15000.0], [14000.0], [20.0], 300, 2.7, 0.1, xp=xp, dtype=np.float64))
     assert c.shape == (1, 64, 33)
     # column j, row i <-> fx = j/(box apix), fy = (i if i < 32 else i - 64)/(box apix)
     for i, j in [(0, 5), (3, 7), (60, 12), (32, 0)]:

@@ -44,6 +44,7 @@ def _poses(star):
     return np.stack([s.rot, s.tilt, s.psi, s.origin_x, s.origin_y], 1)
 
 
+@pytest.mark.slow
 def test_refine3d_one_rank_equals_two_ranks(tiny, tmp_path):
     """Same poses on 1 and 2 ranks. Sums over ranks change float rounding only, so a pose can differ only
     where two candidates tie to float32 precision: at least 97% identical."""
@@ -56,6 +57,7 @@ def test_refine3d_one_rank_equals_two_ranks(tiny, tmp_path):
     assert same >= 0.97, same
 
 
+@pytest.mark.slow
 def test_refine3d_cached_images_give_the_same_result(tiny, tmp_path):
     """Images kept in memory between iterations (--cache-images on; auto on GPU ranks) give the same poses and
     maps, bit for bit, as images read from the stacks every iteration."""
@@ -67,6 +69,7 @@ def test_refine3d_cached_images_give_the_same_result(tiny, tmp_path):
                           mrcfile.read(tmp_path / "off" / "run_class001.mrc"))
 
 
+@pytest.mark.slow
 def test_refine3d_continue_after_interruption(tiny, tmp_path):
     """A run stopped after iteration 2 and continued equals an uninterrupted 3-iteration run."""
     r = _refine(tiny, tmp_path / "full", 1, ["--iter", 3])
@@ -88,6 +91,7 @@ def test_refine3d_continue_after_interruption(tiny, tmp_path):
     assert np.array_equal(ma, mb)
 
 
+@pytest.mark.slow
 def test_refine3d_stops_with_the_iteration_that_converged(tiny, tmp_path):
     """Converged (finest order, the gold-standard resolution no longer 1% better than the best): the run stops
     with that iteration (no further iteration at the same sampling). The final outputs (run_*) are those of the
@@ -119,6 +123,7 @@ def test_refine3d_stops_with_the_iteration_that_converged(tiny, tmp_path):
     assert np.isclose(float(general["rlnCurrentResolution"].iloc[0]), res.min())
 
 
+@pytest.mark.slow
 def test_continue_of_a_finished_run_rewrites_its_final_files(tiny, tmp_path):
     """A finished run killed while its final files were being copied: --continue repeats no iteration and makes them
     again from the chosen iteration's files, byte for byte."""
@@ -144,19 +149,19 @@ def test_final_files_are_copies_of_the_chosen_iteration(tmp_path, caplog):
     file the last one has (removed by the user while the run went on, or not written by the version that ran it),
     the last iteration's, with a warning; with none left, a clear error naming them."""
     from mpi_em.errors import InputError
-    from mpi_em.jobs.em import _write_final
+    from mpi_em.em.outputs import write_final
 
     for k in (1, 2):
         for name in ("half1_class001_unfil.mrc", "data.star", "checkpoint.h5"):
             (tmp_path / f"run_it{k:03d}_{name}").write_bytes(f"{k} {name}".encode())
     state = {"resolution": [10.0, 12.0]}
-    _write_final(str(tmp_path), 2, "refine3d", state)
+    write_final(str(tmp_path), 2, True, state["resolution"])
     assert (tmp_path / "run_half1_class001_unfil.mrc").read_bytes() == b"1 half1_class001_unfil.mrc"
     assert (tmp_path / "run_data.star").read_bytes() == b"1 data.star"
     assert not (tmp_path / "run_checkpoint.h5").exists()
     (tmp_path / "run_it001_half1_class001_unfil.mrc").unlink()
     with caplog.at_level("WARNING", logger="mpi_em"):
-        _write_final(str(tmp_path), 2, "refine3d", state)
+        write_final(str(tmp_path), 2, True, state["resolution"])
     assert "iteration 1 (the best gold-standard resolution) lacks half1_class001_unfil.mrc" in caplog.text
     assert (tmp_path / "run_data.star").read_bytes() == b"2 data.star"
     assert (tmp_path / "run_half1_class001_unfil.mrc").read_bytes() == b"2 half1_class001_unfil.mrc"
@@ -164,13 +169,13 @@ def test_final_files_are_copies_of_the_chosen_iteration(tmp_path, caplog):
     for f in ("half1_class001_unfil.mrc", "data.star"):
         (tmp_path / f"run_it002_{f}").unlink()
     with pytest.raises(InputError, match="run_it001_"):
-        _write_final(str(tmp_path), 2, "refine3d", state)
+        write_final(str(tmp_path), 2, True, state["resolution"])
 
 
 def test_final_iteration_is_the_best_gold_standard_one():
     """refine3d: the iteration of the best (smallest) gold-standard resolution, the latest of equals, 1-based;
     classification (no gold standard): the last iteration."""
-    from mpi_em.jobs.em import final_iteration
+    from mpi_em.em.schedule import final_iteration
 
     assert final_iteration([20.0, 10.0, 9.5, 9.6], True, 4) == 3
     assert final_iteration([20.0, 10.0, 9.5, 9.5], True, 4) == 4
@@ -181,6 +186,7 @@ def test_final_iteration_is_the_best_gold_standard_one():
         final_iteration([20.0, 10.0], True, 3)
 
 
+@pytest.mark.slow
 def test_refine3d_continues_a_run_started_before_folds(tiny, tmp_path):
     """A checkpoint whose saved options predate --folds and --refine-offsets continues as it ran (one reference
     per half, fixed translations), not with today's defaults: the same result as an uninterrupted run with
@@ -207,7 +213,7 @@ def test_refine3d_continues_a_run_started_before_folds(tiny, tmp_path):
 def test_default_folds_keep_the_accumulators_within_4_gb():
     """--folds' default: 4 while the 2 x F padded accumulators (complex128 + float64) fit 4 GB per rank, fewer
     above, never below 1 (box 256 at pad 2: one 512^2 x 257 volume is 1.6 GB)."""
-    from mpi_em.jobs.em import default_folds
+    from mpi_em.em.inputs import default_folds
 
     vol = lambda box, pad: (pad * box) ** 2 * (pad * box // 2 + 1) * 24  # noqa: E731
     for box in range(16, 420, 2):
@@ -227,6 +233,7 @@ def test_refine3d_rejects_impossible_folds(tiny, tmp_path, folds):
     assert not os.path.exists(tmp_path / "ref" / "checkpoint.json")
 
 
+@pytest.mark.slow
 def test_refined_particles_star_feeds_the_next_job(tiny, tmp_path):
     """The particles STAR a job writes in its output folder names images that resolve from there (the input's
     names were relative to the input STAR's folder): `reconstruct` reads refine3d's output from another
@@ -239,6 +246,7 @@ def test_refined_particles_star_feeds_the_next_job(tiny, tmp_path):
     assert os.path.exists(tmp_path / "rec" / "map.mrc")
 
 
+@pytest.mark.slow
 def test_refine3d_records_timings_per_iteration(tiny, tmp_path):
     """run_timings.json: one row per iteration with every rank's phases; the wall clock since the start grows by
     at least each iteration's compute (it also counts the waiting for the previous iteration's files)."""
@@ -268,6 +276,7 @@ def _resolution_and_error(vol, truth, box, apix, threshold=0.5):
     return res, res * dk / k
 
 
+@pytest.mark.slow
 def test_refine3d_recovers_poses_and_resolution(tmp_path):
     """Box 48, 1000 particles, SNR 0.25 (whole-box variance ratio), CTF, shifts, from the truth low-passed to
     1/4 Nyquist. The refined map's FSC(0.5) resolution with truth improves strictly at every iteration up to the
@@ -321,6 +330,7 @@ def test_refine3d_recovers_poses_and_resolution(tmp_path):
         assert os.path.exists(out / name), name
 
 
+@pytest.mark.slow
 def test_class3d_and_class2d_run_and_write_outputs(tiny, tmp_path):
     r = mpi_em(["class3d", "--i", tiny / "particles_unaligned.star", "--ref", tiny / "start.mrc", "--K", 2,
                 "--iter", 2, "--ini-high", 32, "--o", tmp_path / "c3"], ranks=2)
@@ -339,7 +349,8 @@ def test_auto_sampling_uses_local_accuracy_well_inside_the_window():
     spread counts only when below 0.75 step; before this rule local refinement stopped at the first local order."""
     from types import SimpleNamespace
 
-    from mpi_em.jobs.em import _schedule
+    from mpi_em.em.schedule import update_schedule
+    from mpi_em.em.state import MODES, EMState
     from mpi_em.simulate import phantom
 
     box, apix = 32, 4.0
@@ -347,30 +358,30 @@ def test_auto_sampling_uses_local_accuracy_well_inside_the_window():
     args = SimpleNamespace(max_order=5, local_from_order=4, refine_offsets=True)
 
     def state(acc):
-        return {"resolution": [], "r_cur": 10.0, "best_res": 9.0, "ang_change": [1.0], "order": 4, "local": True,
-                "accuracy": acc, "accuracy_global": 4.3, "no_improve": 0, "final": False,
-                "offset_step": 1.0, "offset_range": 3.0, "accuracy_trans": 0.4, "offset_change": 0.3}
+        return EMState(resolution=[], r_cur=10.0, best_res=9.0, ang_change=[1.0], order=4, local=True,
+                       accuracy=acc, accuracy_global=4.3, no_improve=0, final=False,
+                       offset_step=1.0, offset_range=3.0, accuracy_trans=0.4, offset_change=0.3)
 
     s = state(1.5)  # order 4: step 3.75°, window 5.6°; spread 1.5° well inside -> order 5
-    _schedule(s, {}, "refine3d", args, box, apix, np.stack([v, v]), None, False)
-    assert s["order"] == 5 and s["accuracy_global"] == 1.5
+    update_schedule(s, {}, MODES["refine3d"], args, box, apix, np.stack([v, v]))
+    assert s.order == 5 and s.accuracy_global == 1.5
     # the translations are refined with the angles (RELION's rule, tests/test_sampling.py)
-    assert (s["offset_step"], s["offset_range"]) == pytest.approx((0.3, 1.5))
+    assert (s.offset_step, s.offset_range) == pytest.approx((0.3, 1.5))
     s = state(3.5)  # as wide as the window: truncated, not used; the global 4.3° keeps the order
-    _schedule(s, {}, "refine3d", args, box, apix, np.stack([v, v]), None, False)
-    assert s["order"] == 4 and s["accuracy_global"] == 4.3
-    assert (s["offset_step"], s["offset_range"]) == (1.0, 3.0)
+    update_schedule(s, {}, MODES["refine3d"], args, box, apix, np.stack([v, v]))
+    assert s.order == 4 and s.accuracy_global == 4.3
+    assert (s.offset_step, s.offset_range) == (1.0, 3.0)
     args.refine_offsets = False   # --no-refine-offsets: the order is refined, the translations are not
     s = state(1.5)
-    _schedule(s, {}, "refine3d", args, box, apix, np.stack([v, v]), None, False)
-    assert s["order"] == 5 and (s["offset_step"], s["offset_range"]) == (1.0, 3.0)
+    update_schedule(s, {}, MODES["refine3d"], args, box, apix, np.stack([v, v]))
+    assert s.order == 5 and (s.offset_step, s.offset_range) == (1.0, 3.0)
 
 
 def test_nonfinite_maps_stop_the_job():
     """NaN or infinite voxels in an iteration's maps stop the job with an error naming the iteration; finite maps
     pass."""
     from mpi_em.errors import MpiEmError
-    from mpi_em.jobs.em import check_finite_maps
+    from mpi_em.em.steps import check_finite_maps
 
     maps = np.zeros((2, 4, 4, 4), np.float32)
     check_finite_maps(maps, 3)

@@ -287,6 +287,7 @@ def test_full_disk_from_the_start_ends_every_rank(data, tmp_path):
         assert job.stderr.count("cannot write") <= 2  # the error, and once the run.log warning
 
 
+@pytest.mark.slow
 def test_full_disk_mid_run_then_continue(data, reference, tmp_path):
     """The disk fills up during iteration 2: the job ends within seconds of the failing write with exit 3 and
     one line, iteration 1's checkpoint intact; with room again, --continue reproduces the uninterrupted run."""
@@ -311,6 +312,7 @@ def test_full_disk_mid_run_then_continue(data, reference, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ killed rank
+@pytest.mark.slow
 def test_killed_rank_ends_the_job_and_continue_reproduces(data, reference, tmp_path):
     out = tmp_path / "out"
     job = Job(_refine_args(data, out))
@@ -371,6 +373,7 @@ def test_mistyped_continue_folder_is_not_created(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ --continue input
+@pytest.mark.slow
 def test_continue_refuses_another_input_and_finds_its_own_from_anywhere(data, tmp_path):
     """The checkpoint records the input's absolute path, count, box, pixel size and image names: another
     particle set at the same path is refused with one line (exit 2); the run's own is found from another
@@ -540,13 +543,14 @@ _ONE_RANK_FAILS = """
 import sys
 from mpi_em import cli
 from mpi_em.errors import OutputError
+from mpi_em.jobs import fsc as fsc_job
 
 def boom(args, comm):  # an error outside any agreed step, on rank 1 only; rank 0 goes on into a collective
     if comm.rank == 1:
         raise OutputError("/somewhere/x.json", "cannot write: No space left on device")
     comm.barrier()
 
-cli._fsc = boom
+fsc_job.run = boom
 sys.exit(cli.main(["fsc", "a.mrc", "b.mrc"]))
 """
 

@@ -55,6 +55,7 @@ def lumpy(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_initial_model_reaches_the_truth(lumpy, tmp_path):
     out = tmp_path / "im"
     r = mpi_em(["initial-model", "--i", lumpy / "particles_unaligned.star", "--o", out, "--iter", 20,
@@ -74,6 +75,7 @@ def test_initial_model_reaches_the_truth(lumpy, tmp_path):
         assert (out / name).exists(), name
 
 
+@pytest.mark.slow
 def test_one_rank_equals_two(tmp_path):
     d = tmp_path / "tiny"
     r = mpi_em(["simulate", "--out", d, "--box", 24, "--n", 120, "--snr", 1.0, "--apix", 5.0, "--seed", 2,

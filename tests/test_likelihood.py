@@ -2,6 +2,7 @@
 pass finding known poses."""
 import numpy as np
 
+from mpi_em.backend import to_host
 from mpi_em.em.engine import SearchSpec, _coarse_pass, inverse_sigma2_points, shell_of_points
 from mpi_em.em.likelihood import (log_likelihood_phased, log_likelihood_shared, marginalise_translations,
                                   shared_operands, shared_parts, top_k, weighted_translations)
@@ -30,7 +31,7 @@ def test_shared_parts_are_the_gaussian_log_likelihood(rng):
     np.testing.assert_array_equal(log_likelihood_shared(Xt, ctf, inv_s2, P), got)
 
 
-def test_phased_likelihood_is_the_gaussian_log_likelihood(rng):
+def test_phased_likelihood_is_the_gaussian_log_likelihood(rng, xp):
     """Per-particle poses P (n, C, m), translations as shared unit phases (X_t = X ph_t): log L + |X_t|^2 / (2
     sigma^2) = -|X_t - CTF P|^2 / (2 sigma^2) + |X_t|^2 / (2 sigma^2), computed directly in float64. The products
     are formed in float32 (Z = X CTF / sigma^2 conj(P), then Z ph_t: a few roundings each, |ph| = 1) and summed over
@@ -42,8 +43,9 @@ def test_phased_likelihood_is_the_gaussian_log_likelihood(rng):
     ph = np.exp(1j * rng.uniform(-np.pi, np.pi, (T, m))).astype(np.complex64)
     ctf = rng.uniform(-1, 1, (n, m)).astype(np.float32)
     inv_s2 = rng.uniform(0.5, 2, m).astype(np.float32)
-    got = log_likelihood_phased(X, ctf, inv_s2, P, ph)
+    got = log_likelihood_phased(xp.asarray(X), xp.asarray(ctf), xp.asarray(inv_s2), xp.asarray(P), xp.asarray(ph))
     assert got.shape == (n, T, C) and got.dtype == np.float32 and got.flags.c_contiguous
+    got = to_host(got)
     Xt = X.astype(np.complex128)[:, None, :] * ph.astype(np.complex128)[None]           # (n, T, m)
     P64 = P.astype(np.complex128)
     r = Xt[:, :, None, :] - ctf[:, None, None, :] * P64[:, None]                        # (n, T, C, m)
@@ -52,7 +54,7 @@ def test_phased_likelihood_is_the_gaussian_log_likelihood(rng):
     np.testing.assert_allclose(got, want, rtol=0, atol=2 * (2 * m * 4 * np.finfo(np.float32).eps * big))
     # the weighted sum over translations, sum_t w X_t, against float64
     w = rng.uniform(0, 1, (n, T, C))
-    got_w = weighted_translations(X, w, ph)
+    got_w = to_host(weighted_translations(xp.asarray(X), xp.asarray(w), xp.asarray(ph)))
     want_w = np.einsum("ntc,ntm->ncm", w, Xt)
     bound = T * 4 * np.finfo(np.float32).eps * np.abs(X).max()
     assert got_w.dtype == np.complex64

@@ -218,6 +218,7 @@ def test_postprocess_outputs(half_maps, ours):
     assert ours["bfactor_fit"]["lowres"] <= 10.0
 
 
+@pytest.mark.slow
 @needs_postprocess
 def test_postprocess_matches_relion_postprocess(half_maps, ours):
     """relion_postprocess on the same half maps and mask, the same B-factor fit range (10 Å to our final

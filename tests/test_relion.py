@@ -98,6 +98,7 @@ def test_mpi_of_the_tests_is_the_venvs_mpich():
     assert r.stdout.count("<2:True>") == 2, r.stdout  # two ranks of one job, each with MPICH's library
 
 
+@pytest.mark.slow
 @needs_relion
 def test_relion_projected_particles_reconstruct_to_the_truth(relion_projected, tmp_path):
     """RELION's projections (origin sign, Euler angles, astigmatic CTF with phase shift and B-factor, two optics
@@ -116,6 +117,7 @@ def test_relion_projected_particles_reconstruct_to_the_truth(relion_projected, t
     assert theirs[1:shell(0.9) + 1].min() >= 0.99, np.round(theirs, 3)
 
 
+@pytest.mark.slow
 @needs_relion
 def test_relion_reconstructs_our_simulated_particles(truth_set, tmp_path):
     """`mpi-em simulate`'s STAR and stacks read by `relion_reconstruct --ctf` give the truth: RELION reads our
@@ -137,6 +139,7 @@ def resolution_shell(curve, threshold=0.5):
     return float(len(curve) - 1)
 
 
+@pytest.mark.slow
 @needs_relion
 def test_relion_refine_poses_reconstruct_as_relion_does(relion_projected, tmp_path):
     """A short `relion_refine` run (3D classification, K = 1, one iteration, healpix order 1) on RELION's own
@@ -164,6 +167,7 @@ def test_relion_refine_poses_reconstruct_as_relion_does(relion_projected, tmp_pa
     assert abs(ours - theirs) <= 1.0, (ours, theirs)
 
 
+@pytest.mark.slow
 @needs_relion
 def test_relion_reconstructs_our_refine3d_output(tmp_path):
     """`mpi-em refine3d`'s `run_data.star` (our poses and origins, image names rebased to the output folder) read

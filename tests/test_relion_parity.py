@@ -61,6 +61,7 @@ def mean_and_standard_error(curve, box, shells):
     return float(curve[shells].mean()), float(se)
 
 
+@pytest.mark.slow
 @needs_relion
 def test_noisy_known_pose_map_is_at_least_relions(noisy_set, tmp_path):
     """Mean FSC vs truth over shells 1 to 0.8 Nyquist of `mpi-em reconstruct`'s map >= that of

@@ -199,6 +199,7 @@ def _log(d: Path, name: str) -> str:
     return logs[0].read_text()
 
 
+@pytest.mark.slow
 def test_reconstruct_template_is_one_two_rank_job(jobs):
     r, d = jobs["reconstruct"]
     log = _log(d, "reconstruct")
@@ -215,6 +216,7 @@ def test_reconstruct_template_is_one_two_rank_job(jobs):
     assert np.corrcoef(m.ravel(), truth.ravel())[0, 1] > 0.5
 
 
+@pytest.mark.slow
 def test_refine3d_template_is_one_two_rank_job(jobs):
     r, d = jobs["refine3d"]
     log = _log(d, "refine3d")

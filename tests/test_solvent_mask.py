@@ -12,7 +12,7 @@ from conftest import mpi_em
 from mpi_em.em.model import lowpass
 from mpi_em.em.references import References
 from mpi_em.fourier import SliceGeometry, image_ifft
-from mpi_em.jobs.em import _mask
+from mpi_em.em.inputs import reference_mask as _mask
 from mpi_em.masks import soft_sphere
 
 
@@ -127,6 +127,7 @@ def test_auto_mask_with_solvent_mask_is_refused(data, tmp_path):
     assert not [f for f in os.listdir(tmp_path / "run") if f.endswith((".mrc", ".json"))]
 
 
+@pytest.mark.slow
 def test_solvent_mask_is_kept_for_continue(data, tmp_path):
     """refine3d (2 ranks: the unregularised half maps of the corrected FSC reconstructed distributed) and class3d
     run with a mask; its absolute path goes into the checkpoint's arguments, and --continue reads it again: a
@@ -184,6 +185,7 @@ def small_particle(tmp_path_factory):
     return d, truth, curves
 
 
+@pytest.mark.slow
 def test_masked_refinement_is_at_least_as_good_as_unmasked(small_particle):
     """The map with the truth's solvent mask is at least as close to the truth as the one without (FSC 0.5
     against the truth; measured 17.3 Å with the mask, 18.2 Å without; 14.1 and 16.2 Å at FSC 0.143)."""
@@ -194,6 +196,7 @@ def test_masked_refinement_is_at_least_as_good_as_unmasked(small_particle):
     assert res["masked"] <= res["plain"], res
 
 
+@pytest.mark.slow
 def test_auto_mask_refinement(small_particle):
     """--auto-mask on the same data: (a) the map is at least as close to the truth as the unmasked one (FSC 0.5
     against the truth; measured 17.7 Å, unmasked 18.2 Å). (b) The resolution it reports (the solvent-corrected

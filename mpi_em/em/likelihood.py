@@ -17,13 +17,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import xp_of
-from ..fourier import freq_grid_2d
+from ..fourier import shell_index
 
 
 def shell_of_points(geom):
     """Integer shell (rounded |k|) of each in-ball point."""
     xp = geom.xp
-    return xp.rint(xp.sqrt((geom.kxy ** 2).sum(axis=1))).astype(xp.int64)
+    return shell_index(xp.sqrt((geom.kxy ** 2).sum(axis=1)))
 
 
 def shared_operands(P):
@@ -181,18 +181,3 @@ def offset_log_prior(shifts, sigma_px: float):
     if sigma_px <= 0:
         return xp.zeros(shifts.shape[:-1], dtype=xp.float32)
     return (-(shifts ** 2).sum(axis=-1) / (2.0 * sigma_px ** 2)).astype(xp.float32)
-
-
-def ring_average(values, shells, n_shells: int):
-    """Mean of per-point values (n, m) over particles and points of each shell -> (n_shells,), and counts."""
-    xp = xp_of(values)
-    v = values.reshape(-1, values.shape[-1]).sum(axis=0)
-    cnt = values.reshape(-1, values.shape[-1]).shape[0]
-    s = xp.bincount(shells, weights=v, minlength=n_shells)[:n_shells]
-    c = xp.bincount(shells, minlength=n_shells)[:n_shells] * cnt
-    return s, c
-
-
-def radial_index_2d(box: int, xp=np):
-    ky, kx = freq_grid_2d(box, xp)
-    return xp.rint(xp.sqrt(ky * ky + kx * kx)).astype(xp.int64)

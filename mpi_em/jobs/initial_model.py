@@ -34,13 +34,16 @@ from ..em.engine import (SearchSpec, Stats, current_mats, expectation_batch, ima
 from ..em.model import reduce_and_reconstruct_3d
 from ..em.references import References, fine_offsets, global_grid, insert
 from ..errors import MpiEmError
-from ..fourier import SliceGeometry, default_r_max, symmetrise
+from ..fourier import SliceGeometry, default_r_max
+from ..symmetrise import symmetrise
 from ..io import check_stacks, check_writable_dir, read_particles, rebase_image_names, write_map, write_particles
 from ..io.sanity import check_box, warn_absurd_values
 from ..particles import ImageCache, pinned_wanted
 from ..sampling import angular_step, next_perturbation
 from ..symmetry import symmetry_matrices
-from .em import _gather_particles, _mask, check_finite_maps
+from ..em.inputs import reference_mask
+from ..em.outputs import gather_particles
+from ..em.steps import check_finite_maps
 
 log = logging.getLogger("mpi_em")
 DESCRIPTION = ("Mini-batch expectation-maximisation from a random start (RELION 3's SGD initial model, simple form): "
@@ -180,7 +183,7 @@ def run(args, comm) -> dict:
     box, apix, K, n = meta["box"], meta["pixel_size"], meta["K"], meta["n"]
     n_shells = box // 2 + 1
     pad = args.pad
-    mask = _mask(box, apix, args, 3, xp)
+    mask = reference_mask(box, apix, args, 3, xp)
     r_top = default_r_max(box)
     final_high = max(args.final_high, 2.5 * apix)
     r_of = lambda res_A: float(min(r_top, max(3.0, box * apix / res_A)))  # noqa: E731
@@ -327,7 +330,7 @@ def run(args, comm) -> dict:
                     args.sym)
     counts = np.bincount(plan["class_number"] - 1, minlength=K).astype(np.float64)
     allreduce_sum(comm, counts)
-    particles = _gather_particles(comm, plan)
+    particles = gather_particles(comm, plan)
     root_step(comm, _write_final, args.output, star_rank0, particles, model, apix, counts, class_prior,
               np.asarray(history))
     summary = {"mode": "initial-model", "iterations": args.iter, "counts": counts.tolist(),

@@ -24,11 +24,13 @@ from ..distributed import assign_halves, collective_step, log_placement, make_pl
 from ..distvolume import PlaneOwnerAccumulator, distributed_reconstruct, reduce_scatter_planes, volume_bytes_per_rank
 from ..errors import InputError
 from ..em.engine import prepare_batch
-from ..fourier import SliceGeometry, padded_reach, symmetrise
+from ..fourier import SliceGeometry, padded_reach
+from ..symmetrise import symmetrise
 from ..fsc import fsc, resolution_at, shell_frequencies
 from ..geometry import euler_to_matrix
 from ..io import atomic_path, check_stacks, check_writable_dir, read_particles, write_map
 from ..io.sanity import check_box, check_half_sets, warn_absurd_values
+from ..io.star_tables import write_fsc_star
 from ..particles import iter_batches, pinned_wanted
 from ..reconstruction import Accumulators, insert
 from ..symmetry import symmetry_matrices
@@ -305,15 +307,3 @@ def run(args, comm) -> dict:
         return summary
 
     return root_step(comm, _finish)
-
-
-def write_fsc_star(path, freqs, curve) -> None:
-    import pandas as pd
-    import starfile
-
-    with np.errstate(divide="ignore"):
-        ang = np.where(freqs > 0, 1.0 / np.where(freqs > 0, freqs, 1), 999.0)
-    df = pd.DataFrame({"rlnSpectralIndex": np.arange(len(curve)), "rlnResolution": freqs,
-                       "rlnAngstromResolution": ang, "rlnFourierShellCorrelation": np.asarray(curve)})
-    with atomic_path(path) as tmp:
-        starfile.write({"fsc": df}, tmp, float_format=None)

@@ -1,0 +1,76 @@
+"""Classification's class bookkeeping: the first iteration's random class subsets, per-class resolutions, the
+re-seeding of collapsed classes and the centring of 2D class averages."""
+from __future__ import annotations
+
+import numpy as np
+
+from .model import lowpass
+
+
+def first_classes(n: int, K: int, seed: int) -> np.ndarray:
+    """Random class subsets (1..K) for the first iteration: seeded, independent of the number of ranks; with few
+    particles no class starts empty."""
+    first = np.random.default_rng(seed).integers(1, K + 1, n)
+    if np.bincount(first, minlength=K + 1)[1:].min() == 0:
+        first[np.random.default_rng([seed, 1]).permutation(n)[:K]] = np.arange(1, K + 1)
+    return first
+
+
+def class_resolutions(info: dict, K: int, box: int, apix: float, gold: bool, resolution: list) -> np.ndarray:
+    """Per class: Å of the last shell whose data-vs-prior SSNR (tau^2 x mean W) is >= 1 (classification), or
+    the gold-standard resolution (refine3d; ``resolution``: one per iteration)."""
+    if gold:
+        return np.full(K, float(resolution[-1] if resolution else 0.0))
+    tau2, mw = info.get("tau2"), info.get("mean_w")
+    out = np.zeros(K)
+    if tau2 is None or mw is None:
+        return out
+    ssnr = np.atleast_2d(tau2) * np.atleast_2d(mw)
+    for k in range(min(K, ssnr.shape[0])):
+        good = np.flatnonzero(ssnr[k, 1:] >= 1.0)
+        out[k] = box * apix / (good.max() + 1) if good.size else 999.0
+    return out
+
+
+def reseed_classes(maps, class_prior, r_cur: float, below: float, seed: int, it: int, box: int, apix: float,
+                   amplitude: float = 0.2):
+    """Classes with a share under ``below`` / K take over half of the largest class, split symmetrically as in
+    vector quantisation (Linde-Buzo-Gray): the largest class's reference m becomes m + e and the re-seeded one
+    m - e, with e seeded Gaussian noise low-passed to the current size ``r_cur`` at ``amplitude`` x the standard
+    deviation of m; each gets half of the largest class's prior. The same on every rank and for every number of
+    ranks (the noise is seeded by seed, iteration and class). Returns (maps, class prior, re-seeded classes),
+    new arrays."""
+    prior = np.asarray(class_prior, dtype=np.float64).copy()
+    maps = np.asarray(maps).copy()
+    K = len(prior)
+    out = []
+    if K < 2:
+        return maps, prior, out
+    for k in np.flatnonzero(prior < below / K):
+        big = int(np.argmax(prior))
+        rng = np.random.default_rng([int(seed), int(it), int(k)])
+        noise = lowpass(rng.standard_normal(maps[big].shape), box, apix, box * apix / r_cur)
+        noise *= amplitude * float(maps[big].std()) / max(float(noise.std()), 1e-30)
+        # split symmetrically (m + e, m - e): neither copy is favoured, the data decide which members go where
+        maps[k] = (maps[big] - noise).astype(maps.dtype)
+        maps[big] = (maps[big] + noise).astype(maps.dtype)
+        prior[k] = prior[big] = 0.5 * prior[big]
+        out.append(int(k))
+    return maps, prior, out
+
+
+def center_2d(maps):
+    """Shift each class average so its centre of mass (positive density) is at the box centre (integer px)."""
+    out = np.empty_like(maps)
+    box = maps.shape[-1]
+    c = np.arange(box) - box // 2
+    for k, m in enumerate(maps):
+        w = np.clip(m, 0, None)
+        s = w.sum()
+        if s <= 0:
+            out[k] = m
+            continue
+        cy = int(np.rint((w.sum(axis=1) * c).sum() / s))
+        cx = int(np.rint((w.sum(axis=0) * c).sum() / s))
+        out[k] = np.roll(m, (-cy, -cx), axis=(0, 1))
+    return out

@@ -1,0 +1,150 @@
+"""What the EM jobs write: each iteration's maps, particles STAR, model STAR, plots and checkpoint
+(``run_itNNN_*``, rank 0, in the background writer), the final files (``run_*``) and the per-rank timings."""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+
+from ..distributed import root_step
+from ..errors import InputError
+from ..fsc import shell_frequencies
+from ..io import atomic_path, write_map, write_particles, write_stack
+from ..io.star_tables import write_model_star
+from .classes import class_resolutions
+from .schedule import final_iteration
+from .state import PER_PARTICLE, EMState, Mode
+
+log = logging.getLogger("mpi_em")
+
+
+def gather_particles(comm, plan) -> dict | None:
+    """Every rank's per-particle fields -> rank 0, in the STAR file's row order (None elsewhere)."""
+    part = {k: plan[k] for k in ("row", "half") + PER_PARTICLE}
+    parts = comm.gather(part, root=0)
+    if comm.rank != 0:
+        return None
+    n = sum(len(p["row"]) for p in parts)
+    out = {}
+    for k in ("half",) + PER_PARTICLE:
+        arr = np.empty(n, dtype=parts[0][k].dtype)
+        for p in parts:
+            arr[p["row"]] = p[k]
+        out[k] = arr
+    return out
+
+
+def star_updates(particles: dict, mode: Mode) -> dict:
+    """The particles STAR's columns this job sets."""
+    up = {"rlnAnglePsi": particles["psi"], "rlnOriginXAngst": particles["origin_x"],
+          "rlnOriginYAngst": particles["origin_y"], "rlnClassNumber": particles["class_number"],
+          "rlnMaxValueProbDistribution": particles["pmax"], "rlnLogLikeliContribution": particles["loglike"],
+          "rlnNrOfSignificantSamples": particles["nsig"]}
+    if mode.dim == 3:
+        up["rlnAngleRot"], up["rlnAngleTilt"] = particles["rot"], particles["tilt"]
+    if mode.gold:
+        up["rlnRandomSubset"] = particles["half"]
+    return up
+
+
+def write_iteration(out: str, it: int, mode: Mode, star, particles: dict, state: EMState, info: dict,
+                    meta: dict) -> None:
+    """Rank 0: an iteration's maps, particles STAR, model STAR, checkpoint, pointer (each written atomically)."""
+    box, apix, K = meta["box"], meta["pixel_size"], meta["K"]
+    tag = f"run_it{it:03d}"
+    maps = state.maps
+    if mode.dim == 2:
+        write_stack(os.path.join(out, f"{tag}_classes.mrcs"), maps, apix)
+    elif mode.gold:
+        write_map(os.path.join(out, f"{tag}_half1_class001_unfil.mrc"), maps[0], apix)
+        write_map(os.path.join(out, f"{tag}_half2_class001_unfil.mrc"), maps[1], apix)
+        if info.get("combined") is not None:  # both halves' sums, reconstructed with the gold-standard FSC
+            write_map(os.path.join(out, f"{tag}_class001.mrc"), info["combined"], apix)
+    else:
+        for k in range(maps.shape[0]):
+            write_map(os.path.join(out, f"{tag}_class{k + 1:03d}.mrc"), maps[k], apix)
+    if info.get("auto_mask") is not None:  # --auto-mask: the mask this iteration used (a postprocess input)
+        write_map(os.path.join(out, f"{tag}_mask.mrc"), info["auto_mask"], apix)
+    write_particles(os.path.join(out, f"{tag}_data.star"), star, updates=star_updates(particles, mode))
+    n_sh = box // 2 + 1
+    freqs = shell_frequencies(box, apix)
+    general = {"rlnCurrentIteration": it, "rlnCurrentResolution": state.resolution[-1] if state.resolution else 0.0,
+               "rlnPixelSize": apix, "rlnNrClasses": K, "rlnHealpixOrder": state.order,
+               "rlnCurrentImageSize": int(2 * state.r_cur), "rlnSigmaOffsetsAngst": state.offset_sigma * apix,
+               "rlnLogLikelihood": info.get("loglike", 0.0)}
+    classes = {"rlnReferenceImage": [f"{k + 1:06d}@{tag}_classes.mrcs" if mode.dim == 2 else
+                                     f"{tag}_class{k + 1:03d}.mrc" for k in range(K)],
+               "rlnClassDistribution": state.class_prior,
+               "rlnEstimatedResolution": class_resolutions(info, K, box, apix, mode.gold, state.resolution)}
+    gold_fsc = info["fsc"] if mode.gold and "fsc" in info else None
+    write_model_star(os.path.join(out, f"{tag}_model.star"), general, classes, freqs, state.sigma2,
+                     np.atleast_2d(info.get("tau2", np.zeros((1, n_sh)))), fsc=gold_fsc)
+    _plots(out, it, tag, mode, state, freqs, gold_fsc)
+    # checkpoint (everything needed to resume) then the pointer
+    state.save(out, it, mode, particles, K, meta.get("input"))
+
+
+def _plots(out, it, tag, mode: Mode, state: EMState, freqs, gold_fsc) -> None:
+    from ..plots import class_sizes_png, fsc_png, montage_png
+
+    if gold_fsc is not None:
+        fsc_png(os.path.join(out, f"{tag}_fsc.png"), freqs, {"half1 vs half2": gold_fsc},
+                title=f"iteration {it}: {state.resolution[-1]:.2f} Å at FSC 0.143")
+    if not mode.gold and state.class_history:
+        class_sizes_png(os.path.join(out, "run_class_sizes.png"), np.asarray(state.class_history),
+                        title=f"{mode.name}: class sizes, iteration {it}")
+    if mode.dim == 2:
+        order = np.argsort(-state.class_prior)
+        montage_png(os.path.join(out, f"{tag}_classes.png"), state.maps[order],
+                    labels=[f"{k + 1}: {100 * state.class_prior[k]:.1f}%" for k in order])
+
+
+def write_final(out: str, it: int, gold: bool, resolution: list) -> None:
+    """The final files (run_*): byte copies of the files of the iteration :func:`final_iteration` chooses
+    (``resolution``: one per iteration, refine3d)."""
+    def files(k):  # iteration k's files by name (run_itNNN_<name>), its checkpoint excepted
+        prefix = os.path.join(out, f"run_it{k:03d}_")
+        return {f[len(prefix):]: f for f in glob.glob(glob.escape(prefix) + "*") if not f.endswith("_checkpoint.h5")}
+
+    k = final_iteration(resolution, gold, it)
+    sources = files(k)
+    missing = sorted(set(files(it)) - set(sources)) if k != it else []
+    if missing:  # removed by the user while the run went on, or written before a version that wrote them
+        log.warning("iteration %d (the best gold-standard resolution) lacks %s in %s: the final files are those of "
+                    "the last iteration, %d", k, ", ".join(missing), out, it)
+        k = it
+        sources = files(k)
+    if not sources:
+        raise InputError(os.path.join(out, f"run_it{k:03d}_*"), "the files from which the final ones are copied "
+                         "are missing")
+    for name, src in sorted(sources.items()):
+        with atomic_path(os.path.join(out, "run_" + name)) as tmp:
+            shutil.copyfile(src, tmp)
+    if gold:
+        log.info("final outputs (run_*): iteration %d, gold-standard resolution %.2f Å%s", k, resolution[k - 1],
+                 "" if k == it else f" (the last iteration, {it}: {resolution[-1]:.2f} Å)")
+
+
+def record_timings(comm, out, it, t_iter, t_e, t_m, timer, n_local, since_start) -> None:
+    """Per-phase seconds, GEMM flops and bytes of every rank for this iteration -> rank 0 appends them to
+    ``run_timings.json`` (atomically), read by the scaling benchmarks. ``seconds_iteration`` is the iteration's
+    compute; ``seconds_since_start`` (rank 0's clock at the same point) also counts what lies between iterations
+    (waiting for the previous iteration's files), so its differences are the wall clock per iteration."""
+    mine = dict(timer.as_dict(), n_particles=n_local, seconds_estep=t_e, seconds_mstep=t_m)
+    every = comm.gather(mine, root=0)
+
+    def write():  # rank 0, agreed on by every rank (a full disk ends the job on every rank, nobody waits)
+        path = os.path.join(out, "run_timings.json")
+        rows = json.load(open(path)) if os.path.exists(path) else []
+        rows = [r for r in rows if r["iteration"] < it]
+        rows.append({"iteration": it, "ranks": comm.size, "seconds_iteration": t_iter,
+                     "seconds_since_start": since_start, "per_rank": every})
+        with atomic_path(path) as tmp:
+            with open(tmp, "w") as f:
+                json.dump(rows, f, indent=1)
+
+    root_step(comm, write)

@@ -1,0 +1,103 @@
+"""The EM jobs' schedule: each iteration's sampling (:func:`search_spec`), the resolution, the current image size
+and refine3d's auto-sampling and convergence decisions after it (:func:`update_schedule`), and which iteration's
+files become the final ones (:func:`final_iteration`)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..fourier import default_r_max
+from ..fsc import fsc, resolution_at
+from ..sampling import angular_step, next_perturbation, next_translations
+from .engine import SearchSpec
+from .references import fine_offsets, global_grid, local_offsets
+from .state import EMState, Mode
+
+
+def search_spec(state: EMState, args, mode: Mode, it: int, K: int, sym_name: str, xp) -> SearchSpec:
+    """Iteration ``it``'s poses and translations; draws the grids' random perturbation (RELION's: angles by
+    p x step, translations by p x offset step) into ``state.perturb``."""
+    dim = mode.dim
+    step = angular_step(state.order) if dim == 3 else args.psi_step
+    state.perturb = next_perturbation(state.perturb, getattr(args, "perturb", 0.0), args.seed, it)
+    glob = None if state.local else global_grid(dim, state.order, sym_name, xp, psi_step=step,
+                                                perturb_deg=state.perturb * step)
+    return SearchSpec(
+        dim=dim, n_classes=K, global_mats=glob,
+        local_mats=local_offsets(dim, step, 1.5, xp) if state.local else None,
+        fine_mats=fine_offsets(dim, step, xp), offset_range=state.offset_range,
+        offset_step=state.offset_step, offset_sigma=state.offset_sigma,
+        offset_perturb=state.perturb * state.offset_step,
+        n_select=args.n_select,
+        class_select=int(getattr(args, "class_select", 10)),
+        log_class_prior=xp.asarray(np.log(np.maximum(state.class_prior, 1e-10)), dtype=xp.float32),
+        fixed_class=(it == 1 and K > 1 and dim == 3))
+
+
+def update_schedule(state: EMState, info: dict, mode: Mode, args, box: int, apix: float, maps,
+                    masked: bool = False) -> None:
+    """Resolution, current image size and (refine3d) the auto-sampling / convergence decisions."""
+    if mode.gold:
+        _refine_schedule(state, info, args, box, apix, maps, masked)
+        return
+    # classification: data-vs-prior SSNR per shell; the current size follows the last shell with SSNR >= 1
+    tau2 = np.atleast_2d(info.get("tau2"))
+    mw = info.get("mean_w")
+    if mw is not None:
+        ssnr = (tau2 * np.atleast_2d(mw)).max(axis=0)
+        good = np.flatnonzero(ssnr[1:] >= 1.0)
+        if good.size:
+            shell = good.max() + 1
+            state.r_cur = float(min(default_r_max(box), max(state.r_cur, shell + 3)))
+            state.resolution.append(float(box * apix / max(shell, 1)))
+
+
+def _refine_schedule(state: EMState, info: dict, args, box: int, apix: float, maps, masked: bool) -> None:
+    # unmasked, as RELION's refinement does: a mask shared by both halves correlates their high frequencies;
+    # with --solvent-mask the solvent-corrected FSC that set tau^2 (RELION's --solvent_correct_fsc)
+    curve = info["fsc_unregularised"].copy() if masked else fsc(maps[0], maps[1])
+    # only shells up to the current size carry data; beyond it both halves share the leakage of the crop
+    curve[int(np.floor(state.r_cur)) + 1:] = 0.0
+    info["fsc_gold"] = curve
+    res = resolution_at(curve, box, apix)
+    state.resolution.append(res)
+    shell = box * apix / res
+    state.r_cur = float(min(default_r_max(box), max(state.r_cur, np.ceil(shell) + 3)))
+    improved = res < 0.99 * state.best_res
+    state.best_res = min(state.best_res, res)
+    step = angular_step(state.order)
+    small_change = state.ang_change[-1] < step
+    # RELION's auto-sampling: refine the sampling when the resolution or the poses stop improving, but only
+    # while the step is coarser than the angular accuracy the posteriors show; otherwise converge.
+    # the posterior spread of a global search; of a local one only when well inside its window (radius
+    # 1.5 steps): a spread as wide as the window is truncated by it
+    if not state.local or state.accuracy < 0.75 * step:
+        state.accuracy_global = state.accuracy
+    if not improved or small_change:
+        if state.order < args.max_order and step > state.accuracy_global:
+            state.order += 1
+            if getattr(args, "refine_offsets", False):
+                # the translations follow (RELION's): a fine step a quarter below the translational accuracy,
+                # a range of 5 x the last offset change, 9 to ~49 coarse translations
+                state.offset_step, state.offset_range = next_translations(
+                    state.offset_step, state.offset_range, state.accuracy_trans, state.offset_change)
+            if state.order >= args.local_from_order:
+                state.local = True
+            state.no_improve = 0
+        elif not improved:
+            state.no_improve += 1
+            if state.no_improve >= 1:
+                state.final = True
+
+
+def final_iteration(resolution, gold: bool, last: int) -> int:
+    """The iteration (1-based) whose outputs become the final ones (run_*). refine3d: the one with the best
+    gold-standard resolution, the latest of equals (``resolution``: one value per iteration): after its peak a
+    map loses a little at unchanged sampling (benchmarks/results/refine3d-monotonic/), and the iteration that
+    finds the convergence is one that did not improve; the choice uses no ground truth, only the half sets' FSC.
+    Classification (no gold standard): the last iteration."""
+    if not gold:
+        return last
+    if len(resolution) != last:
+        raise ValueError(f"{len(resolution)} gold-standard resolutions for {last} iterations")
+    r = np.asarray(resolution, dtype=np.float64)
+    return int(last - np.argmin(r[::-1]))

@@ -1,0 +1,142 @@
+"""The EM jobs' typed state: the three modes (:class:`Mode`) and the state carried from one iteration to the next
+(:class:`EMState`), which saves itself into the iteration's checkpoint and loads itself back, older checkpoints
+included (:meth:`EMState.load`: the one place where old checkpoints are brought up to date)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..fourier import default_r_max
+from ..io.checkpoint import read_checkpoint, write_checkpoint
+
+log = logging.getLogger("mpi_em")
+
+# checkpoints record the origin sign they were written with (older ones have none: the opposite sign)
+ORIGIN_RULE = "relion"
+#: per-particle fields carried through the iterations (and the checkpoint) besides the half set
+PER_PARTICLE = ("rot", "tilt", "psi", "origin_x", "origin_y", "class_number", "pmax", "loglike", "nsig")
+#: options a run started before they existed ran without (their values then)
+OPTION_DEFAULTS_OF_OLD_RUNS = {"folds": 1, "refine_offsets": False, "solvent_mask": None}
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One EM job: its dimension, whether it is a gold-standard refinement (two independent half sets), and the
+    default tau^2 regularisation T."""
+
+    name: str
+    dim: int
+    gold: bool
+    fudge: float
+
+    @property
+    def refine(self) -> bool:
+        """refine3d: one reference per half set, auto-sampling and convergence (no classes)."""
+        return self.name == "refine3d"
+
+
+MODES = {m.name: m for m in (Mode("refine3d", 3, True, 1.0), Mode("class3d", 3, False, 4.0),
+                             Mode("class2d", 2, False, 2.0))}
+
+
+@dataclass
+class EMState:
+    """What an EM run carries from one iteration to the next (the same on every rank)."""
+
+    iter: int = 0                       # last finished iteration
+    order: int = 0                      # HEALPix order of the angular sampling (3D)
+    local: bool = False                 # local searches around the previous poses
+    r_cur: float = 4.0                  # current image size (radius, px)
+    sigma2: np.ndarray | None = None    # noise spectrum per shell
+    offset_sigma: float = 1.5           # px, the offsets' prior width
+    class_prior: np.ndarray | None = None
+    maps: np.ndarray | None = None      # the references (half maps / class maps)
+    references: np.ndarray | None = None  # refine3d with folds: each fold's reference (its half without it)
+    resolution: list = field(default_factory=list)     # Å per iteration (refine3d: gold standard)
+    ang_change: list = field(default_factory=list)     # mean pose change per iteration, degrees
+    class_history: list = field(default_factory=list)  # class priors per iteration
+    best_res: float = 1e9
+    no_improve: int = 0
+    final: bool = False                 # the next iteration is the last one
+    done: bool = False                  # no further iteration
+    accuracy: float = 0.0               # degrees, the posteriors' angular spread
+    accuracy_global: float = 0.0        # the last one from a search wider than the spread
+    perturb: float = 0.0                # the grids' random perturbation, fraction of a step
+    offset_step: float = 1.0            # px
+    offset_range: float = 3.0           # px
+    accuracy_trans: float = 0.0         # px per axis
+    offset_change: float = 0.0          # px, mean over particles
+    args: dict = field(default_factory=dict)  # the run's options (saved in the checkpoint's pointer)
+
+    #: the scalars saved as JSON in the checkpoint (the rest are arrays)
+    SCALARS = ("iter", "order", "local", "r_cur", "offset_sigma", "best_res", "no_improve", "final", "done",
+               "accuracy", "accuracy_global", "perturb", "offset_step", "offset_range", "accuracy_trans",
+               "offset_change")
+
+    @classmethod
+    def initial(cls, args, mode: Mode, box: int, apix: float, K: int, ref=None) -> EMState:
+        """A new run's state: the references from ``ref`` (3D; 2D ones are made in the first pass)."""
+        if mode.dim == 3:
+            maps = np.repeat(ref[None], 2 if mode.gold else K, axis=0)
+            order = args.healpix_order
+            r_cur = min(default_r_max(box), max(4, int(np.ceil(box * apix / args.ini_high)) + 2))
+        else:
+            maps, order, r_cur = None, 0, min(default_r_max(box), max(4, box // 4))
+        return cls(order=int(order), local=bool(getattr(args, "local", False)), r_cur=float(r_cur),
+                   offset_sigma=float(args.offset_range / 2.0), class_prior=np.full(K, 1.0 / K), maps=maps,
+                   offset_step=float(args.offset_step), offset_range=float(args.offset_range))
+
+    def snapshot(self) -> EMState:
+        """The state as it is now, for the background writer: the loop replaces arrays (maps, sigma2, class_prior)
+        with new ones every iteration but appends to the lists, so they are copied."""
+        return dataclasses.replace(self, resolution=list(self.resolution), ang_change=list(self.ang_change),
+                                   class_history=list(self.class_history))
+
+    # ------------------------------------------------------------------------------------ checkpoint
+    def save(self, out: str, it: int, mode: Mode, particles: dict, K: int, input_record=None) -> None:
+        """Rank 0: this state and the particles' into ``run_itNNN_checkpoint.h5``, then the pointer."""
+        arrays = {f"particles/{k}": v for k, v in particles.items()}
+        arrays["maps"] = self.maps
+        if self.references is not None:
+            arrays["references"] = self.references
+        arrays["sigma2"] = self.sigma2
+        arrays["class_prior"] = self.class_prior
+        arrays["resolution"] = np.asarray(self.resolution, dtype=np.float64)
+        arrays["ang_change"] = np.asarray(self.ang_change, dtype=np.float64)
+        arrays["class_history"] = np.asarray(self.class_history, dtype=np.float64).reshape(-1, K)
+        scal = {k: getattr(self, k) for k in self.SCALARS}
+        scal["origin_rule"] = ORIGIN_RULE
+        write_checkpoint(out, it, mode.name, arrays, {"state": json.dumps(scal), "mode": mode.name},
+                         {"args": self.args, "input": input_record})
+
+    @classmethod
+    def load(cls, folder: str, mode: Mode) -> tuple[dict, EMState, dict]:
+        """(pointer, state, particles) of the last finished iteration in ``folder``; checkpoints of earlier
+        versions are brought up to date here, and only here."""
+        ptr, arrays, attrs = read_checkpoint(folder, mode.name)
+        scal = json.loads(attrs["state"])
+        particles = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("particles/")}
+        # runs started before an option existed ran without it
+        ptr["args"] = {**OPTION_DEFAULTS_OF_OLD_RUNS, **ptr["args"]}
+        # written before the translational sampling was refined during the run: the options' grid
+        for k in ("offset_step", "offset_range"):
+            scal.setdefault(k, float(ptr["args"][k]))
+        if scal.pop("origin_rule", None) != ORIGIN_RULE:
+            # written before origins followed RELION's sign (the image is its projection moved by -origin): those
+            # runs stored the image's shift itself, so the same particles' RELION origins are its negation
+            particles["origin_x"], particles["origin_y"] = -particles["origin_x"], -particles["origin_y"]
+            log.warning("%s: checkpoint written with the old origin sign; its origins were converted to RELION's "
+                        "(rlnOriginXAngst = -shift of the projection in the image); the STAR files of its earlier "
+                        "iterations keep the old sign", os.path.join(folder, "checkpoint.json"))
+        known = {f.name for f in dataclasses.fields(cls)}
+        state = cls(**{k: v for k, v in scal.items() if k in known},
+                    maps=arrays["maps"], references=arrays.get("references"), sigma2=arrays["sigma2"],
+                    class_prior=arrays["class_prior"], resolution=list(arrays["resolution"]),
+                    ang_change=list(arrays["ang_change"]),
+                    class_history=np.asarray(arrays.get("class_history", np.zeros((0, 1)))).tolist())
+        return ptr, state, particles

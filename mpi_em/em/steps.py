@@ -1,0 +1,247 @@
+"""One EM iteration's steps, on every rank: the first pass (noise spectrum; 2D references), the E-step over the
+rank's particles, the M-step (reduction and reconstruction), the model updates and the schedule. What they share
+for the whole run is an :class:`EMRun`; what changes from one iteration to the next is its
+:class:`~mpi_em.em.state.EMState`."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..backend import synchronize, to_host
+from ..distributed import allreduce_sum, collective_step, reference_group
+from ..errors import MpiEmError
+from ..fourier import SliceGeometry
+from ..symmetrise import symmetrise
+from ..geometry import angular_distance, euler_to_matrix
+from ..particles import ImageCache, pinned_wanted
+from ..symmetry import symmetry_matrices
+from .classes import center_2d, reseed_classes
+from ..masks import auto_solvent_mask
+from .engine import (Stats, current_mats, end_e_step, expectation_batch, image_shifts_px, inverse_sigma2_points, prepare_batch,
+                     shell_of_points, sigma2_from_images, update_plan_poses)
+from .inputs import reference_mask, reference_radius
+from .model import (batch_rounds, e_step_accumulators, lowpass, reduce_and_reconstruct_2d,
+                    reduce_and_reconstruct_3d, routed_step)
+from .references import References
+from .schedule import search_spec, update_schedule
+from .state import EMState, Mode
+
+log = logging.getLogger("mpi_em")
+
+
+@dataclass
+class EMRun:
+    """What every iteration of one run uses besides the state."""
+
+    args: Any
+    comm: Any
+    mode: Mode
+    state: EMState
+    plan: dict            # this rank's particles (rows, half sets, folds, poses, ...)
+    meta: dict            # box, pixel_size, n, K, folds, input (the same on every rank)
+    star: Any             # rank 0: (optics, particles) with image names that resolve from the output folder
+    device: str
+    xp: Any
+    mask: Any             # the references' mask (sphere x solvent mask)
+    solvent: Any          # --solvent-mask on the host, or None
+    sym_ops: Any          # point-group matrices applied to the summed accumulators, or None
+    images: ImageCache
+    owned_accumulators: bool = False  # the E-step accumulates only this rank's kz planes (--owned-accumulators)
+    auto_mask: bool = False           # --auto-mask: ``solvent`` and ``mask`` recomputed from the references
+
+    @property
+    def box(self) -> int:
+        return self.meta["box"]
+
+    @property
+    def apix(self) -> float:
+        return self.meta["pixel_size"]
+
+    @property
+    def K(self) -> int:  # noqa: N802 - the number of classes, as the literature names it
+        return self.meta["K"]
+
+    @property
+    def folds(self) -> int:  # resolved on rank 0 (the default depends on the box); 1 outside refine3d
+        return self.meta["folds"]
+
+
+def first_pass(job: EMRun) -> None:
+    """The noise spectrum from the images; 2D: the references from the first iteration's random subsets."""
+    args, comm, xp, plan, state = job.args, job.comm, job.xp, job.plan, job.state
+    box, apix, K, dim = job.box, job.apix, job.K, job.mode.dim
+    n_shells = box // 2 + 1
+
+    def work():
+        geom = SliceGeometry(box, pad=args.pad, xp=xp)
+        sh = shell_of_points(geom)
+        s_sum, s_cnt = np.zeros(n_shells), np.zeros(n_shells)
+        sums = xp.zeros((K, box, box), dtype=xp.float64) if dim == 2 else None
+        for sl, imgs in job.images.batches(plan, args.batch, pinned=pinned_wanted(xp)):  # on xp: one copy
+            X, _ = prepare_batch(imgs, plan, sl, geom, box, apix, use_ctf=False)
+            a, b = sigma2_from_images(X, sh, n_shells)
+            s_sum += a
+            s_cnt += b
+            if dim == 2:  # per-class sums of the images as one product: one_hot(class)^T @ images
+                cls = xp.asarray(plan["class_number"][sl] - 1)
+                onehot = (cls[:, None] == xp.arange(K)[None, :]).astype(xp.float64)
+                flat = imgs.astype(xp.float64).reshape(len(cls), -1)
+                sums += (onehot.T @ flat).reshape(sums.shape)
+        return s_sum, s_cnt, sums
+
+    s_sum, s_cnt, sums = collective_step(comm, work)
+    tot = np.concatenate([s_sum, s_cnt])
+    allreduce_sum(comm, tot)
+    state.sigma2 = np.where(tot[n_shells:] > 0, tot[:n_shells] / np.maximum(tot[n_shells:], 1), 1.0)
+    if dim == 2:
+        allreduce_sum(comm, sums)
+        counts = np.bincount(plan["class_number"] - 1, minlength=K).astype(np.float64)
+        allreduce_sum(comm, counts)
+        avg = to_host(sums) / np.maximum(counts, 1)[:, None, None]
+        state.maps = lowpass(avg, box, apix, box * apix / state.r_cur).astype(np.float32)
+
+
+def references(job: EMRun) -> References:
+    """This iteration's references, masked and Fourier-transformed on the rank's device (refine3d with folds: each
+    fold's reference is its half without it; the half map itself before the first iteration)."""
+    state, folds = job.state, job.folds
+    if job.auto_mask:  # from the current references, on rank 0, the same on every rank
+        radius = reference_radius(job.box, job.apix, job.args)
+        res = state.resolution[-1] if state.resolution else job.args.ini_high
+        job.solvent = job.comm.bcast(auto_solvent_mask(state.maps, res, job.apix, radius)
+                                     if job.comm.rank == 0 else None, root=0)
+        job.mask = reference_mask(job.box, job.apix, job.args, job.mode.dim, job.xp, job.solvent)
+    if folds > 1:
+        ref_maps = state.references if state.references is not None else np.repeat(state.maps, folds, axis=0)
+    else:
+        ref_maps = state.maps
+    return References(job.xp.asarray(ref_maps), job.mode.dim, job.args.pad, mask=job.mask)
+
+
+def expectation(job: EMRun, it: int, geom: SliceGeometry, refs: References, timer) -> tuple[dict, Stats]:
+    """E-step over this rank's particles against ``refs`` into local accumulators -> ({"F", "W"}, statistics
+    summed over ranks)."""
+    args, mode, state, plan, xp = job.args, job.mode, job.state, job.plan, job.xp
+    box, apix, K, folds, dim = job.box, job.apix, job.K, job.folds, mode.dim
+    n_shells = box // 2 + 1
+    shells = shell_of_points(geom)
+    inv_s2 = inverse_sigma2_points(state.sigma2, shells, xp)
+    spec = search_spec(state, args, mode, it, K, getattr(args, "sym", "C1"), xp)
+    V = 2 * folds if mode.gold else K
+    vol_shape = geom.vol_shape if dim == 3 else (geom.npad, geom.npad // 2 + 1)
+
+    def e_step():
+        F_acc, W_acc = e_step_accumulators(job.comm, V, vol_shape, xp, job.owned_accumulators, job.sym_ops)
+        stats = Stats.zeros(n_shells, K)
+        batches = batch_rounds(F_acc, job.images.batches(plan, args.batch, pinned=pinned_wanted(xp)),
+                               len(plan["index"]), args.batch)
+        while True:
+            with timer("read"):  # waiting for the prefetched batch
+                item = next(batches, None)
+            if item is None:
+                break
+            sl, imgs = item
+            with timer("prepare"):
+                X, ctf = prepare_batch(imgs, plan, sl, geom, box, apix, use_ctf=not args.no_ctf,
+                                       intact_first_peak=getattr(args, "ctf_intact_first_peak", False))
+            base = xp.asarray(reference_group(plan["half"][sl], plan["row"][sl], folds) * K) if mode.gold \
+                else xp.zeros(sl.stop - sl.start, dtype=xp.int64)
+            res = expectation_batch(X, ctf, inv_s2, shells, refs, base, current_mats(plan, sl, dim, xp),
+                                    xp.asarray(plan["class_number"][sl] - 1), spec, geom, F_acc, W_acc,
+                                    stats, n_shells, timer=timer, prior_offsets=image_shifts_px(plan, sl, apix))
+            update_plan_poses(plan, sl, res, dim, apix)
+        if job.sym_ops is not None and W_acc is not None:  # linear: each rank symmetrises its partial sums
+            with timer("symmetrise"):
+                symmetrise(F_acc, W_acc, job.sym_ops)
+        synchronize(xp)
+        return {"F": F_acc, "W": W_acc}, stats
+
+    acc, stats = collective_step(job.comm, routed_step(e_step))
+    end_e_step(refs, spec, xp)  # the references, the grid's projections, the device pool given back
+    vec = stats.as_vector()
+    allreduce_sum(job.comm, vec)
+    return acc, Stats.from_vector(vec, n_shells, K)
+
+
+def maximisation(job: EMRun, it: int, acc: dict, stats: Stats, timer):
+    """M-step: the accumulators reduced and the references reconstructed -> (maps on the device, info); the
+    host maps (2D: centred) into the state. ``acc`` is emptied once the reconstruction is done (the accumulators
+    stay allocated through it, as :mod:`mpi_em.memory` models)."""
+    args, mode, state = job.args, job.mode, job.state
+    info = {"loglike": stats.loglike}
+    if job.auto_mask:
+        info["auto_mask"] = job.solvent  # written as run_itNNN_mask.mrc
+    if mode.dim == 3:
+        maps, inf = reduce_and_reconstruct_3d(job.comm, acc["F"], acc["W"], job.box, args.pad, state.r_cur,
+                                              args.tau2_fudge, mode.gold, mask=job.mask, fsc_mask=job.solvent,
+                                              compress=args.compress, combined=mode.gold, timer=timer,
+                                              folds=job.folds)
+    else:
+        maps, inf = reduce_and_reconstruct_2d(job.comm, acc["F"], acc["W"], job.box, args.pad, state.r_cur,
+                                              args.tau2_fudge, timer=timer)
+    acc.clear()
+    state.references = to_host(inf.pop("references")) if "references" in inf else None
+    info.update(inf)
+    maps_h = to_host(maps)
+    check_finite_maps(maps_h, it)  # the same maps on every rank: every rank stops here, nobody waits
+    if mode.dim == 2 and not args.no_center:
+        maps_h = center_2d(maps_h)
+    state.maps = maps_h
+    if info.get("combined") is not None:
+        info["combined"] = to_host(info["combined"])
+    return maps, info
+
+
+def update_model(job: EMRun, it: int, stats: Stats, info: dict, maps, prev: dict, final: bool) -> None:
+    """Noise, class priors, offset prior, pose changes, then the schedule (identical on every rank: from
+    reduced sums)."""
+    args, comm, mode, state, plan = job.args, job.comm, job.mode, job.state, job.plan
+    cnt = stats.sigma2_count
+    state.sigma2 = np.where(cnt > 0, stats.sigma2_sum / np.maximum(cnt, 1), state.sigma2)
+    if stats.class_weight.sum() > 0:
+        state.class_prior = stats.class_weight / stats.class_weight.sum()
+    state.class_history.append([float(x) for x in state.class_prior])
+    if not mode.refine and getattr(args, "reseed_below", 0) > 0 and not final:
+        state.maps, state.class_prior, done_k = reseed_classes(state.maps, state.class_prior, state.r_cur,
+                                                               args.reseed_below, args.seed, it, job.box, job.apix)
+        if done_k and comm.rank == 0:
+            log.info("iteration %d: re-seeded class(es) %s from the largest class", it,
+                     ", ".join(str(k + 1) for k in done_k))
+    if stats.offset_w > 0:
+        state.offset_sigma = float(np.clip(np.sqrt(stats.offset_sq / (2 * stats.offset_w)), args.offset_step,
+                                           args.offset_range))
+    if mode.dim == 3:
+        A0 = euler_to_matrix(prev["rot"], prev["tilt"], prev["psi"])
+        A1 = euler_to_matrix(plan["rot"], plan["tilt"], plan["psi"])
+        ch = angular_distance(A0, A1, sym=None if args.sym.upper() == "C1" else symmetry_matrices(args.sym))
+    else:
+        ch = np.abs((plan["psi"] - prev["psi"] + 180) % 360 - 180)
+    moved = np.hypot(plan["origin_x"] - prev["origin_x"], plan["origin_y"] - prev["origin_y"]) / job.apix
+    tot = np.array([ch.sum(), len(ch), moved.sum()], dtype=np.float64)
+    allreduce_sum(comm, tot)
+    state.ang_change.append(float(tot[0] / max(tot[1], 1)))
+    state.offset_change = float(tot[2] / max(tot[1], 1))       # px, mean over particles
+    state.accuracy = stats.angle_spread / max(stats.offset_w, 1)
+    state.accuracy_trans = float(np.sqrt(stats.offset_var / max(stats.offset_w, 1)))  # px, per axis
+    # refine3d: the half maps' FSC on their device (two 128^3 FFTs: 0.16 s on a host core, ~1 ms on a GPU)
+    update_schedule(state, info, mode, args, job.box, job.apix, maps, masked=job.solvent is not None)
+    state.iter = it
+    if final or state.final:
+        # converged (or the last allowed iteration): no further iteration. RELION runs one more after
+        # convergence, whose E-step uses the full image size; ours would repeat the same sampling and size, and
+        # after the peak it makes the map worse (benchmarks/results/refine3d-monotonic/). The final outputs are
+        # those of the best gold-standard iteration (final_iteration), this one or an earlier one.
+        state.done = True
+
+
+def check_finite_maps(maps, it: int) -> None:
+    """Stop the job with a clear error when an iteration's maps hold NaN or infinity (a numerical failure would
+    otherwise look like a refinement that converged at the box size: benchmarks/results/refine3d-convergence/,
+    zero-variance prior)."""
+    bad = ~np.isfinite(maps)
+    if bad.any():
+        raise MpiEmError(f"iteration {it}: the reconstructed maps hold {int(bad.sum())} NaN or infinite voxels "
+                         f"(of {maps.size}); stopping instead of refining against them")

@@ -1,0 +1,65 @@
+"""The EM jobs' state: saved into a checkpoint and loaded back unchanged; checkpoints of earlier versions brought
+up to date in EMState.load (options that did not exist, translational sampling, the origin sign)."""
+import json
+from types import SimpleNamespace
+
+import h5py
+import numpy as np
+import pytest
+
+from mpi_em.em.state import MODES, PER_PARTICLE, EMState
+from mpi_em.errors import InputError
+
+
+def _saved(tmp_path, rng):
+    mode = MODES["refine3d"]
+    args = SimpleNamespace(healpix_order=2, ini_high=30.0, offset_range=3.0, offset_step=1.0, local=False)
+    state = EMState.initial(args, mode, 32, 4.0, 1, ref=rng.normal(size=(32, 32, 32)).astype(np.float32))
+    state.sigma2 = rng.uniform(1, 2, 17)
+    state.resolution, state.ang_change, state.class_history = [20.0, 15.5], [12.0, 3.5], [[1.0], [1.0]]
+    state.iter, state.order, state.offset_step, state.accuracy = 2, 3, 0.75, 2.25
+    state.args = {"offset_step": 1.0, "offset_range": 3.0, "folds": 4, "refine_offsets": True}
+    n = 10
+    particles = {k: rng.normal(size=n) for k in PER_PARTICLE}
+    particles["half"] = rng.integers(1, 3, n)
+    state.save(str(tmp_path), 2, mode, particles, 1, {"path": "/data/particles.star", "n": n})
+    return mode, state, particles
+
+
+def test_state_round_trip(tmp_path, rng):
+    mode, state, particles = _saved(tmp_path, rng)
+    ptr, back, parts = EMState.load(str(tmp_path), mode)
+    assert ptr["iteration"] == 2 and ptr["input"]["n"] == 10 and ptr["args"]["folds"] == 4
+    for k in EMState.SCALARS:
+        assert getattr(back, k) == getattr(state, k), k
+    assert np.array_equal(back.maps, state.maps) and np.array_equal(back.sigma2, state.sigma2)
+    assert back.resolution == state.resolution and back.class_history == state.class_history
+    assert back.references is None
+    for k, v in particles.items():
+        assert np.array_equal(parts[k], v), k
+    with pytest.raises(InputError, match="not class3d"):
+        EMState.load(str(tmp_path), MODES["class3d"])
+
+
+def test_old_checkpoint_is_brought_up_to_date(tmp_path, rng):
+    """Written before --folds / --refine-offsets / --solvent-mask, before the translations were refined during
+    the run, and with the old origin sign: the run's options of then, the options' translation grid, and RELION's
+    origins (the negation of the stored ones)."""
+    mode, state, particles = _saved(tmp_path, rng)
+    ptr = json.load(open(tmp_path / "checkpoint.json"))
+    for k in ("folds", "refine_offsets"):
+        del ptr["args"][k]
+    ptr["args"]["offset_step"], ptr["args"]["offset_range"] = 2.0, 5.0
+    json.dump(ptr, open(tmp_path / "checkpoint.json", "w"))
+    with h5py.File(tmp_path / ptr["checkpoint"], "r+") as f:
+        scal = json.loads(f.attrs["state"])
+        for k in ("origin_rule", "offset_step", "offset_range", "accuracy_trans", "offset_change", "perturb"):
+            del scal[k]
+        f.attrs["state"] = json.dumps(scal)
+    ptr, back, parts = EMState.load(str(tmp_path), mode)
+    assert ptr["args"]["folds"] == 1 and ptr["args"]["refine_offsets"] is False and ptr["args"]["solvent_mask"] is None
+    assert (back.offset_step, back.offset_range) == (2.0, 5.0)
+    assert (back.accuracy_trans, back.offset_change, back.perturb) == (0.0, 0.0, 0.0)
+    assert np.array_equal(parts["origin_x"], -particles["origin_x"])
+    assert np.array_equal(parts["origin_y"], -particles["origin_y"])
+    assert np.array_equal(parts["rot"], particles["rot"]) and back.order == state.order
