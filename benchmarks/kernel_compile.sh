@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-time GPU kernel compilation: the same refine3d job on one GPU with an empty CuPy kernel cache (a fresh
-# machine, or a new CuPy/driver), with the cache that run filled (every later job), and with an empty cache filled
+# machine, or a new CuPy/driver), with the cache that job filled (every later job), and with an empty cache filled
 # by `mpi-em warmup` beforehand (its own time reported). Prints a table and writes OUT/kernel_compile.json: wall
 # time, seconds of the first iteration, seconds per later iteration, kernels compiled by the job itself.
 # Usage (repo root, python3 with CuPy and mpi4py): bash benchmarks/kernel_compile.sh OUT [BOX] [N] [ITER]
@@ -16,25 +16,25 @@ t0=$(date +%s.%N)
 CUPY_CACHE_DIR=$cache2 python3 -m mpi_em warmup > "$out/warmup.log" 2>&1
 t1=$(date +%s.%N)
 echo "warmup $(python3 -c "print(round($t1 - $t0, 2))") $(find "$cache2" -type f | wc -l)" >> "$out/wall.txt"
-for run in cold warm warmed; do
-  rm -rf "$out/$run"
-  c=$cache; [ $run = warmed ] && c=$cache2
+for case in cold warm warmed; do
+  rm -rf "$out/$case"
+  c=$cache; [ $case = warmed ] && c=$cache2
   before=$(find "$c" -type f | wc -l)
   t0=$(date +%s.%N)
   CUPY_CACHE_DIR=$c mpirun -n 1 python3 -m mpi_em refine3d --i "$out/data/particles.star" --ref "$out/data/truth.mrc" \
-    --ini-high 30 --iter "$iters" --o "$out/$run" > "$out/$run.log" 2>&1
+    --ini-high 30 --iter "$iters" --o "$out/$case" > "$out/$case.log" 2>&1
   t1=$(date +%s.%N)
-  echo "$run $(python3 -c "print(round($t1 - $t0, 2))") $(( $(find "$c" -type f | wc -l) - before ))" >> "$out/wall.txt"
+  echo "$case $(python3 -c "print(round($t1 - $t0, 2))") $(( $(find "$c" -type f | wc -l) - before ))" >> "$out/wall.txt"
 done
 python3 - "$out" "$box" "$n" <<'PY'
 import json, os, sys
 out, box, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 wall = {w[0]: (float(w[1]), int(w[2])) for w in (line.split() for line in open(os.path.join(out, "wall.txt")))}
 rows = []
-for run in ("cold", "warm", "warmed"):
-    t = json.load(open(os.path.join(out, run, "run_timings.json")))
+for case in ("cold", "warm", "warmed"):
+    t = json.load(open(os.path.join(out, case, "run_timings.json")))
     it = [r["seconds_iteration"] for r in t]
-    rows.append({"run": run, "wall_s": wall[run][0], "kernels_compiled": wall[run][1], "first_iteration_s": it[0],
+    rows.append({"cache": case, "wall_s": wall[case][0], "kernels_compiled": wall[case][1], "first_iteration_s": it[0],
                  "later_iteration_s": sum(it[1:]) / max(1, len(it) - 1), "iterations": len(it)})
 res = {"box": box, "n": n, "warmup_s": wall["warmup"][0], "warmup_kernels": wall["warmup"][1], "rows": rows}
 json.dump(res, open(os.path.join(out, "kernel_compile.json"), "w"), indent=1)
@@ -43,6 +43,6 @@ print(f"refine3d box {box}, {n} particles, 1 GPU rank; mpi-em warmup: {res['warm
 print(f"{'cache':28} {'wall s':>8} {'1st it s':>9} {'later it s':>11} {'compiled':>9}")
 names = {"cold": "empty", "warm": "filled by the same job", "warmed": "filled by mpi-em warmup"}
 for r in rows:
-    print(f"{names[r['run']]:28} {r['wall_s']:8.1f} {r['first_iteration_s']:9.1f} {r['later_iteration_s']:11.2f} "
+    print(f"{names[r['cache']]:28} {r['wall_s']:8.1f} {r['first_iteration_s']:9.1f} {r['later_iteration_s']:11.2f} "
           f"{r['kernels_compiled']:9d}")
 PY

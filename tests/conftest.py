@@ -25,9 +25,17 @@ def _cupy():
         return None
 
 
+def require_gpu():
+    """CuPy with a CUDA device, or skip the calling test."""
+    cp = _cupy()
+    if cp is None:
+        pytest.skip("needs CuPy and a CUDA device")
+    return cp
+
+
 @pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
 def xp(request):
-    """The array module a numerical test runs on: NumPy, and CuPy where it sees a GPU (skipped otherwise). The
+    """The array module of a numerical test: NumPy, and CuPy where it sees a GPU (skipped otherwise). The
     same test, assertions on the host (``mpi_em.backend.to_host``), checks both backends."""
     if request.param == "numpy":
         return np

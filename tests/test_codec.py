@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import require_gpu
+
 from mpi_em import codec
 
 
@@ -205,12 +207,7 @@ def test_threads_option():
 
 @pytest.mark.gpu
 def test_gpu_round_trip():
-    cp = pytest.importorskip("cupy")
-    try:
-        if cp.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except Exception:
-        pytest.skip("no CUDA device")
+    cp = require_gpu()
     a = accumulator(32, 8, lead=(2,))
     d = cp.asarray(a)
     blob = codec.compress(d, r_max=8)

@@ -1,5 +1,5 @@
 """The GPU (CuPy) path gives the CPU (NumPy) result where the GPU has code of its own (fused CUDA kernels, cuFFT,
-page-locked reads) or a whole step is compared. Skipped without CuPy. The numerical modules' own tests run on both
+page-locked reads) or a whole step is compared. Skipped without CuPy. The numerical modules' own tests cover both
 backends through the ``xp`` fixture (tests/conftest.py): CTF, projection and insertion adjoints, shifts, the
 regularised division."""
 import numpy as np

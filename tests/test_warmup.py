@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import mpi_em
+from conftest import mpi_em, require_gpu
 
 
 def test_warmup_on_cpu_ranks_does_nothing(tmp_path):
@@ -30,12 +30,7 @@ def _cache_files(path):
 
 @pytest.mark.gpu
 def test_warmup_leaves_nothing_to_compile(tmp_path):
-    cp = pytest.importorskip("cupy")
-    try:
-        if cp.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except Exception:
-        pytest.skip("no CUDA device")
+    require_gpu()
     cache = tmp_path / "cache"
     env = dict(os.environ, CUPY_CACHE_DIR=str(cache), MPI_EM_DEVICE="auto")
 

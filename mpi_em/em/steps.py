@@ -1,6 +1,6 @@
 """One EM iteration's steps, on every rank: the first pass (noise spectrum; 2D references), the E-step over the
 rank's particles, the M-step (reduction and reconstruction), the model updates and the schedule. What they share
-for the whole run is an :class:`EMRun`; what changes from one iteration to the next is its
+for the whole job is an :class:`EMRun`; what changes from one iteration to the next is its
 :class:`~mpi_em.em.state.EMState`."""
 from __future__ import annotations
 

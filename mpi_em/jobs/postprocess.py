@@ -95,21 +95,27 @@ def _read_mtf(path, n, apix, mtf_apix, radius=None):
     return mtf_curve(freq, val, mtf_apix, n, apix, radius=radius)
 
 
+def _check_halves(args, s1, a1, s2, a2) -> float:
+    """The half maps' shapes (s1, s2) and header voxel sizes (a1, a2): the same even cube; -> the voxel size
+    (--angpix where given), else a one-line error naming the file and field."""
+    s1, s2 = tuple(s1), tuple(s2)
+    if s1 != s2:
+        raise InputError(args.half2, f"shape {s2} differs from {args.half1}'s {s1}", field="nx/ny/nz")
+    if len(set(s1)) != 1 or s1[0] % 2:
+        raise InputError(args.half1, f"expected an even cubic map, got shape {s1}", field="nx/ny/nz")
+    if args.angpix > 0:
+        return args.angpix
+    if a1 <= 0:
+        raise InputError(args.half1, "voxel size is 0 in the header; give --angpix", field="voxel_size")
+    if a2 > 0 and abs(a2 - a1) > 1e-3 * a1:
+        raise InputError(args.half2, f"voxel size {a2} Å differs from {args.half1}'s {a1} Å", field="voxel_size")
+    return a1
+
+
 def _load(args):
     h1, a1 = read_map(args.half1)
     h2, a2 = read_map(args.half2)
-    if h1.shape != h2.shape:
-        raise InputError(args.half2, f"shape {h2.shape} differs from {args.half1}'s {h1.shape}", field="nx/ny/nz")
-    if len(set(h1.shape)) != 1 or h1.shape[0] % 2:
-        raise InputError(args.half1, f"expected an even cubic map, got shape {h1.shape}", field="nx/ny/nz")
-    if args.angpix > 0:
-        apix = args.angpix
-    else:
-        apix = a1
-        if apix <= 0:
-            raise InputError(args.half1, "voxel size is 0 in the header; give --angpix", field="voxel_size")
-        if a2 > 0 and abs(a2 - a1) > 1e-3 * a1:
-            raise InputError(args.half2, f"voxel size {a2} Å differs from {args.half1}'s {a1} Å", field="voxel_size")
+    apix = _check_halves(args, h1.shape, a1, h2.shape, a2)
     mask = None
     if args.mask:
         mask, _ = read_map(args.mask)
@@ -251,18 +257,7 @@ def _headers(args):
         if path and not os.path.isfile(path):
             raise InputError(path, "file not found")
     (s1, a1), (s2, a2) = header(args.half1), header(args.half2)
-    if s1 != s2:
-        raise InputError(args.half2, f"shape {s2} differs from {args.half1}'s {s1}", field="nx/ny/nz")
-    if len(set(s1)) != 1 or s1[0] % 2:
-        raise InputError(args.half1, f"expected an even cubic map, got shape {s1}", field="nx/ny/nz")
-    if args.angpix > 0:
-        apix = args.angpix
-    else:
-        apix = a1
-        if apix <= 0:
-            raise InputError(args.half1, "voxel size is 0 in the header; give --angpix", field="voxel_size")
-        if a2 > 0 and abs(a2 - a1) > 1e-3 * a1:
-            raise InputError(args.half2, f"voxel size {a2} Å differs from {args.half1}'s {a1} Å", field="voxel_size")
+    apix = _check_halves(args, s1, a1, s2, a2)
     if args.mask:
         sm = header(args.mask)[0]
         if sm != s1:

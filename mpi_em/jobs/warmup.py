@@ -5,7 +5,7 @@ The first job on a machine (or after a CuPy or driver update) compiles every GPU
 element-wise and reduction kernels, which depend on dtypes and array ranks but not on the box, and CuPy keeps them
 on disk (``CUPY_CACHE_DIR``, default ``~/.cupy/kernel_cache``). This command runs each job once on a tiny simulated
 data set in a temporary folder — refine3d through its global and local searches, class3d, class2d, reconstruct —
-so that the cache holds what real jobs use and their first iteration runs at the speed of the later ones. Run it
+so that the cache holds what real jobs use and their first iteration is as fast as the later ones. Use it
 once per machine (or per shared home directory on a cluster), e.g. after installing.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ _JOBS = (
 def add_arguments(p) -> None:
     p.add_argument("--n", type=int, default=400, help="particles of the simulated set (default 400)")
     p.add_argument("--keep", metavar="DIR", default=None,
-                   help="run in DIR (created) and keep its outputs, instead of a temporary folder removed after")
+                   help="work in DIR (created) and keep its outputs, instead of a temporary folder removed after")
 
 
 def _gpu_available() -> bool:

@@ -1,5 +1,5 @@
 """Distributed `mpi-em postprocess` (pytest-mpi): under `mpirun -n P python -m pytest --with-mpi -m mpi
-tests/parallel`, the job runs on sub-communicators of 1, 2, ..., P ranks (the 1-rank one is the serial job) and
+tests/parallel`, the job is executed on sub-communicators of 1, 2, ..., P ranks (the 1-rank one is the serial job) and
 every output agrees: FSC curves, final resolution, B-factor, sharpened maps (float32 files), headers.
 
 Tolerances: the distributed FFTs and the allreduced shell sums add in other orders than the whole-array ones,
