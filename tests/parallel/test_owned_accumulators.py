@@ -46,7 +46,7 @@ def _run(mode, star, start, out, owned, extra=()):
     args = build_parser().parse_args([mode, "--i", star, "--ref", start, "--o", out, "--healpix-order", "1",
                                       "--ini-high", "16", "--batch", "16", "--owned-accumulators", owned,
                                       *extra])
-    return em.run(args, _comm(), mode)
+    return em.run(args, _comm())  # the parser sets args.mode
 
 
 @pytest.mark.mpi(min_size=2)
@@ -82,12 +82,12 @@ def test_owned_accumulators_failure_on_one_rank_stops_every_rank(dataset, monkey
     """A batch failing on the last rank (its second batch: the other ranks are in a routed round, or in their
     empty or closing rounds) ends the E-step on every rank with the same RankFailed, nobody waits."""
     from mpi_em.distributed import RankFailed
-    from mpi_em.jobs import em
+    from mpi_em.em import steps
 
     comm = _comm()
     star, start = dataset
     calls = [0]
-    real = em.expectation_batch
+    real = steps.expectation_batch
 
     def failing(*a, **k):
         calls[0] += 1
@@ -95,7 +95,7 @@ def test_owned_accumulators_failure_on_one_rank_stops_every_rank(dataset, monkey
             raise ValueError("bad batch")
         return real(*a, **k)
 
-    monkeypatch.setattr(em, "expectation_batch", failing)
+    monkeypatch.setattr(steps, "expectation_batch", failing)
     outs = comm.bcast(tempfile.mkdtemp(prefix="mpi_em_owned_fail_") if comm.rank == 0 else None, root=0)
     with pytest.raises(RankFailed, match="bad batch"):
         _run("refine3d", star, start, os.path.join(outs, "r"), "on", ("--iter", "1", "--max-order", "1"))
