@@ -1,0 +1,242 @@
+"""The limit a job runs under and what happens when the model exceeds it: what would fit, the check before the
+first allocation (with adaptation), the --max-memory option, the record in run.json (see :mod:`mpi_em.memory`)."""
+from __future__ import annotations
+
+import math
+import os
+import numpy as np
+
+from dataclasses import replace
+
+from ..errors import MpiEmError
+from .model import (EMInputs, MemoryEstimate, ReconstructInputs, estimate, fmt)
+
+
+# ------------------------------------------------------------------------------------------ what would fit
+def suggestions(inp, limit: int, max_ranks: int = 4096) -> list[str]:
+    """Each change of one option that brings the peak under ``limit`` (more ranks: the fewest that fit)."""
+    out = []
+    fits = lambda x: estimate(x).total <= limit  # noqa: E731
+    if isinstance(inp, ReconstructInputs) and not inp.stream and \
+            _largest(lambda b: fits(replace(inp, stream=True, batch=b)), 1, inp.batch):
+        out.append(f"--max-volume-memory {_size_arg(limit)} (owned planes only)")  # it picks the batch
+    if isinstance(inp, EMInputs) and inp.dim == 3 and inp.ranks > 1 and not inp.owned_accumulators:
+        b = _largest(lambda b: fits(replace(inp, owned_accumulators=True, batch=b)), 1, inp.batch)
+        if b:
+            out.append("--owned-accumulators on" + (f" --batch {b}" if b < inp.batch else "") +
+                       " (owned kz planes only)")
+    P = inp.ranks + 1
+    while P <= max_ranks and not fits(replace(inp, ranks=P)):
+        P = P + 1 if P < 16 else P * 2
+    if P <= max_ranks:
+        out.append(f"{P} ranks")
+    if inp.batch > 1:
+        b = _largest(lambda b: fits(replace(inp, batch=b)), 1, inp.batch - 1)
+        if b:
+            out.append(f"--batch {b}")
+    if getattr(inp, "cache_images", False) and fits(replace(inp, cache_images=False)):
+        out.append("--cache-images off")
+    if getattr(inp, "folds", 1) > 1:
+        f = _largest(lambda f: fits(replace(inp, folds=f)), 1, inp.folds - 1)
+        if f:
+            out.append(f"--folds {f}")
+    if inp.pad > 1 and fits(replace(inp, pad=1)):
+        out.append("--pad 1")
+    return out
+
+
+def _largest(ok, lo: int, hi: int) -> int | None:
+    """The largest x in [lo, hi] with ok(x) (ok monotone: true up to some x), or None."""
+    if not ok(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
+
+
+def _size_arg(n: int) -> str:
+    for unit, s in (("G", 2 ** 30), ("M", 2 ** 20), ("K", 2 ** 10)):
+        if n >= s:
+            return f"{n // s}{unit}"
+    return str(n)
+
+
+# ------------------------------------------------------------------------------------------ between phases
+def release_device_memory(xp) -> None:
+    """GPU ranks: give back what CuPy's memory pool holds unused and the cached cuFFT plans with their work
+    areas (a padded 3D transform's is as large as its volume), so that a phase does not carry the last one's
+    into its peak and ranks sharing a GPU get what one of them no longer uses. Nothing on CPU ranks."""
+    if xp is np:
+        return
+    xp.fft.config.get_plan_cache().clear()
+    xp.get_default_memory_pool().free_all_blocks()
+
+
+# ------------------------------------------------------------------------------------------ the limit
+def available_bytes(device: str, ranks_here: int = 1) -> int | None:
+    """Memory this rank may use: GPU ranks, the device's free memory plus what CuPy's pool holds unused, shared
+    by the ranks on the same device; CPU ranks, MemAvailable (/proc/meminfo) divided among the node's ranks.
+    None where it cannot be read."""
+    ranks_here = max(1, int(ranks_here))
+    if device != "cpu":
+        import cupy  # type: ignore
+
+        free, _ = cupy.cuda.runtime.memGetInfo()
+        return int((free + cupy.get_default_memory_pool().free_bytes()) // ranks_here)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // ranks_here
+    except OSError:
+        pass
+    return None
+
+
+def parse_size(text, option: str = "--max-memory") -> int | None:
+    """'512M', '2G', '1.5GiB', '1000000' -> bytes (binary units); None/'' -> None."""
+    if text is None or str(text).strip() == "":
+        return None
+    t = str(text).strip().upper().replace("IB", "").rstrip("B")
+    mult = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+    try:
+        v = float(t[:-1]) * mult[t[-1]] if t and t[-1] in mult else float(t)
+    except ValueError:
+        v = -1
+    if not v > 0 or not math.isfinite(v):
+        from .errors import InputError
+
+        raise InputError(option, f"cannot read {text!r} as a size (e.g. 512M, 24G)")
+    return int(v)
+
+
+def add_argument(p) -> None:
+    """``--max-memory`` of the four jobs."""
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="bytes each rank may use (e.g. 24G, 512M); default: the rank's share of its GPU's free "
+                        "memory (CPU ranks: of the node's available memory). The job's memory model (logged and "
+                        "in run.json) is checked against it before anything large is allocated: refine3d and class3d "
+                        "first take owned accumulators (--owned-accumulators auto) and then the largest --batch "
+                        "that fits; a job that still would not fit stops at once with one line saying what would "
+                        "(more ranks, --owned-accumulators on, a smaller --batch, --cache-images off, fewer "
+                        "--folds, --pad 1). The model is an upper bound (the largest "
+                        "image size and pose grid the options allow): a larger SIZE than the device has runs "
+                        "the job anyway, at the risk of running out later")
+    if p.prog.split()[-1] in ("refine3d", "class3d"):
+        p.add_argument("--owned-accumulators", choices=("auto", "on", "off"), default="auto",
+                       help="'on': each rank accumulates only the Fourier kz planes it owns (1/P of the volumes; "
+                            "every batch's insertion is sent to the planes' owners, and the M-step starts from "
+                            "them without a reduce-scatter); 'off': full accumulators on every rank, reduce-"
+                            "scattered after the E-step; 'auto' (default): owned planes where the memory model "
+                            "says the full accumulators do not fit on more than one rank. The maps are the same "
+                            "to float rounding (with a point group: to interpolation accuracy, each symmetry copy "
+                            "being inserted instead of the sums symmetrised)")
+
+
+class MemoryLimitError(MpiEmError):
+    """The job would not fit: exit status 2, one line."""
+
+    exit_code = 2
+
+
+def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None = None) -> MemoryEstimate:
+    """Collective, before the job allocates: every rank evaluates the model for itself against its limit
+    (``--max-memory`` if given, else :func:`available_bytes`); rank 0 logs the estimate and records it in
+    ``out_dir``/run.json (key ``memory``); if any rank would not fit, every rank raises (through
+    :func:`mpi_em.distributed.agree`) one line naming the rank, the figures and what would fit (exit 2).
+
+    ``adapt`` (EM jobs: the ``--owned-accumulators`` choice, 'auto', 'on' or 'off'): where the options as
+    given do not fit, the job is first lightened by design, the same way on every rank: owned accumulators
+    (3D on more than one rank, with 'auto'), then the largest E-step batch up to ``--batch`` that fits; the
+    estimate returned (and logged) is the one the job runs with (``.inputs``)."""
+    from .distributed import agree
+
+    limit, source = _limit(comm, inp, max_memory)
+    if adapt is not None and isinstance(inp, EMInputs):
+        inp = _adapt(comm, inp, limit, log, adapt)
+    est = estimate(inp)
+    short = (est.total - limit) if limit is not None else -1
+    every = comm.allgather(short)
+    worst = int(np.argmax(every))
+    err = None
+    if every[worst] > 0 and comm.rank == worst:
+        would = est.suggestions(limit)
+        err = MemoryLimitError(
+            f"memory: {inp.mode} needs {fmt(est.total)} per rank ({_terms_text(est)}), {fmt(limit)} available "
+            f"({source}): " + ("would fit with " + " or ".join(would) if would else
+                               "neither more ranks, a smaller --batch, --cache-images off, fewer --folds nor "
+                               "--pad 1 alone would fit"))
+    if comm.rank == 0:
+        if log is not None:
+            log.info("memory model: %s; limit %s (%s)", est.summary(), fmt(limit) if limit else "unknown", source)
+        if out_dir:
+            record(out_dir, dict(est.as_dict(), limit_bytes=limit, limit_source=source))
+    agree(comm, err)
+    return est
+
+
+def _adapt(comm, inp: EMInputs, limit, log, owned_option: str = "auto") -> EMInputs:
+    """Owned accumulators, then a smaller batch, where the job as given does not fit ``limit`` on some rank."""
+    from mpi4py import MPI
+
+    def fits(x):  # collective: on every rank
+        return bool(comm.allreduce(limit is None or estimate(x).total <= limit, op=MPI.LAND))
+
+    if fits(inp):
+        return inp
+    auto_owned = owned_option == "auto"
+    if auto_owned and inp.dim == 3 and inp.ranks > 1 and not inp.owned_accumulators:
+        owned = replace(inp, owned_accumulators=True)
+        if fits(owned) or fits(replace(owned, batch=1)):
+            if comm.rank == 0 and log is not None:
+                log.info("memory: the full accumulators (%s per rank) do not fit: each rank accumulates only its "
+                         "kz planes (%s; --owned-accumulators)", fmt(estimate(inp).total), fmt(estimate(owned).total))
+            inp = owned
+    if inp.batch > 1 and not fits(inp):
+        b = _largest(lambda b: fits(replace(inp, batch=b)), 1, inp.batch - 1)
+        if b:
+            if comm.rank == 0 and log is not None:
+                log.info("memory: E-step batch %d instead of --batch %d (the largest whose workspace fits)", b,
+                         inp.batch)
+            inp = replace(inp, batch=b)
+    return inp
+
+
+def _limit(comm, inp, max_memory):
+    """(bytes this rank may use or None, where the figure comes from)."""
+    from .distributed import node_local_rank
+
+    user = parse_size(max_memory)
+    if user is not None:
+        limit, source = user, "--max-memory"
+    else:
+        _, here = node_local_rank(comm)
+        if inp.device != "cpu":
+            import cupy  # type: ignore
+
+            here = -(-here // max(1, cupy.cuda.runtime.getDeviceCount()))  # ranks sharing this rank's GPU
+        limit, source = available_bytes(inp.device, here), ("free GPU memory" if inp.device != "cpu"
+                                                            else "available memory")
+    return limit, source
+
+
+def _terms_text(est: MemoryEstimate) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {fmt(v)}" for k, v in est.terms.items() if v)
+
+
+def record(out_dir: str, memory: dict) -> None:
+    """Merge ``memory`` into ``out_dir``/run.json (written under a temporary name, then renamed)."""
+    import json
+
+    from .io import atomic_path
+
+    path = os.path.join(out_dir, "run.json")
+    try:
+        data = json.load(open(path)) if os.path.exists(path) else {}
+    except (OSError, ValueError):
+        data = {}
+    data["memory"] = memory
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
