@@ -23,7 +23,7 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[mpi,test]"
 export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
-python -m pytest -q -p no:cacheprovider tests
+python -m pytest -q -p no:cacheprovider --durations=25 tests
 for P in 2 3; do
   echo "== mpirun -n $P: tests/parallel"
   mpirun -n "$P" python -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests/parallel

@@ -128,7 +128,7 @@ class PlaneOwnerAccumulator:
             if values_W is not None:
                 rec["w"] = to_host(xp.asarray(values_W).reshape(-1)[order])
         except Exception as e:  # noqa: BLE001 - reported to every rank below
-            from .errors import MpiEmError
+            from ..errors import MpiEmError
 
             err = str(e) if isinstance(e, MpiEmError) else f"{type(e).__name__}: {e}"
             err_code = getattr(e, "exit_code", 1) or 1
@@ -204,7 +204,7 @@ class PlaneOwnerAccumulator:
             rec["w"] = 0.0 if weights is None else to_host(take(xp.asarray(weights).reshape(-1)))
             del coords, vi, order, sel
         except Exception as e:  # noqa: BLE001 - reported to every rank below
-            from .errors import MpiEmError
+            from ..errors import MpiEmError
 
             err = str(e) if isinstance(e, MpiEmError) else f"{type(e).__name__}: {e}"
             err_code = getattr(e, "exit_code", 1) or 1

@@ -86,7 +86,7 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
 
 def _serial_reconstruct(Fv, Wv, box, pad, r_max, tau2, tau2_fudge, min_weight, gridding, mask_outside):
     """The whole volume is on this rank: :func:`mpi_em.fourier.reconstruct` of each volume, on its device."""
-    from .fourier import reconstruct
+    from ..fourier import reconstruct
 
     xp = xp_of(Fv)
     out = xp.empty((Fv.shape[0], box, box, box), dtype=np.float64)

@@ -105,7 +105,7 @@ def parse_size(text, option: str = "--max-memory") -> int | None:
     except ValueError:
         v = -1
     if not v > 0 or not math.isfinite(v):
-        from .errors import InputError
+        from ..errors import InputError
 
         raise InputError(option, f"cannot read {text!r} as a size (e.g. 512M, 24G)")
     return int(v)
@@ -150,7 +150,7 @@ def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None 
     given do not fit, the job is first lightened by design, the same way on every rank: owned accumulators
     (3D on more than one rank, with 'auto'), then the largest E-step batch up to ``--batch`` that fits; the
     estimate returned (and logged) is the one the job runs with (``.inputs``)."""
-    from .distributed import agree
+    from ..distributed import agree
 
     limit, source = _limit(comm, inp, max_memory)
     if adapt is not None and isinstance(inp, EMInputs):
@@ -205,7 +205,7 @@ def _adapt(comm, inp: EMInputs, limit, log, owned_option: str = "auto") -> EMInp
 
 def _limit(comm, inp, max_memory):
     """(bytes this rank may use or None, where the figure comes from)."""
-    from .distributed import node_local_rank
+    from ..distributed import node_local_rank
 
     user = parse_size(max_memory)
     if user is not None:
@@ -229,7 +229,7 @@ def record(out_dir: str, memory: dict) -> None:
     """Merge ``memory`` into ``out_dir``/run.json (written under a temporary name, then renamed)."""
     import json
 
-    from .io import atomic_path
+    from ..io import atomic_path
 
     path = os.path.join(out_dir, "run.json")
     try:

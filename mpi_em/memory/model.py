@@ -329,7 +329,7 @@ def em_inputs(args, mode: str, meta: dict, ranks: int, device: str, cache_images
     """The model's inputs of an EM job from its options (jobs/em.py): the largest global pose grid the options
     allow (refine3d: orders up to the first local one; class2d: the in-plane angles) and the most coarse
     translations (refine3d with --refine-offsets: up to 49, see :func:`mpi_em.sampling.next_translations`)."""
-    from .sampling import translation_grid
+    from ..sampling import translation_grid
 
     T = int(translation_grid(args.offset_range, 2.0 * args.offset_step).shape[0])
     if mode == "class2d":
@@ -350,14 +350,14 @@ def em_inputs(args, mode: str, meta: dict, ranks: int, device: str, cache_images
 
 
 def _grid_size(order: int, sym: str) -> int:
-    from .sampling import orientation_grid
+    from ..sampling import orientation_grid
 
     return int(orientation_grid(order, sym)[0].shape[0])
 
 
 def reconstruct_inputs(args, meta: dict, ranks: int, device: str, vplan: dict, r_max: float) -> ReconstructInputs:
     """The model's inputs of ``mpi-em reconstruct`` (jobs/reconstruct.py) after its volume plan."""
-    from .symmetry import symmetry_matrices
+    from ..symmetry import symmetry_matrices
 
     return ReconstructInputs(box=int(meta["box"]), pad=int(args.pad), batch=int(vplan["batch"]), ranks=int(ranks),
                              device="cpu" if device == "cpu" else "gpu", n_particles=int(meta["n"]),
