@@ -68,16 +68,23 @@ def marginalise_translations(L, prior_t):
         from .. import kernels
 
         return kernels.logsumexp_translations(L, prior_t)
-    return logsumexp(L + prior_t[:, :, None], axis=1)
+    return logsumexp(L + prior_t[:, :, None], axis=1, overwrite=True)
 
 
-def logsumexp(a, axis: int):
-    """log sum exp(a) along ``axis`` (removed), shifted by the maximum; -inf where every entry is -inf."""
+def logsumexp(a, axis: int, overwrite: bool = False):
+    """log sum exp(a) along ``axis`` (removed), shifted by the maximum; -inf where every entry is -inf.
+    ``overwrite``: ``a`` is a temporary the caller gives up (its exponentials are made in place: one array
+    of a's size fewer)."""
     xp = xp_of(a)
     mx = a.max(axis=axis, keepdims=True)
     finite = xp.isfinite(mx)
     safe = xp.where(finite, mx, 0)
-    tot = xp.exp(a - safe).sum(axis=axis, keepdims=True)  # >= 1 where the max is finite
+    if overwrite:
+        e = xp.subtract(a, safe, out=a)
+        xp.exp(e, out=e)
+    else:
+        e = xp.exp(a - safe)
+    tot = e.sum(axis=axis, keepdims=True)  # >= 1 where the max is finite
     out = xp.where(finite, safe + xp.log(xp.where(finite, tot, 1.0)), mx)
     return out.squeeze(axis)
 
