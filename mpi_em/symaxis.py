@@ -89,7 +89,7 @@ def shift_map(vol, shift):
     xp = xp_of(vol)
     n = vol.shape[0]
     F = xp.fft.rfftn(xp.fft.ifftshift(xp.asarray(vol, dtype=xp.float64)))
-    return xp.fft.fftshift(xp.fft.irfftn(F * _shift_phase(n, shift, xp), s=vol.shape))
+    return xp.fft.fftshift(xp.fft.irfftn(F * _shift_phase(n, shift, xp), s=vol.shape, axes=(0, 1, 2)))
 
 
 def _working_copy(vol, shift, m: int):
@@ -105,7 +105,7 @@ def _working_copy(vol, shift, m: int):
     r = xp.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + xp.fft.rfftfreq(m)[None, None, :] ** 2) * 2.0
     w = xp.clip((1.0 - r) / 0.2, 0.0, 1.0)
     F = F * (0.5 - 0.5 * xp.cos(np.pi * w))
-    return xp.fft.fftshift(xp.fft.irfftn(F, s=(m, m, m))) * (m / n) ** 3
+    return xp.fft.fftshift(xp.fft.irfftn(F, s=(m, m, m), axes=(0, 1, 2))) * (m / n) ** 3
 
 
 def _sphere_points(m: int, radius: float, xp):
@@ -335,7 +335,7 @@ def apply_symmetry_frame(vol, frame: SymmetryFrame, group: str | None = None, pa
             acc[s:s + (1 << 20)] += xp.where(flip, xp.conj(g), g)
     out = xp.zeros(q.shape[0], dtype=F.dtype)
     out[inside] = acc / len(L)
-    return volume_ifft(out.reshape(F.shape), n, pad=pad, gridding=True)
+    return volume_ifft(out.reshape(F.shape), n, pad=pad, gridding=False)
 
 
 def poses_in_frame(rot, tilt, psi, origin_x, origin_y, frame: SymmetryFrame, pixel_size: float = 1.0):
