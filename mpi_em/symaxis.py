@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backend import to_host, xp_of
-from .fourier import _trilinear_stencil, volume_fft, volume_ifft
+from .fourier import _trilinear_stencil, volume_fft
 from .geometry import euler_to_matrix, matrix_to_euler
 from .sampling import angular_step, healpix_directions, orientation_grid, rotation_vector_to_matrix
 from .symmetry import canonical_symmetry_name, symmetry_matrices
@@ -311,31 +311,32 @@ def symmetry_score(vol, frame: SymmetryFrame, group: str | None = None, work_box
 # ------------------------------------------------------------------------------------------ application
 def apply_symmetry_frame(vol, frame: SymmetryFrame, group: str | None = None, pad: int = 2):
     """``vol`` moved by ``frame.shift``, rotated by ``frame.R`` and averaged over ``group`` (default the frame's;
-    "C1" only moves and rotates). Fourier-space interpolation of the padded map with the gridding correction, as
-    RELION rotates maps (its projector); the result is real, float64, the input's shape and array module."""
+    "C1" only moves and rotates). As RELION rotates maps (relion_align_symmetry): the transform of the padded map
+    with the gridding pre-correction, sampled by trilinear interpolation at the box's own frequencies (|k| < N/2),
+    then an inverse FFT of the box; real, float64, the input's shape and array module."""
     xp = xp_of(vol)
     canon = canonical_symmetry_name(group or frame.group)
     n = vol.shape[0]
     F = volume_fft(shift_map(vol, frame.shift), pad=pad, gridding=True)
     npad = F.shape[0]
-    nxh = F.shape[-1]
-    k = xp.fft.fftfreq(npad, 1.0 / npad)
-    kz, ky, kx = xp.meshgrid(k, k, xp.arange(nxh, dtype=xp.float64), indexing="ij")
-    q = xp.stack([kx.ravel(), ky.ravel(), kz.ravel()], axis=1)  # (V, 3) as (x, y, z)
-    inside = (q ** 2).sum(axis=1) < (npad / 2 - 1) ** 2
-    qi = q[inside]
+    k = xp.fft.fftfreq(n, 1.0 / n)
+    kz, ky, kx = xp.meshgrid(k, k, xp.arange(n // 2 + 1, dtype=xp.float64), indexing="ij")
+    q = xp.stack([kx.ravel(), ky.ravel(), kz.ravel()], axis=1)  # (V, 3) as (x, y, z), box frequencies
+    inside = xp.flatnonzero((q ** 2).sum(axis=1) < (n / 2) ** 2)
+    qi = q[inside] * (npad / n)  # the same frequencies on the padded grid
     Ff = F.ravel()
     L = symmetry_matrices(canon)
     acc = xp.zeros(qi.shape[0], dtype=F.dtype)
+    chunk = 1 << 19
     for Lg in L:  # F_S(k) = mean_L F_V(R^T L k)
         M = xp.asarray(frame.R.T @ Lg)
-        for s in range(0, qi.shape[0], 1 << 20):
-            idx, w, flip = _trilinear_stencil(qi[s:s + (1 << 20)] @ M.T, npad)
+        for s in range(0, qi.shape[0], chunk):
+            idx, w, flip = _trilinear_stencil(qi[s:s + chunk] @ M.T, npad)
             g = (Ff[idx] * w).sum(axis=-1)
-            acc[s:s + (1 << 20)] += xp.where(flip, xp.conj(g), g)
+            acc[s:s + chunk] += xp.where(flip, xp.conj(g), g)
     out = xp.zeros(q.shape[0], dtype=F.dtype)
     out[inside] = acc / len(L)
-    return volume_ifft(out.reshape(F.shape), n, pad=pad, gridding=False)
+    return xp.fft.fftshift(xp.fft.irfftn(out.reshape(n, n, n // 2 + 1), s=(n, n, n), axes=(0, 1, 2)))
 
 
 def poses_in_frame(rot, tilt, psi, origin_x, origin_y, frame: SymmetryFrame, pixel_size: float = 1.0):
