@@ -138,3 +138,34 @@ def test_poses_in_frame_give_the_same_images():
 def test_bad_group_name():
     with pytest.raises(ValueError, match="unknown symmetry group"):
         sa.find_symmetry_frame(np.zeros((16, 16, 16)), "X5")
+
+
+def test_align_symmetry_command(tmp_path):
+    from conftest import mpi_em
+    from mpi_em.io import read_map, write_map
+
+    truth = phantom(32, seed=3, sym="C4")
+    vol, _, _ = _rotated_and_shifted(truth, seed=13, max_shift=2.0)
+    write_map(tmp_path / "map.mrc", vol, 3.0)
+    r = mpi_em(["align-symmetry", "--i", tmp_path / "map.mrc", "--sym", "c4", "--o", tmp_path / "out.mrc",
+                "--frame", tmp_path / "frame.json"], ranks=0)
+    assert r.returncode == 0, r.stderr
+    out, apix = read_map(tmp_path / "out.mrc")
+    assert apix == pytest.approx(3.0)
+    assert _cc(out, resample(out, rotation_about_axis((0, 0, 1), 4).T)) > 0.98
+    import json
+
+    info = json.loads((tmp_path / "frame.json").read_text())
+    assert info["sym"] == "C4" and info["score"] > 0.9
+
+
+def test_align_symmetry_bad_input(tmp_path):
+    from conftest import mpi_em
+    from mpi_em.io import write_map
+
+    write_map(tmp_path / "map.mrc", np.zeros((16, 16, 16), np.float32), 2.0)
+    for opts, word in ((["--sym", "X5"], "--sym"), (["--sym", "D7", "--box-size", "7"], "--box-size"),
+                       (["--sym", "C2", "--i", tmp_path / "nope.mrc"], "nope.mrc")):
+        r = mpi_em(["align-symmetry", "--i", tmp_path / "map.mrc", "--o", tmp_path / "o.mrc"] + opts, ranks=0)
+        assert r.returncode == 2 and word in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "o.mrc").exists()
