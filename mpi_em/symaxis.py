@@ -44,8 +44,8 @@ class SymmetryFrame:
     """The frame found by :func:`find_symmetry_frame` (see the module docstring for the conventions).
 
     R: (3, 3) rotation; shift: (3,) pixels (x, y, z), applied before R; score: mean operator correlation at the
-    best rotation (1 = symmetric); c1_score: the median score over the coarse grid, what orientations that do not
-    align the axes give (a map without this symmetry has ``score`` close to it); sym_cc: correlation of the
+    best rotation (1 = symmetric); c1_score: the median score of (up to 48 of) the coarse grid's rotations on the
+    same working copy, what orientations that do not align the axes give (a map without this symmetry has ``score`` close to it); sym_cc: correlation of the
     rotated working copy with its symmetrised version; group: canonical name; step_deg: the last search step."""
 
     R: np.ndarray
@@ -75,6 +75,30 @@ def centre_of_mass(vol) -> np.ndarray:
     return np.asarray(out)
 
 
+def _masked_centre(w, radius: float, iterations: int = 100, tol: float = 1e-3) -> np.ndarray:
+    """Centre of mass of the positive part of ``w`` above its median (the solvent level) within a sphere of
+    ``radius`` about the current estimate, iterated from the box centre: noise inside the sphere pulls towards the
+    estimate only, so the fixed point is the density's centre (a box-wide centre of mass of noisy map is pulled
+    towards the box centre)."""
+    xp = xp_of(w)
+    m = w.shape[0]
+    v = xp.maximum(w - xp.median(w), 0.0)
+    c1 = xp.arange(m, dtype=xp.float64) - m // 2
+    z, y, x = c1[:, None, None], c1[None, :, None], c1[None, None, :]
+    c = np.zeros(3)
+    for _ in range(iterations):
+        wt = v * (((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) <= radius ** 2)
+        tot = float(wt.sum())
+        if tot <= 0:
+            break
+        new = np.array([float((wt * x).sum()), float((wt * y).sum()), float((wt * z).sum())]) / tot
+        done = np.abs(new - c).max() < tol
+        c = new
+        if done:
+            break
+    return c
+
+
 def _shift_phase(n: int, shift, xp):
     """exp(-2 pi i k.s / n) on the (n, n, n//2+1) rFFT grid: multiplying moves the map by +s."""
     k = xp.fft.fftfreq(n) * n
@@ -92,20 +116,34 @@ def shift_map(vol, shift):
     return xp.fft.fftshift(xp.fft.irfftn(F * _shift_phase(n, shift, xp), s=vol.shape, axes=(0, 1, 2)))
 
 
+class _Cropped:
+    """The map's transform Fourier-cropped to m^3, to make working copies at any shift: the map moved by the shift,
+    at a coarser voxel (values kept), with a raised-cosine fall-off over the outer fifth of the new Nyquist."""
+
+    def __init__(self, vol, m: int):
+        xp = self.xp = xp_of(vol)
+        self.n, self.m = vol.shape[0], m
+        F = xp.fft.rfftn(xp.fft.ifftshift(xp.asarray(vol, dtype=xp.float64)))
+        if m < self.n:
+            keep = np.r_[0:m // 2, self.n - m // 2:self.n]
+            F = F[keep][:, keep][:, :, :m // 2 + 1]
+        k = xp.fft.fftfreq(m)
+        r = xp.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + xp.fft.rfftfreq(m)[None, None, :] ** 2) * 2.0
+        w = xp.clip((1.0 - r) / 0.2, 0.0, 1.0)
+        self.F = F * (0.5 - 0.5 * xp.cos(np.pi * w)) * (m / self.n) ** 3
+        ki = xp.fft.fftfreq(m) * m  # the integer frequencies kept, the same on the n grid
+        self.k = (xp.fft.rfftfreq(m) * m, ki, ki)
+
+    def copy(self, shift):
+        xp, m = self.xp, self.m
+        kx, ky, kz = self.k
+        s = np.asarray(shift, dtype=np.float64)
+        ph = (kx[None, None, :] * s[0] + ky[None, :, None] * s[1] + kz[:, None, None] * s[2]) / self.n
+        return xp.fft.fftshift(xp.fft.irfftn(self.F * xp.exp(-2j * np.pi * ph), s=(m, m, m), axes=(0, 1, 2)))
+
+
 def _working_copy(vol, shift, m: int):
-    """``vol`` moved by ``shift``, Fourier-cropped to m^3 (values kept: the same map at a coarser voxel), with a
-    raised-cosine fall-off over the outer fifth of the new Nyquist."""
-    xp = xp_of(vol)
-    n = vol.shape[0]
-    F = xp.fft.rfftn(xp.fft.ifftshift(xp.asarray(vol, dtype=xp.float64))) * _shift_phase(n, shift, xp)
-    if m < n:
-        keep = np.r_[0:m // 2, n - m // 2:n]
-        F = F[keep][:, keep][:, :, :m // 2 + 1]
-    k = xp.fft.fftfreq(m)
-    r = xp.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + xp.fft.rfftfreq(m)[None, None, :] ** 2) * 2.0
-    w = xp.clip((1.0 - r) / 0.2, 0.0, 1.0)
-    F = F * (0.5 - 0.5 * xp.cos(np.pi * w))
-    return xp.fft.fftshift(xp.fft.irfftn(F, s=(m, m, m), axes=(0, 1, 2))) * (m / n) ** 3
+    return _Cropped(vol, m).copy(shift)
 
 
 def _sphere_points(m: int, radius: float, xp):
@@ -252,39 +290,73 @@ def _orthonormal(R):
 
 def find_symmetry_frame(vol, group: str, apix: float = 1.0, work_box: int = 32, radius_px: float | None = None,
                         coarse_order: int = 2, min_step_deg: float = 0.5, keep: int = 4,
-                        centre=None) -> SymmetryFrame:
+                        centre=None, refine_centre: bool = False, max_centre_move: float = 0.08) -> SymmetryFrame:
     """The rotation (and centre) that puts the symmetry axes of ``vol`` onto ``group``'s standard axes.
 
     vol: (N, N, N) map (NumPy or CuPy); group: RELION point group name; apix: voxel size in Å (recorded for
     callers; the search works in pixels); work_box: box of the working copy (Fourier crop, <= N; the coarse grid
     runs at half of it); radius_px: sphere radius in pixels of the input map (default 0.45 N); coarse_order:
     HEALPix order of the coarse grid (2 = 15 deg); min_step_deg: the finest local step; keep: coarse rotations
-    refined; centre: the symmetry centre (x, y, z pixels about N//2) if known, else the centre of mass.
+    refined; centre: the symmetry centre (x, y, z pixels about N//2) if known (kept), else the centre of mass of the
+    low-passed map above its median, then (``refine_centre``) moved while that raises the score (pattern search,
+    1 to 1/4 working pixel, at most ``max_centre_move`` x N pixels; along a C<n> axis the score is flat and the
+    centre of mass stays).
     """
     canon = canonical_symmetry_name(group)
     xp = xp_of(vol)
     n = vol.shape[0]
     if vol.ndim != 3 or vol.shape != (n, n, n):
         raise ValueError(f"expected a cubic map, got shape {tuple(vol.shape)}")
-    c = centre_of_mass(vol) if centre is None else np.asarray(centre, dtype=np.float64)
-    shift = -c
-    if canon == "C1":
-        return SymmetryFrame(np.eye(3), shift, 1.0, 1.0, 1.0, canon, 0.0)
     m = min(int(work_box) // 2 * 2, n // 2 * 2)
     radius = (0.45 * n if radius_px is None else float(radius_px)) * m / n
-    fine = _Scorer(_working_copy(vol, shift, m), radius, canon)
+    crop = _Cropped(vol, m)
+    if centre is None:
+        shift = -_masked_centre(crop.copy(np.zeros(3)), radius) * (n / m)
+    else:
+        shift = -np.asarray(centre, dtype=np.float64)
+    if canon == "C1":
+        return SymmetryFrame(np.eye(3), shift, 1.0, 1.0, 1.0, canon, 0.0)
     mc = max(8, m // 2 // 2 * 2)
-    coarse = _Scorer(_working_copy(vol, shift, mc), radius * mc / m, canon)
+    coarse = _Scorer(_Cropped(vol, mc).copy(shift), radius * mc / m, canon)
     R0 = _coarse_rotations(canon, coarse_order)
     s0 = coarse(R0)
     step = angular_step(coarse_order)
     Rc, _, _ = _refine(coarse, R0, s0, step / 2, step / 2, keep)  # one level on the coarse copy: nearest basin
-    s1 = fine(Rc[None])
-    R, score, last = _refine(fine, Rc[None], s1, step / 4, min_step_deg, 1)
+    fine = _Scorer(crop.copy(shift), radius, canon)
+    R, score, last = _refine(fine, Rc[None], fine(Rc[None]), step / 4, 2.0, 1)
+    evals = coarse.evaluations + fine.evaluations
+    if centre is None and refine_centre:
+        shift, evals2 = _refine_centre(crop, R, shift, radius, canon, n / m, max_centre_move * n)
+        fine = _Scorer(crop.copy(shift), radius, canon)
+        evals += evals2
+    R, score, last = _refine(fine, R[None], fine(R[None]), min(last, 2.0), min_step_deg, 1)
     R = _orthonormal(R)
     sym_cc = _symmetrised_cc(fine, R, canon)
-    return SymmetryFrame(R, shift, score, float(np.median(s0)), sym_cc, canon, last,
-                         coarse.evaluations + fine.evaluations)
+    c1_score = float(np.median(fine(R0[np.linspace(0, len(R0) - 1, min(48, len(R0))).astype(int)])))
+    return SymmetryFrame(R, shift, score, c1_score, sym_cc, canon, last, evals + fine.evaluations)
+
+
+def _refine_centre(crop, R, shift, radius: float, canon: str, px: float, reach: float, steps=(1.0, 0.5, 0.25)):
+    """Pattern search of the shift (input pixels; steps in working pixels x ``px``) maximising the score of R, at
+    most ``reach`` input pixels from where it starts (the correlation does not see how much of the map is in the
+    sphere: a centre far off would score the symmetry of a map's edge)."""
+    start = np.asarray(shift, dtype=np.float64)
+
+    def score(s):
+        if np.linalg.norm(s - start) > reach:
+            return -np.inf
+        return float(_Scorer(crop.copy(s), radius, canon)(R[None])[0])
+
+    best, evals = score(shift), 1
+    for st in steps:
+        for _ in range(8):
+            cand = shift + np.vstack([np.eye(3), -np.eye(3)]) * (st * px)
+            sc = [score(c) for c in cand]
+            evals += len(cand)
+            if max(sc) <= best:
+                break
+            best, shift = max(sc), cand[int(np.argmax(sc))]
+    return shift, evals
 
 
 def _symmetrised_cc(scorer, R, canon: str) -> float:
