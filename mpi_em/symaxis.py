@@ -7,12 +7,13 @@ moves the map by ``s`` first, then rotates it by R, so a feature at x lands at y
 W(y) = V(R^T y - s). The map's symmetry centre is at -s before the move.
 
 Search (RELION: a few hundred random orientations, then a local grid, on a small low-passed copy, keeping the one
-whose symmetrised copy differs least from the rotated map): the map is re-centred on its centre of mass, Fourier
-cropped to a small box and soft low-passed, and only the voxels inside a sphere are used. For a rotation R the
-score is the mean, over the group's operators L other than the identity, of the correlation between the copy of
-the map rotated into the frame, W, and W(L y) -- the map and its copy under the operator R^T L R. The map's
-symmetrised copy S is the average of those copies, so its correlation with W is sqrt((1 + (n - 1) score) / n) for
-a group of order n (S is W's orthogonal projection onto the symmetric maps): the two rank rotations alike, and
+whose symmetrised copy differs least from the rotated map): the map is Fourier cropped to a small box and soft
+low-passed, re-centred on its centre of mass (within a sphere about the estimate, iterated), its rotational average
+about the centre is removed (every rotation leaves it alone), and only the voxels inside a sphere are used. For a
+rotation R the score is the mean, over the group's operators L other than the identity, of the correlation between
+the copy of the map rotated into the frame, W, and W(L y) -- the map and its copy under the operator R^T L R. The
+map's symmetrised copy S is the average of those copies, so its correlation with W is sqrt((1 + (n - 1) score) / n)
+for a group of order n (S is W's orthogonal projection onto the symmetric maps): the two rank rotations alike, and
 ``score`` is 1 for a perfectly symmetric map in the frame and near the level of unrelated orientations otherwise.
 
 The score of R and of N R are equal for every N of the group's normaliser (the rotations that map the group onto
@@ -45,8 +46,9 @@ class SymmetryFrame:
 
     R: (3, 3) rotation; shift: (3,) pixels (x, y, z), applied before R; score: mean operator correlation at the
     best rotation (1 = symmetric); c1_score: the median score of (up to 48 of) the coarse grid's rotations on the
-    same working copy, what orientations that do not align the axes give (a map without this symmetry has ``score`` close to it); sym_cc: correlation of the
-    rotated working copy with its symmetrised version; group: canonical name; step_deg: the last search step."""
+    same working copy, what orientations that do not align the axes give (a map without this symmetry scores not
+    far above it); sym_cc: correlation of the rotated working copy with its symmetrised version; group: canonical
+    name; step_deg: the last search step; evaluations: rotations x operators scored."""
 
     R: np.ndarray
     shift: np.ndarray
@@ -302,7 +304,6 @@ def find_symmetry_frame(vol, group: str, apix: float = 1.0, work_box: int = 32, 
     C4 score from 0.50 to 0.79).
     """
     canon = canonical_symmetry_name(group)
-    xp = xp_of(vol)
     n = vol.shape[0]
     if vol.ndim != 3 or vol.shape != (n, n, n):
         raise ValueError(f"expected a cubic map, got shape {tuple(vol.shape)}")
@@ -322,13 +323,11 @@ def find_symmetry_frame(vol, group: str, apix: float = 1.0, work_box: int = 32, 
     step = angular_step(coarse_order)
     Rc, _, _ = _refine(coarse, R0, s0, step / 2, step / 2, keep)  # one level on the coarse copy: nearest basin
     fine = _Scorer(crop.copy(shift), radius, canon)
-    R, score, last = _refine(fine, Rc[None], fine(Rc[None]), step / 4, 2.0, 1)
-    evals = coarse.evaluations
-    R, score, last = _refine(fine, R[None], fine(R[None]), min(last, 2.0), min_step_deg, 1)
+    R, score, last = _refine(fine, Rc[None], fine(Rc[None]), step / 4, min_step_deg, 1)
     R = _orthonormal(R)
     sym_cc = _symmetrised_cc(fine, R, canon)
     c1_score = float(np.median(fine(R0[np.linspace(0, len(R0) - 1, min(48, len(R0))).astype(int)])))
-    return SymmetryFrame(R, shift, score, c1_score, sym_cc, canon, last, evals + fine.evaluations)
+    return SymmetryFrame(R, shift, score, c1_score, sym_cc, canon, last, coarse.evaluations + fine.evaluations)
 
 
 def _symmetrised_cc(scorer, R, canon: str) -> float:
