@@ -95,6 +95,17 @@ def test_c4_axis_found():
     assert _cc(out, resample(out, rotation_about_axis((0, 0, 1), 4).T)) > 0.98
 
 
+def test_t_frame_normalises_the_group():
+    """RELION's T (3-fold on z, no 2-fold on x, y or z): the residual rotation maps the group onto itself, i.e. it
+    lies in T's normaliser (an octahedral group in T's own frame, not RELION's O): every R L R^T is in T."""
+    truth = phantom(32, seed=2, sym="T")
+    vol, A, _ = _rotated_and_shifted(truth, seed=5, max_shift=2.0)
+    frame = sa.find_symmetry_frame(vol, "T")
+    res, G = frame.R @ A, symmetry_matrices("T")
+    assert max(_min_angle_to(res @ L @ res.T, G) for L in G) < 2.5  # measured 1.2
+    assert frame.score > 0.9 and frame.c1_score < 0.3
+
+
 def test_c1_map_scores_low_for_any_group(d7_case):
     """Negative test: a map without symmetry has a clearly lower best score than a symmetric one (measured: D7
     0.37 and C4 0.50 for this C1 phantom, 0.98 for the D7 phantom)."""

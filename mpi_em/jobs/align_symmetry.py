@@ -3,7 +3,8 @@ axes (RELION's convention), then symmetrise it, as RELION's `relion_align_symmet
 only: ``--no-symmetrise``). The search is :func:`mpi_em.symaxis.find_symmetry_frame`; rank 0 does the work.
 
 ``--frame JSON`` writes the frame (rotation, shift in pixels, scores) so that particle poses can follow the map
-(:func:`mpi_em.symaxis.poses_in_frame`).
+(:func:`mpi_em.symaxis.poses_in_frame`); its ``euler_rot_tilt_psi`` are the angles of the rotation in RELION's
+convention, what relion_align_symmetry prints as its solution (up to the group's normaliser).
 """
 from __future__ import annotations
 
