@@ -108,6 +108,7 @@ COMMANDS = (
      "RELION's post-processing of two half maps: unmasked, masked, phase-randomised and corrected FSC (Chen et al. "
      "2013), final resolution, B-factor from a Guinier fit or given, FSC-weighted sharpened map low-passed at the "
      "final resolution.", ("output",)),
+    ("align-symmetry", "align_symmetry", "rotate a map onto a point group's axes and symmetrise it", None, ()),
     ("fsc", "fsc", "FSC between two maps and the resolution at a threshold", None, ()),
     ("warmup", "warmup", "compile the GPU kernels ahead of the data (once per machine)", None, ()),
 )
