@@ -102,7 +102,7 @@ def plane_coords(geom: SliceGeometry, R):
     """(n, m, 2) padded-plane coordinates (x, y) = pad * R^T (kx, ky) for rotations R (..., 2, 2), n = prod(...)."""
     xp = geom.xp
     R = xp.asarray(R, dtype=xp.float64).reshape(-1, 2, 2)
-    return geom.pad * xp.einsum("mi,nij->nmj", geom.kxy, R)
+    return geom.kxy @ (geom.pad * R)  # (m, 2) @ (n, 2, 2): one batched product (einsum loops slowly here)
 
 
 def _bilinear_stencil(coords, npad: int):
@@ -145,16 +145,33 @@ def project2d(Fplanes, R, geom: SliceGeometry, plane_index=None):
 
         return kernels.project2d(Fplanes, R, geom, plane_index if Fplanes.ndim == 3 else None)
     lead = tuple(R.shape[:-2])
-    idx, w, flip = _bilinear_stencil(plane_coords(geom, R), geom.npad)
-    w = w.astype(Fplanes.real.dtype)
-    if Fplanes.ndim == 2:
-        vals = (Fplanes.reshape(-1)[idx] * w).sum(axis=-1)
-    elif plane_index is None:
-        vals = (Fplanes.reshape(Fplanes.shape[0], -1)[:, idx] * w).sum(axis=-1)
+    # corner by corner: each pass gathers and weights one contiguous (n, m) array (an (n, m, 4) stencil's
+    # inner axis of 4 is slow to stack and reduce in NumPy); same corner order and weights as _bilinear_stencil
+    coords = plane_coords(geom, R)
+    flip = coords[..., 0] < 0
+    c = xp.where(flip[..., None], -coords, coords)
+    c0 = xp.floor(c)
+    f = c - c0
+    c0 = c0.astype(xp.int64)
+    npad, nxh = geom.npad, geom.npad // 2 + 1
+    rdt = Fplanes.real.dtype
+    if Fplanes.ndim == 3 and plane_index is None:
+        flat, off = Fplanes.reshape(Fplanes.shape[0], -1), 0
         lead = (Fplanes.shape[0],) + lead
     else:
-        off = xp.asarray(plane_index, dtype=xp.int64).reshape(-1, 1, 1) * _plane_size(geom)
-        vals = (Fplanes.reshape(-1)[idx + off] * w).sum(axis=-1)
+        flat = Fplanes.reshape(-1)
+        off = 0 if Fplanes.ndim == 2 else \
+            xp.asarray(plane_index, dtype=xp.int64).reshape(-1, 1) * _plane_size(geom)
+    vals = None
+    for dy in (0, 1):
+        wy = f[..., 1] if dy else 1.0 - f[..., 1]
+        row = ((c0[..., 1] + dy) % npad) * nxh + off
+        for dx in (0, 1):
+            wx = f[..., 0] if dx else 1.0 - f[..., 0]
+            i = row + c0[..., 0] + dx
+            g = flat[:, i] if flat.ndim == 2 else flat[i]
+            term = g * (wy * wx).astype(rdt)
+            vals = term if vals is None else vals + term
     return xp.where(flip, xp.conj(vals), vals).reshape(lead + (geom.m,))
 
 
