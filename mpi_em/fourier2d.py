@@ -20,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import scatter_add, xp_of
-from .fourier import SliceGeometry, _sinc2_1d_host, default_r_max, fused_kernels, regularised_denominator
+from .fourier import SliceGeometry, default_r_max, fused_kernels, regularised_denominator
+from .fourier.transforms import _sinc2_1d_host
 
 __all__ = ["gridding_factor_2d", "pad_image", "crop_image", "plane_fft", "plane_ifft", "plane_shape",
            "rotation_matrices_2d", "plane_coords", "project2d", "backproject2d", "enforce_hermitian_x0_2d",

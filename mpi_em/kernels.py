@@ -33,7 +33,7 @@ __device__ __forceinline__ void rotate(const double* __restrict__ A, const doubl
 __device__ __forceinline__ void trilinear(const double* c, int npad, int nxh, long long off, long long* idx,
                                           double* w) {
     // the 8 corners of c (x >= 0) in (dz, dy, dx) raster order: flat indices (y and z wrap) and weights, as
-    // mpi_em.fourier._trilinear_stencil (a corner beyond the grid, |z| or |y| > Np/2 or x > Np/2: weight 0, index
+    // mpi_em.fourier.projector._trilinear_stencil (a corner beyond the grid, |z| or |y| > Np/2 or x > Np/2: weight 0, index
     // clamped)
     const double x0 = floor(c[0]), y0 = floor(c[1]), z0 = floor(c[2]);
     const double fx = c[0] - x0, fy = c[1] - y0, fz = c[2] - z0;

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import xp_of
-from .fourier import _trilinear_stencil, enforce_hermitian_x0, fused_kernels, radius_3d
+from .fourier import enforce_hermitian_x0, fused_kernels, radius_3d
+from .fourier.projector import _trilinear_stencil
 
 
 def symmetrise(F_acc, W_acc, sym_mats, chunk: int = 1 << 18) -> None:
