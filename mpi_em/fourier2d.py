@@ -20,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import scatter_add, xp_of
-from .fourier import SliceGeometry, default_r_max, fused_kernels, regularised_denominator
+from . import kernels
+from .fourier import SliceGeometry, default_r_max, regularised_denominator
 from .fourier.transforms import _sinc2_1d_host
 
 __all__ = ["gridding_factor_2d", "pad_image", "crop_image", "plane_fft", "plane_ifft", "plane_shape",
@@ -141,9 +142,7 @@ def project2d(Fplanes, R, geom: SliceGeometry, plane_index=None):
     - a stack without ``plane_index``: every plane with every rotation -> (K,) + lead + (m,).
     """
     xp = xp_of(Fplanes)
-    if xp is not np and fused_kernels() and (Fplanes.ndim == 2 or plane_index is not None):
-        from . import kernels
-
+    if kernels.use_fused(xp) and (Fplanes.ndim == 2 or plane_index is not None):
         return kernels.project2d(Fplanes, R, geom, plane_index if Fplanes.ndim == 3 else None)
     lead = tuple(R.shape[:-2])
     idx, w, flip = _bilinear_stencil(plane_coords(geom, R), geom.npad)
@@ -168,10 +167,7 @@ def backproject2d(F_acc, W_acc, R, data, weights, geom: SliceGeometry, plane_ind
     or broadcastable to it.
     """
     xp = xp_of(F_acc)
-    if xp is not np and fused_kernels() and (F_acc.ndim == 2 or plane_index is not None) and \
-            F_acc.dtype == np.complex128 and (W_acc is None or W_acc.dtype == np.float64):
-        from . import kernels
-
+    if kernels.use_fused(xp, F_acc, W_acc) and (F_acc.ndim == 2 or plane_index is not None):
         return kernels.backproject2d(F_acc, W_acc, R, data, weights, geom,
                                      plane_index if F_acc.ndim == 3 else None)
     idx, w, flip = _bilinear_stencil(plane_coords(geom, R), geom.npad)  # (n, m, 4), n = prod(lead)

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 from .division import enforce_hermitian_x0, reconstruct, reconstruction_ball, regularised_denominator, soft_mask_outside
 from .grids import check_box, default_r_max, freq_grid_2d, radius_2d, radius_3d, shell_index
-from .projector import CentredVolumes, SliceGeometry, backproject, fused_kernels, padded_reach, project
+from .projector import CentredVolumes, SliceGeometry, backproject, padded_reach, project
+from .projector import _trilinear_stencil  # noqa: F401 (private; imported from here by mpi_em.symaxis)
 from .transforms import (RECONSTRUCT_CHUNKS, crop_volume, gridding_factor, image_fft, image_ifft, pad_volume,
                          shift_phases, volume_fft, volume_ifft)
 
 __all__ = ["CentredVolumes", "RECONSTRUCT_CHUNKS", "SliceGeometry", "backproject", "check_box", "crop_volume",
-           "default_r_max", "enforce_hermitian_x0", "freq_grid_2d", "fused_kernels", "gridding_factor", "image_fft",
+           "default_r_max", "enforce_hermitian_x0", "freq_grid_2d", "gridding_factor", "image_fft",
            "image_ifft", "pad_volume", "padded_reach", "project", "radius_2d", "radius_3d", "reconstruct",
            "reconstruction_ball", "regularised_denominator", "shell_index", "shift_phases", "soft_mask_outside",
            "volume_fft", "volume_ifft"]

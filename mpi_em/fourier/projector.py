@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import config
+from .. import kernels
 from ..backend import scatter_add, xp_of
 from .grids import check_box, default_r_max, freq_grid_2d, radius_2d
 
@@ -63,11 +63,6 @@ def padded_reach(r_max: float, pad: int) -> float:
     return pad * float(r_max) + 2.0
 
 
-def fused_kernels() -> bool:
-    """GPU arrays use the fused CUDA kernels of :mod:`mpi_em.kernels` unless MPI_EM_FUSED_KERNELS=0."""
-    return config.fused_kernels()
-
-
 def _trilinear_stencil(coords, npad: int):
     """Flat indices (n, m, 8), weights (n, m, 8) and Friedel flags (n, m) for trilinear sampling.
 
@@ -117,9 +112,7 @@ def project(Fvol, A, geom: SliceGeometry, vol_index=None):
     naming the volume each rotation samples.
     """
     xp = xp_of(Fvol)
-    if xp is not np and fused_kernels():
-        from . import kernels
-
+    if kernels.use_fused(xp):
         return kernels.project(Fvol, A, geom, vol_index)
     lead = A.shape[:-2]
     A = xp.asarray(A).reshape(-1, 3, 3)
@@ -187,10 +180,7 @@ def backproject(F_acc, W_acc, A, data, weights, geom: SliceGeometry, vol_index=N
     inserted once per point-group operator L, with rotation A @ L (on GPUs in the same kernel launch).
     """
     xp = xp_of(F_acc)
-    if xp is not np and fused_kernels() and F_acc.dtype == np.complex128 and \
-            (W_acc is None or W_acc.dtype == np.float64):
-        from . import kernels
-
+    if kernels.use_fused(xp, F_acc, W_acc):
         return kernels.backproject(F_acc, W_acc, A, data, weights, geom, vol_index, sym_mats=sym_mats)
     A = xp.asarray(A, dtype=xp.float64).reshape(-1, 3, 3)
     if sym_mats is not None:
