@@ -9,21 +9,28 @@ from .grids import default_r_max, shell_index
 from .transforms import RECONSTRUCT_CHUNKS, _ifft_cropped
 
 
-def enforce_hermitian_x0(F, W=None):
+def enforce_hermitian_x0(F, W=None, dim: int = 3):
     """Merge the kx = 0 plane's Friedel pairs (RELION enforceHermitianSymmetry), in place.
 
     Both (ky, kz) and (-ky, -kz) on the kx = 0 plane receive data during insertion; they describe one
-    Fourier component, so each becomes the sum of itself and the conjugate of its mirror.
+    Fourier component, so each becomes the sum of itself and the conjugate of its mirror. ``dim`` 3: volumes
+    (..., Np, Np, Np//2+1); ``dim`` 2: planes (..., Np, Np//2+1), whose kx = 0 column pairs ky with -ky.
     """
     xp = xp_of(F)
-    npad = F.shape[-3]
+    npad = F.shape[-2]
     mirror = (-xp.arange(npad)) % npad
-    plane = F[..., :, :, 0]
-    plane_m = plane[..., mirror, :][..., :, mirror]
-    F[..., :, :, 0] = plane + xp.conj(plane_m)
+
+    def mirrored(a):  # a[..., -k, -k'] of the kx = 0 plane (or a[..., -k] of the column)
+        for axis in range(-1, -dim, -1):
+            a = xp.take(a, mirror, axis=axis)
+        return a
+
+    x0 = (Ellipsis, 0)
+    plane = F[x0]
+    F[x0] = plane + xp.conj(mirrored(plane))
     if W is not None:
-        wp = W[..., :, :, 0]
-        W[..., :, :, 0] = wp + wp[..., mirror, :][..., :, mirror]
+        wp = W[x0]
+        W[x0] = wp + mirrored(wp)
 
 
 def regularised_denominator(W, r, mean_w, tau2=None, tau2_fudge: float = 1.0, min_weight: float = 1e-3):
@@ -100,31 +107,49 @@ def reconstruct(F_acc, W_acc, box: int, pad: int = 2, r_max: float | None = None
     ~1/:data:`RECONSTRUCT_CHUNKS` of the volume: the division and the inverse FFT (:func:`_ifft_cropped`) go plane by
     plane, in place, and only the rows and columns inside the final crop are transformed along the last axes.
     """
-    xp = xp_of(F_acc)
     r_max = default_r_max(box) if r_max is None else r_max
+    F = divide_in_ball(F_acc, W_acc, box, 3, pad, r_max, tau2, tau2_fudge, min_weight)
+    vol = _ifft_cropped(F, box, pad, reach=pad * (r_max + 0.5), gridding=gridding)
+    return soft_mask_outside(vol, inplace=True) if mask_outside else vol
+
+
+def divide_in_ball(F_acc, W_acc, box: int, dim: int, pad: int, r_max: float, tau2=None, tau2_fudge: float = 1.0,
+                   min_weight: float = 1e-3):
+    """The reconstruction's division, one implementation for volumes (``dim`` 3: :func:`reconstruct`) and planes
+    (``dim`` 2: :func:`mpi_em.fourier2d.reconstruct2d`): a complex128 copy of ``F_acc`` and a float64 copy of
+    ``W_acc``, the Hermitian merge of their kx = 0 plane (column), F divided in place by
+    :func:`regularised_denominator` inside :func:`reconstruction_ball`, 0 outside -> F (the inputs are not
+    modified). The mean weight of the floor is one number for a volume (summed chunk by chunk) and one per plane
+    for planes (a stack of class averages: each plane its own floor). Volumes go in ~1/:data:`RECONSTRUCT_CHUNKS`
+    chunks of kz planes (temporaries of that size), planes in one."""
+    xp = xp_of(F_acc)
     npad = pad * box
     F = xp.array(F_acc, dtype=xp.complex128)
     W = xp.array(W_acc, dtype=xp.float64)
-    enforce_hermitian_x0(F, W)
-    step = -(-npad // RECONSTRUCT_CHUNKS)
-    kz = np.fft.fftfreq(npad, d=1.0 / npad)
+    enforce_hermitian_x0(F, W, dim)
+    step = -(-npad // RECONSTRUCT_CHUNKS) if dim == 3 else npad
+    k0 = np.fft.fftfreq(npad, d=1.0 / npad)                               # the chunked axis: kz (3D), ky (2D)
     ky = xp.fft.fftfreq(npad, d=1.0 / npad).reshape(1, -1, 1)
-    kx = xp.arange(npad // 2 + 1, dtype=xp.float64).reshape(1, 1, -1)
+    kx = xp.arange(npad // 2 + 1, dtype=xp.float64).reshape((1,) * (dim - 1) + (-1,))
+    rest = (slice(None),) * (dim - 1)
 
-    def chunks():  # (plane slice, |k| / pad in image pixels, the ball) per chunk of kz planes
-        for z0 in range(0, npad, step):
-            z = xp.asarray(kz[z0:z0 + step]).reshape(-1, 1, 1)
-            r = xp.sqrt(z * z + ky * ky + kx * kx) / pad
-            yield slice(z0, z0 + step), r, reconstruction_ball(r, r_max, box)
+    def chunks():  # (index of the chunk, |k| / pad in image pixels, the ball) per chunk of the first axis
+        for a0 in range(0, npad, step):
+            z = xp.asarray(k0[a0:a0 + step]).reshape((-1,) + (1,) * (dim - 1))
+            r = xp.sqrt(z * z + ky * ky + kx * kx if dim == 3 else z * z + kx * kx) / pad
+            yield (Ellipsis, slice(a0, a0 + step)) + rest, r, reconstruction_ball(r, r_max, box)
 
-    total, count = 0.0, 0
-    for sl, r, inside in chunks():  # mean of W in the ball
-        total += float(W[sl][inside].sum())
-        count += int(inside.sum())
-    mean_w = total / count if count else 1.0
+    if dim == 3:
+        total, count = 0.0, 0
+        for sl, r, inside in chunks():  # mean of W in the ball
+            total += float(W[sl][inside].sum())
+            count += int(inside.sum())
+        mean_w = total / count if count else 1.0
+    else:
+        (_, _, inside), = chunks()
+        mean_w = (W * inside).sum(axis=(-2, -1), keepdims=True) / max(int(inside.sum()), 1)
     for sl, r, inside in chunks():  # division in place, zero outside the ball
-        F[sl] /= regularised_denominator(W[sl], r, mean_w, tau2, tau2_fudge, min_weight)
-        F[sl][~inside] = 0
-    del W
-    vol = _ifft_cropped(F, box, pad, reach=pad * (r_max + 0.5), gridding=gridding)
-    return soft_mask_outside(vol, inplace=True) if mask_outside else vol
+        Fc = F[sl]
+        Fc /= regularised_denominator(W[sl], r, mean_w, tau2, tau2_fudge, min_weight)
+        Fc[..., ~inside] = 0
+    return F
