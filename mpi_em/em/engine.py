@@ -99,6 +99,7 @@ def image_shifts_px(plan, sl, pixel_size: float) -> np.ndarray:
 
 
 def current_mats(plan, sl, dim: int, xp):
+    """The particles' current rotations, (n, 3, 3) from (rot, tilt, psi) in 3D, (n, 2, 2) from psi in 2D."""
     if dim == 3:
         return euler_to_matrix(plan["rot"][sl], plan["tilt"][sl], plan["psi"][sl], xp=xp)
     return rotation_2d(xp.asarray(plan["psi"][sl]), xp)
@@ -109,6 +110,11 @@ def expectation_batch(X, ctf, inv_sigma2, shells, refs: References, vol_base, pr
                       timer=NULL_TIMER, prior_offsets=None):
     """E-step of one batch (n particles). Returns host arrays of the new poses and weights per particle:
     dict(mats (n,d,d), cls (n,), shift (n,2) change in px, pmax (n,), loglike (n,), nsig (n,)).
+    Shapes (m in-ball points of ``geom``, d = ``spec.dim``): ``X`` (n, m) complex images re-centred on their
+    offsets and ``ctf`` (n, m) (:func:`prepare_batch`), ``inv_sigma2`` (m,) float32 and ``shells`` (m,) int
+    (:func:`inverse_sigma2_points`, :func:`shell_of_points`), ``vol_base`` (n,) the first volume of each particle's
+    reference set, ``prev_mats`` (n, d, d), ``prev_class`` (n,) 0-based; ``F_acc``, ``W_acc`` the accumulators
+    (V, Np, Np, Np//2+1) in 3D, (V, Np, Np//2+1) in 2D, or (:class:`mpi_em.em.model.OwnedAccumulators`, None).
     ``timer`` (:class:`mpi_em.timing.PhaseTimer`): phases coarse / fine / insert / stats, GEMM flops.
     ``prior_offsets`` (n, 2) px: the images' current offsets from the centre of the offset prior (the images
     are already re-centred on them): translation t gives the offset o + t, whose prior is Gaussian around 0 of
@@ -207,7 +213,8 @@ def _batch_stats(X, inv_sigma2, shells, spec, geom, stats, n_shells, fine: FineP
 
 
 def update_plan_poses(plan, sl, res, dim: int, pixel_size: float) -> None:
-    """Write a batch's new poses into the rank's plan (angles in degrees, origins in Å)."""
+    """Write a batch's new poses into the rank's plan (angles in degrees, origins in Å): ``res`` of
+    :func:`expectation_batch` for the particles ``sl`` of the plan, its shifts in px (``pixel_size`` Å/px)."""
     rot, tilt, psi = angles_from_mats(res["mats"], dim)
     if dim == 3:
         plan["rot"][sl], plan["tilt"][sl] = rot, tilt
@@ -222,7 +229,8 @@ def update_plan_poses(plan, sl, res, dim: int, pixel_size: float) -> None:
 
 
 def sigma2_from_images(X, shells, n_shells):
-    """Initial noise power per shell: mean |X|^2 / 2 (host arrays: sums and counts)."""
+    """Initial noise power per shell: mean |X|^2 / 2 of ``X`` (n, m) at the points of ``shells`` (m,) -> host sums
+    and counts, (n_shells,) each."""
     xp = xp_of(X)
     p = 0.5 * (X.real ** 2 + X.imag ** 2).astype(xp.float64)
     s = xp.bincount(shells, weights=p.sum(axis=0), minlength=n_shells)[:n_shells]
@@ -231,6 +239,7 @@ def sigma2_from_images(X, shells, n_shells):
 
 
 def inverse_sigma2_points(sigma2, shells, xp):
+    """1 / sigma^2 (n_shells,) at the in-ball points of ``shells`` (m,) -> (m,) float32, 0 where sigma^2 is 0."""
     s = xp.asarray(sigma2, dtype=xp.float64)[shells]
     return xp.where(s > 0, 1.0 / xp.where(s > 0, s, 1.0), 0.0).astype(xp.float32)
 

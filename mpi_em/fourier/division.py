@@ -36,7 +36,9 @@ def enforce_hermitian_x0(F, W=None, dim: int = 3):
 def regularised_denominator(W, r, mean_w, tau2=None, tau2_fudge: float = 1.0, min_weight: float = 1e-3):
     """The divisor of F in reconstruction, shared by 2D and 3D: max(W, min_weight * mean_w) without a prior,
     W + 1 / (tau2_fudge * tau2(shell)) (floored at 1e-10 * mean_w) with one; ``r`` is |k| in image pixels and
-    ``mean_w`` the mean weight inside the ball (a scalar, or broadcastable per volume/plane).
+    ``mean_w`` the mean weight inside the ball (a scalar, or broadcastable per volume/plane). Shapes: ``W`` (...,
+    *grid) real, ``r`` broadcastable to the grid, ``tau2`` (n_shells,) or (..., n_shells) -> the shape of ``W``,
+    float64.
 
     A shell whose tau2 is 0 (no signal: the gold-standard FSC is 0 or below) has a prior of zero variance, so its
     coefficients come out 0 (a divisor of 1e20 x mean W: 1e-20 of their unregularised value), as RELION's (whose
@@ -57,7 +59,7 @@ def regularised_denominator(W, r, mean_w, tau2=None, tau2_fudge: float = 1.0, mi
 
 
 def reconstruction_ball(r, r_max: float, box: int):
-    """The Fourier voxels a reconstruction keeps, ``r`` = |k| in image pixels: r <= r_max + 1/2, and r < N/2 (the
+    """The Fourier voxels a reconstruction keeps (bool, the shape of ``r``), ``r`` = |k| in image pixels: r <= r_max + 1/2, and r < N/2 (the
     padded grid's Nyquist sphere, RELION's bound, which only matters from r_max = N/2 on)."""
     return (r <= r_max + 0.5) & (r < box / 2)
 

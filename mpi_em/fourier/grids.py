@@ -14,12 +14,13 @@ def freq_grid_2d(box: int, xp=np):
 
 
 def radius_2d(box: int, xp=np):
+    """|k| (image pixels, float64) on the (box, box//2+1) rfft2 grid."""
     ky, kx = freq_grid_2d(box, xp)
     return xp.sqrt(ky * ky + kx * kx)
 
 
 def radius_3d(n: int, xp=np):
-    """|k| on the (n, n, n//2+1) rfftn grid."""
+    """|k| (float64, in units of the grid's frequency step) on the (n, n, n//2+1) rfftn grid."""
     kz = xp.fft.fftfreq(n, d=1.0 / n).reshape(-1, 1, 1)
     ky = kz.reshape(1, -1, 1)
     kx = xp.arange(n // 2 + 1, dtype=xp.float64).reshape(1, 1, -1)
@@ -27,10 +28,13 @@ def radius_3d(n: int, xp=np):
 
 
 def default_r_max(box: int) -> int:
+    """The largest frequency radius (image pixels) a box's slices use by default: N/2 - 1 (every stencil inside the
+    padded grid)."""
     return box // 2 - 1
 
 
 def check_box(box: int) -> None:
+    """ValueError unless the box (pixels) is even and at least 8."""
     if box % 2 or box < 8:
         raise ValueError(f"box size must be even and >= 8, got {box}")
 

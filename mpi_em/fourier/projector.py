@@ -11,7 +11,11 @@ from .grids import check_box, default_r_max, freq_grid_2d, radius_2d
 
 
 class SliceGeometry:
-    """The in-ball points of an image's rfft2 grid (|k| <= r_max), shared by projection and insertion."""
+    """The in-ball points of an image's rfft2 grid (|k| <= r_max), shared by projection and insertion.
+
+    ``box`` N and ``r_max`` in image pixels; ``m`` in-ball points; ``index`` (m,) into the flattened (N, N//2+1)
+    grid; ``kxy`` (m, 2) their (kx, ky) frequencies (float64, image pixels); ``npad`` = pad * N and ``vol_shape``
+    (Np, Np, Np//2+1), the FFT layout of the volumes they sample."""
 
     def __init__(self, box: int, r_max: float | None = None, pad: int = 2, xp=np):
         check_box(box)

@@ -22,6 +22,7 @@ def image_fft(images):
 
 
 def image_ifft(F, box: int):
+    """Inverse of :func:`image_fft`: (n, N, N//2+1) complex -> (n, N, N) real (centre at N//2)."""
     xp = xp_of(F)
     return xp.fft.fftshift(xp.fft.irfft2(F, s=(box, box)), axes=(-2, -1))
 
@@ -45,13 +46,15 @@ def _sinc2_1d_host(n_real: int, n_padded: int) -> np.ndarray:
 
 
 def gridding_factor(box: int, pad: int, xp=np):
-    """Separable sinc^2 of the trilinear kernel on the box: real-space attenuation of trilinear sampling."""
+    """Separable sinc^2 of the trilinear kernel on the box: real-space attenuation of trilinear sampling ->
+    (box, box, box) float64, x / Np from the centre N//2 (Np = pad * box)."""
     s = xp.asarray(_sinc2_1d_host(box, pad * box))
     return s.reshape(-1, 1, 1) * s.reshape(1, -1, 1) * s.reshape(1, 1, -1)
 
 
 # --------------------------------------------------------------------------------------------- volumes
 def pad_volume(vol, pad: int):
+    """(..., N, N, N) -> (..., pad N, pad N, pad N), the box in the centre, zeros around it."""
     xp = xp_of(vol)
     n = vol.shape[-1]
     npad = pad * n
@@ -62,6 +65,7 @@ def pad_volume(vol, pad: int):
 
 
 def crop_volume(vol, box: int):
+    """(..., Np, Np, Np) -> the central (..., box, box, box) (a view)."""
     npad = vol.shape[-1]
     o = (npad - box) // 2
     return vol[..., o:o + box, o:o + box, o:o + box]
