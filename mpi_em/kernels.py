@@ -21,14 +21,12 @@ from . import config
 
 
 def use_fused(xp, F_acc=None, W_acc=None) -> bool:
-    """The one switch between these kernels and the array-expression path of :mod:`mpi_em.fourier`,
-    :mod:`mpi_em.fourier2d` and :mod:`mpi_em.symmetrise`: arrays of module ``xp`` on a GPU, unless
-    MPI_EM_FUSED_KERNELS=0 (:func:`mpi_em.config.fused_kernels`). An insertion or a symmetrisation also needs
-    double-precision accumulators (the kernels' atomics): ``F_acc`` complex128 and ``W_acc`` float64, where given
-    (None: not checked)."""
+    """The one switch between these kernels and the array-expression paths (fourier, fourier2d, symmetrise): GPU
+    arrays (``xp``) unless MPI_EM_FUSED_KERNELS=0; insertion also needs ``F_acc`` complex128, ``W_acc`` float64."""
     if xp is np or not config.fused_kernels():
         return False
     return (F_acc is None or F_acc.dtype == np.complex128) and (W_acc is None or W_acc.dtype == np.float64)
+
 
 _SRC = r"""
 #include <cupy/complex.cuh>
