@@ -80,12 +80,3 @@ def ctf_points(geom, pixel_size, defocus_u, defocus_v, defocus_angle, voltage, c
     k = xp.asarray(geom.kxy, dtype=xp.float64)
     return _ctf_at(k[:, 0], k[:, 1], geom.box, pixel_size, defocus_u, defocus_v, defocus_angle, voltage, cs,
                    amp_contrast, phase_shift, bfactor, xp, dtype, intact_first_peak, scale)
-
-
-def ctf_for_particles(star, rows, xp=np, dtype=np.float32):
-    """CTFs for the given rows of a :class:`mpi_em.io.star.ParticleStar`."""
-    rows = np.asarray(rows)
-    return ctf_images(int(star.box[rows[0]]) if len(rows) else int(star.box[0]), star.pixel_size[rows],
-                      star.defocus_u[rows], star.defocus_v[rows], star.defocus_angle[rows], star.voltage[rows],
-                      star.cs[rows], star.amp_contrast[rows], star.phase_shift[rows], star.bfactor[rows],
-                      xp=xp, dtype=dtype, scale=star.ctf_scale[rows])

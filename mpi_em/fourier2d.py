@@ -20,7 +20,10 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import scatter_add, xp_of
-from .fourier import SliceGeometry, _sinc2_1d_host, default_r_max, fused_kernels, regularised_denominator
+from . import kernels
+from .fourier import SliceGeometry, default_r_max, enforce_hermitian_x0
+from .fourier.division import divide_in_ball
+from .fourier.transforms import _sinc2_1d_host
 
 __all__ = ["gridding_factor_2d", "pad_image", "crop_image", "plane_fft", "plane_ifft", "plane_shape",
            "rotation_matrices_2d", "plane_coords", "project2d", "backproject2d", "enforce_hermitian_x0_2d",
@@ -140,9 +143,7 @@ def project2d(Fplanes, R, geom: SliceGeometry, plane_index=None):
     - a stack without ``plane_index``: every plane with every rotation -> (K,) + lead + (m,).
     """
     xp = xp_of(Fplanes)
-    if xp is not np and fused_kernels() and (Fplanes.ndim == 2 or plane_index is not None):
-        from . import kernels
-
+    if kernels.use_fused(xp) and (Fplanes.ndim == 2 or plane_index is not None):
         return kernels.project2d(Fplanes, R, geom, plane_index if Fplanes.ndim == 3 else None)
     lead = tuple(R.shape[:-2])
     # corner by corner: each pass gathers and weights one contiguous (n, m) array (an (n, m, 4) stencil's
@@ -184,10 +185,7 @@ def backproject2d(F_acc, W_acc, R, data, weights, geom: SliceGeometry, plane_ind
     or broadcastable to it.
     """
     xp = xp_of(F_acc)
-    if xp is not np and fused_kernels() and (F_acc.ndim == 2 or plane_index is not None) and \
-            F_acc.dtype == np.complex128 and (W_acc is None or W_acc.dtype == np.float64):
-        from . import kernels
-
+    if kernels.use_fused(xp, F_acc, W_acc) and (F_acc.ndim == 2 or plane_index is not None):
         return kernels.backproject2d(F_acc, W_acc, R, data, weights, geom,
                                      plane_index if F_acc.ndim == 3 else None)
     idx, w, flip = _bilinear_stencil(plane_coords(geom, R), geom.npad)  # (n, m, 4), n = prod(lead)
@@ -210,15 +208,8 @@ def backproject2d(F_acc, W_acc, R, data, weights, geom: SliceGeometry, plane_ind
 
 
 def enforce_hermitian_x0_2d(F, W=None):
-    """Merge the kx = 0 column's Friedel pairs (ky, -ky), in place (as :func:`fourier.enforce_hermitian_x0`)."""
-    xp = xp_of(F)
-    npad = F.shape[-2]
-    mirror = (-xp.arange(npad)) % npad
-    col = F[..., :, 0]
-    F[..., :, 0] = col + xp.conj(col[..., mirror])
-    if W is not None:
-        wc = W[..., :, 0]
-        W[..., :, 0] = wc + wc[..., mirror]
+    """Merge the kx = 0 column's Friedel pairs (ky, -ky), in place (:func:`fourier.enforce_hermitian_x0`, dim 2)."""
+    enforce_hermitian_x0(F, W, dim=2)
 
 
 def radius_plane(npad: int, xp=np):
@@ -236,16 +227,6 @@ def reconstruct2d(F_acc, W_acc, box: int, pad: int = 2, r_max: float | None = No
     With tau2 (per image-pixel shell, shape (..., n_shells)): I = F / (W + 1 / (tau2_fudge * tau2(shell))).
     For a stack (K, ...) the mean weight / floor is taken per plane. The inputs are not modified.
     """
-    xp = xp_of(F_acc)
     r_max = default_r_max(box) if r_max is None else r_max
-    F = F_acc.copy()
-    W = W_acc.copy()
-    enforce_hermitian_x0_2d(F, W)
-    npad = pad * box
-    r = radius_plane(npad, xp) / pad
-    inside = r <= r_max + 0.5
-    n_in = max(int(inside.sum()), 1)
-    mean_w = (W * inside).sum(axis=(-2, -1), keepdims=True) / n_in
-    denom = regularised_denominator(W, r, mean_w, tau2, tau2_fudge, min_weight)
-    img = xp.where(inside, F / denom, 0)
-    return plane_ifft(img, box, pad, gridding=gridding)
+    F = divide_in_ball(F_acc, W_acc, box, 2, pad, r_max, tau2, tau2_fudge, min_weight)
+    return plane_ifft(F, box, pad, gridding=gridding)

@@ -17,6 +17,17 @@ import functools
 
 import numpy as np
 
+from . import config
+
+
+def use_fused(xp, F_acc=None, W_acc=None) -> bool:
+    """The one switch between these kernels and the array-expression paths (fourier, fourier2d, symmetrise): GPU
+    arrays (``xp``) unless MPI_EM_FUSED_KERNELS=0; insertion also needs ``F_acc`` complex128, ``W_acc`` float64."""
+    if xp is np or not config.fused_kernels():
+        return False
+    return (F_acc is None or F_acc.dtype == np.complex128) and (W_acc is None or W_acc.dtype == np.float64)
+
+
 _SRC = r"""
 #include <cupy/complex.cuh>
 
@@ -33,7 +44,7 @@ __device__ __forceinline__ void rotate(const double* __restrict__ A, const doubl
 __device__ __forceinline__ void trilinear(const double* c, int npad, int nxh, long long off, long long* idx,
                                           double* w) {
     // the 8 corners of c (x >= 0) in (dz, dy, dx) raster order: flat indices (y and z wrap) and weights, as
-    // mpi_em.fourier._trilinear_stencil (a corner beyond the grid, |z| or |y| > Np/2 or x > Np/2: weight 0, index
+    // mpi_em.fourier.projector._trilinear_stencil (a corner beyond the grid, |z| or |y| > Np/2 or x > Np/2: weight 0, index
     // clamped)
     const double x0 = floor(c[0]), y0 = floor(c[1]), z0 = floor(c[2]);
     const double fx = c[0] - x0, fy = c[1] - y0, fz = c[2] - z0;

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .fourier import radius_3d
+from .fourier import radius_3d, shell_index
 from .masks import lowpass_weights
 
 
@@ -115,7 +115,7 @@ class Slabs:
     def fsc(self, F1, F2) -> np.ndarray:
         """:func:`mpi_em.fsc.fsc_fourier` of the whole arrays (shells rint(|k|) up to n/2)."""
         nb = self.n // 2 + 1
-        shell = np.rint(self.radius).astype(np.int64).ravel()
+        shell = shell_index(self.radius).ravel()
         keep = shell < nb
         shell = shell[keep]
         sums = np.stack([np.bincount(shell, weights=w.ravel()[keep], minlength=nb)[:nb] for w in
@@ -136,11 +136,6 @@ class Slabs:
                                                                                        F.shape[1:])
                 F[j][sel[j]] = np.abs(F[j][sel[j]]) * np.exp(1j * phase[sel[j]])
         return self.irfft(F)
-
-
-def shell_index(n: int) -> np.ndarray:
-    """Integer shell round(|k|) of every (n, n, n//2+1) rfftn coefficient (no ties: |k| is never k + 1/2)."""
-    return np.floor(radius_3d(n) + 0.5).astype(np.int64)
 
 
 def rfft_relion(vol) -> np.ndarray:
@@ -204,7 +199,7 @@ def fsc_weights(curve) -> np.ndarray:
 def guinier(F, n: int, pixel_size: float, fit_lowres: float, fit_highres: float, layout: "Slabs | None" = None):
     """RELION's makeGuinierPlot over shells 0..N/2: (x = 1/d^2, y = ln mean |F| (-99 where zero), fit weight 0/1).
     ``layout``: F holds that rank's kz planes (sums over ranks)."""
-    shells = (shell_index(n) if layout is None else np.floor(layout.radius + 0.5).astype(np.int64)).ravel()
+    shells = shell_index(radius_3d(n) if layout is None else layout.radius).ravel()
     nb = n // 2 + 1
     keep = shells < nb
     s = shells[keep]
@@ -339,7 +334,7 @@ def sharpen(r: Result, half1, half2, auto_bfac: bool = True, adhoc_bfac: float =
         g["ln_amplitude_invmtf"] = guinier(F, n, apix, fit_lowres, fit_highres, L)[1]
     if fsc_weighting:
         w = fsc_weights(r.fsc_true)
-        shells = np.floor(rad + 0.5).astype(np.int64)
+        shells = shell_index(rad)
         F = F * np.where(shells < len(w), w[np.minimum(shells, len(w) - 1)], 0.0)
     _, y_w, fitw = guinier(F, n, apix, fit_lowres, fit_highres, L)
     if fsc_weighting:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import xp_of
-from .fourier import _trilinear_stencil, enforce_hermitian_x0, fused_kernels, radius_3d
+from . import kernels
+from .fourier import enforce_hermitian_x0, radius_3d
+from .fourier.projector import _trilinear_stencil
 
 
 def symmetrise(F_acc, W_acc, sym_mats, chunk: int = 1 << 18) -> None:
@@ -31,9 +33,7 @@ def symmetrise(F_acc, W_acc, sym_mats, chunk: int = 1 << 18) -> None:
     enforce_hermitian_x0(F_acc, W)
     npad = F_acc.shape[-3]
     rlim = float(np.sqrt((npad / 2) ** 2 - 0.5))  # |q|^2 is an integer: |q| < Np/2 <=> |q| <= rlim
-    if xp is not np and fused_kernels() and F_acc.dtype == np.complex128:
-        from . import kernels
-
+    if kernels.use_fused(xp, F_acc):
         Fo, Wo = kernels.symmetrise(F_acc, W, L, rlim)
     else:
         Fo, Wo = _symmetrise_host(F_acc, W, L, rlim, chunk, xp)

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from conftest import mpi_em
-from mpi_em.ctf import ctf_for_particles, ctf_images, ctf_points
+from mpi_em.ctf import ctf_points
 from mpi_em.distributed import make_plan
 from mpi_em.em.engine import prepare_batch
 from mpi_em.errors import InputError
@@ -267,10 +267,12 @@ def test_optics_groups_ctf_parameters_per_particle(tmp_path):
         want = ctf_points(geom, 1.25, s.defocus_u[row], s.defocus_v[row], s.defocus_angle[row],
                           [300.0, 200.0][g - 1], [2.7, 1.4][g - 1], [0.1, 0.07][g - 1], [0.0, 60.0][g - 1])
         np.testing.assert_array_equal(np.asarray(c[j]), want[0])
-    # and the two groups' CTFs do differ
-    both = ctf_for_particles(s, [0, 1])
-    assert np.abs(both[0] - ctf_images(BOX, 1.25, s.defocus_u[0], s.defocus_v[0], s.defocus_angle[0],
-                                       200.0, 1.4, 0.07, 60.0)[0]).max() > 0.1
+    # and the two groups' CTFs do differ: particle 0 (group 1) against its CTF with group 2's parameters
+    full = make_plan(s, 1)[0]
+    _, c = prepare_batch(read_images(s.stack[0], full["index"]), full, slice(None), geom, BOX, 1.25)
+    j = int(np.flatnonzero(full["row"] == 0)[0])
+    other = ctf_points(geom, 1.25, s.defocus_u[0], s.defocus_v[0], s.defocus_angle[0], 200.0, 1.4, 0.07, 60.0)
+    assert np.abs(np.asarray(c[j]) - other[0]).max() > 0.1
 
 
 def test_optics_groups_pixel_or_box_differ_refused(tmp_path):
@@ -314,10 +316,10 @@ def test_ctf_scalefactor_multiplies_the_ctf(tmp_path):
     _, c = prepare_batch(imgs, plan, slice(None), geom, BOX, 1.25)
     _, c1 = prepare_batch(imgs, dict(plan, ctf_scale=np.ones(s.n)), slice(None), geom, BOX, 1.25)
     np.testing.assert_allclose(np.asarray(c), np.asarray(c1) * plan["ctf_scale"][:, None], rtol=1e-6, atol=0)
-    rows = np.arange(s.n)
-    unscaled = ctf_images(BOX, s.pixel_size, s.defocus_u, s.defocus_v, s.defocus_angle, s.voltage, s.cs,
-                          s.amp_contrast)
-    np.testing.assert_allclose(ctf_for_particles(s, rows), unscaled * scale[:, None, None], rtol=1e-6, atol=1e-7)
+    rows = plan["row"]
+    unscaled = ctf_points(geom, 1.25, s.defocus_u[rows], s.defocus_v[rows], s.defocus_angle[rows], s.voltage[rows],
+                          s.cs[rows], s.amp_contrast[rows])
+    np.testing.assert_allclose(np.asarray(c), unscaled * scale[rows, None], rtol=1e-6, atol=1e-7)
 
     # per optics group (RELION reads the particle table first, then the optics table)
     path = group_dataset(tmp_path, rlnCtfScalefactor=[1.0, 0.8])
@@ -484,7 +486,10 @@ def test_relion_project_two_optics_groups(tmp_path):
     imgs = read_images(s.stack[0], s.index)
     assert imgs.shape == (4, 32, 32) and np.abs(imgs[0]).max() > 0
     np.testing.assert_allclose(imgs[1], 0.5 * imgs[0], rtol=0, atol=1e-6 * np.abs(imgs[0]).max())
-    np.testing.assert_allclose(ctf_for_particles(s, [1]), 0.5 * ctf_for_particles(s, [0]), rtol=1e-6)
+    plan = make_plan(s, 1)[0]
+    _, c = prepare_batch(read_images(s.stack[0], plan["index"]), plan, slice(None), SliceGeometry(32, xp=np), 32, 4.0)
+    j0, j1 = (int(np.flatnonzero(plan["row"] == r)[0]) for r in (0, 1))
+    np.testing.assert_allclose(np.asarray(c[j1]), 0.5 * np.asarray(c[j0]), rtol=1e-6)
 
 
 @needs_relion

@@ -5,7 +5,7 @@ import numpy as np
 
 from ..backend import scatter_add, to_host
 from ..distributed import RankFailed
-from ..fourier import _trilinear_stencil
+from ..fourier.projector import _trilinear_stencil
 from .layout import plane_layout, _check_layout, _complex_dtype, _displs, _real_dtype
 
 

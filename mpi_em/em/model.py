@@ -19,7 +19,7 @@ import numpy as np
 from ..backend import to_host, xp_of
 from ..distributed import RankFailed, allreduce_sum
 from ..distvolume import PlaneOwnerAccumulator, distributed_reconstruct, owned_planes, reduce_scatter_planes
-from ..fourier import padded_reach, radius_3d
+from ..fourier import padded_reach, radius_3d, shell_index
 from ..fourier2d import radius_plane, reconstruct2d
 from ..fsc import fsc_fourier
 from ..timing import NULL_TIMER
@@ -115,8 +115,7 @@ def routed_step(fn):
 
 
 def _shell_index_planes(npad: int, pad: int, planes, xp, n_shells: int):
-    r = radius_3d(npad, xp)[xp.asarray(planes)] / pad
-    return xp.minimum(xp.rint(r).astype(xp.int64), n_shells)  # n_shells = "outside" bin
+    return shell_index(radius_3d(npad, xp)[xp.asarray(planes)] / pad, n_shells)  # n_shells = "outside" bin
 
 
 def _shell_sums(F, W, sh, n_shells: int) -> np.ndarray:
@@ -337,7 +336,7 @@ def _reconstruct_2d(F_acc, W_acc, box, pad, r_max, fudge):
     xp = xp_of(F_acc)
     npad = pad * box
     n_shells = box // 2 + 1
-    sh = xp.minimum(xp.rint(radius_plane(npad, xp) / pad).astype(xp.int64), n_shells).reshape(-1)
+    sh = shell_index(radius_plane(npad, xp) / pad, n_shells).reshape(-1)
     mean_w, power = _shell_means(_shell_sums(F_acc, W_acc, sh, n_shells), n_shells)
     tau2 = fudge * power
     maps = reconstruct2d(F_acc, W_acc, box, pad, r_max, tau2=xp.asarray(tau2), tau2_fudge=1.0)

@@ -29,7 +29,7 @@ RECONSTRUCT_DIST_FIXED = 20
 #: stopped making the padded real volume); at pad 1 the rows are the volume: 44
 REFERENCE_FFT_BYTES_PER_VOXEL = 5
 REFERENCE_FFT_BYTES_PER_VOXEL_PAD1 = 30
-#: the coarse pass's likelihood elements per GEMM chunk (``em.engine.COARSE_ELEMENTS``)
+#: the coarse pass's likelihood elements per GEMM chunk (``em.search.COARSE_ELEMENTS``)
 COARSE_ELEMENTS = {"cpu": 2 ** 24, "gpu": 2 ** 31}
 #: images read ahead by ``particles.iter_batches`` (depth 2) besides the batch in use
 PREFETCH = 2
@@ -223,7 +223,7 @@ def _em_phases(inp: EMInputs) -> dict:
 
     # ---- batch workspace (the E-step's largest sub-phase)
     base = 12 * n * m + (0 if inp.cache_images else (1 + PREFETCH) * n * img)
-    sets = 1  # reference sets whose grid projections are held at once (em.engine._coarse_pass: one at a time)
+    sets = 1  # reference sets whose grid projections are held at once (em.search._coarse_pass: one at a time)
     proj_cache = 0
     coarse = 0
     if inp.coarse_poses:
