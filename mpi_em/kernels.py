@@ -1,11 +1,8 @@
 """Fused CUDA kernels (CuPy RawKernel) for the hot loops of projection and insertion on the GPU.
 
-The NumPy path of :mod:`mpi_em.fourier` builds the trilinear stencil as arrays (8 flat indices and 8 weights per
-image frequency) and scatter-adds them; on the GPU that materialises ~100 bytes per stencil point and orders the
-atomics corner-major, so a warp's atomics hit 8 unrelated planes. These kernels compute the same thing with one
-thread per (image, frequency): the rotated coordinate, the Friedel flip, the 8 corners and weights in registers,
-and (insertion) the atomics of consecutive threads on neighbouring voxels of one plane. Symmetry copies are a loop
-inside the thread: the image value is read once for all of them.
+One thread per (image, frequency): the rotated coordinate, the Friedel flip, the 8 corners and weights in
+registers (the NumPy path's stencil arrays would hold ~100 bytes per point on the GPU), and (insertion) the atomics
+of consecutive threads on neighbouring voxels of one plane. Symmetry copies are a loop inside the thread.
 
 Semantics are exactly those of :func:`mpi_em.fourier.project` / :func:`mpi_em.fourier.backproject` (same
 coordinates, same corner rule, float64 coordinates and accumulation), so results agree to rounding (the order of
