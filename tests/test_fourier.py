@@ -272,3 +272,4 @@ def test_known_pose_reconstruction_with_the_soft_mask():
                       np.stack([sim.shift_x, sim.shift_y], 1)[s:s + 500])
     curve = fsc(vol, reconstruct(acc.F[0], acc.W[0], box, mask_outside=True))
     assert curve[1:int(0.9 * box / 2) + 1].min() >= 0.99, np.round(curve, 3)
+

@@ -175,3 +175,44 @@ def test_significant_coarse_candidates():
                             np.zeros(2, np.int64), 1, C, spec, NULL_TIMER)
     assert sel[0, 0] == 7 and valid[0].tolist() == [True, False, False, False]
     assert valid[1].all() and sel[1].tolist() == [0, 1, 2, 3]
+
+
+def test_global_grid_in_chunks_equals_the_kept_projections(xp):
+    """The coarse pass with the grid projected in chunks per batch (SearchSpec.grid_chunk: the memory model's
+    choice where the whole grid's projections would not fit) gives the same search as with the projections kept:
+    the same best poses and translations for every particle of a two-class, two-reference-set batch (SNR 1: no
+    float32 near-ties), posterior maxima and inserted sums equal to float32 rounding of the likelihoods."""
+    from mpi_em.ctf import ctf_images
+    from mpi_em.em.engine import Stats, expectation_batch, sigma2_from_images
+    from mpi_em.reconstruction import centred_points
+    from mpi_em.simulate import simulate_particles
+
+    box, n, K = 24, 40, 2
+    vols = np.stack([phantom(box, seed=4), phantom(box, seed=5)]).astype(np.float64)
+    sim = simulate_particles(vols[0], n, pixel_size=5.0, snr=1.0, seed=9, max_shift=1.0)
+    g0 = SliceGeometry(box, r_max=9)
+    s_sum, s_cnt = sigma2_from_images(centred_points(sim.images, None, g0)[0], shell_of_points(g0), box // 2 + 1)
+    sigma2 = s_sum / np.maximum(s_cnt, 1)
+    geom = SliceGeometry(box, r_max=9, xp=xp)
+    sh = shell_of_points(geom)
+    c = ctf_images(box, 5.0, sim.defocus_u, sim.defocus_v, sim.defocus_angle, 300.0, 2.7, 0.1, xp=xp)
+    X, ctf = centred_points(xp.asarray(sim.images), None, geom, c)
+    refs = References(xp.asarray(np.concatenate([vols, vols[::-1]])), 3, 2)  # two reference sets of K = 2
+    out = []
+    for chunk in (0, 7):  # 7 does not divide the grid's 576 orientations: a short last chunk
+        spec = SearchSpec(dim=3, n_classes=K, global_mats=global_grid(3, 1, "C1", xp), local_mats=None,
+                          fine_mats=fine_offsets(3, 30.0, xp), offset_range=2.0, offset_step=1.0, offset_sigma=2.0,
+                          log_class_prior=xp.zeros(K, dtype=xp.float32), grid_chunk=chunk)
+        F = xp.zeros((4,) + geom.vol_shape, dtype=xp.complex128)
+        W = xp.zeros((4,) + geom.vol_shape, dtype=xp.float64)
+        res = expectation_batch(X, ctf, inverse_sigma2_points(sigma2, sh, xp), sh, refs,
+                                xp.asarray(2 * (np.arange(n) % 2)), None, xp.zeros(n, dtype=xp.int64), spec, geom,
+                                F, W, Stats.zeros(box // 2 + 1, K), box // 2 + 1)
+        assert (len(spec.projection_cache) == 0) == (chunk > 0)
+        out.append((res, to_host(F)))
+    (r0, F0), (r1, F1) = out
+    np.testing.assert_array_equal(r1["cls"], r0["cls"])
+    np.testing.assert_allclose(r1["mats"], r0["mats"], atol=1e-12)
+    np.testing.assert_allclose(r1["shift"], r0["shift"], atol=1e-12)
+    np.testing.assert_allclose(r1["pmax"], r0["pmax"], rtol=1e-4, atol=1e-5)
+    assert np.abs(F1 - F0).max() <= 1e-4 * np.abs(F0).max()

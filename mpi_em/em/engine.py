@@ -48,6 +48,9 @@ class SearchSpec:
     log_class_prior: object | None = None   # (K,) log pi_k
     fixed_class: bool = False        # iteration-1 random subsets: each particle sees only its class
     projection_cache: dict = field(default_factory=dict)  # reference set -> projections of the global grid
+    grid_chunk: int = 0              # > 0: the global grid projected this many orientations per class at a time,
+    #                                  per batch, and not kept (the memory model's choice where the whole grid's
+    #                                  projections would not fit); 0: projected once per iteration and kept
 
 
 @dataclass

@@ -30,7 +30,7 @@ def search_spec(state: EMState, args, mode: Mode, it: int, K: int, sym_name: str
         n_select=args.n_select,
         class_select=int(getattr(args, "class_select", 10)),
         log_class_prior=xp.asarray(np.log(np.maximum(state.class_prior, 1e-10)), dtype=xp.float32),
-        fixed_class=(it == 1 and K > 1 and dim == 3))
+        fixed_class=(it == 1 and K > 1 and dim == 3), grid_chunk=int(getattr(args, "grid_chunk", 0) or 0))
 
 
 def update_schedule(state: EMState, info: dict, mode: Mode, args, box: int, apix: float, maps,

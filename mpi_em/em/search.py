@@ -75,8 +75,20 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
         groups = [(b, r[s:s + chunk]) for b in sets for r in (np.flatnonzero(bases == b),)
                   for s in range(0, r.size, chunk)]
         ops = None
+        chunked = 0 < spec.grid_chunk < C
         for base, rows in groups:
             rows = xp.asarray(rows) if rows.size < n else slice(None)
+            if chunked:
+                cross, norm = _chunked_parts(Xt[rows], ctf[rows], inv_sigma2, refs, G, K, int(base), spec.grid_chunk,
+                                             geom, timer)
+                timer.add_flops("coarse", 2.0 * cross.shape[0] * T_c.shape[0] * K * C * 2 * m)
+                s, v, t = _select(cross, norm, T_c, prior_t[rows], lcp, prev_class[rows], K, C, spec, timer)
+                if sel is None:
+                    sel = xp.empty((n, s.shape[1]), dtype=s.dtype)
+                    valid = xp.empty((n, s.shape[1]), dtype=bool)
+                sel[rows], valid[rows], best_t[rows] = s, v, t
+                del cross, norm
+                continue
             # one reference set's projections at a time: the next set's replace the last's (a rank's particles
             # come grouped by set, so a set left behind is not needed again this iteration)
             for k in set(spec.projection_cache) - {int(base)}:
@@ -120,6 +132,30 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
         S = max(1, int(valid.sum(axis=1).max()))
         sel, valid = sel[:, :S], valid[:, :S]
     return cand_mats, sel, best_t, lcp, valid
+
+
+def _chunked_parts(Xt, ctf, inv_sigma2, refs, G, K: int, base: int, chunk: int, geom, timer):
+    """:func:`shared_parts` over the whole grid G (C, 3, 3) for every class, the grid projected ``chunk``
+    orientations per class at a time and given back after its GEMMs: the coarse pass's memory without the
+    grid's projections (12 K C m bytes) -> cross (rows, T, K C), norm (rows, K C), class-major as the cached
+    path's. Costs one projection of the grid per batch instead of per iteration."""
+    xp = xp_of(Xt)
+    rows, T, m = Xt.shape
+    C = G.shape[0]
+    cross = xp.empty((rows, T, K, C), dtype=xp.float32)
+    norm = xp.empty((rows, K, C), dtype=xp.float32)
+    for c0 in range(0, C, chunk):
+        Gc = G[c0:c0 + chunk]
+        with timer.detail("coarse.project"):
+            P = refs.project(xp.broadcast_to(Gc[None], (K,) + Gc.shape), xp.arange(K)[:, None] + base, geom)
+            ops = shared_operands(P.reshape(-1, m).astype(xp.complex64, copy=False))
+            del P
+        with timer.detail("coarse.likelihood"):
+            c, nm = shared_parts(Xt, ctf, inv_sigma2, ops)
+        cross[..., c0:c0 + Gc.shape[0]] = c.reshape(rows, T, K, -1)
+        norm[..., c0:c0 + Gc.shape[0]] = nm.reshape(rows, K, -1)
+        del ops, c, nm
+    return cross.reshape(rows, T, K * C), norm.reshape(rows, K * C)
 
 
 def _select(L, norm, T_c, prior_t, lcp, prev_class, K, C, spec, timer):

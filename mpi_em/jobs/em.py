@@ -279,6 +279,7 @@ def _setup(args, comm, mode: Mode, state: EMState | None, particles: dict | None
                        getattr(args, "max_memory", None), log, args.output,
                        adapt=getattr(args, "owned_accumulators", "off")).inputs  # the batch and accumulators to use
     args.batch = mem.batch
+    args.grid_chunk = mem.grid_chunk
     if comm.rank == 0 and images.enabled:
         log.info("particle images kept in memory between iterations (rank 0: %.2f GB)",
                  4.0 * len(plan["index"]) * box * box / 1e9)

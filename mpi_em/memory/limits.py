@@ -148,7 +148,8 @@ def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None 
 
     ``adapt`` (EM jobs: the ``--owned-accumulators`` choice, 'auto', 'on' or 'off'): where the options as
     given do not fit, the job is first lightened by design, the same way on every rank: owned accumulators
-    (3D on more than one rank, with 'auto'), then the largest E-step batch up to ``--batch`` that fits; the
+    (3D on more than one rank, with 'auto'), then the largest E-step batch up to ``--batch`` that fits, then the
+    global grid projected in chunks per batch (``grid_chunk``, with the batch as given); the
     estimate returned (and logged) is the one the job runs with (``.inputs``)."""
     from ..distributed import agree
 
@@ -177,7 +178,8 @@ def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None 
 
 
 def _adapt(comm, inp: EMInputs, limit, log, owned_option: str = "auto") -> EMInputs:
-    """Owned accumulators, then a smaller batch, where the job as given does not fit ``limit`` on some rank."""
+    """Owned accumulators, then a smaller batch, then (with the batch as given) the global grid projected in
+    chunks, where the job as given does not fit ``limit`` on some rank."""
     from mpi4py import MPI
 
     def fits(x):  # collective: on every rank
@@ -185,6 +187,7 @@ def _adapt(comm, inp: EMInputs, limit, log, owned_option: str = "auto") -> EMInp
 
     if fits(inp):
         return inp
+    batch0 = inp.batch
     auto_owned = owned_option == "auto"
     if auto_owned and inp.dim == 3 and inp.ranks > 1 and not inp.owned_accumulators:
         owned = replace(inp, owned_accumulators=True)
@@ -200,6 +203,15 @@ def _adapt(comm, inp: EMInputs, limit, log, owned_option: str = "auto") -> EMInp
                 log.info("memory: E-step batch %d instead of --batch %d (the largest whose workspace fits)", b,
                          inp.batch)
             inp = replace(inp, batch=b)
+    if inp.coarse_poses > 1 and not fits(inp):  # the global grid's projections do not fit beside the rest:
+        full = replace(inp, batch=batch0)        # project them in chunks per batch instead of keeping them
+        c = _largest(lambda c: fits(replace(full, grid_chunk=c)), 1, inp.coarse_poses - 1)
+        if c:
+            if comm.rank == 0 and log is not None:
+                log.info("memory: the global grid's projections (%d orientations per class) do not fit: projected "
+                         "%d at a time for each batch (%s per rank instead of %s)", inp.coarse_poses, c,
+                         fmt(estimate(replace(full, grid_chunk=c)).total), fmt(estimate(full).total))
+            inp = replace(full, grid_chunk=c)
     return inp
 
 

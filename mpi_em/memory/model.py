@@ -10,9 +10,11 @@ import numpy as np
 from ..distvolume import POINT_CHUNK
 from ..errors import MpiEmError
 
-#: NumPy trilinear projection (``fourier.project`` of complex128 references): bytes alive per in-ball point
-#: and stencil corner (coordinates, indices, weights, gathered values); tracemalloc: 44.2-44.8 at box 32-64
-PROJECT_BYTES_PER_CORNER = 46
+#: NumPy projection of the references: bytes alive per projected point, output included. 3D
+#: (``fourier.CentredVolumes.project``: the whole 8-corner stencil, coordinates, indices, weights, gathered
+#: values): tracemalloc 44.2-44.8 per corner at box 32-64, 8 x 46; 2D (``fourier2d.project2d``, corner by corner:
+#: coordinates, one corner's index, weight and gathered values, the running sum): 125.2-125.7
+PROJECT_BYTES_PER_POINT = {3: 8 * 46, 2: 126}
 #: NumPy back-projection (``fourier.backproject``): per point and corner, besides the bincount over the whole
 #: accumulator stack; tracemalloc: 41.1-41.4 at box 32-64
 INSERT_BYTES_PER_CORNER = 42
@@ -102,6 +104,10 @@ class EMInputs:
     class_select: int = 10
     r: float | None = None         # largest in-ball radius of the E-step (None: box/2 - 1)
     owned_accumulators: bool = False  # 3D: the E-step inserts into owned kz planes only (routed per batch)
+    inserted_poses: int | None = None  # fine poses inserted per particle (significant: rlnNrOfSignificantSamples);
+    #                                    None: every fine candidate (the upper bound, before a run)
+    grid_chunk: int = 0            # > 0: the global grid projected this many orientations per class at a time
+    #                                (per batch, not kept: em.search._chunked_parts); 0: kept for the iteration
 
     @property
     def dim(self) -> int:
@@ -232,27 +238,35 @@ def _em_phases(inp: EMInputs) -> dict:
         make = 16 * KC * m
         if cpu:  # projected in chunks of 2^24 / (8 m) orientations per class
             step = max(1, COARSE_ELEMENTS["cpu"] // (8 * m))
-            make += PROJECT_BYTES_PER_CORNER * corners * m * K * min(inp.coarse_poses, step)
+            make += PROJECT_BYTES_PER_POINT[inp.dim] * m * K * min(inp.coarse_poses, step)
         rows = min(n, max(1, COARSE_ELEMENTS[inp.device] // (T * KC)))
         cross = 4 * rows * T * KC
         likelihood = cross * (4 if cpu else 2) + 16 * rows * T * m
         coarse = 8 * n * T * m + max(proj_cache - 12 * KC * m + make, proj_cache + likelihood)
+        if 0 < inp.grid_chunk < inp.coarse_poses:  # nothing kept; per chunk: its projections, operands, GEMM
+            kc = K * inp.grid_chunk
+            chunk = 16 * kc * m + 12 * kc * m + 4 * rows * T * kc
+            if cpu:
+                chunk += PROJECT_BYTES_PER_POINT[inp.dim] * m * kc
+            proj_cache = 0
+            coarse = 8 * n * T * m + max(cross + 4 * rows * KC + chunk, likelihood)
     else:
         KL = K * inp.local_poses
         proj = n * KL * m
-        coarse = max(PROJECT_BYTES_PER_CORNER * corners * proj if cpu else 0, 48 * proj)
+        coarse = max(PROJECT_BYTES_PER_POINT[inp.dim] * proj if cpu else 0, 48 * proj)
     Sf = _fine_candidates(inp)
     fine_pts = n * Sf * m
     # fine pass: the projections come out complex128 (16 per point), the likelihood's conjugate copy and its
     # complex64 product (32); the insertion keeps them beside Xw, data, weights and the kept rows (32)
-    fine = max((PROJECT_BYTES_PER_CORNER * corners if cpu else 0) * fine_pts, 48 * fine_pts)
+    fine = max((PROJECT_BYTES_PER_POINT[inp.dim] if cpu else 0) * fine_pts, 48 * fine_pts)
     if routed:  # points routed to the planes' owners (one symmetry copy at a time); CPU: the scatter-add's
         # bincount over the owned planes of every volume
         recv = fine_pts * (2 if inp.ranks > 1 else 1)
         insert = 48 * fine_pts + ROUTED_BYTES_PER_RECORD * recv + ROUTED_STENCIL_BYTES * min(recv, POINT_CHUNK) \
             + (8 * V * own if cpu else 0)
     else:
-        insert = 48 * fine_pts + ((INSERT_BYTES_PER_CORNER * corners + 24) * fine_pts + 8 * V * vox if cpu else 0)
+        ins_pts = fine_pts if inp.inserted_poses is None else n * min(Sf, inp.inserted_poses) * m
+        insert = 48 * fine_pts + ((INSERT_BYTES_PER_CORNER * corners + 24) * ins_pts + 8 * V * vox if cpu else 0)
     held = proj_cache  # the pose grid's projections stay in the search spec until the E-step ends
     batch = base + max(coarse, proj_cache + fine, proj_cache + insert)
 
@@ -346,7 +360,8 @@ def em_inputs(args, mode: str, meta: dict, ranks: int, device: str, cache_images
                     device="cpu" if device == "cpu" else "gpu", n_particles=int(meta["n"]),
                     cache_images=bool(cache_images), coarse_poses=C, translations=T, n_select=int(args.n_select),
                     class_select=int(getattr(args, "class_select", 10)),
-                    owned_accumulators=getattr(args, "owned_accumulators", "auto") == "on" and mode != "class2d")
+                    owned_accumulators=getattr(args, "owned_accumulators", "auto") == "on" and mode != "class2d",
+                    grid_chunk=int(getattr(args, "grid_chunk", 0) or 0))
 
 
 def _grid_size(order: int, sym: str) -> int:
