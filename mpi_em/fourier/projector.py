@@ -161,18 +161,25 @@ class CentredVolumes:
         c = xp.where(flip[..., None], -c, c)
         c0 = xp.floor(c)
         f = c - c0
+        g = 1 - f
         half = self.npad // 2
         itype = xp.int32 if self.C.size < 2 ** 31 else xp.int64
         c0 = xp.clip(c0.astype(itype), -half, half)
         base = ((c0[..., 2] + half) * self.S + (c0[..., 1] + half)) * self.X + c0[..., 0]
         if vol_index is not None:
             base += xp.asarray(vol_index, dtype=itype).reshape(-1, 1) * (self.S * self.S * self.X)
-        idx = base[..., None] + self.offsets
-        wz = xp.stack([1 - f[..., 2], f[..., 2]], axis=-1)
-        wy = xp.stack([1 - f[..., 1], f[..., 1]], axis=-1)
-        wx = xp.stack([1 - f[..., 0], f[..., 0]], axis=-1)
-        w = ((wz[..., :, None] * wy[..., None, :])[..., :, :, None] * wx[..., None, None, :]).reshape(idx.shape)
-        vals = (self.C.reshape(-1)[idx] * w.astype(self.C.real.dtype, copy=False)).sum(axis=-1)
+        # corner by corner (raster order dz, dy, dx, as the offsets): each pass gathers and weights one
+        # contiguous (n, m) array, instead of (n, m, 8) arrays whose inner axis of 8 NumPy loops over slowly
+        flat = self.C.reshape(-1)
+        vals = None
+        k = 0
+        for wz in (g[..., 2], f[..., 2]):
+            for wy in (g[..., 1], f[..., 1]):
+                wzy = wz * wy
+                for wx in (g[..., 0], f[..., 0]):
+                    term = flat[base + self.offsets[k]] * (wzy * wx).astype(self.C.real.dtype, copy=False)
+                    vals = term if vals is None else vals + term
+                    k += 1
         return xp.where(flip, xp.conj(vals), vals).reshape(lead + (geom.m,))
 
 
