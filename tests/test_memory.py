@@ -146,9 +146,11 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_model_against_measured_peak(case, data, tmp_path):
     """The traced peak of a whole small job (box 32-64, one rank, CPU) against the model evaluated for the run's
-    own image size and pose grid: measured / model in [0.75, 1.1]. The model counts every fine-pass pose as
-    inserted and the largest phase's transients at once, so it is an upper bound by construction; the 10%
-    allows for Python objects it does not count (STAR tables, plans: ~1 MB here). Measured so far: 0.88-1.05.
+    own image size and pose grid and the poses the run inserted (the mean of rlnNrOfSignificantSamples: a
+    batch inserts the sum of its particles'): measured / model in [0.75, 1.1]; the model before the run (every
+    fine-pass pose inserted) is an upper bound: at most 1.1 x it. The 10% allows for Python objects the model
+    does not count (STAR tables, plans: ~1 MB here). Measured: 0.95-1.05 (bound: 0.53-0.71 since the CPU
+    projector stopped building its whole stencil, which had made the projection the peak).
     The job's own pre-run figure (run.json, at the largest image size and pose grid its options allow) is at
     least the measured peak."""
     box, args, kw = CASES[case]
@@ -160,10 +162,11 @@ def test_model_against_measured_peak(case, data, tmp_path):
     if kw is None:
         model = estimate(ReconstructInputs(box, n_particles=128, batch=256)).total
     else:
-        nsig = int(starfile.read(out / "run_data.star")["particles"]["rlnNrOfSignificantSamples"].max())
+        # a batch inserts the sum of its particles' significant poses: the batch size x their mean
+        nsig = int(np.ceil(starfile.read(out / "run_data.star")["particles"]["rlnNrOfSignificantSamples"].mean()))
         model = estimate(EMInputs(box=box, n_particles=128, translations=9, inserted_poses=nsig, **kw)).total
         bound = estimate(EMInputs(box=box, n_particles=128, translations=9, **kw)).total
-        print(case, "significant poses per particle at most", nsig, "model", model, "bound", bound)
+        print(case, "significant poses per particle (mean)", nsig, "model", model, "bound", bound)
         assert peak <= 1.1 * bound
     ratio = peak / model
     print(case, "measured / model", ratio)

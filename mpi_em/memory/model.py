@@ -14,7 +14,7 @@ from ..errors import MpiEmError
 #: (``fourier.CentredVolumes.project``: the whole 8-corner stencil, coordinates, indices, weights, gathered
 #: values): tracemalloc 44.2-44.8 per corner at box 32-64, 8 x 46; 2D (``fourier2d.project2d``, corner by corner:
 #: coordinates, one corner's index, weight and gathered values, the running sum): 125.2-125.7
-PROJECT_BYTES_PER_POINT = {3: 8 * 46, 2: 126}
+PROJECT_BYTES_PER_POINT = {3: 90, 2: 126}
 #: NumPy back-projection (``fourier.backproject``): per point and corner, besides the bincount over the whole
 #: accumulator stack; tracemalloc: 41.1-41.4 at box 32-64
 INSERT_BYTES_PER_CORNER = 42
@@ -284,7 +284,9 @@ def _em_phases(inp: EMInputs) -> dict:
             return (RECONSTRUCT_DIST_BYTES_PER_VOXEL * nv + RECONSTRUCT_DIST_FIXED) * own
 
         owned = 0 if routed or inp.ranks == 1 else 24 * V * own
-        shell_stats = 56 * min(V * own, 1 << 24)  # model._shell_sums: at most 2^24 voxels per chunk
+        # model._shell_sums (at most 2^24 voxels per chunk) over the volumes reconstructed: with folds, each
+        # half's sum of its folds
+        shell_stats = 56 * min((2 if folded else V) * own, 1 << 24)
         halves = owned + sums + max(transient(2 if folded else V), shell_stats)
         lofo = owned + sums + 24 * V * own + transient(V) if folded else 0
         recon = max(halves, lofo) + 2 * 8 * V * box ** 3
