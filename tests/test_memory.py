@@ -313,3 +313,10 @@ def test_global_grid_in_chunks_when_its_projections_do_not_fit():
     ws = [estimate(replace(inp, grid_chunk=c)).phases["E-step"]["batch_workspace"] for c in (0, got.grid_chunk, 1)]
     assert ws[0] > ws[1] > ws[2]
     assert ws[2] < 12 * 36864 * 100_000  # less than the whole grid's projections alone (m ~ 102 000 points)
+    # the 2-rank job on one H200 that the model refused (69.4 GiB free per rank; benchmarks/results/memory/
+    # box512-h200-2026-12-02): owned accumulators and the grid in chunks make it fit
+    two = replace(inp, ranks=2, n_particles=3000, cache_images=True)
+    limit2 = int(69.4 * 2 ** 30)
+    assert estimate(replace(two, owned_accumulators=True, batch=1)).total > limit2
+    got2 = check(MPI.COMM_SELF, two, str(limit2), adapt="auto").inputs
+    assert got2.owned_accumulators and got2.grid_chunk > 0 and estimate(got2).total <= limit2

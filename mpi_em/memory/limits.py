@@ -191,7 +191,8 @@ def _adapt(comm, inp: EMInputs, limit, log, owned_option: str = "auto") -> EMInp
     auto_owned = owned_option == "auto"
     if auto_owned and inp.dim == 3 and inp.ranks > 1 and not inp.owned_accumulators:
         owned = replace(inp, owned_accumulators=True)
-        if fits(owned) or fits(replace(owned, batch=1)):
+        lightest = replace(owned, batch=1, grid_chunk=1 if owned.coarse_poses > 1 else 0)
+        if fits(owned) or fits(lightest):
             if comm.rank == 0 and log is not None:
                 log.info("memory: the full accumulators (%s per rank) do not fit: each rank accumulates only its "
                          "kz planes (%s; --owned-accumulators)", fmt(estimate(inp).total), fmt(estimate(owned).total))
