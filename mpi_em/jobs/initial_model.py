@@ -107,6 +107,11 @@ def add_arguments(p) -> None:
                    help="the noise spectrum is multiplied by F at the first iteration, falling geometrically to 1 "
                         "at three quarters of the iterations: flatter posteriors early (RELION's "
                         "--sgd_sigma2fudge_ini; default 1)")
+    p.add_argument("--consensus", type=float, default=0.5, metavar="FRACTION",
+                   help="K > 1: the first FRACTION of the iterations build one consensus map from all particles; "
+                        "then it is split into K classes (each the consensus's sums over K, the split iteration's "
+                        "mini-batch in seeded random classes, as class3d's first iteration) and the classes compete "
+                        "(default 0.5; 0 = K random starts)")
     p.add_argument("--healpix-order", type=int, default=2,
                    help="HEALPix order of the global search (1 = 30°, 2 = 15°; the fine pass oversamples it once; "
                         "default 2)")
@@ -155,6 +160,13 @@ def _options(args, comm):
     return loaded
 
 
+def _split_at(args) -> int:
+    """The first iteration with K classes (1: K random starts; K = 1: never split)."""
+    if args.K == 1:
+        return 0
+    return 1 + int(round(args.consensus * args.iter))
+
+
 def _init(args, size, loaded):
     check_writable_dir(args.output)
     star = read_particles(args.input)
@@ -173,6 +185,8 @@ def _init(args, size, loaded):
         raise MpiEmError(f"--update-weight must be in (0, 1], got {args.update_weight}")
     if not all(0.0 <= d < 1.0 for d in args.sums_decay):
         raise MpiEmError(f"--sums-decay values must be in [0, 1), got {args.sums_decay}")
+    if not 0.0 <= args.consensus < 1.0:
+        raise MpiEmError(f"--consensus must be in [0, 1), got {args.consensus}")
     if args.sigma2_fudge < 1.0:
         raise MpiEmError(f"--sigma2-fudge must be >= 1, got {args.sigma2_fudge}")
     if not args.ini_high >= args.final_high > 0:
@@ -187,7 +201,7 @@ def _init(args, size, loaded):
         for f in ("rot", "tilt", "psi", "origin_x", "origin_y", "pmax", "loglike"):
             p[f] = np.zeros(k)
         p["nsig"] = np.zeros(k, dtype=np.int64)
-        p["class_number"] = first_class[p["row"]]
+        p["class_number"] = first_class[p["row"]] if _split_at(args) <= 1 else np.ones(k, dtype=np.int64)
         p["half"] = np.ones(k, dtype=np.int64)
         if saved is not None:  # --continue: every particle as the last finished iteration left it
             for f in ckpt.PER_PARTICLE:
@@ -252,10 +266,11 @@ def run(args, comm, after_iteration=None) -> dict:
         history, resolutions = small["history"].tolist(), small["resolutions"].tolist()
         if comm.bcast(comm.rank == 0 and "F_run" in arrays, root=0):
             idx = ckpt.ball_indices(pad * box, padded_reach(st["r_acc"], pad))
-            F_run = ckpt.scatter_ball(arrays["F_run"] if comm.rank == 0 else None, idx, (K,) + vol_shape,
-                                      xp.complex128, xp, comm.rank)
-            W_run = ckpt.scatter_ball(arrays["W_run"] if comm.rank == 0 else None, idx, (K,) + vol_shape,
-                                      xp.float64, xp, comm.rank)
+            shape = (model.shape[0],) + vol_shape
+            F_run = ckpt.scatter_ball(arrays["F_run"] if comm.rank == 0 else None, idx, shape, xp.complex128, xp,
+                                      comm.rank)
+            W_run = ckpt.scatter_ball(arrays["W_run"] if comm.rank == 0 else None, idx, shape, xp.float64, xp,
+                                      comm.rank)
         del arrays
         if comm.rank == 0:
             log.info("--continue: resuming after iteration %d of %d", st["iter"], args.iter)
@@ -280,11 +295,13 @@ def run(args, comm, after_iteration=None) -> dict:
         r0 = r_of(args.ini_high)
         rots = random_rotations(n, args.seed)
 
+        k_start = K if _split_at(args) <= 1 else 1
+
         def random_start():
             geom = SliceGeometry(box, r_max=r0, pad=pad, xp=xp)
             inv_s2 = inverse_sigma2_points(sigma2, shell_of_points(geom), xp)
-            F_acc = xp.zeros((K,) + geom.vol_shape, dtype=xp.complex128)
-            W_acc = xp.zeros((K,) + geom.vol_shape, dtype=xp.float64)
+            F_acc = xp.zeros((k_start,) + geom.vol_shape, dtype=xp.complex128)
+            W_acc = xp.zeros((k_start,) + geom.vol_shape, dtype=xp.float64)
             sub = _subplan(plan, np.isin(plan["row"], start_rows))
             for sl, imgs in images.batches(sub, E_BATCH, pinned=pinned):
                 X, ctf = prepare_batch(imgs, sub, sl, geom, box, apix, use_ctf=not args.no_ctf)
@@ -298,17 +315,18 @@ def run(args, comm, after_iteration=None) -> dict:
 
         model = reconstruct(*collective_step(comm, random_start), r0)
         check_finite_maps(model, 0)
-        class_prior = np.full(K, 1.0 / K)
+        class_prior = np.full(k_start, 1.0 / k_start)
         history, resolutions = [], []
 
-    def e_step(sub, r_cur, final, fudge=1.0):
+    def e_step(sub, r_cur, final, fudge=1.0, fixed_class=False):
         """E-step over the rank's rows of ``sub`` against the current model -> accumulators, stats."""
+        k_now = model.shape[0]
         geom = SliceGeometry(box, r_max=r_cur, pad=pad, xp=xp)
         shells = shell_of_points(geom)
         inv_s2 = inverse_sigma2_points(sigma2 * fudge, shells, xp)
         refs = References(xp.asarray(model.astype(np.float32)), 3, pad, mask=mask)
         step = angular_step(args.healpix_order)
-        spec = SearchSpec(dim=3, n_classes=K,
+        spec = SearchSpec(dim=3, n_classes=k_now, fixed_class=fixed_class,
                           global_mats=global_grid(3, args.healpix_order, "C1", xp, perturb_deg=st["perturb"] * step),
                           local_mats=None, fine_mats=fine_offsets(3, step, xp), offset_range=args.offset_range,
                           offset_step=args.offset_step, offset_sigma=st["offset_sigma"],
@@ -316,9 +334,9 @@ def run(args, comm, after_iteration=None) -> dict:
                           log_class_prior=xp.asarray(np.log(np.maximum(class_prior, 1e-10)), dtype=xp.float32))
 
         def work():
-            F_acc = xp.zeros((K,) + geom.vol_shape, dtype=xp.complex128)
-            W_acc = xp.zeros((K,) + geom.vol_shape, dtype=xp.float64)
-            stats = Stats.zeros(n_shells, K)
+            F_acc = xp.zeros((k_now,) + geom.vol_shape, dtype=xp.complex128)
+            W_acc = xp.zeros((k_now,) + geom.vol_shape, dtype=xp.float64)
+            stats = Stats.zeros(n_shells, k_now)
             for sl, imgs in images.batches(sub, E_BATCH, pinned=pinned):
                 X, ctf = prepare_batch(imgs, sub, sl, geom, box, apix, use_ctf=not args.no_ctf)
                 res = expectation_batch(X, ctf, inv_s2, shells, refs, xp.zeros(sl.stop - sl.start, dtype=xp.int64),
@@ -334,7 +352,7 @@ def run(args, comm, after_iteration=None) -> dict:
         F_acc, W_acc, stats = collective_step(comm, work)
         vec = stats.as_vector()
         allreduce_sum(comm, vec)
-        return F_acc, W_acc, Stats.from_vector(vec, n_shells, K)
+        return F_acc, W_acc, Stats.from_vector(vec, n_shells, k_now)
 
     def update_model_stats(stats):
         nonlocal sigma2, class_prior
@@ -354,8 +372,17 @@ def run(args, comm, after_iteration=None) -> dict:
         st["perturb"] = next_perturbation(st["perturb"], 0.5, args.seed, it)
         rows = minibatch_rows(n, args.batch_size, args.seed, it)
         keep = np.isin(plan["row"], rows)
+        split = it == _split_at(args) and it > 1
+        if split:  # the consensus into K classes; every particle into its seeded random class
+            model = np.repeat(model, K, axis=0)
+            class_prior = np.full(K, 1.0 / K)
+            plan["class_number"] = np.random.default_rng([int(args.seed), 13]).integers(1, K + 1, n)[plan["row"]]
+            if F_run is not None:
+                F_run, W_run = xp.repeat(F_run / K, K, axis=0), xp.repeat(W_run / K, K, axis=0)
+            if comm.rank == 0:
+                log.info("iteration %d: the consensus split into %d classes", it, K)
         sub = _subplan(plan, keep)
-        F_b, W_b, stats = e_step(sub, r_cur, False, noise_fudge(it, args.iter, args.sigma2_fudge))
+        F_b, W_b, stats = e_step(sub, r_cur, False, noise_fudge(it, args.iter, args.sigma2_fudge), split)
         _write_back(plan, sub, keep)
         if args.model_update == "sums":
             if F_run is None:
@@ -375,7 +402,7 @@ def run(args, comm, after_iteration=None) -> dict:
             model = maps if it == 1 else (1.0 - w) * model + w * maps
         check_finite_maps(model, it)
         update_model_stats(stats)
-        history.append([float(x) for x in class_prior])
+        history.append([float(x) for x in class_prior] + [0.0] * (K - len(class_prior)))  # consensus: class 1
         resolutions.append(res_A)
         st["iter"] = it
         if comm.rank == 0:
