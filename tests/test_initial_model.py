@@ -16,7 +16,7 @@ import starfile
 from conftest import mpi_em
 from mpi_em.align import align_to_truth, resolution_to_truth, rotation_mean
 from mpi_em.io import read_map
-from mpi_em.jobs.initial_model import minibatch_rows, random_rotations, schedule
+from mpi_em.initial.schedule import minibatch_rows, noise_fudge, random_rotations, schedule, sums_decay
 
 
 def _angles(df):
@@ -35,6 +35,31 @@ def test_schedule_and_minibatches():
     assert np.allclose(np.einsum("nji,njk->nik", R, R), np.eye(3), atol=1e-12)
     assert np.allclose(np.linalg.det(R), 1.0)
     assert np.linalg.norm(R.mean(axis=0)) < 0.1  # uniform: the mean rotation matrix vanishes
+
+
+def test_annealing_schedules():
+    assert noise_fudge(1, 20, 8.0) == 8.0 and noise_fudge(15, 20, 8.0) == 1.0 and noise_fudge(20, 20, 8.0) == 1.0
+    assert 1.0 < noise_fudge(8, 20, 8.0) < 8.0 and noise_fudge(8, 20, 8.0) > noise_fudge(9, 20, 8.0)
+    assert sums_decay(1, 20, 0.5, 0.9) == 0.5 and abs(sums_decay(20, 20, 0.5, 0.9) - 0.9) < 1e-12
+
+
+def test_checkpoint_ball_round_trip():
+    """The running sums are saved as their values inside the insertion's reach: nothing outside it is lost."""
+    from mpi_em.distributed import world
+    from mpi_em.fourier import padded_reach
+    from mpi_em.initial.state import ball_indices, gather_ball, scatter_ball
+
+    npad, r = 64, 6.0
+    idx = ball_indices(npad, padded_reach(r, 2))
+    rng = np.random.default_rng(0)
+    shape = (2, npad, npad, npad // 2 + 1)
+    f = np.fft.fftfreq(npad) * npad
+    r2 = f[:, None, None] ** 2 + f[None, :, None] ** 2 + np.arange(npad // 2 + 1)[None, None, :] ** 2
+    acc = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)) * (r2 <= (2 * r + 2) ** 2)
+    comm = world()
+    vals = gather_ball(comm, acc, idx)
+    back = scatter_ball(vals, idx, shape, np.complex128, np, 0)
+    assert np.array_equal(back, acc) and len(idx) < 0.1 * acc[0].size
 
 
 def test_rotation_mean_recovers_a_rotation():
@@ -101,3 +126,38 @@ def test_bad_input_is_one_line(tmp_path):
     r = mpi_em(["initial-model", "--i", tmp_path / "missing.star", "--o", tmp_path / "o"], ranks=1)
     assert r.returncode == 2
     assert "missing.star" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_continue_equals_an_uninterrupted_run(tmp_path):
+    """Stopped after iteration 2 (of 4; K = 2, so the stop falls before the consensus split at 3) and continued:
+    the same maps and poses as the run never stopped (P = 1: bit for bit; tolerance for float sums)."""
+    d = tmp_path / "tiny"
+    r = mpi_em(["simulate", "--out", d, "--box", 24, "--n", 120, "--snr", 1.0, "--apix", 5.0, "--seed", 2],
+               ranks=0)
+    assert r.returncode == 0, r.stderr
+    opts = ["--iter", 4, "--batch-size", 50, "--healpix-order", 1, "--K", 2, "--sigma2-fudge", 4, "--seed", 3]
+    full, part = tmp_path / "full", tmp_path / "part"
+    r = mpi_em(["initial-model", "--i", d / "particles_unaligned.star", "--o", full] + opts, ranks=1)
+    assert r.returncode == 0, r.stderr
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPI_EM_DEVICE="cpu", MPI_EM_STOP_AFTER_ITERATION="2")
+    r = subprocess.run([sys.executable, "-m", "mpi_em", "initial-model", "--i", str(d / "particles_unaligned.star"),
+                        "--o", str(part)] + [str(x) for x in opts], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not (part / "run_class001.mrc").exists() and (part / "run_it002_checkpoint.h5").exists()
+    assert not (part / "run_it001_checkpoint.h5").exists()  # only the last checkpoint is kept
+    r = mpi_em(["initial-model", "--continue", part], ranks=1)
+    assert r.returncode == 0, r.stderr
+    assert "resuming after iteration 2" in r.stderr
+    for name in ("run_it003_class001.mrc", "run_it004_class002.mrc", "run_class001.mrc", "run_class002.mrc"):
+        a, b = read_map(full / name)[0], read_map(part / name)[0]
+        assert np.abs(a - b).max() <= 1e-5 * max(np.abs(a).max(), 1e-30), name
+    x, y = (starfile.read(o / "run_data.star")["particles"] for o in (full, part))
+    assert np.array_equal(x.rlnClassNumber.values, y.rlnClassNumber.values)
+    assert np.allclose(x.rlnAngleRot.values, y.rlnAngleRot.values, atol=1e-3)
+    r = mpi_em(["initial-model", "--continue", tmp_path / "tiny"], ranks=1)  # no checkpoint there
+    assert r.returncode == 2 and "checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
