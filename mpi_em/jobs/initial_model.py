@@ -25,13 +25,12 @@ same maps as an uninterrupted run.
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import numpy as np
 
 from ..backend import get_xp, synchronize, to_host
-from ..distributed import agree, allreduce_sum, collective_step, log_placement, make_plan, root_step, select_device
+from ..distributed import agree, allreduce_sum, collective_step, log_placement, root_step, select_device
 from ..em.engine import (SearchSpec, Stats, current_mats, expectation_batch, image_shifts_px,
                          inverse_sigma2_points, prepare_batch, shell_of_points, sigma2_from_images,
                          update_plan_poses)
@@ -40,14 +39,12 @@ from ..em.model import reduce_and_reconstruct_3d
 from ..em.outputs import gather_particles
 from ..em.references import References, fine_offsets, global_grid, insert
 from ..em.steps import check_finite_maps
-from ..errors import MpiEmError
 from ..fourier import SliceGeometry, default_r_max, padded_reach
 from ..initial import state as ckpt
+from ..initial.setup import checkpoint, init, options, split_at, subplan, write_back
 from ..initial.outputs import write_final, write_iteration
-from ..initial.schedule import (minibatch_rows, noise_fudge, ramp_fraction, random_rotations, schedule,
-                                sums_decay)
-from ..io import check_stacks, check_writable_dir, read_particles, rebase_image_names
-from ..io.sanity import check_box, check_same_input, input_record, warn_absurd_values
+from ..initial.schedule import minibatch_rows, noise_fudge, random_rotations, schedule, sums_decay
+from ..io import rebase_image_names
 from ..particles import ImageCache, pinned_wanted
 from ..sampling import angular_step, next_perturbation
 from ..symmetrise import symmetrise
@@ -130,86 +127,6 @@ def add_arguments(p) -> None:
     p.add_argument("--no-ctf", action="store_true", help="ignore the CTF")
 
 
-def _subplan(plan, keep):
-    return {k: (v[keep] if isinstance(v, np.ndarray) and v.shape[:1] == plan["row"].shape else v)
-            for k, v in plan.items()}
-
-
-def _write_back(plan, sub, keep):
-    for k in ckpt.PER_PARTICLE:
-        plan[k][keep] = sub[k]
-
-
-def _options(args, comm):
-    """--continue: the run's options from its checkpoint (a new --iter replaces the number of iterations) and its
-    state; a new run: none. Every rank gets them."""
-    if not args.continue_dir:
-        if not args.input or not args.output:
-            raise MpiEmError("initial-model needs --i STAR and --o DIR (or --continue DIR)")
-        args.input = os.path.abspath(args.input)
-        args.iter = 40 if args.iter is None else args.iter
-        return None
-    new_iter, cont = args.iter, args.continue_dir
-    loaded = root_step(comm, ckpt.load, cont)
-    for k, v in loaded[0]["args"].items():
-        setattr(args, k, v)
-    args.continue_dir = args.output = cont
-    args._expected_input = loaded[0].get("input")
-    if new_iter is not None:
-        args.iter = new_iter
-    return loaded
-
-
-def _split_at(args) -> int:
-    """The first iteration with K classes (1: K random starts; K = 1: never split)."""
-    if args.K == 1:
-        return 0
-    return 1 + int(round(args.consensus * args.iter))
-
-
-def _init(args, size, loaded):
-    check_writable_dir(args.output)
-    star = read_particles(args.input)
-    record = input_record(star)
-    if getattr(args, "_expected_input", None):
-        check_same_input(record, args._expected_input, args.continue_dir)
-    check_box(star)
-    check_stacks(star)
-    warn_absurd_values(star)
-    box, apix = int(star.box[0]), float(star.pixel_size[0])
-    if args.K < 1 or args.K > star.n:
-        raise MpiEmError(f"--K must be between 1 and the number of particles ({star.n}), got {args.K}")
-    if args.batch_size < 1 or args.iter < 1:
-        raise MpiEmError(f"--batch-size and --iter must be >= 1, got {args.batch_size} and {args.iter}")
-    if not 0.0 < args.update_weight <= 1.0:
-        raise MpiEmError(f"--update-weight must be in (0, 1], got {args.update_weight}")
-    if not all(0.0 <= d < 1.0 for d in args.sums_decay):
-        raise MpiEmError(f"--sums-decay values must be in [0, 1), got {args.sums_decay}")
-    if not 0.0 <= args.consensus < 1.0:
-        raise MpiEmError(f"--consensus must be in [0, 1), got {args.consensus}")
-    if args.sigma2_fudge < 1.0:
-        raise MpiEmError(f"--sigma2-fudge must be >= 1, got {args.sigma2_fudge}")
-    if not args.ini_high >= args.final_high > 0:
-        raise MpiEmError(f"--ini-high ({args.ini_high} Å) must be >= --final-high ({args.final_high} Å) > 0")
-    symmetry_matrices(args.sym)
-    plans = make_plan(star, size, seed=args.seed)
-    first_class = np.random.default_rng([int(args.seed), 13]).integers(1, args.K + 1, star.n)
-    saved = loaded[3] if loaded is not None else None
-    for p in plans:
-        k = len(p["row"])
-        # no reference: every pose starts unknown (the STAR file's angles and origins are not used)
-        for f in ("rot", "tilt", "psi", "origin_x", "origin_y", "pmax", "loglike"):
-            p[f] = np.zeros(k)
-        p["nsig"] = np.zeros(k, dtype=np.int64)
-        p["class_number"] = first_class[p["row"]] if _split_at(args) <= 1 else np.ones(k, dtype=np.int64)
-        p["half"] = np.ones(k, dtype=np.int64)
-        if saved is not None:  # --continue: every particle as the last finished iteration left it
-            for f in ckpt.PER_PARTICLE:
-                p[f] = np.asarray(saved[f])[p["row"]].astype(p[f].dtype)
-    meta = {"box": box, "pixel_size": apix, "n": star.n, "K": int(args.K), "record": record}
-    return plans, meta, star
-
-
 def run(args, comm, after_iteration=None) -> dict:
     """The job. ``after_iteration(it)`` is called on every rank after each finished mini-batch iteration (its
     checkpoint written); True stops the run there, as a job killed after that iteration (tests of --continue;
@@ -220,11 +137,11 @@ def run(args, comm, after_iteration=None) -> dict:
         stop = config.stop_after_iteration()
         after_iteration = lambda it: it == stop  # noqa: E731
     t_start = time.time()
-    loaded = collective_step(comm, _options, args, comm)
+    loaded = collective_step(comm, options, args, comm)
     err, res = None, None
     if comm.rank == 0:
         try:
-            res = _init(args, comm.size, loaded)
+            res = init(args, comm.size, loaded)
         except Exception as e:  # noqa: BLE001 - agreed on by every rank
             err = e
     agree(comm, err)
@@ -295,14 +212,14 @@ def run(args, comm, after_iteration=None) -> dict:
         r0 = r_of(args.ini_high)
         rots = random_rotations(n, args.seed)
 
-        k_start = K if _split_at(args) <= 1 else 1
+        k_start = K if split_at(args) <= 1 else 1
 
         def random_start():
             geom = SliceGeometry(box, r_max=r0, pad=pad, xp=xp)
             inv_s2 = inverse_sigma2_points(sigma2, shell_of_points(geom), xp)
             F_acc = xp.zeros((k_start,) + geom.vol_shape, dtype=xp.complex128)
             W_acc = xp.zeros((k_start,) + geom.vol_shape, dtype=xp.float64)
-            sub = _subplan(plan, np.isin(plan["row"], start_rows))
+            sub = subplan(plan, np.isin(plan["row"], start_rows))
             for sl, imgs in images.batches(sub, E_BATCH, pinned=pinned):
                 X, ctf = prepare_batch(imgs, sub, sl, geom, box, apix, use_ctf=not args.no_ctf)
                 if ctf is None:
@@ -372,7 +289,7 @@ def run(args, comm, after_iteration=None) -> dict:
         st["perturb"] = next_perturbation(st["perturb"], 0.5, args.seed, it)
         rows = minibatch_rows(n, args.batch_size, args.seed, it)
         keep = np.isin(plan["row"], rows)
-        split = it == _split_at(args) and it > 1
+        split = it == split_at(args) and it > 1
         if split:  # the consensus into K classes; every particle into its seeded random class
             model = np.repeat(model, K, axis=0)
             class_prior = np.full(K, 1.0 / K)
@@ -381,9 +298,9 @@ def run(args, comm, after_iteration=None) -> dict:
                 F_run, W_run = xp.repeat(F_run / K, K, axis=0), xp.repeat(W_run / K, K, axis=0)
             if comm.rank == 0:
                 log.info("iteration %d: the consensus split into %d classes", it, K)
-        sub = _subplan(plan, keep)
+        sub = subplan(plan, keep)
         F_b, W_b, stats = e_step(sub, r_cur, False, noise_fudge(it, args.iter, args.sigma2_fudge), split)
-        _write_back(plan, sub, keep)
+        write_back(plan, sub, keep)
         if args.model_update == "sums":
             if F_run is None:
                 F_run, W_run = F_b, W_b
@@ -409,7 +326,7 @@ def run(args, comm, after_iteration=None) -> dict:
             log.info("iteration %d: %d particles at %.1f Å (r %.0f px), log-likelihood %.4g, class sizes %s, "
                      "%.1f s", it, len(rows), res_A, r_cur, stats.loglike,
                      " ".join(f"{x:.2f}" for x in class_prior), time.time() - t_it)
-        _checkpoint(comm, args, meta, st, plan, model, sigma2, class_prior, history, resolutions, F_run, W_run)
+        checkpoint(comm, args, meta, st, plan, model, sigma2, class_prior, history, resolutions, F_run, W_run)
         root_step(comm, write_iteration, args.output, it, model, apix, class_prior, res_A)
         if after_iteration is not None and after_iteration(it):
             stopped = True
@@ -422,11 +339,11 @@ def run(args, comm, after_iteration=None) -> dict:
         t_f = time.time()
         r_cur = r_of(final_high)
         everyone = np.ones(len(plan["row"]), dtype=bool)
-        full = _subplan(plan, everyone)
+        full = subplan(plan, everyone)
         F_b, W_b, stats = e_step(full, r_cur, True)
         model = reconstruct(F_b, W_b, r_cur)
         del F_b, W_b
-        _write_back(plan, full, everyone)
+        write_back(plan, full, everyone)
         check_finite_maps(model, args.iter + 1)
         update_model_stats(stats)
         if comm.rank == 0:
@@ -447,27 +364,6 @@ def run(args, comm, after_iteration=None) -> dict:
         log.info("initial-model finished: %d iterations in %.1f s; particles per class %s", args.iter,
                  summary["seconds"], " ".join(str(int(c)) for c in counts))
     return summary
-
-
-def _checkpoint(comm, args, meta, st, plan, model, sigma2, class_prior, history, resolutions, F_run, W_run):
-    """Iteration st["iter"]'s state into its checkpoint (rank 0 writes; the running sums summed over ranks inside
-    the ball the insertion reached), then the previous checkpoint removed."""
-    arrays = {"model": model, "sigma2": sigma2, "class_prior": class_prior,
-              "history": np.asarray(history, dtype=np.float64).reshape(-1, meta["K"]),
-              "resolutions": np.asarray(resolutions, dtype=np.float64)}
-    if F_run is not None:
-        idx = ckpt.ball_indices(args.pad * meta["box"], padded_reach(st["r_acc"], args.pad))
-        arrays["F_run"] = ckpt.gather_ball(comm, F_run, idx)
-        arrays["W_run"] = ckpt.gather_ball(comm, W_run, idx)
-    particles = gather_particles(comm, plan)
-    options = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("func", "continue_dir")}
-
-    def write():
-        ckpt.save(args.output, st["iter"], dict(st), arrays, {k: particles[k] for k in ckpt.PER_PARTICLE},
-                  options, meta["record"])
-        ckpt.prune(args.output, st["iter"])
-
-    root_step(comm, write if comm.rank == 0 else None)
 
 
 __all__ = ["add_arguments", "run", "schedule", "minibatch_rows", "random_rotations"]
