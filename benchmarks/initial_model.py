@@ -128,18 +128,21 @@ def main(argv=None) -> int:
     batch_s = sum(float(s) for _, s in its)
     fin = re.findall(r"final pass over all \d+ particles .*: ([\d.]+) s", r.stdout + r.stderr)
     n_data = len(starfile.read(os.path.join(data, "particles.star"))["particles"])
-    row = {"box": a.box, "n": n_data, "snr": a.snr, "K": a.K, "conformations": a.conformations, "ranks": a.ranks,
+    truth1 = os.path.join(data, "truth.mrc")
+    box = read_map(truth1 if os.path.exists(truth1) else os.path.join(data, "truth_class001.mrc"))[0].shape[0]
+    row = {"box": box, "n": n_data, "snr": None if a.data else a.snr, "K": a.K, "ranks": a.ranks,
            "device": a.device, "options": passthrough, "seconds": seconds,
            "seconds_per_1000_minibatch": 1000.0 * batch_s / batch_n if batch_n else None,
            "seconds_final_pass": float(fin[0]) if fin else None, "data": data}
     row.update(evaluate(data, run, a.K))
+    row["conformations"] = len(row["fsc05_A"])
     print("| box | n | SNR | K | conf | ranks | device | s | s / 1000 mini-batch | final pass s | FSC 0.5 vs truth (Å) "
           "| class accuracy | options |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     fsc_txt = ", ".join(f"{x:.1f} ({h})" for x, h in zip(row["fsc05_A"], row["hand"]))
     acc = f"{row['class_accuracy']:.3f}" if "class_accuracy" in row else "-"
     per = f"{row['seconds_per_1000_minibatch']:.2f}" if row["seconds_per_1000_minibatch"] else "-"
-    print(f"| {a.box} | {n_data} | {a.snr} | {a.K} | {a.conformations} | {a.ranks} | {a.device} | {seconds:.1f} | {per} "
+    print(f"| {box} | {n_data} | {a.snr if not a.data else '-'} | {a.K} | {len(row['fsc05_A'])} | {a.ranks} | {a.device} | {seconds:.1f} | {per} "
           f"| {row['seconds_final_pass'] or '-'} | {fsc_txt} | {acc} | {' '.join(passthrough)} |")
     with open(a.json or os.path.join(a.work, "initial_model.json"), "w") as f:
         json.dump(row, f, indent=1)

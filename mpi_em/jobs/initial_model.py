@@ -100,15 +100,15 @@ def add_arguments(p) -> None:
     p.add_argument("--update-weight", type=float, default=0.5, metavar="W",
                    help="--model-update maps: V <- (1 - W) V + W V_batch (default 0.5; 1 = replace the model by "
                         "each mini-batch's map)")
-    p.add_argument("--sigma2-fudge", type=float, default=1.0, metavar="F",
+    p.add_argument("--sigma2-fudge", type=float, default=4.0, metavar="F",
                    help="the noise spectrum is multiplied by F at the first iteration, falling geometrically to 1 "
                         "at three quarters of the iterations: flatter posteriors early (RELION's "
-                        "--sgd_sigma2fudge_ini; default 1)")
-    p.add_argument("--consensus", type=float, default=0.5, metavar="FRACTION",
+                        "--sgd_sigma2fudge_ini; default 4)")
+    p.add_argument("--consensus", type=float, default=0.3, metavar="FRACTION",
                    help="K > 1: the first FRACTION of the iterations build one consensus map from all particles; "
                         "then it is split into K classes (each the consensus's sums over K, the split iteration's "
                         "mini-batch in seeded random classes, as class3d's first iteration) and the classes compete "
-                        "(default 0.5; 0 = K random starts)")
+                        "(default 0.3; 0 = K random starts)")
     p.add_argument("--healpix-order", type=int, default=2,
                    help="HEALPix order of the global search (1 = 30°, 2 = 15°; the fine pass oversamples it once; "
                         "default 2)")
