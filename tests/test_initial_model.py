@@ -208,8 +208,10 @@ def _relion_angles(path, n: int, box: int, apix: float, seed: int) -> None:
 @pytest.mark.skipif(RELION_PROJECT is None, reason="relion_project (RELION 3.1, Debian's relion package) is not on PATH")
 def test_particles_projected_by_relion(tmp_path):
     """1000 particles that RELION's relion_project made (CTF, white noise at SNR 1, its own particle STAR file read
-    as it is) from a map of Gaussian blobs built here: the initial model against that map, FSC(0.5) <= 24 Å
-    (box 32, 4 Å/px; see the module's docstring for the measured value and the bound)."""
+    as it is) from a map of Gaussian blobs built here: the initial model against that map (box 32, 4 Å/px).
+    Measured with --seed 0, 1, 2, 3: 17.40, 16.46, 16.76, 16.65 Å (mean 16.8, sd 0.4; the final pass's 15 Å limit
+    is the ceiling); the map's own radial average 78 Å. Bound 20 Å: more than 7 sd above the mean, far below the
+    radial average."""
     import mrcfile
 
     box, apix, n = 32, 4.0, 1000
@@ -237,7 +239,7 @@ def test_particles_projected_by_relion(tmp_path):
     aligned, how, cc = align_to_truth(est_map, vol, _angles(est), _angles(true))
     res = resolution_to_truth(aligned, vol, apix)
     print(f"relion_project particles: initial model vs the blobs ({how}): cc {cc:.3f}, FSC 0.5 at {res:.2f} Å")
-    assert res <= 24.0, res
+    assert res <= 20.0, res
 
 
 @pytest.mark.slow
