@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from ..backend import to_host
+from ..backend import to_host, xp_of
 from ..io.checkpoint import read_checkpoint, write_checkpoint
 
 MODE = "initial-model"
@@ -35,7 +35,7 @@ def gather_ball(comm, acc, idx: np.ndarray):
     (None on the others)."""
     from mpi4py import MPI
 
-    xp_vals = acc.reshape(acc.shape[0], -1)[:, idx]
+    xp_vals = acc.reshape(acc.shape[0], -1)[:, xp_of(acc).asarray(idx)]
     vals = np.ascontiguousarray(to_host(xp_vals))
     out = np.empty_like(vals) if comm.rank == 0 else None
     comm.Reduce(vals, out, op=MPI.SUM, root=0)
