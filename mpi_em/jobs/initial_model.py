@@ -2,8 +2,8 @@
 
 Mini-batch (stochastic) expectation-maximisation, after RELION 3's SGD initial model and cryoSPARC's ab initio:
 
-1. start: each class is the reconstruction of a random subset of particles at random poses (seeded, uniformly
-   random rotations and random classes), low-passed at ``--ini-high``: a featureless blob of the right scale;
+1. start: the reconstruction of a random subset of particles at random poses (seeded, uniformly random
+   rotations), limited to ``--ini-high``: a featureless blob of the right scale;
 2. iterations 1..N: a random mini-batch of ``--batch-size`` particles (drawn from ``--seed`` and the iteration:
    every rank derives the same rows without communication and keeps its own), E-step with a global search at
    ``--healpix-order`` (translations within ``--offset-range``) at a resolution limit that rises linearly from
@@ -13,6 +13,10 @@ Mini-batch (stochastic) expectation-maximisation, after RELION 3's SGD initial m
    back-projections, S <- d S + S_batch with d rising from ``--sums-decay`` D0 to D1 (about batch / (1 - d)
    particles' worth of data, the early poses forgotten); ``maps`` blends the mini-batch's map into the model,
    V <- (1 - w) V + w V_batch (``--update-weight``);
+   K > 1: the first ``--consensus`` fraction of the iterations build one consensus map from all particles; then
+   it is split into K classes (each with the consensus's sums over K; the split iteration's mini-batch in seeded
+   random classes, as class3d's first iteration) that compete for the particles (measured: K random starts, or a
+   split at half of the iterations, separate two conformations far less often: benchmarks/results/initial-model);
 3. a last pass over all particles at the final resolution gives every particle's pose and class
    (``run_data.star``), the class sizes and the final maps (``run_classNNN.mrc``, the particles' box);
 4. ``--sym``: the last pass's summed accumulators are symmetrised with the point group (RELION's symmetrise).
