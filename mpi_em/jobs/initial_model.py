@@ -113,6 +113,9 @@ def add_arguments(p) -> None:
                         "then it is split into K classes (each the consensus's sums over K, the split iteration's "
                         "mini-batch in seeded random classes, as class3d's first iteration) and the classes compete "
                         "(default 0.3; 0 = K random starts)")
+    p.add_argument("--start-noise", type=float, default=0.0, metavar="A",
+                   help="add seeded noise, low-passed at --ini-high, of A times the start's standard deviation to "
+                        "the random start (a structured start instead of a blob; default 0)")
     p.add_argument("--healpix-order", type=int, default=2,
                    help="HEALPix order of the global search (1 = 30°, 2 = 15°; the fine pass oversamples it once; "
                         "default 2)")
@@ -235,6 +238,12 @@ def run(args, comm, after_iteration=None) -> dict:
             return F_acc, W_acc
 
         model = reconstruct(*collective_step(comm, random_start), r0)
+        if args.start_noise > 0:  # seeded low-passed noise on the blob (the same on every rank)
+            from ..em.model import lowpass
+
+            noise = lowpass(np.random.default_rng([int(args.seed), 17]).standard_normal(model.shape), box, apix,
+                            args.ini_high)
+            model = model + args.start_noise * noise * (model.std() / max(noise.std(), 1e-30))
         check_finite_maps(model, 0)
         class_prior = np.full(k_start, 1.0 / k_start)
         history, resolutions = [], []
