@@ -246,8 +246,10 @@ def test_particles_projected_by_relion(tmp_path):
 def test_two_classes_separate_two_conformations(tmp_path):
     """K = 2 on two conformations (`simulate --conformations 2`: the phantom, and the phantom without its largest
     domain), box 32, 4 Å/px, SNR 1, 1500 particles: >= 90% of the particles in the class of their conformation
-    (best one-to-one assignment). Measured 0.985 on this set (0.953 on a 1000-particle set of another seed);
-    with the split at half of the iterations and no noise temperature (the earlier defaults) 0.52-0.69 here."""
+    (best one-to-one assignment). Measured 0.985 on this set with --seed 0 (the test's), 0.908 with --seed 1; on
+    other data seeds 0.861 / 0.991 (seed 4) and 0.983 (seed 5): 5 of 6 runs >= 0.90, so this fixed run is a
+    regression check, not a guarantee for every seed. With the split at half of the iterations (the earlier
+    default) 0.52-0.69 on this set."""
     import sys
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
