@@ -126,14 +126,14 @@ def main(argv=None) -> int:
     its = re.findall(r"iteration \d+: (\d+) particles .* ([\d.]+) s\n", r.stdout + r.stderr)
     batch_n = sum(int(n) for n, _ in its)
     batch_s = sum(float(s) for _, s in its)
-    fin = re.findall(r"final pass over all \d+ particles .*: ([\d.]+) s", r.stdout + r.stderr)
+    fin = re.findall(r"final pass \d+ of \d+ over all \d+ particles .*: ([\d.]+) s", r.stdout + r.stderr)
     n_data = len(starfile.read(os.path.join(data, "particles.star"))["particles"])
     truth1 = os.path.join(data, "truth.mrc")
     box = read_map(truth1 if os.path.exists(truth1) else os.path.join(data, "truth_class001.mrc"))[0].shape[0]
     row = {"box": box, "n": n_data, "snr": None if a.data else a.snr, "K": a.K, "ranks": a.ranks,
            "device": a.device, "options": passthrough, "seconds": seconds,
            "seconds_per_1000_minibatch": 1000.0 * batch_s / batch_n if batch_n else None,
-           "seconds_final_pass": float(fin[0]) if fin else None, "data": data}
+           "seconds_final_pass": sum(map(float, fin)) if fin else None, "data": data}
     row.update(evaluate(data, run, a.K))
     row["conformations"] = len(row["fsc05_A"])
     print("| box | n | SNR | K | conf | ranks | device | s | s / 1000 mini-batch | final pass s | FSC 0.5 vs truth (Å) "

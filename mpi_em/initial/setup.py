@@ -71,6 +71,8 @@ def init(args, size, loaded):
         raise MpiEmError(f"--update-weight must be in (0, 1], got {args.update_weight}")
     if not all(0.0 <= d < 1.0 for d in args.sums_decay):
         raise MpiEmError(f"--sums-decay values must be in [0, 1), got {args.sums_decay}")
+    if getattr(args, "final_passes", 1) < 1:
+        raise MpiEmError(f"--final-passes must be >= 1, got {args.final_passes}")
     if not 0.0 <= args.consensus < 1.0:
         raise MpiEmError(f"--consensus must be in [0, 1), got {args.consensus}")
     if args.sigma2_fudge < 1.0:

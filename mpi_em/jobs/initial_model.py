@@ -128,6 +128,9 @@ def add_arguments(p) -> None:
     p.add_argument("--no-final-pass", action="store_true",
                    help="skip the pass over all particles: the final maps are the last model and run_data.star "
                         "holds the poses of the last mini-batch each particle was in (zeros for the others)")
+    p.add_argument("--final-passes", type=int, default=1, metavar="N",
+                   help="passes over all particles after the mini-batches, each against the previous one's maps "
+                        "(default 1)")
     p.add_argument("--pad", type=int, default=2, help="Fourier padding of the references (default 2)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
                    help="auto: one GPU per rank when CuPy sees one, else CPU")
@@ -348,21 +351,23 @@ def run(args, comm, after_iteration=None) -> dict:
     if stopped:
         return {"mode": "initial-model", "iterations": st["iter"], "stopped": True, "ranks": comm.size,
                 "seconds": time.time() - t_start}
-    if not args.no_final_pass:
+    n_final = 0 if args.no_final_pass else args.final_passes
+    for p_i in range(n_final):  # passes over all particles; the last one symmetrised (--sym)
         t_f = time.time()
         r_cur = r_of(final_high)
         everyone = np.ones(len(plan["row"]), dtype=bool)
         full = subplan(plan, everyone)
-        F_b, W_b, stats = e_step(full, r_cur, True)
+        F_b, W_b, stats = e_step(full, r_cur, p_i == n_final - 1)
         model = reconstruct(F_b, W_b, r_cur)
         del F_b, W_b
         write_back(plan, full, everyone)
-        check_finite_maps(model, args.iter + 1)
+        check_finite_maps(model, args.iter + 1 + p_i)
         update_model_stats(stats)
         if comm.rank == 0:
-            log.info("final pass over all %d particles at %.1f Å%s: %.1f s", n, final_high,
-                     f", symmetrised with {args.sym}" if sym_ops is not None else "", time.time() - t_f)
-    elif sym_ops is not None and comm.rank == 0:
+            log.info("final pass %d of %d over all %d particles at %.1f Å%s: %.1f s", p_i + 1, n_final, n,
+                     final_high, f", symmetrised with {args.sym}" if sym_ops is not None and p_i == n_final - 1
+                     else "", time.time() - t_f)
+    if args.no_final_pass and sym_ops is not None and comm.rank == 0:
         log.warning("warning: --sym %s is applied by the final pass only; with --no-final-pass the maps are C1",
                     args.sym)
     counts = np.bincount(plan["class_number"] - 1, minlength=K).astype(np.float64)
