@@ -5,10 +5,15 @@ domains far from the centre) whose views differ clearly. The map is put onto the
 against the true ones (mpi_em.align: rotation, shift, and the hand that correlates better; an ab-initio map has
 either hand), then FSC(0.5) against the truth.
 
-Measured (seed 1, 1000 particles, 20 iterations of 200, HEALPix order 1): 18.4 Å. The best map without
-orientation information, the truth's own radial average, reaches 65 Å; a low-passed random map ~200 Å. Bound:
-24 Å = 3 x Nyquist (30% above the measured value, far below either baseline).
+Measured (data seed 1, 1000 particles, 20 iterations of 200, HEALPix order 1): the first version (blend of
+mini-batch maps, no noise temperature) 18.4 Å with --seed 0 and 27.9 Å with --seed 1; today's defaults (running
+sums, --sigma2-fudge 4) 22.8 Å and 15.2 Å: the run-to-run spread of one small run is larger than the difference
+between the variants. The best map without orientation information, the truth's own radial average, reaches
+65 Å; a low-passed random map ~200 Å. Bound: 24 Å = 3 x Nyquist (far below either baseline).
 """
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 import starfile
@@ -16,7 +21,7 @@ import starfile
 from conftest import mpi_em
 from mpi_em.align import align_to_truth, resolution_to_truth, rotation_mean
 from mpi_em.io import read_map
-from mpi_em.jobs.initial_model import minibatch_rows, random_rotations, schedule
+from mpi_em.initial.schedule import minibatch_rows, noise_fudge, random_rotations, schedule, sums_decay
 
 
 def _angles(df):
@@ -35,6 +40,31 @@ def test_schedule_and_minibatches():
     assert np.allclose(np.einsum("nji,njk->nik", R, R), np.eye(3), atol=1e-12)
     assert np.allclose(np.linalg.det(R), 1.0)
     assert np.linalg.norm(R.mean(axis=0)) < 0.1  # uniform: the mean rotation matrix vanishes
+
+
+def test_annealing_schedules():
+    assert noise_fudge(1, 20, 8.0) == 8.0 and noise_fudge(15, 20, 8.0) == 1.0 and noise_fudge(20, 20, 8.0) == 1.0
+    assert 1.0 < noise_fudge(8, 20, 8.0) < 8.0 and noise_fudge(8, 20, 8.0) > noise_fudge(9, 20, 8.0)
+    assert sums_decay(1, 20, 0.5, 0.9) == 0.5 and abs(sums_decay(20, 20, 0.5, 0.9) - 0.9) < 1e-12
+
+
+def test_checkpoint_ball_round_trip():
+    """The running sums are saved as their values inside the insertion's reach: nothing outside it is lost."""
+    from mpi_em.distributed import world
+    from mpi_em.fourier import padded_reach
+    from mpi_em.initial.state import ball_indices, gather_ball, scatter_ball
+
+    npad, r = 64, 6.0
+    idx = ball_indices(npad, padded_reach(r, 2))
+    rng = np.random.default_rng(0)
+    shape = (2, npad, npad, npad // 2 + 1)
+    f = np.fft.fftfreq(npad) * npad
+    r2 = f[:, None, None] ** 2 + f[None, :, None] ** 2 + np.arange(npad // 2 + 1)[None, None, :] ** 2
+    acc = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)) * (r2 <= (2 * r + 2) ** 2)
+    comm = world()
+    vals = gather_ball(comm, acc, idx)
+    back = scatter_ball(vals, idx, shape, np.complex128, np, 0)
+    assert np.array_equal(back, acc) and len(idx) < 0.1 * acc[0].size
 
 
 def test_rotation_mean_recovers_a_rotation():
@@ -101,3 +131,160 @@ def test_bad_input_is_one_line(tmp_path):
     r = mpi_em(["initial-model", "--i", tmp_path / "missing.star", "--o", tmp_path / "o"], ranks=1)
     assert r.returncode == 2
     assert "missing.star" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks,stop", [(1, 1), (2, 3)])
+def test_continue_equals_an_uninterrupted_run(tmp_path, ranks, stop):
+    """Stopped after iteration ``stop`` of 4 (K = 2: the consensus splits at iteration 2, so one stop falls before
+    and one after it; on 2 ranks the running sums are resumed as their total on rank 0) and continued: the same
+    maps and poses as the run never stopped (measured: bit for bit; tolerance for float sums)."""
+    d = tmp_path / "tiny"
+    r = mpi_em(["simulate", "--out", d, "--box", 24, "--n", 120, "--snr", 1.0, "--apix", 5.0, "--seed", 2],
+               ranks=0)
+    assert r.returncode == 0, r.stderr
+    opts = ["--iter", 4, "--batch-size", 50, "--healpix-order", 1, "--K", 2, "--consensus", 0.3, "--seed", 3]
+    full, part = tmp_path / "full", tmp_path / "part"
+    r = mpi_em(["initial-model", "--i", d / "particles_unaligned.star", "--o", full] + opts, ranks=ranks)
+    assert r.returncode == 0, r.stderr
+    import os
+    import sys
+    from conftest import MPIRUN
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPI_EM_DEVICE="cpu", MPI_EM_STOP_AFTER_ITERATION=str(stop))
+    r = subprocess.run([MPIRUN, "-n", str(ranks), sys.executable, "-m", "mpi_em", "initial-model", "--i",
+                        str(d / "particles_unaligned.star"), "--o", str(part)] + [str(x) for x in opts],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not (part / "run_class001.mrc").exists() and (part / f"run_it{stop:03d}_checkpoint.h5").exists()
+    assert not (part / f"run_it{stop - 1:03d}_checkpoint.h5").exists()  # only the last checkpoint is kept
+    r = mpi_em(["initial-model", "--continue", part], ranks=ranks)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming after iteration {stop}" in r.stderr
+    for name in ("run_it003_class001.mrc", "run_it004_class002.mrc", "run_class001.mrc", "run_class002.mrc"):
+        a, b = read_map(full / name)[0], read_map(part / name)[0]
+        assert np.abs(a - b).max() <= 1e-5 * max(np.abs(a).max(), 1e-30), name
+    x, y = (starfile.read(o / "run_data.star")["particles"] for o in (full, part))
+    assert np.array_equal(x.rlnClassNumber.values, y.rlnClassNumber.values)
+    assert np.allclose(x.rlnAngleRot.values, y.rlnAngleRot.values, atol=1e-3)
+    r = mpi_em(["initial-model", "--continue", d], ranks=1)  # no checkpoint there
+    assert r.returncode == 2 and "checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+RELION_PROJECT = shutil.which("relion_project")
+
+
+def _blobs_map(box: int, seed: int) -> np.ndarray:
+    """A map none of our code produced: six Gaussian blobs of different sizes and heights, numpy only."""
+    rng = np.random.default_rng(seed)
+    c = np.arange(box) - box // 2
+    z, y, x = np.meshgrid(c, c, c, indexing="ij")
+    vol = np.zeros((box,) * 3)
+    for _ in range(6):
+        p, s = rng.uniform(-0.25 * box, 0.25 * box, 3), rng.uniform(0.05, 0.09) * box
+        vol += rng.uniform(0.5, 1.0) * np.exp(-((x - p[0]) ** 2 + (y - p[1]) ** 2 + (z - p[2]) ** 2) / (2 * s * s))
+    return vol
+
+
+def _relion_angles(path, n: int, box: int, apix: float, seed: int) -> None:
+    """A STAR file of n uniformly random poses, origins within 2 px and CTFs (0.8-2.5 µm) for relion_project."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"], "rlnVoltage": [300.0],
+                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
+                           "rlnImagePixelSize": [apix], "rlnImageSize": [box], "rlnImageDimensionality": [2]})
+    df = rng.uniform(8000, 25000, n)
+    parts = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@none.mrcs" for i in range(n)],
+                          "rlnAngleRot": rng.uniform(-180, 180, n),
+                          "rlnAngleTilt": np.degrees(np.arccos(rng.uniform(-1, 1, n))),
+                          "rlnAnglePsi": rng.uniform(-180, 180, n),
+                          "rlnOriginXAngst": rng.uniform(-2, 2, n) * apix, "rlnOriginYAngst": rng.uniform(-2, 2, n) * apix,
+                          "rlnDefocusU": df, "rlnDefocusV": df + rng.uniform(0, 300, n),
+                          "rlnDefocusAngle": rng.uniform(0, 180, n), "rlnOpticsGroup": np.ones(n, dtype=np.int64)})
+    starfile.write({"optics": optics, "particles": parts}, path, overwrite=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(RELION_PROJECT is None, reason="relion_project (RELION 3.1, Debian's relion package) is not on PATH")
+def test_particles_projected_by_relion(tmp_path):
+    """1000 particles that RELION's relion_project made (CTF, white noise at SNR 1, its own particle STAR file read
+    as it is) from a map of Gaussian blobs built here: the initial model against that map (box 32, 4 Å/px).
+    Measured with --seed 0, 1, 2, 3: 17.40, 16.46, 16.76, 16.65 Å (mean 16.8, sd 0.4; the final pass's 15 Å limit
+    is the ceiling); the map's own radial average 78 Å. Bound 20 Å: more than 7 sd above the mean, far below the
+    radial average."""
+    import mrcfile
+
+    box, apix, n = 32, 4.0, 1000
+    vol = _blobs_map(box, 4)
+    with mrcfile.new(tmp_path / "blobs.mrc") as m:
+        m.set_data(vol.astype(np.float32))
+        m.voxel_size = apix
+    _relion_angles(tmp_path / "ang.star", n, box, apix, 5)
+    # the signal's variance from relion_project's own noise-free projections, then the noise for SNR 1
+    run = dict(capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    r = subprocess.run([str(a) for a in (RELION_PROJECT, "--i", "blobs.mrc", "--o", "clean", "--ang", "ang.star",
+                                         "--angpix", apix, "--ctf")], **run)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sigma = float(mrcfile.read(tmp_path / "clean.mrcs").std())
+    r = subprocess.run([str(a) for a in (RELION_PROJECT, "--i", "blobs.mrc", "--o", "proj", "--ang", "ang.star",
+                                         "--angpix", apix, "--ctf", "--add_noise", "--white_noise", sigma)], **run)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = tmp_path / "im"
+    r = mpi_em(["initial-model", "--i", tmp_path / "proj.star", "--o", out, "--iter", 20, "--batch-size", 200,
+                "--healpix-order", 1, "--seed", 0], ranks=1, timeout=600)
+    assert r.returncode == 0, r.stderr
+    est = starfile.read(out / "run_data.star")["particles"]
+    true = starfile.read(tmp_path / "ang.star")["particles"]
+    est_map, _ = read_map(out / "run_class001.mrc")
+    aligned, how, cc = align_to_truth(est_map, vol, _angles(est), _angles(true))
+    res = resolution_to_truth(aligned, vol, apix)
+    print(f"relion_project particles: initial model vs the blobs ({how}): cc {cc:.3f}, FSC 0.5 at {res:.2f} Å")
+    assert res <= 20.0, res
+
+
+@pytest.mark.slow
+def test_two_classes_separate_two_conformations(tmp_path):
+    """K = 2 on two conformations (`simulate --conformations 2`: the phantom, and the phantom without its largest
+    domain), box 32, 4 Å/px, SNR 1, 1500 particles: >= 90% of the particles in the class of their conformation
+    (best one-to-one assignment). Measured 0.985 on this set with --seed 0 (the test's), 0.908 with --seed 1; on
+    other data seeds 0.861 / 0.991 (seed 4) and 0.983 (seed 5): 5 of 6 runs >= 0.90, so this fixed run is a
+    regression check, not a guarantee for every seed. With the split at half of the iterations (the earlier
+    default) 0.52-0.69 on this set."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
+    from initial_model import best_accuracy
+
+    d = tmp_path / "conf"
+    r = mpi_em(["simulate", "--out", d, "--box", 32, "--n", 1500, "--snr", 1.0, "--apix", 4.0, "--seed", 3,
+                "--conformations", 2], ranks=0)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "im"
+    r = mpi_em(["initial-model", "--i", d / "particles_unaligned.star", "--o", out, "--K", 2, "--iter", 24,
+                "--batch-size", 200, "--healpix-order", 1, "--final-high", 12], ranks=1, timeout=900)
+    assert r.returncode == 0, r.stderr
+    est = starfile.read(out / "run_data.star")["particles"]
+    true = starfile.read(d / "particles.star")["particles"]
+    acc = best_accuracy(est.rlnClassNumber.values, true.rlnClassNumber.values)
+    print(f"K = 2 on two conformations: class accuracy {acc:.3f}")
+    assert acc >= 0.90, acc
+
+
+@pytest.mark.slow
+def test_benchmark_script_on_cpu(tmp_path):
+    """benchmarks/initial_model.py end to end at a tiny size: simulates, runs, aligns, writes its JSON row."""
+    import json
+    import os
+    import sys
+
+    script = __import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks" / "initial_model.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPI_EM_DEVICE="cpu")
+    r = subprocess.run([sys.executable, str(script), "--work", str(tmp_path), "--box", "24", "--n", "120",
+                        "--snr", "1", "--apix", "5", "--K", "2", "--conformations", "2", "--device", "cpu", "--",
+                        "--iter", "3", "--batch-size", "60", "--healpix-order", "1"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    row = json.load(open(tmp_path / "initial_model.json"))
+    assert row["n"] == 120 and row["K"] == 2 and len(row["fsc05_A"]) == 2 and 0.5 <= row["class_accuracy"] <= 1.0
+    assert row["seconds_per_1000_minibatch"] > 0 and all(10.0 <= x <= 500.0 for x in row["fsc05_A"])
+    assert "| 24 | 120 |" in r.stdout

@@ -1,0 +1,153 @@
+"""Measure `mpi-em initial-model` on simulated data with known truth: seconds, seconds per 1 000 particles of
+mini-batch, map vs truth FSC(0.5) (each class against its conformation, either hand) and class accuracy.
+
+usage: python benchmarks/initial_model.py --work DIR [--data SIM_DIR] [--box 64 --n 20000 --snr 0.05 --apix 2.5
+                                          --conformations 1 --sim-seed 1 --domains ...] [--K 1] [--ranks 1]
+                                          [--device auto] [--json OUT.json] [-- initial-model options ...]
+
+Without --data, `mpi-em simulate` writes the data set into WORK/data (reused when its particles.star is there).
+The run goes to WORK/run (replaced). Options after `--` are passed to `mpi-em initial-model` as they are
+(e.g. `-- --iter 60 --batch-size 500 --healpix-order 2`). Maps are put onto the truth with mpi_em.align (the
+rotation from the particles' poses against the true ones, the mirrored hand tried too); with --conformations 2
+each truth conformation is compared with the class holding most of its particles. Class accuracy: the best
+one-to-one assignment of classes to conformations when K equals their number, else each class to the
+conformation most of its particles have.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import starfile
+
+from mpi_em.align import align_to_truth, resolution_to_truth
+from mpi_em.evaluate import class_accuracy
+from mpi_em.io import read_map
+
+
+def best_accuracy(assigned, truth) -> float:
+    """Class accuracy: best one-to-one matching of classes to labels when their numbers agree, else majority."""
+    assigned, truth = np.asarray(assigned), np.asarray(truth)
+    classes, labels = np.unique(assigned), np.unique(truth)
+    if len(classes) != len(labels) or len(classes) > 6:
+        return float(class_accuracy(assigned, truth))
+    best = 0.0
+    for perm in itertools.permutations(labels):
+        m = dict(zip(classes, perm))
+        best = max(best, float(np.mean(np.vectorize(m.get)(assigned) == truth)))
+    return best
+
+
+def angles(df):
+    return df.rlnAngleRot.values, df.rlnAngleTilt.values, df.rlnAnglePsi.values
+
+
+def evaluate(data: str, run: str, K: int) -> dict:
+    """FSC(0.5) of each truth conformation against its class, class accuracy (rows in the same order)."""
+    est = starfile.read(os.path.join(run, "run_data.star"))["particles"]
+    true = starfile.read(os.path.join(data, "particles.star"))["particles"]
+    assert len(est) == len(true)
+    cls = est.rlnClassNumber.values.astype(int)
+    conf = true.rlnClassNumber.values.astype(int) if "rlnClassNumber" in true else np.ones(len(true), int)
+    n_conf = int(conf.max())
+    out = {"class_counts": np.bincount(cls, minlength=K + 1)[1:].tolist(), "fsc05_A": [], "hand": []}
+    if n_conf > 1:
+        out["class_accuracy"] = best_accuracy(cls, conf)
+    for c in range(1, n_conf + 1):
+        truth_path = os.path.join(data, "truth.mrc" if n_conf == 1 else f"truth_class{c:03d}.mrc")
+        truth, apix = read_map(truth_path)
+        members = conf == c
+        k = int(np.bincount(cls[members], minlength=K + 1)[1:].argmax()) + 1  # the class most of them are in
+        vol, _ = read_map(os.path.join(run, f"run_class{k:03d}.mrc"))
+        sel = members & (cls == k)
+        if sel.sum() < 3:
+            sel = members
+        aligned, how, _ = align_to_truth(vol, truth, [a[sel] for a in angles(est)], [a[sel] for a in angles(true)])
+        out["fsc05_A"].append(resolution_to_truth(aligned, truth, apix))
+        out["hand"].append(how)
+    return out
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, passthrough = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", required=True)
+    p.add_argument("--data", help="a `mpi-em simulate` output to use instead of simulating")
+    p.add_argument("--box", type=int, default=64)
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--snr", type=float, default=0.05)
+    p.add_argument("--apix", type=float, default=2.5)
+    p.add_argument("--conformations", type=int, default=1, choices=[1, 2])
+    p.add_argument("--sim-seed", type=int, default=1)
+    p.add_argument("--domains", type=int, default=None, help="passed to simulate (lumpy phantoms)")
+    p.add_argument("--domain-spread", type=float, default=None)
+    p.add_argument("--domain-distance", type=float, default=None)
+    p.add_argument("--K", type=int, default=1)
+    p.add_argument("--ranks", type=int, default=1)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    p.add_argument("--json", help="write the row here (default WORK/initial_model.json)")
+    a = p.parse_args(argv)
+    os.makedirs(a.work, exist_ok=True)
+    py = [sys.executable, "-m", "mpi_em"]
+    data = a.data or os.path.join(a.work, "data")
+    if not a.data and not os.path.exists(os.path.join(data, "particles.star")):
+        sim = ["simulate", "--out", data, "--box", a.box, "--n", a.n, "--snr", a.snr, "--apix", a.apix,
+               "--seed", a.sim_seed, "--conformations", a.conformations, "--device", a.device]
+        for k in ("domains", "domain_spread", "domain_distance"):
+            if getattr(a, k) is not None:
+                sim += ["--" + k.replace("_", "-"), getattr(a, k)]
+        subprocess.run(py + [str(x) for x in sim], check=True)
+    run = os.path.join(a.work, "run")
+    shutil.rmtree(run, ignore_errors=True)
+    cmd = py + ["initial-model", "--i", os.path.join(data, "particles_unaligned.star"), "--o", run,
+                "--K", str(a.K), "--device", a.device] + passthrough
+    if a.ranks > 1:
+        cmd = [shutil.which("mpirun") or "mpirun", "-n", str(a.ranks)] + cmd
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.time() - t0
+    with open(os.path.join(a.work, "run.log"), "w") as f:
+        f.write(r.stdout + r.stderr)
+    if r.returncode != 0:
+        sys.stderr.write(r.stderr[-3000:])
+        return r.returncode
+    its = re.findall(r"iteration \d+: (\d+) particles .* ([\d.]+) s\n", r.stdout + r.stderr)
+    batch_n = sum(int(n) for n, _ in its)
+    batch_s = sum(float(s) for _, s in its)
+    fin = re.findall(r"final pass \d+ of \d+ over all \d+ particles .*: ([\d.]+) s", r.stdout + r.stderr)
+    n_data = len(starfile.read(os.path.join(data, "particles.star"))["particles"])
+    truth1 = os.path.join(data, "truth.mrc")
+    box = read_map(truth1 if os.path.exists(truth1) else os.path.join(data, "truth_class001.mrc"))[0].shape[0]
+    row = {"box": box, "n": n_data, "snr": None if a.data else a.snr, "K": a.K, "ranks": a.ranks,
+           "device": a.device, "options": passthrough, "seconds": seconds,
+           "seconds_per_1000_minibatch": 1000.0 * batch_s / batch_n if batch_n else None,
+           "seconds_final_pass": sum(map(float, fin)) if fin else None, "data": data}
+    row.update(evaluate(data, run, a.K))
+    row["conformations"] = len(row["fsc05_A"])
+    print("| box | n | SNR | K | conf | ranks | device | s | s / 1000 mini-batch | final pass s | FSC 0.5 vs truth (Å) "
+          "| class accuracy | options |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    fsc_txt = ", ".join(f"{x:.1f} ({h})" for x, h in zip(row["fsc05_A"], row["hand"]))
+    acc = f"{row['class_accuracy']:.3f}" if "class_accuracy" in row else "-"
+    per = f"{row['seconds_per_1000_minibatch']:.2f}" if row["seconds_per_1000_minibatch"] else "-"
+    print(f"| {box} | {n_data} | {a.snr if not a.data else '-'} | {a.K} | {len(row['fsc05_A'])} | {a.ranks} | {a.device} | {seconds:.1f} | {per} "
+          f"| {row['seconds_final_pass'] or '-'} | {fsc_txt} | {acc} | {' '.join(passthrough)} |")
+    with open(a.json or os.path.join(a.work, "initial_model.json"), "w") as f:
+        json.dump(row, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

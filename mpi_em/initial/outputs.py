@@ -1,0 +1,59 @@
+"""initial-model's files: the per-iteration maps and slice montages, the final maps, ``run_data.star``,
+``run_model.star`` and the class-size plot."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..io import write_map, write_particles
+
+
+def central_slices(vol) -> np.ndarray:
+    """(3, N, N): the central xy, xz and yz sections of a map."""
+    c = vol.shape[0] // 2
+    return np.stack([vol[c], vol[:, c], vol[:, :, c]])
+
+
+def slices_png(path, model, labels):
+    from ..plots import montage_png
+
+    tiles, names = [], []
+    for k, m in enumerate(model):
+        for s, axis in zip(central_slices(m), ("z", "y", "x")):
+            tiles.append(s)
+            names.append(f"{labels[k]} {axis}=0")
+    montage_png(path, np.asarray(tiles), labels=names, ncols=3)
+
+
+def write_iteration(out, it, model, apix, class_prior, res_A):
+    tag = f"run_it{it:03d}"
+    for k in range(model.shape[0]):
+        write_map(os.path.join(out, f"{tag}_class{k + 1:03d}.mrc"), model[k], apix)
+    slices_png(os.path.join(out, f"{tag}_slices.png"), model,
+                [f"class {k + 1} ({100 * p:.0f}%), {res_A:.0f} Å" for k, p in enumerate(class_prior)])
+
+
+def write_final(out, star, particles, model, apix, counts, class_prior, history):
+    import pandas as pd
+    import starfile
+
+    from ..io import atomic_path
+    from ..plots import class_sizes_png
+
+    K = model.shape[0]
+    for k in range(K):
+        write_map(os.path.join(out, f"run_class{k + 1:03d}.mrc"), model[k], apix)
+    slices_png(os.path.join(out, "run_slices.png"), model,
+                [f"class {k + 1}: {int(c)}" for k, c in enumerate(counts)])
+    up = {"rlnAngleRot": particles["rot"], "rlnAngleTilt": particles["tilt"], "rlnAnglePsi": particles["psi"],
+          "rlnOriginXAngst": particles["origin_x"], "rlnOriginYAngst": particles["origin_y"],
+          "rlnClassNumber": particles["class_number"], "rlnMaxValueProbDistribution": particles["pmax"],
+          "rlnLogLikeliContribution": particles["loglike"], "rlnNrOfSignificantSamples": particles["nsig"]}
+    write_particles(os.path.join(out, "run_data.star"), star, updates=up)
+    classes = pd.DataFrame({"rlnReferenceImage": [f"run_class{k + 1:03d}.mrc" for k in range(K)],
+                            "rlnClassDistribution": class_prior, "rlnNrParticles": counts.astype(np.int64)})
+    with atomic_path(os.path.join(out, "run_model.star")) as tmp:
+        starfile.write({"model_classes": classes}, tmp, float_format=None)
+    if len(history):
+        class_sizes_png(os.path.join(out, "run_class_sizes.png"), history, title="initial-model: class sizes")

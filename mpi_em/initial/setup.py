@@ -1,0 +1,119 @@
+"""initial-model's set-up and checkpoints: the options of a new or continued run, the inputs read and the
+particles' plans (rank 0), the per-iteration checkpoint."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..distributed import make_plan, root_step
+from ..em.outputs import gather_particles
+from ..errors import MpiEmError
+from ..fourier import padded_reach
+from ..io import check_stacks, check_writable_dir, read_particles
+from ..io.sanity import check_box, check_same_input, input_record, warn_absurd_values
+from ..symmetry import symmetry_matrices
+from . import state as ckpt
+
+
+def subplan(plan, keep):
+    return {k: (v[keep] if isinstance(v, np.ndarray) and v.shape[:1] == plan["row"].shape else v)
+            for k, v in plan.items()}
+
+
+def write_back(plan, sub, keep):
+    for k in ckpt.PER_PARTICLE:
+        plan[k][keep] = sub[k]
+
+
+def options(args, comm):
+    """--continue: the run's options from its checkpoint (a new --iter replaces the number of iterations) and its
+    state; a new run: none. Every rank gets them."""
+    if not args.continue_dir:
+        if not args.input or not args.output:
+            raise MpiEmError("initial-model needs --i STAR and --o DIR (or --continue DIR)")
+        args.input = os.path.abspath(args.input)
+        args.iter = 40 if args.iter is None else args.iter
+        return None
+    new_iter, cont = args.iter, args.continue_dir
+    loaded = root_step(comm, ckpt.load, cont)
+    for k, v in loaded[0]["args"].items():
+        setattr(args, k, v)
+    args.continue_dir = args.output = cont
+    args._expected_input = loaded[0].get("input")
+    if new_iter is not None:
+        args.iter = new_iter
+    return loaded
+
+
+def split_at(args) -> int:
+    """The first iteration with K classes (1: K random starts; K = 1: never split)."""
+    if args.K == 1:
+        return 0
+    return 1 + int(round(args.consensus * args.iter))
+
+
+def init(args, size, loaded):
+    check_writable_dir(args.output)
+    star = read_particles(args.input)
+    record = input_record(star)
+    if getattr(args, "_expected_input", None):
+        check_same_input(record, args._expected_input, args.continue_dir)
+    check_box(star)
+    check_stacks(star)
+    warn_absurd_values(star)
+    box, apix = int(star.box[0]), float(star.pixel_size[0])
+    if args.K < 1 or args.K > star.n:
+        raise MpiEmError(f"--K must be between 1 and the number of particles ({star.n}), got {args.K}")
+    if args.batch_size < 1 or args.iter < 1:
+        raise MpiEmError(f"--batch-size and --iter must be >= 1, got {args.batch_size} and {args.iter}")
+    if not 0.0 < args.update_weight <= 1.0:
+        raise MpiEmError(f"--update-weight must be in (0, 1], got {args.update_weight}")
+    if not all(0.0 <= d < 1.0 for d in args.sums_decay):
+        raise MpiEmError(f"--sums-decay values must be in [0, 1), got {args.sums_decay}")
+    if getattr(args, "final_passes", 1) < 1:
+        raise MpiEmError(f"--final-passes must be >= 1, got {args.final_passes}")
+    if not 0.0 <= args.consensus < 1.0:
+        raise MpiEmError(f"--consensus must be in [0, 1), got {args.consensus}")
+    if args.sigma2_fudge < 1.0:
+        raise MpiEmError(f"--sigma2-fudge must be >= 1, got {args.sigma2_fudge}")
+    if not args.ini_high >= args.final_high > 0:
+        raise MpiEmError(f"--ini-high ({args.ini_high} Å) must be >= --final-high ({args.final_high} Å) > 0")
+    symmetry_matrices(args.sym)
+    plans = make_plan(star, size, seed=args.seed)
+    first_class = np.random.default_rng([int(args.seed), 13]).integers(1, args.K + 1, star.n)
+    saved = loaded[3] if loaded is not None else None
+    for p in plans:
+        k = len(p["row"])
+        # no reference: every pose starts unknown (the STAR file's angles and origins are not used)
+        for f in ("rot", "tilt", "psi", "origin_x", "origin_y", "pmax", "loglike"):
+            p[f] = np.zeros(k)
+        p["nsig"] = np.zeros(k, dtype=np.int64)
+        p["class_number"] = first_class[p["row"]] if split_at(args) <= 1 else np.ones(k, dtype=np.int64)
+        p["half"] = np.ones(k, dtype=np.int64)
+        if saved is not None:  # --continue: every particle as the last finished iteration left it
+            for f in ckpt.PER_PARTICLE:
+                p[f] = np.asarray(saved[f])[p["row"]].astype(p[f].dtype)
+    meta = {"box": box, "pixel_size": apix, "n": star.n, "K": int(args.K), "record": record}
+    return plans, meta, star
+
+
+def checkpoint(comm, args, meta, st, plan, model, sigma2, class_prior, history, resolutions, F_run, W_run):
+    """Iteration st["iter"]'s state into its checkpoint (rank 0 writes; the running sums summed over ranks inside
+    the ball the insertion reached), then the previous checkpoint removed."""
+    arrays = {"model": model, "sigma2": sigma2, "class_prior": class_prior,
+              "history": np.asarray(history, dtype=np.float64).reshape(-1, meta["K"]),
+              "resolutions": np.asarray(resolutions, dtype=np.float64)}
+    if F_run is not None:
+        idx = ckpt.ball_indices(args.pad * meta["box"], padded_reach(st["r_acc"], args.pad))
+        arrays["F_run"] = ckpt.gather_ball(comm, F_run, idx)
+        arrays["W_run"] = ckpt.gather_ball(comm, W_run, idx)
+    particles = gather_particles(comm, plan)
+    options = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("func", "continue_dir")}
+
+    def write():
+        ckpt.save(args.output, st["iter"], dict(st), arrays, {k: particles[k] for k in ckpt.PER_PARTICLE},
+                  options, meta["record"])
+        ckpt.prune(args.output, st["iter"])
+
+    root_step(comm, write if comm.rank == 0 else None)
