@@ -19,9 +19,9 @@ Mini-batch (stochastic) expectation-maximisation, after RELION 3's SGD initial m
    split at half of the iterations, separate two conformations far less often: benchmarks/results/initial-model);
 3. a last pass over all particles at the final resolution gives every particle's pose and class
    (``run_data.star``), the class sizes and the final maps (``run_classNNN.mrc``, the particles' box);
-4. ``--sym``: the last pass's summed accumulators are symmetrised with the point group (RELION's symmetrise).
-   The C1 map is NOT aligned to the point group's axes first (no axis search in this version): the
-   symmetrised map is right only where the C1 map's axes happen to lie on the group's.
+4. ``--sym``: as RELION applies symmetry to an ab-initio map, only at the end: each C1 class map is put onto the
+   point group's axes (:mod:`mpi_em.symaxis`, the search of ``relion_align_symmetry``), symmetrised there, and
+   its particles' poses moved with it (:mod:`mpi_em.initial.point_group`).
 
 ``--continue DIR`` resumes after the last finished iteration (mpi_em.initial.state): with the same seed, the
 same maps as an uninterrupted run.
@@ -51,7 +51,6 @@ from ..initial.schedule import minibatch_rows, noise_fudge, random_rotations, sc
 from ..io import rebase_image_names
 from ..particles import ImageCache, pinned_wanted
 from ..sampling import angular_step, next_perturbation
-from ..symmetrise import symmetrise
 from ..symmetry import symmetry_matrices
 
 log = logging.getLogger("mpi_em")
@@ -61,8 +60,9 @@ DESCRIPTION = ("Mini-batch expectation-maximisation from a random start (after R
                "sums of the mini-batches (or their maps blended in), at a resolution limit that rises from "
                "--ini-high to --final-high while the noise temperature (--sigma2-fudge) falls to 1; then one pass "
                "over all particles for their poses, classes and the final maps (run_classNNN.mrc at the particles' "
-               "box, run_data.star, run_model.star, run_itNNN_slices.png). --sym symmetrises that pass's sums "
-               "without aligning the map to the group's axes first (no symmetry-axis search yet). --continue DIR "
+               "box, run_data.star, run_model.star, run_itNNN_slices.png). --sym puts each final map onto the point "
+               "group's axes (a search as relion_align_symmetry's), symmetrises it there and moves its particles' "
+               "poses with it. --continue DIR "
                "resumes after the last finished iteration.")
 E_BATCH = 64  # particles per E-step batch
 
@@ -78,8 +78,9 @@ def add_arguments(p) -> None:
                    help="replace the run already in the --o folder (its files are removed first)")
     p.add_argument("--K", type=int, default=1, help="number of classes, each from its own random start (default 1)")
     p.add_argument("--sym", default="C1",
-                   help="point group C<n>, D<n>, T, O, I applied to the final maps only (default C1). The C1 map "
-                        "is not aligned to the group's axes first (no symmetry-axis search yet)")
+                   help="point group C<n>, D<n>, T, O, I applied to the final maps only (default C1): each C1 "
+                        "map is rotated and centred onto the group's axes (searched), symmetrised, and its "
+                        "particles' poses moved with it")
     p.add_argument("--iter", type=int, default=None, help="number of mini-batch iterations (default 40)")
     p.add_argument("--batch-size", type=int, default=400,
                    help="particles per mini-batch (default 400; all particles when there are fewer)")
@@ -277,8 +278,6 @@ def run(args, comm, after_iteration=None) -> dict:
                                         spec, geom, F_acc, W_acc, stats, n_shells,
                                         prior_offsets=image_shifts_px(sub, sl, apix))
                 update_plan_poses(sub, sl, res, 3, apix)
-            if final and sym_ops is not None:  # linear: each rank symmetrises its partial sums
-                symmetrise(F_acc, W_acc, sym_ops)
             synchronize(xp)
             return F_acc, W_acc, stats
 
@@ -352,7 +351,7 @@ def run(args, comm, after_iteration=None) -> dict:
         return {"mode": "initial-model", "iterations": st["iter"], "stopped": True, "ranks": comm.size,
                 "seconds": time.time() - t_start}
     n_final = 0 if args.no_final_pass else args.final_passes
-    for p_i in range(n_final):  # passes over all particles; the last one symmetrised (--sym)
+    for p_i in range(n_final):  # passes over all particles (C1; --sym after them)
         t_f = time.time()
         r_cur = r_of(final_high)
         everyone = np.ones(len(plan["row"]), dtype=bool)
@@ -364,15 +363,16 @@ def run(args, comm, after_iteration=None) -> dict:
         check_finite_maps(model, args.iter + 1 + p_i)
         update_model_stats(stats)
         if comm.rank == 0:
-            log.info("final pass %d of %d over all %d particles at %.1f Å%s: %.1f s", p_i + 1, n_final, n,
-                     final_high, f", symmetrised with {args.sym}" if sym_ops is not None and p_i == n_final - 1
-                     else "", time.time() - t_f)
+            log.info("final pass %d of %d over all %d particles at %.1f Å: %.1f s", p_i + 1, n_final, n,
+                     final_high, time.time() - t_f)
     if args.no_final_pass and sym_ops is not None and comm.rank == 0:
         log.warning("warning: --sym %s is applied by the final pass only; with --no-final-pass the maps are C1",
                     args.sym)
     counts = np.bincount(plan["class_number"] - 1, minlength=K).astype(np.float64)
     allreduce_sum(comm, counts)
     particles = gather_particles(comm, plan)
+    if sym_ops is not None and n_final:
+        model = root_step(comm, _onto_point_group, model, particles, args.sym, apix)
     root_step(comm, write_final, args.output, star_rank0, particles, model, apix, counts, class_prior,
               np.asarray(history))
     summary = {"mode": "initial-model", "iterations": args.iter, "counts": counts.tolist(),
@@ -382,6 +382,12 @@ def run(args, comm, after_iteration=None) -> dict:
         log.info("initial-model finished: %d iterations in %.1f s; particles per class %s", args.iter,
                  summary["seconds"], " ".join(str(int(c)) for c in counts))
     return summary
+
+
+def _onto_point_group(model, particles, group, apix):
+    from ..initial.point_group import to_point_group
+
+    return to_point_group(model, particles, group, apix)[0]
 
 
 __all__ = ["add_arguments", "run", "schedule", "minibatch_rows", "random_rotations"]
