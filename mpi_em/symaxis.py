@@ -297,7 +297,7 @@ def find_symmetry_frame(vol, group: str, apix: float = 1.0, work_box: int = 32, 
 
     vol: (N, N, N) map (NumPy or CuPy); group: RELION point group name; apix: voxel size in Å (recorded for
     callers; the search works in pixels); work_box: box of the working copy (Fourier crop, <= N; the coarse grid
-    runs at half of it); radius_px: sphere radius in pixels of the input map (default 0.45 N); coarse_order:
+    works at half of it); radius_px: sphere radius in pixels of the input map (default 0.45 N); coarse_order:
     HEALPix order of the coarse grid (2 = 15 deg); min_step_deg: the finest local step; keep: coarse rotations
     refined; centre: the symmetry centre (x, y, z pixels about N//2) if known, else :func:`_masked_centre` of the
     working copy (a search of the centre on the score over-fits: the centre moved by 3 px raised a C1 map's best

@@ -7,7 +7,7 @@ either hand), then FSC(0.5) against the truth.
 
 Measured (data seed 1, 1000 particles, 20 iterations of 200, HEALPix order 1): the first version (blend of
 mini-batch maps, no noise temperature) 18.4 Å with --seed 0 and 27.9 Å with --seed 1; today's defaults (running
-sums, --sigma2-fudge 4) 22.8 Å and 15.2 Å: the run-to-run spread of one small run is larger than the difference
+sums, --sigma2-fudge 4) 22.8 Å and 15.2 Å: the run-to-run spread of one small job is larger than the difference
 between the variants. The best map without orientation information, the truth's own radial average, reaches
 65 Å; a low-passed random map ~200 Å. Bound: 24 Å = 3 x Nyquist (far below either baseline).
 """
@@ -251,7 +251,7 @@ def test_two_classes_separate_two_conformations(tmp_path):
     """K = 2 on two conformations (`simulate --conformations 2`: the phantom, and the phantom without its largest
     domain), box 32, 4 Å/px, SNR 1, 1500 particles: >= 90% of the particles in the class of their conformation
     (best one-to-one assignment). Measured 0.985 on this set with --seed 0 (the test's), 0.908 with --seed 1; on
-    other data seeds 0.861 / 0.991 (seed 4) and 0.983 (seed 5): 5 of 6 runs >= 0.90, so this fixed run is a
+    other data seeds 0.861 / 0.991 (seed 4) and 0.983 (seed 5): 5 of 6 runs >= 0.90, so this fixed job is a
     regression check, not a guarantee for every seed. With the split at half of the iterations (the earlier
     default) 0.52-0.69 on this set."""
     import sys

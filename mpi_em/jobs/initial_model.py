@@ -71,7 +71,7 @@ def add_arguments(p) -> None:
     p.add_argument("--i", dest="input", metavar="STAR", help="particles STAR file (RELION 3.1+)")
     p.add_argument("--o", dest="output", metavar="DIR", help="output folder (created)")
     p.add_argument("--continue", dest="continue_dir", metavar="DIR",
-                   help="resume the run in DIR after its last finished iteration, with its options (a new --iter "
+                   help="resume the job in DIR after its last finished iteration, with its options (a new --iter "
                         "replaces the number of iterations); the same seed gives the same maps as a run never "
                         "stopped")
     p.add_argument("--overwrite", action="store_true",
