@@ -1,0 +1,16 @@
+"""One module per `mpi-em` command (``add_arguments``, ``run``); :mod:`mpi_em.cli` registers them."""
+from __future__ import annotations
+
+
+def add_job_folder_arguments(p) -> None:
+    """--i, --o, --continue and --overwrite of the iterative jobs (refine3d, class3d, class2d, initial-model)."""
+    p.add_argument("--i", dest="input", metavar="STAR", help="particles STAR file (RELION 3.1+)")
+    p.add_argument("--o", dest="output", metavar="DIR", help="output folder (created)")
+    p.add_argument("--continue", dest="continue_dir", metavar="DIR",
+                   help="resume the job in DIR from its last finished iteration (other options are read from "
+                        "its checkpoint; --iter may change the number of iterations; with the same seed, the same "
+                        "maps as a job never stopped); refused when the particles STAR file (by its absolute "
+                        "path) no longer holds the job's particles")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the job already in the --o folder (its files are removed first); without it a "
+                        "folder that holds another job's results is refused")

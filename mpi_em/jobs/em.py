@@ -30,6 +30,7 @@ from ..io import BackgroundWriter, rebase_image_names
 from ..particles import ImageCache, cache_wanted
 from ..symmetry import symmetry_matrices
 from ..timing import PhaseTimer
+from . import add_job_folder_arguments
 
 log = logging.getLogger("mpi_em")
 
@@ -37,15 +38,7 @@ log = logging.getLogger("mpi_em")
 # -------------------------------------------------------------------------------------------- options
 def add_arguments(p, mode: str) -> None:
     cfg = MODES[mode]
-    p.add_argument("--i", dest="input", metavar="STAR", help="particles STAR file (RELION 3.1+)")
-    p.add_argument("--o", dest="output", metavar="DIR", help="output folder (created)")
-    p.add_argument("--continue", dest="continue_dir", metavar="DIR",
-                   help="resume the job in DIR from its last finished iteration (other options are read from "
-                        "its checkpoint; --iter may raise the iteration limit); refused when the particles STAR "
-                        "file (by its absolute path) no longer holds the run's particles")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in the --o folder (its files are removed first); without it a "
-                        "folder that holds another job's results is refused")
+    add_job_folder_arguments(p)
     if cfg.dim == 3:
         p.add_argument("--ref", metavar="MRC", help="initial reference map (box and pixel size of the particles)")
         p.add_argument("--ini-high", type=float, default=30.0,

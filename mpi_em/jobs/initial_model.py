@@ -52,6 +52,7 @@ from ..io import rebase_image_names
 from ..particles import ImageCache, pinned_wanted
 from ..sampling import angular_step, next_perturbation
 from ..symmetry import symmetry_matrices
+from . import add_job_folder_arguments
 
 log = logging.getLogger("mpi_em")
 DESCRIPTION = ("Mini-batch expectation-maximisation from a random start (after RELION 3's SGD initial model): "
@@ -68,14 +69,7 @@ E_BATCH = 64  # particles per E-step batch
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--i", dest="input", metavar="STAR", help="particles STAR file (RELION 3.1+)")
-    p.add_argument("--o", dest="output", metavar="DIR", help="output folder (created)")
-    p.add_argument("--continue", dest="continue_dir", metavar="DIR",
-                   help="resume the job in DIR after its last finished iteration, with its options (a new --iter "
-                        "replaces the number of iterations); the same seed gives the same maps as a run never "
-                        "stopped")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in the --o folder (its files are removed first)")
+    add_job_folder_arguments(p)
     p.add_argument("--K", type=int, default=1, help="number of classes, each from its own random start (default 1)")
     p.add_argument("--sym", default="C1",
                    help="point group C<n>, D<n>, T, O, I applied to the final maps only (default C1): each C1 "
