@@ -26,7 +26,7 @@ export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 # The serial tests: one pytest process per test file, as many at once as there are cores (at most 4; a 2-core CI
 # machine runs two), the longest files first so that the shortest fill in at the end; each file's output is
 # printed whole after all have finished. MPI_EM_TEST_JOBS=1 runs them one file after another.
-jobs=${MPI_EM_TEST_JOBS:-$(nproc 2>/dev/null || echo 2)}
+jobs=${MPI_EM_TEST_JOBS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 2)}
 [ "$jobs" -le 4 ] || jobs=4
 longest="test_em_jobs test_classification test_initial_model test_reconstruct_job test_solvent_mask test_slurm
  test_relion_parity test_postprocess test_memory test_relion test_faults test_side_by_side test_symaxis"
