@@ -8,7 +8,9 @@ refine3d: K = 1, pad 2, --folds' default for the box, batch 64, 20 000 particles
 of the defaults (HEALPix order 3 global search, 36 864 orientations, up to 49 coarse translations) at the full
 image size (r = box/2 - 1): the model's upper bound for a run. class3d: the standard benchmark's shape (box 360,
 K = 6, order 2 global, 105 247 particles). reconstruct: known poses, full accumulators and owned planes only.
-'owned' rows: the EM jobs with --owned-accumulators on (each rank accumulates only its kz planes).
+'owned' rows: the EM jobs with --owned-accumulators on (each rank accumulates only its kz planes); 'single':
+--accumulate single (complex64 / float32 accumulators, complex64 references) with a batch of 16. Measured peaks at
+box 512 and 768: benchmarks/large_box_memory.py.
 --before: the peaks of an earlier model.json beside this model's, row by row (same job names).
 """
 from __future__ import annotations
@@ -43,6 +45,9 @@ def rows(boxes, ranks):
                 ("refine3d local owned", EMInputs("refine3d", box, pad=2, K=1, folds=default_folds(box, 2),
                                                   batch=64, ranks=P, device="gpu", n_particles=20000,
                                                   coarse_poses=0, translations=49, owned_accumulators=True)),
+                ("refine3d local single", EMInputs("refine3d", box, pad=2, K=1, folds=default_folds(box, 2),
+                                                   batch=16, ranks=P, device="gpu", n_particles=20000,
+                                                   coarse_poses=0, translations=49, accumulate="single")),
                 ("reconstruct", ReconstructInputs(box, pad=2, batch=256, ranks=P, device="gpu", n_particles=20000)),
                 ("reconstruct owned", ReconstructInputs(box, pad=2, batch=16, ranks=P, device="gpu",
                                                         n_particles=20000, stream=True)),

@@ -19,10 +19,27 @@ from . import config
 
 def use_fused(xp, F_acc=None, W_acc=None) -> bool:
     """The one switch between these kernels and the array-expression paths (fourier, fourier2d, symmetrise): GPU
-    arrays (``xp``) unless MPI_EM_FUSED_KERNELS=0; insertion also needs ``F_acc`` complex128, ``W_acc`` float64."""
+    arrays (``xp``) unless MPI_EM_FUSED_KERNELS=0; insertion also needs ``F_acc`` and ``W_acc`` of one precision
+    (complex128 / float64, or complex64 / float32: :data:`ACCUMULATOR_SUFFIX`)."""
     if xp is np or not config.fused_kernels():
         return False
-    return (F_acc is None or F_acc.dtype == np.complex128) and (W_acc is None or W_acc.dtype == np.float64)
+    return _suffix(F_acc, W_acc) is not None
+
+
+#: the insertion and symmetrisation kernels per accumulator precision (F's complex dtype, W's real dtype)
+ACCUMULATOR_SUFFIX = {(np.dtype(np.complex128), np.dtype(np.float64)): "_f64",
+                      (np.dtype(np.complex64), np.dtype(np.float32)): "_f32"}
+
+
+def _suffix(F_acc, W_acc):
+    """The kernels' suffix for accumulators F_acc / W_acc (either may be None), or None for other dtypes."""
+    if F_acc is None and W_acc is None:
+        return "_f64"
+    if F_acc is None:
+        return {np.dtype(np.float64): "_f64", np.dtype(np.float32): "_f32"}.get(np.dtype(W_acc.dtype))
+    cdt = np.dtype(F_acc.dtype)
+    rdt = np.dtype(W_acc.dtype) if W_acc is not None else np.dtype(F_acc.real.dtype)
+    return ACCUMULATOR_SUFFIX.get((cdt, rdt))
 
 
 _SRC = r"""
@@ -68,11 +85,13 @@ __device__ __forceinline__ void trilinear(const double* c, int npad, int nxh, lo
     }
 }
 
-extern "C" __global__ void backproject_fused(
+template <typename T>
+__device__ void backproject_impl(
         const double* __restrict__ A, const double* __restrict__ L, const complex<double>* __restrict__ data,
         const double* __restrict__ weights, const double* __restrict__ kxy, const long long* __restrict__ vol,
-        double* __restrict__ F, double* __restrict__ W, long long n, int m, int S, int npad, int nxh,
-        double pad) {
+        T* __restrict__ F, T* __restrict__ W, long long n, int m, int S, int npad, int nxh, double pad) {
+    // T: the accumulators' real type (double, or float for single-precision accumulators: the stencil and the
+    // products in double, each atomic addition rounded to T)
     long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= n * m) return;
     long long i = t / m;
@@ -91,12 +110,21 @@ extern "C" __global__ void backproject_fused(
         trilinear(c, npad, nxh, off, idx, w);
         #pragma unroll
         for (int q = 0; q < 8; ++q) {
-            atomicAdd(F + 2 * idx[q], w[q] * d.real());
-            atomicAdd(F + 2 * idx[q] + 1, w[q] * im);
-            if (W != nullptr) atomicAdd(W + idx[q], w[q] * wv);
+            atomicAdd(F + 2 * idx[q], (T)(w[q] * d.real()));
+            atomicAdd(F + 2 * idx[q] + 1, (T)(w[q] * im));
+            if (W != nullptr) atomicAdd(W + idx[q], (T)(w[q] * wv));
         }
     }
 }
+
+#define BACKPROJECT_ENTRY(NAME, IMPL, T) \
+extern "C" __global__ void NAME( \
+        const double* A, const double* L, const complex<double>* data, const double* weights, const double* kxy, \
+        const long long* vol, T* F, T* W, long long n, int m, int S, int npad, int nxh, double pad) { \
+    IMPL<T>(A, L, data, weights, kxy, vol, F, W, n, m, S, npad, nxh, pad); \
+}
+BACKPROJECT_ENTRY(backproject_fused_f64, backproject_impl, double)
+BACKPROJECT_ENTRY(backproject_fused_f32, backproject_impl, float)
 
 template <typename T>
 __device__ void project_impl(const complex<T>* __restrict__ V, const double* __restrict__ A,
@@ -121,10 +149,11 @@ __device__ void project_impl(const complex<T>* __restrict__ V, const double* __r
 
 // ---- 2D: planes (K, Np, Np/2+1), rotations R (n, 2, 2), coords = pad * R^T (kx, ky); y wraps, x does not
 // (same argument list as backproject_fused; L and S are unused: no point groups in 2D)
-extern "C" __global__ void backproject2d_fused(
+template <typename T>
+__device__ void backproject2d_impl(
         const double* __restrict__ R, const double* __restrict__ L, const complex<double>* __restrict__ data,
         const double* __restrict__ weights, const double* __restrict__ kxy, const long long* __restrict__ plane,
-        double* __restrict__ F, double* __restrict__ W, long long n, int m, int S, int npad, int nxh, double pad) {
+        T* __restrict__ F, T* __restrict__ W, long long n, int m, int S, int npad, int nxh, double pad) {
     long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= n * m) return;
     long long i = t / m;
@@ -147,12 +176,14 @@ extern "C" __global__ void backproject2d_fused(
         for (int dx = 0; dx < 2; ++dx) {
             double w = wy * (dx ? fx : 1.0 - fx);
             long long idx = off + yy * nxh + ix + dx;
-            atomicAdd(F + 2 * idx, w * d.real());
-            atomicAdd(F + 2 * idx + 1, w * im);
-            if (W != nullptr) atomicAdd(W + idx, w * wv);
+            atomicAdd(F + 2 * idx, (T)(w * d.real()));
+            atomicAdd(F + 2 * idx + 1, (T)(w * im));
+            if (W != nullptr) atomicAdd(W + idx, (T)(w * wv));
         }
     }
 }
+BACKPROJECT_ENTRY(backproject2d_fused_f64, backproject2d_impl, double)
+BACKPROJECT_ENTRY(backproject2d_fused_f32, backproject2d_impl, float)
 
 template <typename T>
 __device__ void project2d_impl(const complex<T>* __restrict__ V, const double* __restrict__ R,
@@ -205,10 +236,11 @@ extern "C" __global__ void project_fused_c128(const complex<double>* V, const do
 // ---- symmetrise summed accumulators (RELION BackProjector::symmetrise): one thread per output voxel of the
 // half grid (V, Np, Np, Np/2+1): out(q) = sum_s G(L_s q), trilinear, Friedel flip for x < 0 (conjugate F);
 // voxels with |q| > rlim are set to zero (outside every reconstruction ball: see mpi_em.symmetrise.symmetrise)
-extern "C" __global__ void symmetrise_fused(
-        const complex<double>* __restrict__ F, const double* __restrict__ W, const double* __restrict__ L, int S,
-        complex<double>* __restrict__ Fo, double* __restrict__ Wo, long long total, int npad, int nxh,
-        double rlim2) {
+template <typename T>
+__device__ void symmetrise_impl(
+        const complex<T>* __restrict__ F, const T* __restrict__ W, const double* __restrict__ L, int S,
+        complex<T>* __restrict__ Fo, T* __restrict__ Wo, long long total, int npad, int nxh, double rlim2) {
+    // T: the accumulators' real type; the interpolation and the sum over the operators in double
     long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= total) return;
     const long long per = (long long)npad * npad * nxh;
@@ -235,16 +267,24 @@ extern "C" __global__ void symmetrise_fused(
             double gw = 0.0;
             #pragma unroll
             for (int q = 0; q < 8; ++q) {
-                g += F[idx[q]] * w[q];
-                gw += W[idx[q]] * w[q];
+                g += complex<double>(F[idx[q]].real(), F[idx[q]].imag()) * w[q];
+                gw += (double)W[idx[q]] * w[q];
             }
             accF += flip ? conj(g) : g;
             accW += gw;
         }
     }
-    Fo[t] = accF;
-    Wo[t] = accW;
+    Fo[t] = complex<T>((T)accF.real(), (T)accF.imag());
+    Wo[t] = (T)accW;
 }
+
+#define SYMMETRISE_ENTRY(NAME, T) \
+extern "C" __global__ void NAME(const complex<T>* F, const T* W, const double* L, int S, complex<T>* Fo, T* Wo, \
+                                long long total, int npad, int nxh, double rlim2) { \
+    symmetrise_impl<T>(F, W, L, S, Fo, Wo, total, npad, nxh, rlim2); \
+}
+SYMMETRISE_ENTRY(symmetrise_fused_f64, double)
+SYMMETRISE_ENTRY(symmetrise_fused_f32, float)
 
 // ---- E-step: out[i, c] = log sum_t exp(L[i, t, c] + prior[t]) for L (n, T, C) float32, one pass over L
 // (online log-sum-exp; consecutive threads read consecutive c of one (i, t) row)
@@ -303,8 +343,11 @@ def _insert(name, d, F_acc, W_acc, R, data, weights, geom, index, sym_mats=None)
     """Fused insertion with rotations R (n, d, d) into F_acc / W_acc (in place), rows into volume/plane index."""
     import cupy as cp
 
-    if F_acc.dtype != np.complex128 or (W_acc is not None and W_acc.dtype != np.float64):
-        raise TypeError("the fused GPU insertion accumulates in complex128 / float64")
+    suffix = _suffix(F_acc, W_acc)
+    if suffix is None:
+        raise TypeError("the fused GPU insertion accumulates in complex128 / float64 or complex64 / float32, not "
+                        f"{F_acc.dtype} / {None if W_acc is None else W_acc.dtype}")
+    name += suffix
     R = cp.ascontiguousarray(cp.asarray(R, dtype=cp.float64).reshape(-1, d, d))
     n, m = R.shape[0], geom.m
     if n == 0 or m == 0:
@@ -342,7 +385,8 @@ def _project(prefix, d, V, R, geom, index):
 def backproject(F_acc, W_acc, A, data, weights, geom, vol_index=None, sym_mats=None) -> None:
     """GPU :func:`mpi_em.fourier.backproject` (in place), with optional symmetry copies A @ L for L in sym_mats.
 
-    F_acc complex128 and W_acc float64 (or None), C-contiguous, one volume or a stack with ``vol_index``.
+    F_acc complex128 and W_acc float64 (or None), or complex64 and float32 (stencil and products in double, each
+    addition rounded to single), C-contiguous, one volume or a stack with ``vol_index``.
     """
     _insert("backproject_fused", 3, F_acc, W_acc, A, data, weights, geom, vol_index, sym_mats)
 
@@ -363,15 +407,18 @@ def project2d(Fplanes, R, geom, plane_index=None):
 
 
 def symmetrise(F, W, sym_mats, rlim: float):
-    """GPU gather of :func:`mpi_em.symmetrise.symmetrise` (complex128 F, float64 W stacks) -> new (F, W)."""
+    """GPU gather of :func:`mpi_em.symmetrise.symmetrise` (F, W stacks complex128 / float64, or complex64 /
+    float32: interpolated and summed in double, stored in their precision) -> new (F, W) of their dtypes."""
     import cupy as cp
 
-    F = cp.ascontiguousarray(F.astype(cp.complex128, copy=False))
-    W = cp.ascontiguousarray(W.astype(cp.float64, copy=False))
+    suffix = _suffix(F, W)
+    if suffix is None:
+        F, W, suffix = F.astype(cp.complex128), W.astype(cp.float64), "_f64"
+    F, W = cp.ascontiguousarray(F), cp.ascontiguousarray(W)
     L = cp.ascontiguousarray(cp.asarray(sym_mats, dtype=cp.float64).reshape(-1, 3, 3))
     Fo, Wo = cp.empty_like(F), cp.empty_like(W)
     npad = F.shape[-3]
-    _launch("symmetrise_fused", F.size,
+    _launch("symmetrise_fused" + suffix, F.size,
             (F, W, L, np.int32(L.shape[0]), Fo, Wo, np.int64(F.size), np.int32(npad), np.int32(F.shape[-1]),
              np.float64(rlim * rlim)))
     return Fo, Wo

@@ -249,3 +249,73 @@ def test_pinned_batches_equal_pageable(small_dataset):
     a = [imgs.copy() for _, imgs in iter_batches(plan, 128)]
     b = [cp.asarray(imgs).get() for _, imgs in iter_batches(plan, 128, pinned=True)]
     assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("dim", [3, 2])
+def test_fused_single_precision_insertion_equals_double_and_cpu(rng, dim):
+    """--accumulate single on the GPU: the fused insertion into complex64 / float32 accumulators (stencil and
+    products in double, every corner one float32 atomic addition) against the fused double-precision one and
+    the CPU single-precision path (a float64 bincount added once into the float32 arrays). Each voxel receives n
+    float32 additions (n = the corners of the inserted points that land on it; its mean over the voxels that
+    receive any), each rounding the running sum by at most u = 2^-24; as a random walk the relative L2 error
+    of F and W is ~ sqrt(n_mean) u: asserted <= 10 sqrt(n_mean) u, against the double result, and (the CPU path
+    rounds once) against the CPU single result."""
+    from mpi_em.fourier import backproject
+    from mpi_em.fourier2d import backproject2d, rotation_matrices_2d
+
+    box, n, V = 32, 600, 2
+    geom_c, geom_g = SliceGeometry(box), SliceGeometry(box, xp=cp)
+    if dim == 3:
+        R = euler_to_matrix(*random_rotations(n, rng))
+        shape = (V,) + geom_c.vol_shape
+        ins = lambda F, W, R, d, w, g, v: backproject(F, W, R, d, w, g, vol_index=v)  # noqa: E731
+    else:
+        R = rotation_matrices_2d(rng.uniform(0, 360, n))
+        shape = (V, 2 * box, box + 1)
+        ins = lambda F, W, R, d, w, g, v: backproject2d(F, W, R, d, w, g, plane_index=v)  # noqa: E731
+    data = rng.normal(size=(n, geom_c.m)) + 1j * rng.normal(size=(n, geom_c.m))
+    w = rng.random((n, geom_c.m))
+    vi = rng.integers(0, V, n)
+    out = {}
+    for name, xp, geom, cdt, rdt in (("gpu64", cp, geom_g, np.complex128, np.float64),
+                                     ("gpu32", cp, geom_g, np.complex64, np.float32),
+                                     ("cpu32", np, geom_c, np.complex64, np.float32)):
+        F, W = xp.zeros(shape, cdt), xp.zeros(shape, rdt)
+        ins(F, W, xp.asarray(R), xp.asarray(data), xp.asarray(w), geom, xp.asarray(vi))
+        out[name] = (cp.asnumpy(F), cp.asnumpy(W)) if xp is cp else (F, W)
+    # mean additions per voxel that receives any: every point's corners (8 in 3D, 4 in 2D) over those voxels
+    n_mean = n * geom_c.m * (8 if dim == 3 else 4) / np.count_nonzero(out["gpu64"][1])
+    bound = 10 * np.sqrt(max(n_mean, 1.0)) * 2.0 ** -24
+    F64, W64 = out["gpu64"]
+    for name in ("gpu32", "cpu32"):
+        F32, W32 = out[name]
+        assert F32.dtype == np.complex64 and W32.dtype == np.float32
+        for a, b in ((F64, F32), (W64, W32)):
+            rel = np.linalg.norm(b.astype(a.dtype) - a) / np.linalg.norm(a)
+            assert rel <= bound, (name, rel, bound)
+    rel = np.linalg.norm(out["gpu32"][0].astype(np.complex128) - out["cpu32"][0]) / np.linalg.norm(F64)
+    assert rel <= bound
+
+
+def test_fused_single_precision_symmetrise_equals_double(rng):
+    """The fused symmetrisation of complex64 / float32 accumulators (interpolated and summed in double, stored in
+    single) against the double-precision one: each output voxel is rounded once to float32 (and its inputs were):
+    relative L2 <= 10 u."""
+    from mpi_em.fourier import backproject
+    from mpi_em.symmetrise import symmetrise
+    from mpi_em.symmetry import symmetry_matrices
+
+    box, n = 32, 200
+    geom = SliceGeometry(box)
+    F = np.zeros((2,) + geom.vol_shape, dtype=np.complex128)
+    W = np.zeros((2,) + geom.vol_shape)
+    backproject(F, W, euler_to_matrix(*random_rotations(n, rng)),
+                rng.normal(size=(n, geom.m)) + 1j * rng.normal(size=(n, geom.m)), rng.random((n, geom.m)), geom,
+                vol_index=rng.integers(0, 2, n))
+    F32, W32 = cp.asarray(F.astype(np.complex64)), cp.asarray(W.astype(np.float32))
+    sym = symmetry_matrices("D7")
+    symmetrise(F, W, sym)
+    symmetrise(F32, W32, sym)
+    assert F32.dtype == cp.complex64 and W32.dtype == cp.float32
+    for a, b in ((F, F32.get()), (W, W32.get())):
+        assert np.linalg.norm(b - a) / np.linalg.norm(a) <= 10 * 2.0 ** -24

@@ -39,7 +39,8 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
     zero outside its ball, irfftn, fftshift, crop, gridding correction, ``mask_outside``), to float64
     rounding (sums and FFTs in a different order). ``tau2``: (n_shell,) for every volume or (..., n_shell)
     per volume. Computed in float64/complex128; returns float64 on the module of ``F_own``. Inputs are not
-    modified.
+    modified. On one rank (``serial_shortcut``) complex64 / float32 inputs (single-precision accumulators) are
+    reconstructed in their precision and give float32 maps.
 
     Steps: merge (the kx = 0 plane, Np x Np per volume, all-gathered for the Friedel merge with the mirror
     plane -kz) -> divide (mean of W in the ball by allreduce, local regularised division) -> transpose (ifft
@@ -89,11 +90,11 @@ def _serial_reconstruct(Fv, Wv, box, pad, r_max, tau2, tau2_fudge, min_weight, g
     from ..fourier import reconstruct
 
     xp = xp_of(Fv)
-    out = xp.empty((Fv.shape[0], box, box, box), dtype=np.float64)
+    out = xp.empty((Fv.shape[0], box, box, box), dtype=np.float32 if Fv.dtype == np.complex64 else np.float64)
     for v in range(Fv.shape[0]):
         t2 = None if tau2 is None else xp.asarray(tau2[v] if tau2.ndim > 1 else tau2)
-        out[v] = reconstruct(Fv[v].astype(np.complex128, copy=False), Wv[v].astype(np.float64, copy=False), box,
-                             pad, r_max, t2, tau2_fudge, min_weight, gridding, mask_outside)
+        out[v] = reconstruct(Fv[v], Wv[v], box, pad, r_max, t2, tau2_fudge, min_weight, gridding,
+                             mask_outside)  # its working copy in the arrays' precision (complex64 stays single)
     return out
 
 

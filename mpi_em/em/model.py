@@ -42,9 +42,9 @@ class OwnedAccumulators:
     the round the others are in with its error (:func:`routed_step`), so every rank stops together.
     """
 
-    def __init__(self, comm, V: int, vol_shape, xp, sym_mats=None):
+    def __init__(self, comm, V: int, vol_shape, xp, sym_mats=None, dtype=np.complex128):
         self.comm = comm
-        self.acc = PlaneOwnerAccumulator(comm, vol_shape, n_vol=V, xp=xp)
+        self.acc = PlaneOwnerAccumulator(comm, vol_shape, n_vol=V, xp=xp, dtype=dtype)
         self.mats = [None] if sym_mats is None else [xp.asarray(L, dtype=xp.float64) for L in sym_mats]
 
     @property
@@ -74,21 +74,27 @@ class OwnedAccumulators:
         _OPEN.discard(self)
 
 
-def e_step_accumulators(comm, V: int, vol_shape, xp, owned: bool = False, sym_mats=None):
-    """(F, W) for the E-step: full local partial sums (V,) + vol_shape, complex128 and float64; or, ``owned``
-    (3D only; collective), (:class:`OwnedAccumulators`, None)."""
+#: the accumulators' (F, W) dtypes per ``--accumulate`` precision
+ACCUMULATOR_DTYPES = {"double": (np.complex128, np.float64), "single": (np.complex64, np.float32)}
+
+
+def e_step_accumulators(comm, V: int, vol_shape, xp, owned: bool = False, sym_mats=None, precision: str = "double"):
+    """(F, W) for the E-step: full local partial sums (V,) + vol_shape, complex128 and float64 (``precision``
+    'single': complex64 and float32, :data:`ACCUMULATOR_DTYPES`); or, ``owned`` (3D only; collective),
+    (:class:`OwnedAccumulators`, None)."""
+    cdt, rdt = ACCUMULATOR_DTYPES[precision]
     if owned and len(vol_shape) == 3:  # collective: the rounds start together, or every rank stops here
         from ..distributed import agree
 
         acc, err = None, None
         try:
-            acc = OwnedAccumulators(comm, V, vol_shape, xp, sym_mats)
+            acc = OwnedAccumulators(comm, V, vol_shape, xp, sym_mats, dtype=cdt)
         except Exception as e:  # noqa: BLE001 - reported to every rank
             err = e
         agree(comm, err)
         return acc, None
     shape = (V,) + tuple(vol_shape)
-    return xp.zeros(shape, dtype=xp.complex128), xp.zeros(shape, dtype=xp.float64)
+    return xp.zeros(shape, dtype=cdt), xp.zeros(shape, dtype=rdt)
 
 
 def batch_rounds(F_acc, batches, n_local: int, batch: int):
@@ -138,6 +144,8 @@ def _shell_sums(F, W, sh, n_shells: int) -> np.ndarray:
             s = sh[a:a + span]
             idx = (s[None, :] + nb * xp.arange(v1 - v0)[:, None]).reshape(-1)
             w, f = Wf[v0:v1, a:a + span], Ff[v0:v1, a:a + span]
+            if w.dtype != xp.float64:  # single-precision accumulators: the statistics in double (chunk copies)
+                w, f = w.astype(xp.float64), f.astype(xp.complex128)
             pos = w > 0
             ratio = xp.where(pos, (f.real ** 2 + f.imag ** 2) / xp.where(pos, w, 1.0) ** 2, 0.0)
             for q, vals in enumerate((w, xp.ones_like(w), ratio, pos)):
@@ -308,7 +316,7 @@ def _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold,
         del parts
         info["references"] = distributed_reconstruct(comm, F_lo, W_lo, box, pad, r_max,
                                                      tau2=np.repeat(tau2, folds, axis=0),
-                                                     tau2_fudge=1.0).astype(xp.float32)
+                                                     tau2_fudge=1.0).astype(xp.float32, copy=False)
         del F_lo, W_lo
     if gold and combined:
         # the final map: both halves summed, prior from the FSC of the full set, 2 FSC / (1 + FSC)
@@ -317,8 +325,8 @@ def _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold,
         Fs, Ws = F_own.sum(axis=0, keepdims=True), W_own.sum(axis=0, keepdims=True)
         tau2_full = tau2_from_fsc(full_curve, mean_w.sum(axis=0), fudge)
         info["combined"] = distributed_reconstruct(comm, Fs, Ws, box, pad, r_max, tau2=tau2_full,
-                                                   tau2_fudge=1.0)[0].astype(xp.float32)
-    return maps.astype(xp.float32), info
+                                                   tau2_fudge=1.0)[0].astype(xp.float32, copy=False)
+    return maps.astype(xp.float32, copy=False), info
 
 
 def reduce_and_reconstruct_2d(comm, F_acc, W_acc, box: int, pad: int, r_max: float, fudge: float,

@@ -15,16 +15,20 @@ from ..sampling import orientation_grid, psi_angles, rotation_vector_to_matrix
 
 
 class References:
-    """V references (maps (V, N, N[, N]) real, on xp) prepared for projection."""
+    """V references (maps (V, N, N[, N]) real, on xp) prepared for projection. ``single`` (3D): their Fourier
+    volumes in complex64 (half the bytes; the projectors sample them in single precision) instead of
+    complex128."""
 
-    def __init__(self, maps, dim: int, pad: int = 2, mask=None):
+    def __init__(self, maps, dim: int, pad: int = 2, mask=None, single: bool = False):
         xp = xp_of(maps)
         self.dim, self.pad = dim, pad
         self.box = maps.shape[-1]
         m = maps if mask is None else maps * mask
         self.centred = None
         if dim == 3:
-            self.F = volume_fft(m, pad)  # each volume transformed in its place (no list of them, then a copy)
+            npad = pad * self.box
+            out = xp.empty((maps.shape[0], npad, npad, npad // 2 + 1), dtype=xp.complex64) if single else None
+            self.F = volume_fft(m, pad, out=out)  # each volume transformed in its place (no list, then a copy)
             if xp is np:  # CPU ranks: the centred layout's projector (GPUs: the fused kernel on self.F)
                 self.centred, self.F = CentredVolumes(self.F), None
         else:

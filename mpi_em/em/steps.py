@@ -51,6 +51,8 @@ class EMRun:
     images: ImageCache
     owned_accumulators: bool = False  # the E-step accumulates only this rank's kz planes (--owned-accumulators)
     auto_mask: bool = False           # --auto-mask: ``solvent`` and ``mask`` recomputed from the references
+    accumulate: str = "double"        # the accumulators' precision, 'double' or 'single' (--accumulate; single:
+    #                                   the 3D references' Fourier volumes in complex64 too)
 
     @property
     def box(self) -> int:
@@ -118,7 +120,8 @@ def references(job: EMRun) -> References:
         ref_maps = state.references if state.references is not None else np.repeat(state.maps, folds, axis=0)
     else:
         ref_maps = state.maps
-    return References(job.xp.asarray(ref_maps), job.mode.dim, job.args.pad, mask=job.mask)
+    return References(job.xp.asarray(ref_maps), job.mode.dim, job.args.pad, mask=job.mask,
+                      single=job.accumulate == "single")
 
 
 def expectation(job: EMRun, it: int, geom: SliceGeometry, refs: References, timer) -> tuple[dict, Stats]:
@@ -134,7 +137,8 @@ def expectation(job: EMRun, it: int, geom: SliceGeometry, refs: References, time
     vol_shape = geom.vol_shape if dim == 3 else (geom.npad, geom.npad // 2 + 1)
 
     def e_step():
-        F_acc, W_acc = e_step_accumulators(job.comm, V, vol_shape, xp, job.owned_accumulators, job.sym_ops)
+        F_acc, W_acc = e_step_accumulators(job.comm, V, vol_shape, xp, job.owned_accumulators, job.sym_ops,
+                                           precision=job.accumulate)
         stats = Stats.zeros(n_shells, K)
         batches = batch_rounds(F_acc, job.images.batches(plan, args.batch, pinned=pinned_wanted(xp)),
                                len(plan["index"]), args.batch)

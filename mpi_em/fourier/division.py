@@ -105,8 +105,9 @@ def reconstruct(F_acc, W_acc, box: int, pad: int = 2, r_max: float | None = None
     gridding-corrected map (RELION applies it before the correction: the same map to 1e-3 in FSC).
     The inputs are not modified.
 
-    Lean: one complex128 working copy of F (the float64 copy of W only until the division) and temporaries of
-    ~1/:data:`RECONSTRUCT_CHUNKS` of the volume: the division and the inverse FFT (:func:`_ifft_cropped`) go plane by
+    Lean: one working copy of F in the accumulators' precision (complex128; complex64 for single-precision
+    accumulators, whose inverse FFT is then in single precision too) and temporaries of ~1/:data:`RECONSTRUCT_CHUNKS`
+    of the volume: W is read chunk by chunk, the division and the inverse FFT (:func:`_ifft_cropped`) go plane by
     plane, in place, and only the rows and columns inside the final crop are transformed along the last axes.
     """
     r_max = default_r_max(box) if r_max is None else r_max
@@ -118,17 +119,18 @@ def reconstruct(F_acc, W_acc, box: int, pad: int = 2, r_max: float | None = None
 def divide_in_ball(F_acc, W_acc, box: int, dim: int, pad: int, r_max: float, tau2=None, tau2_fudge: float = 1.0,
                    min_weight: float = 1e-3):
     """The reconstruction's division, one implementation for volumes (``dim`` 3: :func:`reconstruct`) and planes
-    (``dim`` 2: :func:`mpi_em.fourier2d.reconstruct2d`): a complex128 copy of ``F_acc`` and a float64 copy of
-    ``W_acc``, the Hermitian merge of their kx = 0 plane (column), F divided in place by
-    :func:`regularised_denominator` inside :func:`reconstruction_ball`, 0 outside -> F (the inputs are not
-    modified). The mean weight of the floor is one number for a volume (summed chunk by chunk) and one per plane
-    for planes (a stack of class averages: each plane its own floor). Volumes go in ~1/:data:`RECONSTRUCT_CHUNKS`
-    chunks of kz planes (temporaries of that size), planes in one."""
+    (``dim`` 2: :func:`mpi_em.fourier2d.reconstruct2d`): a copy of ``F_acc`` in its precision (complex128, or
+    complex64 for single-precision accumulators), the Hermitian merge of its kx = 0 plane (column) and of a
+    float64 copy of that plane of ``W_acc`` (W itself is read chunk by chunk, in float64, and not copied whole),
+    F divided in place by :func:`regularised_denominator` (float64) inside :func:`reconstruction_ball`, 0 outside
+    -> F (the inputs are not modified). The mean weight of the floor is one number for a volume (summed chunk by
+    chunk) and one per plane for planes (a stack of class averages: each plane its own floor). Volumes go in
+    ~1/:data:`RECONSTRUCT_CHUNKS` chunks of kz planes (temporaries of that size), planes in one."""
     xp = xp_of(F_acc)
     npad = pad * box
-    F = xp.array(F_acc, dtype=xp.complex128)
-    W = xp.array(W_acc, dtype=xp.float64)
-    enforce_hermitian_x0(F, W, dim)
+    F = xp.array(F_acc, dtype=np.result_type(F_acc.dtype, np.complex64))
+    W0 = xp.array(W_acc[..., :1], dtype=xp.float64)  # the kx = 0 plane (column), merged with F's
+    enforce_hermitian_x0(F, W0, dim)
     step = -(-npad // RECONSTRUCT_CHUNKS) if dim == 3 else npad
     k0 = np.fft.fftfreq(npad, d=1.0 / npad)                               # the chunked axis: kz (3D), ky (2D)
     ky = xp.fft.fftfreq(npad, d=1.0 / npad).reshape(1, -1, 1)
@@ -141,17 +143,22 @@ def divide_in_ball(F_acc, W_acc, box: int, dim: int, pad: int, r_max: float, tau
             r = xp.sqrt(z * z + ky * ky + kx * kx if dim == 3 else z * z + kx * kx) / pad
             yield (Ellipsis, slice(a0, a0 + step)) + rest, r, reconstruction_ball(r, r_max, box)
 
+    def weights(sl):  # the chunk of W in float64, its kx = 0 plane (column) merged
+        w = W_acc[sl].astype(xp.float64)
+        w[..., 0] = W0[sl][..., 0]
+        return w
+
     if dim == 3:
         total, count = 0.0, 0
         for sl, r, inside in chunks():  # mean of W in the ball
-            total += float(W[sl][inside].sum())
+            total += float(weights(sl)[inside].sum())
             count += int(inside.sum())
         mean_w = total / count if count else 1.0
     else:
-        (_, _, inside), = chunks()
-        mean_w = (W * inside).sum(axis=(-2, -1), keepdims=True) / max(int(inside.sum()), 1)
+        (sl, _, inside), = chunks()
+        mean_w = (weights(sl) * inside).sum(axis=(-2, -1), keepdims=True) / max(int(inside.sum()), 1)
     for sl, r, inside in chunks():  # division in place, zero outside the ball
         Fc = F[sl]
-        Fc /= regularised_denominator(W[sl], r, mean_w, tau2, tau2_fudge, min_weight)
+        Fc /= regularised_denominator(weights(sl), r, mean_w, tau2, tau2_fudge, min_weight)
         Fc[..., ~inside] = 0
     return F

@@ -123,10 +123,12 @@ def volume_ifft(F, box: int, pad: int = 2, gridding: bool = True):
 
 
 def _ifft_cropped(F, box: int, pad: int, reach: float | None = None, gridding: bool = True):
-    """:func:`volume_ifft` of a private (Np, Np, Np//2+1) complex128 ``F``, overwritten, in
+    """:func:`volume_ifft` of a private (Np, Np, Np//2+1) complex ``F`` (complex64: FFTs in single precision),
+    overwritten, in
     :data:`RECONSTRUCT_CHUNKS` chunks: ifft along ky of the kz planes (those with |kz| <= ``reach`` only, F
     being zero beyond it), then per chunk of the y rows inside the crop ifft along kz and irfft along kx of the
-    columns kx <= ``reach``, kept at the z and x inside the crop -> real (box, box, box) float64."""
+    columns kx <= ``reach``, kept at the z and x inside the crop -> real (box, box, box) float64 (float32 from a
+    complex64 ``F``)."""
     xp = xp_of(F)
     npad = F.shape[0]
     nxh = npad // 2 + 1
@@ -140,7 +142,7 @@ def _ifft_cropped(F, box: int, pad: int, reach: float | None = None, gridding: b
     # fftshift + crop: cropped index i of an axis reads full index (o + i + Np/2) mod Np
     o = (npad - box) // 2
     src = xp.asarray((np.arange(o, o + box) + npad // 2) % npad)
-    out = xp.empty((box, box, box), dtype=xp.float64)
+    out = xp.empty((box, box, box), dtype=xp.float32 if F.dtype == np.complex64 else xp.float64)
     g = gridding_factor(box, pad, xp) if gridding else None
     step = -(-box // RECONSTRUCT_CHUNKS)
     for y0 in range(0, box, step):

@@ -270,7 +270,8 @@ def _setup(args, comm, mode: Mode, state: EMState | None, particles: dict | None
     from ..memory import check as memory_check, em_inputs  # stops here (exit 2) if the model does not fit
     mem = memory_check(comm, em_inputs(args, mode.name, meta, comm.size, device, images.enabled),
                        getattr(args, "max_memory", None), log, args.output,
-                       adapt=getattr(args, "owned_accumulators", "off")).inputs  # the batch and accumulators to use
+                       adapt=getattr(args, "owned_accumulators", "off"),
+                       precision=getattr(args, "accumulate", "double")).inputs  # the batch and accumulators to use
     args.batch = mem.batch
     args.grid_chunk = mem.grid_chunk
     if comm.rank == 0 and images.enabled:
@@ -279,7 +280,7 @@ def _setup(args, comm, mode: Mode, state: EMState | None, particles: dict | None
     return EMRun(args, comm, mode, state, plan, meta, star_rank0, device, xp,
                 reference_mask(box, apix, args, mode.dim, xp, solvent), solvent,
                 sym if sym is not None and sym.shape[0] > 1 else None, images,
-                 owned_accumulators=mem.owned_accumulators,
+                 owned_accumulators=mem.owned_accumulators, accumulate=mem.accumulate,
                  auto_mask=getattr(args, "auto_mask", False) and solvent is None)
 
 

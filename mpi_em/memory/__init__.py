@@ -7,7 +7,8 @@ volume, Np = pad x box; ``m`` = the in-ball points of an image, |k| <= r; ``n`` 
   ``volume_fft`` of the float32 maps divided by the float64 gridding factor): 16 vox bytes each, 2 x folds
   (refine3d) or K (class3d); class2d: K planes of Np (Np/2 + 1). Every rank holds all of them during the
   E-step, which gives them back when it ends (:func:`mpi_em.em.engine.end_e_step`).
-- **accumulators**: F complex128 + W float64 per volume, 24 vox bytes, 2 x folds (refine3d), K (class*), 2
+- **accumulators**: F complex128 + W float64 per volume, 24 vox bytes (``--accumulate single``: complex64 +
+  float32, 12 vox bytes, and the 3D references complex64, 8 vox bytes), 2 x folds (refine3d), K (class*), 2
   (reconstruct); the EM jobs' E-step inserts into full local partial sums on every rank
   (:func:`mpi_em.em.model.e_step_accumulators`), which stay allocated through the M-step, or, with owned
   accumulators (``--owned-accumulators``), into the rank's kz planes only: 24 vox / P bytes per volume.
@@ -39,4 +40,4 @@ iterations at low resolution use far less).
 from .model import *  # noqa: F401,F403
 from .model import (_em_phases, _fine_candidates, _grid_size, _images_per_rank, _reconstruct_phases)  # noqa: F401
 from .limits import *  # noqa: F401,F403
-from .limits import (_adapt, _largest, _limit, _size_arg, _terms_text)  # noqa: F401
+from .limits import (_adapt, _adapt_precision, _largest, _limit, _size_arg, _terms_text)  # noqa: F401

@@ -17,6 +17,8 @@ def suggestions(inp, limit: int, max_ranks: int = 4096) -> list[str]:
     """Each change of one option that brings the peak under ``limit`` (more ranks: the fewest that fit)."""
     out = []
     fits = lambda x: estimate(x).total <= limit  # noqa: E731
+    if isinstance(inp, EMInputs) and inp.accumulate == "double" and fits(replace(inp, accumulate="single")):
+        out.append("--accumulate single")
     if isinstance(inp, ReconstructInputs) and not inp.stream and \
             _largest(lambda b: fits(replace(inp, stream=True, batch=b)), 1, inp.batch):
         out.append(f"--max-volume-memory {_size_arg(limit)} (owned planes only)")  # it picks the batch
@@ -118,11 +120,21 @@ def add_argument(p) -> None:
                         "memory (CPU ranks: of the node's available memory). The job's memory model (logged and "
                         "in run.json) is checked against it before anything large is allocated: refine3d and class3d "
                         "first take owned accumulators (--owned-accumulators auto) and then the largest --batch "
-                        "that fits; a job that still would not fit stops at once with one line saying what would "
+                        "that fits, the EM jobs then single-precision accumulators (--accumulate auto); a job that still would not fit stops at once with one line saying what would "
                         "(more ranks, --owned-accumulators on, a smaller --batch, --cache-images off, fewer "
                         "--folds, --pad 1). The model is an upper bound (the largest "
                         "image size and pose grid the options allow): a larger SIZE than the device has runs "
                         "the job anyway, at the risk of running out later")
+    if p.prog.split()[-1] in ("refine3d", "class3d", "class2d"):
+        p.add_argument("--accumulate", choices=("auto", "double", "single"), default="auto",
+                       help="precision of the E-step's Fourier accumulators: 'double' (complex128 F, float64 W: 24 "
+                            "bytes per voxel) or 'single' (complex64, float32: 12 bytes, as RELION's GPU ranks; "
+                            "3D references in complex64 too, and on one rank the reconstruction's working copy "
+                            "and inverse FFT in single precision). The maps differ by float32 rounding (relative "
+                            "~1e-6 at a few hundred insertions per voxel). 'auto' (default): double unless the "
+                            "memory model says it does not fit and single does, after owned accumulators, a "
+                            "smaller --batch and a global grid projected in chunks (the choice is logged and in "
+                            "run.json)")
     if p.prog.split()[-1] in ("refine3d", "class3d"):
         p.add_argument("--owned-accumulators", choices=("auto", "on", "off"), default="auto",
                        help="'on': each rank accumulates only the Fourier kz planes it owns (1/P of the volumes; "
@@ -140,7 +152,8 @@ class MemoryLimitError(MpiEmError):
     exit_code = 2
 
 
-def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None = None) -> MemoryEstimate:
+def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None = None,
+          precision: str = "double") -> MemoryEstimate:
     """Collective, before the job allocates: every rank evaluates the model for itself against its limit
     (``--max-memory`` if given, else :func:`available_bytes`); rank 0 logs the estimate and records it in
     ``out_dir``/run.json (key ``memory``); if any rank would not fit, every rank raises (through
@@ -149,13 +162,15 @@ def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None 
     ``adapt`` (EM jobs: the ``--owned-accumulators`` choice, 'auto', 'on' or 'off'): where the options as
     given do not fit, the job is first lightened by design, the same way on every rank: owned accumulators
     (3D on more than one rank, with 'auto'), then the largest E-step batch up to ``--batch`` that fits, then the
-    global grid projected in chunks per batch (``grid_chunk``, with the batch as given); the
-    estimate returned (and logged) is the one the job runs with (``.inputs``)."""
+    global grid projected in chunks per batch (``grid_chunk``, with the batch as given); ``precision`` (the
+    ``--accumulate`` choice) 'auto': where the double-precision accumulators still do not fit after these,
+    single-precision ones (adapted the same way); the estimate returned (and logged) is the one the job runs
+    with (``.inputs``)."""
     from ..distributed import agree
 
     limit, source = _limit(comm, inp, max_memory)
     if adapt is not None and isinstance(inp, EMInputs):
-        inp = _adapt(comm, inp, limit, log, adapt)
+        inp = _adapt_precision(comm, inp, limit, log, adapt, precision)
     est = estimate(inp)
     short = (est.total - limit) if limit is not None else -1
     every = comm.allgather(short)
@@ -166,8 +181,8 @@ def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None 
         err = MemoryLimitError(
             f"memory: {inp.mode} needs {fmt(est.total)} per rank ({_terms_text(est)}), {fmt(limit)} available "
             f"({source}): " + ("would fit with " + " or ".join(would) if would else
-                               "neither more ranks, a smaller --batch, --cache-images off, fewer --folds nor "
-                               "--pad 1 alone would fit"))
+                               "neither more ranks, a smaller --batch, --cache-images off, fewer --folds, "
+                               "--accumulate single nor --pad 1 alone would fit"))
     if comm.rank == 0:
         if log is not None:
             log.info("memory model: %s; limit %s (%s)", est.summary(), fmt(limit) if limit else "unknown", source)
@@ -175,6 +190,25 @@ def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None 
             record(out_dir, dict(est.as_dict(), limit_bytes=limit, limit_source=source))
     agree(comm, err)
     return est
+
+
+def _adapt_precision(comm, inp: EMInputs, limit, log, owned_option: str = "auto",
+                     precision: str = "double") -> EMInputs:
+    """:func:`_adapt` in the accumulators' precision ``precision`` ('double', 'single'); 'auto': double, unless
+    the adapted double-precision job still does not fit ``limit`` on some rank and the single-precision one
+    does (or neither does: then the lighter, single, whose error names what else would fit)."""
+    from mpi4py import MPI
+
+    if precision != "auto":
+        return _adapt(comm, replace(inp, accumulate=precision), limit, log, owned_option)
+    double = _adapt(comm, replace(inp, accumulate="double"), limit, None, owned_option)  # trial: not logged
+    if bool(comm.allreduce(limit is None or estimate(double).total <= limit, op=MPI.LAND)):
+        return _adapt(comm, replace(inp, accumulate="double"), limit, log, owned_option)
+    single = _adapt(comm, replace(inp, accumulate="single"), limit, log, owned_option)
+    if comm.rank == 0 and log is not None:
+        log.info("memory: double-precision accumulators do not fit (%s per rank): single precision (%s; "
+                 "--accumulate)", fmt(estimate(double).total), fmt(estimate(single).total))
+    return single
 
 
 def _adapt(comm, inp: EMInputs, limit, log, owned_option: str = "auto") -> EMInputs:

@@ -18,10 +18,18 @@ PROJECT_BYTES_PER_POINT = {3: 90, 2: 126}
 #: NumPy back-projection (``fourier.backproject``): per point and corner, besides the bincount over the whole
 #: accumulator stack; tracemalloc: 41.1-41.4 at box 32-64
 INSERT_BYTES_PER_CORNER = 42
-#: ``fourier.reconstruct`` (one rank): bytes per voxel of the padded half volume (its complex128 working copy,
-#: the float64 copy of W until the division, chunks of ~1/16 of the volume); tracemalloc: 25.6-27.0 at box
-#: 32-64 (97 before the division and inverse FFT went by chunks of planes, in place)
-RECONSTRUCT_SERIAL_BYTES_PER_VOXEL = 28
+#: ``fourier.reconstruct`` (one rank): bytes per voxel of the padded half volume (its working copy of F in the
+#: accumulators' precision, W read by chunks, chunks of ~1/16 of the volume, the box^3 map); tracemalloc with
+#: double accumulators (complex128 copy, float64 map): 21.3 at box 32-64 (26-27 while W was copied whole, 97
+#: before the division and inverse FFT went by chunks of planes, in place); with single ones (complex64 copy,
+#: float32 map): 11.6-12.3
+RECONSTRUCT_SERIAL_BYTES_PER_VOXEL = 22
+RECONSTRUCT_SERIAL_BYTES_PER_VOXEL_SINGLE = 13
+#: bytes per voxel of the accumulators F + W (complex128 + float64, or complex64 + float32: ``--accumulate``)
+ACCUMULATOR_BYTES_PER_VOXEL = {"double": 24, "single": 12}
+#: ``em.model._shell_sums`` per voxel of a chunk: the float64 temporaries (56), and with single-precision
+#: accumulators their chunk's complex128 / float64 copies first (24 more)
+SHELL_BYTES_PER_VOXEL = {"double": 56, "single": 80}
 #: ``distvolume.distributed_reconstruct``: per owned voxel, per volume and fixed; tracemalloc: 48.4-48.8 per
 #: volume, 67-68 for one volume
 RECONSTRUCT_DIST_BYTES_PER_VOXEL = 49
@@ -108,6 +116,8 @@ class EMInputs:
     #                                    None: every fine candidate (the upper bound, before a run)
     grid_chunk: int = 0            # > 0: the global grid projected this many orientations per class at a time
     #                                (per batch, not kept: em.search._chunked_parts); 0: kept for the iteration
+    accumulate: str = "double"     # the accumulators' precision (--accumulate): 'double' (complex128 F, float64
+    #                                W) or 'single' (complex64, float32; 3D references complex64 too)
 
     @property
     def dim(self) -> int:
@@ -172,7 +182,8 @@ class MemoryEstimate:
 
     def summary(self) -> str:
         parts = ", ".join(f"{k.replace('_', ' ')} {fmt(v)}" for k, v in self.terms.items() if v)
-        return (f"{fmt(self.total)} per rank at the peak ({self.peak_phase}: {parts}); RELION's estimate for a "
+        acc = f"{self.inputs.accumulate}-precision accumulators, " if isinstance(self.inputs, EMInputs) else ""
+        return (f"{fmt(self.total)} per rank at the peak ({acc}{self.peak_phase}: {parts}); RELION's estimate for a "
                 f"GPU rank at box {self.inputs.box}: {fmt(self.relion_bytes)}")
 
     def as_dict(self) -> dict:
@@ -218,8 +229,10 @@ def _em_phases(inp: EMInputs) -> dict:
     T = inp.translations
     img = 4 * box * box
 
-    refs = 16 * V * vox
-    acc = 24 * V * (own if routed else vox)
+    single = inp.accumulate == "single"
+    accb = ACCUMULATOR_BYTES_PER_VOXEL[inp.accumulate]
+    refs = (8 if single and inp.dim == 3 else 16) * V * vox
+    acc = accb * V * (own if routed else vox)
     cached = n_local * img if inp.cache_images else 0
     # GPU: cuFFT plans and their work areas; the job gives them back (with CuPy's pool) between the phases
     # (memory.release_device_memory), so the E-step keeps only the image transform's
@@ -276,23 +289,25 @@ def _em_phases(inp: EMInputs) -> dict:
     # transients; the maps (float64, listed then stacked)
     if inp.dim == 3:
         folded = inp.folds > 1 and inp.mode == "refine3d"
-        sums = 2 * 24 * own if folded else 0
+        sums = 2 * accb * own if folded else 0
 
         def transient(nv):
-            if inp.ranks == 1:  # one volume at a time
-                return RECONSTRUCT_SERIAL_BYTES_PER_VOXEL * vox
-            return (RECONSTRUCT_DIST_BYTES_PER_VOXEL * nv + RECONSTRUCT_DIST_FIXED) * own
+            if inp.ranks == 1:  # one volume at a time, its working copy in the accumulators' precision
+                return (RECONSTRUCT_SERIAL_BYTES_PER_VOXEL_SINGLE if single else RECONSTRUCT_SERIAL_BYTES_PER_VOXEL) \
+                    * vox
+            return (RECONSTRUCT_DIST_BYTES_PER_VOXEL * nv + RECONSTRUCT_DIST_FIXED) * own  # complex128 copies
 
-        owned = 0 if routed or inp.ranks == 1 else 24 * V * own
+        owned = 0 if routed or inp.ranks == 1 else accb * V * own
         # model._shell_sums (at most 2^24 voxels per chunk) over the volumes reconstructed: with folds, each
         # half's sum of its folds
-        shell_stats = 56 * min((2 if folded else V) * own, 1 << 24)
+        shell_stats = SHELL_BYTES_PER_VOXEL[inp.accumulate] * min((2 if folded else V) * own, 1 << 24)
         halves = owned + sums + max(transient(2 if folded else V), shell_stats)
-        lofo = owned + sums + 24 * V * own + transient(V) if folded else 0
-        recon = max(halves, lofo) + 2 * 8 * V * box ** 3
+        lofo = owned + sums + accb * V * own + transient(V) if folded else 0
+        # the maps, listed then stacked: float64, or float32 from single-precision accumulators on one rank
+        recon = max(halves, lofo) + 2 * (4 if single and inp.ranks == 1 else 8) * V * box ** 3
         fft_m = 0 if cpu else (16 * vox // 16 if inp.ranks == 1 else 16 * own)  # chunked / distributed FFTs
     else:
-        recon = RECONSTRUCT_SERIAL_BYTES_PER_VOXEL * V * vox
+        recon = (RECONSTRUCT_SERIAL_BYTES_PER_VOXEL_SINGLE if single else RECONSTRUCT_SERIAL_BYTES_PER_VOXEL) * V * vox
         fft_m = fft_vol
     # ---- references: the E-step gives back its references and the pose grid's projections when it ends
     # (em.engine.end_e_step), so the M-step holds neither and the next references are made alone: each volume's
@@ -363,7 +378,8 @@ def em_inputs(args, mode: str, meta: dict, ranks: int, device: str, cache_images
                     cache_images=bool(cache_images), coarse_poses=C, translations=T, n_select=int(args.n_select),
                     class_select=int(getattr(args, "class_select", 10)),
                     owned_accumulators=getattr(args, "owned_accumulators", "auto") == "on" and mode != "class2d",
-                    grid_chunk=int(getattr(args, "grid_chunk", 0) or 0))
+                    grid_chunk=int(getattr(args, "grid_chunk", 0) or 0),
+                    accumulate="single" if getattr(args, "accumulate", "double") == "single" else "double")
 
 
 def _grid_size(order: int, sym: str) -> int:
