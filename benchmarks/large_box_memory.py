@@ -95,18 +95,22 @@ def one_job(box: int, n: int, iters: int, a) -> dict:
     from mpi_em.memory import relion_gpu_bytes
 
     data = os.path.join(a.out, f"data{box}")
-    job = os.path.join(a.out, f"refine{box}")
+    name = f"refine{box}" + ("_local" if a.aligned else "")
+    job = os.path.join(a.out, name)
     if not os.path.exists(os.path.join(data, "particles_unaligned.star")):
         r = subprocess.run(_py(["--quiet", "simulate", "--out", data, "--box", box, "--n", n, "--snr", a.snr,
                                 "--apix", a.apix, "--seed", 1, "--per-stack", 500]), capture_output=True, text=True)
         if r.returncode:
             raise SystemExit(f"simulate box {box}: {r.stderr.strip().splitlines()[-1:]}")
     launcher = a.launcher.split() + ["-n", str(a.ranks)] if a.launcher else []
-    cmd = launcher + _py(["refine3d", "--i", os.path.join(data, "particles_unaligned.star"), "--ref",
+    star = "particles.star" if a.aligned else "particles_unaligned.star"
+    cmd = launcher + _py(["refine3d", "--i", os.path.join(data, star), "--ref",
                           os.path.join(data, "truth.mrc"), "--ini-high", a.ini_high, "--iter", iters, "--device",
-                          a.device, "--accumulate", a.accumulate, "--o", job, "--overwrite"] + a.extra.split())
-    res = run_sampled(cmd, a.device, a.interval, os.path.join(a.out, f"refine{box}.log"))
+                          a.device, "--accumulate", a.accumulate, "--o", job, "--overwrite"]
+                         + (["--healpix-order", 4, "--local-from-order", 4] if a.aligned else []) + a.extra.split())
+    res = run_sampled(cmd, a.device, a.interval, os.path.join(a.out, f"{name}.log"))
     out = {"box": box, "particles": n, "iterations": iters, "accumulate": a.accumulate, "ranks": a.ranks,
+           "search": "local around the true poses" if a.aligned else "global from --healpix-order",
            "device": a.device, "command": " ".join(cmd), **res,
            "peak_measures": "nvidia-smi memory.used, whole device" if a.device == "gpu" else "RSS of the job's processes",
            "relion_gpu_rank_bytes": relion_gpu_bytes(box)}
@@ -135,6 +139,10 @@ def main(argv=None):
     p.add_argument("--accumulate", choices=("auto", "double", "single"), default="single")
     p.add_argument("--ranks", type=int, default=1)
     p.add_argument("--launcher", default="mpirun", help="MPI launcher ('' : one rank without it)")
+    p.add_argument("--aligned", action="store_true",
+                   help="start from the true poses (particles.star) with local searches at order 4 (refine3d "
+                        "starts local when --healpix-order >= --local-from-order); with --ini-high at Nyquist, "
+                        "the search of a last iteration at the full image size")
     p.add_argument("--extra", default="", help="more refine3d options, one string")
     p.add_argument("--snr", type=float, default=0.05)
     p.add_argument("--apix", type=float, default=1.0)

@@ -63,3 +63,16 @@ def test_old_checkpoint_is_brought_up_to_date(tmp_path, rng):
     assert np.array_equal(parts["origin_x"], -particles["origin_x"])
     assert np.array_equal(parts["origin_y"], -particles["origin_y"])
     assert np.array_equal(parts["rot"], particles["rot"]) and back.order == state.order
+
+
+@pytest.mark.parametrize("job,order,local_from,flag,expected", [
+    ("refine3d", 2, 4, False, False), ("refine3d", 4, 4, False, True), ("refine3d", 5, 4, False, True),
+    ("class3d", 4, 4, False, False), ("class3d", 2, 4, True, True)])
+def test_local_searches_from_the_start(rng, job, order, local_from, flag, expected):
+    """refine3d started at an order at or past --local-from-order searches locally around the input poses from
+    its first iteration (a continued auto-refine); below it, globally; class3d only with --local."""
+    args = SimpleNamespace(healpix_order=order, local_from_order=local_from, ini_high=30.0, offset_range=3.0,
+                           offset_step=1.0, local=flag)
+    state = EMState.initial(args, MODES[job], 32, 4.0, 1 if job == "refine3d" else 2,
+                            ref=rng.normal(size=(32, 32, 32)).astype(np.float32))
+    assert state.local is expected

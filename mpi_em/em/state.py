@@ -87,7 +87,11 @@ class EMState:
             r_cur = min(default_r_max(box), max(4, int(np.ceil(box * apix / args.ini_high)) + 2))
         else:
             maps, order, r_cur = None, 0, min(default_r_max(box), max(4, box // 4))
-        return cls(order=int(order), local=bool(getattr(args, "local", False)), r_cur=float(r_cur),
+        # local searches from the start: class3d --local; refine3d started at an order at or past
+        # --local-from-order (around the input poses, as a continued RELION auto-refine)
+        local = bool(getattr(args, "local", False)) or (
+            mode.gold and int(order) >= int(getattr(args, "local_from_order", 1 << 30)))
+        return cls(order=int(order), local=local, r_cur=float(r_cur),
                    offset_sigma=float(args.offset_range / 2.0), class_prior=np.full(K, 1.0 / K), maps=maps,
                    offset_step=float(args.offset_step), offset_range=float(args.offset_range))
 
