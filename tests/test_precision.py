@@ -194,3 +194,23 @@ def test_refine3d_single_and_double_give_the_same_result(data32, tmp_path):
     rel = np.linalg.norm(b - a) / np.linalg.norm(a)
     print("relative L2 difference of the maps", rel)
     assert rel <= 100 * np.sqrt(2) * U32
+
+
+@pytest.mark.parametrize("n", [3000, 20000])
+def test_box512_job_as_started_fits_24_gb(n):
+    """What the job's check sees before its first iteration (jobs/em.py -> memory.em_inputs): the upper bound of
+    an auto-refine, an order-3 global search at the full image size with up to 49 translations, and images cached
+    by --cache-images auto. Within 24e9 bytes that needs, besides single precision, the images read from disk
+    (2.9-19.5 GiB of cache) and the grid projected in chunks with a smaller batch: the adaptation finds it; with
+    --cache-images on (the user's choice, kept) it does not fit."""
+    from mpi_em.memory import EMInputs, _adapt_precision, _grid_size, estimate
+
+    limit = int(24e9)
+    inp = EMInputs(mode="refine3d", box=512, pad=2, K=1, folds=1, ranks=1, device="gpu", n_particles=n,
+                   cache_images=True, coarse_poses=_grid_size(3, "C1"), translations=49, batch=64)
+    got = _adapt_precision(_comm(), inp, limit, None, "auto", "auto", "auto")
+    print(got, estimate(got).summary())
+    assert got.accumulate == "single" and not got.cache_images and estimate(got).total <= limit
+    assert 0 < got.grid_chunk < inp.coarse_poses and got.batch < inp.batch
+    kept = _adapt_precision(_comm(), inp, limit, None, "auto", "auto", "on")
+    assert kept.cache_images and estimate(kept).total > limit

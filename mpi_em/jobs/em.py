@@ -133,8 +133,9 @@ def add_arguments(p, mode: str) -> None:
     p.add_argument("--batch", type=int, default=64, help="particles per E-step batch (default 64)")
     p.add_argument("--cache-images", choices=["auto", "on", "off"], default="auto",
                    help="keep each rank's particle images in its memory between iterations instead of reading them "
-                        "again (auto: on GPU ranks whose images fit in a quarter of the free GPU memory; CPU ranks "
-                        "read through the operating system's page cache)")
+                        "again (auto: on GPU ranks whose images fit in a quarter of the free GPU memory, and off "
+                        "where the job's memory model would not fit its limit otherwise; CPU ranks read through "
+                        "the operating system's page cache)")
     p.add_argument("--pad", type=int, default=2, help="Fourier padding of the references (default 2)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
                    help="auto: one GPU per rank when CuPy sees one, else CPU")
@@ -266,12 +267,14 @@ def _setup(args, comm, mode: Mode, state: EMState | None, particles: dict | None
     if comm.rank == 0:
         log.info("%s: %d particles, box %d, %.3f Å/px, K=%d, %d rank(s); rank 0 on %s", mode.name, meta["n"], box,
                  apix, K, comm.size, device)
-    images = ImageCache(xp, cache_wanted(getattr(args, "cache_images", "auto"), xp, len(plan["index"]), box))
+    cache = getattr(args, "cache_images", "auto")
     from ..memory import check as memory_check, em_inputs  # stops here (exit 2) if the model does not fit
-    mem = memory_check(comm, em_inputs(args, mode.name, meta, comm.size, device, images.enabled),
+    mem = memory_check(comm, em_inputs(args, mode.name, meta, comm.size, device,
+                                       cache_wanted(cache, xp, len(plan["index"]), box)),
                        getattr(args, "max_memory", None), log, args.output,
                        adapt=getattr(args, "owned_accumulators", "off"),
-                       precision=getattr(args, "accumulate", "double")).inputs  # the batch and accumulators to use
+                       precision=getattr(args, "accumulate", "double"), cache=cache).inputs  # what the job uses
+    images = ImageCache(xp, mem.cache_images)
     args.batch = mem.batch
     args.grid_chunk = mem.grid_chunk
     if comm.rank == 0 and images.enabled:

@@ -153,7 +153,7 @@ class MemoryLimitError(MpiEmError):
 
 
 def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None = None,
-          precision: str = "double") -> MemoryEstimate:
+          precision: str = "double", cache: str = "on") -> MemoryEstimate:
     """Collective, before the job allocates: every rank evaluates the model for itself against its limit
     (``--max-memory`` if given, else :func:`available_bytes`); rank 0 logs the estimate and records it in
     ``out_dir``/run.json (key ``memory``); if any rank would not fit, every rank raises (through
@@ -161,7 +161,8 @@ def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None 
 
     ``adapt`` (EM jobs: the ``--owned-accumulators`` choice, 'auto', 'on' or 'off'): where the options as
     given do not fit, the job is first lightened by design, the same way on every rank: owned accumulators
-    (3D on more than one rank, with 'auto'), then the largest E-step batch up to ``--batch`` that fits, then the
+    (3D on more than one rank, with 'auto'), then no image cache (``cache``: the ``--cache-images`` option;
+    only where it is 'auto'), then the largest E-step batch up to ``--batch`` that fits, then the
     global grid projected in chunks per batch (``grid_chunk``, with the batch as given); ``precision`` (the
     ``--accumulate`` choice) 'auto': where the double-precision accumulators still do not fit after these,
     single-precision ones (adapted the same way); the estimate returned (and logged) is the one the job runs
@@ -170,7 +171,7 @@ def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None 
 
     limit, source = _limit(comm, inp, max_memory)
     if adapt is not None and isinstance(inp, EMInputs):
-        inp = _adapt_precision(comm, inp, limit, log, adapt, precision)
+        inp = _adapt_precision(comm, inp, limit, log, adapt, precision, cache)
     est = estimate(inp)
     short = (est.total - limit) if limit is not None else -1
     every = comm.allgather(short)
@@ -193,27 +194,32 @@ def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None 
 
 
 def _adapt_precision(comm, inp: EMInputs, limit, log, owned_option: str = "auto",
-                     precision: str = "double") -> EMInputs:
+                     precision: str = "double", cache_option: str = "on") -> EMInputs:
     """:func:`_adapt` in the accumulators' precision ``precision`` ('double', 'single'); 'auto': double, unless
     the adapted double-precision job still does not fit ``limit`` on some rank and the single-precision one
     does (or neither does: then the lighter, single, whose error names what else would fit)."""
     from mpi4py import MPI
 
     if precision != "auto":
-        return _adapt(comm, replace(inp, accumulate=precision), limit, log, owned_option)
-    double = _adapt(comm, replace(inp, accumulate="double"), limit, None, owned_option)  # trial: not logged
+        return _adapt(comm, replace(inp, accumulate=precision), limit, log, owned_option, cache_option)
+    double = _adapt(comm, replace(inp, accumulate="double"), limit, None, owned_option, cache_option)  # a trial
     if bool(comm.allreduce(limit is None or estimate(double).total <= limit, op=MPI.LAND)):
-        return _adapt(comm, replace(inp, accumulate="double"), limit, log, owned_option)
-    single = _adapt(comm, replace(inp, accumulate="single"), limit, log, owned_option)
+        return _adapt(comm, replace(inp, accumulate="double"), limit, log, owned_option, cache_option)
+    single = _adapt(comm, replace(inp, accumulate="single"), limit, log, owned_option, cache_option)
     if comm.rank == 0 and log is not None:
         log.info("memory: double-precision accumulators do not fit (%s per rank): single precision (%s; "
                  "--accumulate)", fmt(estimate(double).total), fmt(estimate(single).total))
     return single
 
 
-def _adapt(comm, inp: EMInputs, limit, log, owned_option: str = "auto") -> EMInputs:
-    """Owned accumulators, then a smaller batch, then (with the batch as given) the global grid projected in
-    chunks, where the job as given does not fit ``limit`` on some rank."""
+#: the fewest orientations per chunk the adaptation prefers to a larger batch (one GEMM per chunk and batch)
+MIN_GRID_CHUNK = 512
+
+
+def _adapt(comm, inp: EMInputs, limit, log, owned_option: str = "auto", cache_option: str = "on") -> EMInputs:
+    """Owned accumulators, then no image cache (``cache_option`` 'auto': the cache was the default's choice, not
+    the user's), then a smaller batch, then (with the batch as given) the global grid projected in chunks, where
+    the job as given does not fit ``limit`` on some rank."""
     from mpi4py import MPI
 
     def fits(x):  # collective: on every rank
@@ -231,6 +237,11 @@ def _adapt(comm, inp: EMInputs, limit, log, owned_option: str = "auto") -> EMInp
                 log.info("memory: the full accumulators (%s per rank) do not fit: each rank accumulates only its "
                          "kz planes (%s; --owned-accumulators)", fmt(estimate(inp).total), fmt(estimate(owned).total))
             inp = owned
+    if cache_option == "auto" and not fits(inp) and inp.cache_images:  # fits() first: collective
+        if comm.rank == 0 and log is not None:
+            log.info("memory: the particle images are read from disk every iteration instead of kept in memory "
+                     "(%s per rank; --cache-images)", fmt(estimate(inp).terms["cached_images"]))
+        inp = replace(inp, cache_images=False)
     if inp.batch > 1 and not fits(inp):
         b = _largest(lambda b: fits(replace(inp, batch=b)), 1, inp.batch - 1)
         if b:
@@ -241,11 +252,19 @@ def _adapt(comm, inp: EMInputs, limit, log, owned_option: str = "auto") -> EMInp
     if inp.coarse_poses > 1 and not fits(inp):  # the global grid's projections do not fit beside the rest:
         full = replace(inp, batch=batch0)        # project them in chunks per batch instead of keeping them
         c = _largest(lambda c: fits(replace(full, grid_chunk=c)), 1, inp.coarse_poses - 1)
+        if not c and batch0 > 1:  # not with the batch as given: the largest batch with chunks of MIN_GRID_CHUNK
+            lo = min(MIN_GRID_CHUNK, inp.coarse_poses - 1)  # orientations (or of 1), then the largest chunk
+            b = next((b for b in (_largest(lambda b: fits(replace(full, batch=b, grid_chunk=c0)), 1, batch0 - 1)
+                                  for c0 in (lo, 1)) if b), None)
+            if b:
+                full = replace(full, batch=b)
+                c = _largest(lambda c: fits(replace(full, grid_chunk=c)), 1, inp.coarse_poses - 1)
         if c:
             if comm.rank == 0 and log is not None:
                 log.info("memory: the global grid's projections (%d orientations per class) do not fit: projected "
-                         "%d at a time for each batch (%s per rank instead of %s)", inp.coarse_poses, c,
-                         fmt(estimate(replace(full, grid_chunk=c)).total), fmt(estimate(full).total))
+                         "%d at a time for each batch of %d (%s per rank instead of %s)", inp.coarse_poses, c,
+                         full.batch, fmt(estimate(replace(full, grid_chunk=c)).total),
+                         fmt(estimate(replace(inp, batch=batch0)).total))
             inp = replace(full, grid_chunk=c)
     return inp
 
