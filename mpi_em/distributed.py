@@ -103,6 +103,14 @@ def agree(comm, error: BaseException | None) -> None:
                          exit_code=max(c for _, _, c in failed))
 
 
+def bcast_large(comm, obj, root: int = 0):
+    """``comm.bcast`` for objects whose pickle may pass 2 GiB (a box-768 job's two start maps are 3.6 GB): pickle
+    protocol 5 with the arrays sent out of band (:mod:`mpi4py.util.pkl5`), whose counts MPI's int cannot hold."""
+    from mpi4py.util import pkl5
+
+    return pkl5.Intracomm(comm).bcast(obj, root=root)
+
+
 def collective_step(comm, fn, *args, **kwargs):
     """Run ``fn`` on every rank (no collectives inside), then :func:`agree` on the outcome."""
     err, out = None, None

@@ -25,6 +25,7 @@ class PhaseTimer:
         self.detail_seconds: dict[str, float] = defaultdict(float)
         self.flops: dict[str, float] = defaultdict(float)
         self.bytes: dict[str, float] = defaultdict(float)
+        self.pool_bytes: dict[str, int] = {}  # detail on GPU: the CuPy pool's reserved bytes at each phase's end
 
     @contextmanager
     def __call__(self, name: str):
@@ -37,6 +38,11 @@ class PhaseTimer:
             if self.sync:
                 synchronize(self.xp)
             self.seconds[name] += time.perf_counter() - t
+            if self.detailed and self.xp is not np:
+                # reserved memory only grows inside a phase (unless the phase frees the pool's blocks): its value
+                # at the end is the phase's high-water mark of the pool, what nvidia-smi sees
+                total = int(self.xp.get_default_memory_pool().total_bytes())
+                self.pool_bytes[name] = max(self.pool_bytes.get(name, 0), total)
 
     @contextmanager
     def detail(self, name: str):
@@ -61,6 +67,8 @@ class PhaseTimer:
         out = {"seconds": dict(self.seconds), "flops": dict(self.flops), "bytes": dict(self.bytes)}
         if self.detailed:
             out["detail_seconds"] = dict(self.detail_seconds)
+            if self.pool_bytes:
+                out["pool_bytes"] = dict(self.pool_bytes)
         return out
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import synchronize, to_host
-from ..distributed import allreduce_sum, collective_step, reference_group
+from ..distributed import allreduce_sum, bcast_large, collective_step, reference_group
 from ..errors import MpiEmError
 from ..fourier import SliceGeometry
 from ..symmetrise import symmetrise
@@ -113,8 +113,8 @@ def references(job: EMRun) -> References:
     if job.auto_mask:  # from the current references, on rank 0, the same on every rank
         radius = reference_radius(job.box, job.apix, job.args)
         res = state.resolution[-1] if state.resolution else job.args.ini_high
-        job.solvent = job.comm.bcast(auto_solvent_mask(state.maps, res, job.apix, radius)
-                                     if job.comm.rank == 0 else None, root=0)
+        job.solvent = bcast_large(job.comm, auto_solvent_mask(state.maps, res, job.apix, radius)
+                                  if job.comm.rank == 0 else None)
         job.mask = reference_mask(job.box, job.apix, job.args, job.mode.dim, job.xp, job.solvent)
     if folds > 1:
         ref_maps = state.references if state.references is not None else np.repeat(state.maps, folds, axis=0)

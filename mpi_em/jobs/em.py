@@ -18,7 +18,7 @@ from typing import Callable
 
 from .. import config
 from ..backend import get_xp
-from ..distributed import agree, collective_step, log_placement, root_step, select_device
+from ..distributed import agree, bcast_large, collective_step, log_placement, root_step, select_device
 from ..em.inputs import default_folds, read_inputs, reference_mask  # noqa: F401 - default_folds: benchmarks
 from ..em.outputs import gather_particles, record_timings, write_final, write_iteration
 from ..em.schedule import final_iteration
@@ -245,7 +245,7 @@ def _setup(args, comm, mode: Mode, state: EMState | None, particles: dict | None
             err = e
     agree(comm, err)
     plans, meta, ref, star = res if comm.rank == 0 else (None, None, None, None)
-    solvent = comm.bcast(meta.pop("solvent_mask") if comm.rank == 0 else None, root=0)
+    solvent = bcast_large(comm, meta.pop("solvent_mask") if comm.rank == 0 else None)
     meta = comm.bcast(meta, root=0)
     if mode.gold:
         args.folds = meta["folds"]
@@ -258,7 +258,7 @@ def _setup(args, comm, mode: Mode, state: EMState | None, particles: dict | None
     star_rank0 = (star.optics, rebase_image_names(star, args.output)) if comm.rank == 0 else None
     box, apix, K = meta["box"], meta["pixel_size"], meta["K"]
     if state is None:
-        state = comm.bcast(EMState.initial(args, mode, box, apix, K, ref) if comm.rank == 0 else None, root=0)
+        state = bcast_large(comm, EMState.initial(args, mode, box, apix, K, ref) if comm.rank == 0 else None)
     state.args = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"}
     device = collective_step(comm, select_device, comm, args.device)
     xp = get_xp(device)
