@@ -322,7 +322,12 @@ def _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold,
         # the final map: both halves summed, prior from the FSC of the full set, 2 FSC / (1 + FSC)
         c = np.clip(curve, 0.0, 0.999)
         full_curve = 2 * c / (1 + c)
-        Fs, Ws = F_own.sum(axis=0, keepdims=True), W_own.sum(axis=0, keepdims=True)
+        # summed in place into the first volume (the accumulators are not read after the M-step): a new sum
+        # would hold one more volume's accumulators (6 GiB at box 512 in single precision) beside them
+        for v in range(1, F_own.shape[0]):
+            F_own[0] += F_own[v]
+            W_own[0] += W_own[v]
+        Fs, Ws = F_own[:1], W_own[:1]
         tau2_full = tau2_from_fsc(full_curve, mean_w.sum(axis=0), fudge)
         info["combined"] = distributed_reconstruct(comm, Fs, Ws, box, pad, r_max, tau2=tau2_full,
                                                    tau2_fudge=1.0)[0].astype(xp.float32, copy=False)

@@ -120,8 +120,14 @@ def references(job: EMRun) -> References:
         ref_maps = state.references if state.references is not None else np.repeat(state.maps, folds, axis=0)
     else:
         ref_maps = state.maps
-    return References(job.xp.asarray(ref_maps), job.mode.dim, job.args.pad, mask=job.mask,
+    refs = References(job.xp.asarray(ref_maps), job.mode.dim, job.args.pad, mask=job.mask,
                       single=job.accumulate == "single")
+    from ..memory import release_device_memory
+
+    # the transforms' temporaries and plans given back before the E-step allocates its accumulators (measured at
+    # box 512: the pool kept ~10 GiB of them through the E-step)
+    release_device_memory(job.xp)
+    return refs
 
 
 def expectation(job: EMRun, it: int, geom: SliceGeometry, refs: References, timer) -> tuple[dict, Stats]:
@@ -187,6 +193,9 @@ def maximisation(job: EMRun, it: int, acc: dict, stats: Stats, timer):
         maps, inf = reduce_and_reconstruct_2d(job.comm, acc["F"], acc["W"], job.box, args.pad, state.r_cur,
                                               args.tau2_fudge, timer=timer)
     acc.clear()
+    from ..memory import release_device_memory
+
+    release_device_memory(job.xp)  # the accumulators' blocks, before the next references are made
     state.references = to_host(inf.pop("references")) if "references" in inf else None
     info.update(inf)
     maps_h = to_host(maps)
