@@ -3,7 +3,8 @@
 Mini-batch (stochastic) expectation-maximisation, after RELION 3's SGD initial model and cryoSPARC's ab initio:
 
 1. start: the reconstruction of a random subset of particles at random poses (seeded, uniformly random
-   rotations), limited to ``--ini-high``: a featureless blob of the right scale;
+   rotations), limited to ``--ini-high``: a featureless blob of the right scale (``--start MRC``: a given map
+   low-passed to ``--ini-high`` instead, e.g. the truth, to check that the iterations keep a known structure);
 2. iterations 1..N: a random mini-batch of ``--batch-size`` particles (drawn from ``--seed`` and the iteration:
    every rank derives the same rows without communication and keeps its own), E-step with a global search at
    ``--healpix-order`` (translations within ``--offset-range``) at a resolution limit that rises linearly from
