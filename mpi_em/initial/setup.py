@@ -8,9 +8,9 @@ import numpy as np
 
 from ..distributed import make_plan, root_step
 from ..em.outputs import gather_particles
-from ..errors import MpiEmError
+from ..errors import InputError, MpiEmError
 from ..fourier import padded_reach
-from ..io import check_stacks, check_writable_dir, read_particles
+from ..io import check_stacks, check_writable_dir, read_map, read_particles
 from ..io.sanity import check_box, check_same_input, input_record, warn_absurd_values
 from ..symmetry import symmetry_matrices
 from . import state as ckpt
@@ -95,7 +95,17 @@ def init(args, size, loaded):
             for f in ckpt.PER_PARTICLE:
                 p[f] = np.asarray(saved[f])[p["row"]].astype(p[f].dtype)
     meta = {"box": box, "pixel_size": apix, "n": star.n, "K": int(args.K), "record": record}
+    if getattr(args, "start", None) and loaded is None:
+        meta["start_map"] = _start_map(args.start, box)
     return plans, meta, star
+
+
+def _start_map(path, box: int) -> np.ndarray:
+    """--start: the map, checked against the particles' box."""
+    vol, _ = read_map(path)
+    if vol.shape != (box,) * 3:
+        raise InputError(path, f"map shape {vol.shape} does not match the particles' box {box}", field="nx")
+    return vol
 
 
 def checkpoint(comm, args, meta, st, plan, model, sigma2, class_prior, history, resolutions, F_run, W_run):

@@ -3,7 +3,8 @@
 Mini-batch (stochastic) expectation-maximisation, after RELION 3's SGD initial model and cryoSPARC's ab initio:
 
 1. start: the reconstruction of a random subset of particles at random poses (seeded, uniformly random
-   rotations), limited to ``--ini-high``: a featureless blob of the right scale;
+   rotations), limited to ``--ini-high``: a featureless blob of the right scale (``--start MRC``: a given map
+   low-passed to ``--ini-high`` instead, e.g. the truth, to check that the iterations keep a known structure);
 2. iterations 1..N: a random mini-batch of ``--batch-size`` particles (drawn from ``--seed`` and the iteration:
    every rank derives the same rows without communication and keeps its own), E-step with a global search at
    ``--healpix-order`` (translations within ``--offset-range``) at a resolution limit that rises linearly from
@@ -111,6 +112,9 @@ def add_arguments(p) -> None:
     p.add_argument("--start-noise", type=float, default=0.0, metavar="A",
                    help="add seeded noise, low-passed at --ini-high, of A times the start's standard deviation to "
                         "the random start (a structured start instead of a blob; default 0)")
+    p.add_argument("--start", default=None, metavar="MRC",
+                   help="start from this map (the particles' box; low-passed to --ini-high; every class a copy) "
+                        "instead of the random start: e.g. to check that the iterations keep a known structure")
     p.add_argument("--healpix-order", type=int, default=2,
                    help="HEALPix order of the global search (1 = 30°, 2 = 15°; the fine pass oversamples it once; "
                         "default 2)")
@@ -235,7 +239,13 @@ def run(args, comm, after_iteration=None) -> dict:
             synchronize(xp)
             return F_acc, W_acc
 
-        model = reconstruct(*collective_step(comm, random_start), r0)
+        start_map = meta.pop("start_map", None)
+        if start_map is None:
+            model = reconstruct(*collective_step(comm, random_start), r0)
+        else:  # --start: the given map, low-passed to the first iteration's limit
+            from ..em.model import lowpass
+
+            model = np.repeat(lowpass(start_map[None].astype(np.float64), box, apix, args.ini_high), k_start, 0)
         if args.start_noise > 0:  # seeded low-passed noise on the blob (the same on every rank)
             from ..em.model import lowpass
 
