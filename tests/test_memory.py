@@ -2,6 +2,7 @@
 predicts against peaks measured with tracemalloc on small CPU jobs, and the stop before the first iteration."""
 import glob
 import json
+import re
 import os
 import subprocess
 import sys
@@ -323,3 +324,27 @@ def test_global_grid_in_chunks_when_its_projections_do_not_fit():
     assert estimate(replace(two, owned_accumulators=True, batch=1)).total > limit2
     got2 = check(MPI.COMM_SELF, two, str(limit2), adapt="auto").inputs
     assert got2.owned_accumulators and got2.grid_chunk > 0 and estimate(got2).total <= limit2
+
+
+def test_batch_chosen_again_per_iteration(data, tmp_path):
+    """Where the check lightened the E-step for the largest size and grid the options allow (box 32, an
+    order-3 global search at the full size: within 80 MiB a batch of 2, the grid in chunks), each iteration's own
+    image size and grid choose again (order 2 at r ~ 10 px: a larger batch, the grid whole); the poses are those
+    of the run without a limit (batches change float summation order only: >= 97% identical, as 1 against 2
+    ranks)."""
+    d = data[32]
+    common = ["refine3d", "--i", d / "particles_unaligned.star", "--ref", d / "start.mrc", "--ini-high", 32,
+              "--max-order", 3, "--iter", 2]
+    r = mpi_em(common + ["--o", tmp_path / "lim", "--max-memory", "80M"], ranks=1)
+    assert r.returncode == 0, r.stderr
+    log = open(tmp_path / "lim" / "run.log").read()
+    mem = json.load(open(tmp_path / "lim" / "run.json"))["memory"]["inputs"]
+    assert mem["batch"] < 64 and mem["grid_chunk"] > 0, mem
+    m = re.findall(r"memory: E-step batch (\d+), the grid kept whole at r \d+ px and 4608 orientations", log)
+    assert m and int(m[0]) > mem["batch"], log
+    r = mpi_em(common + ["--o", tmp_path / "free"], ranks=1)
+    assert r.returncode == 0, r.stderr
+    a, b = (starfile.read(tmp_path / x / "run_data.star")["particles"] for x in ("lim", "free"))
+    cols = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
+    same = np.all(np.abs(a[cols].to_numpy() - b[cols].to_numpy()) < 1e-3, axis=1).mean()
+    assert same >= 0.97, same

@@ -203,7 +203,7 @@ def test_box512_job_as_started_fits_24_gb(n):
     by --cache-images auto. Within 24e9 bytes that needs, besides single precision, the images read from disk
     (2.9-19.5 GiB of cache) and the grid projected in chunks with a smaller batch: the adaptation finds it; with
     --cache-images on (the user's choice, kept) it does not fit."""
-    from mpi_em.memory import EMInputs, _adapt_precision, _grid_size, estimate
+    from mpi_em.memory import EMInputs, _adapt_precision, _grid_size, adapt_iteration, estimate
 
     limit = int(24e9)
     inp = EMInputs(mode="refine3d", box=512, pad=2, K=1, folds=1, ranks=1, device="gpu", n_particles=n,
@@ -214,3 +214,7 @@ def test_box512_job_as_started_fits_24_gb(n):
     assert 0 < got.grid_chunk < inp.coarse_poses and got.batch < inp.batch
     kept = _adapt_precision(_comm(), inp, limit, None, "auto", "auto", "on")
     assert kept.cache_images and estimate(kept).total > limit
+    # an early iteration (order 2 at r = 24 px, 9 translations) gets the batch of 64 back, its grid kept whole
+    it = adapt_iteration(_comm(), got, limit, 24, _grid_size(2, "C1"), 9, 64)
+    assert (it.batch, it.grid_chunk, it.accumulate, it.cache_images) == (64, 0, "single", False)
+    assert estimate(it).total <= limit

@@ -53,6 +53,8 @@ class EMRun:
     auto_mask: bool = False           # --auto-mask: ``solvent`` and ``mask`` recomputed from the references
     accumulate: str = "double"        # the accumulators' precision, 'double' or 'single' (--accumulate; single:
     #                                   the 3D references' Fourier volumes in complex64 too)
+    memory: Any = None                # (the memory model's inputs the job runs with, the limit, --batch) where the
+    #                                   check lightened the E-step (smaller batch, grid in chunks), else None
 
     @property
     def box(self) -> int:
@@ -130,6 +132,32 @@ def references(job: EMRun) -> References:
     return refs
 
 
+def iteration_batch(job: EMRun) -> None:
+    """Where the memory check had to lighten the E-step for the largest image size and pose grid the options
+    allow (a smaller batch, the grid in chunks), this iteration's own size and grid choose the batch and chunks
+    (:func:`mpi_em.memory.adapt_iteration`, collective): early iterations at a small size get the batch back."""
+    if job.memory is None:
+        return
+    from ..memory import _grid_size, adapt_iteration
+    from ..sampling import translation_grid
+
+    inputs, limit, batch_max = job.memory
+    state, args = job.state, job.args
+    if job.mode.dim == 2:
+        C = int(np.arange(0.0, 360.0, args.psi_step).size)
+    else:
+        C = 0 if state.local else _grid_size(state.order, getattr(args, "sym", "C1"))
+    T = int(translation_grid(state.offset_range, 2.0 * state.offset_step).shape[0])
+    got = adapt_iteration(job.comm, inputs, limit, state.r_cur, C, T, batch_max)
+    if got is None or (got.batch, got.grid_chunk) == (args.batch, args.grid_chunk):
+        return
+    if job.comm.rank == 0:
+        log.info("memory: E-step batch %d%s at r %.0f px and %d orientations per class", got.batch,
+                 f", the grid in chunks of {got.grid_chunk}" if got.grid_chunk else ", the grid kept whole",
+                 state.r_cur, C)
+    args.batch, args.grid_chunk = got.batch, got.grid_chunk
+
+
 def expectation(job: EMRun, it: int, geom: SliceGeometry, refs: References, timer) -> tuple[dict, Stats]:
     """E-step over this rank's particles against ``refs`` into local accumulators -> ({"F", "W"}, statistics
     summed over ranks)."""
@@ -138,6 +166,7 @@ def expectation(job: EMRun, it: int, geom: SliceGeometry, refs: References, time
     n_shells = box // 2 + 1
     shells = shell_of_points(geom)
     inv_s2 = inverse_sigma2_points(state.sigma2, shells, xp)
+    iteration_batch(job)
     spec = search_spec(state, args, mode, it, K, getattr(args, "sym", "C1"), xp)
     V = 2 * folds if mode.gold else K
     vol_shape = geom.vol_shape if dim == 3 else (geom.npad, geom.npad // 2 + 1)

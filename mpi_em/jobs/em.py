@@ -275,6 +275,11 @@ def _setup(args, comm, mode: Mode, state: EMState | None, particles: dict | None
                        adapt=getattr(args, "owned_accumulators", "off"),
                        precision=getattr(args, "accumulate", "double"), cache=cache).inputs  # what the job uses
     images = ImageCache(xp, mem.cache_images)
+    lightened = None
+    if mem.batch < args.batch or mem.grid_chunk:  # chosen for the largest size and grid: re-chosen per iteration
+        from ..memory import job_limit
+
+        lightened = (mem, job_limit(comm, mem, getattr(args, "max_memory", None)), int(args.batch))
     args.batch = mem.batch
     args.grid_chunk = mem.grid_chunk
     if comm.rank == 0 and images.enabled:
@@ -283,7 +288,7 @@ def _setup(args, comm, mode: Mode, state: EMState | None, particles: dict | None
     return EMRun(args, comm, mode, state, plan, meta, star_rank0, device, xp,
                 reference_mask(box, apix, args, mode.dim, xp, solvent), solvent,
                 sym if sym is not None and sym.shape[0] > 1 else None, images,
-                 owned_accumulators=mem.owned_accumulators, accumulate=mem.accumulate,
+                 owned_accumulators=mem.owned_accumulators, accumulate=mem.accumulate, memory=lightened,
                  auto_mask=getattr(args, "auto_mask", False) and solvent is None)
 
 

@@ -269,6 +269,27 @@ def _adapt(comm, inp: EMInputs, limit, log, owned_option: str = "auto", cache_op
     return inp
 
 
+def job_limit(comm, inp, max_memory) -> int | None:
+    """The bytes a rank of this job may use (what :func:`check` compares the model with), or None."""
+    return _limit(comm, inp, max_memory)[0]
+
+
+def adapt_iteration(comm, inp: EMInputs, limit, r: float, coarse_poses: int, translations: int,
+                    batch_max: int) -> EMInputs:
+    """One iteration's E-step batch and grid chunk (collective): :func:`check` chose them for the largest image
+    size and pose grid the options allow; an iteration at a smaller size (``r``, px) or grid (``coarse_poses``
+    orientations per class, 0 for local searches; ``translations``) may use a larger batch, up to ``batch_max``,
+    and keep its grid's projections whole where they fit. The accumulators, their precision and the image cache
+    stay as chosen. None where even this iteration's lightest choice would not fit (keep the job's)."""
+    from mpi4py import MPI
+
+    it = replace(inp, r=float(r), coarse_poses=int(coarse_poses), translations=int(translations),
+                 batch=int(batch_max), grid_chunk=0)
+    got = _adapt(comm, it, limit, None, owned_option="off", cache_option="on")
+    ok = bool(comm.allreduce(limit is None or estimate(got).total <= limit, op=MPI.LAND))
+    return got if ok else None
+
+
 def _limit(comm, inp, max_memory):
     """(bytes this rank may use or None, where the figure comes from)."""
     from ..distributed import node_local_rank
