@@ -137,22 +137,28 @@ def test_fused_and_stencil_gpu_paths_agree(rng, monkeypatch):
     np.testing.assert_allclose(fused.F.get(), plain.F.get(), rtol=0, atol=1e-12 * float(abs(plain.F).max()))
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_symmetrise_gpu_equals_cpu(rng, monkeypatch, fused):
-    """Symmetrising a stack of summed accumulators (D7: re-sampled by interpolation) on the GPU, with the fused
-    gather kernel and with the array path, against NumPy: the same float64 terms summed in another order ->
-    1e-12 of the largest value."""
+def _summed_stack(rng, box: int = 32, n: int = 200):
+    """(F, W) float64 stacks of two box-32 accumulators, n random back-projections split between them."""
     from mpi_em.fourier import backproject
-    from mpi_em.symmetrise import symmetrise
-    from mpi_em.symmetry import symmetry_matrices
 
-    box, n = 32, 200
     geom = SliceGeometry(box)
     F = np.zeros((2,) + geom.vol_shape, dtype=np.complex128)
     W = np.zeros((2,) + geom.vol_shape)
     backproject(F, W, euler_to_matrix(*random_rotations(n, rng)),
                 rng.normal(size=(n, geom.m)) + 1j * rng.normal(size=(n, geom.m)), rng.random((n, geom.m)), geom,
                 vol_index=rng.integers(0, 2, n))
+    return F, W
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_symmetrise_gpu_equals_cpu(rng, monkeypatch, fused):
+    """Symmetrising a stack of summed accumulators (D7: re-sampled by interpolation) on the GPU, with the fused
+    gather kernel and with the array path, against NumPy: the same float64 terms summed in another order ->
+    1e-12 of the largest value."""
+    from mpi_em.symmetrise import symmetrise
+    from mpi_em.symmetry import symmetry_matrices
+
+    F, W = _summed_stack(rng)
     Fg, Wg = cp.asarray(F), cp.asarray(W)
     sym = symmetry_matrices("D7")
     symmetrise(F, W, sym)
@@ -301,17 +307,10 @@ def test_fused_single_precision_symmetrise_equals_double(rng):
     """The fused symmetrisation of complex64 / float32 accumulators (interpolated and summed in double, stored in
     single) against the double-precision one: each output voxel is rounded once to float32 (and its inputs were):
     relative L2 <= 10 u."""
-    from mpi_em.fourier import backproject
     from mpi_em.symmetrise import symmetrise
     from mpi_em.symmetry import symmetry_matrices
 
-    box, n = 32, 200
-    geom = SliceGeometry(box)
-    F = np.zeros((2,) + geom.vol_shape, dtype=np.complex128)
-    W = np.zeros((2,) + geom.vol_shape)
-    backproject(F, W, euler_to_matrix(*random_rotations(n, rng)),
-                rng.normal(size=(n, geom.m)) + 1j * rng.normal(size=(n, geom.m)), rng.random((n, geom.m)), geom,
-                vol_index=rng.integers(0, 2, n))
+    F, W = _summed_stack(rng)
     F32, W32 = cp.asarray(F.astype(np.complex64)), cp.asarray(W.astype(np.float32))
     sym = symmetry_matrices("D7")
     symmetrise(F, W, sym)
