@@ -32,6 +32,16 @@ from .state import EMState, Mode
 log = logging.getLogger("mpi_em")
 
 
+@dataclass(frozen=True)
+class LightenedEStep:
+    """What the memory check chose for the largest image size and pose grid the options allow, where it had to
+    lighten the E-step (a smaller batch, the grid in chunks): each iteration chooses again (:func:`iteration_batch`)."""
+
+    inputs: Any           # the memory model's inputs the job runs with (mpi_em.memory.EMInputs)
+    limit: int | None     # bytes per rank (--max-memory, or the device's share)
+    batch_max: int        # --batch as given
+
+
 @dataclass
 class EMRun:
     """What every iteration of one run uses besides the state."""
@@ -53,8 +63,7 @@ class EMRun:
     auto_mask: bool = False           # --auto-mask: ``solvent`` and ``mask`` recomputed from the references
     accumulate: str = "double"        # the accumulators' precision, 'double' or 'single' (--accumulate; single:
     #                                   the 3D references' Fourier volumes in complex64 too)
-    memory: Any = None                # (the memory model's inputs the job runs with, the limit, --batch) where the
-    #                                   check lightened the E-step (smaller batch, grid in chunks), else None
+    memory: "LightenedEStep | None" = None  # where the memory check lightened the E-step, else None
 
     @property
     def box(self) -> int:
@@ -141,14 +150,13 @@ def iteration_batch(job: EMRun) -> None:
     from ..memory import _grid_size, adapt_iteration
     from ..sampling import translation_grid
 
-    inputs, limit, batch_max = job.memory
-    state, args = job.state, job.args
+    plan, state, args = job.memory, job.state, job.args
     if job.mode.dim == 2:
         C = int(np.arange(0.0, 360.0, args.psi_step).size)
     else:
         C = 0 if state.local else _grid_size(state.order, getattr(args, "sym", "C1"))
     T = int(translation_grid(state.offset_range, 2.0 * state.offset_step).shape[0])
-    got = adapt_iteration(job.comm, inputs, limit, state.r_cur, C, T, batch_max)
+    got = adapt_iteration(job.comm, plan.inputs, plan.limit, state.r_cur, C, T, plan.batch_max)
     if got is None or (got.batch, got.grid_chunk) == (args.batch, args.grid_chunk):
         return
     if job.comm.rank == 0:

@@ -23,7 +23,7 @@ from ..em.inputs import default_folds, read_inputs, reference_mask  # noqa: F401
 from ..em.outputs import gather_particles, record_timings, write_final, write_iteration
 from ..em.schedule import final_iteration
 from ..em.state import MODES, PER_PARTICLE, EMState, Mode
-from ..em.steps import EMRun, expectation, first_pass, maximisation, references, update_model
+from ..em.steps import EMRun, LightenedEStep, expectation, first_pass, maximisation, references, update_model
 from ..errors import InputError, MpiEmError
 from ..fourier import SliceGeometry
 from ..io import BackgroundWriter, rebase_image_names
@@ -279,7 +279,7 @@ def _setup(args, comm, mode: Mode, state: EMState | None, particles: dict | None
     if mem.batch < args.batch or mem.grid_chunk:  # chosen for the largest size and grid: re-chosen per iteration
         from ..memory import job_limit
 
-        lightened = (mem, job_limit(comm, mem, getattr(args, "max_memory", None)), int(args.batch))
+        lightened = LightenedEStep(mem, job_limit(comm, mem, getattr(args, "max_memory", None)), int(args.batch))
     args.batch = mem.batch
     args.grid_chunk = mem.grid_chunk
     if comm.rank == 0 and images.enabled:
