@@ -38,8 +38,8 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
     the kx = 0 plane, division by max(W, min_weight * mean(W in ball)) or by W + 1/(tau2_fudge * tau2[shell]),
     zero outside its ball, irfftn, fftshift, crop, gridding correction, ``mask_outside``), to float64
     rounding (sums and FFTs in a different order). ``tau2``: (n_shell,) for every volume or (..., n_shell)
-    per volume. Computed in float64/complex128; returns float64 on the module of ``F_own``. Inputs are not
-    modified. On one rank (``serial_shortcut``) complex64 / float32 inputs (single-precision accumulators) are
+    per volume. Computed in float64/complex128, one volume at a time (the working copies of one volume only);
+    returns float64 on the module of ``F_own``. Inputs are not modified. On one rank (``serial_shortcut``) complex64 / float32 inputs (single-precision accumulators) are
     reconstructed in their precision and give float32 maps.
 
     Steps: merge (the kx = 0 plane, Np x Np per volume, all-gathered for the Friedel merge with the mirror
@@ -70,16 +70,23 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
         out = _serial_reconstruct(F_own.reshape((nv, npad, npad, nxh)), W_own.reshape((nv, npad, npad, nxh)), box,
                                   pad, r_max, tau2, tau2_fudge, min_weight, gridding, mask_outside)
         return out.reshape(lead + (box, box, box))
-    F = xp.array(F_own, dtype=np.complex128).reshape((nv, n_own, npad, nxh))
-    W = xp.array(W_own, dtype=np.float64).reshape((nv, n_own, npad, nxh))
-    _merge_x0(comm, F, W, layout)
-    _divide(comm, F, W, layout, box, pad, r_max, tau2, tau2_fudge, min_weight)
-    del W
     t = layout.transpose(box, pad, r_max)
-    rows = _transpose_to_rows(comm, F, t)                                  # (nv, Np_kz, n_y, ncol), F freed
-    del F
-    part = _row_ffts(rows, t, comm.rank, box, pad, gridding)               # (nv, box_z, n_y, box_x)
-    out = _gather_map(comm, part, t, nv, box).reshape(lead + (box, box, box))
+    F_all, W_all = F_own.reshape((nv, n_own, npad, nxh)), W_own.reshape((nv, n_own, npad, nxh))
+    out = np.empty((nv, box, box, box), dtype=np.float64)
+    for v in range(nv):  # one volume at a time (every rank the same loop): one volume's working copies at most
+        F = xp.array(F_all[v:v + 1], dtype=np.complex128)
+        W = xp.array(W_all[v:v + 1], dtype=np.float64)
+        _merge_x0(comm, F, W, layout)
+        _divide(comm, F, W, layout, box, pad, r_max,
+                None if tau2 is None else (tau2[v] if tau2.ndim > 1 else tau2), tau2_fudge, min_weight)
+        del W
+        rows = _transpose_to_rows(comm, F, t)                              # (1, Np_kz, n_y, ncol), F freed
+        del F
+        part = _row_ffts(rows, t, comm.rank, box, pad, gridding)           # (1, box_z, n_y, box_x)
+        del rows
+        out[v] = _gather_map(comm, part, t, 1, box)[0]
+        del part
+    out = out.reshape(lead + (box, box, box))
     if mask_outside:
         soft_mask_outside(out, inplace=True)
     return out if xp is np else xp.asarray(out)

@@ -30,7 +30,7 @@ volume, Np = pad x box; ``m`` = the in-ball points of an image, |k| <= r; ``n`` 
   the accumulators are used as they are, nor with owned accumulators), the fold sums and leave-one-fold-out
   volumes of refine3d, the shell statistics (2^24 voxels at a time) and the transients of the reconstruction:
   serial (P = 1) ``RECONSTRUCT_SERIAL_BYTES_PER_VOXEL`` per voxel of one volume at a time, distributed
-  ``RECONSTRUCT_DIST_BYTES_PER_VOXEL`` x V + ``RECONSTRUCT_DIST_FIXED`` per owned voxel (all volumes at once).
+  ``RECONSTRUCT_DIST_BYTES_PER_VOXEL`` + ``RECONSTRUCT_DIST_FIXED`` per owned voxel (one volume at a time).
 
 The peak is the largest of the job's phases (EM: references, E-step, M-step; reconstruct: insertion, reduction,
 reconstruction), each the sum of what is alive in it. The E-step terms are evaluated at the largest image size

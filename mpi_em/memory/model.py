@@ -30,9 +30,11 @@ ACCUMULATOR_BYTES_PER_VOXEL = {"double": 24, "single": 12}
 #: ``em.model._shell_sums`` per voxel of a chunk: the float64 temporaries (56), and with single-precision
 #: accumulators their chunk's complex128 / float64 copies first (24 more)
 SHELL_BYTES_PER_VOXEL = {"double": 56, "single": 80}
-#: ``distvolume.distributed_reconstruct``: per owned voxel, per volume and fixed; tracemalloc: 48.4-48.8 per
-#: volume, 67-68 for one volume
-RECONSTRUCT_DIST_BYTES_PER_VOXEL = 49
+#: ``distvolume.distributed_reconstruct`` (one volume at a time): per owned voxel of one volume, the working
+#: copies and the transpose (30) and what the rest adds (20); tracemalloc at box 32 on 2-3 ranks: 46-50 in all,
+#: for two volumes as for four (tests/parallel/test_distvolume.py; 67-68 for one volume when all volumes were
+#: copied at once)
+RECONSTRUCT_DIST_BYTES_PER_VOXEL = 30
 RECONSTRUCT_DIST_FIXED = 20
 #: ``fourier.volume_fft`` of one reference (the box's rows transformed, placed, then in-place FFTs by chunks) on
 #: top of its output; tracemalloc: 18.2-20.2 per voxel including the 16-byte output at pad 2-3 (50.4 before it
@@ -295,7 +297,7 @@ def _em_phases(inp: EMInputs) -> dict:
             if inp.ranks == 1:  # one volume at a time, its working copy in the accumulators' precision
                 return (RECONSTRUCT_SERIAL_BYTES_PER_VOXEL_SINGLE if single else RECONSTRUCT_SERIAL_BYTES_PER_VOXEL) \
                     * vox
-            return (RECONSTRUCT_DIST_BYTES_PER_VOXEL * nv + RECONSTRUCT_DIST_FIXED) * own  # complex128 copies
+            return (RECONSTRUCT_DIST_BYTES_PER_VOXEL + RECONSTRUCT_DIST_FIXED) * own  # one volume at a time
 
         owned = 0 if routed or inp.ranks == 1 else accb * V * own
         # model._shell_sums (at most 2^24 voxels per chunk) over the volumes reconstructed: with folds, each
