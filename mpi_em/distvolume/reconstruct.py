@@ -38,9 +38,10 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
     the kx = 0 plane, division by max(W, min_weight * mean(W in ball)) or by W + 1/(tau2_fudge * tau2[shell]),
     zero outside its ball, irfftn, fftshift, crop, gridding correction, ``mask_outside``), to float64
     rounding (sums and FFTs in a different order). ``tau2``: (n_shell,) for every volume or (..., n_shell)
-    per volume. Computed in float64/complex128, one volume at a time (the working copies of one volume only);
-    returns float64 on the module of ``F_own``. Inputs are not modified. On one rank (``serial_shortcut``) complex64 / float32 inputs (single-precision accumulators) are
-    reconstructed in their precision and give float32 maps.
+    per volume. One volume at a time (the working copies of one volume only), in the inputs' precision:
+    complex128 / float64 -> float64 maps; complex64 / float32 (single-precision accumulators) -> float32 maps,
+    equal to float32 rounding (copies, transpose messages and FFTs in single precision). On the module of
+    ``F_own``. Inputs are not modified.
 
     Steps: merge (the kx = 0 plane, Np x Np per volume, all-gathered for the Friedel merge with the mirror
     plane -kz) -> divide (mean of W in the ball by allreduce, local regularised division) -> transpose (ifft
@@ -72,10 +73,12 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
         return out.reshape(lead + (box, box, box))
     t = layout.transpose(box, pad, r_max)
     F_all, W_all = F_own.reshape((nv, n_own, npad, nxh)), W_own.reshape((nv, n_own, npad, nxh))
-    out = np.empty((nv, box, box, box), dtype=np.float64)
+    cdt = np.complex64 if F_own.dtype == np.complex64 else np.complex128   # single-precision accumulators stay
+    rdt = _real_dtype(cdt)                                                 # single (copies, transpose, FFTs)
+    out = np.empty((nv, box, box, box), dtype=rdt)
     for v in range(nv):  # one volume at a time (every rank the same loop): one volume's working copies at most
-        F = xp.array(F_all[v:v + 1], dtype=np.complex128)
-        W = xp.array(W_all[v:v + 1], dtype=np.float64)
+        F = xp.array(F_all[v:v + 1], dtype=cdt)
+        W = xp.array(W_all[v:v + 1], dtype=rdt)
         _merge_x0(comm, F, W, layout)
         _divide(comm, F, W, layout, box, pad, r_max,
                 None if tau2 is None else (tau2[v] if tau2.ndim > 1 else tau2), tau2_fudge, min_weight)
@@ -148,7 +151,7 @@ def _divide(comm, F, W, layout: PlaneLayout, box, pad, r_max, tau2, tau2_fudge, 
 
 def _transpose_to_rows(comm, F, t: Transpose):
     """ifft along ky of the owned band planes, then one ``Alltoallv``: owned kz planes -> owned y rows with every
-    kz. F (nv, n_own, Np, Nxh) divided planes -> (nv, Np_kz, n_y, ncol) complex128 on F's module."""
+    kz. F (nv, n_own, Np, Nxh) divided planes -> (nv, Np_kz, n_y, ncol) of F's dtype on F's module."""
     from mpi4py import MPI
 
     xp = xp_of(F)
@@ -156,19 +159,21 @@ def _transpose_to_rows(comm, F, t: Transpose):
     npad = t.layout.npad
     G = F[:, xp.asarray(t.own_band[rank]), :, :t.ncol]
     G = xp.fft.ifft(G, axis=-2) if G.size else G                            # (nv, n_band, Np_y, ncol)
-    send = _as_real_host(xp.moveaxis(G[:, :, xp.asarray(t.send_rows), :], 2, 0)).reshape(-1)
+    cdt = np.dtype(F.dtype)
+    rdt, mpi_real = _real_dtype(cdt), (MPI.FLOAT if cdt == np.complex64 else MPI.DOUBLE)
+    send = _as_real_host(xp.moveaxis(G[:, :, xp.asarray(t.send_rows), :], 2, 0)).astype(rdt, copy=False).reshape(-1)
     del G
     scounts, rcounts = t.counts(rank, nv)
-    recv = np.empty(sum(rcounts), dtype=np.float64)
-    comm.Alltoallv([send, (scounts, _displs(scounts)), MPI.DOUBLE], [recv, (rcounts, _displs(rcounts)), MPI.DOUBLE])
+    recv = np.empty(sum(rcounts), dtype=rdt)
+    comm.Alltoallv([send, (scounts, _displs(scounts)), mpi_real], [recv, (rcounts, _displs(rcounts)), mpi_real])
     del send
     n_y = int(t.rows_to[rank].size)
-    H = np.zeros((nv, npad, n_y, t.ncol), dtype=np.complex128)
+    H = np.zeros((nv, npad, n_y, t.ncol), dtype=cdt)
     rd = _displs(rcounts)
     for s in range(size):
         nb = t.own_band[s].size
         if nb and n_y:
-            blk = recv[rd[s]:rd[s] + rcounts[s]].view(np.complex128)
+            blk = recv[rd[s]:rd[s] + rcounts[s]].view(cdt)
             H[:, t.band_planes[s]] = np.moveaxis(blk.reshape(n_y, nv, nb, t.ncol), 0, 2)
     return xp.asarray(H)
 
@@ -182,7 +187,7 @@ def _row_ffts(H, t: Transpose, rank, box, pad, gridding):
         H = xp.fft.ifft(H, axis=1)
         R = xp.fft.irfft(H, n=npad, axis=-1)                               # (nv, Np_z, n_y, Np_x) real
     else:
-        R = xp.zeros((nv, npad, n_y, npad), dtype=xp.float64)
+        R = xp.zeros((nv, npad, n_y, npad), dtype=_real_dtype(H.dtype))
     del H
     srcx = xp.asarray(t.src)
     part = R[:, srcx][..., srcx]
@@ -193,14 +198,17 @@ def _row_ffts(H, t: Transpose, rank, box, pad, gridding):
 
 
 def _gather_map(comm, part, t: Transpose, nv, box):
-    """``Allgatherv`` of every rank's cropped y rows -> the (nv, box, box, box) float64 map on the host."""
+    """``Allgatherv`` of every rank's cropped y rows -> the (nv, box, box, box) map on the host (float32 rows
+    stay float32, others float64)."""
     from mpi4py import MPI
 
     local = _as_real_host(xp_of(part).moveaxis(part, 2, 0))                # (n_b, nv, box, box)
+    rdt = np.dtype(np.float32 if local.dtype == np.float32 else np.float64)
+    local = local.astype(rdt, copy=False)
     counts = [int(b.size) * nv * box * box for b in t.crop_rows]
-    allv = np.empty(sum(counts), dtype=np.float64)
-    comm.Allgatherv(local.reshape(-1), [allv, (counts, _displs(counts)), MPI.DOUBLE])
-    out = np.empty((nv, box, box, box), dtype=np.float64)
+    allv = np.empty(sum(counts), dtype=rdt)
+    comm.Allgatherv(local.reshape(-1), [allv, (counts, _displs(counts)), MPI.FLOAT if rdt == np.float32 else MPI.DOUBLE])
+    out = np.empty((nv, box, box, box), dtype=rdt)
     gd = _displs(counts)
     for s, rows in enumerate(t.crop_rows):
         if rows.size:

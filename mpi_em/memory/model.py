@@ -35,6 +35,9 @@ SHELL_BYTES_PER_VOXEL = {"double": 56, "single": 80}
 #: for two volumes as for four (tests/parallel/test_distvolume.py; 67-68 for one volume when all volumes were
 #: copied at once)
 RECONSTRUCT_DIST_BYTES_PER_VOXEL = 30
+#: the same for complex64 / float32 owned planes (single-precision accumulators: copies, transpose and FFTs in
+#: single precision): 28.0-28.1 in all at box 32-48 on 2 ranks
+RECONSTRUCT_DIST_BYTES_PER_VOXEL_SINGLE = 9
 RECONSTRUCT_DIST_FIXED = 20
 #: ``fourier.volume_fft`` of one reference (the box's rows transformed, placed, then in-place FFTs by chunks) on
 #: top of its output; tracemalloc: 18.2-20.2 per voxel including the 16-byte output at pad 2-3 (50.4 before it
@@ -297,7 +300,8 @@ def _em_phases(inp: EMInputs) -> dict:
             if inp.ranks == 1:  # one volume at a time, its working copy in the accumulators' precision
                 return (RECONSTRUCT_SERIAL_BYTES_PER_VOXEL_SINGLE if single else RECONSTRUCT_SERIAL_BYTES_PER_VOXEL) \
                     * vox
-            return (RECONSTRUCT_DIST_BYTES_PER_VOXEL + RECONSTRUCT_DIST_FIXED) * own  # one volume at a time
+            per = RECONSTRUCT_DIST_BYTES_PER_VOXEL_SINGLE if single else RECONSTRUCT_DIST_BYTES_PER_VOXEL
+            return (per + RECONSTRUCT_DIST_FIXED) * own  # one volume at a time, in the accumulators' precision
 
         owned = 0 if routed or inp.ranks == 1 else accb * V * own
         # model._shell_sums (at most 2^24 voxels per chunk) over the volumes reconstructed: with folds, each
@@ -305,8 +309,8 @@ def _em_phases(inp: EMInputs) -> dict:
         shell_stats = SHELL_BYTES_PER_VOXEL[inp.accumulate] * min((2 if folded else V) * own, 1 << 24)
         halves = owned + sums + max(transient(2 if folded else V), shell_stats)
         lofo = owned + sums + accb * V * own + transient(V) if folded else 0
-        # the maps, listed then stacked: float64, or float32 from single-precision accumulators on one rank
-        recon = max(halves, lofo) + 2 * (4 if single and inp.ranks == 1 else 8) * V * box ** 3
+        # the maps, listed then stacked: float64, or float32 from single-precision accumulators
+        recon = max(halves, lofo) + 2 * (4 if single else 8) * V * box ** 3
         fft_m = 0 if cpu else (16 * vox // 16 if inp.ranks == 1 else 16 * own)  # chunked / distributed FFTs
     else:
         recon = (RECONSTRUCT_SERIAL_BYTES_PER_VOXEL_SINGLE if single else RECONSTRUCT_SERIAL_BYTES_PER_VOXEL) * V * vox
