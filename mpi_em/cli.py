@@ -12,7 +12,7 @@ import sys
 import traceback
 
 from . import __version__
-from .errors import MpiEmError
+from .errors import MpiEmError, out_of_memory_line
 
 log = logging.getLogger("mpi_em")
 
@@ -201,8 +201,13 @@ def main(argv=None) -> int:
         return code
     except KeyboardInterrupt:
         comm.Abort(130)
-    except Exception:  # an unexpected failure outside an agreed step: take every rank down, never hang
-        traceback.print_exc()
+    except Exception as e:  # an unexpected failure outside an agreed step: take every rank down, never hang
+        oom = out_of_memory_line(e, out_dir)
+        if oom:  # one line, no traceback: the memory check's estimate was short of what the job needed
+            _error_to_run_log([oom])
+            sys.stderr.write(f"mpi-em: error: rank {comm.rank}: {oom}\n")
+        else:
+            traceback.print_exc()
         sys.stderr.write(f"mpi-em: error: unexpected failure on rank {comm.rank}; aborting the MPI job\n")
         sys.stderr.flush()
         if comm.size > 1:

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import config
 from .backend import gpu_available, is_gpu_array, to_host, xp_of
-from .errors import MpiEmError
+from .errors import MpiEmError, out_of_memory_line
 
 log = logging.getLogger("mpi_em")
 
@@ -94,7 +94,8 @@ def agree(comm, error: BaseException | None) -> None:
     msg = None
     code = 0
     if error is not None:
-        msg = str(error) if isinstance(error, MpiEmError) else f"{type(error).__name__}: {error}"
+        msg = str(error) if isinstance(error, MpiEmError) else (
+            out_of_memory_line(error) or f"{type(error).__name__}: {error}")
         code = getattr(error, "exit_code", 1)
     flags = comm.allgather((msg, code))
     failed = [(r, m, c) for r, (m, c) in enumerate(flags) if m is not None]

@@ -37,3 +37,25 @@ class OutputError(MpiEmError):
 
     def __reduce__(self):
         return (type(self), (self.path, self.message))
+
+
+def out_of_memory_line(err: BaseException, out_dir: str | None = None) -> str | None:
+    """One line for a job that ran out of host or GPU memory after its memory check (the model is an estimate),
+    saying what the model said and what would lighten the job; None for any other error."""
+    name = type(err).__name__
+    if not (isinstance(err, MemoryError) or name == "OutOfMemoryError"):
+        return None
+    model = ""
+    try:
+        import json
+        import os
+
+        mem = json.load(open(os.path.join(out_dir, "run.json")))["memory"]
+        model = (f"; the memory model estimated {mem['peak_bytes'] / 2 ** 30:.3g} GiB per rank at the peak "
+                 f"({mem['peak_phase']}, {os.path.join(out_dir, 'run.json')})")
+    except (OSError, KeyError, ValueError, TypeError):
+        pass
+    what = " ".join(str(err).split()) or name
+    return (f"out of memory: {what}{model}. Rerun with --max-memory below what the device has (the job then "
+            f"lightens itself before it allocates: smaller batches, single-precision accumulators, images read "
+            f"from disk) or on more ranks")

@@ -567,3 +567,26 @@ def test_an_error_on_one_rank_outside_an_agreed_step_ends_the_job(tmp_path):
     assert r.returncode == 3, r.stderr
     assert errors == ["mpi-em: error: rank 1: /somewhere/x.json: cannot write: No space left on device"], r.stderr
     assert time.monotonic() - t0 < 60
+
+
+def test_out_of_memory_is_one_line_with_the_model_and_what_lightens_the_job(tmp_path):
+    """A job that runs out of memory after its check (host MemoryError, CuPy's OutOfMemoryError) ends with one
+    line: what failed, the model's figure from run.json, what would lighten the job; agreed errors say the same."""
+    from mpi4py import MPI
+
+    from mpi_em.distributed import RankFailed, agree
+    from mpi_em.errors import out_of_memory_line
+
+    class OutOfMemoryError(Exception):  # CuPy's class, by name (no CuPy needed)
+        pass
+
+    (tmp_path / "run.json").write_text(json.dumps({"memory": {"peak_bytes": 22.3 * 2 ** 30, "peak_phase": "E-step"}}))
+    line = out_of_memory_line(OutOfMemoryError("Out of memory allocating 8,589,934,592 bytes\n(allocated so far: "
+                                               "34,359,738,368 bytes)."), str(tmp_path))
+    assert "\n" not in line and line.startswith("out of memory: Out of memory allocating 8,589,934,592 bytes")
+    assert "the memory model estimated 22.3 GiB per rank at the peak (E-step" in line and "--max-memory" in line
+    assert out_of_memory_line(MemoryError(), None).startswith("out of memory: MemoryError. Rerun with --max-memory")
+    assert out_of_memory_line(ValueError("x"), str(tmp_path)) is None
+    with pytest.raises(RankFailed) as e:
+        agree(MPI.COMM_SELF, MemoryError("Unable to allocate 8.00 GiB"))
+    assert str(e.value).startswith("out of memory: Unable to allocate 8.00 GiB. Rerun with --max-memory"), str(e.value)
