@@ -46,6 +46,29 @@ def test_p_ranks_equal_one_rank(small_dataset, one_rank, tmp_path, ranks):
         assert np.abs(a[k] - b[k]).max() <= 1e-5 * scale, k
 
 
+@pytest.mark.parametrize("ranks,stream", [(1, False), (2, False), (4, True)])
+def test_single_precision_accumulators_equal_double(small_dataset, one_rank, tmp_path, ranks, stream):
+    """--accumulate single (complex64 / float32 accumulators, single-precision reconstruction; with
+    --max-volume-memory the streamed owned planes in single too): the maps of the double-precision run to
+    float32 rounding of ~600 insertions per voxel and three FFT passes (sqrt(n) x u ~ 1.5e-6; asserted 1e-5 of
+    the largest value); the precision in run.json."""
+    ref = one_rank
+    extra = ["--r-max", 15, "--max-volume-memory", "5.0M"] if stream else []  # below the full 6.5 MB
+    if stream:  # its own double-precision run (another r_max)
+        ref = tmp_path / "double"
+        r = mpi_em(["reconstruct", "--i", small_dataset / "particles.star", "--o", ref, "--batch", 64,
+                    "--accumulate", "double"] + extra, ranks=ranks)
+        assert r.returncode == 0, r.stderr
+    r = mpi_em(["reconstruct", "--i", small_dataset / "particles.star", "--o", tmp_path / "s", "--batch", 64,
+                "--accumulate", "single"] + extra, ranks=ranks)
+    assert r.returncode == 0, r.stderr
+    run = json.load(open(tmp_path / "s" / "run.json"))
+    assert run["memory"]["inputs"]["accumulate"] == "single" and run["volume_mode"] == ("stream" if stream else "dense")
+    a, b = _maps(ref), _maps(tmp_path / "s")
+    for k in a:
+        assert np.abs(a[k] - b[k]).max() <= 1e-5 * np.abs(a[k]).max(), k
+
+
 def test_compressed_reduce_scatter_equals_one_rank(small_dataset, one_rank, tmp_path):
     """--compress: lossless codec in the reduce-scatter; only the summation order changes (float64 sums,
     float32 maps): equal to output precision on 3 ranks (uneven plane split)."""
@@ -251,3 +274,26 @@ def test_help_explains_every_option():
     for opt in ("--i", "--o", "--sym", "--batch", "--r-max", "--pad", "--device", "--seed", "--no-ctf",
                 "--max-volume-memory", "--compress"):
         assert opt in r.stdout
+
+
+def test_auto_precision_takes_single_only_where_double_does_not_fit():
+    """--accumulate auto (the default): double precision unless the model says double does not fit the limit and
+    single does (box 1024 known-pose reconstruction on one rank: 206 GB of double accumulators alone)."""
+    from types import SimpleNamespace
+
+    from mpi4py import MPI
+
+    from mpi_em.jobs.reconstruct import _precision
+    from mpi_em.memory import ReconstructInputs, estimate
+
+    inp = ReconstructInputs(box=1024, pad=2, batch=64, ranks=1, device="gpu", n_particles=20000)
+    double, single = (estimate(ReconstructInputs(**{**inp.__dict__, "accumulate": a})).total
+                      for a in ("double", "single"))
+    assert single < double
+    between = f"{(single + double) // 2}"
+    pick = lambda size, want="auto": _precision(MPI.COMM_SELF, inp, SimpleNamespace(  # noqa: E731
+        accumulate=want, max_memory=size)).accumulate
+    assert pick(between) == "single"
+    assert pick(str(double + 1)) == "double"
+    assert pick(str(single // 2)) == "double"  # neither fits: the check then stops the job, naming what would
+    assert pick(between, "double") == "double" and pick(str(double + 1), "single") == "single"

@@ -59,6 +59,11 @@ def add_arguments(p) -> None:
                         "fit, each rank keeps only its owned kz planes and every batch's contributions are sent to "
                         "their owners (smaller batches, more messages); default: no limit (local full partial sums, "
                         "reduce-scattered once)")
+    p.add_argument("--accumulate", choices=("auto", "double", "single"), default="auto",
+                   help="precision of the Fourier accumulators: 'double' (complex128 F, float64 W: 24 bytes per "
+                        "voxel) or 'single' (complex64, float32: 12 bytes; the reconstruction in single precision "
+                        "too); maps equal to float32 rounding. 'auto' (default): double unless the memory model "
+                        "says it does not fit (--max-memory or the device) and single does")
     p.add_argument("--compress", action="store_true",
                    help="compress the accumulators sent in the reduce-scatter (lossless: half-ball packing, byte "
                         "shuffle, zstd); pays when the network, not the CPU, is the bottleneck")
@@ -184,6 +189,30 @@ def stream_plan(comm, plan, acc: PlaneOwnerAccumulator, geom, box, apix, batch, 
     return done
 
 
+def _precision(comm, inputs, args):
+    """--accumulate: 'double', 'single', or 'auto' = double unless the model says it does not fit this job's limit
+    on some rank and single does (collective: every rank takes the same)."""
+    from dataclasses import replace
+
+    from mpi4py import MPI
+
+    from ..memory import estimate, job_limit
+
+    want = getattr(args, "accumulate", "double")
+    if want != "auto":
+        return replace(inputs, accumulate=want)
+    limit = job_limit(comm, inputs, getattr(args, "max_memory", None))
+    double = replace(inputs, accumulate="double")
+    single = replace(inputs, accumulate="single")
+    fits = lambda x: bool(comm.allreduce(limit is None or estimate(x).total <= limit, op=MPI.LAND))  # noqa: E731
+    if fits(double) or not fits(single):
+        return double
+    if comm.rank == 0:
+        log.info("memory: double-precision accumulators do not fit (%.3g GiB per rank): single precision "
+                 "(%.3g GiB; --accumulate)", estimate(double).total / 2 ** 30, estimate(single).total / 2 ** 30)
+    return single
+
+
 def run(args, comm) -> dict:
     import tracemalloc
 
@@ -209,8 +238,9 @@ def run(args, comm) -> dict:
                  f", batch {vplan['batch']} for a budget of {budget / 2 ** 20:.1f} MiB" if budget else "",
                  ", compressed reduce-scatter" if compress and vplan["mode"] == "dense" else "")
     from ..memory import check as memory_check, reconstruct_inputs  # stops here (exit 2) if it does not fit
-    memory = memory_check(comm, reconstruct_inputs(args, meta, comm.size, device, vplan, r_max),
-                          getattr(args, "max_memory", None), log)
+    inputs = _precision(comm, reconstruct_inputs(args, meta, comm.size, device, vplan, r_max), args)
+    memory = memory_check(comm, inputs, getattr(args, "max_memory", None), log)
+    cdt = np.complex64 if inputs.accumulate == "single" else np.complex128
     sym = symmetry_matrices(args.sym)
     sym_mats = None if len(sym) == 1 else sym
     geom = SliceGeometry(box, r_max=r_max, pad=args.pad, xp=xp)
@@ -232,7 +262,7 @@ def run(args, comm) -> dict:
     t_red = 0.0
     sent = 0
     if vplan["mode"] == "stream":
-        acc = PlaneOwnerAccumulator(comm, geom.vol_shape, n_vol=2, xp=xp)
+        acc = PlaneOwnerAccumulator(comm, geom.vol_shape, n_vol=2, xp=xp, dtype=cdt)
         stream_plan(comm, plan, acc, geom, box, apix, vplan["batch"], sym_mats, not args.no_ctf, progress)
         F_own, W_own = acc.F, acc.W
         sent = acc.n_sent * acc._rec.itemsize
@@ -240,7 +270,7 @@ def run(args, comm) -> dict:
         t_ins = time.time() - t_ins
     else:
         def _insert():
-            acc = Accumulators(geom, n_vol=2)
+            acc = Accumulators(geom, n_vol=2, dtype=cdt)
             insert_plan(plan, acc, box, apix, args.batch, not args.no_ctf, progress)
             if sym_mats is not None:  # RELION's symmetrise of the (partial) sums: linear, so before the reduction
                 symmetrise(acc.F, acc.W, sym_mats)

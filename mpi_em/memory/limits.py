@@ -17,7 +17,7 @@ def suggestions(inp, limit: int, max_ranks: int = 4096) -> list[str]:
     """Each change of one option that brings the peak under ``limit`` (more ranks: the fewest that fit)."""
     out = []
     fits = lambda x: estimate(x).total <= limit  # noqa: E731
-    if isinstance(inp, EMInputs) and inp.accumulate == "double" and fits(replace(inp, accumulate="single")):
+    if getattr(inp, "accumulate", None) == "double" and fits(replace(inp, accumulate="single")):
         out.append("--accumulate single")
     if isinstance(inp, ReconstructInputs) and not inp.stream and \
             _largest(lambda b: fits(replace(inp, stream=True, batch=b)), 1, inp.batch):

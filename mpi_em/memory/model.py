@@ -146,6 +146,7 @@ class ReconstructInputs:
     stream: bool = False
     r: float | None = None
     sym_copies: int = 1
+    accumulate: str = "double"     # --accumulate: 'double' or 'single' (complex64 / float32 accumulators)
 
     mode = "reconstruct"
 
@@ -341,20 +342,24 @@ def _reconstruct_phases(inp: ReconstructInputs) -> dict:
     fft = 0 if cpu else 16 * (vox if inp.ranks == 1 else own) + 8 * n * box * (box // 2 + 1)
     base = (1 + PREFETCH) * n * img + 24 * n * m
     maps = 3 * 4 * box ** 3 + 2 * 8 * box ** 3
-    if inp.ranks == 1:  # distributed_reconstruct's one-rank path: complex128/float64 copies, then reconstruct
-        transient = (RECONSTRUCT_SERIAL_BYTES_PER_VOXEL + 24) * vox
+    single = inp.accumulate == "single"
+    accb = ACCUMULATOR_BYTES_PER_VOXEL[inp.accumulate]
+    if inp.ranks == 1:  # distributed_reconstruct's one-rank path: fourier.reconstruct in the accumulators' precision
+        transient = (RECONSTRUCT_SERIAL_BYTES_PER_VOXEL_SINGLE if single else RECONSTRUCT_SERIAL_BYTES_PER_VOXEL) \
+            * vox + accb * vox
     else:
-        transient = (RECONSTRUCT_DIST_BYTES_PER_VOXEL + RECONSTRUCT_DIST_FIXED) * own
-    owned = 2 * 24 * (own if inp.ranks > 1 else vox)
+        per = RECONSTRUCT_DIST_BYTES_PER_VOXEL_SINGLE if single else RECONSTRUCT_DIST_BYTES_PER_VOXEL
+        transient = (per + RECONSTRUCT_DIST_FIXED) * own
+    owned = 2 * accb * (own if inp.ranks > 1 else vox)
     if inp.stream:
         batch = base + STREAM_BYTES_PER_POINT * n * m
         return {
             "insertion": {"accumulators": owned, "batch_workspace": batch, "fft_plans": fft},
             "reconstruction": {"accumulators": owned, "reconstruction": transient + maps, "fft_plans": fft},
         }
-    acc = 2 * 24 * vox
+    acc = 2 * accb * vox
     batch = base + ((INSERT_BYTES_PER_CORNER * 8 + 24) * n * m + 8 * 2 * vox if cpu else 0)
-    sym = 2 * 24 * vox if inp.sym_copies > 1 else 0  # symmetrise's full output copies
+    sym = 2 * accb * vox if inp.sym_copies > 1 else 0  # symmetrise's full output copies
     return {
         "insertion": {"accumulators": acc, "batch_workspace": max(batch, sym), "fft_plans": fft},
         "reduction": {"accumulators": acc, "reconstruction": owned, "fft_plans": fft},
