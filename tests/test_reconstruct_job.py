@@ -49,7 +49,7 @@ def test_p_ranks_equal_one_rank(small_dataset, one_rank, tmp_path, ranks):
 @pytest.mark.parametrize("ranks,stream", [(1, False), (2, False), (4, True)])
 def test_single_precision_accumulators_equal_double(small_dataset, one_rank, tmp_path, ranks, stream):
     """--accumulate single (complex64 / float32 accumulators, single-precision reconstruction; with
-    --max-volume-memory the streamed owned planes in single too): the maps of the double-precision run to
+    --max-volume-memory the streamed owned planes in single too): the maps of the double-precision job to
     float32 rounding of ~600 insertions per voxel and three FFT passes (sqrt(n) x u ~ 1.5e-6; asserted 1e-5 of
     the largest value); the precision in run.json."""
     ref = one_rank
