@@ -129,8 +129,8 @@ def add_argument(p) -> None:
         p.add_argument("--accumulate", choices=("auto", "double", "single"), default="auto",
                        help="precision of the E-step's Fourier accumulators: 'double' (complex128 F, float64 W: 24 "
                             "bytes per voxel) or 'single' (complex64, float32: 12 bytes, as RELION's GPU ranks; "
-                            "3D references in complex64 too, and on one rank the reconstruction's working copy "
-                            "and inverse FFT in single precision). The maps differ by float32 rounding (relative "
+                            "3D references in complex64 too, and the reconstruction's working copies, transposes "
+                            "and inverse FFTs in single precision). The maps differ by float32 rounding (relative "
                             "~1e-6 at a few hundred insertions per voxel). 'auto' (default): double unless the "
                             "memory model says it does not fit and single does, after owned accumulators, a "
                             "smaller --batch and a global grid projected in chunks (the choice is logged and in "
