@@ -75,6 +75,21 @@ def _others_ended_too(comm, dup, timeout: float = 5.0) -> bool:
     return True
 
 
+def _abort(comm, code: int, grace: float = 1.0) -> None:
+    """End every rank of the job with ``code``. The launcher kills the other processes as soon as the abort
+    reaches it, and may drop what this rank wrote last to a pipe it had not yet read: the error line. So the
+    streams are flushed and the launcher given ``grace`` seconds to forward them first."""
+    import time
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    time.sleep(grace)
+    comm.Abort(code)
+
+
 # ------------------------------------------------------------------------------------------ commands
 _REFINE3D = ("RELION-style 3D auto-refine: half sets fixed at the start, global then local searches with automatic "
              "HEALPix refinement, tau^2 from the gold-standard FSC, convergence when resolution and poses stop "
@@ -197,10 +212,10 @@ def main(argv=None) -> int:
         sys.stderr.flush()
         code = getattr(e, "exit_code", 1) or 1
         if not agreed:  # another rank waits in a collective for this one: end them all
-            comm.Abort(code)
+            _abort(comm, code)
         return code
     except KeyboardInterrupt:
-        comm.Abort(130)
+        _abort(comm, 130)
     except Exception as e:  # an unexpected failure outside an agreed step: take every rank down, never hang
         oom = out_of_memory_line(e, out_dir)
         if oom:  # one line, no traceback: the memory check's estimate was short of what the job needed
@@ -209,9 +224,8 @@ def main(argv=None) -> int:
         else:
             traceback.print_exc()
         sys.stderr.write(f"mpi-em: error: unexpected failure on rank {comm.rank}; aborting the MPI job\n")
-        sys.stderr.flush()
         if comm.size > 1:
-            comm.Abort(1)
+            _abort(comm, 1)
         return 1
     return 0
 
