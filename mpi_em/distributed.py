@@ -158,18 +158,39 @@ def reference_group(halves, rows, folds: int):
     return (np.asarray(halves) - 1) * folds + np.asarray(rows) % folds
 
 
-def make_plan(star, size: int, seed: int = 0, halves=None, folds: int = 1) -> list[dict]:
-    """Per-rank dicts of row ids ('row') and the metadata fields of those rows, plus 'half'. With folds > 1
-    (refine3d's leave-one-fold-out references) the particles are ordered by reference set first, so a rank holds
-    few of the 2 x folds sets and projects only those."""
+def set_blocks(groups_sorted, size: int) -> list[slice]:
+    """Blocks of particles ordered by reference set (``groups_sorted``, non-decreasing): where the ranks divide
+    evenly among the sets present, each set's particles are split over its own ``size / sets`` ranks, so a rank
+    holds one set and builds only that set's references (two ranks: one half set each, as RELION's ranks work on
+    one half each); otherwise the balanced blocks, whose ranks hold a contiguous run of sets."""
+    groups_sorted = np.asarray(groups_sorted)
+    n = groups_sorted.size
+    sets, starts, counts = np.unique(groups_sorted, return_index=True, return_counts=True)
+    S = sets.size
+    if size <= 1 or S == 0 or size % S or np.any(counts < size // S):
+        return balanced_blocks(n, size)
+    out = []
+    for start, count in zip(starts, counts):
+        out += [slice(int(start) + b.start, int(start) + b.stop) for b in balanced_blocks(int(count), size // S)]
+    return out
+
+
+def make_plan(star, size: int, seed: int = 0, halves=None, folds: int = 1, by_set: bool = False) -> list[dict]:
+    """Per-rank dicts of row ids ('row') and the metadata fields of those rows, plus 'half'. With ``by_set``
+    (refine3d: each half set, or with folds > 1 each leave-one-fold-out set, has its own references) the particles
+    are ordered by reference set first and split by :func:`set_blocks`, so a rank holds few of the 2 x folds sets
+    and makes and projects only those references."""
     n = star.n
     halves = assign_halves(n, star.random_subset, seed) if halves is None else np.asarray(halves)
     keys = (star.index, star.stack)  # group each stack's slices together
-    if folds > 1:
-        keys = keys + (reference_group(halves, np.arange(n), folds),)
+    by_set = by_set or folds > 1
+    if by_set:
+        group = reference_group(halves, np.arange(n), folds)
+        keys = keys + (group,)
     order = np.lexsort(keys)
+    blocks = set_blocks(group[order], size) if by_set else balanced_blocks(n, size)
     plans = []
-    for blk in balanced_blocks(n, size):
+    for blk in blocks:
         rows = order[blk]
         p = {"row": rows, "half": halves[rows]}
         for f in PLAN_FIELDS:

@@ -216,3 +216,19 @@ def test_global_grid_in_chunks_equals_the_kept_projections(xp):
     np.testing.assert_allclose(r1["shift"], r0["shift"], atol=1e-12)
     np.testing.assert_allclose(r1["pmax"], r0["pmax"], rtol=1e-4, atol=1e-5)
     assert np.abs(F1 - F0).max() <= 1e-4 * np.abs(F0).max()
+
+
+def test_references_of_some_sets_project_as_the_whole_stack(rng):
+    """A rank that holds only the reference sets its particles use (``volumes``) projects, for the job's volume
+    indices, exactly what the whole stack projects (the same transforms of the same maps)."""
+    from mpi_em.geometry import euler_to_matrix
+
+    box = 16
+    vols = np.stack([phantom(box, seed=s) for s in range(4)]).astype(np.float32)
+    whole = References(vols, 3, 2)
+    some = References(vols[[1, 3]], 3, 2, volumes=[1, 3], n_total=4)
+    geom = SliceGeometry(box, pad=2)
+    mats = euler_to_matrix(rng.uniform(0, 360, 6), rng.uniform(0, 180, 6), rng.uniform(0, 360, 6))
+    vi = np.array([1, 3, 3, 1, 1, 3])
+    assert np.array_equal(some.project(mats, vi, geom), whole.project(mats, vi, geom))
+    assert np.array_equal(some.slot, [-1, 0, -1, 1])

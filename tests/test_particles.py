@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from mpi_em import particles
 from mpi_em.distributed import make_plan
@@ -54,3 +55,31 @@ def test_plan_groups_particles_by_reference_set(small_dataset):
 
     assert np.array_equal(half(plain), half(plans))  # the same half sets
     assert np.array_equal(np.concatenate([p["row"] for p in plain]), np.lexsort((star.index, star.stack)))
+
+
+@pytest.mark.parametrize("size,folds,sets_per_rank", [(2, 1, 1), (4, 1, 1), (4, 2, 1), (8, 2, 1), (3, 1, 2),
+                                                      (2, 2, 3), (3, 4, 4)])
+def test_plan_by_set_gives_each_rank_its_own_sets(small_dataset, size, folds, sets_per_rank):
+    """refine3d's plan (by_set): where the ranks divide evenly among the 2 x folds reference sets, each rank holds
+    the particles of one set only (2 ranks: one half set each), split evenly within the set; otherwise the
+    balanced blocks of the set-ordered particles (at most ceil(sets / ranks) + 1 sets per rank). Every particle on
+    exactly one rank, the half sets unchanged; each rank's references (:func:`reference_volumes`) are its sets'."""
+    from mpi_em.distributed import assign_halves, reference_group
+    from mpi_em.em.steps import reference_volumes
+
+    star = read_particles(small_dataset / "particles.star")
+    halves = assign_halves(star.n, star.random_subset, 0)
+    plans = make_plan(star, size, seed=0, halves=halves, folds=folds, by_set=True)
+    rows = np.concatenate([p["row"] for p in plans])
+    assert len(plans) == size and np.array_equal(np.sort(rows), np.arange(star.n))
+    counts = np.bincount(reference_group(halves, np.arange(star.n), folds))
+    for p in plans:
+        assert np.array_equal(p["half"], halves[p["row"]])
+        g = np.unique(reference_group(p["half"], p["row"], folds))
+        assert len(g) <= sets_per_rank
+        assert np.array_equal(reference_volumes(p, 1, folds), g)
+        assert np.array_equal(reference_volumes(p, 3, folds), (g[:, None] * 3 + np.arange(3)).ravel())
+        if sets_per_rank == 1:  # the set's particles split evenly over its ranks
+            assert abs(len(p["row"]) - counts[g[0]] / (size // (2 * folds))) <= 1
+    empty = {"half": np.zeros(0, np.int64), "row": np.zeros(0, np.int64)}
+    assert np.array_equal(reference_volumes(empty, 2, 1), [0, 1])  # no particles: the first set (projects nothing)

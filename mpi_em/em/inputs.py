@@ -52,7 +52,7 @@ def read_inputs(args, mode: Mode, size: int):
     if mode.gold:
         halves = assign_halves(star.n, star.random_subset, args.seed)
         check_half_sets(star, halves)
-    plans = make_plan(star, size, seed=args.seed, folds=folds, halves=halves)
+    plans = make_plan(star, size, seed=args.seed, folds=folds, halves=halves, by_set=mode.gold)
     first_class = first_classes(star.n, K, args.seed)
     for p in plans:
         n = len(p["row"])

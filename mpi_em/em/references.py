@@ -17,11 +17,19 @@ from ..sampling import orientation_grid, psi_angles, rotation_vector_to_matrix
 class References:
     """V references (maps (V, N, N[, N]) real, on xp) prepared for projection. ``single`` (3D): their Fourier
     volumes in complex64 (half the bytes; the projectors sample them in single precision) instead of
-    complex128."""
+    complex128. ``volumes``: the indices of ``maps`` among all the job's references (``n_total`` of them), where a
+    rank holds only the sets its particles use; ``project`` takes the job's indices and finds the rank's own."""
 
-    def __init__(self, maps, dim: int, pad: int = 2, mask=None, single: bool = False):
+    def __init__(self, maps, dim: int, pad: int = 2, mask=None, single: bool = False, volumes=None,
+                 n_total: int | None = None):
         xp = xp_of(maps)
         self.dim, self.pad = dim, pad
+        self.volumes = None if volumes is None else np.asarray(volumes, dtype=np.int64)
+        self.slot = None
+        if self.volumes is not None:  # job index -> slot here (-1: not held by this rank)
+            slot = np.full(int(n_total if n_total is not None else self.volumes.max() + 1), -1, dtype=np.int64)
+            slot[self.volumes] = np.arange(self.volumes.size)
+            self.slot = slot if xp is np else xp.asarray(slot)
         self.box = maps.shape[-1]
         m = maps if mask is None else maps * mask
         self.centred = None
@@ -37,6 +45,8 @@ class References:
 
     def project(self, mats, vol_index, geom: SliceGeometry):
         lead = mats.shape[:-2]
+        if self.slot is not None:
+            vol_index = self.slot[vol_index]
         if self.centred is not None:
             return self.centred.project(mats, geom, vol_index=np.broadcast_to(np.asarray(vol_index), lead))
         xp = xp_of(self.F)

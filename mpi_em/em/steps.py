@@ -117,6 +117,16 @@ def first_pass(job: EMRun) -> None:
         state.maps = lowpass(avg, box, apix, box * apix / state.r_cur).astype(np.float32)
 
 
+def reference_volumes(plan, K: int, folds: int) -> np.ndarray:
+    """The references this rank's particles are aligned against (gold-standard jobs): the K volumes of each
+    reference set it holds (:func:`mpi_em.distributed.reference_group`), in the job's numbering. A rank with
+    no particles takes the first set (it projects nothing)."""
+    groups = np.unique(reference_group(plan["half"], plan["row"], folds))
+    if groups.size == 0:
+        groups = np.zeros(1, dtype=np.int64)
+    return (groups[:, None] * K + np.arange(K)[None, :]).ravel()
+
+
 def references(job: EMRun) -> References:
     """This iteration's references, masked and Fourier-transformed on the rank's device (refine3d with folds: each
     fold's reference is its half without it; the half map itself before the first iteration)."""
@@ -131,8 +141,10 @@ def references(job: EMRun) -> References:
         ref_maps = state.references if state.references is not None else np.repeat(state.maps, folds, axis=0)
     else:
         ref_maps = state.maps
-    refs = References(job.xp.asarray(ref_maps), job.mode.dim, job.args.pad, mask=job.mask,
-                      single=job.accumulate == "single")
+    volumes = reference_volumes(job.plan, job.K, folds) if job.mode.gold else None
+    refs = References(job.xp.asarray(ref_maps if volumes is None else ref_maps[volumes]), job.mode.dim,
+                      job.args.pad, mask=job.mask, single=job.accumulate == "single", volumes=volumes,
+                      n_total=len(ref_maps))
     from ..memory import release_device_memory
 
     # the transforms' temporaries and plans given back before the E-step allocates its accumulators (measured at

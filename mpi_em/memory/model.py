@@ -132,6 +132,18 @@ class EMInputs:
     def n_volumes(self) -> int:
         return 2 * self.folds if self.mode == "refine3d" else self.K
 
+    @property
+    def reference_volumes(self) -> int:
+        """The references one rank makes and projects: refine3d's ranks hold only their reference sets'
+        (:func:`mpi_em.distributed.set_blocks`: one set per rank where the ranks divide evenly among the
+        2 x folds sets, else a contiguous run of at most ceil(sets / ranks) + 1); classification needs them all."""
+        V = self.n_volumes
+        if self.mode != "refine3d" or self.ranks <= 1:
+            return V
+        if self.ranks % V == 0 and (self.n_particles == 0 or self.n_particles >= 2 * self.ranks):
+            return 1
+        return min(V, -(-V // self.ranks) + 1)
+
 
 @dataclass(frozen=True)
 class ReconstructInputs:
@@ -237,7 +249,8 @@ def _em_phases(inp: EMInputs) -> dict:
 
     single = inp.accumulate == "single"
     accb = ACCUMULATOR_BYTES_PER_VOXEL[inp.accumulate]
-    refs = (8 if single and inp.dim == 3 else 16) * V * vox
+    Vr = inp.reference_volumes
+    refs = (8 if single and inp.dim == 3 else 16) * Vr * vox
     acc = accb * V * (own if routed else vox)
     cached = n_local * img if inp.cache_images else 0
     # GPU: cuFFT plans and their work areas; the job gives them back (with CuPy's pool) between the phases
@@ -321,7 +334,7 @@ def _em_phases(inp: EMInputs) -> dict:
     # transform (rows, shift, in-place FFTs) written into its place of the stack, beside the masked maps (3D;
     # 2D: listed, then stacked)
     ref_fft = REFERENCE_FFT_BYTES_PER_VOXEL if pad > 1 else REFERENCE_FFT_BYTES_PER_VOXEL_PAD1
-    make_refs = (1 if inp.dim == 3 else 2) * refs + ref_fft * vox + 8 * V * box ** inp.dim
+    make_refs = (1 if inp.dim == 3 else 2) * refs + ref_fft * vox + 8 * Vr * box ** inp.dim
     return {
         "references": {"references": make_refs, "cached_images": cached, "fft_plans": fft_vol},
         "E-step": {"references": refs, "accumulators": acc, "cached_images": cached, "batch_workspace": batch,
