@@ -277,23 +277,22 @@ def test_help_explains_every_option():
 
 
 def test_auto_precision_takes_single_only_where_double_does_not_fit():
-    """--accumulate auto (the default): double precision unless the model says double does not fit the limit and
-    single does (box 1024 known-pose reconstruction on one rank: 206 GB of double accumulators alone)."""
-    from types import SimpleNamespace
-
+    """--accumulate auto (the default): double precision unless the model says double does not fit the limit
+    (then single, the lighter, also where neither fits) (box 1024 known-pose reconstruction on one rank: 206 GB of double accumulators alone)."""
     from mpi4py import MPI
 
-    from mpi_em.jobs.reconstruct import _precision
-    from mpi_em.memory import ReconstructInputs, estimate
+    from mpi_em.memory import ReconstructInputs, check, choose_precision, estimate
 
     inp = ReconstructInputs(box=1024, pad=2, batch=64, ranks=1, device="gpu", n_particles=20000)
     double, single = (estimate(ReconstructInputs(**{**inp.__dict__, "accumulate": a})).total
                       for a in ("double", "single"))
     assert single < double
     between = f"{(single + double) // 2}"
-    pick = lambda size, want="auto": _precision(MPI.COMM_SELF, inp, SimpleNamespace(  # noqa: E731
-        accumulate=want, max_memory=size)).accumulate
+    pick = lambda size, want="auto": choose_precision(MPI.COMM_SELF, inp, int(size), None,  # noqa: E731
+                                                      want).accumulate
     assert pick(between) == "single"
     assert pick(str(double + 1)) == "double"
-    assert pick(str(single // 2)) == "double"  # neither fits: the check then stops the job, naming what would
+    assert pick(str(single // 2)) == "single"  # neither fits: the lighter, whose error names what else would fit
+    assert check(MPI.COMM_SELF, inp, max_memory=between, precision="auto").inputs.accumulate == "single"
+    assert check(MPI.COMM_SELF, inp, max_memory=str(double + 1), precision="auto").inputs.accumulate == "double"
     assert pick(between, "double") == "double" and pick(str(double + 1), "single") == "single"

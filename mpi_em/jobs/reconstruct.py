@@ -189,30 +189,6 @@ def stream_plan(comm, plan, acc: PlaneOwnerAccumulator, geom, box, apix, batch, 
     return done
 
 
-def _precision(comm, inputs, args):
-    """--accumulate: 'double', 'single', or 'auto' = double unless the model says it does not fit this job's limit
-    on some rank and single does (collective: every rank takes the same)."""
-    from dataclasses import replace
-
-    from mpi4py import MPI
-
-    from ..memory import estimate, job_limit
-
-    want = getattr(args, "accumulate", "double")
-    if want != "auto":
-        return replace(inputs, accumulate=want)
-    limit = job_limit(comm, inputs, getattr(args, "max_memory", None))
-    double = replace(inputs, accumulate="double")
-    single = replace(inputs, accumulate="single")
-    fits = lambda x: bool(comm.allreduce(limit is None or estimate(x).total <= limit, op=MPI.LAND))  # noqa: E731
-    if fits(double) or not fits(single):
-        return double
-    if comm.rank == 0:
-        log.info("memory: double-precision accumulators do not fit (%.3g GiB per rank): single precision "
-                 "(%.3g GiB; --accumulate)", estimate(double).total / 2 ** 30, estimate(single).total / 2 ** 30)
-    return single
-
-
 def run(args, comm) -> dict:
     import tracemalloc
 
@@ -238,8 +214,9 @@ def run(args, comm) -> dict:
                  f", batch {vplan['batch']} for a budget of {budget / 2 ** 20:.1f} MiB" if budget else "",
                  ", compressed reduce-scatter" if compress and vplan["mode"] == "dense" else "")
     from ..memory import check as memory_check, reconstruct_inputs  # stops here (exit 2) if it does not fit
-    inputs = _precision(comm, reconstruct_inputs(args, meta, comm.size, device, vplan, r_max), args)
-    memory = memory_check(comm, inputs, getattr(args, "max_memory", None), log)
+    memory = memory_check(comm, reconstruct_inputs(args, meta, comm.size, device, vplan, r_max),
+                          getattr(args, "max_memory", None), log, precision=getattr(args, "accumulate", "double"))
+    inputs = memory.inputs
     cdt = np.complex64 if inputs.accumulate == "single" else np.complex128
     sym = symmetry_matrices(args.sym)
     sym_mats = None if len(sym) == 1 else sym

@@ -165,13 +165,15 @@ def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None 
     only where it is 'auto'), then the largest E-step batch up to ``--batch`` that fits, then the
     global grid projected in chunks per batch (``grid_chunk``, with the batch as given); ``precision`` (the
     ``--accumulate`` choice) 'auto': where the double-precision accumulators still do not fit after these,
-    single-precision ones (adapted the same way); the estimate returned (and logged) is the one the job runs
-    with (``.inputs``)."""
+    single-precision ones (adapted the same way); reconstruct (no ``adapt``): ``precision`` chosen the same way
+    (:func:`choose_precision`); the estimate returned (and logged) is the one the job runs with (``.inputs``)."""
     from ..distributed import agree
 
     limit, source = _limit(comm, inp, max_memory)
     if adapt is not None and isinstance(inp, EMInputs):
         inp = _adapt_precision(comm, inp, limit, log, adapt, precision, cache)
+    elif precision != inp.accumulate and precision in ("auto", "double", "single"):
+        inp = choose_precision(comm, inp, limit, log, precision)
     est = estimate(inp)
     short = (est.total - limit) if limit is not None else -1
     every = comm.allgather(short)
@@ -193,23 +195,31 @@ def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None 
     return est
 
 
-def _adapt_precision(comm, inp: EMInputs, limit, log, owned_option: str = "auto",
-                     precision: str = "double", cache_option: str = "on") -> EMInputs:
-    """:func:`_adapt` in the accumulators' precision ``precision`` ('double', 'single'); 'auto': double, unless
-    the adapted double-precision job still does not fit ``limit`` on some rank and the single-precision one
-    does (or neither does: then the lighter, single, whose error names what else would fit)."""
+def choose_precision(comm, inp, limit, log, precision: str = "double", adapt=None):
+    """The accumulators' precision (``--accumulate``, any job's inputs): 'double' or 'single' as given; 'auto':
+    double where the double-precision job (lightened by ``adapt(inputs, log)`` first, if given) fits ``limit``
+    on every rank, else single (also where neither fits: the lighter, whose error names what else would fit).
+    Collective: every rank takes the same."""
     from mpi4py import MPI
 
+    adapt = adapt or (lambda x, _log: x)
     if precision != "auto":
-        return _adapt(comm, replace(inp, accumulate=precision), limit, log, owned_option, cache_option)
-    double = _adapt(comm, replace(inp, accumulate="double"), limit, None, owned_option, cache_option)  # a trial
+        return adapt(replace(inp, accumulate=precision), log)
+    double = adapt(replace(inp, accumulate="double"), None)  # a trial, not logged
     if bool(comm.allreduce(limit is None or estimate(double).total <= limit, op=MPI.LAND)):
-        return _adapt(comm, replace(inp, accumulate="double"), limit, log, owned_option, cache_option)
-    single = _adapt(comm, replace(inp, accumulate="single"), limit, log, owned_option, cache_option)
+        return adapt(replace(inp, accumulate="double"), log)
+    single = adapt(replace(inp, accumulate="single"), log)
     if comm.rank == 0 and log is not None:
         log.info("memory: double-precision accumulators do not fit (%s per rank): single precision (%s; "
                  "--accumulate)", fmt(estimate(double).total), fmt(estimate(single).total))
     return single
+
+
+def _adapt_precision(comm, inp: EMInputs, limit, log, owned_option: str = "auto",
+                     precision: str = "double", cache_option: str = "on") -> EMInputs:
+    """:func:`_adapt` in the accumulators' precision ``precision`` (:func:`choose_precision`)."""
+    return choose_precision(comm, inp, limit, log, precision,
+                            lambda x, lg: _adapt(comm, x, limit, lg, owned_option, cache_option))
 
 
 #: the fewest orientations per chunk the adaptation prefers to a larger batch (one GEMM per chunk and batch)
