@@ -159,20 +159,28 @@ def reference_group(halves, rows, folds: int):
 
 
 def set_blocks(groups_sorted, size: int) -> list[slice]:
-    """Blocks of particles ordered by reference set (``groups_sorted``, non-decreasing): where the ranks divide
-    evenly among the sets present, each set's particles are split over its own ``size / sets`` ranks, so a rank
-    holds one set and builds only that set's references (two ranks: one half set each, as RELION's ranks work on
-    one half each); otherwise the balanced blocks, whose ranks hold a contiguous run of sets."""
+    """Blocks of particles ordered by reference set (``groups_sorted``, non-decreasing), so that a rank makes and
+    projects the references of few sets: where the ranks divide evenly among the sets present, each set's
+    particles are split over its own ``size / sets`` ranks (one set per rank; two ranks and one fold: one half set
+    each, as RELION's ranks work on one half each); where the sets divide evenly among the ranks, each rank takes
+    ``sets / size`` whole sets; otherwise the balanced blocks (a contiguous run of at most ceil(sets / size) + 1
+    sets per rank)."""
     groups_sorted = np.asarray(groups_sorted)
     n = groups_sorted.size
-    sets, starts, counts = np.unique(groups_sorted, return_index=True, return_counts=True)
-    S = sets.size
-    if size <= 1 or S == 0 or size % S or np.any(counts < size // S):
+    _, starts, counts = np.unique(groups_sorted, return_index=True, return_counts=True)
+    S = starts.size
+    if size <= 1 or S == 0:
         return balanced_blocks(n, size)
-    out = []
-    for start, count in zip(starts, counts):
-        out += [slice(int(start) + b.start, int(start) + b.stop) for b in balanced_blocks(int(count), size // S)]
-    return out
+    if size % S == 0 and np.all(counts >= size // S):
+        out = []
+        for start, count in zip(starts, counts):
+            out += [slice(int(start) + b.start, int(start) + b.stop) for b in balanced_blocks(int(count), size // S)]
+        return out
+    if S % size == 0:
+        per = S // size
+        bounds = np.append(starts, n)
+        return [slice(int(bounds[r * per]), int(bounds[(r + 1) * per])) for r in range(size)]
+    return balanced_blocks(n, size)
 
 
 def make_plan(star, size: int, seed: int = 0, halves=None, folds: int = 1, by_set: bool = False) -> list[dict]:

@@ -349,3 +349,60 @@ def test_batch_chosen_again_per_iteration(data, tmp_path):
     cols = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
     same = np.all(np.abs(a[cols].to_numpy() - b[cols].to_numpy()) < 1e-3, axis=1).mean()
     assert same >= 0.97, same
+
+
+REFS_PROBE = """
+import json, sys
+from mpi4py import MPI
+import mpi_em.cli
+from mpi_em.em import steps
+
+held = []
+make = steps.references
+
+def recording(job):
+    refs = make(job)
+    arr = refs.centred.C if refs.centred is not None else refs.F
+    held.append({"volumes": [int(v) for v in refs.volumes], "bytes": int(arr.nbytes)})
+    return refs
+
+steps.references = recording
+rc = mpi_em.cli.main(sys.argv[2:])
+json.dump({"rc": rc, "held": held}, open(f"{sys.argv[1]}.{MPI.COMM_WORLD.rank}", "w"))
+"""
+
+
+@pytest.mark.parametrize("folds", [1, 2])
+def test_references_per_rank_fall_with_ranks(data, tmp_path, folds):
+    """refine3d on 1, 2 and 4 CPU ranks (the job itself, box 32): each rank makes and holds only the references
+    of its reference sets, measured as the bytes of the arrays the rank's References hold: with one fold, both
+    half sets on 1 rank, one half set per rank on 2 and 4 ranks (half the bytes); with 2 folds, the 4 fold sets
+    on 1 rank, 2 on 2 ranks, 1 on 4 ranks. The model's references term is the same count of volumes."""
+    from conftest import MPIRUN
+
+    if MPIRUN is None:
+        pytest.skip("no mpirun on PATH")
+    script = tmp_path / "refs.py"
+    script.write_text(REFS_PROBE)
+    d = data[32]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPI_EM_DEVICE="cpu")
+    per_volume = None
+    for P, want in ((1, 2 * folds), (2, folds), (4, max(1, folds // 2))):
+        out = tmp_path / f"p{P}"
+        r = subprocess.run([str(a) for a in [MPIRUN, "-n", P, sys.executable, script, tmp_path / f"held{P}",
+                            "refine3d", "--i", d / "particles_unaligned.star", "--ref", d / "start.mrc",
+                            "--ini-high", 16, "--healpix-order", 1, "--max-order", 1, "--iter", 1,
+                            "--folds", folds, "--o", out]], capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+        got = [json.load(open(tmp_path / f"held{P}.{rank}")) for rank in range(P)]
+        union = set()
+        for g in got:
+            assert g["rc"] == 0 and g["held"]
+            for h in g["held"]:
+                assert len(h["volumes"]) == want, (P, g)
+                per_volume = per_volume or h["bytes"] // len(h["volumes"])
+                assert h["bytes"] == want * per_volume
+                union |= set(h["volumes"])
+        assert union == set(range(2 * folds))  # every reference set made on some rank
+        inp = EMInputs("refine3d", 32, folds=folds, ranks=P, n_particles=128, coarse_poses=576, r=10)
+        assert inp.reference_volumes == want

@@ -58,11 +58,12 @@ def test_plan_groups_particles_by_reference_set(small_dataset):
 
 
 @pytest.mark.parametrize("size,folds,sets_per_rank", [(2, 1, 1), (4, 1, 1), (4, 2, 1), (8, 2, 1), (3, 1, 2),
-                                                      (2, 2, 3), (3, 4, 4)])
+                                                      (2, 2, 2), (2, 4, 4), (4, 4, 2), (3, 4, 4)])
 def test_plan_by_set_gives_each_rank_its_own_sets(small_dataset, size, folds, sets_per_rank):
     """refine3d's plan (by_set): where the ranks divide evenly among the 2 x folds reference sets, each rank holds
-    the particles of one set only (2 ranks: one half set each), split evenly within the set; otherwise the
-    balanced blocks of the set-ordered particles (at most ceil(sets / ranks) + 1 sets per rank). Every particle on
+    the particles of one set only (2 ranks: one half set each), split evenly within the set; where the sets divide
+    evenly among the ranks, sets / ranks whole sets each; otherwise the balanced blocks of the set-ordered
+    particles (at most ceil(sets / ranks) + 1 sets per rank). Every particle on
     exactly one rank, the half sets unchanged; each rank's references (:func:`reference_volumes`) are its sets'."""
     from mpi_em.distributed import assign_halves, reference_group
     from mpi_em.em.steps import reference_volumes
@@ -81,5 +82,7 @@ def test_plan_by_set_gives_each_rank_its_own_sets(small_dataset, size, folds, se
         assert np.array_equal(reference_volumes(p, 3, folds), (g[:, None] * 3 + np.arange(3)).ravel())
         if sets_per_rank == 1:  # the set's particles split evenly over its ranks
             assert abs(len(p["row"]) - counts[g[0]] / (size // (2 * folds))) <= 1
+        elif (2 * folds) % size == 0:  # whole sets
+            assert len(g) == sets_per_rank and len(p["row"]) == counts[g].sum()
     empty = {"half": np.zeros(0, np.int64), "row": np.zeros(0, np.int64)}
     assert np.array_equal(reference_volumes(empty, 2, 1), [0, 1])  # no particles: the first set (projects nothing)

@@ -136,12 +136,15 @@ class EMInputs:
     def reference_volumes(self) -> int:
         """The references one rank makes and projects: refine3d's ranks hold only their reference sets'
         (:func:`mpi_em.distributed.set_blocks`: one set per rank where the ranks divide evenly among the
-        2 x folds sets, else a contiguous run of at most ceil(sets / ranks) + 1); classification needs them all."""
+        2 x folds sets, sets / ranks where the sets divide evenly among the ranks, else a contiguous run of at
+        most ceil(sets / ranks) + 1); classification needs them all."""
         V = self.n_volumes
         if self.mode != "refine3d" or self.ranks <= 1:
             return V
         if self.ranks % V == 0 and (self.n_particles == 0 or self.n_particles >= 2 * self.ranks):
             return 1
+        if V % self.ranks == 0:
+            return V // self.ranks
         return min(V, -(-V // self.ranks) + 1)
 
 
