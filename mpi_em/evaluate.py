@@ -7,12 +7,10 @@ from .geometry import angular_distance, euler_to_matrix
 from .io import read_particles
 
 
-def pose_errors(refined_star, truth_star, sym: str = "C1"):
-    """Per-particle angular error (deg, minimised over symmetry copies) and shift error (Å). Rows are paired by
-    the image they read (the resolved stack file and the index in it), so the files may list the particles in
-    any order and name them relative to different folders. Raises ValueError for a refined row whose image is
-    not in the truth file."""
-    a, b = read_particles(refined_star), read_particles(truth_star)
+def _paired(star, truth_star):
+    """(particles of ``star``, particles of ``truth_star``, for each row of the first the row of the second that
+    reads the same image: the resolved stack file and the index in it)."""
+    a, b = read_particles(star), read_particles(truth_star)
     key_a = np.char.add(np.char.add(a.stack.astype(str), "@"), a.index.astype(str))
     key_b = np.char.add(np.char.add(b.stack.astype(str), "@"), b.index.astype(str))
     order = np.argsort(key_b)
@@ -21,8 +19,33 @@ def pose_errors(refined_star, truth_star, sym: str = "C1"):
     missing = np.flatnonzero(key_b[idx] != key_a)
     if missing.size:
         i = int(missing[0])
-        raise ValueError(f"{refined_star}: row {i + 1} ({a.particles['rlnImageName'].iloc[i]}) reads an image "
+        raise ValueError(f"{star}: row {i + 1} ({a.particles['rlnImageName'].iloc[i]}) reads an image "
                          f"that is not in {truth_star}")
+    return a, b, idx
+
+
+def view_spread(classified_star, truth_star) -> float:
+    """How well 2D classes group particles by view: the mean angle (degrees) between each particle's true
+    projection direction (the third row of its true rotation) and the mean direction of its class's members.
+    Lower is better; classes drawn at random give ~80-90 degrees on uniformly spread views."""
+    a, b, idx = _paired(classified_star, truth_star)
+    v = euler_to_matrix(b.rot[idx], b.tilt[idx], b.psi[idx])[:, 2, :]
+    cls = a.particles["rlnClassNumber"].to_numpy()
+    total = 0.0
+    for c in np.unique(cls):
+        vc = v[cls == c]
+        m = vc.sum(axis=0)
+        m /= max(np.linalg.norm(m), 1e-30)
+        total += np.degrees(np.arccos(np.clip(vc @ m, -1.0, 1.0))).sum()
+    return total / len(cls)
+
+
+def pose_errors(refined_star, truth_star, sym: str = "C1"):
+    """Per-particle angular error (deg, minimised over symmetry copies) and shift error (Å). Rows are paired by
+    the image they read (the resolved stack file and the index in it), so the files may list the particles in
+    any order and name them relative to different folders. Raises ValueError for a refined row whose image is
+    not in the truth file."""
+    a, b, idx = _paired(refined_star, truth_star)
     A = euler_to_matrix(a.rot, a.tilt, a.psi)
     B = euler_to_matrix(b.rot[idx], b.tilt[idx], b.psi[idx])
     mats = None

@@ -32,8 +32,17 @@ def class_resolutions(info: dict, K: int, box: int, apix: float, gold: bool, res
     return out
 
 
+#: the re-seeding perturbation, x the standard deviation of the split class's map. It must stay small beside what
+#: tells the particles' views apart, or the split copies fit every particle worse than the classes left alone:
+#: at 0.1-0.2 a class2d of a compact particle (K = 20, SNR 1) collapsed into 1-8 classes and re-seeded them in
+#: turn, grouping views no better than chance; at 0.02-0.05 it keeps 18-20 classes whose views are more coherent
+#: than without re-seeding (tests/test_classification.py::test_class2d_keeps_its_classes_on_a_compact_particle;
+#: benchmarks/results/class2d-reseed/)
+RESEED_AMPLITUDE = 0.05
+
+
 def reseed_classes(maps, class_prior, r_cur: float, below: float, seed: int, it: int, box: int, apix: float,
-                   amplitude: float = 0.2):
+                   amplitude: float = RESEED_AMPLITUDE):
     """Classes with a share under ``below`` / K take over half of the largest class, split symmetrically as in
     vector quantisation (Linde-Buzo-Gray): the largest class's reference m becomes m + e and the re-seeded one
     m - e, with e seeded Gaussian noise low-passed to the current size ``r_cur`` at ``amplitude`` x the standard

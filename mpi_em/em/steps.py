@@ -18,7 +18,7 @@ from ..symmetrise import symmetrise
 from ..geometry import angular_distance, euler_to_matrix
 from ..particles import ImageCache, pinned_wanted
 from ..symmetry import symmetry_matrices
-from .classes import center_2d, reseed_classes
+from .classes import RESEED_AMPLITUDE, center_2d, reseed_classes
 from ..masks import auto_solvent_mask
 from .engine import (Stats, current_mats, end_e_step, expectation_batch, image_shifts_px, inverse_sigma2_points, prepare_batch,
                      shell_of_points, sigma2_from_images, update_plan_poses)
@@ -267,8 +267,10 @@ def update_model(job: EMRun, it: int, stats: Stats, info: dict, maps, prev: dict
         state.class_prior = stats.class_weight / stats.class_weight.sum()
     state.class_history.append([float(x) for x in state.class_prior])
     if not mode.refine and getattr(args, "reseed_below", 0) > 0 and not final:
+        amp = getattr(args, "reseed_amplitude", None)
         state.maps, state.class_prior, done_k = reseed_classes(state.maps, state.class_prior, state.r_cur,
-                                                               args.reseed_below, args.seed, it, job.box, job.apix)
+                                                               args.reseed_below, args.seed, it, job.box, job.apix,
+                                                               RESEED_AMPLITUDE if amp is None else amp)
         if done_k and comm.rank == 0:
             log.info("iteration %d: re-seeded class(es) %s from the largest class", it,
                      ", ".join(str(k + 1) for k in done_k))

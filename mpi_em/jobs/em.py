@@ -103,6 +103,12 @@ def add_arguments(p, mode: str) -> None:
                        help="re-seed a class whose share of the particles falls below F / K: its reference "
                             "becomes a seeded, perturbed copy of the largest class's, which it splits with "
                             "(default 0.2; 0 = never)")
+        from ..em.classes import RESEED_AMPLITUDE
+
+        p.add_argument("--reseed-amplitude", type=float, default=RESEED_AMPLITUDE, metavar="A",
+                       help="the perturbation that splits a re-seeded class from the largest one, x the standard "
+                            "deviation of that class's map (default %(default)s; larger values made the classes of a "
+                            "compact particle collapse and re-seed in turn)")
     p.add_argument("--iter", type=int, default=None,
                    help="maximum number of iterations (default 25; refine3d: 20, and it stops earlier when "
                         "converged); with --continue, the new limit")
