@@ -163,7 +163,7 @@ def set_blocks(groups_sorted, size: int) -> list[slice]:
     projects the references of few sets: where the ranks divide evenly among the sets present, each set's
     particles are split over its own ``size / sets`` ranks (one set per rank; two ranks and one fold: one half set
     each, as RELION's ranks work on one half each); where the sets divide evenly among the ranks, each rank takes
-    ``sets / size`` whole sets; otherwise the balanced blocks (a contiguous run of at most ceil(sets / size) + 1
+    ``sets / size`` whole sets; otherwise the balanced blocks (a contiguous range of at most ceil(sets / size) + 1
     sets per rank)."""
     groups_sorted = np.asarray(groups_sorted)
     n = groups_sorted.size

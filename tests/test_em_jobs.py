@@ -47,7 +47,7 @@ def _poses(star):
 @pytest.mark.slow
 @pytest.mark.parametrize("folds", [4, 1])
 def test_refine3d_one_rank_equals_two_ranks(tiny, tmp_path, folds):
-    """Same poses on 1 and 2 ranks (2 ranks: each holds a run of the 8 fold sets' particles and references, or
+    """Same poses on 1 and 2 ranks (2 ranks: each holds a range of the 8 fold sets' particles and references, or
     with one fold one half set's). Sums over ranks change float rounding only, so a pose can differ only
     where two candidates tie to float32 precision: at least 97% identical."""
     for p in (1, 2):

@@ -136,7 +136,7 @@ class EMInputs:
     def reference_volumes(self) -> int:
         """The references one rank makes and projects: refine3d's ranks hold only their reference sets'
         (:func:`mpi_em.distributed.set_blocks`: one set per rank where the ranks divide evenly among the
-        2 x folds sets, sets / ranks where the sets divide evenly among the ranks, else a contiguous run of at
+        2 x folds sets, sets / ranks where the sets divide evenly among the ranks, else a contiguous range of at
         most ceil(sets / ranks) + 1); classification needs them all."""
         V = self.n_volumes
         if self.mode != "refine3d" or self.ranks <= 1:
