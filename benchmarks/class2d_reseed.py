@@ -69,7 +69,7 @@ def _random_spread(star, truth, seed=0):
 
 
 def _absolute_copy(data):
-    """The unaligned particles' STAR with absolute image paths (RELION runs in another folder)."""
+    """The unaligned particles' STAR with absolute image paths (RELION works in another folder)."""
     import starfile
 
     blocks = starfile.read(os.path.join(data, "particles_unaligned.star"), always_dict=True)
