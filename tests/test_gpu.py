@@ -341,3 +341,21 @@ def test_distributed_reconstruct_path_on_the_gpu_equals_cpu(rng, cdt):
     assert a.dtype == b.dtype == (np.float32 if cdt == np.complex64 else np.float64)
     tol = 1e-5 if cdt == np.complex64 else 1e-10
     assert np.linalg.norm(b - a) / np.linalg.norm(a) <= tol
+
+
+def test_references_of_some_sets_on_the_gpu_project_as_the_whole_stack():
+    """A rank's own reference sets (``References(volumes=...)``) on CuPy: the fused projection of the job's volume
+    numbers, given as CuPy or NumPy indices, equals the whole stack's, bit for bit (the same transforms)."""
+    from mpi_em.em.references import References
+
+    box = 16
+    vols = cp.asarray(np.stack([phantom(box, seed=s) for s in range(4)]).astype(np.float32))
+    whole = References(vols, 3, 2)
+    some = References(vols[cp.asarray([1, 3])], 3, 2, volumes=[1, 3], n_total=4)
+    geom = SliceGeometry(box, pad=2, xp=cp)
+    rng = np.random.default_rng(0)
+    mats = cp.asarray(euler_to_matrix(rng.uniform(0, 360, 6), rng.uniform(0, 180, 6), rng.uniform(0, 360, 6)))
+    vi = np.array([1, 3, 3, 1, 1, 3])
+    want = whole.project(mats, cp.asarray(vi), geom)
+    assert cp.array_equal(some.project(mats, cp.asarray(vi), geom), want)
+    assert cp.array_equal(some.project(mats, vi, geom), want)

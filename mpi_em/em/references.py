@@ -45,8 +45,8 @@ class References:
 
     def project(self, mats, vol_index, geom: SliceGeometry):
         lead = mats.shape[:-2]
-        if self.slot is not None:
-            vol_index = self.slot[vol_index]
+        if self.slot is not None:  # the job's volume numbers -> this rank's slots, on the slots' module
+            vol_index = self.slot[xp_of(self.slot).asarray(vol_index)]
         if self.centred is not None:
             return self.centred.project(mats, geom, vol_index=np.broadcast_to(np.asarray(vol_index), lead))
         xp = xp_of(self.F)
