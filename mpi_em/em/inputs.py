@@ -35,8 +35,9 @@ def read_inputs(args, mode: Mode, size: int):
     K = 1 if mode.refine else int(args.K)
     if K < 1:
         raise MpiEmError(f"--K must be >= 1, got {K}")
-    if getattr(args, "reseed_amplitude", 0) is not None and getattr(args, "reseed_amplitude", 0) < 0:
-        raise MpiEmError(f"--reseed-amplitude must be >= 0, got {args.reseed_amplitude}")
+    amplitude = getattr(args, "reseed_amplitude", None)
+    if amplitude is not None and amplitude < 0:
+        raise MpiEmError(f"--reseed-amplitude must be >= 0, got {amplitude}")
     if K > star.n:  # more classes than particles: some would stay empty (all-zero maps)
         log.warning("warning: K = %d classes is more than the %d particles of %s: using K = %d", K, star.n,
                     args.input, star.n)

@@ -153,7 +153,7 @@ class MemoryLimitError(MpiEmError):
 
 
 def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None = None,
-          precision: str = "double", cache: str = "on") -> MemoryEstimate:
+          precision: str | None = None, cache: str = "on") -> MemoryEstimate:
     """Collective, before the job allocates: every rank evaluates the model for itself against its limit
     (``--max-memory`` if given, else :func:`available_bytes`); rank 0 logs the estimate and records it in
     ``out_dir``/run.json (key ``memory``); if any rank would not fit, every rank raises (through
@@ -166,13 +166,13 @@ def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None 
     global grid projected in chunks per batch (``grid_chunk``, with the batch as given); ``precision`` (the
     ``--accumulate`` choice) 'auto': where the double-precision accumulators still do not fit after these,
     single-precision ones (adapted the same way); reconstruct (no ``adapt``): ``precision`` chosen the same way
-    (:func:`choose_precision`); the estimate returned (and logged) is the one the job runs with (``.inputs``)."""
+    (:func:`choose_precision`); ``precision`` None: the inputs' own; the estimate returned (and logged) is the one the job runs with (``.inputs``)."""
     from ..distributed import agree
 
     limit, source = _limit(comm, inp, max_memory)
     if adapt is not None and isinstance(inp, EMInputs):
-        inp = _adapt_precision(comm, inp, limit, log, adapt, precision, cache)
-    elif precision != inp.accumulate and precision in ("auto", "double", "single"):
+        inp = _adapt_precision(comm, inp, limit, log, adapt, precision or inp.accumulate, cache)
+    elif precision is not None:
         inp = choose_precision(comm, inp, limit, log, precision)
     est = estimate(inp)
     short = (est.total - limit) if limit is not None else -1
