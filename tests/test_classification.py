@@ -142,6 +142,16 @@ def test_class2d_keeps_its_classes_on_a_compact_particle(tmp_path):
     assert spread <= 65.0, spread
 
 
+def test_negative_reseed_amplitude_is_refused(views, tmp_path):
+    """--reseed-amplitude below 0: one line naming the option, a non-zero exit, no iteration written."""
+    out = tmp_path / "neg"
+    r = mpi_em(["class2d", "--i", views / "particles_unaligned.star", "--o", out, "--K", 2,
+                "--reseed-amplitude", -0.1], ranks=1)
+    assert r.returncode != 0
+    assert "--reseed-amplitude must be >= 0, got -0.1" in r.stderr
+    assert not list(out.glob("run_it*"))
+
+
 # ---------------------------------------------------------------------------------------------- class3d
 @pytest.fixture(scope="module")
 def conformations(tmp_path_factory):
