@@ -273,3 +273,45 @@ def test_known_pose_reconstruction_with_the_soft_mask():
     curve = fsc(vol, reconstruct(acc.F[0], acc.W[0], box, mask_outside=True))
     assert curve[1:int(0.9 * box / 2) + 1].min() >= 0.99, np.round(curve, 3)
 
+
+
+@pytest.mark.parametrize("r_max,pad,single", [(4.0, 2, False), (7.5, 2, True), (5.0, 3, False)])
+def test_cropped_accumulators_equal_the_full_ones(rng, xp, r_max, pad, single):
+    """The E-step's accumulators kept in the cube the current size reaches (side ~2 pad r_max + 6, here 22-40 of
+    a 64-96 padded side) hold, once handed over to the full layout, the same sums voxel for voxel as inserting
+    into the full layout directly: the same stencil, indices wrapped by the smaller side. Bit for bit on CPU
+    (the same additions in the same order); on GPUs to the atomics' order (float64 or float32 rounding)."""
+    from mpi_em.em.model import ACCUMULATOR_DTYPES, CroppedAccumulators, crop_side
+
+    box, n, V = 32, 40, 2
+    geom = SliceGeometry(box, r_max=r_max, pad=pad, xp=xp)
+    side = crop_side(geom)
+    assert side is not None and side < geom.npad and side % 2 == 0
+    A = xp.asarray(euler_to_matrix(*random_rotations(n, rng)))
+    data = xp.asarray(rng.normal(size=(n, geom.m)) + 1j * rng.normal(size=(n, geom.m)))
+    w = xp.asarray(rng.uniform(0.1, 1.0, (n, geom.m)))
+    vi = xp.asarray(rng.integers(0, V, n))
+    cdt, rdt = ACCUMULATOR_DTYPES["single" if single else "double"]
+    F = xp.zeros((V,) + geom.vol_shape, dtype=cdt)
+    W = xp.zeros(F.shape, dtype=rdt)
+    backproject(F, W, A, data, w, geom, vol_index=vi)
+    crop = CroppedAccumulators(V, geom, side, xp, cdt, rdt)
+    assert crop.nbytes < 0.5 * (F.nbytes + W.nbytes)
+    crop.insert(vi, A, data, w, geom)
+    Fc, Wc = crop.full()
+    assert Fc.dtype == F.dtype and Wc.dtype == W.dtype and Fc.shape == F.shape
+    if xp is np:
+        assert np.array_equal(Fc, F) and np.array_equal(Wc, W)
+    else:
+        tol = 1e-5 if single else 1e-12
+        assert float(abs(Fc - F).max()) <= tol * float(abs(F).max())
+        assert float(abs(Wc - W).max()) <= tol * float(abs(W).max())
+    assert crop.F is None and crop.W is None  # released
+
+
+def test_no_crop_where_the_cube_is_most_of_the_volume():
+    """Near Nyquist the cube would hold more than half the volume's voxels: the full layout is used."""
+    from mpi_em.em.model import crop_side
+
+    assert crop_side(SliceGeometry(32, r_max=15, pad=2)) is None
+    assert crop_side(SliceGeometry(32, r_max=8, pad=2)) == 2 * 18 + 2

@@ -122,7 +122,8 @@ def test_box512_refine3d_fits_24_gb_on_one_rank_only_in_single_precision(order2)
     """Box 512, pad 2, one fold, one rank on a GPU: with --accumulate auto and a 24e9-byte limit (22.3 GiB) the
     model takes single precision (double does not fit with any batch: its references and accumulators alone are
     43 GB) and the batch it chooses; the estimate is <= 24e9 bytes. The single-precision terms: complex64
-    references (8 vox bytes each) and accumulators of 12 vox bytes per volume."""
+    references (8 vox bytes each) and accumulators of 12 vox bytes per volume (in the E-step of the order-2 search
+    only the cube its image size reaches)."""
     from mpi_em.memory import _adapt_precision, estimate, half_volume, suggestions
 
     limit = int(24e9)
@@ -133,7 +134,12 @@ def test_box512_refine3d_fits_24_gb_on_one_rank_only_in_single_precision(order2)
     print(got.accumulate, got.batch, est.summary())
     assert got.accumulate == "single" and est.total <= limit
     e = est.phases["E-step"]
-    assert e["references"] == 2 * 8 * vox and e["accumulators"] == 2 * 12 * vox
+    # the order-2 search's E-step at r = 28 px accumulates in the cube it reaches (side 2 x ceil(2 x 28 + 2) + 2),
+    # handed over to the full volumes (12 vox bytes each) once the references are given back
+    side = 2 * 58 + 2 if order2 else None
+    assert e["references"] == 2 * 8 * vox
+    assert e["accumulators"] == (2 * 12 * side * side * (side // 2 + 1) if order2 else 2 * 12 * vox)
+    assert ("hand-over" in est.phases) == order2 and est.phases["M-step"]["accumulators"] == 2 * 12 * vox
     double = _adapt_precision(_comm(), inp, limit, None, "auto", "double")
     assert double.accumulate == "double" and estimate(double).total > limit
     assert estimate(replace_batch(double, 1)).total > limit

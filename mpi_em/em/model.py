@@ -76,12 +76,58 @@ class OwnedAccumulators:
 
 #: the accumulators' (F, W) dtypes per ``--accumulate`` precision
 ACCUMULATOR_DTYPES = {"double": (np.complex128, np.float64), "single": (np.complex64, np.float32)}
+def crop_side(geom) -> int | None:
+    """The side of the E-step's cropped accumulators for ``geom`` (3D), or None where that cube would hold more
+    than :data:`mpi_em.fourier.projector.CROP_AT_MOST` of the full volume's voxels."""
+    from ..fourier.projector import crop_layout_side
+
+    return crop_layout_side(geom.r_max, geom.pad, geom.npad)
 
 
-def e_step_accumulators(comm, V: int, vol_shape, xp, owned: bool = False, sym_mats=None, precision: str = "double"):
+class CroppedAccumulators:
+    """The E-step's full local partial sums kept only in the cube that this iteration's image size reaches
+    (:func:`mpi_em.fourier.projector.cropped_size`: side ~2 pad r_max + 6 instead of pad x box; at r_max = box / 4,
+    pad 2, about 1/8 of the voxels): the same insertion kernels, in a layout of the smaller side; :meth:`full`
+    hands over the (F, W) stacks of the full layout, equal voxel for voxel to inserting there directly."""
+
+    def __init__(self, V: int, geom, side: int, xp, cdt, rdt):
+        from ..fourier.projector import with_layout_size
+
+        self.geom = with_layout_size(geom, side)
+        self.side, self.npad, self.xp = side, geom.npad, xp
+        shape = (V,) + self.geom.vol_shape
+        self.F, self.W = xp.zeros(shape, dtype=cdt), xp.zeros(shape, dtype=rdt)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.F.nbytes + self.W.nbytes)
+
+    def insert(self, vol_index, mats, data, weights, geom) -> None:
+        from .references import insert
+
+        insert(self.F, self.W, 3, mats, vol_index, data, weights, self.geom)
+
+    def full(self):
+        """(F, W) of shape (V, Np, Np, Np//2+1), the cropped stacks released (one volume's copy at a time)."""
+        xp, side, npad = self.xp, self.side, self.npad
+        k = np.arange(side)
+        wrap = xp.asarray(np.where(k <= side // 2, k, k - side) % npad)   # cube index -> full-layout index
+        nx = side // 2 + 1
+        F = xp.zeros((self.F.shape[0], npad, npad, npad // 2 + 1), dtype=self.F.dtype)
+        W = xp.zeros(F.shape, dtype=self.W.dtype)
+        for v in range(F.shape[0]):
+            F[v][wrap[:, None], wrap[None, :], :nx] = self.F[v]
+            W[v][wrap[:, None], wrap[None, :], :nx] = self.W[v]
+        self.F = self.W = None
+        return F, W
+
+
+def e_step_accumulators(comm, V: int, vol_shape, xp, owned: bool = False, sym_mats=None, precision: str = "double",
+                        geom=None):
     """(F, W) for the E-step: full local partial sums (V,) + vol_shape, complex128 and float64 (``precision``
     'single': complex64 and float32, :data:`ACCUMULATOR_DTYPES`); or, ``owned`` (3D only; collective),
-    (:class:`OwnedAccumulators`, None)."""
+    (:class:`OwnedAccumulators`, None); or, given the iteration's ``geom`` (3D) where its reach is a small part of
+    the volume (:func:`crop_side`), (:class:`CroppedAccumulators`, None)."""
     cdt, rdt = ACCUMULATOR_DTYPES[precision]
     if owned and len(vol_shape) == 3:  # collective: the rounds start together, or every rank stops here
         from ..distributed import agree
@@ -93,6 +139,9 @@ def e_step_accumulators(comm, V: int, vol_shape, xp, owned: bool = False, sym_ma
             err = e
         agree(comm, err)
         return acc, None
+    side = crop_side(geom) if geom is not None and len(vol_shape) == 3 else None
+    if side is not None:
+        return CroppedAccumulators(V, geom, side, xp, cdt, rdt), None
     shape = (V,) + tuple(vol_shape)
     return xp.zeros(shape, dtype=cdt), xp.zeros(shape, dtype=rdt)
 

@@ -23,7 +23,7 @@ from ..masks import auto_solvent_mask
 from .engine import (Stats, current_mats, end_e_step, expectation_batch, image_shifts_px, inverse_sigma2_points, prepare_batch,
                      shell_of_points, sigma2_from_images, update_plan_poses)
 from .inputs import reference_mask, reference_radius
-from .model import (batch_rounds, e_step_accumulators, lowpass, reduce_and_reconstruct_2d,
+from .model import (CroppedAccumulators, batch_rounds, e_step_accumulators, lowpass, reduce_and_reconstruct_2d,
                     reduce_and_reconstruct_3d, routed_step)
 from .references import References
 from .schedule import search_spec, update_schedule
@@ -193,7 +193,7 @@ def expectation(job: EMRun, it: int, geom: SliceGeometry, refs: References, time
 
     def e_step():
         F_acc, W_acc = e_step_accumulators(job.comm, V, vol_shape, xp, job.owned_accumulators, job.sym_ops,
-                                           precision=job.accumulate)
+                                           precision=job.accumulate, geom=geom if dim == 3 else None)
         stats = Stats.zeros(n_shells, K)
         batches = batch_rounds(F_acc, job.images.batches(plan, args.batch, pinned=pinned_wanted(xp)),
                                len(plan["index"]), args.batch)
@@ -212,14 +212,27 @@ def expectation(job: EMRun, it: int, geom: SliceGeometry, refs: References, time
                                     xp.asarray(plan["class_number"][sl] - 1), spec, geom, F_acc, W_acc,
                                     stats, n_shells, timer=timer, prior_offsets=image_shifts_px(plan, sl, apix))
             update_plan_poses(plan, sl, res, dim, apix)
-        if job.sym_ops is not None and W_acc is not None:  # linear: each rank symmetrises its partial sums
-            with timer("symmetrise"):
-                symmetrise(F_acc, W_acc, job.sym_ops)
+        if not isinstance(F_acc, CroppedAccumulators):
+            symmetrised(F_acc, W_acc)
         synchronize(xp)
         return {"F": F_acc, "W": W_acc}, stats
 
+    def symmetrised(F_acc, W_acc):
+        if job.sym_ops is not None and W_acc is not None:  # linear: each rank symmetrises its partial sums
+            with timer("symmetrise"):
+                symmetrise(F_acc, W_acc, job.sym_ops)
+
+    def hand_over(acc):  # cropped accumulators to the full layout, once the references are given back
+        with timer("uncrop"):
+            acc["F"], acc["W"] = acc["F"].full()
+        symmetrised(acc["F"], acc["W"])
+        synchronize(xp)
+        return acc
+
     acc, stats = collective_step(job.comm, routed_step(e_step))
     end_e_step(refs, spec, xp)  # the references, the grid's projections, the device pool given back
+    if isinstance(acc["F"], CroppedAccumulators):
+        acc = collective_step(job.comm, hand_over, acc)
     vec = stats.as_vector()
     allreduce_sum(job.comm, vec)
     return acc, Stats.from_vector(vec, n_shells, K)

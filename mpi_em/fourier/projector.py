@@ -60,6 +60,37 @@ class SliceGeometry:
         return self.kxy @ (self.pad * A[:, :2, :])
 
 
+def cropped_size(r_max: float, pad: int, npad: int) -> int:
+    """The side of the smallest FFT-layout cube (even, at most ``npad``) that holds every voxel the insertion of
+    in-ball points |k| <= r_max can reach (:func:`padded_reach`) without wrapping onto another: a voxel at index
+    |k| <= reach keeps its own place k mod side, the side's Nyquist plane stays empty."""
+    reach = int(np.ceil(padded_reach(r_max, pad)))
+    return min(int(npad), 2 * reach + 2)
+
+
+#: the E-step accumulates into the cube its current size reaches where that cube holds at most this fraction of
+#: the full volume's voxels (the hand-over to the full layout holds both at once)
+CROP_AT_MOST = 0.5
+
+
+def crop_layout_side(r_max: float, pad: int, npad: int) -> int | None:
+    """:func:`cropped_size`, or None where that cube would hold more than :data:`CROP_AT_MOST` of the voxels."""
+    side = cropped_size(r_max, pad, npad)
+    return side if side * side * (side // 2 + 1) <= CROP_AT_MOST * npad * npad * (npad // 2 + 1) else None
+
+
+def with_layout_size(geom: SliceGeometry, side: int) -> SliceGeometry:
+    """``geom`` (same points, same pad) for volumes in the FFT layout of a ``side`` cube instead of pad x box:
+    the projector and back-projector wrap indices by ``npad`` and scale coordinates by ``pad``, so accumulators of
+    :func:`cropped_size` hold the same sums as the full ones at the voxels they keep."""
+    import copy
+
+    g = copy.copy(geom)
+    g.npad = int(side)
+    g.vol_shape = (g.npad, g.npad, g.npad // 2 + 1)
+    return g
+
+
 def padded_reach(r_max: float, pad: int) -> float:
     """Radius in padded-grid voxels that the insertion of in-ball points |k| <= r_max can reach: the trilinear
     stencil adds at most sqrt(3) to pad * r_max (bounded by pad * r_max + 2); the symmetrised sum stays inside

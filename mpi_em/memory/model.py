@@ -255,6 +255,14 @@ def _em_phases(inp: EMInputs) -> dict:
     Vr = inp.reference_volumes
     refs = (8 if single and inp.dim == 3 else 16) * Vr * vox
     acc = accb * V * (own if routed else vox)
+    # the E-step's full local sums kept in the cube its image size reaches where that is a small part of the
+    # volume (em.model.CroppedAccumulators), handed over to the full layout after the references are given back
+    from ..fourier.projector import crop_layout_side
+
+    side = crop_layout_side(box // 2 - 1 if inp.r is None else float(inp.r), pad, npad) \
+        if inp.dim == 3 and not routed else None
+    vox_e = vox if side is None else side * side * (side // 2 + 1)
+    acc_e = acc if side is None else accb * V * vox_e
     cached = n_local * img if inp.cache_images else 0
     # GPU: cuFFT plans and their work areas; the job gives them back (with CuPy's pool) between the phases
     # (memory.release_device_memory), so the E-step keeps only the image transform's
@@ -301,7 +309,7 @@ def _em_phases(inp: EMInputs) -> dict:
             + (8 * V * own if cpu else 0)
     else:
         ins_pts = fine_pts if inp.inserted_poses is None else n * min(Sf, inp.inserted_poses) * m
-        insert = 48 * fine_pts + ((INSERT_BYTES_PER_CORNER * corners + 24) * ins_pts + 8 * V * vox if cpu else 0)
+        insert = 48 * fine_pts + ((INSERT_BYTES_PER_CORNER * corners + 24) * ins_pts + 8 * V * vox_e if cpu else 0)
     held = proj_cache  # the pose grid's projections stay in the search spec until the E-step ends
     batch = base + max(coarse, proj_cache + fine, proj_cache + insert)
 
@@ -340,8 +348,9 @@ def _em_phases(inp: EMInputs) -> dict:
     make_refs = (1 if inp.dim == 3 else 2) * refs + ref_fft * vox + 8 * Vr * box ** inp.dim
     return {
         "references": {"references": make_refs, "cached_images": cached, "fft_plans": fft_vol},
-        "E-step": {"references": refs, "accumulators": acc, "cached_images": cached, "batch_workspace": batch,
+        "E-step": {"references": refs, "accumulators": acc_e, "cached_images": cached, "batch_workspace": batch,
                    "fft_plans": fft_img},
+        **({"hand-over": {"accumulators": acc + acc_e, "cached_images": cached}} if side is not None else {}),
         "M-step": {"accumulators": acc, "cached_images": cached, "fft_plans": fft_m, "reconstruction": recon},
     }
 
