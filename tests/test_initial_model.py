@@ -28,6 +28,17 @@ def _angles(df):
     return df.rlnAngleRot.values, df.rlnAngleTilt.values, df.rlnAnglePsi.values
 
 
+def _against_truth(out, data):
+    """The job's class-1 map put onto the truth (its poses against the true ones, either hand) -> (FSC 0.5 in Å,
+    which hand, correlation, the map, the truth, Å/px, the job's particle table)."""
+    vol, apix = read_map(out / "run_class001.mrc")
+    truth, _ = read_map(data / "truth.mrc")
+    est = starfile.read(out / "run_data.star")["particles"]
+    true = starfile.read(data / "particles.star")["particles"]
+    aligned, how, cc = align_to_truth(vol, truth, _angles(est), _angles(true))
+    return resolution_to_truth(aligned, truth, apix), how, cc, vol, truth, apix, est
+
+
 def test_schedule_and_minibatches():
     assert schedule(1, 20, 30.0, 15.0) == 30.0
     assert schedule(20, 20, 30.0, 15.0) == 15.0
@@ -91,14 +102,9 @@ def test_initial_model_reaches_the_truth(lumpy, tmp_path):
     r = mpi_em(["initial-model", "--i", lumpy / "particles_unaligned.star", "--o", out, "--iter", 20,
                 "--batch-size", 200, "--healpix-order", 1, "--seed", 0], ranks=1, timeout=600)
     assert r.returncode == 0, r.stderr
-    vol, apix = read_map(out / "run_class001.mrc")
-    truth, _ = read_map(lumpy / "truth.mrc")
+    res, how, cc, vol, truth, apix, est = _against_truth(out, lumpy)
     assert vol.shape == truth.shape and abs(apix - 4.0) < 1e-6
-    est = starfile.read(out / "run_data.star")["particles"]
-    true = starfile.read(lumpy / "particles.star")["particles"]
     assert len(est) == 1000 and (est.rlnClassNumber == 1).all()
-    aligned, how, cc = align_to_truth(vol, truth, _angles(est), _angles(true))
-    res = resolution_to_truth(aligned, truth, apix)
     print(f"initial model vs truth ({how}): cc {cc:.3f}, FSC 0.5 at {res:.2f} Å")
     assert res <= 24.0, res
     for name in ("run_model.star", "run_slices.png", "run_it020_class001.mrc", "run_it001_slices.png"):
@@ -351,12 +357,7 @@ def test_compact_phantom_kept_from_a_true_start(tmp_path):
     r = mpi_em(["initial-model", "--i", d / "particles_unaligned.star", "--o", out, "--iter", 10, "--batch-size", 300,
                 "--healpix-order", 1, "--sigma2-fudge", 1, "--start", d / "truth.mrc"], ranks=1, timeout=600)
     assert r.returncode == 0, r.stderr
-    vol, apix = read_map(out / "run_class001.mrc")
-    truth, _ = read_map(d / "truth.mrc")
-    est = starfile.read(out / "run_data.star")["particles"]
-    true = starfile.read(d / "particles.star")["particles"]
-    aligned, how, cc = align_to_truth(vol, truth, _angles(est), _angles(true))
-    res = resolution_to_truth(aligned, truth, apix)
+    res, how, cc = _against_truth(out, d)[:3]
     print(f"compact phantom from the true start ({how}): cc {cc:.3f}, FSC 0.5 at {res:.2f} Å")
     assert res <= 30.0, res
     r = mpi_em(["initial-model", "--i", d / "particles_unaligned.star", "--o", tmp_path / "bad", "--start",
@@ -382,11 +383,6 @@ def test_compact_phantom_found_from_a_random_start_at_high_snr(tmp_path):
     r = mpi_em(["initial-model", "--i", d / "particles_unaligned.star", "--o", out, "--iter", 40, "--batch-size", 100,
                 "--healpix-order", 1, "--ini-high", 60, "--seed", 0], ranks=1, timeout=600)
     assert r.returncode == 0, r.stderr
-    vol, apix = read_map(out / "run_class001.mrc")
-    truth, _ = read_map(d / "truth.mrc")
-    est = starfile.read(out / "run_data.star")["particles"]
-    true = starfile.read(d / "particles.star")["particles"]
-    aligned, how, cc = align_to_truth(vol, truth, _angles(est), _angles(true))
-    res = resolution_to_truth(aligned, truth, apix)
+    res, how, cc = _against_truth(out, d)[:3]
     print(f"compact phantom at SNR 5 from the random start ({how}): cc {cc:.3f}, FSC 0.5 at {res:.2f} Å")
     assert res <= 24.0, res
