@@ -117,7 +117,8 @@ def expectation_batch(X, ctf, inv_sigma2, shells, refs: References, vol_base, pr
     offsets and ``ctf`` (n, m) (:func:`prepare_batch`), ``inv_sigma2`` (m,) float32 and ``shells`` (m,) int
     (:func:`inverse_sigma2_points`, :func:`shell_of_points`), ``vol_base`` (n,) the first volume of each particle's
     reference set, ``prev_mats`` (n, d, d), ``prev_class`` (n,) 0-based; ``F_acc``, ``W_acc`` the accumulators
-    (V, Np, Np, Np//2+1) in 3D, (V, Np, Np//2+1) in 2D, or (:class:`mpi_em.em.model.OwnedAccumulators`, None).
+    (V, Np, Np, Np//2+1) in 3D, (V, Np, Np//2+1) in 2D, or (:class:`mpi_em.em.model.OwnedAccumulators`, None), or
+    (:class:`mpi_em.em.model.CroppedAccumulators`, None).
     ``timer`` (:class:`mpi_em.timing.PhaseTimer`): phases coarse / fine / insert / stats, GEMM flops.
     ``prior_offsets`` (n, 2) px: the images' current offsets from the centre of the offset prior (the images
     are already re-centred on them): translation t gives the offset o + t, whose prior is Gaussian around 0 of
@@ -169,7 +170,8 @@ def _insert_contributions(X, ctf, inv_sigma2, vol_base, spec, geom, F_acc, W_acc
         ins_mats, ins_vol = f_mats[ii, cc], f_cls[ii, cc] + vol_base[ii]
         ins_data, ins_w = data[ii, cc], weights[ii, cc]
     # point groups: the job symmetrises the summed accumulators once per iteration (mpi_em.fourier.symmetrise);
-    # owned accumulators (em.model.OwnedAccumulators, W_acc None) route the stencil to the planes' owners
+    # owned accumulators (em.model.OwnedAccumulators, W_acc None) route the stencil to the planes' owners; cropped
+    # ones (em.model.CroppedAccumulators, W_acc None) insert into the cube the current size reaches
     with timer.detail("insert.backproject"):
         if W_acc is None:
             F_acc.insert(ins_vol, ins_mats, ins_data, ins_w, geom)
