@@ -27,7 +27,8 @@ def test_refine3d_figures_at_large_boxes(box):
     (2 complex128 volumes; 2 complex128 + float64 pairs of Np^2 (Np/2 + 1) voxels, Np = 2 box), the M-step's
     reconstruction term (owned planes + transients) falls with P as 1/P, and the model allocates nothing of
     that size. The references: both halves on one rank, one half set's per rank from 2 ranks on (each rank holds
-    one half set's particles). The E-step's full local partial sums do not fall with P (the job inserts into full
+    one half set's particles), in the CPU projector's centred layout. The E-step's full local partial sums do not
+    fall with P (the job inserts into full
     accumulators on every rank unless they are owned planes: test_owned_accumulators_peak_falls_with_ranks), so
     its phase stays the same from 2 ranks on. The M-step holds no references (the E-step gives them back) and, on
     one rank, no copy of the accumulators: the one-volume-at-a-time reconstruction's transients and the maps only."""
@@ -41,7 +42,9 @@ def test_refine3d_figures_at_large_boxes(box):
     assert peak < 64 * 2 ** 20  # the model is arithmetic (plus one box^2 / 2 grid of the in-ball points)
     for P, e in ests.items():
         m = e.phases["M-step"]
-        assert m["accumulators"] == 2 * 24 * vox and e.phases["E-step"]["references"] == (2 if P == 1 else 1) * 16 * vox
+        # CPU ranks project from the centred layout (one voxel of margin): (2 box + 2)^2 (box + 2) per volume
+        centred = 16 * (2 * box + 2) ** 2 * (box + 2)
+        assert m["accumulators"] == 2 * 24 * vox and e.phases["E-step"]["references"] == (2 if P == 1 else 1) * centred
         assert m.get("references", 0) == 0 and m.get("batch_workspace", 0) == 0
         assert e.relion_bytes == relion_gpu_bytes(box) == int(11 * (2 * box) ** 3)
         assert e.total == max(sum(t.values()) for t in e.phases.values())

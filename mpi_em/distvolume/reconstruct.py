@@ -60,7 +60,9 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
     nxh = layout.nxh
     r_max = default_r_max(box) if r_max is None else r_max
     lead = tuple(F_own.shape[:-3])
-    if tuple(F_own.shape[-3:]) != (n_own, npad, nxh) or tuple(W_own.shape) != tuple(F_own.shape):
+    side = F_own.shape[-3]
+    cube = comm.size == 1 and serial_shortcut and side <= npad and tuple(F_own.shape[-2:]) == (side, side // 2 + 1)
+    if (not cube and tuple(F_own.shape[-3:]) != (n_own, npad, nxh)) or tuple(W_own.shape) != tuple(F_own.shape):
         raise ValueError(f"rank {comm.rank}: owned arrays must be (..., {n_own}, {npad}, {nxh}); got F "
                          f"{tuple(F_own.shape)}, W {tuple(W_own.shape)}")
     nv = int(np.prod(lead, dtype=np.int64))
@@ -68,7 +70,9 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
         tau2 = np.asarray(to_host(tau2), dtype=np.float64)
         tau2 = tau2.reshape(-1, tau2.shape[-1]) if tau2.ndim > 1 else tau2
     if comm.size == 1 and serial_shortcut:
-        out = _serial_reconstruct(F_own.reshape((nv, npad, npad, nxh)), W_own.reshape((nv, npad, npad, nxh)), box,
+        side = F_own.shape[-3]
+        out = _serial_reconstruct(F_own.reshape((nv, side, side, side // 2 + 1)),
+                                  W_own.reshape((nv, side, side, side // 2 + 1)), box,
                                   pad, r_max, tau2, tau2_fudge, min_weight, gridding, mask_outside)
         return out.reshape(lead + (box, box, box))
     t = layout.transpose(box, pad, r_max)
@@ -99,12 +103,16 @@ def _serial_reconstruct(Fv, Wv, box, pad, r_max, tau2, tau2_fudge, min_weight, g
     """The whole volume is on this rank: :func:`mpi_em.fourier.reconstruct` of each volume, on its device."""
     from ..fourier import reconstruct
 
+    from ..fourier.projector import to_full_layout
+
     xp = xp_of(Fv)
     out = xp.empty((Fv.shape[0], box, box, box), dtype=np.float32 if Fv.dtype == np.complex64 else np.float64)
     for v in range(Fv.shape[0]):
         t2 = None if tau2 is None else xp.asarray(tau2[v] if tau2.ndim > 1 else tau2)
-        out[v] = reconstruct(Fv[v], Wv[v], box, pad, r_max, t2, tau2_fudge, min_weight, gridding,
-                             mask_outside)  # its working copy in the arrays' precision (complex64 stays single)
+        # a cube of the E-step's reach (em.model.CroppedAccumulators) is put into the pad x box layout one volume
+        # at a time; its working copy in the arrays' precision (complex64 stays single)
+        out[v] = reconstruct(to_full_layout(Fv[v], pad * box), to_full_layout(Wv[v], pad * box), box, pad, r_max,
+                             t2, tau2_fudge, min_weight, gridding, mask_outside)
     return out
 
 

@@ -108,16 +108,11 @@ class CroppedAccumulators:
         insert(self.F, self.W, 3, mats, vol_index, data, weights, self.geom)
 
     def full(self):
-        """(F, W) of shape (V, Np, Np, Np//2+1), the cropped stacks released (one volume's copy at a time)."""
-        xp, side, npad = self.xp, self.side, self.npad
-        k = np.arange(side)
-        wrap = xp.asarray(np.where(k <= side // 2, k, k - side) % npad)   # cube index -> full-layout index
-        nx = side // 2 + 1
-        F = xp.zeros((self.F.shape[0], npad, npad, npad // 2 + 1), dtype=self.F.dtype)
-        W = xp.zeros(F.shape, dtype=self.W.dtype)
-        for v in range(F.shape[0]):
-            F[v][wrap[:, None], wrap[None, :], :nx] = self.F[v]
-            W[v][wrap[:, None], wrap[None, :], :nx] = self.W[v]
+        """(F, W) of shape (V, Np, Np, Np//2+1) (:func:`mpi_em.fourier.projector.to_full_layout`), the cropped
+        stacks released."""
+        from ..fourier.projector import to_full_layout
+
+        F, W = to_full_layout(self.F, self.npad), to_full_layout(self.W, self.npad)
         self.F = self.W = None
         return F, W
 
@@ -220,14 +215,15 @@ def shell_statistics(comm, F_own, W_own, planes, npad: int, pad: int, n_shells: 
     return _shell_means(out, n_shells)
 
 
-def downsampled_sums(F_own, W_own, planes, npad: int, pad: int):
+def downsampled_sums(F_own, W_own, planes, npad: int, pad: int, box: int | None = None):
     """RELION's BackProjector::getDownsampledAverage, before the division: the padded accumulators' voxels summed
     into the voxel of the unpadded grid nearest to k / pad (ROUND = floor(x + 0.5)), for the owned kz
     ``planes`` of F_own, W_own (V, len(planes), Np, Np//2+1) -> this rank's partial sums, (V, N, N, N//2+1)
-    complex and real (N = Np / pad), to be summed over ranks."""
+    complex and real (N = Np / pad), to be summed over ranks. ``npad`` is the layout's side: pad x box, or the
+    side of the cube the E-step accumulated into (one rank; then ``box`` is given)."""
     xp = xp_of(F_own)
     V = F_own.shape[0]
-    box = npad // pad
+    box = npad // pad if box is None else box
     nxh, nxh_d = npad // 2 + 1, box // 2 + 1
     k = xp.fft.fftfreq(npad, 1.0 / npad)
     down = lambda v: xp.floor(v / pad + 0.5).astype(xp.int64)  # noqa: E731
@@ -247,13 +243,13 @@ def downsampled_sums(F_own, W_own, planes, npad: int, pad: int):
     return dF.reshape(V, box, box, nxh_d), dW.reshape(V, box, box, nxh_d)
 
 
-def fourier_fsc(comm, F_own, W_own, planes, npad: int, pad: int, r_max: float):
+def fourier_fsc(comm, F_own, W_own, planes, npad: int, pad: int, r_max: float, box: int | None = None):
     """Gold-standard FSC of volumes 0 and 1 as RELION computes it (calculateDownSampledFourierShellCorrelation):
     from the down-sampled averages F / W in Fourier space, without the two inverse transforms of the padded
     halves (distributed FFTs at P >= 2) that a real-space FSC of unregularised maps needs. Unmasked, as RELION's
     refinement. Shells beyond ``r_max`` (no data) are 0."""
     xp = xp_of(F_own)
-    dF, dW = downsampled_sums(F_own[:2], W_own[:2], planes, npad, pad)
+    dF, dW = downsampled_sums(F_own[:2], W_own[:2], planes, npad, pad, box)
     allreduce_sum(comm, dF)
     allreduce_sum(comm, dW)
     a = xp.where(dW > 0, dF / xp.where(dW > 0, dW, 1.0), 0)
@@ -293,10 +289,12 @@ def reduce_and_reconstruct_3d(comm, F_acc, W_acc, box: int, pad: int, r_max: flo
     xp = xp_of(F_own)
     timer.add_bytes("reduce_sent", sent)
     timer.add_bytes("reduce_raw", raw)
-    planes = owned_planes(npad, comm.rank, comm.size)
+    # one rank: the accumulators as they are, in the pad x box layout or the cube the E-step accumulated into
+    layout = F_own.shape[-3] if comm.size == 1 else npad
+    planes = owned_planes(layout, comm.rank, comm.size)
     with timer("reconstruct"):
         out = _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold, combined, xp, folds,
-                                 fsc_mask)
+                                 fsc_mask, layout)
     release_device_memory(xp)
     return out
 
@@ -334,8 +332,8 @@ def solvent_corrected_fsc(half1, half2, mask, r_max: float) -> np.ndarray:
 
 
 def _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold, combined, xp, folds=1,
-                       fsc_mask=None):
-    npad = pad * box
+                       fsc_mask=None, layout=None):
+    npad = pad * box if layout is None else layout  # the layout's side (statistics); the maps are pad x box
     n_shells = box // 2 + 1
     parts = None
     if gold and folds > 1:
@@ -345,7 +343,7 @@ def _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold,
     mean_w, power = shell_statistics(comm, F_own, W_own, planes, npad, pad, n_shells)
     info = {"mean_w": mean_w, "power": power}
     if gold:
-        curve = fourier_fsc(comm, F_own, W_own, planes, npad, pad, r_max)  # unmasked, as RELION's
+        curve = fourier_fsc(comm, F_own, W_own, planes, npad, pad, r_max, box)  # unmasked, as RELION's
         if fsc_mask is not None:  # every rank gets both unregularised half maps and computes the same curve
             info["fsc_unmasked"] = curve
             unreg = distributed_reconstruct(comm, F_own, W_own, box, pad, r_max)

@@ -194,6 +194,10 @@ def expectation(job: EMRun, it: int, geom: SliceGeometry, refs: References, time
     def e_step():
         F_acc, W_acc = e_step_accumulators(job.comm, V, vol_shape, xp, job.owned_accumulators, job.sym_ops,
                                            precision=job.accumulate, geom=geom if dim == 3 else None)
+        if isinstance(F_acc, CroppedAccumulators) and job.comm.rank == 0:
+            log.info("iteration %d: accumulators in the %d^3 cube that r %.0f px reaches (%.0f%% of the %d^3 "
+                     "volume)", it, F_acc.side, geom.r_max, 100.0 * F_acc.F.size / (V * np.prod(vol_shape)),
+                     geom.npad)
         stats = Stats.zeros(n_shells, K)
         batches = batch_rounds(F_acc, job.images.batches(plan, args.batch, pinned=pinned_wanted(xp)),
                                len(plan["index"]), args.batch)
@@ -232,7 +236,11 @@ def expectation(job: EMRun, it: int, geom: SliceGeometry, refs: References, time
     acc, stats = collective_step(job.comm, routed_step(e_step))
     end_e_step(refs, spec, xp)  # the references, the grid's projections, the device pool given back
     if isinstance(acc["F"], CroppedAccumulators):
-        acc = collective_step(job.comm, hand_over, acc)
+        if job.comm.size > 1:  # the reduction to the planes' owners works in the pad x box layout
+            acc = collective_step(job.comm, hand_over, acc)
+        else:  # one rank: the M-step works on the cube (each volume put into the full layout for its FFT only)
+            acc = {"F": acc["F"].F, "W": acc["F"].W}
+            symmetrised(acc["F"], acc["W"])
     vec = stats.as_vector()
     allreduce_sum(job.comm, vec)
     return acc, Stats.from_vector(vec, n_shells, K)

@@ -91,6 +91,20 @@ def with_layout_size(geom: SliceGeometry, side: int) -> SliceGeometry:
     return g
 
 
+def to_full_layout(small, npad: int):
+    """FFT-layout volume(s) (..., S, S, S//2+1) of a cube of side S <= ``npad`` (:func:`with_layout_size`) placed in
+    the (..., Np, Np, Np//2+1) layout: index k of the cube (k - S for k > S/2) to k mod Np; zeros elsewhere."""
+    xp = xp_of(small)
+    side = small.shape[-3]
+    if side == npad:
+        return small
+    k = np.arange(side)
+    wrap = xp.asarray(np.where(k <= side // 2, k, k - side) % npad)
+    out = xp.zeros(small.shape[:-3] + (npad, npad, npad // 2 + 1), dtype=small.dtype)
+    out[..., wrap[:, None], wrap[None, :], :side // 2 + 1] = small
+    return out
+
+
 def padded_reach(r_max: float, pad: int) -> float:
     """Radius in padded-grid voxels that the insertion of in-ball points |k| <= r_max can reach: the trilinear
     stencil adds at most sqrt(3) to pad * r_max (bounded by pad * r_max + 2); the symmetrised sum stays inside
@@ -175,7 +189,8 @@ class CentredVolumes:
         self.npad, self.S, self.X = npad, npad + 2, nxh + 1
         k = xp.arange(-half, half + 1)
         self.C = xp.zeros((V, self.S, self.S, self.X), dtype=F.dtype)
-        self.C[:, (k + half)[:, None], (k + half)[None, :], :nxh] = F[:, (k % npad)[:, None], (k % npad)[None, :]]
+        for v in range(V):  # one volume's gathered copy at a time
+            self.C[v, (k + half)[:, None], (k + half)[None, :], :nxh] = F[v, (k % npad)[:, None], (k % npad)[None, :]]
         dz, dy, dx = np.meshgrid([0, 1], [0, 1], [0, 1], indexing="ij")
         self.offsets = xp.asarray(((dz * self.S + dy) * self.X + dx).reshape(8), dtype=xp.int32)
         self.dtype = F.dtype

@@ -39,6 +39,11 @@ RECONSTRUCT_DIST_BYTES_PER_VOXEL = 30
 #: single precision): 28.0-28.1 in all at box 32-48 on 2 ranks
 RECONSTRUCT_DIST_BYTES_PER_VOXEL_SINGLE = 9
 RECONSTRUCT_DIST_FIXED = 20
+#: the CPU fine pass of 3D jobs (the centred projector's stencil and output, the likelihood's operands and the
+#: weighted translations), bytes alive per fine point (batch x fine candidates x in-ball points) above what the
+#: batch held before it; tracemalloc at box 32-64 (refine3d, class3d K = 2): 161.5-163.6 with complex128
+#: references, 89.1 with complex64 ('single'); the projector alone is PROJECT_BYTES_PER_POINT
+FINE_BYTES_PER_POINT_CPU = {"double": 164, "single": 90}
 #: ``fourier.volume_fft`` of one reference (the box's rows transformed, placed, then in-place FFTs by chunks) on
 #: top of its output; tracemalloc: 18.2-20.2 per voxel including the 16-byte output at pad 2-3 (50.4 before it
 #: stopped making the padded real volume); at pad 1 the rows are the volume: 44
@@ -301,7 +306,8 @@ def _em_phases(inp: EMInputs) -> dict:
     fine_pts = n * Sf * m
     # fine pass: the projections come out complex128 (16 per point), the likelihood's conjugate copy and its
     # complex64 product (32); the insertion keeps them beside Xw, data, weights and the kept rows (32)
-    fine = max((PROJECT_BYTES_PER_POINT[inp.dim] if cpu else 0) * fine_pts, 48 * fine_pts)
+    fine = max((FINE_BYTES_PER_POINT_CPU[inp.accumulate] if cpu and inp.dim == 3 else
+                PROJECT_BYTES_PER_POINT[inp.dim] if cpu else 0) * fine_pts, 48 * fine_pts)
     if routed:  # points routed to the planes' owners (one symmetry copy at a time); CPU: the scatter-add's
         # bincount over the owned planes of every volume
         recv = fine_pts * (2 if inp.ranks > 1 else 1)
@@ -317,23 +323,27 @@ def _em_phases(inp: EMInputs) -> dict:
     # which are the owned planes, nor on one rank, where the accumulators are used as they are); refine3d with
     # folds: each half's sum of its folds, then the leave-one-fold-out volumes; each reconstruction's
     # transients; the maps (float64, listed then stacked)
+    # one rank with cropped accumulators: the M-step works on the cube, each volume put into the pad x box layout
+    # for its reconstruction only (distvolume.reconstruct._serial_reconstruct)
+    cube = side is not None and inp.ranks == 1
     if inp.dim == 3:
         folded = inp.folds > 1 and inp.mode == "refine3d"
-        sums = 2 * accb * own if folded else 0
+        own_m = vox_e if cube else own
+        sums = 2 * accb * own_m if folded else 0
 
         def transient(nv):
             if inp.ranks == 1:  # one volume at a time, its working copy in the accumulators' precision
                 return (RECONSTRUCT_SERIAL_BYTES_PER_VOXEL_SINGLE if single else RECONSTRUCT_SERIAL_BYTES_PER_VOXEL) \
-                    * vox
+                    * vox + (accb * vox if cube else 0)
             per = RECONSTRUCT_DIST_BYTES_PER_VOXEL_SINGLE if single else RECONSTRUCT_DIST_BYTES_PER_VOXEL
             return (per + RECONSTRUCT_DIST_FIXED) * own  # one volume at a time, in the accumulators' precision
 
         owned = 0 if routed or inp.ranks == 1 else accb * V * own
         # model._shell_sums (at most 2^24 voxels per chunk) over the volumes reconstructed: with folds, each
         # half's sum of its folds
-        shell_stats = SHELL_BYTES_PER_VOXEL[inp.accumulate] * min((2 if folded else V) * own, 1 << 24)
+        shell_stats = SHELL_BYTES_PER_VOXEL[inp.accumulate] * min((2 if folded else V) * own_m, 1 << 24)
         halves = owned + sums + max(transient(2 if folded else V), shell_stats)
-        lofo = owned + sums + accb * V * own + transient(V) if folded else 0
+        lofo = owned + sums + accb * V * own_m + transient(V) if folded else 0
         # the maps, listed then stacked: float64, or float32 from single-precision accumulators
         recon = max(halves, lofo) + 2 * (4 if single else 8) * V * box ** 3
         fft_m = 0 if cpu else (16 * vox // 16 if inp.ranks == 1 else 16 * own)  # chunked / distributed FFTs
@@ -346,12 +356,20 @@ def _em_phases(inp: EMInputs) -> dict:
     # 2D: listed, then stacked)
     ref_fft = REFERENCE_FFT_BYTES_PER_VOXEL if pad > 1 else REFERENCE_FFT_BYTES_PER_VOXEL_PAD1
     make_refs = (1 if inp.dim == 3 else 2) * refs + ref_fft * vox + 8 * Vr * box ** inp.dim
+    # CPU ranks project from the centred layout (fourier.CentredVolumes: a margin of one voxel, filled one volume
+    # at a time beside the FFT-layout stack, which is then dropped): the E-step holds that layout instead
+    refs_e = refs
+    if cpu and inp.dim == 3:
+        refs_e = (8 if single else 16) * Vr * (npad + 2) ** 2 * (npad // 2 + 2)
+        make_refs += refs_e + refs // max(Vr, 1)
     return {
         "references": {"references": make_refs, "cached_images": cached, "fft_plans": fft_vol},
-        "E-step": {"references": refs, "accumulators": acc_e, "cached_images": cached, "batch_workspace": batch,
+        "E-step": {"references": refs_e, "accumulators": acc_e, "cached_images": cached, "batch_workspace": batch,
                    "fft_plans": fft_img},
-        **({"hand-over": {"accumulators": acc + acc_e, "cached_images": cached}} if side is not None else {}),
-        "M-step": {"accumulators": acc, "cached_images": cached, "fft_plans": fft_m, "reconstruction": recon},
+        **({"hand-over": {"accumulators": acc + acc_e, "cached_images": cached}}
+           if side is not None and not cube else {}),
+        "M-step": {"accumulators": acc_e if cube else acc, "cached_images": cached, "fft_plans": fft_m,
+                   "reconstruction": recon},
     }
 
 
