@@ -69,8 +69,7 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
     if tau2 is not None:
         tau2 = np.asarray(to_host(tau2), dtype=np.float64)
         tau2 = tau2.reshape(-1, tau2.shape[-1]) if tau2.ndim > 1 else tau2
-    if comm.size == 1 and serial_shortcut:
-        side = F_own.shape[-3]
+    if comm.size == 1 and serial_shortcut:  # the pad x box layout, or the cube an E-step accumulated into
         out = _serial_reconstruct(F_own.reshape((nv, side, side, side // 2 + 1)),
                                   W_own.reshape((nv, side, side, side // 2 + 1)), box,
                                   pad, r_max, tau2, tau2_fudge, min_weight, gridding, mask_outside)
@@ -102,7 +101,6 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
 def _serial_reconstruct(Fv, Wv, box, pad, r_max, tau2, tau2_fudge, min_weight, gridding, mask_outside):
     """The whole volume is on this rank: :func:`mpi_em.fourier.reconstruct` of each volume, on its device."""
     from ..fourier import reconstruct
-
     from ..fourier.projector import to_full_layout
 
     xp = xp_of(Fv)

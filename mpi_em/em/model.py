@@ -94,7 +94,7 @@ class CroppedAccumulators:
         from ..fourier.projector import with_layout_size
 
         self.geom = with_layout_size(geom, side)
-        self.side, self.npad, self.xp = side, geom.npad, xp
+        self.side, self.npad = side, geom.npad
         shape = (V,) + self.geom.vol_shape
         self.F, self.W = xp.zeros(shape, dtype=cdt), xp.zeros(shape, dtype=rdt)
 
