@@ -95,7 +95,7 @@ def one_job(box: int, n: int, iters: int, a) -> dict:
     from mpi_em.memory import relion_gpu_bytes
 
     data = os.path.join(a.out, f"data{box}")
-    name = f"refine{box}" + ("_local" if a.aligned else "")
+    name = (f"reconstruct{box}" if a.job == "reconstruct" else f"refine{box}") + ("_local" if a.aligned else "")
     job = os.path.join(a.out, name)
     if not os.path.exists(os.path.join(data, "particles_unaligned.star")):
         r = subprocess.run(_py(["--quiet", "simulate", "--out", data, "--box", box, "--n", n, "--snr", a.snr,
@@ -103,13 +103,18 @@ def one_job(box: int, n: int, iters: int, a) -> dict:
         if r.returncode:
             raise SystemExit(f"simulate box {box}: {r.stderr.strip().splitlines()[-1:]}")
     launcher = a.launcher.split() + ["-n", str(a.ranks)] if a.launcher else []
-    star = "particles.star" if a.aligned else "particles_unaligned.star"
-    cmd = launcher + _py(["refine3d", "--i", os.path.join(data, star), "--ref",
+    star = "particles.star" if a.aligned or a.job == "reconstruct" else "particles_unaligned.star"
+    if a.job == "reconstruct":  # known poses: the true ones
+        cmd = launcher + _py(["reconstruct", "--i", os.path.join(data, star), "--device", a.device, "--accumulate",
+                              a.accumulate, "--o", job, "--overwrite"] + a.extra.split())
+    else:
+        cmd = launcher + _py(["refine3d", "--i", os.path.join(data, star), "--ref",
                           os.path.join(data, "truth.mrc"), "--ini-high", a.ini_high, "--iter", iters, "--device",
                           a.device, "--accumulate", a.accumulate, "--o", job, "--overwrite"]
-                         + (["--healpix-order", 4, "--local-from-order", 4] if a.aligned else []) + a.extra.split())
+                             + (["--healpix-order", 4, "--local-from-order", 4] if a.aligned else [])
+                             + a.extra.split())
     res = run_sampled(cmd, a.device, a.interval, os.path.join(a.out, f"{name}.log"))
-    out = {"box": box, "particles": n, "iterations": iters, "accumulate": a.accumulate, "ranks": a.ranks,
+    out = {"job": a.job, "box": box, "particles": n, "iterations": iters, "accumulate": a.accumulate, "ranks": a.ranks,
            "search": "local around the true poses" if a.aligned else "global from --healpix-order",
            "device": a.device, "command": " ".join(cmd), **res,
            "peak_measures": "nvidia-smi memory.used, whole device" if a.device == "gpu" else "RSS of the job's processes",
@@ -135,6 +140,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", nargs="+", default=["512:3000:3", "768:1000:2"], metavar="BOX:N:ITER",
                    help="jobs as box:particles:iterations (default 512:3000:3 768:1000:2)")
+    p.add_argument("--job", choices=("refine3d", "reconstruct"), default="refine3d",
+                   help="refine3d (default), or reconstruct from the true poses (ITER is ignored)")
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
     p.add_argument("--accumulate", choices=("auto", "double", "single"), default="single")
     p.add_argument("--ranks", type=int, default=1)
@@ -143,7 +150,7 @@ def main(argv=None):
                    help="start from the true poses (particles.star) with local searches at order 4 (refine3d "
                         "starts local when --healpix-order >= --local-from-order); with --ini-high at Nyquist, "
                         "the search of a last iteration at the full image size")
-    p.add_argument("--extra", default="", help="more refine3d options, one string")
+    p.add_argument("--extra", default="", help="more options of the job, one string")
     p.add_argument("--snr", type=float, default=0.05)
     p.add_argument("--apix", type=float, default=1.0)
     p.add_argument("--ini-high", type=float, default=30.0)

@@ -16,7 +16,7 @@ from .geometry import euler_to_matrix, random_rotations
 
 def phantom(box: int, seed: int = 0, n_atoms: int | None = None, sym: str = "C1", radius: float | None = None,
             bfactor_px: float = 1.0, n_domains: int = 5, remove_domain: int | None = None,
-            domain_spread: float = 0.3, domain_distance: float = 0.55) -> np.ndarray:
+            domain_spread: float = 0.3, domain_distance: float = 0.55, xp=np) -> np.ndarray:
     """A pseudo-atomic density: Gaussian 'atoms' grouped in domains inside a sphere, float32 (box^3).
 
     Atoms are splatted onto the grid and blurred by a Gaussian of ``bfactor_px`` pixels, which gives the
@@ -30,6 +30,7 @@ def phantom(box: int, seed: int = 0, n_atoms: int | None = None, sym: str = "C1"
     ``remove_domain`` (0-based; -1 = the domain with the most atoms): the same phantom (same seed, same atoms,
     same scale) without that domain's atoms — a second conformation for classification tests. The scale is
     that of the complete phantom (unit standard deviation), so both conformations share one density scale.
+    ``xp``: the array module of the blur's FFT (CuPy for large boxes); the result is a NumPy array either way.
     """
     rng = np.random.default_rng(seed)
     radius = 0.33 * box if radius is None else radius
@@ -49,7 +50,7 @@ def phantom(box: int, seed: int = 0, n_atoms: int | None = None, sym: str = "C1"
     inside = np.linalg.norm(pts, axis=1) < radius * 0.95
     pts, which = pts[inside], which[inside]
     weights = rng.uniform(0.6, 1.4, len(pts))
-    full = _splat(pts, weights, mats, box, bfactor_px)
+    full = _splat(pts, weights, mats, box, bfactor_px, xp)
     scale = full.std()
     if remove_domain is None:
         return (full / scale).astype(np.float32)
@@ -58,27 +59,31 @@ def phantom(box: int, seed: int = 0, n_atoms: int | None = None, sym: str = "C1"
     if not 0 <= remove_domain < n_domains:
         raise ValueError(f"remove_domain {remove_domain} outside 0..{n_domains - 1}")
     keep = which != remove_domain
-    return (_splat(pts[keep], weights[keep], mats, box, bfactor_px) / scale).astype(np.float32)
+    return (_splat(pts[keep], weights[keep], mats, box, bfactor_px, xp) / scale).astype(np.float32)
 
 
-def _splat(pts, weights, mats, box: int, bfactor_px: float) -> np.ndarray:
+def _splat(pts, weights, mats, box: int, bfactor_px: float, xp=np) -> np.ndarray:
     """Atoms (x, y, z about the centre) and their symmetry copies, trilinearly splatted and Gaussian-blurred."""
     all_pts = np.concatenate([pts @ L.T for L in mats])  # (x, y, z) about the centre
     all_w = np.tile(weights, len(mats))
-    vol = np.zeros((box,) * 3, dtype=np.float64)
     c = all_pts + box // 2
     c0 = np.floor(c).astype(np.int64)
     f = c - c0
+    idx, wts = [], []
     for dz in (0, 1):
         for dy in (0, 1):
             for dx in (0, 1):
-                w = all_w * np.where(dz, f[:, 2], 1 - f[:, 2]) * np.where(dy, f[:, 1], 1 - f[:, 1]) * \
-                    np.where(dx, f[:, 0], 1 - f[:, 0])
-                np.add.at(vol, (c0[:, 2] + dz, c0[:, 1] + dy, c0[:, 0] + dx), w)
-    k = np.fft.fftfreq(box)
-    kz, ky, kx = np.meshgrid(k, k, np.fft.rfftfreq(box), indexing="ij")
-    blur = np.exp(-2 * np.pi ** 2 * bfactor_px ** 2 * (kx ** 2 + ky ** 2 + kz ** 2))
-    return np.fft.irfftn(np.fft.rfftn(vol) * blur, s=vol.shape, axes=(0, 1, 2))
+                wts.append(all_w * np.where(dz, f[:, 2], 1 - f[:, 2]) * np.where(dy, f[:, 1], 1 - f[:, 1])
+                           * np.where(dx, f[:, 0], 1 - f[:, 0]))
+                idx.append(((c0[:, 2] + dz) * box + c0[:, 1] + dy) * box + c0[:, 0] + dx)
+    vol = np.bincount(np.concatenate(idx), weights=np.concatenate(wts), minlength=box ** 3)
+    del idx, wts
+    k = xp.fft.fftfreq(box)
+    kz, ky, kx = xp.meshgrid(k, k, xp.fft.rfftfreq(box), indexing="ij")
+    blur = xp.exp(-2 * np.pi ** 2 * bfactor_px ** 2 * (kx ** 2 + ky ** 2 + kz ** 2))
+    del kz, ky, kx
+    vol = xp.fft.irfftn(xp.fft.rfftn(xp.asarray(vol.reshape((box,) * 3))) * blur, s=(box,) * 3, axes=(0, 1, 2))
+    return vol if xp is np else xp.asnumpy(vol)
 
 
 def separated_views(n_views: int, seed: int = 0, order: int = 3) -> tuple[np.ndarray, np.ndarray, float]:

@@ -64,10 +64,10 @@ def run(args, comm) -> None:
             raise MpiEmError("--views and --conformations 2 label rlnClassNumber differently; use one of them")
         shape = {"n_domains": args.domains, "domain_spread": args.domain_spread,
                  "domain_distance": args.domain_distance}
-        vol = phantom(args.box, seed=args.seed, sym=args.sym, **shape)
+        vol = phantom(args.box, seed=args.seed, sym=args.sym, xp=xp, **shape)
         vols, poses, class_of, what = vol, None, None, ""
         if args.conformations > 1:
-            vols = [vol, phantom(args.box, seed=args.seed, sym=args.sym, remove_domain=-1, **shape)]
+            vols = [vol, phantom(args.box, seed=args.seed, sym=args.sym, remove_domain=-1, xp=xp, **shape)]
             class_of = np.random.default_rng(args.seed + 3).integers(0, 2, args.n)
             what = f", 2 conformations ({np.bincount(class_of, minlength=2).tolist()} particles)"
         if args.views:
