@@ -34,7 +34,35 @@ def get_xp(device: str = "cpu"):
         raise RuntimeError(f"device {device!r} asked for, but CuPy with a CUDA device is not available")
     if ":" in device:
         _cp.cuda.Device(int(device.split(":", 1)[1])).use()
+    _use_allocator()
     return _cp
+
+
+_ASYNC_POOLS: dict = {}
+
+
+def _use_allocator() -> None:
+    """``MPI_EM_GPU_ALLOCATOR=async``: CuPy allocates from the driver's stream-ordered pool (cudaMallocAsync) of the
+    current device instead of its own pool, whose freed blocks split for small arrays can keep large ones reserved
+    (:func:`memory_pool` is the pool in use either way)."""
+    if config.timing_detail():  # the arrays' live bytes counted from the first allocation on
+        from .timing import _live_bytes_hook
+
+        _live_bytes_hook()
+    if config.gpu_allocator() != "async":
+        return
+    dev = _cp.cuda.Device().id
+    if dev not in _ASYNC_POOLS:
+        _ASYNC_POOLS[dev] = _cp.cuda.MemoryAsyncPool()
+    _cp.cuda.set_allocator(_ASYNC_POOLS[dev].malloc)
+
+
+def memory_pool(xp=None):
+    """The CuPy memory pool GPU arrays come from on the current device (its ``total_bytes``, ``used_bytes``,
+    ``free_bytes``, ``free_all_blocks``); None on CPU ranks or without CuPy."""
+    if _cp is None or xp is np:
+        return None
+    return _ASYNC_POOLS.get(_cp.cuda.Device().id) or _cp.get_default_memory_pool()
 
 
 def default_device() -> str:

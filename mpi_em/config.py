@@ -8,6 +8,8 @@
 ``MPI_EM_PINNED``              ``0``: GPU ranks read batches into pageable instead of page-locked memory
 ``MPI_EM_TIMING_DETAIL``       ``1``: the EM jobs also time the steps inside the phases (``run_timings.json``'s
                                ``detail_seconds``; more device synchronisations: for diagnosis, not timing)
+``MPI_EM_GPU_ALLOCATOR``        ``async``: GPU arrays come from the CUDA driver's stream-ordered pool
+                               (cudaMallocAsync) instead of CuPy's own memory pool (default ``pool``)
 ``MPI_EM_STOP_AFTER_ITERATION``  ``N``: an EM job stops after iteration N as if killed there, its checkpoint
                                written (for tests of ``--continue`` that run the job in a subprocess)
 =============================  ==========================================================================
@@ -30,11 +32,18 @@ def pinned() -> bool:
     return os.environ.get("MPI_EM_PINNED", "1") != "0"
 
 
+def gpu_allocator() -> str:
+    """``MPI_EM_GPU_ALLOCATOR``: 'pool' (CuPy's memory pool, default) or 'async' (the driver's)."""
+    return os.environ.get("MPI_EM_GPU_ALLOCATOR", "pool")
+
+
 def timing_detail() -> bool:
     return os.environ.get("MPI_EM_TIMING_DETAIL") == "1"
 
 
 def stop_after_iteration() -> int | None:
-    """``MPI_EM_STOP_AFTER_ITERATION`` as an iteration number, or None."""
+    """``MPI_EM_GPU_ALLOCATOR``        ``async``: GPU arrays come from the CUDA driver's stream-ordered pool
+                               (cudaMallocAsync) instead of CuPy's own memory pool (default ``pool``)
+``MPI_EM_STOP_AFTER_ITERATION`` as an iteration number, or None."""
     value = os.environ.get("MPI_EM_STOP_AFTER_ITERATION")
     return int(value) if value else None

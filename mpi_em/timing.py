@@ -26,11 +26,18 @@ class PhaseTimer:
         self.flops: dict[str, float] = defaultdict(float)
         self.bytes: dict[str, float] = defaultdict(float)
         self.pool_bytes: dict[str, int] = {}  # detail on GPU: the CuPy pool's reserved bytes at each phase's end
+        self.live_peak_bytes: dict[str, int] = {}  # detail on GPU (CuPy's pool): the arrays' bytes at their peak
+        self.live_end_bytes: dict[str, int] = {}  # detail on GPU: the arrays' bytes at each phase's end
+        self._hook = _live_bytes_hook() if detail and xp is not np else None
 
     @contextmanager
     def __call__(self, name: str):
         if self.sync:
             synchronize(self.xp)
+        hook = self._hook
+        outer_peak = None
+        if hook is not None:  # the phase's own peak; an enclosing phase keeps the larger of both
+            outer_peak, hook.peak = hook.peak, hook.live
         t = time.perf_counter()
         try:
             yield
@@ -39,10 +46,16 @@ class PhaseTimer:
                 synchronize(self.xp)
             self.seconds[name] += time.perf_counter() - t
             if self.detailed and self.xp is not np:
+                from .backend import memory_pool
+
                 # reserved memory only grows inside a phase (unless the phase frees the pool's blocks): its value
                 # at the end is the phase's high-water mark of the pool, what nvidia-smi sees
-                total = int(self.xp.get_default_memory_pool().total_bytes())
-                self.pool_bytes[name] = max(self.pool_bytes.get(name, 0), total)
+                pool = memory_pool(self.xp)
+                self.pool_bytes[name] = max(self.pool_bytes.get(name, 0), int(pool.total_bytes()))
+                self.live_end_bytes[name] = max(self.live_end_bytes.get(name, 0), int(pool.used_bytes()))
+            if hook is not None:
+                self.live_peak_bytes[name] = max(self.live_peak_bytes.get(name, 0), hook.peak)
+                hook.peak = max(outer_peak, hook.peak)
 
     @contextmanager
     def detail(self, name: str):
@@ -69,7 +82,39 @@ class PhaseTimer:
             out["detail_seconds"] = dict(self.detail_seconds)
             if self.pool_bytes:
                 out["pool_bytes"] = dict(self.pool_bytes)
+                out["live_end_bytes"] = dict(self.live_end_bytes)
+            if self.live_peak_bytes:
+                out["live_peak_bytes"] = dict(self.live_peak_bytes)
         return out
+
+
+_HOOK = None
+
+
+def _live_bytes_hook():
+    """One CuPy memory hook per process, entered for good, counting the bytes of the arrays alive (``live``) and
+    their peak since it was last reset (``peak``): what the job needs, beside what the pool keeps reserved. Only
+    CuPy's own pool calls hooks (not the driver's, ``MPI_EM_GPU_ALLOCATOR=async``)."""
+    global _HOOK
+    if _HOOK is None:
+        from cupy.cuda import memory_hook  # type: ignore
+
+        class LiveBytes(memory_hook.MemoryHook):
+            name = "mpi_em_live_bytes"
+
+            def __init__(self):
+                self.live = self.peak = 0
+
+            def malloc_postprocess(self, device_id, size, mem_size, mem_ptr, pmem_id):
+                self.live += mem_size
+                self.peak = max(self.peak, self.live)
+
+            def free_postprocess(self, device_id, mem_size, mem_ptr, pmem_id):
+                self.live -= mem_size
+
+        _HOOK = LiveBytes()
+        _HOOK.__enter__()
+    return _HOOK
 
 
 class _Null:

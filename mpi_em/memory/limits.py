@@ -71,8 +71,10 @@ def release_device_memory(xp) -> None:
     into its peak and ranks sharing a GPU get what one of them no longer uses. Nothing on CPU ranks."""
     if xp is np:
         return
+    from ..backend import memory_pool
+
     xp.fft.config.get_plan_cache().clear()
-    xp.get_default_memory_pool().free_all_blocks()
+    memory_pool(xp).free_all_blocks()
 
 
 # ------------------------------------------------------------------------------------------ the limit
@@ -84,8 +86,10 @@ def available_bytes(device: str, ranks_here: int = 1) -> int | None:
     if device != "cpu":
         import cupy  # type: ignore
 
+        from ..backend import memory_pool
+
         free, _ = cupy.cuda.runtime.memGetInfo()
-        return int((free + cupy.get_default_memory_pool().free_bytes()) // ranks_here)
+        return int((free + memory_pool(cupy).free_bytes()) // ranks_here)
     try:
         with open("/proc/meminfo") as f:
             for line in f:
