@@ -263,17 +263,24 @@ def run(args, comm) -> dict:
         sent = int(st_F["bytes_sent"] + st_W["bytes_sent"])
         del dense
         t_red = time.time() - t_red
+        if comm.rank == 0:
+            log.info("accumulators summed over the ranks' planes (%.1f s, %.1f MiB sent by rank 0)", t_red,
+                     sent / 2 ** 20)
     t_rec = time.time()
-    # RELION's reconstruction (relion_reconstruct, benchmarks/relion_parity.py): up to Nyquist, soft mask outside
-    # the sphere of diameter N
-    half1 = distributed_reconstruct(comm, F_own[0:1], W_own[0:1], box, args.pad, r_max, mask_outside=True)[0]
-    half1 = to_host(half1).astype(np.float32)
-    half2 = to_host(distributed_reconstruct(comm, F_own[1:2], W_own[1:2], box, args.pad, r_max,
-                                            mask_outside=True)[0]).astype(np.float32)
+
+    def one_map(v, what):  # RELION's reconstruction (relion_reconstruct, benchmarks/relion_parity.py): up to
+        # Nyquist, soft mask outside the sphere of diameter N
+        t = time.time()
+        out = to_host(distributed_reconstruct(comm, F_own[v:v + 1], W_own[v:v + 1], box, args.pad, r_max,
+                                              mask_outside=True)[0]).astype(np.float32)
+        if comm.rank == 0:
+            log.info("%s reconstructed (%.1f s)", what, time.time() - t)
+        return out
+
+    half1, half2 = one_map(0, "half map 1"), one_map(1, "half map 2")
     F_own[0] += F_own[1]
     W_own[0] += W_own[1]
-    full = to_host(distributed_reconstruct(comm, F_own[0:1], W_own[0:1], box, args.pad, r_max,
-                                           mask_outside=True)[0]).astype(np.float32)
+    full = one_map(0, "map of both halves")
     del F_own, W_own
     t_rec = time.time() - t_rec
     peak = None
