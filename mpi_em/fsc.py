@@ -7,10 +7,14 @@ from .backend import to_host, xp_of
 from .fourier import radius_3d, shell_index
 
 
-def fsc(vol1, vol2):
-    """FSC per integer shell 0..N/2 of two real (N, N, N) volumes -> numpy float64 array (N//2 + 1,)."""
+def fsc(vol1, vol2, single: bool = False):
+    """FSC per integer shell 0..N/2 of two real (N, N, N) volumes -> numpy float64 array (N//2 + 1,).
+    ``single``: the transforms in single precision (complex64: a quarter of the memory of float64 copies and
+    their transforms, for large boxes on a GPU; the curve to ~1e-6)."""
     xp = xp_of(vol1, vol2)
-    return fsc_fourier(xp.fft.rfftn(vol1.astype(xp.float64)), xp.fft.rfftn(vol2.astype(xp.float64)))
+    dt = xp.float32 if single else xp.float64
+    F1 = xp.fft.rfftn(vol1.astype(dt, copy=False))
+    return fsc_fourier(F1, xp.fft.rfftn(vol2.astype(dt, copy=False)))
 
 
 def fsc_fourier(F1, F2):

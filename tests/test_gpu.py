@@ -411,3 +411,17 @@ def test_the_drivers_pool_gives_the_same_reconstruction(tmp_path):
                         "--o", str(tmp_path / alloc), "--device", "gpu"], check=True, env=env)
         maps.append(mrcfile.read(str(tmp_path / alloc / "map.mrc")))
     assert np.abs(maps[0] - maps[1]).max() <= 2 * np.finfo(np.float32).eps * np.abs(maps[0]).max()
+
+
+def test_single_precision_fsc_on_the_gpu_equals_double_on_the_cpu():
+    """reconstruct's FSC of the half maps on a GPU rank: complex64 transforms on the device give the float64 CPU
+    curve to float32 rounding of the sums (1e-5 asserted)."""
+    from mpi_em.fsc import fsc
+
+    a = phantom(64, seed=2)
+    rng = np.random.default_rng(1)
+    h1 = a + rng.normal(size=a.shape).astype(np.float32)
+    h2 = a + rng.normal(size=a.shape).astype(np.float32)
+    ref = fsc(h1, h2)
+    got = fsc(cp.asarray(h1), cp.asarray(h2), single=True)
+    assert np.abs(np.asarray(got) - ref).max() < 1e-5

@@ -159,6 +159,36 @@ def test_fourier_fsc_one_where_shared_zero_where_independent():
     assert np.all(curve[15:] == 0)
 
 
+def test_downsampled_sums_by_chunks_equal_one_pass_and_the_definition(monkeypatch):
+    """The down-sampled sums go by chunks of planes (their indices and weights at most DOWNSAMPLE_CHUNK voxels):
+    one plane at a time gives the one-pass sums to float64 rounding of the summation order, and both equal the
+    definition (each padded voxel added at round(k / pad), by np.add.at), for a subset of planes too."""
+    import mpi_em.em.model as model
+
+    box, pad = 12, 2
+    npad = pad * box
+    rng = np.random.default_rng(5)
+    planes = np.arange(1, npad, 3)
+    shape = (2, len(planes), npad, npad // 2 + 1)
+    F = (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
+    W = rng.uniform(0, 1, shape).astype(np.float32)
+    one = model.downsampled_sums(F, W, planes, npad, pad)
+    monkeypatch.setattr(model, "DOWNSAMPLE_CHUNK", npad * (npad // 2 + 1))  # one plane per chunk
+    by_plane = model.downsampled_sums(F, W, planes, npad, pad)
+    k = np.fft.fftfreq(npad, 1.0 / npad)
+    down = lambda v: np.floor(v / pad + 0.5).astype(int)  # noqa: E731
+    iz, iy, ix = np.meshgrid(down(k[planes]) % box, down(k) % box,
+                             np.minimum(down(np.arange(npad // 2 + 1)), box // 2), indexing="ij")
+    for v in range(2):
+        ref_F = np.zeros((box, box, box // 2 + 1), complex)
+        ref_W = np.zeros((box, box, box // 2 + 1))
+        np.add.at(ref_F, (iz, iy, ix), F[v].astype(complex))
+        np.add.at(ref_W, (iz, iy, ix), W[v].astype(float))
+        for got_F, got_W in (one, by_plane):
+            np.testing.assert_allclose(got_F[v], ref_F, rtol=0, atol=1e-12 * np.abs(ref_F).max())
+            np.testing.assert_allclose(got_W[v], ref_W, rtol=0, atol=1e-12 * ref_W.max())
+
+
 def test_significant_coarse_candidates():
     """RELION's significant samples: of the n_select best coarse poses, the fine pass refines those whose better
     ones hold less than 99.9% of the coarse posterior. A particle whose best pose holds 99.95% keeps one; one with

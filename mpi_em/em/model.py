@@ -215,6 +215,10 @@ def shell_statistics(comm, F_own, W_own, planes, npad: int, pad: int, n_shells: 
     return _shell_means(out, n_shells)
 
 
+#: voxels of the padded accumulators down-sampled at once (fourier_fsc): 2^26 (512 MiB of indices)
+DOWNSAMPLE_CHUNK = 1 << 26
+
+
 def downsampled_sums(F_own, W_own, planes, npad: int, pad: int, box: int | None = None):
     """RELION's BackProjector::getDownsampledAverage, before the division: the padded accumulators' voxels summed
     into the voxel of the unpadded grid nearest to k / pad (ROUND = floor(x + 0.5)), for the owned kz
@@ -230,16 +234,20 @@ def downsampled_sums(F_own, W_own, planes, npad: int, pad: int, box: int | None 
     kz = down(k[xp.asarray(planes)]) % box
     ky = down(k) % box
     kx = xp.minimum(down(xp.arange(nxh, dtype=xp.float64)), nxh_d - 1)
-    idx = ((kz[:, None, None] * box + ky[None, :, None]) * nxh_d + kx[None, None, :]).reshape(-1)
     size = box * box * nxh_d
     dF = xp.zeros((V, size), dtype=xp.complex128)
     dW = xp.zeros((V, size), dtype=xp.float64)
-    if len(planes):
+    # by chunks of planes (at most DOWNSAMPLE_CHUNK voxels: their indices and float64 weights), not the whole
+    # volume's at once (at box 512, single precision: 8.6 GB of temporaries beside 12 GiB of accumulators)
+    step = max(1, DOWNSAMPLE_CHUNK // (npad * nxh))
+    for p0 in range(0, len(planes), step):
+        idx = ((kz[p0:p0 + step, None, None] * box + ky[None, :, None]) * nxh_d + kx[None, None, :]).reshape(-1)
         for v in range(V):
-            f = F_own[v].reshape(-1)
-            dF[v] = xp.bincount(idx, weights=f.real, minlength=size) + \
-                1j * xp.bincount(idx, weights=f.imag, minlength=size)
-            dW[v] = xp.bincount(idx, weights=W_own[v].reshape(-1), minlength=size)
+            f = F_own[v, p0:p0 + step].reshape(-1)
+            dF[v] += xp.bincount(idx, weights=f.real, minlength=size)
+            dF[v] += 1j * xp.bincount(idx, weights=f.imag, minlength=size)
+            dW[v] += xp.bincount(idx, weights=W_own[v, p0:p0 + step].reshape(-1), minlength=size)
+        del idx
     return dF.reshape(V, box, box, nxh_d), dW.reshape(V, box, box, nxh_d)
 
 
@@ -252,8 +260,10 @@ def fourier_fsc(comm, F_own, W_own, planes, npad: int, pad: int, r_max: float, b
     dF, dW = downsampled_sums(F_own[:2], W_own[:2], planes, npad, pad, box)
     allreduce_sum(comm, dF)
     allreduce_sum(comm, dW)
-    a = xp.where(dW > 0, dF / xp.where(dW > 0, dW, 1.0), 0)
-    curve = fsc_fourier(a[0], a[1])
+    dW[dW <= 0] = xp.inf  # F / W where W > 0, else 0: in place, no third volume-sized array
+    dF /= dW
+    del dW
+    curve = fsc_fourier(dF[0], dF[1])
     curve[int(np.floor(r_max)) + 1:] = 0.0
     return curve
 

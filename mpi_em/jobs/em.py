@@ -188,6 +188,7 @@ def run(args, comm, after_iteration: Callable[[int], bool] | None = None) -> dic
         maps, info = maximisation(job, it, acc, stats, timer)
         t_m = time.time() - t_m
         update_model(job, it, stats, info, maps, prev, final)
+        del maps  # the device maps (the state holds them on the host): not through the next E-step
         _write(job, it, info, writer, timer, time.time() - t_it, t_e, t_m, t_start)
         if after_iteration is not None and after_iteration(it):
             stopped = True

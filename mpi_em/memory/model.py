@@ -342,7 +342,13 @@ def _em_phases(inp: EMInputs) -> dict:
         # model._shell_sums (at most 2^24 voxels per chunk) over the volumes reconstructed: with folds, each
         # half's sum of its folds
         shell_stats = SHELL_BYTES_PER_VOXEL[inp.accumulate] * min((2 if folded else V) * own_m, 1 << 24)
-        halves = owned + sums + max(transient(2 if folded else V), shell_stats)
+        # gold: fourier_fsc's down-sampled sums of the two halves (complex128 + float64 on the unpadded grid), a
+        # chunk of indices and weights (em.model.DOWNSAMPLE_CHUNK voxels), the shells' products
+        from ..em.model import DOWNSAMPLE_CHUNK
+
+        half_box = box * box * (box // 2 + 1)
+        fsc_down = (2 * 24 + 24) * half_box + 16 * min(DOWNSAMPLE_CHUNK, own_m) if inp.mode == "refine3d" else 0
+        halves = owned + sums + max(transient(2 if folded else V), shell_stats, fsc_down)
         lofo = owned + sums + accb * V * own_m + transient(V) if folded else 0
         # the maps, listed then stacked: float64, or float32 from single-precision accumulators
         recon = max(halves, lofo) + 2 * (4 if single else 8) * V * box ** 3
@@ -394,11 +400,16 @@ def _reconstruct_phases(inp: ReconstructInputs) -> dict:
         per = RECONSTRUCT_DIST_BYTES_PER_VOXEL_SINGLE if single else RECONSTRUCT_DIST_BYTES_PER_VOXEL
         transient = (per + RECONSTRUCT_DIST_FIXED) * own
     owned = 2 * accb * (own if inp.ranks > 1 else vox)
+    # rank 0's FSC of the half maps (GPU: on the device in single precision: the maps, their transforms, the
+    # product; cuFFT's work area)
+    fsc = {} if cpu else {"FSC": {"reconstruction": 8 * box ** 3 + 16 * box * box * (box // 2 + 1) + 8 * box ** 3,
+                                  "fft_plans": 8 * box * box * (box // 2 + 1)}}
     if inp.stream:
         batch = base + STREAM_BYTES_PER_POINT * n * m
         return {
             "insertion": {"accumulators": owned, "batch_workspace": batch, "fft_plans": fft},
             "reconstruction": {"accumulators": owned, "reconstruction": transient + maps, "fft_plans": fft},
+            **fsc,
         }
     acc = 2 * accb * vox
     batch = base + ((INSERT_BYTES_PER_CORNER * 8 + 24) * n * m + 8 * 2 * vox if cpu else 0)
@@ -407,6 +418,7 @@ def _reconstruct_phases(inp: ReconstructInputs) -> dict:
         "insertion": {"accumulators": acc, "batch_workspace": max(batch, sym), "fft_plans": fft},
         "reduction": {"accumulators": acc, "reconstruction": owned, "fft_plans": fft},
         "reconstruction": {"reconstruction": owned + transient + maps, "fft_plans": fft},
+        **fsc,
     }
 
 
