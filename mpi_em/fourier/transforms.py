@@ -143,11 +143,13 @@ def _ifft_cropped(F, box: int, pad: int, reach: float | None = None, gridding: b
     o = (npad - box) // 2
     src = xp.asarray((np.arange(o, o + box) + npad // 2) % npad)
     out = xp.empty((box, box, box), dtype=xp.float32 if F.dtype == np.complex64 else xp.float64)
-    g = gridding_factor(box, pad, xp) if gridding else None
+    # the gridding factor's rows of each chunk only (gridding_factor's products in its order: the same values)
+    s = xp.asarray(_sinc2_1d_host(box, npad)) if gridding else None
     step = -(-box // RECONSTRUCT_CHUNKS)
     for y0 in range(0, box, step):
         ys = src[y0:y0 + step]
         col = xp.fft.ifft(F[:, ys, :ncol], axis=0)[src]                    # (box_z, ny, ncol)
         part = xp.fft.irfft(col, n=npad, axis=-1)[..., src]                  # (box_z, ny, box_x)
-        out[:, y0:y0 + step, :] = part if g is None else part / g[:, y0:y0 + step, :]
+        out[:, y0:y0 + step, :] = part if s is None else \
+            part / (s.reshape(-1, 1, 1) * s[y0:y0 + step].reshape(1, -1, 1) * s.reshape(1, 1, -1))
     return out

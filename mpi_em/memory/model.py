@@ -25,6 +25,11 @@ INSERT_BYTES_PER_CORNER = 42
 #: float32 map): 11.6-12.3
 RECONSTRUCT_SERIAL_BYTES_PER_VOXEL = 22
 RECONSTRUCT_SERIAL_BYTES_PER_VOXEL_SINGLE = 13
+#: the same on a GPU rank with single-precision accumulators: 20.0 measured on one H200 (refine3d box 512 at the
+#: full size, one rank: the arrays' live bytes at the M-step's peak, 26.4e9, less the accumulators, the maps and
+#: the FFT term; MPI_EM_TIMING_DETAIL's live_peak_bytes). Where the 7 bytes more than on a CPU rank go is not
+#: known (not the down-sampled FSC, whose chunking left the peak unchanged; not the pool's fragmentation)
+RECONSTRUCT_SERIAL_BYTES_PER_VOXEL_SINGLE_GPU = 20
 #: bytes per voxel of the accumulators F + W (complex128 + float64, or complex64 + float32: ``--accumulate``)
 ACCUMULATOR_BYTES_PER_VOXEL = {"double": 24, "single": 12}
 #: ``em.model._shell_sums`` per voxel of a chunk: the float64 temporaries (56), and with single-precision
@@ -333,8 +338,9 @@ def _em_phases(inp: EMInputs) -> dict:
 
         def transient(nv):
             if inp.ranks == 1:  # one volume at a time, its working copy in the accumulators' precision
-                return (RECONSTRUCT_SERIAL_BYTES_PER_VOXEL_SINGLE if single else RECONSTRUCT_SERIAL_BYTES_PER_VOXEL) \
-                    * vox + (accb * vox if cube else 0)
+                per = RECONSTRUCT_SERIAL_BYTES_PER_VOXEL if not single else \
+                    RECONSTRUCT_SERIAL_BYTES_PER_VOXEL_SINGLE if cpu else RECONSTRUCT_SERIAL_BYTES_PER_VOXEL_SINGLE_GPU
+                return per * vox + (accb * vox if cube else 0)
             per = RECONSTRUCT_DIST_BYTES_PER_VOXEL_SINGLE if single else RECONSTRUCT_DIST_BYTES_PER_VOXEL
             return (per + RECONSTRUCT_DIST_FIXED) * own  # one volume at a time, in the accumulators' precision
 
