@@ -165,7 +165,12 @@ def routed_step(fn):
 
 
 def _shell_index_planes(npad: int, pad: int, planes, xp, n_shells: int):
-    return shell_index(radius_3d(npad, xp)[xp.asarray(planes)] / pad, n_shells)  # n_shells = "outside" bin
+    """Image-pixel shell of every voxel of the kz ``planes`` (n_shells = the "outside" bin): radius_3d's
+    expression on those planes only."""
+    kz = xp.fft.fftfreq(npad, d=1.0 / npad)[xp.asarray(planes)].reshape(-1, 1, 1)
+    ky = xp.fft.fftfreq(npad, d=1.0 / npad).reshape(1, -1, 1)
+    kx = xp.arange(npad // 2 + 1, dtype=xp.float64).reshape(1, 1, -1)
+    return shell_index(xp.sqrt(kz * kz + ky * ky + kx * kx) / pad, n_shells)
 
 
 def _shell_sums(F, W, sh, n_shells: int) -> np.ndarray:
@@ -209,8 +214,13 @@ def shell_statistics(comm, F_own, W_own, planes, npad: int, pad: int, n_shells: 
     """Per volume and image-pixel shell: mean W, and mean |F/W|^2 over voxels with W > 0 (summed over ranks)."""
     xp = xp_of(F_own)
     out = np.zeros((4, F_own.shape[0], n_shells + 1))
-    if len(planes):
-        out = _shell_sums(F_own, W_own, _shell_index_planes(npad, pad, planes, xp, n_shells).reshape(-1), n_shells)
+    # by chunks of planes: the shell indices (and the radii they come from) of SHELL_CHUNK voxels at a time, not
+    # of the whole volume (at box 512: 13 GB of float64 radii and int64 indices beside the accumulators)
+    step = max(1, SHELL_CHUNK // (npad * (npad // 2 + 1)))
+    for p0 in range(0, len(planes), step):
+        sh = _shell_index_planes(npad, pad, planes[p0:p0 + step], xp, n_shells).reshape(-1)
+        out += _shell_sums(F_own[:, p0:p0 + step], W_own[:, p0:p0 + step], sh, n_shells)
+        del sh
     allreduce_sum(comm, out)
     return _shell_means(out, n_shells)
 

@@ -25,15 +25,13 @@ INSERT_BYTES_PER_CORNER = 42
 #: float32 map): 11.6-12.3
 RECONSTRUCT_SERIAL_BYTES_PER_VOXEL = 22
 RECONSTRUCT_SERIAL_BYTES_PER_VOXEL_SINGLE = 13
-#: the same on a GPU rank with single-precision accumulators: 20.0 measured on one H200 (refine3d box 512 at the
-#: full size, one rank: the arrays' live bytes at the M-step's peak, 26.4e9, less the accumulators, the maps and
-#: the FFT term; MPI_EM_TIMING_DETAIL's live_peak_bytes). Where the 7 bytes more than on a CPU rank go is not
-#: known (not the down-sampled FSC, whose chunking left the peak unchanged; not the pool's fragmentation)
-RECONSTRUCT_SERIAL_BYTES_PER_VOXEL_SINGLE_GPU = 20
 #: bytes per voxel of the accumulators F + W (complex128 + float64, or complex64 + float32: ``--accumulate``)
 ACCUMULATOR_BYTES_PER_VOXEL = {"double": 24, "single": 12}
 #: ``em.model._shell_sums`` per voxel of a chunk: the float64 temporaries (56), and with single-precision
-#: accumulators their chunk's complex128 / float64 copies first (24 more)
+#: accumulators their chunk's complex128 / float64 copies first (24 more); the shell indices go by the same chunks
+#: (shell_statistics: 1.10 GB at box 200 and 320 with single accumulators, tracemalloc; before, the whole volume's
+#: radii and indices at once: 24 bytes per padded voxel, 3.16 GB at box 320, 13e9 bytes at box 512, the M-step's
+#: peak measured on the GPU)
 SHELL_BYTES_PER_VOXEL = {"double": 56, "single": 80}
 #: ``distvolume.distributed_reconstruct`` (one volume at a time): per owned voxel of one volume, the working
 #: copies and the transpose (30) and what the rest adds (20); tracemalloc at box 32 on 2-3 ranks: 46-50 in all,
@@ -338,9 +336,8 @@ def _em_phases(inp: EMInputs) -> dict:
 
         def transient(nv):
             if inp.ranks == 1:  # one volume at a time, its working copy in the accumulators' precision
-                per = RECONSTRUCT_SERIAL_BYTES_PER_VOXEL if not single else \
-                    RECONSTRUCT_SERIAL_BYTES_PER_VOXEL_SINGLE if cpu else RECONSTRUCT_SERIAL_BYTES_PER_VOXEL_SINGLE_GPU
-                return per * vox + (accb * vox if cube else 0)
+                return (RECONSTRUCT_SERIAL_BYTES_PER_VOXEL_SINGLE if single else RECONSTRUCT_SERIAL_BYTES_PER_VOXEL) \
+                    * vox + (accb * vox if cube else 0)
             per = RECONSTRUCT_DIST_BYTES_PER_VOXEL_SINGLE if single else RECONSTRUCT_DIST_BYTES_PER_VOXEL
             return (per + RECONSTRUCT_DIST_FIXED) * own  # one volume at a time, in the accumulators' precision
 
