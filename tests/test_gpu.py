@@ -320,11 +320,13 @@ def test_fused_single_precision_symmetrise_equals_double(rng):
         assert np.linalg.norm(b - a) / np.linalg.norm(a) <= 10 * 2.0 ** -24
 
 
+@pytest.mark.parametrize("mask", [False, True])
 @pytest.mark.parametrize("cdt", [np.complex128, np.complex64])
-def test_distributed_reconstruct_path_on_the_gpu_equals_cpu(rng, cdt):
+def test_distributed_reconstruct_path_on_the_gpu_equals_cpu(rng, cdt, mask):
     """The distributed reconstruction's own path (merge, divide, transpose, row FFTs, gather; on one rank with
     serial_shortcut=False) on CuPy arrays against NumPy, in double and in single precision (single: the same float32
-    FFT passes in another library: 1e-5 relative L2; double 1e-10)."""
+    FFT passes in another library: 1e-5 relative L2; double 1e-10); with ``mask_outside`` the soft mask is applied
+    on the device (the host took ~0.5 s per map at box 256)."""
     from mpi4py import MPI
 
     from mpi_em.distvolume import distributed_reconstruct
@@ -335,9 +337,9 @@ def test_distributed_reconstruct_path_on_the_gpu_equals_cpu(rng, cdt):
     F = (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(cdt)
     W = rng.uniform(0.5, 2.0, shape).astype(np.zeros(0, cdt).real.dtype)
     tau2 = rng.uniform(0.5, 2.0, box // 2 + 1)
-    a = distributed_reconstruct(MPI.COMM_SELF, F, W, box, pad, tau2=tau2, serial_shortcut=False)
+    a = distributed_reconstruct(MPI.COMM_SELF, F, W, box, pad, tau2=tau2, serial_shortcut=False, mask_outside=mask)
     b = distributed_reconstruct(MPI.COMM_SELF, cp.asarray(F), cp.asarray(W), box, pad, tau2=tau2,
-                                serial_shortcut=False).get()
+                                serial_shortcut=False, mask_outside=mask).get()
     assert a.dtype == b.dtype == (np.float32 if cdt == np.complex64 else np.float64)
     tol = 1e-5 if cdt == np.complex64 else 1e-10
     assert np.linalg.norm(b - a) / np.linalg.norm(a) <= tol
