@@ -78,7 +78,7 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
     F_all, W_all = F_own.reshape((nv, n_own, npad, nxh)), W_own.reshape((nv, n_own, npad, nxh))
     cdt = np.complex64 if F_own.dtype == np.complex64 else np.complex128   # single-precision accumulators stay
     rdt = _real_dtype(cdt)                                                 # single (copies, transpose, FFTs)
-    out = np.empty((nv, box, box, box), dtype=rdt)
+    out = xp.empty((nv, box, box, box), dtype=rdt)  # on the ranks' device, as returned
     for v in range(nv):  # one volume at a time (every rank the same loop): one volume's working copies at most
         F = xp.array(F_all[v:v + 1], dtype=cdt)
         W = xp.array(W_all[v:v + 1], dtype=rdt)
@@ -93,9 +93,7 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
         out[v] = _gather_map(comm, part, t, 1, box)[0]
         del part
     out = out.reshape(lead + (box, box, box))
-    if xp is not np:  # GPU ranks mask on the device: on the host it took ~15-30 s per map at box 1024
-        out = xp.asarray(out)
-    if mask_outside:
+    if mask_outside:  # on the maps' device (on the host it took ~15-30 s per map at box 1024)
         soft_mask_outside(out, inplace=True)
     return out
 
@@ -176,14 +174,17 @@ def _transpose_to_rows(comm, F, t: Transpose):
     comm.Alltoallv([send, (scounts, _displs(scounts)), mpi_real], [recv, (rcounts, _displs(rcounts)), mpi_real])
     del send
     n_y = int(t.rows_to[rank].size)
-    H = np.zeros((nv, npad, n_y, t.ncol), dtype=cdt)
+    # assembled on F's device (GPU ranks: each rank's block sent as it came, the strided copies there; on the host
+    # they took ~19 s per map at box 1024)
+    H = xp.zeros((nv, npad, n_y, t.ncol), dtype=cdt)
     rd = _displs(rcounts)
     for s in range(size):
         nb = t.own_band[s].size
         if nb and n_y:
-            blk = recv[rd[s]:rd[s] + rcounts[s]].view(cdt)
-            H[:, t.band_planes[s]] = np.moveaxis(blk.reshape(n_y, nv, nb, t.ncol), 0, 2)
-    return xp.asarray(H)
+            blk = xp.asarray(recv[rd[s]:rd[s] + rcounts[s]]).view(cdt)
+            H[:, xp.asarray(t.band_planes[s])] = xp.moveaxis(blk.reshape(n_y, nv, nb, t.ncol), 0, 2)
+    del recv
+    return H
 
 
 def _row_ffts(H, t: Transpose, rank, box, pad, gridding):
@@ -206,8 +207,8 @@ def _row_ffts(H, t: Transpose, rank, box, pad, gridding):
 
 
 def _gather_map(comm, part, t: Transpose, nv, box):
-    """``Allgatherv`` of every rank's cropped y rows -> the (nv, box, box, box) map on the host (float32 rows
-    stay float32, others float64)."""
+    """``Allgatherv`` of every rank's cropped y rows -> the (nv, box, box, box) map on the rows' module (float32
+    rows stay float32, others float64)."""
     from mpi4py import MPI
 
     local = _as_real_host(xp_of(part).moveaxis(part, 2, 0))                # (n_b, nv, box, box)
@@ -216,11 +217,13 @@ def _gather_map(comm, part, t: Transpose, nv, box):
     counts = [int(b.size) * nv * box * box for b in t.crop_rows]
     allv = np.empty(sum(counts), dtype=rdt)
     comm.Allgatherv(local.reshape(-1), [allv, (counts, _displs(counts)), MPI.FLOAT if rdt == np.float32 else MPI.DOUBLE])
-    out = np.empty((nv, box, box, box), dtype=rdt)
+    xp = xp_of(part)
+    out = xp.empty((nv, box, box, box), dtype=rdt)  # assembled on the rows' device (strided copies there)
     gd = _displs(counts)
     for s, rows in enumerate(t.crop_rows):
         if rows.size:
-            out[:, :, rows, :] = np.moveaxis(allv[gd[s]:gd[s] + counts[s]].reshape(rows.size, nv, box, box), 0, 2)
+            blk = xp.asarray(allv[gd[s]:gd[s] + counts[s]]).reshape(rows.size, nv, box, box)
+            out[:, :, xp.asarray(rows), :] = xp.moveaxis(blk, 0, 2)
     return out
 
 
