@@ -65,7 +65,12 @@ STREAM_BYTES_PER_POINT = 8 * 192
 ROUTED_BYTES_PER_RECORD = 56
 ROUTED_STENCIL_BYTES = 540
 
-TERMS = ("references", "accumulators", "cached_images", "batch_workspace", "fft_plans", "reconstruction")
+TERMS = ("references", "accumulators", "cached_images", "batch_workspace", "fft_plans", "reconstruction",
+         "device_runtime")
+#: a GPU rank's own device memory before any array: its CUDA context, the libraries' handles and work areas, the
+#: kernels' code: 0.60 GiB measured on one H200 (nvidia-smi's peak less CuPy's pool at its largest, refine3d box
+#: 512, three runs: 0.59-0.60 GiB; benchmarks/results/memory/large-box-fixes-h200-2026-12-02/)
+DEVICE_RUNTIME_BYTES = 644 * 10 ** 6
 
 
 # ------------------------------------------------------------------------------------------ sizes
@@ -225,10 +230,15 @@ class MemoryEstimate:
 def estimate(inp) -> MemoryEstimate:
     """The model for an :class:`EMInputs` or a :class:`ReconstructInputs`."""
     if isinstance(inp, ReconstructInputs):
-        return MemoryEstimate(inp, _reconstruct_phases(inp))
-    if inp.mode not in ("refine3d", "class3d", "class2d"):
+        phases = _reconstruct_phases(inp)
+    elif inp.mode not in ("refine3d", "class3d", "class2d"):
         raise ValueError(f"unknown job {inp.mode!r}")
-    return MemoryEstimate(inp, _em_phases(inp))
+    else:
+        phases = _em_phases(inp)
+    if inp.device != "cpu":
+        for terms in phases.values():
+            terms["device_runtime"] = DEVICE_RUNTIME_BYTES
+    return MemoryEstimate(inp, phases)
 
 
 def _images_per_rank(n: int, ranks: int) -> int:
