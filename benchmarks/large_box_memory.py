@@ -8,7 +8,12 @@ On one H200 (the issue's targets: box 512 within 24 GB, box 768 on one GPU):
     python benchmarks/large_box_memory.py --device gpu --out /tmp/largebox --json largebox.json
 
 (default jobs: box 512, 3 000 particles, 3 iterations; box 768, 1 000 particles, 2 iterations; --accumulate
-single). A CPU check of the script at small boxes:
+single). The known-pose reconstruction instead of refine3d, e.g. box 1024 with 2 ranks sharing one GPU:
+
+    python benchmarks/large_box_memory.py --job reconstruct --ranks 2 --accumulate single --jobs 1024:300:1 \
+        --extra "--pad 1" --out /tmp/largebox --json rec1024.json
+
+A CPU check of the script at small boxes:
 
     python benchmarks/large_box_memory.py --device cpu --jobs 48:200:2 64:200:2 --out /tmp/lb --json lb.json
 
