@@ -42,8 +42,6 @@ def timing_detail() -> bool:
 
 
 def stop_after_iteration() -> int | None:
-    """``MPI_EM_GPU_ALLOCATOR``        ``async``: GPU arrays come from the CUDA driver's stream-ordered pool
-                               (cudaMallocAsync) instead of CuPy's own memory pool (default ``pool``)
-``MPI_EM_STOP_AFTER_ITERATION`` as an iteration number, or None."""
+    """``MPI_EM_STOP_AFTER_ITERATION`` as an iteration number, or None."""
     value = os.environ.get("MPI_EM_STOP_AFTER_ITERATION")
     return int(value) if value else None

@@ -201,8 +201,8 @@ def _row_ffts(H, t: Transpose, rank, box, pad, gridding):
     srcx = xp.asarray(t.src)
     part = R[:, srcx][..., srcx]
     del R
-    if gridding:
-        part /= gridding_factor(box, pad, xp)[:, xp.asarray(t.crop_rows[rank]), :]
+    if gridding:  # the factor of this rank's rows only
+        part /= gridding_factor(box, pad, xp, xp.asarray(t.crop_rows[rank]))
     return part
 
 

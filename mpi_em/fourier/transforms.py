@@ -45,11 +45,13 @@ def _sinc2_1d_host(n_real: int, n_padded: int) -> np.ndarray:
     return np.sinc(x) ** 2
 
 
-def gridding_factor(box: int, pad: int, xp=np):
+def gridding_factor(box: int, pad: int, xp=np, rows=None):
     """Separable sinc^2 of the trilinear kernel on the box: real-space attenuation of trilinear sampling ->
-    (box, box, box) float64, x / Np from the centre N//2 (Np = pad * box)."""
+    (box, box, box) float64, x / Np from the centre N//2 (Np = pad * box). ``rows``: only those y rows (a slice
+    or an index array: (box, len(rows), box), the same values), for the reconstructions that go by rows."""
     s = xp.asarray(_sinc2_1d_host(box, pad * box))
-    return s.reshape(-1, 1, 1) * s.reshape(1, -1, 1) * s.reshape(1, 1, -1)
+    sy = s if rows is None else s[rows]
+    return s.reshape(-1, 1, 1) * sy.reshape(1, -1, 1) * s.reshape(1, 1, -1)
 
 
 # --------------------------------------------------------------------------------------------- volumes
@@ -143,13 +145,11 @@ def _ifft_cropped(F, box: int, pad: int, reach: float | None = None, gridding: b
     o = (npad - box) // 2
     src = xp.asarray((np.arange(o, o + box) + npad // 2) % npad)
     out = xp.empty((box, box, box), dtype=xp.float32 if F.dtype == np.complex64 else xp.float64)
-    # the gridding factor's rows of each chunk only (gridding_factor's products in its order: the same values)
-    s = xp.asarray(_sinc2_1d_host(box, npad)) if gridding else None
     step = -(-box // RECONSTRUCT_CHUNKS)
     for y0 in range(0, box, step):
         ys = src[y0:y0 + step]
         col = xp.fft.ifft(F[:, ys, :ncol], axis=0)[src]                    # (box_z, ny, ncol)
         part = xp.fft.irfft(col, n=npad, axis=-1)[..., src]                  # (box_z, ny, box_x)
-        out[:, y0:y0 + step, :] = part if s is None else \
-            part / (s.reshape(-1, 1, 1) * s[y0:y0 + step].reshape(1, -1, 1) * s.reshape(1, 1, -1))
+        # the gridding factor of the chunk's rows only
+        out[:, y0:y0 + step, :] = part / gridding_factor(box, pad, xp, slice(y0, y0 + step)) if gridding else part
     return out
