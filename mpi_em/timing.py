@@ -28,7 +28,10 @@ class PhaseTimer:
         self.pool_bytes: dict[str, int] = {}  # detail on GPU: the CuPy pool's reserved bytes at each phase's end
         self.live_peak_bytes: dict[str, int] = {}  # detail on GPU (CuPy's pool): the arrays' bytes at their peak
         self.live_end_bytes: dict[str, int] = {}  # detail on GPU: the arrays' bytes at each phase's end
-        self._hook = _live_bytes_hook() if detail and xp is not np else None
+        from . import config
+
+        # CuPy's pool calls memory hooks; the driver's allocator (MPI_EM_GPU_ALLOCATOR=async) does not
+        self._hook = _live_bytes_hook() if detail and xp is not np and config.gpu_allocator() != "async" else None
 
     @contextmanager
     def __call__(self, name: str):
