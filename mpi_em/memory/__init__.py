@@ -19,8 +19,7 @@ volume, Np = pad x box; ``m`` = the in-ball points of an image, |k| <= r; ``n`` 
   (GPU) float32 elements and their marginal's temporaries; local searches: 48 n K L m), the fine pass (16 n S m
   over the S = 8 x selected poses, 48 n S m) and the insertion (48 n S m), and on CPU ranks the NumPy stencils of the
   projector and back-projector (``PROJECT_BYTES_PER_POINT``, ``INSERT_BYTES_PER_CORNER`` per
-  point and corner, measured with tracemalloc) and the back-projector's ``bincount`` over the whole
-  accumulator stack (8 V vox). GPU ranks use the fused kernels: no stencil arrays. Owned accumulators: the
+  point and corner, measured with tracemalloc; the back-projector adds in place). GPU ranks use the fused kernels: no stencil arrays. Owned accumulators: the
   routed points (``ROUTED_BYTES_PER_RECORD`` per point and owner) and one chunk of stencils.
 - **FFT plans**: CPU ranks: NumPy's pocketfft caches only twiddle factors (O(Np)), counted as 0. GPU ranks:
   cuFFT plans are kept by CuPy's plan cache with work areas up to the transform's size; the jobs clear the

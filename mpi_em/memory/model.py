@@ -15,9 +15,11 @@ from ..errors import MpiEmError
 #: values): tracemalloc 44.2-44.8 per corner at box 32-64, 8 x 46; 2D (``fourier2d.project2d``, corner by corner:
 #: coordinates, one corner's index, weight and gathered values, the running sum): 125.2-125.7
 PROJECT_BYTES_PER_POINT = {3: 90, 2: 126}
-#: NumPy back-projection (``fourier.backproject``): per point and corner, besides the bincount over the whole
-#: accumulator stack; tracemalloc: 41.1-41.4 at box 32-64
-INSERT_BYTES_PER_CORNER = 42
+#: NumPy back-projection per point and corner (the stencil's indices and weights, the weighted values;
+#: ``np.add.at`` adds them in place): 3D (``fourier.backproject``, int32 indices) tracemalloc 37.8-38.3 at box
+#: 32-64 (42.1 and a bincount over the whole accumulator stack before); 2D (``fourier2d.backproject2d``, int64
+#: indices) 50.3
+INSERT_BYTES_PER_CORNER = {3: 39, 2: 51}
 #: ``fourier.reconstruct`` (one rank): bytes per voxel of the padded half volume (its working copy of F in the
 #: accumulators' precision, W read by chunks, chunks of ~1/16 of the volume, the box^3 map); tracemalloc with
 #: double accumulators (complex128 copy, float64 map): 21.3 at box 32-64 (26-27 while W was copied whole, 97
@@ -321,14 +323,12 @@ def _em_phases(inp: EMInputs) -> dict:
     # complex64 product (32); the insertion keeps them beside Xw, data, weights and the kept rows (32)
     fine = max((FINE_BYTES_PER_POINT_CPU[inp.accumulate] if cpu and inp.dim == 3 else
                 PROJECT_BYTES_PER_POINT[inp.dim] if cpu else 0) * fine_pts, 48 * fine_pts)
-    if routed:  # points routed to the planes' owners (one symmetry copy at a time); CPU: the scatter-add's
-        # bincount over the owned planes of every volume
+    if routed:  # points routed to the planes' owners (one symmetry copy at a time)
         recv = fine_pts * (2 if inp.ranks > 1 else 1)
-        insert = 48 * fine_pts + ROUTED_BYTES_PER_RECORD * recv + ROUTED_STENCIL_BYTES * min(recv, POINT_CHUNK) \
-            + (8 * V * own if cpu else 0)
+        insert = 48 * fine_pts + ROUTED_BYTES_PER_RECORD * recv + ROUTED_STENCIL_BYTES * min(recv, POINT_CHUNK)
     else:
         ins_pts = fine_pts if inp.inserted_poses is None else n * min(Sf, inp.inserted_poses) * m
-        insert = 48 * fine_pts + ((INSERT_BYTES_PER_CORNER * corners + 24) * ins_pts + 8 * V * vox_e if cpu else 0)
+        insert = 48 * fine_pts + ((INSERT_BYTES_PER_CORNER[inp.dim] * corners + 24) * ins_pts if cpu else 0)
     held = proj_cache  # the pose grid's projections stay in the search spec until the E-step ends
     batch = base + max(coarse, proj_cache + fine, proj_cache + insert)
 
@@ -425,7 +425,7 @@ def _reconstruct_phases(inp: ReconstructInputs) -> dict:
             **fsc,
         }
     acc = 2 * accb * vox
-    batch = base + ((INSERT_BYTES_PER_CORNER * 8 + 24) * n * m + 8 * 2 * vox if cpu else 0)
+    batch = base + ((INSERT_BYTES_PER_CORNER[3] * 8 + 24) * n * m if cpu else 0)
     sym = 2 * accb * vox if inp.sym_copies > 1 else 0  # symmetrise's full output copies
     return {
         "insertion": {"accumulators": acc, "batch_workspace": max(batch, sym), "fft_plans": fft},
