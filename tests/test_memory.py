@@ -216,10 +216,10 @@ def test_max_memory_stops_before_the_first_iteration(data, tmp_path):
     assert not glob.glob(str(out / "run_it*"))
     assert json.load(open(out / "run.json"))["memory"]["limit_bytes"] == 10 * 2 ** 20
     assert "memory model:" in open(out / "run.log").read()
-    r = mpi_em(["reconstruct", "--i", data[64] / "particles.star", "--o", tmp_path / "c", "--max-memory", "56M"],
+    r = mpi_em(["reconstruct", "--i", data[64] / "particles.star", "--o", tmp_path / "c", "--max-memory", "44M"],
                ranks=2)
     err = [line for line in r.stderr.splitlines() if line.startswith("mpi-em: error:")]
-    assert r.returncode == 2 and len(err) == 1 and "would fit with --max-volume-memory 56M" in err[0], r.stderr
+    assert r.returncode == 2 and len(err) == 1 and "would fit with --max-volume-memory 44M" in err[0], r.stderr
     assert "ranks or --batch " in err[0]
     assert not os.path.exists(tmp_path / "c" / "map.mrc")
 

@@ -16,10 +16,10 @@ from ..errors import MpiEmError
 #: coordinates, one corner's index, weight and gathered values, the running sum): 125.2-125.7
 PROJECT_BYTES_PER_POINT = {3: 90, 2: 126}
 #: NumPy back-projection per point and corner (the stencil's indices and weights, the weighted values;
-#: ``np.add.at`` adds them in place): 3D (``fourier.backproject``, int32 indices) tracemalloc 37.8-38.3 at box
-#: 32-64 (42.1 and a bincount over the whole accumulator stack before); 2D (``fourier2d.backproject2d``, int64
-#: indices) 50.3
-INSERT_BYTES_PER_CORNER = {3: 39, 2: 51}
+#: ``np.add.at`` adds them in place): 3D (``fourier.backproject``, corner by corner, int32 indices) tracemalloc
+#: 27.8-28.3 at box 32-64 (37.8-38.3 with the whole 8-corner stencil, 42.1 and a bincount over the whole
+#: accumulator stack before that); 2D (``fourier2d.backproject2d``, int64 indices) 50.3
+INSERT_BYTES_PER_CORNER = {3: 29, 2: 51}
 #: ``fourier.reconstruct`` (one rank): bytes per voxel of the padded half volume (its working copy of F in the
 #: accumulators' precision, W read by chunks, chunks of ~1/16 of the volume, the box^3 map); tracemalloc with
 #: double accumulators (complex128 copy, float64 map): 21.3 at box 32-64 (26-27 while W was copied whole, 97
