@@ -29,26 +29,6 @@ def test_project_backproject_adjoint(rng, r_max, xp):
     assert abs(lhs - rhs) <= 1e-10 * abs(lhs)
 
 
-@pytest.mark.parametrize("box,pad,r_max", [(16, 2, None), (16, 2, 8), (32, 1, 16), (24, 3, 12)])
-def test_back_projection_corners_are_the_whole_stencil(box, pad, r_max, xp):
-    """The back-projector goes corner by corner: the corners' indices and weights, stacked in their order, are
-    the 8-corner stencil's exactly (the grid's edge at Nyquist included, pad 1-3), and inserting with a volume
-    index offsets them by whole volumes."""
-    from mpi_em.fourier.projector import _trilinear_corners, _trilinear_stencil
-
-    geom = SliceGeometry(box, r_max=r_max, pad=pad, xp=xp)
-    A = xp.asarray(euler_to_matrix(*random_rotations(9, np.random.default_rng(2))))
-    coords = geom.coords(A)
-    idx, w, flip = _trilinear_stencil(coords, geom.npad)
-    corners = list(_trilinear_corners(coords, coords[..., 0] < 0, geom.npad))
-    assert len(corners) == 8
-    assert bool((xp.stack([c[0] for c in corners], -1) == idx).all())
-    assert bool((xp.stack([c[1] for c in corners], -1) == w).all())
-    off = xp.arange(9).reshape(-1, 1) * 1000
-    shifted = list(_trilinear_corners(coords, coords[..., 0] < 0, geom.npad, off))
-    assert all(bool((s[0] - c[0] == off).all()) for s, c in zip(shifted, corners))
-
-
 def test_shift_moves_image_by_plus_s(rng, xp):
     box = 32
     img = np.zeros((1, box, box))
