@@ -268,19 +268,20 @@ def run(args, comm) -> dict:
                      sent / 2 ** 20)
     t_rec = time.time()
 
-    def one_map(v, what):  # RELION's reconstruction (relion_reconstruct, benchmarks/relion_parity.py): up to
-        # Nyquist, soft mask outside the sphere of diameter N
+    def one_map(F, W, what):  # RELION's reconstruction (relion_reconstruct, benchmarks/relion_parity.py): up to
+        # Nyquist, soft mask outside the sphere of diameter N; F, W: one volume's owned planes (1, ...)
         t = time.time()
-        out = to_host(distributed_reconstruct(comm, F_own[v:v + 1], W_own[v:v + 1], box, args.pad, r_max,
-                                              mask_outside=True)[0]).astype(np.float32)
+        out = to_host(distributed_reconstruct(comm, F, W, box, args.pad, r_max, mask_outside=True)[0]) \
+            .astype(np.float32)
         if comm.rank == 0:
             log.info("%s reconstructed (%.1f s)", what, time.time() - t)
         return out
 
-    half1, half2 = one_map(0, "half map 1"), one_map(1, "half map 2")
+    half1 = one_map(F_own[0:1], W_own[0:1], "half map 1")
+    half2 = one_map(F_own[1:2], W_own[1:2], "half map 2")
     F_own[0] += F_own[1]
     W_own[0] += W_own[1]
-    full = one_map(0, "map of both halves")
+    full = one_map(F_own[0:1], W_own[0:1], "map of both halves")
     del F_own, W_own
     from ..memory import release_device_memory
 
