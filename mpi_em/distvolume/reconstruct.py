@@ -90,7 +90,7 @@ def distributed_reconstruct(comm, F_own, W_own, box: int, pad: int = 2, r_max=No
         del F
         part = _row_ffts(rows, t, comm.rank, box, pad, gridding)           # (1, box_z, n_y, box_x)
         del rows
-        out[v] = _gather_map(comm, part, t, 1, box)[0]
+        _gather_map(comm, part, t, 1, box, out=out[v:v + 1])
         del part
     out = out.reshape(lead + (box, box, box))
     if mask_outside:  # on the maps' device (on the host it took ~15-30 s per map at box 1024)
@@ -206,9 +206,9 @@ def _row_ffts(H, t: Transpose, rank, box, pad, gridding):
     return part
 
 
-def _gather_map(comm, part, t: Transpose, nv, box):
+def _gather_map(comm, part, t: Transpose, nv, box, out=None):
     """``Allgatherv`` of every rank's cropped y rows -> the (nv, box, box, box) map on the rows' module (float32
-    rows stay float32, others float64)."""
+    rows stay float32, others float64), written into ``out`` where given (the caller's stack of maps)."""
     from mpi4py import MPI
 
     local = _as_real_host(xp_of(part).moveaxis(part, 2, 0))                # (n_b, nv, box, box)
@@ -218,7 +218,8 @@ def _gather_map(comm, part, t: Transpose, nv, box):
     allv = np.empty(sum(counts), dtype=rdt)
     comm.Allgatherv(local.reshape(-1), [allv, (counts, _displs(counts)), MPI.FLOAT if rdt == np.float32 else MPI.DOUBLE])
     xp = xp_of(part)
-    out = xp.empty((nv, box, box, box), dtype=rdt)  # assembled on the rows' device (strided copies there)
+    if out is None:  # assembled on the rows' device (strided copies there)
+        out = xp.empty((nv, box, box, box), dtype=rdt)
     gd = _displs(counts)
     for s, rows in enumerate(t.crop_rows):
         if rows.size:
