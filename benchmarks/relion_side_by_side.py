@@ -783,8 +783,13 @@ def parse_args(argv=None):
                    help="data folder (default OUT/data); reused when it holds a data set of the same parameters, so "
                         "several runs with different --jobs / --out can share one")
     p.add_argument("--replot", metavar="JSON", help="only draw the PNG again from a side_by_side.json (next to it)")
+    p.add_argument("--data-only", action="store_true",
+                   help="only simulate (or reuse) the data set of these parameters in --data and stop (a later run "
+                        "with the same parameters reuses it; RELION's programs are not needed)")
     a = p.parse_args(argv)
-    if not a.replot and not (a.relion_bin and a.out):
+    if a.data_only and not (a.data or a.out):
+        p.error("--data-only needs --data or --out")
+    if not a.replot and not a.data_only and not (a.relion_bin and a.out):
         p.error("--relion-bin and --out are required")
     if a.diameter is None:
         a.diameter = round(0.8 * a.box * a.apix, 1)
@@ -796,5 +801,7 @@ if __name__ == "__main__":
     if _a.replot:
         _rec = json.load(open(_a.replot))
         plot(_rec["rows"], os.path.join(os.path.dirname(os.path.abspath(_a.replot)), "side_by_side.png"), _rec)
+    elif _a.data_only:
+        make_data(_a, dict(os.environ, OMP_NUM_THREADS=str(_a.omp_threads)))
     else:
         Bench(_a).main()
