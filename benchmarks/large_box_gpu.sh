@@ -14,10 +14,11 @@ source benchmarks/gpu_setup.sh; gpu_setup large_box; cp "$R/device.txt" "$R/devi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$R/device.txt"
 L="python3 benchmarks/large_box_memory.py --device gpu --out /tmp/lb --launcher mpirun --accumulate auto"
 step() { echo "== $(( $(date +%s) - T0 )) s: $1" | tee -a "$R/steps.txt"; }
-keep() {  # job folder name, prefix of the copies
+keep() {  # job folder name, prefix of the copies; the job's maps then removed (the device's disk is 64 GiB)
   for f in /tmp/lb/$1.log /tmp/lb/$1/run_timings.json /tmp/lb/$1/run.json; do
     [ -f "$f" ] && cp "$f" "$R/$2_$(basename "$f")"
   done
+  rm -rf "/tmp/lb/$1"
   tar czf "$OUT/large_box.tgz" -C /tmp large_box
 }
 step "box 512 data (in the background)"
@@ -43,6 +44,7 @@ step "box 1024 reconstruct, 2 ranks on one GPU"
 timeout "$(left 200)" $L --job reconstruct --ranks 2 --accumulate single --jobs 1024:300:1 --extra "--pad 1" \
   --json "$R/rec1024_P2.json" | tail -n 1
 keep reconstruct1024 rec1024_P2
+rm -rf /tmp/lb/data1024 /tmp/lb/data512
 step "box 768 refine3d"
 timeout "$(left 200)" $L --jobs 768:1000:2 --json "$R/box768.json" | tail -n 1
 keep refine768 box768
