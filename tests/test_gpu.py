@@ -427,3 +427,30 @@ def test_single_precision_fsc_on_the_gpu_equals_double_on_the_cpu():
     ref = fsc(h1, h2)
     got = fsc(cp.asarray(h1), cp.asarray(h2), single=True)
     assert np.abs(np.asarray(got) - ref).max() < 1e-5
+
+
+def test_default_batch_on_a_gpu_rank(small_dataset, tmp_path):
+    """refine3d on a GPU rank without --batch takes the GPU default for its box (box 32: 1024, all 600 particles
+    in one batch; run.json), and its poses are those of --batch 64 (batches change float summation order only:
+    >= 97% identical, as 1 against 2 ranks)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import starfile
+
+    from mpi_em.memory import default_batch
+
+    common = [sys.executable, "-m", "mpi_em", "--quiet", "refine3d", "--i",
+              str(small_dataset / "particles_unaligned.star"), "--ref", str(small_dataset / "truth.mrc"),
+              "--ini-high", "30", "--iter", "2", "--device", "gpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name, extra in (("auto", []), ("b64", ["--batch", "64"])):
+        subprocess.run(common + ["--o", str(tmp_path / name)] + extra, check=True, env=env, timeout=600)
+    batches = [json.load(open(tmp_path / n / "run.json"))["memory"]["inputs"]["batch"] for n in ("auto", "b64")]
+    assert batches == [default_batch(32, "gpu"), 64] and batches[0] == 1024
+    a, b = (starfile.read(tmp_path / n / "run_data.star")["particles"] for n in ("auto", "b64"))
+    cols = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
+    same = np.all(np.abs(a[cols].to_numpy() - b[cols].to_numpy()) < 1e-3, axis=1).mean()
+    assert same >= 0.97, same

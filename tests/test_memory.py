@@ -416,3 +416,40 @@ def test_references_per_rank_fall_with_ranks(data, tmp_path, folds):
         assert union == set(range(2 * folds))  # every reference set made on some rank
         inp = EMInputs("refine3d", 32, folds=folds, ranks=P, n_particles=128, coarse_poses=576, r=10)
         assert inp.reference_volumes == want
+
+
+def test_default_batch_by_box_and_device():
+    """--batch's default: on GPU ranks 1024 x (128 / box)^2 particles between 64 and 1024 (a batch's kernels then
+    outlast their launches: at 64 box-128 particles the launches and host round trips cost an H200 ~17 ms per
+    batch, 2.5-3 s per iteration of 10 000 particles whatever the search), 64 on CPU ranks."""
+    from mpi_em.memory import default_batch
+
+    assert [default_batch(b, "gpu") for b in (64, 128, 200, 256, 360, 512, 1024)] == [1024, 1024, 419, 256, 129, 64,
+                                                                                       64]
+    assert {default_batch(b, "cpu") for b in (64, 128, 512, 1024)} == {64}
+
+
+def test_the_default_batch_is_lowered_before_anything_else():
+    """refine3d box 256 on 2 GPU ranks, the image cache on, a 12 GB limit (model only): the default's batch (256
+    at this box) is lowered first, down to the CPU default at most, keeping the cache and the full accumulators;
+    a --batch 256 given by the user keeps the previous order (owned accumulators, then the image cache, then the
+    batch), so the same limit gives a different, heavier-handed choice."""
+    from dataclasses import replace
+
+    from mpi4py import MPI
+
+    from mpi_em.memory import check, default_batch
+
+    inp = EMInputs("refine3d", 256, ranks=2, batch=default_batch(256, "gpu"), n_particles=20000, coarse_poses=4608,
+                   translations=49, device="gpu", cache_images=True)
+    limit = 12 * 10 ** 9
+    assert estimate(inp).total > limit and estimate(replace(inp, batch=64)).total <= limit
+    got = check(MPI.COMM_SELF, inp, str(limit), adapt="auto", cache="auto", batch_floor=64).inputs
+    assert 64 <= got.batch < inp.batch and got.cache_images and not got.owned_accumulators
+    assert estimate(got).total <= limit < estimate(replace(got, batch=got.batch + 1)).total
+    given = check(MPI.COMM_SELF, inp, str(limit), adapt="auto", cache="auto").inputs
+    assert given.owned_accumulators and not given.cache_images
+    # where the floor is not enough, the rest of the adaptation follows from it
+    tight = int(estimate(replace(inp, batch=64, cache_images=False)).total)
+    got = check(MPI.COMM_SELF, inp, str(tight), adapt="auto", cache="auto", batch_floor=64).inputs
+    assert estimate(got).total <= tight and got.batch <= 64

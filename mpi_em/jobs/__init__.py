@@ -1,6 +1,19 @@
 """One module per `mpi-em` command (``add_arguments``, ``run``); :mod:`mpi_em.cli` registers them."""
 from __future__ import annotations
 
+import argparse
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (the option's name and the value in argparse's error otherwise)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
 
 def add_job_folder_arguments(p) -> None:
     """--i, --o, --continue and --overwrite of the iterative jobs (refine3d, class3d, class2d, initial-model)."""

@@ -30,7 +30,7 @@ from ..io import BackgroundWriter, rebase_image_names
 from ..particles import ImageCache, cache_wanted
 from ..symmetry import symmetry_matrices
 from ..timing import PhaseTimer
-from . import add_job_folder_arguments
+from . import add_job_folder_arguments, positive_int
 
 log = logging.getLogger("mpi_em")
 
@@ -136,7 +136,10 @@ def add_arguments(p, mode: str) -> None:
                        help="per particle, besides the --n-select best poses of its most probable class, the fine "
                             "pass refines the best pose of each of the next most probable classes up to this many "
                             "classes, so that class memberships stay soft (default 10)")
-    p.add_argument("--batch", type=int, default=64, help="particles per E-step batch (default 64)")
+    p.add_argument("--batch", type=positive_int, default=None,
+                   help="particles per E-step batch (default: on GPU ranks 1024 x (128 / box)^2 between 64 and 1024, "
+                        "i.e. 1024 at box 128, 256 at box 256, 64 from box 512, lowered first where the memory "
+                        "model says its workspace does not fit; 64 on CPU ranks)")
     p.add_argument("--cache-images", choices=["auto", "on", "off"], default="auto",
                    help="keep each rank's particle images in its memory between iterations instead of reading them "
                         "again (auto: on GPU ranks whose images fit in a quarter of the free GPU memory, and off "
@@ -275,12 +278,17 @@ def _setup(args, comm, mode: Mode, state: EMState | None, particles: dict | None
         log.info("%s: %d particles, box %d, %.3f Å/px, K=%d, %d rank(s); rank 0 on %s", mode.name, meta["n"], box,
                  apix, K, comm.size, device)
     cache = getattr(args, "cache_images", "auto")
-    from ..memory import check as memory_check, em_inputs  # stops here (exit 2) if the model does not fit
+    from ..memory import check as memory_check, default_batch, em_inputs  # stops here (exit 2) if it does not fit
+    batch_floor = None
+    if args.batch is None:  # the default's batch for this box and device, lowered first where it does not fit
+        args.batch = default_batch(box, "cpu" if device == "cpu" else "gpu")
+        batch_floor = min(args.batch, default_batch(box, "cpu"))
     mem = memory_check(comm, em_inputs(args, mode.name, meta, comm.size, device,
                                        cache_wanted(cache, xp, len(plan["index"]), box)),
                        getattr(args, "max_memory", None), log, args.output,
                        adapt=getattr(args, "owned_accumulators", "off"),
-                       precision=getattr(args, "accumulate", "double"), cache=cache).inputs  # what the job uses
+                       precision=getattr(args, "accumulate", "double"), cache=cache,
+                       batch_floor=batch_floor).inputs  # what the job uses
     images = ImageCache(xp, mem.cache_images)
     lightened = None
     if mem.batch < args.batch or mem.grid_chunk:  # chosen for the largest size and grid: re-chosen per iteration

@@ -157,7 +157,7 @@ class MemoryLimitError(MpiEmError):
 
 
 def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None = None,
-          precision: str | None = None, cache: str = "on") -> MemoryEstimate:
+          precision: str | None = None, cache: str = "on", batch_floor: int | None = None) -> MemoryEstimate:
     """Collective, before the job allocates: every rank evaluates the model for itself against its limit
     (``--max-memory`` if given, else :func:`available_bytes`); rank 0 logs the estimate and records it in
     ``out_dir``/run.json (key ``memory``); if any rank would not fit, every rank raises (through
@@ -170,12 +170,14 @@ def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None 
     global grid projected in chunks per batch (``grid_chunk``, with the batch as given); ``precision`` (the
     ``--accumulate`` choice) 'auto': where the double-precision accumulators still do not fit after these,
     single-precision ones (adapted the same way); reconstruct (no ``adapt``): ``precision`` chosen the same way
-    (:func:`choose_precision`); ``precision`` None: the inputs' own; the estimate returned (and logged) is the one the job runs with (``.inputs``)."""
+    (:func:`choose_precision`); ``precision`` None: the inputs' own; ``batch_floor`` (EM jobs whose batch is
+    ``--batch``'s default, :func:`default_batch`): the batch lowered first, down to this, before anything else; the
+    estimate returned (and logged) is the one the job runs with (``.inputs``)."""
     from ..distributed import agree
 
     limit, source = _limit(comm, inp, max_memory)
     if adapt is not None and isinstance(inp, EMInputs):
-        inp = _adapt_precision(comm, inp, limit, log, adapt, precision or inp.accumulate, cache)
+        inp = _adapt_precision(comm, inp, limit, log, adapt, precision or inp.accumulate, cache, batch_floor)
     elif precision is not None:
         inp = choose_precision(comm, inp, limit, log, precision)
     est = estimate(inp)
@@ -220,20 +222,41 @@ def choose_precision(comm, inp, limit, log, precision: str = "double", adapt=Non
 
 
 def _adapt_precision(comm, inp: EMInputs, limit, log, owned_option: str = "auto",
-                     precision: str = "double", cache_option: str = "on") -> EMInputs:
+                     precision: str = "double", cache_option: str = "on",
+                     batch_floor: int | None = None) -> EMInputs:
     """:func:`_adapt` in the accumulators' precision ``precision`` (:func:`choose_precision`)."""
     return choose_precision(comm, inp, limit, log, precision,
-                            lambda x, lg: _adapt(comm, x, limit, lg, owned_option, cache_option))
+                            lambda x, lg: _adapt(comm, x, limit, lg, owned_option, cache_option, batch_floor))
 
 
 #: the fewest orientations per chunk the adaptation prefers to a larger batch (one GEMM per chunk and batch)
 MIN_GRID_CHUNK = 512
 
+#: ``--batch``'s default: on GPU ranks the particles of 1024 box-128 images' pixels (a batch's kernels then
+#: outlast their launches and host round trips: at 64 box-128 particles a batch cost ~17 ms of them on an H200,
+#: 2.5-3 s per iteration of 10 000 particles whatever the search), between these bounds; on CPU ranks 64
+GPU_BATCH_PIXELS = 1024 * 128 * 128
+GPU_BATCH_RANGE = (64, 1024)
+CPU_BATCH = 64
 
-def _adapt(comm, inp: EMInputs, limit, log, owned_option: str = "auto", cache_option: str = "on") -> EMInputs:
+
+def default_batch(box: int, device: str) -> int:
+    """``--batch``'s default for a job of images ``box`` px on ``device`` ('cpu' or a GPU): on GPU ranks
+    :data:`GPU_BATCH_PIXELS` / box^2 particles within :data:`GPU_BATCH_RANGE` (1024 at box 128, 256 at 256, 64 from
+    box 512), on CPU ranks :data:`CPU_BATCH`. The memory check lowers it where its workspace does not fit, before it
+    lightens anything else (:func:`check`'s ``batch_floor``)."""
+    if device == "cpu":
+        return CPU_BATCH
+    lo, hi = GPU_BATCH_RANGE
+    return int(min(hi, max(lo, GPU_BATCH_PIXELS // (int(box) * int(box)))))
+
+
+def _adapt(comm, inp: EMInputs, limit, log, owned_option: str = "auto", cache_option: str = "on",
+           batch_floor: int | None = None) -> EMInputs:
     """Owned accumulators, then no image cache (``cache_option`` 'auto': the cache was the default's choice, not
     the user's), then a smaller batch, then (with the batch as given) the global grid projected in chunks, where
-    the job as given does not fit ``limit`` on some rank."""
+    the job as given does not fit ``limit`` on some rank. ``batch_floor`` (the batch was ``--batch``'s default,
+    not the user's): first the largest batch down to it that fits, before anything else is lightened."""
     from mpi4py import MPI
 
     def fits(x):  # collective: on every rank
@@ -241,6 +264,14 @@ def _adapt(comm, inp: EMInputs, limit, log, owned_option: str = "auto", cache_op
 
     if fits(inp):
         return inp
+    if batch_floor is not None and batch_floor < inp.batch:
+        b = _largest(lambda b: fits(replace(inp, batch=b)), batch_floor, inp.batch - 1) or batch_floor
+        if comm.rank == 0 and log is not None:
+            log.info("memory: E-step batch %d instead of the default %d%s", b, inp.batch,
+                     "" if fits(replace(inp, batch=b)) else " (not enough alone: lightened further below)")
+        inp = replace(inp, batch=b)
+        if fits(inp):
+            return inp
     batch0 = inp.batch
     auto_owned = owned_option == "auto"
     if auto_owned and inp.dim == 3 and inp.ranks > 1 and not inp.owned_accumulators:
