@@ -17,8 +17,9 @@ def reduce_scatter_planes(comm, buf, compress: bool = False, r_max_padded=None, 
     Collective. ``buf`` is this rank's full partial sum (NumPy or CuPy, real or complex; leading axes are
     volumes, e.g. the two half sets); the result has the same dtype and module.
 
-    - ``compress=False``: one ``Reduce`` per volume and owner on a host copy of that owner's planes (the bytes
-      of a ``Reduce_scatter``, with a staging copy of 1/P of one volume). The summation order is MPI's. With
+    - ``compress=False``: per volume, a pairwise exchange of each owner's planes (:func:`_pairwise_sum`: the
+      bytes of a ``Reduce_scatter``, staged through host copies of 1/P of one volume, summed on the buffer's
+      module in a fixed order: on a GPU rank on the device). With
       ``r_max_padded`` only the cube |kx|, |ky|, |kz| <= ceil(r_max_padded) around the origin is sent (the
       data of a current size r: (2R+1)^2 (R+1) of Np^2 (Np/2+1) voxels); every voxel outside must be zero
       (checked collectively unless ``check=False``, for callers whose insertion geometry guarantees it).
@@ -30,12 +31,10 @@ def reduce_scatter_planes(comm, buf, compress: bool = False, r_max_padded=None, 
       locally in rank order 0..P-1, so the result is deterministic; it equals the uncompressed result to
       float rounding (different summation order), not bit for bit.
 
-    ``stats`` (a dict, optional) receives ``bytes_sent`` (bytes this rank handed to other ranks: the full local
-    buffer for ``Reduce_scatter``, the compressed chunks for the other owners with compression) and
+    ``stats`` (a dict, optional) receives ``bytes_sent`` (bytes this rank handed to other ranks: the other
+    owners' planes, or their compressed chunks with compression) and
     ``bytes_raw`` (the local buffer's size).
     """
-    from mpi4py import MPI
-
     xp = xp_of(buf)
     npad, nxh = _check_layout(buf.shape)
     lead = tuple(buf.shape[:-3])
@@ -57,20 +56,43 @@ def reduce_scatter_planes(comm, buf, compress: bool = False, r_max_padded=None, 
     R = None if r_max_padded is None else int(np.ceil(r_max_padded))
     if R is not None and R < npad // 2:
         return _reduce_scatter_cube(comm, flat, layout, R, check, stats).reshape(lead + (mine.size, npad, nxh))
-    # one Reduce per (volume, owner) on that owner's planes only: the bytes of one Reduce_scatter, with a host
-    # staging copy of 1/P of one volume instead of the whole buffer, received straight into the result
-    out = np.empty((nv, mine.size, npad, nxh), dtype=buf.dtype)
-    real = _real_dtype(buf.dtype) if np.iscomplexobj(out) else out.dtype
+    # per volume, this rank's own planes summed with every other rank's copy of them (:func:`_pairwise_sum`);
+    # host staging of 1/P of one volume each way
+    out = xp.empty((nv, mine.size, npad, nxh), dtype=buf.dtype)
+    sent = 0
     for v in range(nv):
-        for d in range(size):
-            if plan[d].size == 0:
-                continue
-            chunk = _as_real_host(flat[v][xp.asarray(plan[d])])
-            recv = out[v].view(real) if d == rank else None
-            comm.Reduce(chunk, recv, op=MPI.SUM, root=d)
-            del chunk
-    out = out.reshape(lead + (mine.size, npad, nxh))
-    return out if xp is np else xp.asarray(out)
+        out[v], b = _pairwise_sum(comm, lambda d: flat[v][xp.asarray(plan[d])], (npad, nxh), layout)
+        sent += b
+    if stats is not None:
+        stats["bytes_sent"] = int(sent)
+    return out.reshape(lead + (mine.size, npad, nxh))
+
+
+def _pairwise_sum(comm, part_of, tail, layout: PlaneLayout, planes=None):
+    """Reduce-scatter of one volume by pairwise exchange: in step k = 1..P-1 this rank sends the part owner
+    rank + k needs (``part_of(owner)``: an array on the buffer's module, ``planes[owner]`` (default the layout's)
+    planes x ``tail``) and receives its own part from rank - k, added to its own copy on the buffer's module.
+    -> (the summed own part, bytes sent). Every rank sends and receives 1/P of the volume per step, the links
+    busy in parallel ((P-1)/P of the volume each way, as a ring reduce-scatter), and the sums are made where the
+    buffer lives (on a GPU rank: on the device, not by MPI's reduction on the host). Summation order: own, then
+    rank - 1, rank - 2, ... (deterministic; MPI's Reduce had its own)."""
+    P, r = comm.size, comm.rank
+    planes = layout.planes if planes is None else planes
+    own = part_of(r)  # a new array (the parts are taken by fancy indexing): summed into in place
+    xp = xp_of(own)
+    real = _real_dtype(own.dtype) if np.iscomplexobj(own) else own.dtype
+    shape = (planes[r].size,) + tuple(tail)
+    sent = 0
+    for k in range(1, P):
+        dst, src = (r + k) % P, (r - k) % P
+        send = _as_real_host(part_of(dst)) if planes[dst].size else np.empty(0, dtype=real)
+        recv = np.empty(shape, dtype=own.dtype) if planes[r].size else np.empty(0, dtype=own.dtype)
+        comm.Sendrecv(send, dest=dst, recvbuf=recv.view(real), source=src)
+        sent += send.nbytes
+        del send
+        if recv.size:
+            own += xp.asarray(recv)
+    return own, sent
 
 
 def _reduce_scatter_cube(comm, flat, layout: PlaneLayout, R, check, stats=None):
@@ -93,21 +115,15 @@ def _reduce_scatter_cube(comm, flat, layout: PlaneLayout, R, check, stats=None):
     mine = plan[rank]
     out = xp.zeros((nv, mine.size, npad, nxh), dtype=flat.dtype)  # on the buffer's device: only the cube moves
     rows = xp.asarray(near)
+    cube_planes = [p[np.isin(p, near)] for p in plan]  # each owner's planes inside the cube
+    loc = xp.asarray(layout.local(cube_planes[rank]))
     sent = 0
-    for d in range(comm.size):
-        pl = plan[d][np.isin(plan[d], near)]
-        if pl.size == 0:
-            continue
-        for v in range(nv):
-            chunk = _as_real_host(flat[v][xp.asarray(pl)][:, rows, :R + 1])
-            recv = np.empty_like(chunk) if d == rank else None
-            comm.Reduce(chunk, recv, op=MPI.SUM, root=d)
-            sent += chunk.nbytes  # as the full path counts its buffer: every chunk handed to a Reduce
-            if d == rank:
-                if np.iscomplexobj(out):
-                    recv = recv.view(out.dtype)
-                loc = xp.asarray(layout.local(pl))
-                out[v][loc[:, None, None], rows[None, :, None], xp.arange(R + 1)[None, None, :]] = xp.asarray(recv)
+    for v in range(nv):
+        part, b = _pairwise_sum(comm, lambda d: flat[v][xp.asarray(cube_planes[d])][:, rows, :R + 1],
+                                (near.size, R + 1), layout, cube_planes)
+        sent += b
+        if cube_planes[rank].size:
+            out[v][loc[:, None, None], rows[None, :, None], xp.arange(R + 1)[None, None, :]] = part
     if stats is not None:
         stats["bytes_sent"] = int(sent)
     return out
