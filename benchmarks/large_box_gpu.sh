@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 19's large-box measurements on one GPU in one go (benchmarks/results/memory/large-box-fixes-h200-*/):
 # the memory-related GPU tests, refine3d box 512 under a 24 GB limit (global search, then the full-size local
-# search with CuPy's pool and with the driver's allocator), the box-1024 known-pose reconstruction with 2 ranks
+# search with CuPy's pool and with the driver's allocator, the default under a limit), the box-1024 known-pose reconstruction with 2 ranks
 # sharing the GPU, refine3d box 768. Each step is cut at its share of BUDGET seconds (default 580) and the
 # results are packed into OUT/large_box.tgz after every step.
 # Usage (repo root, wheels of ../shared/tools/device-wheels in .whl/): bash benchmarks/large_box_gpu.sh [OUT]
@@ -32,12 +32,12 @@ wait $SIM
 step "box 512, global search, 24 GB"
 timeout "$(left 90)" $L --jobs 512:3000:3 --extra "--max-memory 22.3G" --json "$R/box512_global.json" | tail -n 1
 keep refine512 box512_global
-step "box 512, local search at the full size, 24 GB"
-timeout "$(left 70)" $L --jobs 512:3000:2 --aligned --extra "--max-memory 22.3G --ini-high 2.0" \
+step "box 512, local search at the full size, 24 GB, CuPy's pool"
+MPI_EM_GPU_ALLOCATOR=pool timeout "$(left 70)" $L --jobs 512:3000:2 --aligned --extra "--max-memory 22.3G --ini-high 2.0" \
   --json "$R/box512_local_pool.json" | tail -n 1
 keep refine512_local box512_local_pool
-step "the same with the driver's allocator"
-MPI_EM_GPU_ALLOCATOR=async timeout "$(left 70)" $L --jobs 512:3000:2 --aligned \
+step "the same with the driver's allocator (the default under --max-memory)"
+timeout "$(left 70)" $L --jobs 512:3000:2 --aligned \
   --extra "--max-memory 22.3G --ini-high 2.0" --json "$R/box512_local_async.json" | tail -n 1
 keep refine512_local box512_local_async
 step "box 1024 reconstruct, 2 ranks on one GPU"

@@ -39,22 +39,61 @@ def get_xp(device: str = "cpu"):
 
 
 _ASYNC_POOLS: dict = {}
+_IN_USE: dict = {}        # device id -> 'async' or 'pool': the allocator set on it
+_LIMITED = False          # the job has a memory limit (--max-memory): set_memory_limited
+
+
+def set_memory_limited(limited: bool) -> None:
+    """Whether the job has a memory limit (``--max-memory``; :func:`mpi_em.cli.main` sets it from the options).
+    Under ``MPI_EM_GPU_ALLOCATOR=auto`` (the default) GPU ranks then allocate from the CUDA driver's pool
+    (:func:`allocator_choice`)."""
+    global _LIMITED
+    _LIMITED = bool(limited)
+
+
+def allocator_choice(setting: str, limited: bool) -> str:
+    """The GPU allocator for ``MPI_EM_GPU_ALLOCATOR`` = ``setting``: 'pool' and 'async' as given; 'auto': 'async'
+    (the driver's stream-ordered pool, whose reserve follows the live arrays) for a job with a memory limit, else
+    'pool' (CuPy's, which keeps freed blocks: at box 512 its reserve was 3.2 GiB over the live arrays in the
+    M-step, 23.38 against 21.79 GiB on the device: benchmarks/results/memory/large-box-remeasured-h200-2026-12-02/)."""
+    if setting in ("pool", "async"):
+        return setting
+    return "async" if limited else "pool"
 
 
 def _use_allocator() -> None:
-    """``MPI_EM_GPU_ALLOCATOR=async``: CuPy allocates from the driver's stream-ordered pool (cudaMallocAsync) of the
-    current device instead of its own pool, whose freed blocks split for small arrays can keep large ones reserved
-    (:func:`memory_pool` is the pool in use either way)."""
+    """Set the current device's allocator (:func:`allocator_choice`): the driver's stream-ordered pool
+    (cudaMallocAsync) or CuPy's own pool, whose freed blocks split for small arrays can keep large ones reserved
+    (:func:`memory_pool` is the pool in use either way). A device without the driver's pool keeps CuPy's."""
     if config.timing_detail():  # the arrays' live bytes counted from the first allocation on
         from .timing import _live_bytes_hook
 
         _live_bytes_hook()
-    if config.gpu_allocator() != "async":
-        return
     dev = _cp.cuda.Device().id
-    if dev not in _ASYNC_POOLS:
-        _ASYNC_POOLS[dev] = _cp.cuda.MemoryAsyncPool()
-    _cp.cuda.set_allocator(_ASYNC_POOLS[dev].malloc)
+    want = allocator_choice(config.gpu_allocator(), _LIMITED)
+    if want == _IN_USE.get(dev, "pool"):
+        return
+    if want == "async":
+        try:
+            if dev not in _ASYNC_POOLS:
+                _ASYNC_POOLS[dev] = _cp.cuda.MemoryAsyncPool()
+            _cp.cuda.set_allocator(_ASYNC_POOLS[dev].malloc)
+        except Exception as e:  # noqa: BLE001 - an old driver or device: CuPy's pool instead
+            import logging
+
+            logging.getLogger("mpi_em").warning("GPU %d: the driver's stream-ordered allocator is not available "
+                                                "(%s): CuPy's memory pool instead", dev, e)
+            return
+    else:
+        _cp.cuda.set_allocator(_cp.get_default_memory_pool().malloc)
+    _IN_USE[dev] = want
+
+
+def allocator_in_use() -> str | None:
+    """'async' or 'pool' on the current GPU, None without CuPy."""
+    if _cp is None:
+        return None
+    return _IN_USE.get(_cp.cuda.Device().id, "pool")
 
 
 def memory_pool(xp=None):
@@ -62,7 +101,9 @@ def memory_pool(xp=None):
     ``free_bytes``, ``free_all_blocks``); None on CPU ranks or without CuPy."""
     if _cp is None or xp is np:
         return None
-    return _ASYNC_POOLS.get(_cp.cuda.Device().id) or _cp.get_default_memory_pool()
+    if allocator_in_use() == "async":
+        return _ASYNC_POOLS[_cp.cuda.Device().id]
+    return _cp.get_default_memory_pool()
 
 
 def default_device() -> str:

@@ -168,6 +168,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from .distributed import launch_mismatch, launcher_rank, world
 
+    from .backend import set_memory_limited
+
+    set_memory_limited(getattr(args, "max_memory", None) is not None)  # the GPU allocator (backend.allocator_choice)
     comm = world()
     mismatch = launch_mismatch(comm.size)
     if mismatch:  # several tasks, each alone in its MPI job: stop before any of them writes

@@ -9,7 +9,8 @@
 ``MPI_EM_TIMING_DETAIL``       ``1``: the EM jobs also time the steps inside the phases (``run_timings.json``'s
                                ``detail_seconds``; more device synchronisations: for diagnosis, not timing)
 ``MPI_EM_GPU_ALLOCATOR``        ``async``: GPU arrays come from the CUDA driver's stream-ordered pool
-                               (cudaMallocAsync) instead of CuPy's own memory pool (default ``pool``)
+                               (cudaMallocAsync), ``pool``: from CuPy's own memory pool; default ``auto``: the
+                               driver's where the job has a memory limit (``--max-memory``), else CuPy's
 ``MPI_EM_STOP_AFTER_ITERATION``  ``N``: an EM job stops after iteration N as if killed there, its checkpoint
                                written (for tests of ``--continue`` that run the job in a subprocess)
 =============================  ==========================================================================
@@ -33,8 +34,14 @@ def pinned() -> bool:
 
 
 def gpu_allocator() -> str:
-    """``MPI_EM_GPU_ALLOCATOR``: 'pool' (CuPy's memory pool, default) or 'async' (the driver's)."""
-    return os.environ.get("MPI_EM_GPU_ALLOCATOR", "pool")
+    """``MPI_EM_GPU_ALLOCATOR``: 'pool' (CuPy's memory pool), 'async' (the driver's) or 'auto' (default: the
+    driver's where the job has a memory limit, :func:`mpi_em.backend.allocator_choice`)."""
+    v = os.environ.get("MPI_EM_GPU_ALLOCATOR", "auto")
+    if v not in ("auto", "pool", "async"):
+        from .errors import MpiEmError
+
+        raise MpiEmError(f"MPI_EM_GPU_ALLOCATOR must be auto, pool or async, not {v!r}")
+    return v
 
 
 def timing_detail() -> bool:

@@ -28,10 +28,10 @@ class PhaseTimer:
         self.pool_bytes: dict[str, int] = {}  # detail on GPU: the CuPy pool's reserved bytes at each phase's end
         self.live_peak_bytes: dict[str, int] = {}  # detail on GPU (CuPy's pool): the arrays' bytes at their peak
         self.live_end_bytes: dict[str, int] = {}  # detail on GPU: the arrays' bytes at each phase's end
-        from . import config
+        from .backend import allocator_in_use
 
-        # CuPy's pool calls memory hooks; the driver's allocator (MPI_EM_GPU_ALLOCATOR=async) does not
-        self._hook = _live_bytes_hook() if detail and xp is not np and config.gpu_allocator() != "async" else None
+        # CuPy's pool calls memory hooks; the driver's allocator (backend.allocator_choice) does not
+        self._hook = _live_bytes_hook() if detail and xp is not np and allocator_in_use() != "async" else None
 
     @contextmanager
     def __call__(self, name: str):
@@ -97,7 +97,7 @@ _HOOK = None
 def _live_bytes_hook():
     """One CuPy memory hook per process, entered for good, counting the bytes of the arrays alive (``live``) and
     their peak since it was last reset (``peak``): what the job needs, beside what the pool keeps reserved. Only
-    CuPy's own pool calls hooks (not the driver's, ``MPI_EM_GPU_ALLOCATOR=async``)."""
+    CuPy's own pool calls hooks (not the driver's, :func:`mpi_em.backend.allocator_choice`)."""
     global _HOOK
     if _HOOK is None:
         from cupy.cuda import memory_hook  # type: ignore

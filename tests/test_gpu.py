@@ -454,3 +454,28 @@ def test_default_batch_on_a_gpu_rank(small_dataset, tmp_path):
     cols = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
     same = np.all(np.abs(a[cols].to_numpy() - b[cols].to_numpy()) < 1e-3, axis=1).mean()
     assert same >= 0.97, same
+
+
+def test_a_memory_limit_takes_the_drivers_allocator(tmp_path):
+    """MPI_EM_GPU_ALLOCATOR unset (auto): a job given --max-memory allocates from the driver's stream-ordered pool
+    (its reserve follows the live arrays), one without from CuPy's pool; run.json says which; the same map to a
+    float32 unit (as test_the_drivers_pool_gives_the_same_reconstruction)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import mrcfile
+
+    data = tmp_path / "d"
+    subprocess.run([sys.executable, "-m", "mpi_em", "--quiet", "simulate", "--out", str(data), "--box", "32",
+                    "--n", "200", "--snr", "1", "--apix", "3", "--seed", "4"], check=True)
+    env = {k: v for k, v in os.environ.items() if k != "MPI_EM_GPU_ALLOCATOR"}
+    got, maps = [], []
+    for name, extra in (("free", []), ("limited", ["--max-memory", "20G"])):
+        subprocess.run([sys.executable, "-m", "mpi_em", "--quiet", "reconstruct", "--i", str(data / "particles.star"),
+                        "--o", str(tmp_path / name), "--device", "gpu"] + extra, check=True, env=env)
+        got.append(json.load(open(tmp_path / name / "run.json"))["memory"]["gpu_allocator"])
+        maps.append(mrcfile.read(str(tmp_path / name / "map.mrc")))
+    assert got == ["pool", "async"]
+    assert np.abs(maps[0] - maps[1]).max() <= 2 * np.finfo(np.float32).eps * np.abs(maps[0]).max()

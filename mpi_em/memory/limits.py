@@ -128,7 +128,9 @@ def add_argument(p) -> None:
                         "(more ranks, --owned-accumulators on, a smaller --batch, --cache-images off, fewer "
                         "--folds, --pad 1). The model is an upper bound (the largest "
                         "image size and pose grid the options allow): a larger SIZE than the device has runs "
-                        "the job anyway, at the risk of running out later")
+                        "the job anyway, at the risk of running out later. GPU ranks of a job with this option "
+                        "allocate from the CUDA driver's stream-ordered pool, whose reserve follows the arrays in "
+                        "use, instead of CuPy's pool (MPI_EM_GPU_ALLOCATOR=pool|async overrides)")
     if p.prog.split()[-1] in ("refine3d", "class3d", "class2d"):
         p.add_argument("--accumulate", choices=("auto", "double", "single"), default="auto",
                        help="precision of the E-step's Fourier accumulators: 'double' (complex128 F, float64 W: 24 "
@@ -193,10 +195,17 @@ def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None 
                                "neither more ranks, a smaller --batch, --cache-images off, fewer --folds, "
                                "--accumulate single nor --pad 1 alone would fit"))
     if comm.rank == 0:
+        allocator = None
+        if inp.device != "cpu":
+            from ..backend import allocator_in_use
+
+            allocator = allocator_in_use()
         if log is not None:
-            log.info("memory model: %s; limit %s (%s)", est.summary(), fmt(limit) if limit else "unknown", source)
+            log.info("memory model: %s; limit %s (%s)%s", est.summary(), fmt(limit) if limit else "unknown", source,
+                     {None: "", "pool": "; GPU arrays from CuPy's memory pool",
+                      "async": "; GPU arrays from the CUDA driver's stream-ordered pool"}[allocator])
         if out_dir:
-            record(out_dir, dict(est.as_dict(), limit_bytes=limit, limit_source=source))
+            record(out_dir, dict(est.as_dict(), limit_bytes=limit, limit_source=source, gpu_allocator=allocator))
     agree(comm, err)
     return est
 
