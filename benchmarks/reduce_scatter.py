@@ -46,7 +46,7 @@ def main():
     p.add_argument("--np", type=int, nargs="+", default=[256], help="padded sides to measure")
     p.add_argument("--volumes", type=int, default=2, help="volumes per rank (default 2: the half sets)")
     p.add_argument("--device", default="cpu", help="cpu or gpu (each rank on its node-local GPU)")
-    p.add_argument("--repeat", type=int, default=2, help="runs of each; the fastest is reported")
+    p.add_argument("--repeat", type=int, default=2, help="repeats of each; the fastest is reported")
     p.add_argument("--json", help="write the rows here (rank 0)")
     a = p.parse_args()
     comm = MPI.COMM_WORLD
