@@ -275,11 +275,12 @@ def _adapt(comm, inp: EMInputs, limit, log, owned_option: str = "auto", cache_op
         return inp
     if batch_floor is not None and batch_floor < inp.batch:
         b = _largest(lambda b: fits(replace(inp, batch=b)), batch_floor, inp.batch - 1) or batch_floor
+        default, inp = inp.batch, replace(inp, batch=b)
+        enough = fits(inp)  # collective: on every rank, before rank 0 logs
         if comm.rank == 0 and log is not None:
-            log.info("memory: E-step batch %d instead of the default %d%s", b, inp.batch,
-                     "" if fits(replace(inp, batch=b)) else " (not enough alone: lightened further below)")
-        inp = replace(inp, batch=b)
-        if fits(inp):
+            log.info("memory: E-step batch %d instead of the default %d%s", b, default,
+                     "" if enough else " (not enough alone: lightened further below)")
+        if enough:
             return inp
     batch0 = inp.batch
     auto_owned = owned_option == "auto"

@@ -100,3 +100,25 @@ def test_owned_accumulators_failure_on_one_rank_stops_every_rank(dataset, monkey
     with pytest.raises(RankFailed, match="bad batch"):
         _run("refine3d", star, start, os.path.join(outs, "r"), "on", ("--iter", "1", "--max-order", "1"))
     comm.Barrier()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_default_batch_lowered_on_every_rank_alike():
+    """The memory check's first step for --batch's default (batch_floor) on several ranks, logged on rank 0: every
+    collective of the adaptation runs on every rank (a rank-0-only one would hang here), and every rank takes the
+    same batch and accumulators; the model only, nothing allocated (refine3d box 256 on GPU ranks, a 12 GB
+    limit: the default's batch 256 lowered, the cache and full accumulators kept)."""
+    import logging
+
+    from mpi_em.memory import EMInputs, check, default_batch, estimate
+
+    comm = _comm()
+    inp = EMInputs("refine3d", 256, ranks=comm.size, batch=default_batch(256, "gpu"), n_particles=20000,
+                   coarse_poses=4608, translations=49, device="gpu", cache_images=True)
+    limit = 12 * 10 ** 9
+    got = check(comm, inp, str(limit), log=logging.getLogger("mpi_em.test"), adapt="auto", cache="auto",
+                batch_floor=64).inputs
+    assert 64 <= got.batch < inp.batch and got.cache_images and not got.owned_accumulators
+    assert estimate(got).total <= limit
+    assert comm.allgather((got.batch, got.owned_accumulators, got.cache_images)) == \
+        [(got.batch, False, True)] * comm.size
