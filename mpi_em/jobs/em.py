@@ -281,7 +281,8 @@ def _setup(args, comm, mode: Mode, state: EMState | None, particles: dict | None
     from ..memory import check as memory_check, default_batch, em_inputs  # stops here (exit 2) if it does not fit
     batch_floor = None
     if args.batch is None:  # the default's batch for this box and device, lowered first where it does not fit
-        args.batch = default_batch(box, "cpu" if device == "cpu" else "gpu")
+        # the smallest rank's: one batch on every rank, so that the check's steps are the same collectives on all
+        args.batch = min(comm.allgather(default_batch(box, "cpu" if device == "cpu" else "gpu")))
         batch_floor = min(args.batch, default_batch(box, "cpu"))
     mem = memory_check(comm, em_inputs(args, mode.name, meta, comm.size, device,
                                        cache_wanted(cache, xp, len(plan["index"]), box)),
