@@ -64,6 +64,7 @@ def test_single_precision_accumulators_equal_double(small_dataset, one_rank, tmp
     assert r.returncode == 0, r.stderr
     run = json.load(open(tmp_path / "s" / "run.json"))
     assert run["memory"]["inputs"]["accumulate"] == "single" and run["volume_mode"] == ("stream" if stream else "dense")
+    assert run["memory"]["gpu_allocator"] is None  # CPU ranks (GPU ranks: tests/test_gpu.py)
     a, b = _maps(ref), _maps(tmp_path / "s")
     for k in a:
         assert np.abs(a[k] - b[k]).max() <= 1e-5 * np.abs(a[k]).max(), k

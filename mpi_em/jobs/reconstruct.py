@@ -213,7 +213,7 @@ def run(args, comm) -> dict:
                  vplan["full_bytes"] / 2 ** 20, vplan["owned_bytes"] / 2 ** 20,
                  f", batch {vplan['batch']} for a budget of {budget / 2 ** 20:.1f} MiB" if budget else "",
                  ", compressed reduce-scatter" if compress and vplan["mode"] == "dense" else "")
-    from ..memory import check as memory_check, reconstruct_inputs  # stops here (exit 2) if it does not fit
+    from ..memory import check as memory_check, gpu_allocator_of, reconstruct_inputs  # exit 2 if it does not fit
     memory = memory_check(comm, reconstruct_inputs(args, meta, comm.size, device, vplan, r_max),
                           getattr(args, "max_memory", None), log, precision=getattr(args, "accumulate", "double"))
     inputs = memory.inputs
@@ -315,7 +315,7 @@ def run(args, comm) -> dict:
                    "volume_bytes_owned_per_rank": vplan["owned_bytes"],
                    "peak_traced_bytes_per_rank": peaks if trace else None,
                    "bytes_sent_per_rank": sent_all,
-                   "memory": memory.as_dict(),
+                   "memory": dict(memory.as_dict(), gpu_allocator=gpu_allocator_of(memory.inputs)),
                    "seconds_total": time.time() - t0, "seconds_insert": t_ins, "seconds_reduce": t_red,
                    "seconds_reconstruct": t_rec}
         with atomic_path(os.path.join(out, "run.json")) as tmp:

@@ -195,11 +195,7 @@ def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None 
                                "neither more ranks, a smaller --batch, --cache-images off, fewer --folds, "
                                "--accumulate single nor --pad 1 alone would fit"))
     if comm.rank == 0:
-        allocator = None
-        if inp.device != "cpu":
-            from ..backend import allocator_in_use
-
-            allocator = allocator_in_use()
+        allocator = gpu_allocator_of(inp)
         if log is not None:
             log.info("memory model: %s; limit %s (%s)%s", est.summary(), fmt(limit) if limit else "unknown", source,
                      {None: "", "pool": "; GPU arrays from CuPy's memory pool",
@@ -208,6 +204,16 @@ def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None 
             record(out_dir, dict(est.as_dict(), limit_bytes=limit, limit_source=source, gpu_allocator=allocator))
     agree(comm, err)
     return est
+
+
+def gpu_allocator_of(inp) -> str | None:
+    """The GPU allocator this rank's job allocates from ('async' or 'pool', :func:`mpi_em.backend.allocator_choice`),
+    None on CPU ranks (``inp.device``): run.json's ``memory.gpu_allocator``."""
+    if inp.device == "cpu":
+        return None
+    from ..backend import allocator_in_use
+
+    return allocator_in_use()
 
 
 def choose_precision(comm, inp, limit, log, precision: str = "double", adapt=None):
