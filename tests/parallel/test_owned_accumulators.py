@@ -104,10 +104,10 @@ def test_owned_accumulators_failure_on_one_rank_stops_every_rank(dataset, monkey
 
 @pytest.mark.mpi(min_size=2)
 def test_default_batch_lowered_on_every_rank_alike():
-    """The memory check's first step for --batch's default (batch_floor) on several ranks, logged on rank 0: every
-    collective of the adaptation is entered by every rank (a rank-0-only one would hang here), and every rank takes the
-    same batch and accumulators; the model only, nothing allocated (refine3d box 256 on GPU ranks, a 12 GB
-    limit: the default's batch 256 lowered, the cache and full accumulators kept)."""
+    """The memory check's first step for --batch's default (batch_floor) on several ranks, logged on rank 0:
+    every collective of the adaptation is entered by every rank (a rank-0-only one would hang here), and every
+    rank takes the same batch and accumulators; the model only, nothing allocated (refine3d box 256 on GPU ranks,
+    a 12 GB limit: the default's batch 256 lowered, the cache and full accumulators kept)."""
     import logging
 
     from mpi_em.memory import EMInputs, check, default_batch, estimate
