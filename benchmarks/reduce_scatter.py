@@ -23,13 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mpi4py import MPI  # noqa: E402
 
-from mpi_em.backend import get_xp, to_host  # noqa: E402
+from mpi_em.backend import get_xp, to_host, xp_of  # noqa: E402
 from mpi_em.distvolume import owned_planes, reduce_scatter_planes  # noqa: E402
 
 
 def mpi_reduce_baseline(comm, buf):
     """One ``Reduce`` per (volume, owner) of that owner's planes, through host copies (MPI sums on the host)."""
-    xp = get_xp("cpu") if isinstance(buf, np.ndarray) else sys.modules["cupy"]
+    xp = xp_of(buf)
     npad = buf.shape[-3]
     plan = [owned_planes(npad, d, comm.size) for d in range(comm.size)]
     out = np.empty((buf.shape[0], plan[comm.rank].size) + buf.shape[-2:], dtype=buf.dtype)
