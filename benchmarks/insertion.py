@@ -7,7 +7,7 @@ ceiling is a ratio from one run.
 
     python benchmarks/insertion.py --device gpu --box 64 128 256 --project --anchor-n 100000 --json OUT.json
 
-On the GPU both paths are timed: 'stencil' (the array formulation: stencil arrays + cupyx.scatter_add) and
+On the GPU both paths are timed: 'stencil' (the array formulation: stencil arrays + atomic adds, cupy.add.at) and
 'fused' (the CUDA kernels of mpi_em.kernels; selected by MPI_EM_FUSED_KERNELS).
 """
 from __future__ import annotations

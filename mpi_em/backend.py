@@ -144,8 +144,10 @@ def scatter_add(target, index, values) -> None:
 
     NumPy: ``np.add.at`` (in place; since NumPy 1.25 2.6x faster than a bincount over the whole target for real
     values and 7x for complex ones, 25M random indices into 17M voxels, without the bincount's target-sized
-    temporaries), each addition rounded to the target's precision as the GPU's atomics; CuPy: atomic scatter_add.
-    ``target`` must be C-contiguous.
+    temporaries), each addition rounded to the target's precision as the GPU's atomics; CuPy: ``cupy.add.at``
+    (atomic adds; it takes no complex arrays, so a complex target is added to as its interleaved real and imaginary
+    parts; the same sums and speed as the deprecated ``cupyx.scatter_add``, float32 and float64, 25M random indices
+    into 17M elements on an H200: ~0.9 and ~1.3 ms per call for either). ``target`` must be C-contiguous.
     """
     xp = xp_of(target)
     flat = target.reshape(-1)
@@ -153,12 +155,9 @@ def scatter_add(target, index, values) -> None:
     values = values.reshape(-1)
     if xp is np:
         np.add.at(flat, index, values.astype(flat.dtype, copy=False))
+    elif xp.iscomplexobj(flat):
+        real_view = flat.view(flat.real.dtype)  # interleaved re, im
+        xp.add.at(real_view, 2 * index, values.real.astype(real_view.dtype, copy=False))
+        xp.add.at(real_view, 2 * index + 1, values.imag.astype(real_view.dtype, copy=False))
     else:
-        import cupyx  # type: ignore
-
-        if xp.iscomplexobj(flat):
-            real_view = flat.view(flat.real.dtype)  # interleaved re, im
-            cupyx.scatter_add(real_view, 2 * index, values.real.astype(real_view.dtype, copy=False))
-            cupyx.scatter_add(real_view, 2 * index + 1, values.imag.astype(real_view.dtype, copy=False))
-        else:
-            cupyx.scatter_add(flat, index, values.astype(flat.dtype, copy=False))
+        xp.add.at(flat, index, values.astype(flat.dtype, copy=False))

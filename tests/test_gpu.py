@@ -121,7 +121,7 @@ def test_fused_kernels_up_to_nyquist_equal_cpu(rng):
 
 
 def test_fused_and_stencil_gpu_paths_agree(rng, monkeypatch):
-    """The two GPU paths (fused kernels, stencil arrays + cupyx.scatter_add) on the same input."""
+    """The two GPU paths (fused kernels, stencil arrays + cupy.add.at) on the same input."""
     box, n = 32, 200
     geom = SliceGeometry(box, xp=cp)
     A = cp.asarray(euler_to_matrix(*random_rotations(n, rng)))
