@@ -17,7 +17,8 @@ at FSC 0.5, median angular error against the true poses, peak GPU memory with --
 ``side_by_side.json`` (after every job, so a job that fails or times out keeps the others' results) and
 ``side_by_side.png`` (resolution against wall time for both programs).
 
-The script never builds or downloads anything: RELION's programs come from --relion-bin.
+The script never builds or downloads anything: RELION's programs come from --relion-bin, and where the jobs' programs
+are not there it stops (exit 2, naming them) before it makes data or runs anything.
 
 Matched settings, where the two programs name them differently:
 - RELION's --offset_step is the coarse step (oversampled once to half of it); mpi-em's --offset-step is the fine
@@ -737,6 +738,25 @@ def plot(rows, path, record):
     os.replace(path + ".tmp.png", path)
 
 
+def missing_programs(bin_dir: str, jobs) -> list[str]:
+    """RELION's programs that ``jobs`` need and ``bin_dir`` has not as executables: a reconstruction takes
+    relion_reconstruct or its MPI twin (the job's own first), the EM jobs relion_refine_mpi."""
+    def have(prog):
+        return os.access(os.path.join(bin_dir, prog), os.X_OK)
+
+    missing = []
+    for job in dict.fromkeys(jobs):
+        if job.startswith("reconstruct"):
+            first, twin = (("relion_reconstruct_mpi", "relion_reconstruct") if job == "reconstruct" else
+                           ("relion_reconstruct", "relion_reconstruct_mpi"))
+            need = None if have(first) or have(twin) else f"{first} (or {twin})"
+        else:
+            need = None if have("relion_refine_mpi") else "relion_refine_mpi"
+        if need and need not in missing:
+            missing.append(need)
+    return missing
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -804,4 +824,9 @@ if __name__ == "__main__":
     elif _a.data_only:
         make_data(_a, dict(os.environ, OMP_NUM_THREADS=str(_a.omp_threads)))
     else:
+        _missing = missing_programs(os.path.abspath(_a.relion_bin), _a.jobs)
+        if _missing:  # before any data or run: a comparison without RELION's rows is no comparison
+            print(f"relion_side_by_side: --relion-bin {_a.relion_bin}: no executable {', '.join(_missing)} "
+                  f"for --jobs {' '.join(_a.jobs)}", file=sys.stderr)
+            sys.exit(2)
         Bench(_a).main()

@@ -68,3 +68,21 @@ def test_arguments():
     assert a.jobs == ["reconstruct", "refine3d", "class3d", "class2d"]
     with pytest.raises(SystemExit):
         sbs.parse_args(["--relion-bin", "/usr/bin", "--out", "x", "--jobs", "refine2d"])
+
+
+def test_missing_programs(tmp_path):
+    """The RELION programs a set of jobs needs and --relion-bin lacks, before anything runs (either of
+    relion_reconstruct and its MPI twin does for the reconstructions; relion_refine_mpi for the EM jobs)."""
+    jobs = ["reconstruct", "refine3d", "class2d"]
+    assert sbs.missing_programs(str(tmp_path), jobs) == ["relion_reconstruct_mpi (or relion_reconstruct)",
+                                                         "relion_refine_mpi"]
+    exe = tmp_path / "relion_reconstruct"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    assert sbs.missing_programs(str(tmp_path), jobs) == ["relion_refine_mpi"]
+    (tmp_path / "relion_refine_mpi").write_text("#!/bin/sh\n")  # not executable: missing still
+    assert sbs.missing_programs(str(tmp_path), ["class3d"]) == ["relion_refine_mpi"]
+    (tmp_path / "relion_refine_mpi").chmod(0o755)
+    assert sbs.missing_programs(str(tmp_path), list(sbs.JOBS)) == []
+    assert sbs.missing_programs(str(tmp_path / "nowhere"), ["reconstruct-1"]) == \
+        ["relion_reconstruct (or relion_reconstruct_mpi)"]
