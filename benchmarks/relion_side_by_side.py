@@ -677,14 +677,37 @@ class Bench:
                 self.add({"job": job, "program": "-", "status": f"error: {e}"})
         self.save()
         plot(self.rows, os.path.join(self.out, "side_by_side.png"), self.record)
-        print()
-        print(table(self.rows))
+        text = table(self.rows) + "\n"
         loads = [x for r in self.rows for x in np.ravel(r.get("load_average_1min", [])) if x is not None]
         if loads:
-            print(f"\nload average (1 min) at the runs' start and end: {min(loads):.1f} to {max(loads):.1f} "
-                  f"on {os.cpu_count()} cores")
-        print(f"start map vs truth (FSC 0.5): {fmt(self.record['start_map_vs_truth_05'])} Å; "
-              f"JSON: {os.path.join(self.out, 'side_by_side.json')}")
+            text += (f"\nload average (1 min) at the runs' start and end: {min(loads):.1f} to {max(loads):.1f} "
+                     f"on {os.cpu_count()} cores\n")
+        text += (f"start map vs truth (FSC 0.5): {fmt(self.record['start_map_vs_truth_05'])} Å; "
+                 f"JSON: {os.path.join(self.out, 'side_by_side.json')}\n")
+        print()
+        print(text, end="")
+        if a.summary:
+            write_summary(self.out, a.summary, a.jobs, text)
+            print(f"summary (no maps): {a.summary}")
+
+
+def write_summary(out: str, dst: str, jobs, text: str) -> list[str]:
+    """The record of a comparison without its maps (``--summary``): the JSON, the PNG and ``text`` (the printed
+    table) as side_by_side.txt, and per job mpi_em's per-iteration timings and log as mpi_em_JOB_timings.json and
+    mpi_em_JOB_run.log (each program's command line is in the JSON). Returns the names written."""
+    os.makedirs(dst, exist_ok=True)
+    pairs = [("side_by_side.json", "side_by_side.json"), ("side_by_side.png", "side_by_side.png")]
+    for job in dict.fromkeys(jobs):
+        pairs += [(os.path.join(job, "mpi_em", "out", "run_timings.json"), f"mpi_em_{job}_timings.json"),
+                  (os.path.join(job, "mpi_em", "out", "run.log"), f"mpi_em_{job}_run.log")]
+    written = []
+    for src, name in pairs:
+        if os.path.isfile(os.path.join(out, src)):
+            shutil.copyfile(os.path.join(out, src), os.path.join(dst, name))
+            written.append(name)
+    with open(os.path.join(dst, "side_by_side.txt"), "w") as f:
+        f.write(text)
+    return sorted(written + ["side_by_side.txt"])
 
 
 def plot(rows, path, record):
@@ -803,6 +826,9 @@ def parse_args(argv=None):
                    help="data folder (default OUT/data); reused when it holds a data set of the same parameters, so "
                         "several runs with different --jobs / --out can share one")
     p.add_argument("--replot", metavar="JSON", help="only draw the PNG again from a side_by_side.json (next to it)")
+    p.add_argument("--summary", metavar="DIR",
+                   help="also copy the record without maps into DIR: JSON, PNG, the table as side_by_side.txt, and "
+                        "per job mpi_em's per-iteration timings and log (a few hundred kB, where --out holds GBs)")
     p.add_argument("--data-only", action="store_true",
                    help="only simulate (or reuse) the data set of these parameters in --data and stop (a later run "
                         "with the same parameters reuses it; RELION's programs are not needed)")

@@ -4,8 +4,9 @@
 # RELION's GPU programs are taken from $RELION_BIN (default /tmp/relion-gpu/bin); this script builds nothing.
 # mpi_em: 1 rank on the GPU. RELION: relion_refine_mpi with 3 ranks (a leader and 2 GPU workers x 4 threads),
 # relion_reconstruct_mpi on 8 CPU ranks (RELION's reconstruction has no GPU code).
-# Usage (repo root): bash benchmarks/relion_side_by_side_gpu.sh OUTDIR [N] [BOX]   (JOBS, ITER, TIMEOUT, DATA: env;
-# DATA: a data folder shared between runs, made beforehand with --data-only if wanted)
+# Usage (repo root): bash benchmarks/relion_side_by_side_gpu.sh OUTDIR [N] [BOX]   (JOBS, ITER, TIMEOUT, DATA, SUMMARY:
+# env; DATA: a data folder shared between runs, made beforehand with --data-only if wanted; SUMMARY: a folder for
+# the record without maps, --summary)
 set -uo pipefail
 out=${1:?usage: relion_side_by_side_gpu.sh OUTDIR [N] [BOX]}; n=${2:-10000}; box=${3:-128}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
@@ -15,4 +16,5 @@ python3 benchmarks/relion_side_by_side.py --relion-bin "${RELION_BIN:-/tmp/relio
   --relion-mpirun "$(command -v mpirun)" --mpi-em-cmd "mpirun -n {ranks} --bind-to none python3 -m mpi_em" \
   --gpu --ranks 1 --relion-ranks 3 --relion-reconstruct-ranks 8 --threads 4 --box "$box" --n "$n" --snr 0.05 \
   --apix 1.5 --iter "${ITER:-5}" --k3d 4 --k2d 50 --timeout "${TIMEOUT:-300}" \
-  --jobs ${JOBS:-reconstruct refine3d class3d class2d} --out "$out" ${DATA:+--data "$DATA"}
+  --jobs ${JOBS:-reconstruct refine3d class3d class2d} --out "$out" ${DATA:+--data "$DATA"} \
+  ${SUMMARY:+--summary "$SUMMARY"}

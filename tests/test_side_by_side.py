@@ -86,3 +86,20 @@ def test_missing_programs(tmp_path):
     assert sbs.missing_programs(str(tmp_path), list(sbs.JOBS)) == []
     assert sbs.missing_programs(str(tmp_path / "nowhere"), ["reconstruct-1"]) == \
         ["relion_reconstruct (or relion_reconstruct_mpi)"]
+
+
+def test_summary_keeps_the_record_without_maps(tmp_path):
+    """--summary DIR: the JSON, PNG and table, and per job mpi_em's timings and log, named by the job; no map,
+    no stack, no RELION output; an absent file is left out."""
+    out, dst = tmp_path / "out", tmp_path / "summary"
+    for p in ("side_by_side.json", "side_by_side.png", "refine3d/mpi_em/out/run_timings.json",
+              "refine3d/mpi_em/out/run.log", "refine3d/mpi_em/out/run_class001.mrc", "refine3d/relion/run_data.star",
+              "class2d/mpi_em/out/run.log"):
+        (out / p).parent.mkdir(parents=True, exist_ok=True)
+        (out / p).write_text(p)
+    written = sbs.write_summary(str(out), str(dst), ["refine3d", "class2d"], "the table\n")
+    assert sorted(os.listdir(dst)) == sorted(written) == [
+        "mpi_em_class2d_run.log", "mpi_em_refine3d_run.log", "mpi_em_refine3d_timings.json", "side_by_side.json",
+        "side_by_side.png", "side_by_side.txt"]
+    assert (dst / "mpi_em_refine3d_timings.json").read_text() == "refine3d/mpi_em/out/run_timings.json"
+    assert (dst / "side_by_side.txt").read_text() == "the table\n"
