@@ -153,9 +153,7 @@ def scatter_add(target, index, values) -> None:
     flat = target.reshape(-1)
     index = index.reshape(-1)
     values = values.reshape(-1)
-    if xp is np:
-        np.add.at(flat, index, values.astype(flat.dtype, copy=False))
-    elif xp.iscomplexobj(flat):
+    if xp is not np and xp.iscomplexobj(flat):  # cupy.add.at takes no complex arrays
         real_view = flat.view(flat.real.dtype)  # interleaved re, im
         xp.add.at(real_view, 2 * index, values.real.astype(real_view.dtype, copy=False))
         xp.add.at(real_view, 2 * index + 1, values.imag.astype(real_view.dtype, copy=False))
