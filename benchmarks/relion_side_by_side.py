@@ -470,7 +470,7 @@ class Bench:
         return [exe]
 
     def have(self, prog) -> bool:
-        return os.access(os.path.join(self.bin, prog), os.X_OK)
+        return has_program(self.bin, prog)
 
     def relion_help(self, prog) -> str:
         """--help of ``prog`` (of its serial or MPI twin where only that one is built)."""
@@ -761,11 +761,16 @@ def plot(rows, path, record):
     os.replace(path + ".tmp.png", path)
 
 
+def has_program(bin_dir: str, prog: str) -> bool:
+    """``bin_dir``/``prog`` is there and executable."""
+    return os.access(os.path.join(bin_dir, prog), os.X_OK)
+
+
 def missing_programs(bin_dir: str, jobs) -> list[str]:
     """RELION's programs that ``jobs`` need and ``bin_dir`` has not as executables: a reconstruction takes
     relion_reconstruct or its MPI twin (the job's own first), the EM jobs relion_refine_mpi."""
     def have(prog):
-        return os.access(os.path.join(bin_dir, prog), os.X_OK)
+        return has_program(bin_dir, prog)
 
     missing = []
     for job in dict.fromkeys(jobs):
