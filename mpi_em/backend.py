@@ -117,9 +117,10 @@ def default_device() -> str:
 
 
 def xp_of(*arrays):
-    """The array module (numpy or cupy) that owns these arrays."""
-    if _cp is not None:
-        return _cp.get_array_module(*arrays)
+    """The array module (numpy or cupy) that owns these arrays. Not ``cupy.get_array_module``: its first call
+    imports cupyx.scipy and SciPy (tens of MB and ~1 s of a CPU rank's start, for sparse matrices we never use)."""
+    if _cp is not None and any(isinstance(a, _cp.ndarray) for a in arrays):
+        return _cp
     return np
 
 

@@ -105,7 +105,8 @@ def test_suggestions_fit():
 # ------------------------------------------------------------------------------ model vs measured peaks
 PROBE = """
 import json, sys, tracemalloc
-import mpi_em.cli, mpi_em.jobs.em, mpi_em.jobs.reconstruct, pandas, starfile, mrcfile, h5py
+import mpi_em.cli, mpi_em.jobs.em, mpi_em.jobs.reconstruct, mpi_em.jobs.initial_model, mpi_em.memory
+import pandas, starfile, mrcfile, h5py
 import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot
 tracemalloc.start()
 rc = mpi_em.cli.main(sys.argv[2:])
