@@ -420,6 +420,33 @@ def test_auto_sampling_uses_local_accuracy_well_inside_the_window():
     assert s.order == 5 and (s.offset_step, s.offset_range) == (1.0, 3.0)
 
 
+
+def test_default_sampling_refines_past_order_4_to_the_accuracy():
+    """refine3d's default --max-order lets the sampling follow the angular accuracy past order 4, as RELION's
+    auto-refine does (orders 5-6 at box 256, where the old default of 4 stopped at a 7.72 Å map against RELION's
+    7.04 Å: benchmarks/results/relion-side-by-side/h200-box256-2026-12-03/), and stops where the step is finer than
+    the accuracy."""
+    from types import SimpleNamespace
+
+    from mpi_em.cli import build_parser
+    from mpi_em.em.schedule import update_schedule
+    from mpi_em.em.state import MODES, EMState
+    from mpi_em.simulate import phantom
+
+    ns = build_parser().parse_args(["refine3d", "--i", "x.star", "--o", "o", "--ref", "r.mrc"])
+    assert ns.max_order == 8
+    box, apix = 32, 4.0
+    v = phantom(box, seed=1).astype(np.float64)
+    args = SimpleNamespace(max_order=ns.max_order, local_from_order=4, refine_offsets=False)
+    orders = []
+    for order in (4, 5, 6, 7):  # accuracy 0.7°: steps 3.75, 1.88, 0.94 are coarser, 0.47 is not
+        s = EMState(resolution=[], r_cur=10.0, best_res=9.0, ang_change=[0.1], order=order, local=True,
+                    accuracy=0.7, accuracy_global=4.3, no_improve=0, final=False, offset_step=1.0,
+                    offset_range=3.0, accuracy_trans=0.4, offset_change=0.3)
+        update_schedule(s, {}, MODES["refine3d"], args, box, apix, np.stack([v, v]))
+        orders.append(s.order)
+    assert orders == [5, 6, 7, 7]
+
 def test_nonfinite_maps_stop_the_job():
     """NaN or infinite voxels in an iteration's maps stop the job with an error naming the iteration; finite maps
     pass."""

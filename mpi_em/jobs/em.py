@@ -64,8 +64,10 @@ def add_arguments(p, mode: str) -> None:
     if mode != "refine3d":
         p.add_argument("--K", type=int, default=4 if cfg.dim == 3 else 10, help="number of classes")
     if mode == "refine3d":
-        p.add_argument("--max-order", type=int, default=4,
-                       help="finest HEALPix order the auto-refinement may reach (default 4 = 3.75°)")
+        p.add_argument("--max-order", type=int, default=8,
+                       help="finest HEALPix order the auto-refinement may reach (default 8 = 0.23°); it refines the "
+                            "sampling only while the step is coarser than the measured angular accuracy, as RELION "
+                            "does")
         p.add_argument("--local-from-order", type=int, default=4,
                        help="from this order on, search locally around the previous pose (default 4, as RELION)")
         p.add_argument("--folds", type=int, default=None, metavar="F",
