@@ -13,7 +13,7 @@ import numpy as np
 from ..backend import synchronize, to_host
 from ..distributed import allreduce_sum, bcast_large, collective_step, reference_group
 from ..errors import MpiEmError
-from ..fourier import SliceGeometry
+from ..fourier import SliceGeometry, default_r_max
 from ..symmetrise import symmetrise
 from ..geometry import angular_distance, euler_to_matrix
 from ..particles import ImageCache, pinned_wanted
@@ -312,14 +312,24 @@ def update_model(job: EMRun, it: int, stats: Stats, info: dict, maps, prev: dict
     state.accuracy = stats.angle_spread / max(stats.offset_w, 1)
     state.accuracy_trans = float(np.sqrt(stats.offset_var / max(stats.offset_w, 1)))  # px, per axis
     # refine3d: the half maps' FSC on their device (two 128^3 FFTs: 0.16 s on a host core, ~1 ms on a GPU)
+    r_used = state.r_cur  # this iteration's current size (the schedule below may raise it)
     update_schedule(state, info, mode, args, job.box, job.apix, maps, masked=job.solvent is not None)
     state.iter = it
     if final or state.final:
-        # converged (or the last allowed iteration): no further iteration. RELION runs one more after
-        # convergence, whose E-step uses the full image size; ours would repeat the same sampling and size, and
-        # after the peak it makes the map worse (benchmarks/results/refine3d-monotonic/). The final outputs are
-        # those of the best gold-standard iteration (final_iteration), this one or an earlier one.
-        state.done = True
+        # converged (or the last allowed iteration). refine3d then runs one more iteration, as RELION's
+        # auto-refine does, with the same sampling and all the data to Nyquist (the loop sets the full size for a
+        # final iteration): the sizes until then stop a few shells past the resolution, so without it the final
+        # map has no data beyond them. Repeating the same size instead made the map worse
+        # (benchmarks/results/refine3d-monotonic/). The final outputs are those of the best gold-standard
+        # iteration (final_iteration), this one or an earlier one.
+        state.done = not (mode.gold and not final and full_size_final(args)
+                          and r_used < default_r_max(job.box))
+
+
+def full_size_final(args) -> bool:
+    """refine3d's last iteration at the full image size (--no-final-full-size: off; absent in checkpoints of
+    earlier versions: on)."""
+    return bool(getattr(args, "final_full_size", True))
 
 
 def check_finite_maps(maps, it: int) -> None:

@@ -23,9 +23,10 @@ from ..em.inputs import default_folds, read_inputs, reference_mask  # noqa: F401
 from ..em.outputs import gather_particles, record_timings, write_final, write_iteration
 from ..em.schedule import final_iteration
 from ..em.state import MODES, PER_PARTICLE, EMState, Mode
-from ..em.steps import EMRun, LightenedEStep, expectation, first_pass, maximisation, references, update_model
+from ..em.steps import (EMRun, LightenedEStep, expectation, first_pass, full_size_final, maximisation, references,
+                        update_model)
 from ..errors import InputError, MpiEmError
-from ..fourier import SliceGeometry
+from ..fourier import SliceGeometry, default_r_max
 from ..io import BackgroundWriter, rebase_image_names
 from ..particles import ImageCache, cache_wanted
 from ..symmetry import symmetry_matrices
@@ -68,6 +69,10 @@ def add_arguments(p, mode: str) -> None:
                        help="finest HEALPix order the auto-refinement may reach (default 8 = 0.23°); it refines the "
                             "sampling only while the step is coarser than the measured angular accuracy, as RELION "
                             "does")
+        p.add_argument("--no-final-full-size", dest="final_full_size", action="store_false",
+                       help="do not run the last iteration (after convergence, or --iter's) at the full image size; "
+                            "by default it is, as RELION's auto-refine does, so that the final map holds data to "
+                            "Nyquist")
         p.add_argument("--local-from-order", type=int, default=4,
                        help="from this order on, search locally around the previous pose (default 4, as RELION)")
         p.add_argument("--folds", type=int, default=None, metavar="F",
@@ -182,6 +187,10 @@ def run(args, comm, after_iteration: Callable[[int], bool] | None = None) -> dic
         it = state.iter + 1
         t_it = time.time()
         final = state.final or (it == args.iter)  # known before the iteration (or found after it, below)
+        if final and mode.gold and full_size_final(args) and state.r_cur < default_r_max(job.box):
+            state.r_cur = float(default_r_max(job.box))  # RELION's last auto-refine iteration: all the data
+            if comm.rank == 0:
+                log.info("iteration %d: the last one, at the full image size (r %d px)", it, state.r_cur)
         geom = SliceGeometry(job.box, r_max=state.r_cur, pad=args.pad, xp=job.xp)
         prev = {k: job.plan[k].copy() for k in ("rot", "tilt", "psi", "origin_x", "origin_y")}
         timer = PhaseTimer(job.xp, detail=config.timing_detail())  # MPI_EM_TIMING_DETAIL: steps in the phases
