@@ -62,7 +62,7 @@ def test_refine3d_one_rank_equals_two_ranks(tiny, tmp_path, folds):
 
 @pytest.mark.slow
 def test_last_iteration_uses_the_full_image_size(tiny, tmp_path):
-    """refine3d's last iteration (here --iter 2's; after convergence, one more) runs at the full image size, as
+    """refine3d's last iteration (here --iter 2's; after convergence, one more) uses the full image size, as
     RELION's auto-refine does: the log says so with r = box/2 - 1 = 15 px, the schedule's size for it was smaller
     (iteration 1's model STAR: rlnCurrentImageSize, the next iteration's size), and the last model STAR gives 30.
     --no-final-full-size keeps the schedule's size. (Whether the map gains: on data with signal past the
