@@ -322,14 +322,13 @@ def update_model(job: EMRun, it: int, stats: Stats, info: dict, maps, prev: dict
         # map has no data beyond them. Repeating the same size instead made the map worse
         # (benchmarks/results/refine3d-monotonic/). The final outputs are those of the best gold-standard
         # iteration (final_iteration), this one or an earlier one.
-        state.done = not (mode.gold and not final and full_size_final(args)
-                          and r_used < default_r_max(job.box))
+        state.done = final or not full_size_wanted(args, mode, r_used, job.box)
 
 
-def full_size_final(args) -> bool:
-    """refine3d's last iteration at the full image size (--no-final-full-size: off; absent in checkpoints of
-    earlier versions: on)."""
-    return bool(getattr(args, "final_full_size", True))
+def full_size_wanted(args, mode: Mode, r_cur: float, box: int) -> bool:
+    """Whether refine3d's last iteration is to be run at the full image size: gold-standard jobs whose current size
+    is below it (--no-final-full-size: never; absent in checkpoints of earlier versions: on)."""
+    return mode.gold and bool(getattr(args, "final_full_size", True)) and r_cur < default_r_max(box)
 
 
 def check_finite_maps(maps, it: int) -> None:

@@ -23,8 +23,8 @@ from ..em.inputs import default_folds, read_inputs, reference_mask  # noqa: F401
 from ..em.outputs import gather_particles, record_timings, write_final, write_iteration
 from ..em.schedule import final_iteration
 from ..em.state import MODES, PER_PARTICLE, EMState, Mode
-from ..em.steps import (EMRun, LightenedEStep, expectation, first_pass, full_size_final, maximisation, references,
-                        update_model)
+from ..em.steps import (EMRun, LightenedEStep, expectation, first_pass, full_size_wanted, maximisation,
+                        references, update_model)
 from ..errors import InputError, MpiEmError
 from ..fourier import SliceGeometry, default_r_max
 from ..io import BackgroundWriter, rebase_image_names
@@ -187,7 +187,7 @@ def run(args, comm, after_iteration: Callable[[int], bool] | None = None) -> dic
         it = state.iter + 1
         t_it = time.time()
         final = state.final or (it == args.iter)  # known before the iteration (or found after it, below)
-        if final and mode.gold and full_size_final(args) and state.r_cur < default_r_max(job.box):
+        if final and full_size_wanted(args, mode, state.r_cur, job.box):
             state.r_cur = float(default_r_max(job.box))  # RELION's last auto-refine iteration: all the data
             if comm.rank == 0:
                 log.info("iteration %d: the last one, at the full image size (r %d px)", it, state.r_cur)
