@@ -143,16 +143,17 @@ def data(tmp_path_factory):
 
 
 # one iteration at HEALPix order 1 (576 orientations), r = ceil(box x 4 / 16) + 2 (--ini-high 16); class2d: r = box/4
+# refine3d's r: box / 2 - 1, its last (here its only) iteration's full image size (RELION's last auto-refine iteration)
 CASES = {
     "refine3d-32": (32, ["refine3d", "--ref", "start.mrc", "--ini-high", 16, "--healpix-order", 1, "--max-order",
                          1, "--iter", 1],
-                    dict(mode="refine3d", folds=4, coarse_poses=576, r=10)),
+                    dict(mode="refine3d", folds=4, coarse_poses=576, r=15)),
     "refine3d-64": (64, ["refine3d", "--ref", "start.mrc", "--ini-high", 16, "--healpix-order", 1, "--max-order",
                          1, "--iter", 1],
-                    dict(mode="refine3d", folds=4, coarse_poses=576, r=18)),
+                    dict(mode="refine3d", folds=4, coarse_poses=576, r=31)),
     "refine3d-64-single": (64, ["refine3d", "--ref", "start.mrc", "--ini-high", 16, "--healpix-order", 1,
                                 "--max-order", 1, "--iter", 1, "--accumulate", "single"],
-                           dict(mode="refine3d", folds=4, coarse_poses=576, r=18, accumulate="single")),
+                           dict(mode="refine3d", folds=4, coarse_poses=576, r=31, accumulate="single")),
     "class3d-32": (32, ["class3d", "--ref", "start.mrc", "--ini-high", 16, "--healpix-order", 1, "--K", 2,
                         "--iter", 1], dict(mode="class3d", K=2, coarse_poses=576, r=10)),
     "class2d-32": (32, ["class2d", "--K", 4, "--iter", 1], dict(mode="class2d", K=4, coarse_poses=36, r=8)),
