@@ -65,7 +65,7 @@ def test_refine3d_one_rank_equals_two_ranks(tiny, tmp_path, folds):
 
 @pytest.mark.slow
 def test_last_iteration_uses_the_full_image_size(tiny, tmp_path):
-    """refine3d's last iteration (here --iter 1's; after convergence, one more) runs at the full image size, as
+    """refine3d's last iteration (here --iter 1's; after convergence, one more) uses the full image size, as
     RELION's auto-refine does: the log says so with r = box/2 - 1 = 15 px (the schedule's size for it: 6 px, from
     --ini-high 32 Å at 4 Å/px) and its model STAR gives 30. --no-final-full-size keeps the schedule's size (its model
     STAR then gives the size the schedule chose for a next iteration, below 30). (Whether the map gains: on data with

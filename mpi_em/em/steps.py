@@ -326,7 +326,7 @@ def update_model(job: EMRun, it: int, stats: Stats, info: dict, maps, prev: dict
 
 
 def full_size_wanted(args, mode: Mode, r_cur: float, box: int) -> bool:
-    """Whether refine3d's last iteration is to be run at the full image size: gold-standard jobs whose current size
+    """Whether refine3d's last iteration is to use the full image size: gold-standard jobs whose current size
     is below it (--no-final-full-size: never; absent in checkpoints of earlier versions: on)."""
     return mode.gold and bool(getattr(args, "final_full_size", True)) and r_cur < default_r_max(box)
 
