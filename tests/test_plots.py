@@ -38,7 +38,8 @@ def test_montage_png_pixels(tmp_path):
     mosaic, corners = montage_array(imgs, label_px=LABEL_PX)
     assert png.shape[:2] == mosaic.shape
     gray = png[..., 0]
-    np.testing.assert_allclose(png[..., 1], gray) and np.testing.assert_allclose(png[..., 2], gray)
+    np.testing.assert_allclose(png[..., 1], gray)  # grey: the three channels equal
+    np.testing.assert_allclose(png[..., 2], gray)
     t = 128
     # the colormap's 256-entry table: value x is shown as floor(256 x) / 255, within 2 / 256 of x
     for r, c in corners:
