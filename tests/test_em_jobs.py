@@ -476,6 +476,24 @@ def test_default_sampling_refines_past_order_4_to_the_accuracy():
         orders.append(s.order)
     assert orders == [5, 6, 7, 7]
 
+def test_current_size_margin_follows_relion():
+    """The shells the current size reaches past the resolution: --incr-size; with --fsc-jump box / 8 while the
+    FSC at the size's edge is above 0.2 and the mean largest posterior weight above 0.1 (RELION's
+    updateImageSizeAndResolutionPointers); checkpoints of older runs: 3, no jump."""
+    from types import SimpleNamespace
+
+    from mpi_em.em.schedule import size_margin
+
+    box = 256
+    curve = np.clip(1.0 - np.arange(box // 2 + 1) / 60.0, 0.0, None)  # 0.2 at shell 48
+    jump = SimpleNamespace(incr_size=10, fsc_jump=True)
+    assert size_margin(curve, 40, {"mean_pmax": 0.5}, jump, box) == 32      # 0.35 at shell 39: limited by the size
+    assert size_margin(curve, 40, {"mean_pmax": 0.05}, jump, box) == 10     # low posterior peaks: no jump
+    assert size_margin(curve, 55, {"mean_pmax": 0.5}, jump, box) == 10      # 0.1 at the edge: near the data's limit
+    assert size_margin(curve, 40, {"mean_pmax": 0.5}, SimpleNamespace(incr_size=10, fsc_jump=False), box) == 10
+    assert size_margin(curve, 40, {"mean_pmax": 0.5}, SimpleNamespace(), box) == 3
+
+
 def test_nonfinite_maps_stop_the_job():
     """NaN or infinite voxels in an iteration's maps stop the job with an error naming the iteration; finite maps
     pass."""

@@ -56,12 +56,14 @@ def _refine_schedule(state: EMState, info: dict, args, box: int, apix: float, ma
     # with --solvent-mask the solvent-corrected FSC that set tau^2 (RELION's --solvent_correct_fsc)
     curve = info["fsc_unregularised"].copy() if masked else fsc(maps[0], maps[1])
     # only shells up to the current size carry data; beyond it both halves share the leakage of the crop
-    curve[int(np.floor(state.r_cur)) + 1:] = 0.0
+    edge = int(np.floor(state.r_cur))
+    curve[edge + 1:] = 0.0
     info["fsc_gold"] = curve
     res = resolution_at(curve, box, apix)
     state.resolution.append(res)
     shell = box * apix / res
-    state.r_cur = float(min(default_r_max(box), max(state.r_cur, np.ceil(shell) + 3)))
+    state.r_cur = float(min(default_r_max(box), max(state.r_cur, np.ceil(shell) + size_margin(curve, edge, info,
+                                                                                            args, box))))
     improved = res < 0.99 * state.best_res
     state.best_res = min(state.best_res, res)
     step = angular_step(state.order)
@@ -87,6 +89,18 @@ def _refine_schedule(state: EMState, info: dict, args, box: int, apix: float, ma
             state.no_improve += 1
             if state.no_improve >= 1:
                 state.final = True
+
+
+def size_margin(curve, edge: int, info: dict, args, box: int) -> int:
+    """Shells the next current size reaches past the resolution's: --incr-size, or with --fsc-jump box / 8 while
+    the FSC at the size's edge is above 0.2 and the mean largest posterior weight above 0.1 (RELION's
+    updateImageSizeAndResolutionPointers: the resolution is then limited by the size, not by the data; low
+    posterior peaks would make both smooth halves look alike there)."""
+    margin = int(getattr(args, "incr_size", 3))
+    if (getattr(args, "fsc_jump", False) and 1 <= edge < len(curve) and curve[edge - 1] > 0.2
+            and info.get("mean_pmax", 0.0) > 0.1):
+        margin = max(margin, int(round(box / 8)))
+    return margin
 
 
 def final_iteration(resolution, gold: bool, last: int) -> int:

@@ -21,7 +21,8 @@ ORIGIN_RULE = "relion"
 #: per-particle fields carried through the iterations (and the checkpoint) besides the half set
 PER_PARTICLE = ("rot", "tilt", "psi", "origin_x", "origin_y", "class_number", "pmax", "loglike", "nsig")
 #: options a run started before they existed ran without (their values then)
-OPTION_DEFAULTS_OF_OLD_RUNS = {"folds": 1, "refine_offsets": False, "solvent_mask": None}
+OPTION_DEFAULTS_OF_OLD_RUNS = {"folds": 1, "refine_offsets": False, "solvent_mask": None, "incr_size": 3,
+                               "fsc_jump": False}
 
 
 @dataclass(frozen=True)

@@ -305,8 +305,9 @@ def update_model(job: EMRun, it: int, stats: Stats, info: dict, maps, prev: dict
     else:
         ch = np.abs((plan["psi"] - prev["psi"] + 180) % 360 - 180)
     moved = np.hypot(plan["origin_x"] - prev["origin_x"], plan["origin_y"] - prev["origin_y"]) / job.apix
-    tot = np.array([ch.sum(), len(ch), moved.sum()], dtype=np.float64)
+    tot = np.array([ch.sum(), len(ch), moved.sum(), np.sum(plan["pmax"])], dtype=np.float64)
     allreduce_sum(comm, tot)
+    info["mean_pmax"] = float(tot[3] / max(tot[1], 1))
     state.ang_change.append(float(tot[0] / max(tot[1], 1)))
     state.offset_change = float(tot[2] / max(tot[1], 1))       # px, mean over particles
     state.accuracy = stats.angle_spread / max(stats.offset_w, 1)
