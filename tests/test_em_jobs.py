@@ -494,6 +494,35 @@ def test_current_size_margin_follows_relion():
     assert size_margin(curve, 40, {"mean_pmax": 0.5}, SimpleNamespace(), box) == 3
 
 
+def test_local_search_window_and_prior():
+    """Local searches: the rotations within --local-radius steps (19 at 1.5, 123 at 3) and, with --local-sigma,
+    RELION's Gaussian prior on the angle from the previous pose: -angle^2 / (2 sigma^2), in the coarse grid's
+    log prior and for any pose (the fine pass's)."""
+    from types import SimpleNamespace
+
+    from mpi_em.em.schedule import search_spec
+    from mpi_em.em.search import angle_log_prior
+    from mpi_em.em.state import MODES, EMState
+    from mpi_em.geometry import euler_to_matrix
+    from mpi_em.sampling import angular_step
+
+    args = SimpleNamespace(perturb=0.0, seed=0, n_select=4, local_radius=3.0, local_sigma=1.0)
+    st = EMState(order=5, local=True, class_prior=np.ones(1), offset_range=2.0, offset_step=0.5)
+    spec = search_spec(st, args, MODES["refine3d"], 3, 1, "C1", np)
+    step = angular_step(5)
+    assert spec.local_mats.shape == (123, 3, 3) and spec.local_sigma_deg == pytest.approx(step)
+    # each local rotation's angle from identity, from its matrix: the prior is -angle^2 / (2 step^2)
+    angle = np.degrees(np.arccos(np.clip((np.trace(spec.local_mats, axis1=1, axis2=2) - 1) / 2, -1, 1)))
+    np.testing.assert_allclose(spec.local_log_prior, -0.5 * (angle / step) ** 2, atol=1e-4)
+    assert sorted(np.round(angle / step, 6))[-1] == pytest.approx(3.0)
+    assert search_spec(st, SimpleNamespace(perturb=0.0, seed=0, n_select=4), MODES["refine3d"], 3, 1, "C1",
+                       np).local_mats.shape[0] == 19   # runs of earlier versions: radius 1.5, uniform
+    prev = euler_to_matrix(np.array([10.0, 50.0]), np.array([20.0, 80.0]), np.array([30.0, 5.0]))
+    turn = euler_to_matrix(np.array([0.0, 0.0]), np.array([0.0, 0.0]), np.array([2.0, 0.5]))  # about z
+    A = (turn @ prev)[:, None]                                       # (2, 1, 3, 3): 2.0 and 0.5 degrees away
+    np.testing.assert_allclose(angle_log_prior(A, prev, 1.0)[:, 0], [-2.0, -0.125], rtol=1e-4)
+
+
 def test_nonfinite_maps_stop_the_job():
     """NaN or infinite voxels in an iteration's maps stop the job with an error naming the iteration; finite maps
     pass."""

@@ -48,6 +48,8 @@ class SearchSpec:
     log_class_prior: object | None = None   # (K,) log pi_k
     fixed_class: bool = False        # iteration-1 random subsets: each particle sees only its class
     projection_cache: dict = field(default_factory=dict)  # reference set -> projections of the global grid
+    local_log_prior: object | None = None  # (L,) float32 log prior of each local rotation (None: uniform)
+    local_sigma_deg: float = 0.0     # > 0: Gaussian prior on the angle from the previous pose (local searches)
     grid_chunk: int = 0              # > 0: the global grid projected this many orientations per class at a time,
     #                                  per batch, and not kept (the memory model's choice where the whole grid's
     #                                  projections would not fit); 0: projected once per iteration and kept
@@ -129,7 +131,8 @@ def expectation_batch(X, ctf, inv_sigma2, shells, refs: References, vol_base, pr
     with timer("coarse"):
         coarse = _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec, geom, timer, po)
     with timer("fine"):
-        fine = _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coarse, timer, po)
+        fine = _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coarse, timer, po,
+                          prev_mats=prev_mats)
     with timer("insert"):
         _insert_contributions(X, ctf, inv_sigma2, vol_base, spec, geom, F_acc, W_acc, fine, timer)
     with timer("stats"):

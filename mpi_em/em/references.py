@@ -111,15 +111,24 @@ def fine_offsets(dim: int, step_deg: float, xp):
     return rotation_2d(xp.asarray([-step_deg / 4.0, step_deg / 4.0]), xp)
 
 
-def local_offsets(dim: int, step_deg: float, radius_steps: float, xp):
-    """Small rotations (L, d, d) on a grid of spacing ``step_deg`` within ``radius_steps`` steps of identity."""
+def local_grid(dim: int, radius_steps: float) -> np.ndarray:
+    """Integer offsets (L, 3) (3D: rotation vectors in steps) or (L,) (2D: psi steps) within ``radius_steps`` of
+    0, nearest first."""
     r = int(np.floor(radius_steps))
     c = np.arange(-r, r + 1)
     if dim == 2:
-        return rotation_2d(xp.asarray(c * step_deg), xp)
+        return c[np.argsort(np.abs(c), kind="stable")]
     g = np.stack(np.meshgrid(c, c, c, indexing="ij"), -1).reshape(-1, 3)
     g = g[(g ** 2).sum(1) <= radius_steps ** 2 + 1e-9]
-    g = g[np.argsort((g ** 2).sum(1), kind="stable")]
+    return g[np.argsort((g ** 2).sum(1), kind="stable")]
+
+
+def local_offsets(dim: int, step_deg: float, radius_steps: float, xp):
+    """Small rotations (L, d, d) on a grid of spacing ``step_deg`` within ``radius_steps`` steps of identity
+    (:func:`local_grid`'s order)."""
+    g = local_grid(dim, radius_steps)
+    if dim == 2:
+        return rotation_2d(xp.asarray(g * step_deg), xp)
     return xp.asarray(rotation_vector_to_matrix(np.deg2rad(step_deg) * g.astype(np.float64)))
 
 

@@ -126,6 +126,8 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
         P = refs.project(cand_mats, (xp.arange(K * C) // C)[None] + vol_base[:, None], geom)  # (n, K*C, m)
         with timer.detail("coarse.likelihood"):
             L = log_likelihood_phased(X, ctf, inv_sigma2, P, ph_c)                     # (n, T, K*C)
+        if spec.local_log_prior is not None:  # the Gaussian prior around the previous pose (RELION's)
+            L += xp.tile(xp.asarray(spec.local_log_prior, dtype=L.dtype), K)[None, None, :]
         timer.add_flops("coarse", 2.0 * n * T_c.shape[0] * K * C * 2 * m)
         sel, valid, best_t = _select(L, None, T_c, prior_t, lcp, prev_class, K, C, spec, timer)
     if K == 1:  # candidates best first: the fine pass needs only as many as the widest posterior of the batch
@@ -188,7 +190,19 @@ def _select(L, norm, T_c, prior_t, lcp, prev_class, K, C, spec, timer):
     return sel, valid, best_t
 
 
-def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coarse, timer, po) -> FinePass:
+def angle_log_prior(A, prev, sigma_deg: float):
+    """log of a Gaussian prior of width ``sigma_deg`` on the rotation angle between poses A (n, S, d, d) and the
+    previous poses ``prev`` (n, d, d) -> (n, S) float32 (RELION's local-search prior on the angular distance)."""
+    xp = xp_of(A)
+    d = A.shape[-1]
+    tr = xp.einsum("nsij,nij->ns", A.astype(xp.float64, copy=False), prev.astype(xp.float64, copy=False))
+    c = (tr - 1.0) / 2.0 if d == 3 else tr / 2.0
+    theta = xp.degrees(xp.arccos(xp.clip(c, -1.0, 1.0)))
+    return (-0.5 * (theta / sigma_deg) ** 2).astype(xp.float32)
+
+
+def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coarse, timer, po,
+               prev_mats=None) -> FinePass:
     xp = xp_of(X)
     n, m = X.shape
     d = spec.dim
@@ -216,6 +230,8 @@ def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coars
     timer.add_flops("fine", 2.0 * n * 9 * S * nf * 2 * m)
     o_f = po[:, None, :] + t_f                                                         # (n, 9, 2) offsets
     Lf = Lf + offset_log_prior(o_f, spec.offset_sigma)[:, :, None] + lcp[f_cls][:, None, :]
+    if spec.local_mats is not None and spec.local_sigma_deg > 0 and prev_mats is not None:
+        Lf = Lf + angle_log_prior(f_mats, prev_mats, spec.local_sigma_deg)[:, None, :]
     if spec.fixed_class:
         Lf = xp.where((f_cls == prev_class[:, None])[:, None, :], Lf, -xp.inf)
     if not bool(valid.all()):  # coarse candidates outside the significant set get no weight

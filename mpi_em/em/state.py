@@ -22,7 +22,7 @@ ORIGIN_RULE = "relion"
 PER_PARTICLE = ("rot", "tilt", "psi", "origin_x", "origin_y", "class_number", "pmax", "loglike", "nsig")
 #: options a run started before they existed ran without (their values then)
 OPTION_DEFAULTS_OF_OLD_RUNS = {"folds": 1, "refine_offsets": False, "solvent_mask": None, "incr_size": 3,
-                               "fsc_jump": False}
+                               "fsc_jump": False, "local_radius": 1.5, "local_sigma": 0.0}
 
 
 @dataclass(frozen=True)

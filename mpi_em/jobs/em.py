@@ -62,6 +62,13 @@ def add_arguments(p, mode: str) -> None:
                             "of max(3 px, half the resolution) each (mpi-em mask), times the --particle-diameter "
                             "sphere. One mask for both half sets, from their average, as RELION and cryoSPARC do: "
                             "each half's noise enters it only through that average. Default off")
+        p.add_argument("--local-radius", type=float, default=1.5, metavar="STEPS",
+                       help="local searches: the rotations within this many angular steps of the previous pose "
+                            "(default 1.5: 19 rotations; 3: 123)")
+        p.add_argument("--local-sigma", type=float, default=0.0, metavar="STEPS",
+                       help="local searches: a Gaussian prior of this width, in angular steps, on the angle from "
+                            "the previous pose, in the coarse and the fine pass (RELION's auto-refine: 1 step "
+                            "within 3; default 0: uniform within --local-radius)")
     if mode != "refine3d":
         p.add_argument("--K", type=int, default=4 if cfg.dim == 3 else 10, help="number of classes")
     if mode == "refine3d":

@@ -126,7 +126,7 @@ class EMInputs:
     n_particles: int = 0           # the whole data set (a rank holds ceil(n / P))
     cache_images: bool = False
     coarse_poses: int = 0          # orientations of the largest global grid per class (0: local searches only)
-    local_poses: int = 19          # rotations of a local search (radius 1.5 steps)
+    local_poses: int = 123         # rotations of a local search (radius 3 steps; 19 at 1.5)
     translations: int = 9          # the most coarse translations
     n_select: int = 4
     class_select: int = 10
@@ -439,9 +439,11 @@ def em_inputs(args, mode: str, meta: dict, ranks: int, device: str, cache_images
     """The model's inputs of an EM job from its options (jobs/em.py): the largest global pose grid the options
     allow (refine3d: orders up to the first local one; class2d: the in-plane angles) and the most coarse
     translations (refine3d with --refine-offsets: up to 49, see :func:`mpi_em.sampling.next_translations`)."""
+    from ..em.references import local_grid
     from ..sampling import translation_grid
 
     T = int(translation_grid(args.offset_range, 2.0 * args.offset_step).shape[0])
+    L = int(local_grid(3, float(getattr(args, "local_radius", 3.0))).shape[0])
     if mode == "class2d":
         C = int(np.arange(0.0, 360.0, args.psi_step).size)
     elif mode == "class3d":
@@ -454,7 +456,8 @@ def em_inputs(args, mode: str, meta: dict, ranks: int, device: str, cache_images
     return EMInputs(mode=mode, box=int(meta["box"]), pad=int(args.pad), K=int(meta["K"]),
                     folds=int(meta.get("folds", 1)), batch=int(args.batch), ranks=int(ranks),
                     device="cpu" if device == "cpu" else "gpu", n_particles=int(meta["n"]),
-                    cache_images=bool(cache_images), coarse_poses=C, translations=T, n_select=int(args.n_select),
+                    cache_images=bool(cache_images), coarse_poses=C, local_poses=L, translations=T,
+                    n_select=int(args.n_select),
                     class_select=int(getattr(args, "class_select", 10)),
                     owned_accumulators=getattr(args, "owned_accumulators", "auto") == "on" and mode != "class2d",
                     grid_chunk=int(getattr(args, "grid_chunk", 0) or 0),
