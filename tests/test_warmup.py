@@ -48,3 +48,21 @@ def test_warmup_leaves_nothing_to_compile(tmp_path):
     run(["refine3d", "--i", d / "particles.star", "--ref", d / "truth.mrc", "--ini-high", 25, "--iter", 4,
          "--max-order", 3, "--local-from-order", 3, "--o", tmp_path / "r"])
     assert _cache_files(cache) == after_warmup, "kernels compiled after the warm-up"
+    # many classes: the fine pass's per-particle reductions have other lengths (CUB block sizes) than the
+    # warm-up's K = 3 (a K = 50 class2d compiled a float64 argmax in its first iteration before they were covered)
+    run(["class2d", "--i", d / "particles.star", "--K", 50, "--iter", 1, "--o", tmp_path / "c"])
+    assert _cache_files(cache) == after_warmup, "kernels compiled after the warm-up"
+
+
+def test_warmup_reductions_cover_every_cub_block_size():
+    """CuPy compiles a CUB reduction along an axis per block size: the power of two at or above a quarter of the
+    segment, clamped to 32..512 (cupy/_core/_cub_reduction.pyx, _get_cub_block_specs). The warm-up's segment
+    lengths give each of them."""
+    from mpi_em.jobs.warmup import REDUCTION_SEGMENTS
+
+    def block(seg):
+        b = 1 << max(0, (-(-seg // 4) - 1).bit_length())
+        return min(512, max(32, b))
+
+    assert sorted({block(s) for s in REDUCTION_SEGMENTS}) == [32, 64, 128, 256, 512]
+    assert block(234) == 64  # the K = 50 class2d's argmax of 9 x 13 x 2 poses

@@ -5,7 +5,8 @@ The first job on a machine (or after a CuPy or driver update) compiles every GPU
 element-wise and reduction kernels, which depend on dtypes and array ranks but not on the box, and CuPy keeps them
 on disk (``CUPY_CACHE_DIR``, default ``~/.cupy/kernel_cache``). This command runs each job once on a tiny simulated
 data set in a temporary folder — refine3d through its global and local searches, class3d, class2d, reconstruct —
-so that the cache holds what real jobs use and their first iteration is as fast as the later ones. Use it
+and the per-particle reductions at every block size CuPy's CUB kernels take (:data:`REDUCTION_SEGMENTS`), so that
+the cache holds what real jobs use and their first iteration is as fast as the later ones. Use it
 once per machine (or per shared home directory on a cluster), e.g. after installing.
 """
 from __future__ import annotations
@@ -49,6 +50,28 @@ def _gpu_available() -> bool:
     return default_device() == "gpu"
 
 
+#: CuPy's CUB reductions along an axis are compiled per block size, which follows the segment's length (32 to 512
+#: threads for up to 128, 256, 512, 1024 and more elements): the E-step's per-particle reductions over its poses
+#: (S x oversampling x translations, which the classes, the selection and the dimension set) meet all of them.
+#: A class2d with K = 50 at box 256 compiled a float64 argmax of block 64 in its first iteration after a warmup
+#: whose K = 3 did not (1.9 s of a 3.0 s iteration; benchmarks/results/relion-side-by-side/).
+REDUCTION_SEGMENTS = (100, 200, 400, 800, 2000)
+
+
+def compile_reductions(xp) -> int:
+    """Run argmax, max and sum along the last axis of float32 and float64 arrays of every CUB block size, so
+    that their kernels are in the cache. Returns the number of calls."""
+    calls = 0
+    for dtype in (xp.float32, xp.float64):
+        for seg in REDUCTION_SEGMENTS:
+            a = xp.zeros((3, seg), dtype=dtype)
+            for op in (xp.argmax, xp.max, xp.sum):
+                op(a, axis=1)
+                calls += 1
+    xp.cuda.Stream.null.synchronize()
+    return calls
+
+
 def run(args, comm) -> None:
     from ..cli import _setup_logging, main as cli_main
 
@@ -78,6 +101,11 @@ def run(args, comm) -> None:
             _setup_logging(comm.rank)
             if code:
                 raise MpiEmError(f"warmup: the {step[0]} job failed (exit {code}); its error is above")
+        if comm.rank == 0:
+            import cupy
+
+            log.info("warmup: reductions (%d block sizes)", len(REDUCTION_SEGMENTS))
+            compile_reductions(cupy)
     finally:
         comm.Barrier()
         if comm.rank == 0 and not args.keep:
