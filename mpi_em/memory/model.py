@@ -126,7 +126,7 @@ class EMInputs:
     n_particles: int = 0           # the whole data set (a rank holds ceil(n / P))
     cache_images: bool = False
     coarse_poses: int = 0          # orientations of the largest global grid per class (0: local searches only)
-    local_poses: int = 123         # rotations of a local search (radius 3 steps; 19 at 1.5)
+    local_poses: int = 19          # rotations of a local search (radius 1.5 steps; 123 at 3: --local-radius)
     translations: int = 9          # the most coarse translations
     n_select: int = 4
     class_select: int = 10
