@@ -516,7 +516,7 @@ def test_local_search_window_and_prior():
     np.testing.assert_allclose(spec.local_log_prior, -0.5 * (angle / step) ** 2, atol=1e-4)
     assert sorted(np.round(angle / step, 6))[-1] == pytest.approx(3.0)
     assert search_spec(st, SimpleNamespace(perturb=0.0, seed=0, n_select=4), MODES["refine3d"], 3, 1, "C1",
-                       np).local_mats.shape[0] == 19   # runs of earlier versions: radius 1.5, uniform
+                       np).local_mats.shape[0] == 19   # checkpoints of earlier versions: radius 1.5, uniform
     prev = euler_to_matrix(np.array([10.0, 50.0]), np.array([20.0, 80.0]), np.array([30.0, 5.0]))
     turn = euler_to_matrix(np.array([0.0, 0.0]), np.array([0.0, 0.0]), np.array([2.0, 0.5]))  # about z
     A = (turn @ prev)[:, None]                                       # (2, 1, 3, 3): 2.0 and 0.5 degrees away
