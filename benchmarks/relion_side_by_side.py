@@ -587,6 +587,7 @@ class Bench:
                     a.healpix_order, "--local-from-order", a.local_order]
             if a.refine_iter:
                 ours += ["--iter", a.refine_iter]
+            ours += shlex.split(a.refine_extra)
             rel = ["--ref", start, "--ini_high", a.ini_high, "--sym", "C1", "--healpix_order", a.healpix_order,
                    "--auto_local_healpix_order", a.local_order, "--auto_refine", "--split_random_halves",
                    "--low_resol_join_halves", 40, "--tau2_fudge", 1]
@@ -821,6 +822,9 @@ def parse_args(argv=None):
     p.add_argument("--psi-step", type=float, default=10.0, help="class2d in-plane step, degrees (default 10)")
     p.add_argument("--iter", type=int, default=25, help="class3d / class2d iterations (default 25)")
     p.add_argument("--refine-iter", type=int, default=None, help="mpi-em refine3d --iter (default its own)")
+    p.add_argument("--refine-extra", default="", metavar="OPTIONS",
+                   help="more mpi-em refine3d options, one string (e.g. '--incr-size 10 --fsc-jump --folds 4'); "
+                        "they are in the recorded command")
     p.add_argument("--vdam-iter", type=int, default=200, help="RELION VDAM iterations (default 200)")
     p.add_argument("--k3d", type=int, default=4)
     p.add_argument("--k2d", type=int, default=50)

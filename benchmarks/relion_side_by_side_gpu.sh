@@ -4,7 +4,8 @@
 # RELION's GPU programs are taken from $RELION_BIN (default /tmp/relion-gpu/bin); this script builds nothing.
 # mpi_em: 1 rank on the GPU. RELION: relion_refine_mpi with 3 ranks (a leader and 2 GPU workers x 4 threads),
 # relion_reconstruct_mpi on 8 CPU ranks (RELION's reconstruction has no GPU code).
-# Usage (repo root): bash benchmarks/relion_side_by_side_gpu.sh OUTDIR [N] [BOX]   (JOBS, ITER, TIMEOUT, DATA, SUMMARY:
+# Usage (repo root): bash benchmarks/relion_side_by_side_gpu.sh OUTDIR [N] [BOX]   (JOBS, ITER, TIMEOUT, DATA, SUMMARY,
+# REFINE_EXTRA (more mpi-em refine3d options):
 # env; DATA: a data folder shared between runs, made beforehand with --data-only if wanted; SUMMARY: a folder for
 # the record without maps, --summary)
 set -uo pipefail
@@ -17,4 +18,4 @@ python3 benchmarks/relion_side_by_side.py --relion-bin "${RELION_BIN:-/tmp/relio
   --gpu --ranks 1 --relion-ranks 3 --relion-reconstruct-ranks 8 --threads 4 --box "$box" --n "$n" --snr 0.05 \
   --apix 1.5 --iter "${ITER:-5}" --k3d 4 --k2d 50 --timeout "${TIMEOUT:-300}" \
   --jobs ${JOBS:-reconstruct refine3d class3d class2d} --out "$out" ${DATA:+--data "$DATA"} \
-  ${SUMMARY:+--summary "$SUMMARY"}
+  ${SUMMARY:+--summary "$SUMMARY"} ${REFINE_EXTRA:+--refine-extra "$REFINE_EXTRA"}

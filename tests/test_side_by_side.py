@@ -66,6 +66,9 @@ def test_arguments():
     a = sbs.parse_args(["--relion-bin", "/usr/bin", "--out", "x", "--box", "64", "--apix", "2"])
     assert a.diameter == pytest.approx(102.4)
     assert a.jobs == ["reconstruct", "refine3d", "class3d", "class2d"]
+    assert a.refine_extra == ""
+    b = sbs.parse_args(["--relion-bin", "/usr/bin", "--out", "x", "--refine-extra", "--incr-size 10 --fsc-jump"])
+    assert b.refine_extra == "--incr-size 10 --fsc-jump"
     with pytest.raises(SystemExit):
         sbs.parse_args(["--relion-bin", "/usr/bin", "--out", "x", "--jobs", "refine2d"])
 
