@@ -5,9 +5,8 @@
 # mpi_em: 1 rank on the GPU. RELION: relion_refine_mpi with 3 ranks (a leader and 2 GPU workers x 4 threads),
 # relion_reconstruct_mpi on 8 CPU ranks (RELION's reconstruction has no GPU code).
 # Usage (repo root): bash benchmarks/relion_side_by_side_gpu.sh OUTDIR [N] [BOX]   (JOBS, ITER, TIMEOUT, DATA, SUMMARY,
-# REFINE_EXTRA (more mpi-em refine3d options):
-# env; DATA: a data folder shared between runs, made beforehand with --data-only if wanted; SUMMARY: a folder for
-# the record without maps, --summary)
+# REFINE_EXTRA: env; DATA: a data folder shared between runs, made beforehand with --data-only if wanted; SUMMARY: a
+# folder for the record without maps, --summary; REFINE_EXTRA: more mpi-em refine3d options, --refine-extra)
 set -uo pipefail
 out=${1:?usage: relion_side_by_side_gpu.sh OUTDIR [N] [BOX]}; n=${2:-10000}; box=${3:-128}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
