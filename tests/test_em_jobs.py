@@ -476,6 +476,7 @@ def test_default_sampling_refines_past_order_4_to_the_accuracy():
         orders.append(s.order)
     assert orders == [5, 6, 7, 7]
 
+
 def test_current_size_margin_follows_relion():
     """The shells the current size reaches past the resolution: --incr-size; with --fsc-jump box / 8 while the
     FSC at the size's edge is above 0.2 and the mean largest posterior weight above 0.1 (RELION's

@@ -443,7 +443,7 @@ def em_inputs(args, mode: str, meta: dict, ranks: int, device: str, cache_images
     from ..sampling import translation_grid
 
     T = int(translation_grid(args.offset_range, 2.0 * args.offset_step).shape[0])
-    L = int(local_grid(3, float(getattr(args, "local_radius", 3.0))).shape[0])
+    L = int(local_grid(3, float(getattr(args, "local_radius", 1.5))).shape[0])
     if mode == "class2d":
         C = int(np.arange(0.0, 360.0, args.psi_step).size)
     elif mode == "class3d":
