@@ -22,7 +22,7 @@ import numpy as np
 from .backend import scatter_add, xp_of
 from . import kernels
 from .fourier import SliceGeometry, default_r_max, enforce_hermitian_x0
-from .fourier.division import divide_in_ball
+from .fourier.division import divide_in_ball, soft_mask_outside
 from .fourier.transforms import _sinc2_1d_host
 
 __all__ = ["gridding_factor_2d", "pad_image", "crop_image", "plane_fft", "plane_ifft", "plane_shape",
@@ -220,13 +220,17 @@ def radius_plane(npad: int, xp=np):
 
 
 def reconstruct2d(F_acc, W_acc, box: int, pad: int = 2, r_max: float | None = None, tau2=None,
-                  tau2_fudge: float = 1.0, min_weight: float = 1e-3, gridding: bool = True):
+                  tau2_fudge: float = 1.0, min_weight: float = 1e-3, gridding: bool = True,
+                  mask_outside: bool = False):
     """Regularised division and inverse transform of plane accumulators -> real image(s) (..., box, box).
 
     Without tau2: I = F / max(W, min_weight * mean(W in disc)) (known-pose reconstruction).
     With tau2 (per image-pixel shell, shape (..., n_shells)): I = F / (W + 1 / (tau2_fudge * tau2(shell))).
-    For a stack (K, ...) the mean weight / floor is taken per plane. The inputs are not modified.
+    For a stack (K, ...) the mean weight / floor is taken per plane. ``mask_outside``: RELION's soft mask
+    outside the circle of diameter N (:func:`mpi_em.fourier.soft_mask_outside`), as its 2D class averages.
+    The inputs are not modified.
     """
     r_max = default_r_max(box) if r_max is None else r_max
     F = divide_in_ball(F_acc, W_acc, box, 2, pad, r_max, tau2, tau2_fudge, min_weight)
-    return plane_ifft(F, box, pad, gridding=gridding)
+    out = plane_ifft(F, box, pad, gridding=gridding)
+    return soft_mask_outside(out, inplace=True, ndim=2) if mask_outside else out

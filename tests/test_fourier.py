@@ -238,22 +238,24 @@ def test_insertion_up_to_nyquist_equals_a_larger_grid(rng, pad):
     np.testing.assert_allclose(project(V, A, geom), project(Vb, A, big), rtol=0, atol=1e-12)
 
 
-def test_soft_mask_outside_is_relions():
+@pytest.mark.parametrize("ndim", [3, 2])
+def test_soft_mask_outside_is_relions(ndim):
     """RELION's softMaskOutsideMap (radius N/2, 3-px raised cosine): the map is unchanged within N/2 of the
-    centre, constant beyond N/2 + 3 (the edge-weighted mean of the voxels beyond N/2), blended in between."""
+    centre, constant beyond N/2 + 3 (the edge-weighted mean of the voxels beyond N/2), blended in between; on
+    volumes and (its 2D class averages) on images, each with its own background."""
     box = 16
     rng = np.random.default_rng(5)
-    vol = rng.normal(size=(2, box, box, box))
-    out = soft_mask_outside(vol)
+    vol = rng.normal(size=(2,) + (box,) * ndim)
+    out = soft_mask_outside(vol, ndim=ndim)
     c = np.arange(box) - box // 2
-    r = np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+    r = np.sqrt(sum(np.expand_dims(c, [a for a in range(ndim) if a != d]) ** 2 for d in range(ndim)))
     edge = np.where(r > box / 2 + 3, 1.0, np.where(r < box / 2, 0.0, 0.5 + 0.5 * np.cos(np.pi * (box / 2 + 3 - r) / 3)))
     for v in range(2):  # each volume with its own background
         bg = (edge * vol[v]).sum() / edge.sum()
         np.testing.assert_array_equal(out[v][r <= box / 2], vol[v][r <= box / 2])
         np.testing.assert_allclose(out[v][r > box / 2 + 3], bg, rtol=1e-12)
         np.testing.assert_allclose(out[v], (1 - edge) * vol[v] + edge * bg, rtol=0, atol=1e-12)
-    assert np.array_equal(vol, np.random.default_rng(5).normal(size=(2, box, box, box)))  # input untouched
+    assert np.array_equal(vol, np.random.default_rng(5).normal(size=(2,) + (box,) * ndim))  # input untouched
 
 
 def test_known_pose_reconstruction_with_the_soft_mask():

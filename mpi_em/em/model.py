@@ -353,6 +353,10 @@ def solvent_corrected_fsc(half1, half2, mask, r_max: float) -> np.ndarray:
 
 def _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold, combined, xp, folds=1,
                        fsc_mask=None, layout=None):
+    # every map with RELION's soft mask outside the box's sphere (softMaskOutsideMap in its
+    # BackProjector::windowToOridimRealSpace): the corners hold only interpolation aliasing and noise, which the
+    # gridding correction amplifies, in the references and the outputs alike
+    # (benchmarks/results/relion-side-by-side/h200-box256-refine3d-options-2026-12-03/README.md)
     npad = pad * box if layout is None else layout  # the layout's side (statistics); the maps are pad x box
     n_shells = box // 2 + 1
     parts = None
@@ -366,14 +370,15 @@ def _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold,
         curve = fourier_fsc(comm, F_own, W_own, planes, npad, pad, r_max, box)  # unmasked, as RELION's
         if fsc_mask is not None:  # every rank gets both unregularised half maps and computes the same curve
             info["fsc_unmasked"] = curve
-            unreg = distributed_reconstruct(comm, F_own, W_own, box, pad, r_max)
+            unreg = distributed_reconstruct(comm, F_own, W_own, box, pad, r_max, mask_outside=True)
             curve = solvent_corrected_fsc(unreg[0], unreg[1], fsc_mask, r_max)
             del unreg
         info["fsc_unregularised"] = curve
         tau2 = np.stack([tau2_from_fsc(curve, mean_w[v], fudge) for v in range(F_own.shape[0])])
     else:
         tau2 = fudge * power
-    maps = distributed_reconstruct(comm, F_own, W_own, box, pad, r_max, tau2=tau2, tau2_fudge=1.0)
+    maps = distributed_reconstruct(comm, F_own, W_own, box, pad, r_max, tau2=tau2, tau2_fudge=1.0,
+                                  mask_outside=True)
     info["tau2"] = tau2
     if parts is not None:
         # leave one fold out: each fold's particles are aligned against their half without their own
@@ -383,7 +388,8 @@ def _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold,
         del parts
         info["references"] = distributed_reconstruct(comm, F_lo, W_lo, box, pad, r_max,
                                                      tau2=np.repeat(tau2, folds, axis=0),
-                                                     tau2_fudge=1.0).astype(xp.float32, copy=False)
+                                                     tau2_fudge=1.0, mask_outside=True
+                                                     ).astype(xp.float32, copy=False)
         del F_lo, W_lo
     if gold and combined:
         # the final map: both halves summed, prior from the FSC of the full set, 2 FSC / (1 + FSC)
@@ -397,7 +403,7 @@ def _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold,
         Fs, Ws = F_own[:1], W_own[:1]
         tau2_full = tau2_from_fsc(full_curve, mean_w.sum(axis=0), fudge)
         info["combined"] = distributed_reconstruct(comm, Fs, Ws, box, pad, r_max, tau2=tau2_full,
-                                                   tau2_fudge=1.0)[0].astype(xp.float32, copy=False)
+                                                   tau2_fudge=1.0, mask_outside=True)[0].astype(xp.float32, copy=False)
     return maps.astype(xp.float32, copy=False), info
 
 
@@ -419,7 +425,7 @@ def _reconstruct_2d(F_acc, W_acc, box, pad, r_max, fudge):
     sh = shell_index(radius_plane(npad, xp) / pad, n_shells).reshape(-1)
     mean_w, power = _shell_means(_shell_sums(F_acc, W_acc, sh, n_shells), n_shells)
     tau2 = fudge * power
-    maps = reconstruct2d(F_acc, W_acc, box, pad, r_max, tau2=xp.asarray(tau2), tau2_fudge=1.0)
+    maps = reconstruct2d(F_acc, W_acc, box, pad, r_max, tau2=xp.asarray(tau2), tau2_fudge=1.0, mask_outside=True)
     return maps.astype(xp.float32), {"tau2": tau2, "mean_w": mean_w}
 
 
