@@ -430,7 +430,8 @@ def test_streaming_add_bad_input_fails_on_every_rank():
 def test_folds_reconstruct_halves_and_leave_one_fold_out_references():
     """refine3d --folds F: the accumulators hold (half, fold) parts. The half maps are those of the halves' sums
     (as without folds, to float64 rounding of the sums), and each fold's reference is its half's sum without that
-    fold, reconstructed with its half's tau2 (the same prior: the signal does not depend on the data's amount)."""
+    fold, reconstructed with its half's tau2 (the same prior: the signal does not depend on the data's amount),
+    with RELION's soft mask outside the sphere as every EM map."""
     from mpi_em.em.model import reduce_and_reconstruct_3d
 
     comm = WORLD
@@ -450,7 +451,7 @@ def test_folds_reconstruct_halves_and_leave_one_fold_out_references():
     # one reference by hand: half 2 without its fold 1, summed over the ranks, reconstructed with half 2's tau2
     lo_F = comm.allreduce(Fh[1] - F[folds + 1], op=MPI.SUM)
     lo_W = comm.allreduce(Wh[1] - W[folds + 1], op=MPI.SUM)
-    ref = fourier.reconstruct(lo_F, lo_W, box, pad, r_max=r_max, tau2=info["tau2"][1])
+    ref = fourier.reconstruct(lo_F, lo_W, box, pad, r_max=r_max, tau2=info["tau2"][1], mask_outside=True)
     assert _rel(info["references"][folds + 1], ref) < 1e-5
     assert _rel(info["references"][folds + 1], maps[1]) > 1e-2  # and not the half map
 
