@@ -238,12 +238,17 @@ def test_insertion_up_to_nyquist_equals_a_larger_grid(rng, pad):
     np.testing.assert_allclose(project(V, A, geom), project(Vb, A, big), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("ndim", [3, 2])
-def test_soft_mask_outside_is_relions(ndim):
+@pytest.mark.parametrize("ndim,slab", [(3, None), (3, 5), (2, None)])
+def test_soft_mask_outside_is_relions(ndim, slab, monkeypatch):
     """RELION's softMaskOutsideMap (radius N/2, 3-px raised cosine): the map is unchanged within N/2 of the
     centre, constant beyond N/2 + 3 (the edge-weighted mean of the voxels beyond N/2), blended in between; on
-    volumes and (its 2D class averages) on images, each with its own background."""
+    volumes and (its 2D class averages) on images, each with its own background; volumes in one slab of z planes
+    or in several (``slab`` planes of both volumes: the last slab shorter)."""
+    import mpi_em.fourier.division as division
+
     box = 16
+    if slab:
+        monkeypatch.setattr(division, "SOFT_MASK_SLAB_VOXELS", 2 * slab * box * box)
     rng = np.random.default_rng(5)
     vol = rng.normal(size=(2,) + (box,) * ndim)
     out = soft_mask_outside(vol, ndim=ndim)
