@@ -32,16 +32,17 @@ longest="test_em_jobs test_classification test_initial_model test_reconstruct_jo
  test_relion_parity test_postprocess test_memory test_relion test_faults test_side_by_side test_symaxis"
 files=()
 for f in $longest; do [ -f "tests/$f.py" ] && files+=("tests/$f.py"); done
-for f in tests/test_*.py; do case " ${files[*]} " in *" $f "*) ;; *) files+=("$f");; esac; done
+# tests/parallel's files too: their tests without the mpi mark run here (the mpi ones skip without --with-mpi)
+for f in tests/test_*.py tests/parallel/test_*.py; do case " ${files[*]} " in *" $f "*) ;; *) files+=("$f");; esac; done
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
 start=$SECONDS
 printf '%s\n' "${files[@]}" | xargs -P "$jobs" -I{} sh -c \
-  'f={}; python -m pytest -q -p no:cacheprovider --durations=5 "$f" > "$0/$(basename "$f").log" 2>&1;
-   echo $? > "$0/$(basename "$f").rc"' "$logs"
+  'f={}; b=$(echo "$f" | tr / _); python -m pytest -q -p no:cacheprovider --durations=5 "$f" > "$0/$b.log" 2>&1;
+   echo $? > "$0/$b.rc"' "$logs"
 failed=()
 for f in "${files[@]}"; do
-  b=$(basename "$f")
+  b=$(echo "$f" | tr / _)
   echo "== $f"; cat "$logs/$b.log"
   rc=$(cat "$logs/$b.rc" 2>/dev/null || echo 1)
   [ "$rc" = 0 ] || [ "$rc" = 5 ] || failed+=("$f (exit $rc)")
