@@ -22,6 +22,8 @@ def test_warmup_refuses_too_few_particles_cleanly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(w, "_gpu_available", lambda: True)
     assert main(["warmup", "--n", "10"]) == 1
+    assert main(["warmup", "--large-box", "-1"]) == 1
+    assert main(["warmup", "--large-box", "20"]) == 1
 
 
 def _cache_files(path):
@@ -51,6 +53,12 @@ def test_warmup_leaves_nothing_to_compile(tmp_path):
     # many classes: the fine pass's per-particle reductions have other lengths (CUB block sizes) than the
     # warm-up's K = 3 (a K = 50 class2d compiled a float64 argmax in its first iteration before they were covered)
     run(["class2d", "--i", d / "particles.star", "--K", 50, "--iter", 1, "--o", tmp_path / "c"])
+    assert _cache_files(cache) == after_warmup, "kernels compiled after the warm-up"
+    # a large box: its full-size iteration's accumulators pass 2^31 bytes (CuPy's 64-bit indexing kernels)
+    big = tmp_path / "big"
+    run(["simulate", "--out", big, "--box", 256, "--n", 200, "--snr", 0.2, "--seed", 11])
+    run(["refine3d", "--i", big / "particles.star", "--ref", big / "truth.mrc", "--ini-high", 30, "--iter", 2,
+         "--o", tmp_path / "rb"])
     assert _cache_files(cache) == after_warmup, "kernels compiled after the warm-up"
 
 

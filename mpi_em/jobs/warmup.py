@@ -6,7 +6,8 @@ element-wise and reduction kernels, which depend on dtypes and array ranks but n
 on disk (``CUPY_CACHE_DIR``, default ``~/.cupy/kernel_cache``). This command runs each job once on a tiny simulated
 data set in a temporary folder — refine3d through its global and local searches, class3d, class2d, reconstruct —
 and the per-particle reductions at every block size CuPy's CUB kernels take (:data:`REDUCTION_SEGMENTS`), so that
-the cache holds what real jobs use and their first iteration is as fast as the later ones. Use it
+the cache holds what real jobs use and their first iteration is as fast as the later ones; last, a refine3d at box
+256 on 40 particles (:data:`_LARGE_JOB`) for the kernels of arrays past 2^31 bytes. Use it
 once per machine (or per shared home directory on a cluster), e.g. after installing.
 """
 from __future__ import annotations
@@ -38,8 +39,23 @@ _JOBS = (
 )
 
 
+#: a refine3d at a large box on a handful of particles: CuPy specialises element-wise kernels for arrays whose byte
+#: offsets pass 2^31 (64-bit indexing), which only the full-size iteration's accumulators of a box >= ~256 reach
+#: (two half sets of (2N)^3 / 2 complex128 voxels: 2.1 GB at box 256). The first box-256 refine3d after a warmup
+#: without it compiled 16 such kernels (copies, scatter and take of complex128, float64 element-wise;
+#: benchmarks/results/relion-side-by-side/h200-box256-soft-mask-2026-12-03/).
+_LARGE_JOB = ["refine3d", "--i", "{d}/particles.star", "--ref", "{d}/truth.mrc", "--ini-high", "30", "--iter", "2",
+              "--o", "{t}/refine3d_large"]
+#: free device memory the large-box job needs (its peak at box 256 with 40 particles, with margin)
+LARGE_JOB_BYTES = 16 * 2 ** 30
+
+
 def add_arguments(p) -> None:
     p.add_argument("--n", type=int, default=400, help="particles of the simulated set (default 400)")
+    p.add_argument("--large-box", type=int, default=256, metavar="N",
+                   help="box of a last refine3d on 40 particles, whose full-size iteration compiles the kernels of "
+                        "arrays past 2^31 bytes that large boxes use (default 256; 0: leave it out; left out with a "
+                        "log line where the GPU has less than 16 GiB free)")
     p.add_argument("--keep", metavar="DIR", default=None,
                    help="work in DIR (created) and keep its outputs, instead of a temporary folder removed after")
 
@@ -68,6 +84,12 @@ def compile_reductions(xp) -> int:
             for op in (xp.argmax, xp.max, xp.sum):
                 op(a, axis=1)
                 calls += 1
+    # all / any over a whole boolean array (CUB's two-pass device reduction; e.g. the fine pass's validity check)
+    for n in (1000, 1 << 20):
+        b = xp.zeros(n, dtype=bool)
+        b.all()
+        b.any()
+        calls += 2
     xp.cuda.Stream.null.synchronize()
     return calls
 
@@ -81,6 +103,8 @@ def run(args, comm) -> None:
         return
     if args.n < 40:
         raise MpiEmError(f"--n must be at least 40, got {args.n}")
+    if args.large_box < 0 or 0 < args.large_box < 48:
+        raise MpiEmError(f"--large-box must be 0 or a box of at least 48, got {args.large_box}")
     top = os.path.abspath(args.keep) if args.keep else None
     if comm.rank == 0:
         if top:
@@ -93,6 +117,18 @@ def run(args, comm) -> None:
     t0 = time.perf_counter()
     steps = [["simulate", "--out", data, "--box", "48", "--n", str(args.n), "--snr", "0.3", "--seed", "3",
               "--device", "gpu"]] + [[a.format(d=data, t=top) for a in job] for job in _JOBS]
+    if args.large_box:
+        import cupy
+
+        free = comm.bcast(cupy.cuda.runtime.memGetInfo()[0] if comm.rank == 0 else None, root=0)  # one decision
+        if free >= LARGE_JOB_BYTES:
+            big = os.path.join(top, "data_large")
+            steps += [["simulate", "--out", big, "--box", str(args.large_box), "--n", "40", "--snr", "0.3",
+                       "--seed", "3", "--device", "gpu"], [a.format(d=big, t=top) for a in _LARGE_JOB]]
+        elif comm.rank == 0:
+            log.info("warmup: %.1f GiB free on the GPU, the box-%d refine3d needs %d: left out (a large box's "
+                     "first full-size iteration compiles its kernels)", free / 2 ** 30, args.large_box,
+                     LARGE_JOB_BYTES >> 30)
     try:
         for step in steps:
             if comm.rank == 0:
