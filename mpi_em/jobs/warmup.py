@@ -94,6 +94,28 @@ def compile_reductions(xp) -> int:
     return calls
 
 
+def compile_large_arrays(xp) -> int:
+    """Element-wise kernels on arrays whose byte span passes 2^31 (CuPy's 64-bit indexing variants) that the first
+    box-256 refine3d after a warmup with :data:`_LARGE_JOB` still compiled: complex64 <-> complex128 copies and
+    the conjugate of a whole complex128 array, the square of a float64 view and its product with a float32 view
+    (``new_kernels_after_defaults.txt`` of the results named in :data:`_LARGE_JOB`'s comment). ~8 GB on the
+    device for a moment. Returns the number of calls."""
+    n = (1 << 27) + 1                       # complex128: 2^31 + 16 bytes; complex64 and float64: half of it
+    a64 = xp.zeros(n, dtype=xp.complex64)
+    a128 = a64.astype(xp.complex128)        # in 32-bit, out 64-bit
+    del a64
+    a64 = a128.astype(xp.complex64)         # in 64-bit, out 32-bit
+    del a64
+    xp.conj(a128)                           # 64-bit in and out
+    del a128
+    big = xp.zeros(2 * n, dtype=xp.float64)  # a strided view spanning 2^31 + bytes
+    sq = xp.square(big[::2])                 # non-contiguous 64-bit in, contiguous 32-bit out
+    xp.zeros(2 * n, dtype=xp.float32)[::2] * big[::2]
+    del big, sq
+    xp.cuda.Stream.null.synchronize()
+    return 5
+
+
 def run(args, comm) -> None:
     from ..cli import _setup_logging, main as cli_main
 
@@ -117,11 +139,13 @@ def run(args, comm) -> None:
     t0 = time.perf_counter()
     steps = [["simulate", "--out", data, "--box", "48", "--n", str(args.n), "--snr", "0.3", "--seed", "3",
               "--device", "gpu"]] + [[a.format(d=data, t=top) for a in job] for job in _JOBS]
+    large = False
     if args.large_box:
         import cupy
 
         free = comm.bcast(cupy.cuda.runtime.memGetInfo()[0] if comm.rank == 0 else None, root=0)  # one decision
-        if free >= LARGE_JOB_BYTES:
+        large = free >= LARGE_JOB_BYTES
+        if large:
             big = os.path.join(top, "data_large")
             steps += [["simulate", "--out", big, "--box", str(args.large_box), "--n", "40", "--snr", "0.3",
                        "--seed", "3", "--device", "gpu"], [a.format(d=big, t=top) for a in _LARGE_JOB]]
@@ -142,6 +166,9 @@ def run(args, comm) -> None:
 
             log.info("warmup: reductions (%d block sizes)", len(REDUCTION_SEGMENTS))
             compile_reductions(cupy)
+            if large:
+                compile_large_arrays(cupy)
+                cupy.get_default_memory_pool().free_all_blocks()
     finally:
         comm.Barrier()
         if comm.rank == 0 and not args.keep:
