@@ -123,10 +123,10 @@ def local_grid(dim: int, radius_steps: float) -> np.ndarray:
     return g[np.argsort((g ** 2).sum(1), kind="stable")]
 
 
-def local_offsets(dim: int, step_deg: float, radius_steps: float, xp):
-    """Small rotations (L, d, d) on a grid of spacing ``step_deg`` within ``radius_steps`` steps of identity
-    (:func:`local_grid`'s order)."""
-    g = local_grid(dim, radius_steps)
+def local_offsets(dim: int, step_deg: float, grid, xp):
+    """Small rotations (L, d, d) of the :func:`local_grid` ``grid`` (offsets in steps of ``step_deg`` around the
+    identity), in its order."""
+    g = np.asarray(grid)
     if dim == 2:
         return rotation_2d(xp.asarray(g * step_deg), xp)
     return xp.asarray(rotation_vector_to_matrix(np.deg2rad(step_deg) * g.astype(np.float64)))

@@ -23,14 +23,16 @@ def search_spec(state: EMState, args, mode: Mode, it: int, K: int, sym_name: str
                                                 perturb_deg=state.perturb * step)
     radius = float(getattr(args, "local_radius", 1.5))
     sigma = float(getattr(args, "local_sigma", 0.0)) * step  # degrees
-    prior = None
-    if state.local and sigma > 0:
-        g = local_grid(dim, radius).astype(np.float64)
-        angle = np.sqrt((g.reshape(g.shape[0], -1) ** 2).sum(axis=1)) * step  # of each local rotation, degrees
-        prior = (-0.5 * (angle / sigma) ** 2).astype(np.float32)
+    local_mats, prior = None, None
+    if state.local:
+        g = local_grid(dim, radius)
+        local_mats = local_offsets(dim, step, g, xp)
+        if sigma > 0:
+            g = g.astype(np.float64)
+            angle = np.sqrt((g.reshape(g.shape[0], -1) ** 2).sum(axis=1)) * step  # of each local rotation, degrees
+            prior = (-0.5 * (angle / sigma) ** 2).astype(np.float32)
     return SearchSpec(
-        dim=dim, n_classes=K, global_mats=glob,
-        local_mats=local_offsets(dim, step, radius, xp) if state.local else None,
+        dim=dim, n_classes=K, global_mats=glob, local_mats=local_mats,
         local_log_prior=None if prior is None else xp.asarray(prior), local_sigma_deg=sigma if state.local else 0.0,
         fine_mats=fine_offsets(dim, step, xp), offset_range=state.offset_range,
         offset_step=state.offset_step, offset_sigma=state.offset_sigma,
