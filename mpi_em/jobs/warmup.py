@@ -108,7 +108,7 @@ def compile_large_arrays(xp) -> int:
     del a64
     xp.conj(a128)                           # 64-bit in and out
     del a128
-    big = xp.zeros(2 * n, dtype=xp.float64)  # a strided view spanning 2^31 + bytes
+    big = xp.zeros(2 * n, dtype=xp.float64)  # its strided view spans more than 2^31 bytes
     sq = xp.square(big[::2])                 # non-contiguous 64-bit in, contiguous 32-bit out
     xp.zeros(2 * n, dtype=xp.float32)[::2] * big[::2]
     del big, sq
