@@ -15,6 +15,13 @@ def _plt():
     return plt
 
 
+def preload() -> None:
+    """Import matplotlib's pyplot (Agg) now: the EM jobs' background writer calls this once in the rank's process,
+    so that the writer processes forked from it each iteration find it imported (0.65 s per iteration on 2 CPU
+    cores otherwise)."""
+    _plt()
+
+
 def fsc_png(path, freqs, curves: dict, title: str = "", threshold: float = 0.143) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
@@ -83,8 +90,8 @@ def montage_png(path, images, labels=None, ncols: int | None = None) -> None:
     if labels is not None:
         for lab, (r, c) in zip(labels, corners):  # figure text in pixels from the bottom left
             fig.text(c / W, (H - r + 3) / H, str(lab), fontsize=7, va="bottom", ha="left")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
+    with atomic_path(path) as tmp:  # zlib's fastest level: noisy class averages barely compress at any level
+        fig.savefig(tmp, format="png", dpi=dpi, pil_kwargs={"compress_level": 1})
     plt.close(fig)
 
 

@@ -553,3 +553,42 @@ def test_background_writer_runs_in_order_and_reraises(tmp_path, use_process):
         with pytest.raises(OutputError, match="exit code 7"):
             w.wait()
     w.close()
+
+
+_PRELOADED = []
+
+
+def _slow_preload(fail=False):
+    import time
+
+    time.sleep(0.3)
+    if fail:
+        raise ImportError("no such module")
+    _PRELOADED.append(True)
+
+
+def _write_preloaded(path):
+    with open(path, "w") as f:
+        f.write(str(bool(_PRELOADED)))
+
+
+@pytest.mark.parametrize("use_process", [True, False])
+def test_background_writer_preloads_before_the_first_call(tmp_path, use_process):
+    """``preload`` runs once in the writer's owner (the rank's process, in a thread, started at once) and has
+    finished before the first call starts, so a forked writer inherits what it imported; a failing preload is
+    ignored (the call then imports for itself)."""
+    from mpi_em.io import BackgroundWriter
+
+    _PRELOADED.clear()
+    w = BackgroundWriter(use_process=use_process, preload=_slow_preload)
+    w.submit(_write_preloaded, tmp_path / "seen.txt")   # at once, while the preload sleeps
+    w.wait()
+    assert (tmp_path / "seen.txt").read_text() == "True"
+    assert _PRELOADED == [True]                         # once, in this process
+    w.close()
+    _PRELOADED.clear()
+    w = BackgroundWriter(use_process=use_process, preload=lambda: _slow_preload(fail=True))
+    w.submit(_write_preloaded, tmp_path / "seen2.txt")
+    w.wait()
+    assert (tmp_path / "seen2.txt").read_text() == "False"
+    w.close()

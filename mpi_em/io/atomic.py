@@ -113,6 +113,13 @@ def _write_in_child(conn, fn, args, kwargs):
         conn.close()
 
 
+def _quietly(fn) -> None:
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - an optional head start (see BackgroundWriter's preload)
+        pass
+
+
 class BackgroundWriter:
     """Runs ``fn(*args)`` in the background: :meth:`submit` starts it and returns at once, so that rank 0 writes an
     iteration's outputs while every rank computes the next one; :meth:`wait` blocks until the last submitted call
@@ -124,10 +131,15 @@ class BackgroundWriter:
     Python's global lock with the rank's main thread: formatting a 50 000-row STAR file there slowed the GPU
     E-step's kernel launches by more than the writing it hid (benchmarks/results/refine3d-convergence/writer-h200-2026-12-01/: 25.2 s of iterations with the files
     written in the main thread, 40.8 s with a writer thread). A forked child has its own interpreter and a
-    copy-on-write snapshot of the arguments; its side effects are the files it writes."""
+    copy-on-write snapshot of the arguments; its side effects are the files it writes.
 
-    def __init__(self, use_process: bool | None = None):
+    ``preload`` (a callable, e.g. importing the plotting library) runs once in this process, in a thread started
+    at once, and has finished before the first call starts: forked writers inherit its imports instead of
+    repeating them each iteration. Its failure is ignored (the calls then import for themselves)."""
+
+    def __init__(self, use_process: bool | None = None, preload=None):
         import multiprocessing as mp
+        import threading
 
         if use_process is None:
             use_process = "fork" in mp.get_all_start_methods()
@@ -138,9 +150,17 @@ class BackgroundWriter:
 
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpi_em-writer")
         self._job = None
+        self._preload = None
+        if preload is not None:
+            self._preload = threading.Thread(target=_quietly, args=(preload,), daemon=True,
+                                             name="mpi_em-writer-preload")
+            self._preload.start()
 
     def submit(self, fn, *args, **kwargs) -> None:
         self.wait()
+        if self._preload is not None:  # never fork while the preload's thread may hold an import lock
+            self._preload.join()
+            self._preload = None
         if self._ctx is None:
             self._job = self._pool.submit(fn, *args, **kwargs)
             return

@@ -16,7 +16,7 @@ import os
 import time
 from typing import Callable
 
-from .. import config
+from .. import config, plots
 from ..backend import get_xp
 from ..distributed import agree, bcast_large, collective_step, log_placement, root_step, select_device
 from ..em.inputs import default_folds, read_inputs, reference_mask  # noqa: F401 - default_folds: benchmarks
@@ -191,12 +191,13 @@ def run(args, comm, after_iteration: Callable[[int], bool] | None = None) -> dic
     state, particles = _resume(args, comm, mode) if args.continue_dir else _start(args, mode)
     if args.iter is None:
         args.iter = 20 if mode.refine else 25
+    # rank 0's writer; the plotting library imported while the job sets up, not in every iteration's writer
+    writer = BackgroundWriter(preload=plots.preload) if comm.rank == 0 else None
     job = _setup(args, comm, mode, state, particles)
     state = job.state
     if state.sigma2 is None:  # new runs: noise spectrum from the images; 2D references from random subsets
         first_pass(job)
     stopped = False
-    writer = BackgroundWriter() if comm.rank == 0 else None
     while not state.done and state.iter < args.iter:
         it = state.iter + 1
         t_it = time.time()
