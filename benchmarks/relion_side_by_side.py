@@ -132,13 +132,14 @@ def fmt(v, spec=".2f", none="-"):
 def table(rows: list[dict]) -> str:
     """The printed table: one line per (job, program), a ratio line per job."""
     head = ("job", "program", "procs", "wall s", "s/it", "iters", "res Å", "vs truth Å", "ang err °",
-            "GPU MiB", "status")
+            "views °", "classes", "GPU MiB", "status")
     lines = []
     for r in rows:
         lines.append((r["job"], r["program"], r.get("procs", "-"), fmt(r.get("wall_s"), ".1f"),
                       fmt(r.get("seconds_per_iteration"), ".2f"), fmt(r.get("iterations"), "d"),
                       fmt(r.get("resolution"), ".2f"), fmt(r.get("map_vs_truth_05"), ".2f"),
-                      fmt(r.get("median_angular_error"), ".2f"), fmt(r.get("peak_gpu_mib"), ".0f"),
+                      fmt(r.get("median_angular_error"), ".2f"), fmt(r.get("view_spread"), ".1f"),
+                      fmt(r.get("classes_alive"), "d"), fmt(r.get("peak_gpu_mib"), ".0f"),
                       r.get("status", "-")))
     w = [max(len(str(x)) for x in col) for col in zip(head, *lines)] if lines else [len(h) for h in head]
     out = ["  ".join(str(x).ljust(n) for x, n in zip(head, w)), "  ".join("-" * n for n in w)]
@@ -163,6 +164,10 @@ def table(rows: list[dict]) -> str:
             parts.append(f"s/it ours/RELION {ri:.3f} (RELION/ours {1 / ri:.2f}x)")
         if o.get("map_vs_truth_05") and t.get("map_vs_truth_05"):
             parts.append(f"map vs truth {o['map_vs_truth_05']:.2f} against {t['map_vs_truth_05']:.2f} Å")
+        if o.get("view_spread") is not None and t.get("view_spread") is not None:
+            parts.append(f"view spread {o['view_spread']:.1f} against {t['view_spread']:.1f}° (lower groups views "
+                         f"better); classes >= 10 particles {fmt(o.get('classes_alive'), 'd')} against "
+                         f"{fmt(t.get('classes_alive'), 'd')}")
         out.append("; ".join(parts))
     return "\n".join(out)
 
@@ -394,7 +399,22 @@ def summarize_em(d, truth: Truth, mode: str, r: dict, program: str) -> dict:
         data = None
     if data and mode != "class2d" and os.path.exists(data):
         out["median_angular_error"] = truth.angular_error(data)
+    if data and mode == "class2d" and os.path.exists(data):
+        try:
+            out["view_spread"], out["classes_alive"] = class2d_grouping(data, truth.star)
+        except Exception as e:  # noqa: BLE001 (a partial run's file: reported, never fatal)
+            print(f"  (view spread of {data}: {e})", file=sys.stderr)
     return out
+
+
+def class2d_grouping(data_star, truth_star, alive_from: int = 10) -> tuple[float, int]:
+    """A 2D classification's quality against the truth: the view spread (:func:`mpi_em.evaluate.view_spread`,
+    degrees, lower groups views better) and the number of classes holding at least ``alive_from`` particles."""
+    from mpi_em.evaluate import view_spread
+    from mpi_em.io import read_particles
+
+    cls = read_particles(data_star).particles["rlnClassNumber"].to_numpy().astype(int)
+    return float(view_spread(data_star, truth_star)), int((np.bincount(cls) >= alive_from).sum())
 
 
 # ------------------------------------------------------------------------------------------------ data

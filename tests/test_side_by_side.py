@@ -62,6 +62,48 @@ def test_table_and_ratio():
     assert sbs.ratio(1.0, None) is None and sbs.ratio(1.0, 0.0) is None and sbs.ratio(3.0, 2.0) == 1.5
 
 
+def test_table_gives_class2d_view_grouping():
+    """class2d has no map to hold against the truth: its rows give the view spread (mean angle between each
+    particle's true view and its class's mean view; lower groups views better) and the classes that hold at least
+    10 particles, and the ratio line compares both programs on them."""
+    rows = [{"job": "class2d", "program": "mpi_em", "wall_s": 8.0, "seconds_per_iteration": 0.5, "iterations": 5,
+             "view_spread": 41.25, "classes_alive": 23, "status": "ok"},
+            {"job": "class2d", "program": "relion_refine_mpi", "wall_s": 80.0, "seconds_per_iteration": 20.0,
+             "iterations": 5, "view_spread": 38.5, "classes_alive": 50, "status": "ok"}]
+    t = sbs.table(rows)
+    head = t.splitlines()[0]
+    assert "views °" in head and "classes" in head
+    assert "41.2" in t.splitlines()[2] and "23" in t.splitlines()[2].split()
+    assert "view spread 41.2 against 38.5° (lower groups views better); classes >= 10 particles 23 against 50" in t
+
+
+def test_class2d_view_grouping_from_files(tmp_path):
+    """view_spread and classes_alive of a class2d data STAR against the truth: particles of one true view in one
+    class and another view in another class give 0°; classes with fewer than 10 particles are not alive."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import starfile
+
+    subprocess.run([sys.executable, "-m", "mpi_em", "--quiet", "simulate", "--out", str(tmp_path / "d"), "--box",
+                    "32", "--n", "24"], check=True)
+    blocks = starfile.read(tmp_path / "d" / "particles.star", always_dict=True)
+    p = blocks["particles"]
+    p["rlnAngleRot"], p["rlnAnglePsi"] = 0.0, 0.0
+    p["rlnAngleTilt"] = np.r_[np.zeros(12), np.full(12, 90.0)]       # two true views, 12 particles each
+    starfile.write(blocks, tmp_path / "d" / "truth.star")
+    p["rlnClassNumber"] = np.r_[np.ones(12, int), np.full(12, 2)]
+    starfile.write(blocks, tmp_path / "d" / "run_it005_data.star")
+    data, truth = str(tmp_path / "d" / "run_it005_data.star"), str(tmp_path / "d" / "truth.star")
+    spread, alive = sbs.class2d_grouping(data, truth)
+    assert spread == pytest.approx(0.0, abs=1e-6) and alive == 2
+    p["rlnClassNumber"] = np.r_[np.ones(9, int), np.full(15, 2)]     # 3 of view 1 join view 2's class
+    starfile.write(blocks, tmp_path / "d" / "run_it005_data.star", overwrite=True)
+    spread, alive = sbs.class2d_grouping(data, truth)
+    assert alive == 1 and spread > 5.0
+
+
 def test_arguments():
     a = sbs.parse_args(["--relion-bin", "/usr/bin", "--out", "x", "--box", "64", "--apix", "2"])
     assert a.diameter == pytest.approx(102.4)
