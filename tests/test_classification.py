@@ -227,6 +227,34 @@ def test_reseed_splits_the_largest_class_symmetrically():
     assert np.array_equal(again["maps"], m)  # seeded: the same on every rank and in every run
 
 
+@pytest.mark.parametrize("shape", [(20, 16, 16), (16, 16, 16), (5, 12, 12, 12)])
+def test_reseed_of_many_classes_follows_the_class_by_class_rule(shape):
+    """Many classes re-seeded in one call follow the rule class by class, in order: noise seeded by (seed,
+    iteration, class), low-passed to the current size, scaled to the amplitude x the standard deviation of the
+    largest class's map as it is then (the largest changes as it is split), split symmetrically. Includes a stack
+    of as many images as the box has pixels (16 at box 16), which a low-pass must not take for a volume."""
+    from mpi_em.em.classes import reseed_classes
+    from mpi_em.em.model import lowpass
+
+    K, box = shape[0], shape[-1]
+    rng = np.random.default_rng(2)
+    maps = rng.normal(size=shape).astype(np.float32)
+    prior = np.r_[0.6, 0.3, np.full(K - 2, 0.1 / (K - 2))]
+    got, got_prior, done = reseed_classes(maps, prior, 5.0, 0.5, seed=3, it=2, box=box, apix=2.0, amplitude=0.05)
+    ref, p = maps.copy(), prior.copy()
+    for k in np.flatnonzero(prior < 0.5 / K):
+        big = int(np.argmax(p))
+        raw = np.random.default_rng([3, 2, int(k)]).standard_normal(shape[1:])
+        noise = lowpass(raw[None], box, 2.0, box * 2.0 / 5.0)[0] if len(shape) == 3 else \
+            lowpass(raw, box, 2.0, box * 2.0 / 5.0)
+        noise *= 0.05 * float(ref[big].std()) / float(noise.std())
+        ref[k], ref[big] = (ref[big] - noise).astype(np.float32), (ref[big] + noise).astype(np.float32)
+        p[k] = p[big] = 0.5 * p[big]
+    assert done == list(range(2, K))
+    np.testing.assert_allclose(got_prior, p, rtol=0, atol=0)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+
+
 def test_candidates_keep_every_competitive_class():
     from mpi_em.em.engine import select_candidates
 
