@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -101,6 +102,7 @@ def main(argv=None):
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "host": platform.node(), "cpu": platform.processor(),
                        "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
