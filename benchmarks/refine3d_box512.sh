@@ -5,7 +5,8 @@
 # Peak = nvidia-smi's memory.used of the whole device every 0.5 s. At the end the known-pose reconstruction of the
 # same particles and benchmarks/refine3d_eval.py (gold-standard and map-vs-truth resolution, pose errors, seconds
 # per iteration). BOX, N, DEVICE (gpu) and MAX_MEMORY (22.3G) change the job (a CPU check of the script:
-# BOX=48 N=300 DEVICE=cpu MAX_MEMORY=4G).
+# BOX=48 N=300 DEVICE=cpu MAX_MEMORY=4G); ITER the most iterations (refine3d's default 20; also when continued),
+# EXTRA more refine3d options.
 #
 # One command may not hold the whole job: each call works until BUDGET seconds (default 570) have passed and is
 # then stopped; the next call on the same machine continues it (`mpi-em refine3d --continue`, from the last finished
@@ -37,10 +38,10 @@ fi
 if [ ! -f $J/run_model.star ]; then
   if [ -f $J/checkpoint.json ]; then
     step "refine3d continued"
-    args=(--continue $J)
+    args=(--continue $J ${ITER:+--iter $ITER})
   else
     step "refine3d"
-    args=(--i $D/particles_unaligned.star --ref $D/start.mrc --ini-high 30 --o $J --device $DEV --max-memory $MEM)
+    args=(--i $D/particles_unaligned.star --ref $D/start.mrc --ini-high 30 --o $J --device $DEV --max-memory $MEM ${ITER:+--iter $ITER} ${EXTRA:-})
   fi
   timeout "$(( $(left) - 45 ))" python3 -m mpi_em refine3d "${args[@]}" > "$R/refine3d_$CALL.log" 2>&1
   echo "exit $?" >> "$R/refine3d_$CALL.log"
