@@ -51,6 +51,11 @@ def set_memory_limited(limited: bool) -> None:
     _LIMITED = bool(limited)
 
 
+def memory_limited() -> bool:
+    """Whether the job has a memory limit (:func:`set_memory_limited`)."""
+    return _LIMITED
+
+
 def allocator_choice(setting: str, limited: bool) -> str:
     """The GPU allocator for ``MPI_EM_GPU_ALLOCATOR`` = ``setting``: 'pool' and 'async' as given; 'auto': 'async'
     (the driver's stream-ordered pool, whose reserve follows the live arrays) for a job with a memory limit, else

@@ -481,6 +481,27 @@ def test_a_memory_limit_takes_the_drivers_allocator(tmp_path):
     assert np.abs(maps[0] - maps[1]).max() <= 2 * np.finfo(np.float32).eps * np.abs(maps[0]).max()
 
 
+
+def test_a_continued_job_keeps_the_drivers_allocator(tmp_path):
+    """A class2d given --max-memory, stopped after its first iteration and continued with only --continue,
+    allocates from the driver's pool in both parts (run.json says which; the continued box-512 refine3d had
+    taken CuPy's pool and peaked at 24.2 GiB, over a 24 GB card)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    data, out = tmp_path / "d", tmp_path / "c2"
+    subprocess.run([sys.executable, "-m", "mpi_em", "--quiet", "simulate", "--out", str(data), "--box", "32",
+                    "--n", "200", "--snr", "1", "--apix", "3", "--seed", "4"], check=True)
+    env = {k: v for k, v in os.environ.items() if k != "MPI_EM_GPU_ALLOCATOR"}
+    got = []
+    for args in (["--i", str(data / "particles_unaligned.star"), "--o", str(out), "--K", "2", "--iter", "1",
+                  "--max-memory", "20G", "--device", "gpu"], ["--continue", str(out), "--iter", "2"]):
+        subprocess.run([sys.executable, "-m", "mpi_em", "--quiet", "class2d"] + args, check=True, env=env)
+        got.append(json.load(open(out / "run.json"))["memory"]["gpu_allocator"])
+    assert got == ["async", "async"]
+
 def test_xp_of_imports_no_scipy():
     """On a machine with CuPy, a CPU rank's array-module switch imports neither cupyx.scipy nor SciPy:
     cupy.get_array_module's first call did (measured 14.6 MB of tracemalloc's peak in the memory tests' CPU jobs

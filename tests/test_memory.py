@@ -472,3 +472,33 @@ def test_gpu_allocator_by_setting_and_limit(monkeypatch):
     monkeypatch.setenv("MPI_EM_GPU_ALLOCATOR", "cuda")
     with pytest.raises(MpiEmError, match="MPI_EM_GPU_ALLOCATOR"):
         config.gpu_allocator()
+
+
+
+def test_continued_job_allocates_as_the_job_it_continues(small_dataset, tmp_path):
+    """--continue reads --max-memory from the checkpoint, and with it the GPU allocator (the driver's pool for a
+    job with a limit): a continued box-512 refine3d had taken CuPy's pool and peaked at 24.2 GiB in its last
+    iteration, over a 24 GB card, where the same phase took 21.8 GiB with the driver's pool. Checked on a CPU
+    rank through the setting a GPU rank allocates by, after the EM jobs' resume restored the options of a
+    stopped class2d (tests/test_gpu.py checks the allocator itself)."""
+    import argparse
+
+    from mpi4py import MPI
+
+    from mpi_em import backend
+    from mpi_em.em.state import MODES
+    from mpi_em.jobs import em
+
+    out = tmp_path / "job"
+    r = mpi_em(["class2d", "--i", small_dataset / "particles_unaligned.star", "--o", out, "--iter", 1, "--K", 2,
+                "--max-memory", "4G", "--device", "cpu"], ranks=0)
+    assert r.returncode == 0, r.stderr
+    backend.set_memory_limited(False)  # as in a new process given only --continue (mpi_em.cli.main)
+    args = argparse.Namespace(continue_dir=str(out), iter=None, max_memory=None)
+    try:
+        em._resume(args, MPI.COMM_SELF, MODES["class2d"])
+        assert args.max_memory == "4G"
+        assert backend.memory_limited()
+        assert backend.allocator_choice("auto", backend.memory_limited()) == "async"
+    finally:
+        backend.set_memory_limited(False)

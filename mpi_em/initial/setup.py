@@ -11,6 +11,7 @@ from ..em.outputs import gather_particles
 from ..errors import InputError, MpiEmError
 from ..fourier import padded_reach
 from ..io import check_stacks, check_writable_dir, read_map, read_particles
+from ..jobs import restore_options
 from ..io.sanity import check_box, check_same_input, input_record, warn_absurd_values
 from ..symmetry import symmetry_matrices
 from . import state as ckpt
@@ -37,8 +38,7 @@ def options(args, comm):
         return None
     new_iter, cont = args.iter, args.continue_dir
     loaded = root_step(comm, ckpt.load, cont)
-    for k, v in loaded[0]["args"].items():
-        setattr(args, k, v)
+    restore_options(args, loaded[0]["args"])
     args.continue_dir = args.output = cont
     args._expected_input = loaded[0].get("input")
     if new_iter is not None:

@@ -15,6 +15,18 @@ def positive_int(text: str) -> int:
     return v
 
 
+def restore_options(args, saved: dict) -> None:
+    """--continue: the options of the job being continued (``saved``, from its checkpoint) set on ``args``, and
+    what the process derives from them before the job allocates (the GPU allocator of a job with
+    --max-memory, :func:`mpi_em.backend.set_memory_limited`, which :func:`mpi_em.cli.main` set from the command
+    line alone)."""
+    from ..backend import set_memory_limited
+
+    for k, v in saved.items():
+        setattr(args, k, v)
+    set_memory_limited(getattr(args, "max_memory", None) is not None)
+
+
 def add_job_folder_arguments(p) -> None:
     """--i, --o, --continue and --overwrite of the iterative jobs (refine3d, class3d, class2d, initial-model)."""
     p.add_argument("--i", dest="input", metavar="STAR", help="particles STAR file (RELION 3.1+)")

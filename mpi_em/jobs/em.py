@@ -31,7 +31,7 @@ from ..io import BackgroundWriter, rebase_image_names
 from ..particles import ImageCache, cache_wanted
 from ..symmetry import symmetry_matrices
 from ..timing import PhaseTimer
-from . import add_job_folder_arguments, positive_int
+from . import add_job_folder_arguments, positive_int, restore_options
 
 log = logging.getLogger("mpi_em")
 
@@ -257,8 +257,7 @@ def _resume(args, comm, mode: Mode):
     (a new --iter replaces the limit)."""
     new_iter, cont_dir = args.iter, args.continue_dir
     ptr, state, particles = root_step(comm, EMState.load, cont_dir, mode)
-    for k, v in ptr["args"].items():
-        setattr(args, k, v)
+    restore_options(args, ptr["args"])
     args.output = args.continue_dir = cont_dir
     if ptr.get("input"):  # the input by its absolute path (any working directory), checked in read_inputs
         args.input = ptr["input"]["path"]
