@@ -34,6 +34,17 @@ def known_resolution(d, box, apix):
     return json.load(open(f"{d}/run.json"))["resolution_0143"]
 
 
+def walls(T):
+    """Wall-clock seconds of each iteration: from the previous iteration's end; the first, and the first of a
+    continued run (--continue: its clock starts again), from its process's start (the start-up included)."""
+    out, prev = [], None
+    for r in T:
+        t = r["seconds_since_start"]
+        out.append(r["seconds_iteration"] if prev is None else (t - prev if t > prev else t))
+        prev = t
+    return out
+
+
 def summary(name, run, truth, box, apix, known):
     T = json.load(open(f"{run}/run_timings.json"))
     fin = int(starfile.read(f"{run}/run_model.star")["model_general"]["rlnCurrentIteration"].iloc[0])
@@ -42,9 +53,10 @@ def summary(name, run, truth, box, apix, known):
     mr = resolution_at(fsc(mrcfile.read(f"{run}/run_class001.mrc"), truth), box, apix, 0.5)
     a, s = pose_errors(f"{run}/run_data.star", PARTICLES)
     comp = sum(r["seconds_iteration"] for r in T)
-    wall = T[-1]["seconds_since_start"] - T[0]["seconds_since_start"] + T[0]["seconds_iteration"]
+    w = walls(T)
+    wall = sum(w)
     last = min(11, len(T))
-    w2 = T[last - 1]["seconds_since_start"] - T[0]["seconds_since_start"]
+    w2 = sum(w[1:last])
     vs = " (%+.1f%% vs true poses)" % (100 * (rr / known - 1)) if known else ""
     print("%s: %d iterations (final files: iteration %d), %.1f s computation, %.1f s wall clock (iterations 2-%d: "
           "%.1f s computation, %.1f s wall clock); gold-standard %.2f A%s, map vs truth %.2f A, median error %.2f deg, "
@@ -58,8 +70,7 @@ def per_iteration(T, ceiling):
     print("it | s | wall s | E-step s (max rank) | coarse | fine | insert | stats | reduce | reconstruct | "
           "GEMM Tflop | E-step TFLOP/s (%% of %g) | coarse TFLOP/s | MB sent" % ceiling)
     tot = {"global": [0.0, 0.0], "local": [0.0, 0.0]}
-    prev = None
-    for r in T:
+    for r, wall in zip(T, walls(T)):
         ranks = r["per_rank"]
         sec = {k: max(p["seconds"].get(k, 0.0) for p in ranks) for k in ESTEP + ("reduce", "reconstruct")}
         fl = {k: ranks[0].get("flops", {}).get(k, 0.0) for k in ("coarse", "fine")}
@@ -68,8 +79,6 @@ def per_iteration(T, ceiling):
         kind = "global" if fl["coarse"] > 1e12 else "local"
         tot[kind][0] += f
         tot[kind][1] += est
-        wall = r["seconds_since_start"] - prev if prev is not None else r["seconds_iteration"]
-        prev = r["seconds_since_start"]
         sent = max(p.get("bytes", {}).get("reduce_sent", 0) for p in ranks) / 1e6
         print("%d | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.3f | %.3f | %.2f | %.1f (%.0f%%) | %.1f | %.0f" % (
             r["iteration"], r["seconds_iteration"], wall, est, sec["coarse"], sec["fine"], sec["insert"],

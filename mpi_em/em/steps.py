@@ -314,6 +314,7 @@ def update_model(job: EMRun, it: int, stats: Stats, info: dict, maps, prev: dict
     state.accuracy_trans = float(np.sqrt(stats.offset_var / max(stats.offset_w, 1)))  # px, per axis
     # refine3d: the half maps' FSC on their device (two 128^3 FFTs: 0.16 s on a host core, ~1 ms on a GPU)
     r_used = state.r_cur  # this iteration's current size (the schedule below may raise it)
+    was_final = state.final
     update_schedule(state, info, mode, args, job.box, job.apix, maps, masked=job.solvent is not None)
     state.iter = it
     if final or state.final:
@@ -324,6 +325,9 @@ def update_model(job: EMRun, it: int, stats: Stats, info: dict, maps, prev: dict
         # (benchmarks/results/refine3d-monotonic/). The final outputs are those of the best gold-standard
         # iteration (final_iteration), this one or an earlier one.
         state.done = final or not full_size_wanted(args, mode, r_used, job.box)
+        if not final and not was_final and comm.rank == 0:
+            log.info("iteration %d: converged (resolution and poses no longer improve at the finest sampling)%s", it,
+                     "" if state.done else "; one more iteration, at the full image size")
 
 
 def full_size_wanted(args, mode: Mode, r_cur: float, box: int) -> bool:

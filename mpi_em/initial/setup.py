@@ -124,6 +124,5 @@ def checkpoint(comm, args, meta, st, plan, model, sigma2, class_prior, history, 
     def write():
         ckpt.save(args.output, st["iter"], dict(st), arrays, {k: particles[k] for k in ckpt.PER_PARTICLE},
                   options, meta["record"])
-        ckpt.prune(args.output, st["iter"])
 
     root_step(comm, write if comm.rank == 0 else None)

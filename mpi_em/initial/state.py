@@ -9,7 +9,6 @@ resumed as their total on rank 0, where the uninterrupted run holds per-rank par
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 
@@ -67,11 +66,3 @@ def load(folder: str):
     arrays = {k: v for k, v in arrays.items() if not k.startswith("particles/")}
     return ptr, scal, arrays, particles
 
-
-def prune(out: str, it: int) -> None:
-    """Remove the checkpoint of iteration ``it`` - 1 (only the last one is needed to continue)."""
-    from ..io.checkpoint import checkpoint_name
-
-    old = os.path.join(out, checkpoint_name(it - 1))
-    if it > 1 and os.path.exists(old):
-        os.remove(old)
