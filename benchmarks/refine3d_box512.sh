@@ -43,8 +43,14 @@ if [ ! -f $J/run_model.star ]; then
     step "refine3d"
     args=(--i $D/particles_unaligned.star --ref $D/start.mrc --ini-high 30 --o $J --device $DEV --max-memory $MEM ${ITER:+--iter $ITER} ${EXTRA:-})
   fi
+  # the device's 64 GB disk holds the images (21 GB) and ~25 iterations' maps (1.5 GB each): the maps of all but
+  # the last KEEP (default 3) iterations are removed while the job runs
+  (while sleep 5; do ls $J/run_it*_model.star 2>/dev/null | head -n -"${KEEP:-3}" | sed 's/_model.star$//' |
+     while read -r p; do rm -f "$p"_*; done; done) &
+  CLEAN=$!
   timeout "$(( $(left) - 45 ))" python3 -m mpi_em refine3d "${args[@]}" > "$R/refine3d_$CALL.log" 2>&1
   echo "exit $?" >> "$R/refine3d_$CALL.log"
+  kill $CLEAN 2>/dev/null
   grep -E "iteration|converged|final|memory|refused|Error" "$R/refine3d_$CALL.log" | tail -n 40
   cp $J/run.json $J/run_timings.json $J/checkpoint.json "$R/" 2>/dev/null
 fi
