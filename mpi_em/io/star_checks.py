@@ -3,13 +3,13 @@ per-group summary that mismatch errors quote."""
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
 from ..errors import InputError
 
 
 def _numeric(path, df: pd.DataFrame, col: str, block: str) -> np.ndarray:
     """Column ``col`` as float64; InputError naming the first bad row otherwise."""
+    import pandas as pd
     raw = df[col]
     vals = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     bad = ~np.isfinite(vals)

@@ -12,8 +12,6 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
-import starfile
 
 from ..errors import InputError
 from .star_checks import _integer, _numeric, _per_group, _positive
@@ -64,6 +62,7 @@ class ParticleStar:
 
 
 def _as_frame(block) -> pd.DataFrame | None:
+    import pandas as pd
     if isinstance(block, pd.DataFrame):
         return block
     if isinstance(block, dict) and block:  # a one-row table written as a simple block
@@ -72,6 +71,7 @@ def _as_frame(block) -> pd.DataFrame | None:
 
 
 def _load_blocks(path):
+    import starfile
     if not os.path.exists(path):
         raise InputError(path, "STAR file not found")
     if os.path.isdir(path):
@@ -135,6 +135,7 @@ def _parse_image_names(path, names: pd.Series):
 
 
 def _resolve_stacks(star_path, stacks: np.ndarray) -> np.ndarray:
+    import pandas as pd
     star_dir = os.path.dirname(os.path.abspath(star_path))
     resolved = {}
     for rel in pd.unique(stacks):

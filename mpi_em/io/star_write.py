@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pandas as pd
-import starfile
 
 from .atomic import atomic_path
 from .star_read import ParticleStar
@@ -35,6 +33,7 @@ def rebase_image_names(star: ParticleStar, out_dir) -> pd.DataFrame:
 def particles_table(optics_rows: list[dict], particle_columns: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Build (optics_df, particles_df) from a list of optics-group dicts and a
     dict of equal-length particle columns (lists / numpy arrays)."""
+    import pandas as pd
     optics = pd.DataFrame(list(optics_rows))
     lengths = {k: len(v) for k, v in particle_columns.items()}
     if len(set(lengths.values())) > 1:
@@ -52,6 +51,7 @@ def write_particles(path, star, updates: dict | None = None) -> None:
     Floats are written with repr precision, so a read->write->read round trip
     preserves every value exactly.
     """
+    import starfile
     path = os.fspath(path)
     if isinstance(star, ParticleStar):
         optics, particles = star.optics, star.particles
