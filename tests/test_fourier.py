@@ -322,3 +322,27 @@ def test_no_crop_where_the_cube_is_most_of_the_volume():
 
     assert crop_side(SliceGeometry(32, r_max=15, pad=2)) is None
     assert crop_side(SliceGeometry(32, r_max=8, pad=2)) == 2 * 18 + 2
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+def test_centred_layout_projects_as_the_fft_layout(dtype):
+    """CPU ranks project from :class:`CentredVolumes` (the E-step's references): the same values as
+    :func:`project` of the FFT-layout stack, to the precision's rounding (other summation order), for rotations
+    sampling every volume of a stack, out to the padded grid's edge (r_max = box / 2: points whose corners lie
+    beyond Np / 2, which both give weight 0), Friedel mates included; the projections' shape follows the
+    rotations' leading axes."""
+    from mpi_em.fourier.projector import CentredVolumes
+
+    rng = np.random.default_rng(3)
+    box, pad = 16, 2
+    npad = pad * box
+    geom = SliceGeometry(box, r_max=box / 2, pad=pad)
+    F = (rng.normal(size=(3, npad, npad, npad // 2 + 1))
+         + 1j * rng.normal(size=(3, npad, npad, npad // 2 + 1))).astype(dtype)
+    A = euler_to_matrix(*random_rotations(40, rng)).reshape(4, 10, 3, 3)
+    vol = rng.integers(0, 3, size=(4, 10))
+    got = CentredVolumes(F).project(A, geom, vol_index=vol)
+    want = project(F, A, geom, vol_index=vol)
+    assert got.shape == want.shape == (4, 10, geom.m) and got.dtype == F.dtype
+    eps = np.finfo(F.real.dtype).eps
+    assert np.abs(got - want).max() <= 16 * eps * np.abs(F).max(), np.abs(got - want).max()
