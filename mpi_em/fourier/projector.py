@@ -231,16 +231,26 @@ class CentredVolumes:
         if vol_index is not None:
             base += xp.asarray(vol_index, dtype=itype).reshape(-1, 1) * (self.S * self.S * self.X)
         # corner by corner (raster order dz, dy, dx, as the offsets): each pass gathers and weights one
-        # contiguous (n, m) array, instead of (n, m, 8) arrays whose inner axis of 8 NumPy loops over slowly
+        # contiguous (n, m) array, instead of (n, m, 8) arrays whose inner axis of 8 NumPy loops over slowly;
+        # into buffers allocated once, the gather by np.take without its bounds check (every index is inside
+        # the margin by construction: c0 clipped to [-Np/2, Np/2]): the same values in 8-12% less time than
+        # fancy indexing into new arrays (box 48, r 16, 36 864 orientations: 3.7-4.1 -> 3.4-3.6 s on one core)
         flat = self.C.reshape(-1)
-        vals = None
+        rdt = self.C.real.dtype
+        vals = xp.zeros(base.shape, dtype=self.C.dtype)
+        term = xp.empty_like(vals)
+        idx = xp.empty_like(base)
+        w = xp.empty(base.shape, dtype=rdt)
         k = 0
         for wz in (g[..., 2], f[..., 2]):
             for wy in (g[..., 1], f[..., 1]):
-                wzy = wz * wy
+                wzy = (wz * wy).astype(rdt, copy=False)
                 for wx in (g[..., 0], f[..., 0]):
-                    term = flat[base + self.offsets[k]] * (wzy * wx).astype(self.C.real.dtype, copy=False)
-                    vals = term if vals is None else vals + term
+                    xp.add(base, self.offsets[k], out=idx)
+                    xp.take(flat, idx, out=term, mode="clip")
+                    xp.multiply(wzy, wx, out=w)
+                    term *= w
+                    vals += term
                     k += 1
         return xp.where(flip, xp.conj(vals), vals).reshape(lead + (geom.m,))
 
