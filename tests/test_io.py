@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 
 import h5py
 import mrcfile
@@ -608,3 +609,46 @@ def test_the_star_library_is_imported_when_a_star_file_is_read():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "False", "True"], r.stdout
+
+
+def test_disk_outlook_after_the_first_iteration(tmp_path, monkeypatch):
+    """After iteration 1's files are written, their bytes (the checkpoint excepted: only the last is kept) times
+    the iterations still allowed, and the final copies, against the folder's free space: a warning naming the
+    figures and what to do where they would not fit (a box-512 refine3d wrote 2.5 GB per iteration and stopped
+    at iteration 18 on a full 64 GB disk), nothing where they fit."""
+    import shutil
+    from collections import namedtuple
+
+    from mpi_em.io.disk import disk_outlook
+
+    for name, size in (("half1_class001_unfil.mrc", 400), ("half2_class001_unfil.mrc", 400),
+                       ("class001.mrc", 400), ("data.star", 100), ("checkpoint.h5", 5000)):
+        (tmp_path / f"run_it001_{name}").write_bytes(b"x" * size)
+    (tmp_path / "run_it002_class001.mrc").write_bytes(b"x" * 9999)  # another iteration's: not counted
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 6, 0, 20000))
+    text = disk_outlook(str(tmp_path), 1, 20)
+    assert text is not None and "iteration 1 wrote 1.27 KiB; up to 19 more iterations and the final files need " \
+        "25.4 KiB, 19.5 KiB free" in text and str(tmp_path) in text and "--continue" in text, text
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 6, 0, 1300 * 20))
+    assert disk_outlook(str(tmp_path), 1, 20) is None
+    assert disk_outlook(str(tmp_path), 1, 1) is None  # nothing more to write but the final copies... which fit
+
+
+def test_em_job_warns_when_its_outputs_will_not_fit(tmp_path, monkeypatch, small_dataset):
+    """The EM jobs log the outlook once, after the first iteration's files: a class2d whose disk is (made to
+    look) nearly full warns in its log and still runs to the end."""
+    import shutil
+    from collections import namedtuple
+
+    from mpi_em.cli import main
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 12, 10 ** 12 - 1000, 1000))
+    out = tmp_path / "c2"
+    assert main([str(a) for a in ["class2d", "--i", small_dataset / "particles_unaligned.star", "--o", out,
+                                  "--K", 2, "--iter", 3, "--device", "cpu"]]) == 0
+    log = open(out / "run.log").read()
+    assert len(re.findall(r"disk: iteration 1 wrote [\d.]+ [KMG]iB; up to 2 more iterations and the final "
+                          r"files need [\d.]+ [KMG]iB, 1000 B free", log)) == 1, log
+    assert (out / "run_it003_data.star").exists()

@@ -28,6 +28,7 @@ from ..em.steps import (EMRun, LightenedEStep, expectation, first_pass, full_siz
 from ..errors import InputError, MpiEmError
 from ..fourier import SliceGeometry, default_r_max
 from ..io import BackgroundWriter, rebase_image_names
+from ..io.disk import disk_outlook
 from ..particles import ImageCache, cache_wanted
 from ..symmetry import symmetry_matrices
 from ..timing import PhaseTimer
@@ -198,6 +199,7 @@ def run(args, comm, after_iteration: Callable[[int], bool] | None = None) -> dic
     if state.sigma2 is None:  # new runs: noise spectrum from the images; 2D references from random subsets
         first_pass(job)
     stopped = False
+    first_it = state.iter + 1  # the first iteration this run writes (after a --continue, the one after the last)
     while not state.done and state.iter < args.iter:
         it = state.iter + 1
         t_it = time.time()
@@ -218,7 +220,7 @@ def run(args, comm, after_iteration: Callable[[int], bool] | None = None) -> dic
         t_m = time.time() - t_m
         update_model(job, it, stats, info, maps, prev, final)
         del maps  # the device maps (the state holds them on the host): not through the next E-step
-        _write(job, it, info, writer, timer, time.time() - t_it, t_e, t_m, t_start)
+        _write(job, it, info, writer, timer, time.time() - t_it, t_e, t_m, t_start, first_it)
         if after_iteration is not None and after_iteration(it):
             stopped = True
             break
@@ -334,8 +336,10 @@ def _setup(args, comm, mode: Mode, state: EMState | None, particles: dict | None
 
 
 def _write(job: EMRun, it: int, info: dict, writer, timer, t_iter: float, t_e: float, t_m: float,
-           t_start: float) -> None:
-    """Timings of every rank; rank 0 logs the iteration and hands its files to the background writer."""
+           t_start: float, first_written: int) -> None:
+    """Timings of every rank; rank 0 logs the iteration and hands its files to the background writer, and once
+    the files of ``first_written`` (this run's first iteration) are on disk, warns where the files of the
+    iterations still allowed would not fit there (:func:`mpi_em.io.disk.disk_outlook`)."""
     comm, state = job.comm, job.state
     particles = gather_particles(comm, job.plan)
     record_timings(comm, job.args.output, it, t_iter, t_e, t_m, timer, len(job.plan["index"]),
@@ -354,6 +358,10 @@ def _write(job: EMRun, it: int, info: dict, writer, timer, t_iter: float, t_e: f
     # writing must have succeeded (a failure there stops every rank here, cleanly)
     def hand_over():  # rank 0; its failure (the previous files, or starting the writer) stops every rank
         writer.wait()
+        if it == first_written + 1:  # the first iteration's files are written: will the rest fit the disk?
+            warning = disk_outlook(job.args.output, first_written, job.args.iter)
+            if warning:
+                log.warning("%s", warning)
         writer.submit(write_iteration, job.args.output, it, job.mode, job.star, particles, state.snapshot(), info,
                       job.meta)
 
