@@ -11,8 +11,8 @@ from ..em.outputs import gather_particles
 from ..errors import InputError, MpiEmError
 from ..fourier import padded_reach
 from ..io import check_stacks, check_writable_dir, read_map, read_particles
-from ..jobs import restore_options
 from ..io.sanity import check_box, check_same_input, input_record, warn_absurd_values
+from ..jobs import restore_options
 from ..symmetry import symmetry_matrices
 from . import state as ckpt
 
