@@ -637,7 +637,7 @@ def test_disk_outlook_after_the_first_iteration(tmp_path, monkeypatch):
 
 def test_em_job_warns_when_its_outputs_will_not_fit(tmp_path, monkeypatch, small_dataset):
     """The EM jobs log the outlook once, after the first iteration's files: a class2d whose disk is (made to
-    look) nearly full warns in its log and still runs to the end."""
+    look) nearly full warns in its log and still finishes all its iterations."""
     import shutil
     from collections import namedtuple
 
