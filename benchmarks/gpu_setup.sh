@@ -3,7 +3,8 @@
 #   gpu_setup NAME           -> $OUT (argument 1 of the script, default /tmp/out), $R = /tmp/NAME for the results,
 #                               wheels from .whl/ installed in /tmp/site, environment for mpirun as root,
 #                               device name in $R/device.txt
-#   gpu_data DIR N           -> N simulated particles (box $BOX = 128, $APIX = 1.5 Å/px, SNR 0.05, seed 11) in DIR
+#   gpu_data DIR N           -> N simulated particles (box $BOX = 128, $APIX = 1.5 Å/px, SNR 0.05, seed 11,
+#                               $PER_STACK = 5000 per stack, at most $SIM_TIMEOUT = 150 s) in DIR
 #                               and DIR/start.mrc = the truth low-passed to $LOWPASS = 30 Å
 #   gpu_tests FILE...        -> the GPU tests (default tests/test_gpu.py), summary in $R/gpu_tests.txt
 #   gpu_pack                 -> $R packed into $OUT/NAME.tgz (the device returns few files)
@@ -17,8 +18,8 @@ gpu_setup() {
 
 gpu_data() {
   local box=${BOX:-128} apix=${APIX:-1.5}
-  timeout 150 python3 -m mpi_em simulate --out "$1" --box "$box" --n "$2" --snr 0.05 --apix "$apix" \
-    --per-stack 5000 --seed 11 2>&1 | tail -1
+  timeout "${SIM_TIMEOUT:-150}" python3 -m mpi_em simulate --out "$1" --box "$box" --n "$2" --snr 0.05 \
+    --apix "$apix" --per-stack "${PER_STACK:-5000}" --seed 11 2>&1 | tail -1
   python3 - "$1" "$box" "$apix" "${LOWPASS:-30}" <<'PY'
 import sys, mrcfile, numpy as np
 from mpi_em.em.model import lowpass

@@ -24,16 +24,7 @@ nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$R/
 SMI=$!
 if [ ! -f $D/start.mrc ]; then
   step "data: ${N:-20000} particles, box $B"
-  timeout "$(left)" python3 -m mpi_em --quiet simulate --out $D --box $B --n "${N:-20000}" --snr 0.05 --apix 1.0 \
-    --per-stack 1000 --seed 11 2>&1 | tail -n 2
-  python3 - $D $B <<'PY'
-import sys, mrcfile, numpy as np
-from mpi_em.em.model import lowpass
-d, box = sys.argv[1], int(sys.argv[2])
-v = mrcfile.read(f'{d}/truth.mrc').astype(np.float64)
-with mrcfile.new(f'{d}/start.mrc', overwrite=True) as m:
-    m.set_data(lowpass(v, box, 1.0, 30.0).astype(np.float32)); m.voxel_size = 1.0
-PY
+  BOX=$B APIX=1.0 LOWPASS=30 PER_STACK=1000 SIM_TIMEOUT=$(left) gpu_data $D "${N:-20000}"
 fi
 if [ ! -f $J/run_model.star ]; then
   if [ -f $J/checkpoint.json ]; then
