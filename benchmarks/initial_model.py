@@ -4,6 +4,15 @@ mini-batch, map vs truth FSC(0.5) (each class against its conformation, either h
 usage: python benchmarks/initial_model.py --work DIR [--data SIM_DIR] [--box 64 --n 20000 --snr 0.05 --apix 2.5
                                           --conformations 1 --sim-seed 1 --domains ...] [--K 1] [--ranks 1]
                                           [--device auto] [--json OUT.json] [-- initial-model options ...]
+       python benchmarks/initial_model.py --work DIR --data SIM_DIR --relion PATH/relion_refine
+                                          [--relion-mode sgd|vdam] [--threads T] [-- more relion_refine options]
+
+With --relion the same data go through RELION's initial model instead (the reference implementation, same
+measures): `sgd` = RELION 3.1's stochastic gradient descent (`--sgd`, its GUI's defaults: 50 + 200 + 50 iterations,
+35 -> 15 Å, mini-batches 100 -> 500), `vdam` = RELION 4/5's gradient-driven VDAM (`--grad --iter 200`, its GUI's
+defaults; add `--gpu ""` after `--` for its GPU code). Both with HEALPix order 1, oversampling 1, offsets 6 / 2 px,
+`--flatten_solvent --zero_mask`, C1, the particle diameter mpi-em uses (80% of the box). Its last iteration's map
+and particle poses are measured.
 
 Without --data, `mpi-em simulate` writes the data set into WORK/data (reused when its particles.star is there).
 The run goes to WORK/run (replaced). Options after `--` are passed to `mpi-em initial-model` as they are
@@ -55,6 +64,8 @@ def evaluate(data: str, run: str, K: int) -> dict:
     est = starfile.read(os.path.join(run, "run_data.star"))["particles"]
     true = starfile.read(os.path.join(data, "particles.star"))["particles"]
     assert len(est) == len(true)
+    if "rlnImageName" in est and "rlnImageName" in true:  # rows in the truth's order (RELION may reorder them)
+        est = est.set_index("rlnImageName").loc[true.rlnImageName.values].reset_index()
     cls = est.rlnClassNumber.values.astype(int)
     conf = true.rlnClassNumber.values.astype(int) if "rlnClassNumber" in true else np.ones(len(true), int)
     n_conf = int(conf.max())
@@ -74,6 +85,35 @@ def evaluate(data: str, run: str, K: int) -> dict:
         out["fsc05_A"].append(resolution_to_truth(aligned, truth, apix))
         out["hand"].append(how)
     return out
+
+
+def relion_command(a, star: str, run: str, extra: list) -> list:
+    """RELION's initial-model job as its GUI writes it (3.1: SGD; 4/5: VDAM), on the particles of ``star``."""
+    first = starfile.read(star, always_dict=True)
+    optics = first.get("optics")
+    apix = float(optics.rlnImagePixelSize.iloc[0]) if optics is not None else 1.0
+    box = int(optics.rlnImageSize.iloc[0]) if optics is not None else 64
+    exe = os.path.join(a.relion, "relion_refine") if os.path.isdir(a.relion) else a.relion
+    cmd = [exe, "--i", star, "--o", os.path.join(run, "run"), "--denovo_3dref", "--ctf", "--K", str(a.K),
+           "--sym", "C1", "--flatten_solvent", "--zero_mask", "--dont_combine_weights_via_disc", "--pool", "3",
+           "--pad", "1", "--particle_diameter", f"{0.8 * box * apix:.1f}", "--oversampling", "1",
+           "--healpix_order", "1", "--offset_range", "6", "--offset_step", "2", "--j", str(a.threads)]
+    if a.relion_mode == "sgd":
+        cmd += ["--sgd", "--sgd_ini_iter", "50", "--sgd_inbetween_iter", "200", "--sgd_fin_iter", "50",
+                "--sgd_write_iter", "20", "--sgd_ini_resol", "35", "--sgd_fin_resol", "15", "--sgd_ini_subset", "100",
+                "--sgd_fin_subset", "500", "--skip_gridding"]
+    else:
+        cmd += ["--grad", "--iter", "200", "--grad_write_iter", "10", "--auto_sampling", "--tau2_fudge", "4"]
+    return cmd + list(extra)
+
+
+def relion_outputs(run: str, K: int) -> None:
+    """RELION's last iteration as run_data.star (rows in the input's order) and run_classKKK.mrc."""
+    last = max(int(m.group(1)) for f in os.listdir(run) if (m := re.match(r"run_it(\d+)_data\.star$", f)))
+    stem = os.path.join(run, f"run_it{last:03d}")
+    shutil.copy(stem + "_data.star", os.path.join(run, "run_data.star"))
+    for k in range(1, K + 1):
+        shutil.copy(f"{stem}_class{k:03d}.mrc", os.path.join(run, f"run_class{k:03d}.mrc"))
 
 
 def main(argv=None) -> int:
@@ -98,6 +138,10 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", type=int, default=1)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     p.add_argument("--json", help="write the row here (default WORK/initial_model.json)")
+    p.add_argument("--relion", metavar="RELION_REFINE",
+                   help="run RELION's initial model with this relion_refine (or relion_refine_mpi) instead of mpi-em's")
+    p.add_argument("--relion-mode", choices=["sgd", "vdam"], default="sgd")
+    p.add_argument("--threads", type=int, default=1, help="RELION's --j (default 1)")
     a = p.parse_args(argv)
     os.makedirs(a.work, exist_ok=True)
     py = [sys.executable, "-m", "mpi_em"]
@@ -111,18 +155,26 @@ def main(argv=None) -> int:
         subprocess.run(py + [str(x) for x in sim], check=True)
     run = os.path.join(a.work, "run")
     shutil.rmtree(run, ignore_errors=True)
-    cmd = py + ["initial-model", "--i", os.path.join(data, "particles_unaligned.star"), "--o", run,
-                "--K", str(a.K), "--device", a.device] + passthrough
+    star = os.path.abspath(os.path.join(data, "particles_unaligned.star"))
+    if a.relion:
+        run = os.path.abspath(run)
+        cmd = relion_command(a, star, run, passthrough)
+        os.makedirs(run)
+    else:
+        cmd = py + ["initial-model", "--i", star, "--o", run, "--K", str(a.K), "--device", a.device] + passthrough
     if a.ranks > 1:
         cmd = [shutil.which("mpirun") or "mpirun", "-n", str(a.ranks)] + cmd
     t0 = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    # RELION opens the images relative to its working folder (its project folder): the data set's
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=data if a.relion else None)
     seconds = time.time() - t0
     with open(os.path.join(a.work, "run.log"), "w") as f:
         f.write(r.stdout + r.stderr)
     if r.returncode != 0:
         sys.stderr.write(r.stderr[-3000:])
         return r.returncode
+    if a.relion:
+        relion_outputs(run, a.K)
     its = re.findall(r"iteration \d+: (\d+) particles .* ([\d.]+) s\n", r.stdout + r.stderr)
     batch_n = sum(int(n) for n, _ in its)
     batch_s = sum(float(s) for _, s in its)
@@ -130,7 +182,8 @@ def main(argv=None) -> int:
     n_data = len(starfile.read(os.path.join(data, "particles.star"))["particles"])
     truth1 = os.path.join(data, "truth.mrc")
     box = read_map(truth1 if os.path.exists(truth1) else os.path.join(data, "truth_class001.mrc"))[0].shape[0]
-    row = {"box": box, "n": n_data, "snr": None if a.data else a.snr, "K": a.K, "ranks": a.ranks,
+    row = {"program": f"RELION {a.relion_mode} ({a.relion})" if a.relion else "mpi-em initial-model",
+           "command": cmd, "box": box, "n": n_data, "snr": None if a.data else a.snr, "K": a.K, "ranks": a.ranks,
            "device": a.device, "options": passthrough, "seconds": seconds,
            "seconds_per_1000_minibatch": 1000.0 * batch_s / batch_n if batch_n else None,
            "seconds_final_pass": sum(map(float, fin)) if fin else None, "data": data}

@@ -164,11 +164,13 @@ def test_refine3d_stops_with_the_iteration_that_converged(tiny, tmp_path):
     more iteration, at the full image size (RELION's last auto-refine iteration), and stops with it (no further
     iteration at the same sampling). The final outputs (run_*) are those of the iteration with the best
     gold-standard resolution (the latest of equals), byte for byte: maps, combined map, particles, model, FSC
-    plot. The iteration that found the convergence says so in the log; only the last checkpoint is kept. Measured: 18.80, 13.91, 14.26 (converged), 13.59 Å at the full size, which the final outputs are."""
+    plot. The iteration that found the convergence says so in the log; only the last checkpoint is kept. Measured: 18.80, 13.91, 14.26 (converged), 13.59 Å at the full size, which the final outputs are.
+    The current size grows by 3 shells and never jumps (the defaults before RELION's rules): with the defaults this
+    box reaches its full size in iteration 2, and a run that converges at the full size has no extra iteration."""
     from mpi_em.io import read_hdf5
 
     out = tmp_path / "ref"
-    r = _refine(tiny, out, 1, ["--iter", 15], full_size=True)
+    r = _refine(tiny, out, 1, ["--iter", 15, "--incr-size", 3, "--no-fsc-jump"], full_size=True)
     assert r.returncode == 0, r.stderr
     ck = json.load(open(out / "checkpoint.json"))
     assert ck["args"]["folds"] == 4 and ck["args"]["refine_offsets"]  # the defaults, resolved and recorded

@@ -81,13 +81,14 @@ def add_arguments(p, mode: str) -> None:
                        help="do not run the last iteration (after convergence, or --iter's) at the full image size; "
                             "by default it is, as RELION's auto-refine does, so that the final map holds data to "
                             "Nyquist")
-        p.add_argument("--incr-size", type=int, default=3, metavar="SHELLS",
+        p.add_argument("--incr-size", type=int, default=10, metavar="SHELLS",
                        help="the current image size: the gold-standard resolution's shell plus this many shells "
-                            "(RELION's --incr_size; default 3)")
-        p.add_argument("--fsc-jump", action=argparse.BooleanOptionalAction, default=False,
+                            "(RELION's --incr_size; default 10, as RELION)")
+        p.add_argument("--fsc-jump", action=argparse.BooleanOptionalAction, default=True,
                        help="while the half maps' FSC at the edge of the current size is above 0.2 (the resolution "
                             "is limited by the size, not by the data) and the mean largest posterior weight above "
-                            "0.1, grow the size by box / 8 shells instead of --incr-size (RELION's rule)")
+                            "0.1, grow the size by box / 8 shells instead of --incr-size (RELION's auto-refine "
+                            "rule; default on, --no-fsc-jump: --incr-size only)")
         p.add_argument("--local-from-order", type=int, default=4,
                        help="from this order on, search locally around the previous pose (default 4, as RELION)")
         p.add_argument("--folds", type=int, default=None, metavar="F",
