@@ -502,6 +502,56 @@ def test_a_continued_job_keeps_the_drivers_allocator(tmp_path):
         got.append(json.load(open(out / "run.json"))["memory"]["gpu_allocator"])
     assert got == ["async", "async"]
 
+def test_fft_plans_kept_between_phases_only_with_room(tmp_path):
+    """release_device_memory clears CuPy's cuFFT plan cache unless the job's memory check left room for the plans
+    (keep_fft_plans): with room the plans stay (the cache's size is capped at the room), without they go; a
+    box-32 refine3d on the GPU logs the kept plans without a limit and not under a limit its peak fills."""
+    import json
+    import subprocess
+    import sys
+
+    from mpi_em.memory import MemoryEstimate, keep_fft_plans, release_device_memory
+
+    cache = cp.fft.config.get_plan_cache()
+    est = MemoryEstimate(inputs=None, phases={"E-step": {"accumulators": 2 ** 20, "fft_plans": 2 ** 16}})
+    try:
+        for limit, kept in ((2 ** 30, True), (2 ** 20 + 2 ** 16, False)):
+            cache.clear()
+            assert (keep_fft_plans(cp, est, limit) > 0) == kept
+            cp.fft.fftn(cp.ones((8, 16, 16), cp.complex64))
+            assert cache.get_curr_size() == 1
+            release_device_memory(cp)
+            assert cache.get_curr_size() == (1 if kept else 0)
+    finally:
+        keep_fft_plans(cp, None, None)
+        cache.set_memsize(-1)
+    data = tmp_path / "d"
+    subprocess.run([sys.executable, "-m", "mpi_em", "--quiet", "simulate", "--out", str(data), "--box", "32",
+                    "--n", "200", "--snr", "1", "--apix", "3", "--seed", "4"], check=True)
+    logs = []
+    for name in ("free", "limited"):
+        # the second run is limited to the first's peak: no room left
+        extra = [] if name == "free" else [
+            "--max-memory", str(json.load(open(tmp_path / "free" / "run.json"))["memory"]["peak_bytes"])]
+        subprocess.run([sys.executable, "-m", "mpi_em", "refine3d", "--i", str(data / "particles_unaligned.star"),
+                        "--ref", str(data / "truth.mrc"), "--ini-high", "30", "--iter", "1", "--o",
+                        str(tmp_path / name), "--device", "gpu"] + extra, check=True)
+        logs.append(open(tmp_path / name / "run.log").read())
+    assert "cuFFT plans kept between phases" in logs[0]
+    assert "cuFFT plans kept between phases" not in logs[1]
+
+
+def test_nonfinite_maps_found_on_the_device():
+    from mpi_em.em.steps import check_finite_maps
+    from mpi_em.errors import MpiEmError
+
+    maps = cp.zeros((2, 4, 4, 4), cp.float32)
+    check_finite_maps(maps, 3)
+    maps[1, 0, 0, 0] = cp.nan
+    with pytest.raises(MpiEmError, match="iteration 3: .* 1 NaN or infinite voxels"):
+        check_finite_maps(maps, 3)
+
+
 def test_xp_of_imports_no_scipy():
     """On a machine with CuPy, a CPU rank's array-module switch imports neither cupyx.scipy nor SciPy:
     cupy.get_array_module's first call did (measured 14.6 MB of tracemalloc's peak in the memory tests' CPU jobs

@@ -502,3 +502,22 @@ def test_continued_job_allocates_as_the_job_it_continues(small_dataset, tmp_path
         assert backend.allocator_choice("auto", backend.memory_limited()) == "async"
     finally:
         backend.set_memory_limited(False)
+
+
+def test_fft_plans_kept_only_where_the_model_leaves_room():
+    """Between phases the cuFFT plan cache is cleared where the model's peak leaves less room under the limit than
+    the largest phase's plans, and keeps plans up to that room otherwise (peak + kept plans <= limit); CPU ranks
+    and jobs without a known limit keep nothing."""
+    from mpi_em.memory import MemoryEstimate, keep_fft_plans, plan_allowance
+
+    est = MemoryEstimate(inputs=None, phases={"references": {"references": 10, "fft_plans": 3},
+                                              "E-step": {"accumulators": 50, "fft_plans": 2},
+                                              "M-step": {"accumulators": 40, "fft_plans": 5}})
+    assert est.total == 52                       # the E-step's peak counts its own plans
+    assert plan_allowance(est, None) == 0
+    assert plan_allowance(est, 52) == 0          # a job sized to its limit: cleared, as the model assumes
+    assert plan_allowance(est, 56) == 0          # room 4 < the M-step's plans (5)
+    assert plan_allowance(est, 57) == 5
+    assert plan_allowance(est, 100) == 48
+    assert keep_fft_plans(np, est, 100) == 0     # CPU ranks: no cuFFT plans
+    assert keep_fft_plans(np, None, None) == 0

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import synchronize, to_host
+from ..backend import synchronize, to_host, xp_of
 from ..distributed import allreduce_sum, bcast_large, collective_step, reference_group
 from ..errors import MpiEmError
 from ..fourier import SliceGeometry, default_r_max
@@ -268,8 +268,8 @@ def maximisation(job: EMRun, it: int, acc: dict, stats: Stats, timer):
     release_device_memory(job.xp)  # the accumulators' blocks, before the next references are made
     state.references = to_host(inf.pop("references")) if "references" in inf else None
     info.update(inf)
+    check_finite_maps(maps, it)  # the same maps on every rank: every rank stops here, nobody waits
     maps_h = to_host(maps)
-    check_finite_maps(maps_h, it)  # the same maps on every rank: every rank stops here, nobody waits
     if mode.dim == 2 and not args.no_center:
         maps_h = center_2d(maps_h)
     state.maps = maps_h
@@ -340,7 +340,8 @@ def check_finite_maps(maps, it: int) -> None:
     """Stop the job with a clear error when an iteration's maps hold NaN or infinity (a numerical failure would
     otherwise look like a refinement that converged at the box size: benchmarks/results/refine3d-convergence/,
     zero-variance prior)."""
-    bad = ~np.isfinite(maps)
-    if bad.any():
-        raise MpiEmError(f"iteration {it}: the reconstructed maps hold {int(bad.sum())} NaN or infinite voxels "
+    xp = xp_of(maps)  # on the maps' device: one reduction, no host pass over the maps (0.03 s at box 256)
+    if not bool(xp.isfinite(maps).all()):
+        bad = int((~xp.isfinite(maps)).sum())
+        raise MpiEmError(f"iteration {it}: the reconstructed maps hold {bad} NaN or infinite voxels "
                          f"(of {maps.size}); stopping instead of refining against them")

@@ -319,11 +319,19 @@ def _setup(args, comm, mode: Mode, state: EMState | None, particles: dict | None
                        precision=getattr(args, "accumulate", "double"), cache=cache,
                        batch_floor=batch_floor).inputs  # what the job uses
     images = ImageCache(xp, mem.cache_images)
-    lightened = None
-    if mem.batch < args.batch or mem.grid_chunk:  # chosen for the largest size and grid: re-chosen per iteration
-        from ..memory import job_limit
+    from ..memory import estimate, job_limit, keep_fft_plans
 
-        lightened = LightenedEStep(mem, job_limit(comm, mem, getattr(args, "max_memory", None)), int(args.batch))
+    limit = job_limit(comm, mem, getattr(args, "max_memory", None))
+    lighter = mem.batch < args.batch or bool(mem.grid_chunk)  # the E-step sized to the limit: re-sized per iteration
+    # the cuFFT plans stay between phases where the model leaves them room; not where the E-step is sized to the
+    # limit (each iteration's batch then fills it)
+    kept = keep_fft_plans(xp, None if lighter else estimate(mem), limit)
+    if comm.rank == 0 and kept:
+        log.info("memory: cuFFT plans kept between phases, up to %.3g GiB of work areas (room under the limit)",
+                 kept / 2 ** 30)
+    lightened = None
+    if lighter:  # chosen for the largest size and grid: re-chosen per iteration
+        lightened = LightenedEStep(mem, limit, int(args.batch))
     args.batch = mem.batch
     args.grid_chunk = mem.grid_chunk
     if comm.rank == 0 and images.enabled:

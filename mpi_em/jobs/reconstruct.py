@@ -217,6 +217,9 @@ def run(args, comm) -> dict:
     memory = memory_check(comm, reconstruct_inputs(args, meta, comm.size, device, vplan, r_max),
                           getattr(args, "max_memory", None), log, precision=getattr(args, "accumulate", "double"))
     inputs = memory.inputs
+    from ..memory import keep_fft_plans
+
+    keep_fft_plans(xp, None, None)  # one reconstruction: its plans are given back after it, as the model counts
     cdt = np.complex64 if inputs.accumulate == "single" else np.complex128
     sym = symmetry_matrices(args.sym)
     sym_mats = None if len(sym) == 1 else sym

@@ -22,9 +22,11 @@ volume, Np = pad x box; ``m`` = the in-ball points of an image, |k| <= r; ``n`` 
   point and corner, measured with tracemalloc; the back-projector adds in place). GPU ranks use the fused kernels: no stencil arrays. Owned accumulators: the
   routed points (``ROUTED_BYTES_PER_RECORD`` per point and owner) and one chunk of stencils.
 - **FFT plans**: CPU ranks: NumPy's pocketfft caches only twiddle factors (O(Np)), counted as 0. GPU ranks:
-  cuFFT plans are kept by CuPy's plan cache with work areas up to the transform's size; the jobs clear the
-  cache between phases (:func:`release_device_memory`), so the E-step keeps the batched image transform's and
-  the reference and reconstruction phases their chunked volume transforms' (~1/16 of a volume).
+  cuFFT plans are kept by CuPy's plan cache with work areas up to the transform's size; each phase counts its
+  own: the E-step the batched image transform's, the reference and reconstruction phases their chunked volume
+  transforms' (~1/16 of a volume). Between phases the EM jobs clear the cache (:func:`release_device_memory`)
+  where the peak leaves less than the largest phase's plans under the limit; where it leaves more, the cache
+  keeps plans up to that room (:func:`keep_fft_plans`), so the peak plus the kept plans stays within the limit.
 - **reconstruction** (M-step): the owned kz planes after the reduce-scatter (24 V vox / P; none at P = 1, where
   the accumulators are used as they are, nor with owned accumulators), the fold sums and leave-one-fold-out
   volumes of refine3d, the shell statistics (2^24 voxels at a time) and the transients of the reconstruction:
