@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from ..distvolume import POINT_CHUNK
+from ..fourier.transforms import RECONSTRUCT_CHUNKS
 from ..errors import MpiEmError
 
 #: NumPy projection of the references: bytes alive per projected point, output included. 3D
@@ -401,7 +402,10 @@ def _reconstruct_phases(inp: ReconstructInputs) -> dict:
     n_local = _images_per_rank(inp.n_particles, inp.ranks)
     n = max(1, min(inp.batch, n_local)) if n_local else inp.batch
     img = 4 * box * box
-    fft = 0 if cpu else 16 * (vox if inp.ranks == 1 else own) + 8 * n * box * (box // 2 + 1)
+    # cuFFT work areas: one rank's reconstruction transforms its volume in RECONSTRUCT_CHUNKS chunks
+    # (fourier._ifft_cropped; the whole volume's 16 vox counted before: the box-512 job measured 48.7 GiB against a
+    # model of 59.5 GiB, 8.3 GiB of it that term), several ranks their owned planes whole
+    fft = 0 if cpu else 16 * (vox // RECONSTRUCT_CHUNKS if inp.ranks == 1 else own) + 8 * n * box * (box // 2 + 1)
     base = (1 + PREFETCH) * n * img + 24 * n * m
     maps = 3 * 4 * box ** 3 + 2 * 8 * box ** 3
     single = inp.accumulate == "single"
