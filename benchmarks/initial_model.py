@@ -10,9 +10,9 @@ usage: python benchmarks/initial_model.py --work DIR [--data SIM_DIR] [--box 64 
 With --relion the same data go through RELION's initial model instead (the reference implementation, same
 measures): `sgd` = RELION 3.1's stochastic gradient descent (`--sgd`, its GUI's defaults: 50 + 200 + 50 iterations,
 35 -> 15 Å, mini-batches 100 -> 500), `vdam` = RELION 4/5's gradient-driven VDAM (`--grad --iter 200`, its GUI's
-defaults; add `--gpu ""` after `--` for its GPU code). Both with HEALPix order 1, oversampling 1, offsets 6 / 2 px,
-`--flatten_solvent --zero_mask`, C1, the particle diameter mpi-em uses (80% of the box). Its last iteration's map
-and particle poses are measured.
+defaults; add `--gpu ""` after `--` for its GPU code). Both with HEALPix order 1, oversampling 1, offsets 6 / 2
+px, `--flatten_solvent --zero_mask`, C1, the particle diameter mpi-em uses (80% of the box); an option given after
+`--` replaces the one set here. Its last iteration's map and particle poses are measured.
 
 Without --data, `mpi-em simulate` writes the data set into WORK/data (reused when its particles.star is there).
 The run goes to WORK/run (replaced). Options after `--` are passed to `mpi-em initial-model` as they are
@@ -104,7 +104,16 @@ def relion_command(a, star: str, run: str, extra: list) -> list:
                 "--sgd_fin_subset", "500", "--skip_gridding"]
     else:
         cmd += ["--grad", "--iter", "200", "--grad_write_iter", "10", "--auto_sampling", "--tau2_fudge", "4"]
-    return cmd + list(extra)
+    # options after -- replace the same option's value above (RELION reads an option's first occurrence), or are added
+    extra = list(extra)
+    while extra:
+        opt = extra.pop(0)
+        val = [extra.pop(0)] if extra and not extra[0].startswith("--") else []
+        if opt in cmd and val:
+            cmd[cmd.index(opt) + 1] = val[0]
+        elif opt not in cmd:
+            cmd += [opt] + val
+    return cmd
 
 
 def relion_outputs(run: str, K: int) -> None:

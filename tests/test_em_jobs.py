@@ -359,10 +359,12 @@ def test_refine3d_recovers_poses_and_resolution(tmp_path):
     truth), the best at least 25% better than the start; the final map's FSC(0.5) with truth is within 15% of what
     the true poses give and the median angular error is below the final angular step (order 3: 7.5°). Every
     iteration, the one after the final one included, is worse than the one before by at most the standard error
-    of its FSC-0.5 resolution. Measured (2 CPU ranks): 15.87 -> 15.27, 11.39, 10.75, 10.28 (final), 10.36 Å
-    ± 0.05, 0.06, 0.13, 0.11, 0.10; gold-standard 14.54, 10.71, 9.93, 9.46, 9.55 Å; the final map 9.70 Å against
-    9.43 Å from the true poses (with every map masked outside the box's sphere as RELION's; before: 15.37, 11.63,
-    11.37, 10.69, 10.70 Å, gold-standard 14.56, 10.94, 10.23, 9.53, 9.57 Å). At SNR 0.1 a box-48
+    of its FSC-0.5 resolution. Measured (2 CPU ranks), with RELION's current-size rules (the defaults: r 6 -> 19 ->
+    23 px, the box's edge, from iteration 2): 15.87 -> 15.27, 11.04, 10.70, 10.29 (final), 10.37 Å ± 0.05, 0.13,
+    0.14, 0.11, 0.09; gold-standard 14.54, 10.00, 9.86, 9.50, 9.55 Å (with 3 shells per iteration, the defaults
+    before: 15.27, 11.39, 10.75, 10.28, 10.36 Å, gold-standard 14.54, 10.71, 9.93, 9.46, 9.55 Å; the final map 9.70 Å
+    against 9.43 Å from the true poses; before every map was masked outside the box's sphere as RELION's: 15.37,
+    11.63, 11.37, 10.69, 10.70 Å, gold-standard 14.56, 10.94, 10.23, 9.53, 9.57 Å). At SNR 0.1 a box-48
     particle carries too little signal: even the true reference aligns to ~10° median error (measured), so this
     test uses 0.25.
     After its peak a map loses 0.1-1% per iteration at unchanged sampling while the poses stay as good

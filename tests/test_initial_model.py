@@ -300,6 +300,38 @@ def test_benchmark_script_on_cpu(tmp_path):
     assert "| 24 | 120 |" in r.stdout
 
 
+@pytest.mark.skipif(shutil.which("relion_refine") is None,
+                    reason="relion_refine (RELION 3.1, Debian's relion package) is not on PATH")
+def test_benchmark_runs_relions_initial_model(tmp_path):
+    """benchmarks/initial_model.py --relion: RELION's own initial model (3.1's SGD, its iterations shortened through
+    options after --, which replace the script's) on a tiny data set, measured as ours are: its last iteration's
+    map and poses put onto the truth, a JSON row naming RELION and its command."""
+    import json
+    import os
+    import sys
+
+    script = __import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks" / "initial_model.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPI_EM_DEVICE="cpu")
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "-m", "mpi_em", "--quiet", "simulate", "--out", str(data), "--box", "24", "--n",
+                    "150", "--snr", "5", "--apix", "6", "--seed", "2", "--device", "cpu"], check=True, env=env)
+    r = subprocess.run([sys.executable, str(script), "--work", str(tmp_path / "w"), "--data", str(data), "--relion",
+                        shutil.which("relion_refine"), "--relion-mode", "sgd", "--", "--sgd_ini_iter", "2",
+                        "--sgd_inbetween_iter", "2", "--sgd_fin_iter", "2", "--sgd_write_iter", "2",
+                        "--sgd_ini_subset", "50", "--sgd_fin_subset", "150", "--sgd_ini_resol", "36",
+                        "--sgd_fin_resol", "24", "--offset_range", "2"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    row = json.load(open(tmp_path / "w" / "initial_model.json"))
+    assert row["program"].startswith("RELION sgd") and row["n"] == 150
+    cmd = row["command"]
+    assert cmd[cmd.index("--sgd_ini_iter") + 1] == "2" and cmd.count("--sgd_ini_iter") == 1  # replaced, not added
+    assert cmd[cmd.index("--particle_diameter") + 1] == "115.2"                             # 80% of 24 x 6 Å
+    # RELION's last iteration (6) is the one measured, against the truth with either hand (~40 s of RELION here)
+    assert os.path.exists(tmp_path / "w" / "run" / "run_it006_class001.mrc")
+    assert len(row["fsc05_A"]) == 1 and 12.0 <= row["fsc05_A"][0] <= 500.0
+
+
 @pytest.mark.slow
 def test_symmetry_found_and_applied(tmp_path):
     """--sym D7 on a D7 phantom (lumpy, box 32, 1 000 particles, SNR 1): the C1 result is put onto D7's axes,
