@@ -65,7 +65,11 @@ def evaluate(data: str, run: str, K: int) -> dict:
     true = starfile.read(os.path.join(data, "particles.star"))["particles"]
     assert len(est) == len(true)
     if "rlnImageName" in est and "rlnImageName" in true:  # rows in the truth's order (RELION may reorder them)
-        est = est.set_index("rlnImageName").loc[true.rlnImageName.values].reset_index()
+        def key(names):  # "N@folder/stack.mrcs" -> "N@stack.mrcs": the folders differ between programs
+            return [f"{int(x.split('@')[0])}@{os.path.basename(x.split('@')[1])}" for x in names]
+
+        order = dict(zip(key(est.rlnImageName.values), range(len(est))))
+        est = est.iloc[[order[k] for k in key(true.rlnImageName.values)]].reset_index(drop=True)
     cls = est.rlnClassNumber.values.astype(int)
     conf = true.rlnClassNumber.values.astype(int) if "rlnClassNumber" in true else np.ones(len(true), int)
     n_conf = int(conf.max())
