@@ -530,7 +530,7 @@ def test_fft_plans_kept_between_phases_only_with_room(tmp_path):
                     "--n", "200", "--snr", "1", "--apix", "3", "--seed", "4"], check=True)
     logs = []
     for name in ("free", "limited"):
-        # the second run is limited to the first's peak: no room left
+        # the second job is limited to the first one's peak: no room left
         extra = [] if name == "free" else [
             "--max-memory", str(json.load(open(tmp_path / "free" / "run.json"))["memory"]["peak_bytes"])]
         subprocess.run([sys.executable, "-m", "mpi_em", "refine3d", "--i", str(data / "particles_unaligned.star"),
