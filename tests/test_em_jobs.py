@@ -70,10 +70,12 @@ def test_last_iteration_uses_the_full_image_size(tiny, tmp_path):
     RELION's auto-refine does: the log says so with r = box/2 - 1 = 15 px (the schedule's size for it: 6 px, from
     --ini-high 32 Å at 4 Å/px) and its model STAR gives 30. --no-final-full-size keeps the schedule's size (its model
     STAR then gives the size the schedule chose for a next iteration, below 30). (Whether the map gains: on data with
-    signal past the schedule's size; benchmarks/results/relion-side-by-side/h200-box256-2026-12-03/.)"""
+    signal past the schedule's size; benchmarks/results/relion-side-by-side/h200-box256-2026-12-03/.) The size grows
+    by 3 shells and never jumps (the defaults before RELION's rules): with the defaults the schedule's next size at
+    this box is already the full one."""
     sizes, logs = {}, {}
     for name, extra in (("full", []), ("cut", ["--no-final-full-size"])):
-        r = _refine(tiny, tmp_path / name, 1, ["--iter", 1] + extra, full_size=True)
+        r = _refine(tiny, tmp_path / name, 1, ["--iter", 1, "--incr-size", 3, "--no-fsc-jump"] + extra, full_size=True)
         assert r.returncode == 0, r.stderr
         sizes[name] = int(starfile.read(tmp_path / name / "run_it001_model.star")["model_general"]
                           ["rlnCurrentImageSize"].iloc[0])
