@@ -86,7 +86,7 @@ def _read_reference(args, mode: Mode, box: int, apix: float) -> np.ndarray:
     elif abs(ref_apix - apix) > 1e-3 * apix:
         raise InputError(args.ref, f"voxel size {ref_apix:.4f} Å differs from the particles' {apix:.4f} Å",
                          field="voxel_size")
-    return lowpass(ref.astype(np.float64), box, apix, args.ini_high).astype(np.float32)
+    return lowpass(ref.astype(np.float32), box, apix, args.ini_high)
 
 
 def default_folds(box: int, pad: int, budget: float = 4e9, most: int = 4) -> int:

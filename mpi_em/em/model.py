@@ -430,7 +430,8 @@ def _reconstruct_2d(F_acc, W_acc, box, pad, r_max, fudge):
 
 
 def lowpass(maps, box: int, pixel_size: float, resolution_A: float, width_shells: float = 2.0):
-    """Raised-cosine low-pass of real maps (..., N, N[, N]) at ``resolution_A``."""
+    """Raised-cosine low-pass of real maps (..., N, N[, N]) at ``resolution_A``, in the maps' own precision
+    (float32 maps are transformed in single precision)."""
     xp = xp_of(maps)
     ndim = 3 if maps.ndim >= 3 and maps.shape[-3] == box else 2
     axes = tuple(range(-ndim, 0))
@@ -442,6 +443,7 @@ def lowpass(maps, box: int, pixel_size: float, resolution_A: float, width_shells
 
         r = radius_2d(box, xp)
     rc = box * pixel_size / resolution_A
-    filt = xp.where(r <= rc, 1.0, xp.where(r >= rc + width_shells, 0.0,
-                                            0.5 + 0.5 * xp.cos(np.pi * (r - rc) / width_shells)))
-    return xp.fft.irfftn(F * filt, s=(box,) * ndim, axes=axes).astype(maps.dtype)
+    # 1 inside rc, 0 beyond rc + width, a raised cosine between
+    filt = (0.5 + 0.5 * xp.cos(np.pi * xp.clip((r - rc) / width_shells, 0.0, 1.0))).astype(maps.real.dtype)
+    F *= filt
+    return xp.fft.irfftn(F, s=(box,) * ndim, axes=axes).astype(maps.dtype)
