@@ -6,6 +6,10 @@ the phase that launched the work (a few synchronisations per batch). ``timer.flo
 operations where the phase is a matrix product (the E-step's GEMMs), for achieved-rate figures, and
 ``timer.bytes[name]`` bytes handed to collectives. ``timer.detail(name)`` times a step inside a phase only when
 the timer was made with ``detail=True`` (benchmarks; kept apart in ``detail_seconds``, so phases still add up).
+``step_sync=True`` (GPU ranks on the driver's stream-ordered pool, i.e. under a memory limit) synchronises the device
+at the end of every such step without timing it: the driver's pool gives back the blocks freed on the stream only
+at a synchronisation, so without them it held up to ~700 MiB more than the live arrays at box 512 (measured;
+``benchmarks/results/refine3d-convergence/``), past the limit the E-step was sized to.
 """
 from __future__ import annotations
 
@@ -19,8 +23,9 @@ from .backend import synchronize
 
 
 class PhaseTimer:
-    def __init__(self, xp=np, sync: bool = True, detail: bool = False):
+    def __init__(self, xp=np, sync: bool = True, detail: bool = False, step_sync: bool = False):
         self.xp, self.sync, self.detailed = xp, sync, detail
+        self.step_sync = bool(step_sync) and xp is not np
         self.seconds: dict[str, float] = defaultdict(float)
         self.detail_seconds: dict[str, float] = defaultdict(float)
         self.flops: dict[str, float] = defaultdict(float)
@@ -64,6 +69,8 @@ class PhaseTimer:
     def detail(self, name: str):
         if not self.detailed:
             yield
+            if self.step_sync:
+                synchronize(self.xp)
             return
         synchronize(self.xp)
         t = time.perf_counter()

@@ -539,6 +539,9 @@ def test_fft_plans_kept_between_phases_only_with_room(tmp_path):
         logs.append(open(tmp_path / name / "run.log").read())
     assert "cuFFT plans kept between phases" in logs[0]
     assert "cuFFT plans kept between phases" not in logs[1]
+    # under a limit the job allocates from the driver's pool and synchronises every E-step step (timing.PhaseTimer)
+    assert "each E-step step ends with a synchronisation" not in logs[0]
+    assert "each E-step step ends with a synchronisation" in logs[1]
 
 
 def test_nonfinite_maps_found_on_the_device():

@@ -521,3 +521,43 @@ def test_fft_plans_kept_only_where_the_model_leaves_room():
     assert plan_allowance(est, 100) == 48
     assert keep_fft_plans(np, est, 100) == 0     # CPU ranks: no cuFFT plans
     assert keep_fft_plans(np, None, None) == 0
+
+
+def test_gpu_ranks_count_the_pools_slack():
+    """A GPU rank's model adds the memory pool's slack over the live arrays (POOL_SLACK of every phase's arrays)
+    and the CUDA context to each phase; a CPU rank's has neither (the same arrays otherwise)."""
+    from mpi_em.memory.model import DEVICE_RUNTIME_BYTES, POOL_SLACK
+
+    kw = dict(box=256, pad=2, K=1, folds=1, ranks=1, n_particles=5000, coarse_poses=4608, translations=49)
+    cpu, gpu = estimate(EMInputs("refine3d", device="cpu", **kw)), estimate(EMInputs("refine3d", device="gpu", **kw))
+    for name, terms in gpu.phases.items():
+        arrays = {k: v for k, v in terms.items() if k not in ("pool_slack", "device_runtime")}
+        assert terms["device_runtime"] == DEVICE_RUNTIME_BYTES
+        assert terms["pool_slack"] == int(POOL_SLACK * sum(arrays.values())) > 0
+        assert "pool_slack" not in cpu.phases[name] and "device_runtime" not in cpu.phases[name]
+    assert gpu.terms["pool_slack"] > 0 and "pool_slack" in gpu.as_dict()["terms_bytes"]
+
+
+def test_step_synchronisations_only_where_asked(monkeypatch):
+    """PhaseTimer(step_sync=True) (GPU ranks on the driver's pool) synchronises the device at the end of every
+    step inside a phase without timing it; without it (or with detail timing, which synchronises anyway and times
+    the step) the steps add no synchronisation of their own; CPU ranks never synchronise steps."""
+    import mpi_em.timing as timing
+
+    calls = []
+    monkeypatch.setattr(timing, "synchronize", lambda xp: calls.append(xp))
+    monkeypatch.setattr(timing, "_live_bytes_hook", lambda: None)  # CuPy's memory hook: not this test's subject
+    fake_gpu = object()  # any array module but NumPy
+    for step_sync, detail, expected in ((True, False, 2), (False, False, 0), (False, True, 4)):
+        calls.clear()
+        timer = timing.PhaseTimer(fake_gpu, sync=False, detail=detail, step_sync=step_sync)
+        for _ in range(2):
+            with timer.detail("coarse.project"):
+                pass
+        assert len(calls) == expected, (step_sync, detail)
+        assert ("coarse.project" in timer.detail_seconds) == detail
+    calls.clear()
+    timer = timing.PhaseTimer(np, sync=False, step_sync=True)
+    with timer.detail("coarse.project"):
+        pass
+    assert calls == []

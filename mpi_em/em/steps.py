@@ -64,6 +64,7 @@ class EMRun:
     accumulate: str = "double"        # the accumulators' precision, 'double' or 'single' (--accumulate; single:
     #                                   the 3D references' Fourier volumes in complex64 too)
     memory: "LightenedEStep | None" = None  # where the memory check lightened the E-step, else None
+    step_sync: bool = False           # the E-step's steps end with a synchronisation (the driver's pool: a limit)
 
     @property
     def box(self) -> int:

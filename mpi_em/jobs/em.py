@@ -211,7 +211,8 @@ def run(args, comm, after_iteration: Callable[[int], bool] | None = None) -> dic
                 log.info("iteration %d: the last one, at the full image size (r %d px)", it, state.r_cur)
         geom = SliceGeometry(job.box, r_max=state.r_cur, pad=args.pad, xp=job.xp)
         prev = {k: job.plan[k].copy() for k in ("rot", "tilt", "psi", "origin_x", "origin_y")}
-        timer = PhaseTimer(job.xp, detail=config.timing_detail())  # MPI_EM_TIMING_DETAIL: steps in the phases
+        # MPI_EM_TIMING_DETAIL: steps in the phases; on the driver's pool (a memory limit) every step synchronised
+        timer = PhaseTimer(job.xp, detail=config.timing_detail(), step_sync=job.step_sync)
         refs = references(job)  # held until the next iteration's, as the memory model (mpi_em.memory) counts
         t_e = time.time()
         acc, stats = expectation(job, it, geom, refs, timer)
@@ -320,6 +321,7 @@ def _setup(args, comm, mode: Mode, state: EMState | None, particles: dict | None
                        batch_floor=batch_floor).inputs  # what the job uses
     images = ImageCache(xp, mem.cache_images)
     from ..memory import estimate, job_limit, keep_fft_plans
+    from ..memory.limits import gpu_allocator_of
 
     limit = job_limit(comm, mem, getattr(args, "max_memory", None))
     lighter = mem.batch < args.batch or bool(mem.grid_chunk)  # the E-step sized to the limit: re-sized per iteration
@@ -329,6 +331,10 @@ def _setup(args, comm, mode: Mode, state: EMState | None, particles: dict | None
     if comm.rank == 0 and kept:
         log.info("memory: cuFFT plans kept between phases, up to %.3g GiB of work areas (room under the limit)",
                  kept / 2 ** 30)
+    step_sync = gpu_allocator_of(mem) == "async"
+    if comm.rank == 0 and step_sync:
+        log.info("memory: the driver's memory pool (a memory limit): each E-step step ends with a synchronisation, "
+                 "where the pool gives back what the step freed")
     lightened = None
     if lighter:  # chosen for the largest size and grid: re-chosen per iteration
         lightened = LightenedEStep(mem, limit, int(args.batch))
@@ -341,7 +347,8 @@ def _setup(args, comm, mode: Mode, state: EMState | None, particles: dict | None
                 reference_mask(box, apix, args, mode.dim, xp, solvent), solvent,
                 sym if sym is not None and sym.shape[0] > 1 else None, images,
                  owned_accumulators=mem.owned_accumulators, accumulate=mem.accumulate, memory=lightened,
-                 auto_mask=getattr(args, "auto_mask", False) and solvent is None)
+                 auto_mask=getattr(args, "auto_mask", False) and solvent is None,
+                 step_sync=step_sync)
 
 
 def _write(job: EMRun, it: int, info: dict, writer, timer, t_iter: float, t_e: float, t_m: float,
