@@ -2,19 +2,35 @@
 relion_mask_create) and RELION's raised-cosine low-pass filter."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
 def soft_sphere(box: int, radius: float, width: float = 3.0, ndim: int = 3, xp=np, dtype=np.float32):
-    """1 inside ``radius`` (pixels from the centre N//2), raised-cosine fall-off over ``width``, 0 outside."""
-    c = xp.arange(box, dtype=xp.float64) - box // 2
-    grids = xp.meshgrid(*([c] * ndim), indexing="ij")
-    r = xp.sqrt(sum(g * g for g in grids))
-    m = xp.where(r <= radius, 1.0, 0.0)
+    """1 inside ``radius`` (pixels from the centre N//2), raised-cosine fall-off over ``width``, 0 outside.
+    Made from one ``dtype`` volume of squared radii (integers: exact in float32 up to box 4096) and the fall-off's
+    shell in float64: no float64 grids of the whole box (a box-512 mask is 512 MiB; its float64 grids were ~7 GiB)."""
+    c2 = (xp.arange(box, dtype=xp.float64) - box // 2) ** 2
+    r2 = xp.zeros((box,) * ndim, dtype=dtype)
+    for axis in range(ndim):
+        r2 += c2.astype(dtype).reshape((box,) + (1,) * (ndim - 1 - axis))
+    # the squared radii are integers: r^2 <= R^2 <=> r^2 <= floor(R^2) and r^2 < X <=> r^2 <= ceil(X) - 1, integer
+    # thresholds that the float32 comparison holds exactly
+    inner = math.floor(float(radius) ** 2)
+    m = (r2 <= inner).astype(dtype)
     if width > 0:
-        edge = (r > radius) & (r < radius + width)
-        m = xp.where(edge, 0.5 + 0.5 * xp.cos(np.pi * (r - radius) / width), m)
-    return m.astype(dtype)
+        edge = r2 > inner
+        edge &= r2 <= math.ceil((float(radius) + width) ** 2) - 1
+        t = r2[edge].astype(xp.float64)  # the shell's radii, in place: 0.5 + 0.5 cos(pi (r - radius) / width)
+        xp.sqrt(t, out=t)
+        t -= radius
+        t *= np.pi / width
+        xp.cos(t, out=t)
+        t *= 0.5
+        t += 0.5
+        m[edge] = t
+    return m
 
 
 def _min_sq_distance(binary: np.ndarray, reach: int) -> np.ndarray:

@@ -538,6 +538,20 @@ def test_gpu_ranks_count_the_pools_slack():
     assert gpu.terms["pool_slack"] > 0 and "pool_slack" in gpu.as_dict()["terms_bytes"]
 
 
+@pytest.mark.parametrize("mode,dim", [("refine3d", 3), ("class3d", 3), ("class2d", 2)])
+def test_the_references_mask_is_counted_where_it_is_held(mode, dim):
+    """The EM jobs make the references' mask (float32, the box's volume or image) for each iteration's references
+    and drop it with them (em.steps.references): the model's references phase counts it, the E-step and M-step do
+    not hold it (it was held through the whole job, uncounted: 512 MiB at box 512, where the E-step fills the
+    limit; a box-512 refine3d under 22.3 GiB held 568 MiB more than the model in its full-size E-step)."""
+    for device in ("cpu", "gpu"):
+        est = estimate(EMInputs(mode, 512, pad=2, K=1 if mode == "refine3d" else 4, folds=1, ranks=1,
+                                n_particles=1000, coarse_poses=4608 if dim == 3 else 36, translations=9,
+                                device=device))
+        assert est.phases["references"]["masks"] == 4 * 512 ** dim
+        assert all("masks" not in t for name, t in est.phases.items() if name != "references")
+
+
 def test_step_synchronisations_only_where_asked(monkeypatch):
     """PhaseTimer(step_sync=True) (GPU ranks on the driver's pool) synchronises the device at the end of every
     step inside a phase without timing it; without it (or with detail timing, which synchronises anyway and times

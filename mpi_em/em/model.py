@@ -286,7 +286,7 @@ def tau2_from_fsc(curve, mean_w, fudge: float):
 
 
 def reduce_and_reconstruct_3d(comm, F_acc, W_acc, box: int, pad: int, r_max: float, fudge: float,
-                              gold: bool, mask=None, compress: bool = False, combined: bool = False,
+                              gold: bool, compress: bool = False, combined: bool = False,
                               timer=NULL_TIMER, folds: int = 1, fsc_mask=None):
     """Sum accumulators over ranks (stride-distributed) and reconstruct every volume; maps on every rank.
 

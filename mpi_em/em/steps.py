@@ -55,12 +55,11 @@ class EMRun:
     star: Any             # rank 0: (optics, particles) with image names that resolve from the output folder
     device: str
     xp: Any
-    mask: Any             # the references' mask (sphere x solvent mask)
     solvent: Any          # --solvent-mask on the host, or None
     sym_ops: Any          # point-group matrices applied to the summed accumulators, or None
     images: ImageCache
     owned_accumulators: bool = False  # the E-step accumulates only this rank's kz planes (--owned-accumulators)
-    auto_mask: bool = False           # --auto-mask: ``solvent`` and ``mask`` recomputed from the references
+    auto_mask: bool = False           # --auto-mask: ``solvent`` recomputed from the references each iteration
     accumulate: str = "double"        # the accumulators' precision, 'double' or 'single' (--accumulate; single:
     #                                   the 3D references' Fourier volumes in complex64 too)
     memory: "LightenedEStep | None" = None  # where the memory check lightened the E-step, else None
@@ -137,15 +136,18 @@ def references(job: EMRun) -> References:
         res = state.resolution[-1] if state.resolution else job.args.ini_high
         job.solvent = bcast_large(job.comm, auto_solvent_mask(state.maps, res, job.apix, radius)
                                   if job.comm.rank == 0 else None)
-        job.mask = reference_mask(job.box, job.apix, job.args, job.mode.dim, job.xp, job.solvent)
+    # the mask is made here and dropped with the masked maps: not held on the device through the E-step and the
+    # M-step (512 MiB at box 512, where the E-step is sized to the memory limit)
+    mask = reference_mask(job.box, job.apix, job.args, job.mode.dim, job.xp, job.solvent)
     if folds > 1:
         ref_maps = state.references if state.references is not None else np.repeat(state.maps, folds, axis=0)
     else:
         ref_maps = state.maps
     volumes = reference_volumes(job.plan, job.K, folds) if job.mode.gold else None
     refs = References(job.xp.asarray(ref_maps if volumes is None else ref_maps[volumes]), job.mode.dim,
-                      job.args.pad, mask=job.mask, single=job.accumulate == "single", volumes=volumes,
+                      job.args.pad, mask=mask, single=job.accumulate == "single", volumes=volumes,
                       n_total=len(ref_maps))
+    del mask
     from ..memory import release_device_memory
 
     # the transforms' temporaries and plans given back before the E-step allocates its accumulators (measured at
@@ -257,7 +259,7 @@ def maximisation(job: EMRun, it: int, acc: dict, stats: Stats, timer):
         info["auto_mask"] = job.solvent  # written as run_itNNN_mask.mrc
     if mode.dim == 3:
         maps, inf = reduce_and_reconstruct_3d(job.comm, acc["F"], acc["W"], job.box, args.pad, state.r_cur,
-                                              args.tau2_fudge, mode.gold, mask=job.mask, fsc_mask=job.solvent,
+                                              args.tau2_fudge, mode.gold, fsc_mask=job.solvent,
                                               compress=args.compress, combined=mode.gold, timer=timer,
                                               folds=job.folds)
     else:

@@ -343,8 +343,7 @@ def _setup(args, comm, mode: Mode, state: EMState | None, particles: dict | None
     if comm.rank == 0 and images.enabled:
         log.info("particle images kept in memory between iterations (rank 0: %.2f GB)",
                  4.0 * len(plan["index"]) * box * box / 1e9)
-    return EMRun(args, comm, mode, state, plan, meta, star_rank0, device, xp,
-                reference_mask(box, apix, args, mode.dim, xp, solvent), solvent,
+    return EMRun(args, comm, mode, state, plan, meta, star_rank0, device, xp, solvent,
                 sym if sym is not None and sym.shape[0] > 1 else None, images,
                  owned_accumulators=mem.owned_accumulators, accumulate=mem.accumulate, memory=lightened,
                  auto_mask=getattr(args, "auto_mask", False) and solvent is None,

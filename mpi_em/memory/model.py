@@ -68,7 +68,7 @@ STREAM_BYTES_PER_POINT = 8 * 192
 ROUTED_BYTES_PER_RECORD = 56
 ROUTED_STENCIL_BYTES = 540
 
-TERMS = ("references", "accumulators", "cached_images", "batch_workspace", "fft_plans", "reconstruction",
+TERMS = ("references", "masks", "accumulators", "cached_images", "batch_workspace", "fft_plans", "reconstruction",
          "device_runtime", "pool_slack")
 #: a GPU rank's own device memory before any array: its CUDA context, the libraries' handles and work areas, the
 #: kernels' code: 0.60 GiB measured on one H200 (nvidia-smi's peak less CuPy's pool at its largest, refine3d box
@@ -243,6 +243,9 @@ def estimate(inp) -> MemoryEstimate:
         raise ValueError(f"unknown job {inp.mode!r}")
     else:
         phases = _em_phases(inp)
+        # the references' mask (sphere x solvent mask, float32), made for each iteration's references and dropped
+        # with them (em.steps.references): held while they are transformed, not through the E-step and M-step
+        phases["references"]["masks"] = 4 * inp.box ** inp.dim
     if inp.device != "cpu":
         for terms in phases.values():
             terms["pool_slack"] = int(POOL_SLACK * sum(terms.values()))
