@@ -21,7 +21,8 @@ import starfile
 from conftest import mpi_em
 from mpi_em.align import align_to_truth, resolution_to_truth, rotation_mean
 from mpi_em.io import read_map
-from mpi_em.initial.schedule import minibatch_rows, noise_fudge, random_rotations, schedule, sums_decay
+from mpi_em.initial.schedule import (batch_size, minibatch_rows, noise_fudge, ramp_fraction, random_rotations,
+                                      schedule, sums_decay)
 
 
 def _angles(df):
@@ -57,6 +58,21 @@ def test_annealing_schedules():
     assert noise_fudge(1, 20, 8.0) == 8.0 and noise_fudge(15, 20, 8.0) == 1.0 and noise_fudge(20, 20, 8.0) == 1.0
     assert 1.0 < noise_fudge(8, 20, 8.0) < 8.0 and noise_fudge(8, 20, 8.0) > noise_fudge(9, 20, 8.0)
     assert sums_decay(1, 20, 0.5, 0.9) == 0.5 and abs(sums_decay(20, 20, 0.5, 0.9) - 0.9) < 1e-12
+
+
+def test_growing_minibatch_schedule():
+    """--batch-size-ini B0: B0 particles at iteration 1, rising with the resolution ramp to --batch-size at its end
+    (where the resolution reaches --final-high), then --batch-size; no B0 (the default): --batch-size throughout."""
+    n_iter = 150
+    sizes = [batch_size(it, n_iter, 100, 300) for it in range(1, n_iter + 1)]
+    ramp_end = next(it for it in range(1, n_iter + 1) if ramp_fraction(it, n_iter) == 1.0)
+    assert sizes[0] == 100 and all(isinstance(x, int) for x in sizes)
+    assert sizes[ramp_end - 2] < 300 and set(sizes[ramp_end - 1:]) == {300}
+    assert schedule(ramp_end, n_iter, 30.0, 15.0) == 15.0 < schedule(ramp_end - 1, n_iter, 30.0, 15.0)
+    assert all(a <= b for a, b in zip(sizes, sizes[1:])) and len(set(sizes)) > 100  # monotone, ~1 a step
+    assert [batch_size(it, 6, 20, 60) for it in range(1, 7)] == [20, 33, 47, 60, 60, 60]  # rounded
+    assert {batch_size(it, n_iter, None, 400) for it in range(1, n_iter + 1)} == {400}
+    assert {batch_size(it, n_iter, 300, 300) for it in range(1, n_iter + 1)} == {300}
 
 
 def test_checkpoint_ball_round_trip():
@@ -178,6 +194,62 @@ def test_continue_equals_an_uninterrupted_run(tmp_path, ranks, stop):
     assert np.allclose(x.rlnAngleRot.values, y.rlnAngleRot.values, atol=1e-3)
     r = mpi_em(["initial-model", "--continue", d], ranks=1)  # no checkpoint there
     assert r.returncode == 2 and "checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def _minibatch_sizes(log: str) -> dict:
+    """{iteration: particles in its mini-batch} from the job's log lines."""
+    import re
+
+    return {int(it): int(k) for it, k in re.findall(r"iteration (\d+): (\d+) particles at", log)}
+
+
+def test_growing_minibatch_in_the_job_and_on_continue(tmp_path):
+    """--batch-size-ini 20 --batch-size 60 over 6 iterations: the job's log shows mini-batches of 20, 33, 47, 60,
+    60, 60 particles; the option is saved in the checkpoint, so a run stopped after iteration 2 and continued draws
+    the same mini-batches and gives the same maps as the run never stopped; an older checkpoint without the option
+    continues with the fixed --batch-size; a B0 outside 1..--batch-size is one line naming the option."""
+    import json
+    import os
+    import sys
+    from conftest import MPIRUN
+
+    d = tmp_path / "tiny"
+    r = mpi_em(["simulate", "--out", d, "--box", 24, "--n", 120, "--snr", 1.0, "--apix", 5.0, "--seed", 2],
+               ranks=0)
+    assert r.returncode == 0, r.stderr
+    star = d / "particles_unaligned.star"
+    opts = ["--iter", 6, "--batch-size", 60, "--batch-size-ini", 20, "--healpix-order", 1, "--seed", 3]
+    grown = {it: batch_size(it, 6, 20, 60) for it in range(1, 7)}
+    full, part, old = tmp_path / "full", tmp_path / "part", tmp_path / "old"
+    r = mpi_em(["initial-model", "--i", star, "--o", full] + opts, ranks=1)
+    assert r.returncode == 0, r.stderr
+    assert _minibatch_sizes(r.stderr) == grown == {1: 20, 2: 33, 3: 47, 4: 60, 5: 60, 6: 60}
+    assert "20 -> 60 particles" in r.stderr
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPI_EM_DEVICE="cpu", MPI_EM_STOP_AFTER_ITERATION="2")
+    r = subprocess.run([MPIRUN, "-n", "1", sys.executable, "-m", "mpi_em", "initial-model", "--i", str(star),
+                        "--o", str(part)] + [str(x) for x in opts], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    pointer = json.load(open(part / "checkpoint.json"))
+    assert pointer["args"]["batch_size_ini"] == 20 and pointer["args"]["batch_size"] == 60
+    shutil.copytree(part, old)  # a checkpoint written before the option existed: without its key
+    del pointer["args"]["batch_size_ini"]
+    json.dump(pointer, open(old / "checkpoint.json", "w"), indent=1)
+    r = mpi_em(["initial-model", "--continue", part], ranks=1)
+    assert r.returncode == 0, r.stderr
+    assert _minibatch_sizes(r.stderr) == {it: grown[it] for it in range(3, 7)}
+    for name in ("run_it006_class001.mrc", "run_class001.mrc"):
+        a, b = read_map(full / name)[0], read_map(part / name)[0]
+        assert np.abs(a - b).max() <= 1e-5 * max(np.abs(a).max(), 1e-30), name
+    r = mpi_em(["initial-model", "--continue", old], ranks=1)
+    assert r.returncode == 0, r.stderr
+    assert _minibatch_sizes(r.stderr) == {it: 60 for it in range(3, 7)}
+    for b0 in (0, 61):
+        r = mpi_em(["initial-model", "--i", star, "--o", tmp_path / f"bad{b0}", "--batch-size", 60,
+                    "--batch-size-ini", b0], ranks=1)
+        assert r.returncode == 1 and "--batch-size-ini" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = mpi_em(["initial-model", "--help"], ranks=0)
+    assert r.returncode == 0 and "--batch-size-ini" in r.stdout and "B0" in r.stdout
 
 
 RELION_PROJECT = shutil.which("relion_project")

@@ -30,6 +30,16 @@ def sums_decay(it: int, n_iter: int, d0: float, d1: float) -> float:
     return d0 + ramp_fraction(it, n_iter) * (d1 - d0)
 
 
+def batch_size(it: int, n_iter: int, b0: int | None, b1: int) -> int:
+    """Particles in iteration ``it``'s mini-batch: ``b1`` throughout when ``b0`` is None (a fixed mini-batch);
+    else ``b0`` at iteration 1, rising linearly with the resolution over the annealing ramp (rounded to an
+    integer) to ``b1`` at its end, then ``b1`` (RELION's SGD: --sgd_ini_subset to --sgd_fin_subset over its
+    in-between iterations)."""
+    if b0 is None:
+        return int(b1)
+    return int(np.floor(b0 + ramp_fraction(it, n_iter) * (b1 - b0) + 0.5))
+
+
 def minibatch_rows(n: int, size: int, seed: int, it: int) -> np.ndarray:
     """The rows (sorted) of iteration ``it``'s mini-batch: the same on every rank, for any number of ranks."""
     size = min(int(size), n)

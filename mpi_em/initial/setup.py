@@ -67,6 +67,9 @@ def init(args, size, loaded):
         raise MpiEmError(f"--K must be between 1 and the number of particles ({star.n}), got {args.K}")
     if args.batch_size < 1 or args.iter < 1:
         raise MpiEmError(f"--batch-size and --iter must be >= 1, got {args.batch_size} and {args.iter}")
+    b0 = getattr(args, "batch_size_ini", None)
+    if b0 is not None and not 1 <= b0 <= args.batch_size:
+        raise MpiEmError(f"--batch-size-ini must be between 1 and --batch-size ({args.batch_size}), got {b0}")
     if not 0.0 < args.update_weight <= 1.0:
         raise MpiEmError(f"--update-weight must be in (0, 1], got {args.update_weight}")
     if not all(0.0 <= d < 1.0 for d in args.sums_decay):

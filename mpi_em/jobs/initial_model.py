@@ -6,10 +6,12 @@ Mini-batch (stochastic) expectation-maximisation, after RELION 3's SGD initial m
    rotations), limited to ``--ini-high``: a featureless blob of the right scale (``--start MRC``: a given map
    low-passed to ``--ini-high`` instead, e.g. the truth, to check that the iterations keep a known structure);
 2. iterations 1..N: a random mini-batch of ``--batch-size`` particles (drawn from ``--seed`` and the iteration:
-   every rank derives the same rows without communication and keeps its own), E-step with a global search at
-   ``--healpix-order`` (translations within ``--offset-range``) at a resolution limit that rises linearly from
-   ``--ini-high`` to ``--final-high`` Å over the first three quarters of the iterations, with the noise spectrum
-   multiplied by a factor (``--sigma2-fudge``, a temperature) that falls to 1 over the same ramp;
+   every rank derives the same rows without communication and keeps its own; ``--batch-size-ini`` B0: B0
+   particles at iteration 1, growing over the resolution ramp below to ``--batch-size``, as RELION's SGD),
+   E-step with a global search at ``--healpix-order`` (translations within ``--offset-range``) at a resolution
+   limit that rises linearly from ``--ini-high`` to ``--final-high`` Å over the first three quarters of the
+   iterations, with the noise spectrum multiplied by a factor (``--sigma2-fudge``, a temperature) that falls to 1
+   over the same ramp;
    the model update (``--model-update``): ``sums`` reconstructs the model from running sums of the mini-batches'
    back-projections, S <- d S + S_batch with d rising from ``--sums-decay`` D0 to D1 (about batch / (1 - d)
    particles' worth of data, the early poses forgotten); ``maps`` blends the mini-batch's map into the model,
@@ -48,7 +50,7 @@ from ..fourier import SliceGeometry, default_r_max, padded_reach
 from ..initial import state as ckpt
 from ..initial.setup import checkpoint, init, options, split_at, subplan, write_back
 from ..initial.outputs import write_final, write_iteration
-from ..initial.schedule import minibatch_rows, noise_fudge, random_rotations, schedule, sums_decay
+from ..initial.schedule import batch_size, minibatch_rows, noise_fudge, random_rotations, schedule, sums_decay
 from ..io import rebase_image_names
 from ..particles import ImageCache, pinned_wanted
 from ..sampling import angular_step, next_perturbation
@@ -78,7 +80,13 @@ def add_arguments(p) -> None:
                         "particles' poses moved with it")
     p.add_argument("--iter", type=int, default=None, help="number of mini-batch iterations (default 40)")
     p.add_argument("--batch-size", type=int, default=400,
-                   help="particles per mini-batch (default 400; all particles when there are fewer)")
+                   help="particles per mini-batch (default 400; all particles when there are fewer); with "
+                        "--batch-size-ini, the size the mini-batch grows to")
+    p.add_argument("--batch-size-ini", type=int, default=None, metavar="B0",
+                   help="a growing mini-batch (RELION's SGD: --sgd_ini_subset to --sgd_fin_subset): B0 particles "
+                        "at the first iteration, rising linearly with the resolution limit to --batch-size at "
+                        "three quarters of the iterations (where --final-high is reached), then --batch-size; "
+                        "1 <= B0 <= --batch-size (default: none, every mini-batch --batch-size)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random start and of the mini-batches (same seed, same maps for any number "
                         "of ranks; default 0)")
@@ -168,10 +176,13 @@ def run(args, comm, after_iteration=None) -> dict:
     r_top = default_r_max(box)
     final_high = max(args.final_high, 2.5 * apix)
     r_of = lambda res_A: float(min(r_top, max(3.0, box * apix / res_A)))  # noqa: E731
+    b0 = getattr(args, "batch_size_ini", None)  # None: a fixed mini-batch (and in checkpoints older than it)
     if comm.rank == 0:
-        log.info("initial-model: %d particles, box %d, %.3f Å/px, K=%d, %d iterations of %d particles, %.1f -> "
+        sizes = (f"{min(b0, n)} -> {min(args.batch_size, n)}" if b0 is not None and b0 != args.batch_size
+                 else f"{min(args.batch_size, n)}")
+        log.info("initial-model: %d particles, box %d, %.3f Å/px, K=%d, %d iterations of %s particles, %.1f -> "
                  "%.1f Å, model update %s, %d rank(s); rank 0 on %s", n, box, apix, K, args.iter,
-                 min(args.batch_size, n), args.ini_high, final_high, args.model_update, comm.size, device)
+                 sizes, args.ini_high, final_high, args.model_update, comm.size, device)
     images = ImageCache(xp, False)
     pinned = pinned_wanted(xp)
     sym_ops = symmetry_matrices(args.sym) if symmetry_matrices(args.sym).shape[0] > 1 else None
@@ -306,7 +317,7 @@ def run(args, comm, after_iteration=None) -> dict:
         res_A = max(schedule(it, args.iter, args.ini_high, final_high), final_high)
         r_cur = r_of(res_A)
         st["perturb"] = next_perturbation(st["perturb"], 0.5, args.seed, it)
-        rows = minibatch_rows(n, args.batch_size, args.seed, it)
+        rows = minibatch_rows(n, batch_size(it, args.iter, b0, args.batch_size), args.seed, it)
         keep = np.isin(plan["row"], rows)
         split = it == split_at(args) and it > 1
         if split:  # the consensus into K classes; every particle into its seeded random class
