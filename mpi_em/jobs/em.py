@@ -19,7 +19,7 @@ from typing import Callable
 from .. import config, plots
 from ..backend import get_xp
 from ..distributed import agree, bcast_large, collective_step, log_placement, root_step, select_device
-from ..em.inputs import default_folds, read_inputs, reference_mask  # noqa: F401 - default_folds: benchmarks
+from ..em.inputs import default_folds, read_inputs  # noqa: F401 - default_folds: benchmarks
 from ..em.outputs import gather_particles, record_timings, write_final, write_iteration
 from ..em.schedule import final_iteration
 from ..em.state import MODES, PER_PARTICLE, EMState, Mode
