@@ -569,3 +569,18 @@ def test_xp_of_imports_no_scipy():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]", r.stdout
+
+
+@pytest.mark.parametrize("ndim,width", [(3, 4.0), (3, 0.0), (2, 4.0)])
+def test_soft_sphere_gpu_equals_cpu(ndim, width):
+    """The references' mask, made on the GPU rank's device each iteration (em.steps.references), equals the CPU
+    rank's: the same integer thresholds on exact float32 squared radii, the fall-off in float64 (cos on the device
+    and on the host: equal to float32 rounding)."""
+    from mpi_em.masks import soft_sphere
+
+    box, radius = 40, 15.3
+    host = soft_sphere(box, radius, width=width, ndim=ndim)
+    dev = soft_sphere(box, radius, width=width, ndim=ndim, xp=cp)
+    assert dev.dtype == host.dtype == np.float32
+    assert np.abs(cp.asnumpy(dev) - host).max() <= 1e-7
+    assert np.array_equal(cp.asnumpy(dev) == 1.0, host == 1.0) and np.array_equal(cp.asnumpy(dev) == 0, host == 0)
