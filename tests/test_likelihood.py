@@ -295,3 +295,32 @@ def test_references_of_some_sets_project_as_the_whole_stack(rng):
     vi = np.array([1, 3, 3, 1, 1, 3])
     assert np.array_equal(some.project(mats, vi, geom), whole.project(mats, vi, geom))
     assert np.array_equal(some.slot, [-1, 0, -1, 1])
+
+
+def _grid_case(xp, box=32, r_max=10.0, order=1):
+    """Two references (K = 2), the HEALPix order-1 grid (576 orientations), box 32 at r_max 10 px."""
+    maps = xp.asarray(np.stack([phantom(box, seed=4), phantom(box, seed=5)]).astype(np.float64))
+    geom = SliceGeometry(box, r_max=r_max, xp=xp)
+    return References(maps, 3), xp.asarray(global_grid(3, order, "C1", np)), geom
+
+
+def test_grid_operands_are_the_grids_operands_chunk_by_chunk(xp, monkeypatch):
+    """em.search.grid_operands (the coarse pass's shared operands of the whole grid for every class, written a
+    chunk of orientations at a time) against the grid's projections P (K C, m), class-major: B = [Re P, Im P]
+    rounded to float32 (exactly: one rounding per component), |P|^2 within 3 float32 roundings of its float64
+    value (each square, their sum); chunks of 7 orientations (the last one short) give the same arrays bit for bit
+    as the default chunk (each point is projected and squared alone)."""
+    from mpi_em.em import search
+
+    refs, G, geom = _grid_case(xp)
+    K, C, m = 2, G.shape[0], geom.m
+    P = to_host(refs.project(xp.broadcast_to(G[None], (K,) + G.shape), xp.arange(K)[:, None], geom)).reshape(K * C, m)
+    B, P2 = (to_host(a) for a in search.grid_operands(refs, G, K, 0, geom))
+    assert B.dtype == P2.dtype == np.float32 and B.shape == (K * C, 2 * m) and P2.shape == (K * C, m)
+    np.testing.assert_array_equal(B, np.concatenate([P.real, P.imag], axis=1).astype(np.float32))
+    want = P.real.astype(np.float64) ** 2 + P.imag.astype(np.float64) ** 2
+    assert np.all(np.abs(P2 - want) <= 3 * np.finfo(np.float32).eps * want)
+    monkeypatch.setattr(search, "PROJECT_POINTS", {True: 7 * m, False: 7 * m})
+    B7, P27 = (to_host(a) for a in search.grid_operands(refs, G, K, 0, geom))
+    np.testing.assert_array_equal(B7, B)
+    np.testing.assert_array_equal(P27, P2)

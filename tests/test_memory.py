@@ -331,12 +331,18 @@ def test_global_grid_in_chunks_when_its_projections_do_not_fit():
     assert ws[0] > ws[1] > ws[2]
     assert ws[2] < 12 * 36864 * 100_000  # less than the whole grid's projections alone (m ~ 102 000 points)
     # the 2-rank job on one H200 that the model refused (69.4 GiB free per rank; benchmarks/results/memory/
-    # box512-h200-2026-12-02): owned accumulators and the grid in chunks make it fit
+    # box512-h200-2026-12-02): owned accumulators make it fit, since the grid's operands are written a chunk of
+    # orientations at a time (before, 16 K C m while they were made: owned accumulators and the grid in chunks);
+    # with 10 GiB less per rank the grid goes in chunks too
     two = replace(inp, ranks=2, n_particles=3000, cache_images=True)
     limit2 = int(69.4 * 2 ** 30)
-    assert estimate(replace(two, owned_accumulators=True, batch=1)).total > limit2
+    assert estimate(replace(two, batch=1)).total > limit2
     got2 = check(MPI.COMM_SELF, two, str(limit2), adapt="auto").inputs
-    assert got2.owned_accumulators and got2.grid_chunk > 0 and estimate(got2).total <= limit2
+    assert got2.owned_accumulators and estimate(got2).total <= limit2
+    limit3 = int(59.4 * 2 ** 30)
+    assert estimate(replace(two, owned_accumulators=True, batch=1)).total > limit3
+    got3 = check(MPI.COMM_SELF, two, str(limit3), adapt="auto").inputs
+    assert got3.owned_accumulators and got3.grid_chunk > 0 and estimate(got3).total <= limit3
 
 
 def test_batch_chosen_again_per_iteration(data, tmp_path):
@@ -575,3 +581,40 @@ def test_step_synchronisations_only_where_asked(monkeypatch):
     with timer.detail("coarse.project"):
         pass
     assert calls == []
+
+
+@pytest.mark.parametrize("chunk", [8, None])
+def test_grid_operands_made_beside_one_chunk(chunk, monkeypatch):
+    """The global search's operands (em.search.grid_operands: B = [Re P, Im P] and |P|^2 of the whole grid, float32,
+    12 bytes per point) are made one chunk of orientations at a time: on a CPU rank a traced peak above the
+    operands and within the model's making term (12 K C m + the chunk's points x PROJECT_BYTES_PER_POINT, the
+    projector's working set) and 64 KiB of small arrays; with chunks of 8 orientations under the operands and the
+    grid's complex64 projections beside them (20 K C m, the least the former way held: the whole grid projected,
+    then its operands made from it; a box-512 GPU job's global search held ~2 GiB more than the model after its
+    second half set's grid was made)."""
+    import tracemalloc
+
+    from mpi_em.em import search
+    from mpi_em.em.references import References, global_grid
+    from mpi_em.fourier import SliceGeometry
+    from mpi_em.memory.model import PROJECT_BYTES_PER_POINT, PROJECT_POINTS
+    from mpi_em.simulate import phantom
+
+    box, K = 32, 2
+    refs = References(np.stack([phantom(box, seed=4), phantom(box, seed=5)]).astype(np.float64), 3)
+    geom = SliceGeometry(box, r_max=10.0)
+    G = global_grid(3, 1, "C1", np)
+    C, m = G.shape[0], geom.m
+    if chunk:
+        monkeypatch.setattr(search, "PROJECT_POINTS", {True: chunk * m, False: chunk * m})
+    s = min(C, (chunk * m if chunk else PROJECT_POINTS["cpu"]) // m)
+    tracemalloc.start()
+    B, P2 = search.grid_operands(refs, G, K, 0, geom)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    operands = B.nbytes + P2.nbytes
+    assert operands == 12 * K * C * m
+    print("chunk", s, "peak / operands", peak / operands)
+    assert operands <= peak <= operands + PROJECT_BYTES_PER_POINT[3] * K * s * m + 2 ** 16
+    if chunk:
+        assert peak < 20 * K * C * m

@@ -28,10 +28,24 @@ def shell_of_points(geom):
 
 def shared_operands(P):
     """The GEMM operands of a projection set shared by all particles, P (C, m) complex: B = [Re P, Im P] (C, 2m)
-    and |P|^2 (C, m), float32; made once per reference set and iteration (not per batch)."""
+    and |P|^2 (C, m), float32; made once per reference set and iteration (not per batch). Beside P they take
+    12 bytes per point and, while they are made, one real temporary of P's precision (no copies of them)."""
     xp = xp_of(P)
-    B = xp.concatenate([P.real, P.imag], axis=1).astype(np.float32)
-    return B, (P.real ** 2 + P.imag ** 2).astype(np.float32)
+    B = xp.empty(P.shape[:-1] + (2 * P.shape[-1],), dtype=np.float32)
+    P2 = xp.empty(P.shape, dtype=np.float32)
+    fill_shared_operands(P, B, P2)
+    return B, P2
+
+
+def fill_shared_operands(P, B, P2) -> None:
+    """:func:`shared_operands` of P (..., m) complex written into B (..., 2m) and P2 (..., m), float32 arrays or
+    views of them (e.g. one chunk of orientations of a grid's operands)."""
+    xp = xp_of(P)
+    m = P.shape[-1]
+    B[..., :m] = P.real
+    B[..., m:] = P.imag
+    xp.multiply(P.real, P.real, out=P2)
+    P2 += xp.square(P.imag)
 
 
 def shared_parts(Xt, ctf, inv_sigma2, ops):

@@ -11,13 +11,16 @@ import numpy as np
 
 from ..backend import to_host, xp_of
 from ..sampling import laplace_offset_variance, translation_grid
-from .likelihood import (log_likelihood_phased, logsumexp, marginalise_translations, offset_log_prior, posterior,
-                         shared_operands, shared_parts, top_k)
+from .likelihood import (fill_shared_operands, log_likelihood_phased, logsumexp, marginalise_translations,
+                         offset_log_prior, posterior, shared_operands, shared_parts, top_k)
 from .references import compose
 
 # the coarse pass's likelihoods (particles x translations x poses) per GEMM, at most: on CPU ranks 2^24 (64 MB of
 # float32; the marginal makes several temporaries that size, in float64 where NumPy promotes), on GPUs 2^31
 COARSE_ELEMENTS = {True: 2 ** 24, False: 2 ** 31}
+# the shared grid's orientations projected at a time, as points (orientations x m) per class: on CPU ranks 2^21
+# (a NumPy projection holds ~90 bytes per point at once), on GPUs 2^25 (256 MiB of complex64 per class)
+PROJECT_POINTS = {True: 2 ** 21, False: 2 ** 25}
 
 @dataclass
 class FinePass:
@@ -97,16 +100,7 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
             ops = spec.projection_cache.get(int(base))
             if ops is None:  # the shared grid's projections: computed once per iteration and reference set
                 with timer.detail("coarse.project"):
-                    # in chunks of orientations: a CPU projection holds ~30 bytes per point and corner at once
-                    P = xp.empty((K, C, m), dtype=xp.complex64)
-                    step = max(1, COARSE_ELEMENTS[xp is np] // (8 * m))
-                    for c0 in range(0, C, step):
-                        Gc = G[c0:c0 + step]
-                        P[:, c0:c0 + step] = refs.project(xp.broadcast_to(Gc[None], (K,) + Gc.shape),
-                                                          xp.arange(K)[:, None] + int(base), geom)
-                    P = P.reshape(K * C, m)
-                    ops = shared_operands(P)
-                    del P
+                    ops = grid_operands(refs, G, K, int(base), geom)
                 spec.projection_cache[int(base)] = ops
             with timer.detail("coarse.likelihood"):
                 cross, norm = shared_parts(Xt[rows], ctf[rows], inv_sigma2, ops)
@@ -134,6 +128,24 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
         S = max(1, int(valid.sum(axis=1).max()))
         sel, valid = sel[:, :S], valid[:, :S]
     return cand_mats, sel, best_t, lcp, valid
+
+
+def grid_operands(refs, G, K: int, base: int, geom):
+    """The GEMM operands (:func:`shared_operands`) of the whole grid G (C, d, d) for every class of reference set
+    ``base``: B (K C, 2m) and |P|^2 (K C, m), float32, class-major. Written a chunk of orientations at a time
+    (PROJECT_POINTS points per class): 12 K C m bytes and one chunk's projections (a CPU projection holds ~90
+    bytes per point at once), never the grid's complex projections beside its operands."""
+    xp = geom.xp
+    C, m = G.shape[0], geom.m
+    B = xp.empty((K, C, 2 * m), dtype=xp.float32)
+    P2 = xp.empty((K, C, m), dtype=xp.float32)
+    step = max(1, PROJECT_POINTS[xp is np] // m)
+    for c0 in range(0, C, step):
+        Gc = G[c0:c0 + step]
+        P = refs.project(xp.broadcast_to(Gc[None], (K,) + Gc.shape), xp.arange(K)[:, None] + base, geom)
+        fill_shared_operands(P, B[:, c0:c0 + step], P2[:, c0:c0 + step])
+        del P
+    return B.reshape(K * C, 2 * m), P2.reshape(K * C, m)
 
 
 def _chunked_parts(Xt, ctf, inv_sigma2, refs, G, K: int, base: int, chunk: int, geom, timer):

@@ -11,11 +11,14 @@ from ..distvolume import POINT_CHUNK
 from ..fourier.transforms import RECONSTRUCT_CHUNKS
 from ..errors import MpiEmError
 
-#: NumPy projection of the references: bytes alive per projected point, output included. 3D
-#: (``fourier.CentredVolumes.project``: the whole 8-corner stencil, coordinates, indices, weights, gathered
-#: values): tracemalloc 44.2-44.8 per corner at box 32-64, 8 x 46; 2D (``fourier2d.project2d``, corner by corner:
-#: coordinates, one corner's index, weight and gathered values, the running sum): 125.2-125.7
-PROJECT_BYTES_PER_POINT = {3: 90, 2: 126}
+#: NumPy projection of the references: bytes alive per projected point at the projector's peak, output included,
+#: with complex128 references. 3D (``fourier.CentredVolumes.project``: coordinates, floors, fractions and their
+#: complements in float64, indices, the corner-by-corner buffers, the output): tracemalloc 173.0-174.3 at box 32-64
+#: for 16-576 orientations x 2 classes (NumPy 2.4); 2D (``fourier2d.project2d``): 164.7 at box 64
+PROJECT_BYTES_PER_POINT = {3: 174, 2: 165}
+#: the same with single-precision 3D references (``References(single=True)``: float32 coordinates, complex64
+#: buffers): 97.0-97.2
+PROJECT_BYTES_PER_POINT_SINGLE = 98
 #: NumPy back-projection per point and corner (the stencil's indices and weights, the weighted values;
 #: ``np.add.at`` adds them in place): 3D (``fourier.backproject``, corner by corner, int32 indices) tracemalloc
 #: 27.8-28.3 at box 32-64 (37.8-38.3 with the whole 8-corner stencil, 42.1 and a bincount over the whole
@@ -57,6 +60,8 @@ REFERENCE_FFT_BYTES_PER_VOXEL = 5
 REFERENCE_FFT_BYTES_PER_VOXEL_PAD1 = 30
 #: the coarse pass's likelihood elements per GEMM chunk (``em.search.COARSE_ELEMENTS``)
 COARSE_ELEMENTS = {"cpu": 2 ** 24, "gpu": 2 ** 31}
+#: the shared grid's points (orientations x m) projected at a time per class (``em.search.PROJECT_POINTS``)
+PROJECT_POINTS = {"cpu": 2 ** 21, "gpu": 2 ** 25}
 #: images read ahead by ``particles.iter_batches`` (depth 2) besides the batch in use
 PREFETCH = 2
 #: per point of an image in the streaming insertion of reconstruct --max-volume-memory (jobs/reconstruct.py)
@@ -281,6 +286,8 @@ def _em_phases(inp: EMInputs) -> dict:
     img = 4 * box * box
 
     single = inp.accumulate == "single"
+    # the CPU projector's working set per point (single-precision 3D references: float32 coordinates)
+    project_b = PROJECT_BYTES_PER_POINT_SINGLE if single and inp.dim == 3 else PROJECT_BYTES_PER_POINT[inp.dim]
     accb = ACCUMULATOR_BYTES_PER_VOXEL[inp.accumulate]
     Vr = inp.reference_volumes
     refs = (8 if single and inp.dim == 3 else 16) * Vr * vox
@@ -308,31 +315,34 @@ def _em_phases(inp: EMInputs) -> dict:
     if inp.coarse_poses:
         KC = K * inp.coarse_poses
         proj_cache = sets * 12 * KC * m
-        make = 16 * KC * m
-        if cpu:  # projected in chunks of 2^24 / (8 m) orientations per class
-            step = max(1, COARSE_ELEMENTS["cpu"] // (8 * m))
-            make += PROJECT_BYTES_PER_POINT[inp.dim] * m * K * min(inp.coarse_poses, step)
+        # the grid's operands (12 bytes per point) written a chunk of orientations at a time
+        # (em.search.grid_operands): the chunk's projections (complex64 from single-precision 3D references, else
+        # complex128) and the real temporary of |P|^2 (half of that), or on CPU ranks the projector's working set,
+        # after the last set's operands are given back
+        chunk_pts = K * min(inp.coarse_poses, max(1, PROJECT_POINTS[inp.device] // m)) * m
+        proj_b = 8 if single and inp.dim == 3 else 16
+        make = 12 * KC * m + chunk_pts * max(project_b if cpu else 0, proj_b * 3 // 2)
         rows = min(n, max(1, COARSE_ELEMENTS[inp.device] // (T * KC)))
         cross = 4 * rows * T * KC
         likelihood = cross * (4 if cpu else 2) + 16 * rows * T * m
-        coarse = 8 * n * T * m + max(proj_cache - 12 * KC * m + make, proj_cache + likelihood)
+        coarse = 8 * n * T * m + max(make, proj_cache + likelihood)
         if 0 < inp.grid_chunk < inp.coarse_poses:  # nothing kept; per chunk: its projections, operands, GEMM
             kc = K * inp.grid_chunk
             chunk = 16 * kc * m + 12 * kc * m + 4 * rows * T * kc
             if cpu:
-                chunk += PROJECT_BYTES_PER_POINT[inp.dim] * m * kc
+                chunk += project_b * m * kc
             proj_cache = 0
             coarse = 8 * n * T * m + max(cross + 4 * rows * KC + chunk, likelihood)
     else:
         KL = K * inp.local_poses
         proj = n * KL * m
-        coarse = max(PROJECT_BYTES_PER_POINT[inp.dim] * proj if cpu else 0, 48 * proj)
+        coarse = max(project_b * proj if cpu else 0, 48 * proj)
     Sf = _fine_candidates(inp)
     fine_pts = n * Sf * m
     # fine pass: the projections come out complex128 (16 per point), the likelihood's conjugate copy and its
     # complex64 product (32); the insertion keeps them beside Xw, data, weights and the kept rows (32)
     fine = max((FINE_BYTES_PER_POINT_CPU[inp.accumulate] if cpu and inp.dim == 3 else
-                PROJECT_BYTES_PER_POINT[inp.dim] if cpu else 0) * fine_pts, 48 * fine_pts)
+                project_b if cpu else 0) * fine_pts, 48 * fine_pts)
     if routed:  # points routed to the planes' owners (one symmetry copy at a time)
         recv = fine_pts * (2 if inp.ranks > 1 else 1)
         insert = 48 * fine_pts + ROUTED_BYTES_PER_RECORD * recv + ROUTED_STENCIL_BYTES * min(recv, POINT_CHUNK)
