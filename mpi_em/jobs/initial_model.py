@@ -48,7 +48,7 @@ from ..em.references import References, fine_offsets, global_grid, insert
 from ..em.steps import check_finite_maps
 from ..fourier import SliceGeometry, default_r_max, padded_reach
 from ..initial import state as ckpt
-from ..initial.setup import checkpoint, init, options, split_at, subplan, write_back
+from ..initial.setup import DEFAULT_BATCH_SIZE, DEFAULT_ITER, checkpoint, init, options, split_at, subplan, write_back
 from ..initial.outputs import write_final, write_iteration
 from ..initial.schedule import batch_size, minibatch_rows, noise_fudge, random_rotations, schedule, sums_decay
 from ..io import rebase_image_names
@@ -78,9 +78,11 @@ def add_arguments(p) -> None:
                    help="point group C<n>, D<n>, T, O, I applied to the final maps only (default C1): each C1 "
                         "map is rotated and centred onto the group's axes (searched), symmetrised, and its "
                         "particles' poses moved with it")
-    p.add_argument("--iter", type=int, default=None, help="number of mini-batch iterations (default 40)")
-    p.add_argument("--batch-size", type=int, default=400,
-                   help="particles per mini-batch (default 400; all particles when there are fewer); with "
+    p.add_argument("--iter", type=int, default=None,
+                   help=f"number of mini-batch iterations (default {DEFAULT_ITER})")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help=f"particles per mini-batch (default {DEFAULT_BATCH_SIZE}; all particles when there are "
+                        "fewer); with "
                         "--batch-size-ini, the size the mini-batch grows to")
     p.add_argument("--batch-size-ini", type=int, default=None, metavar="B0",
                    help="a growing mini-batch (RELION's SGD: --sgd_ini_subset to --sgd_fin_subset): B0 particles "
