@@ -30,18 +30,19 @@ def test_montage_tiles_are_the_images(box):
 
 
 def test_montage_png_pixels(tmp_path):
-    """The PNG has the montage's pixels (no resampling) inside the tiles; labels only in the bands above them."""
+    """The PNG is 8-bit grey with the montage's pixels (no resampling) inside the tiles, each rounded to the
+    nearest 1/255; labels only in the bands above them."""
+    from PIL import Image
+
     imgs = _images(50, 128, seed=1)
     path = tmp_path / "classes.png"
     montage_png(path, imgs, labels=[f"{k + 1}: {2.0:.1f}%" for k in range(50)])
-    png = matplotlib.image.imread(path)
+    assert Image.open(path).mode == "L"
+    gray = matplotlib.image.imread(path)
     mosaic, corners = montage_array(imgs, label_px=LABEL_PX)
-    assert png.shape[:2] == mosaic.shape
-    gray = png[..., 0]
-    np.testing.assert_allclose(png[..., 1], gray)  # grey: the three channels equal
-    np.testing.assert_allclose(png[..., 2], gray)
+    assert gray.shape == mosaic.shape
     t = 128
-    # the colormap's 256-entry table: value x is shown as floor(256 x) / 255, within 2 / 256 of x
     for r, c in corners:
-        np.testing.assert_allclose(gray[r:r + t, c:c + t], mosaic[r:r + t, c:c + t], atol=2 / 256)
+        np.testing.assert_allclose(gray[r:r + t, c:c + t], mosaic[r:r + t, c:c + t], atol=0.5 / 255 + 1e-7)
         assert gray[r - LABEL_PX:r, c:c + t].min() < 0.5  # a label is drawn in the band
+    assert gray[corners[-1][0]:, corners[-1][1] + t + GAP_PX:].min() == 1.0  # white beyond the last tile
