@@ -19,7 +19,7 @@ from .references import compose
 # float32; the marginal makes several temporaries that size, in float64 where NumPy promotes), on GPUs 2^31
 COARSE_ELEMENTS = {True: 2 ** 24, False: 2 ** 31}
 # the shared grid's orientations projected at a time, as points (orientations x m) per class: on CPU ranks 2^21
-# (a NumPy projection holds ~90 bytes per point at once), on GPUs 2^25 (256 MiB of complex64 per class)
+# (a NumPy projection holds ~100-175 bytes per point at once), on GPUs 2^25 (256 MiB of complex64 per class)
 PROJECT_POINTS = {True: 2 ** 21, False: 2 ** 25}
 
 @dataclass
@@ -133,8 +133,9 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
 def grid_operands(refs, G, K: int, base: int, geom):
     """The GEMM operands (:func:`shared_operands`) of the whole grid G (C, d, d) for every class of reference set
     ``base``: B (K C, 2m) and |P|^2 (K C, m), float32, class-major. Written a chunk of orientations at a time
-    (PROJECT_POINTS points per class): 12 K C m bytes and one chunk's projections (a CPU projection holds ~90
-    bytes per point at once), never the grid's complex projections beside its operands."""
+    (PROJECT_POINTS points per class): 12 K C m bytes and one chunk's projections (a CPU projection holds ~100-175
+    bytes per point at once: memory.model.PROJECT_BYTES_PER_POINT), never the grid's complex projections beside
+    its operands."""
     xp = geom.xp
     C, m = G.shape[0], geom.m
     B = xp.empty((K, C, 2 * m), dtype=xp.float32)

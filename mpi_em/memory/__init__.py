@@ -16,8 +16,8 @@ volume, Np = pad x box; ``m`` = the in-ball points of an image, |k| <= r; ``n`` 
 - **batch workspace**: images read ahead (3 batches, float32), in-ball FFTs and CTFs (12 n m), the coarse pass
   (global grid: shifted images 8 n T m, the projections of the grid kept per reference set 12 K C m as
   float32 GEMM operands, written a chunk of orientations at a time (``em.search.grid_operands``: 2^21 (CPU) or
-  2^25 (GPU) points per class, 12 bytes per point of the chunk on GPUs), likelihood chunks of at most 2^24 (CPU) or 2^31
-  (GPU) float32 elements and their marginal's temporaries; local searches: 48 n K L m), the fine pass (16 n S m
+  2^25 (GPU) points per class, 12 bytes per point of the chunk on GPUs), likelihood chunks of at most 2^24
+  (CPU) or 2^31 (GPU) float32 elements and their marginal's temporaries; local searches: 48 n K L m), the fine pass (16 n S m
   over the S = 8 x selected poses, 48 n S m) and the insertion (48 n S m), and on CPU ranks the NumPy stencils of the
   projector and back-projector (``PROJECT_BYTES_PER_POINT``, ``INSERT_BYTES_PER_CORNER`` per
   point and corner, measured with tracemalloc; the back-projector adds in place). GPU ranks use the fused kernels: no stencil arrays. Owned accumulators: the
