@@ -12,7 +12,7 @@ import numpy as np
 from ..backend import to_host, xp_of
 from ..sampling import laplace_offset_variance, translation_grid
 from .likelihood import (fill_shared_operands, log_likelihood_phased, logsumexp, marginalise_translations,
-                         offset_log_prior, posterior, shared_operands, shared_parts, top_k)
+                         offset_log_prior, posterior, shared_parts, top_k)
 from .references import compose
 
 # the coarse pass's likelihoods (particles x translations x poses) per GEMM, at most: on CPU ranks 2^24 (64 MB of
@@ -162,9 +162,7 @@ def _chunked_parts(Xt, ctf, inv_sigma2, refs, G, K: int, base: int, chunk: int, 
     for c0 in range(0, C, chunk):
         Gc = G[c0:c0 + chunk]
         with timer.detail("coarse.project"):
-            P = refs.project(xp.broadcast_to(Gc[None], (K,) + Gc.shape), xp.arange(K)[:, None] + base, geom)
-            ops = shared_operands(P.reshape(-1, m).astype(xp.complex64, copy=False))
-            del P
+            ops = grid_operands(refs, Gc, K, base, geom)
         with timer.detail("coarse.likelihood"):
             c, nm = shared_parts(Xt, ctf, inv_sigma2, ops)
         cross[..., c0:c0 + Gc.shape[0]] = c.reshape(rows, T, K, -1)

@@ -319,18 +319,20 @@ def _em_phases(inp: EMInputs) -> dict:
         # (em.search.grid_operands): the chunk's projections (complex64 from single-precision 3D references, else
         # complex128) and the real temporary of |P|^2 (half of that), or on CPU ranks the projector's working set,
         # after the last set's operands are given back
-        chunk_pts = K * min(inp.coarse_poses, max(1, PROJECT_POINTS[inp.device] // m)) * m
         proj_b = 8 if single and inp.dim == 3 else 16
-        make = 12 * KC * m + chunk_pts * max(project_b if cpu else 0, proj_b * 3 // 2)
+
+        def making(orientations: int) -> int:
+            step = min(orientations, max(1, PROJECT_POINTS[inp.device] // m))
+            return 12 * K * orientations * m + K * step * m * max(project_b if cpu else 0, proj_b * 3 // 2)
+
+        make = making(inp.coarse_poses)
         rows = min(n, max(1, COARSE_ELEMENTS[inp.device] // (T * KC)))
         cross = 4 * rows * T * KC
         likelihood = cross * (4 if cpu else 2) + 16 * rows * T * m
         coarse = 8 * n * T * m + max(make, proj_cache + likelihood)
-        if 0 < inp.grid_chunk < inp.coarse_poses:  # nothing kept; per chunk: its projections, operands, GEMM
+        if 0 < inp.grid_chunk < inp.coarse_poses:  # nothing kept; per chunk: its operands as made, its GEMM
             kc = K * inp.grid_chunk
-            chunk = 16 * kc * m + 12 * kc * m + 4 * rows * T * kc
-            if cpu:
-                chunk += project_b * m * kc
+            chunk = making(inp.grid_chunk) + 4 * rows * T * kc
             proj_cache = 0
             coarse = 8 * n * T * m + max(cross + 4 * rows * KC + chunk, likelihood)
     else:
