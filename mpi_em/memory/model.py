@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from ..distvolume import POINT_CHUNK
+from ..em import search as _search
 from ..fourier.transforms import RECONSTRUCT_CHUNKS
 from ..errors import MpiEmError
 
@@ -58,10 +59,10 @@ FINE_BYTES_PER_POINT_CPU = {"double": 164, "single": 90}
 #: stopped making the padded real volume); at pad 1 the rows are the volume: 44
 REFERENCE_FFT_BYTES_PER_VOXEL = 5
 REFERENCE_FFT_BYTES_PER_VOXEL_PAD1 = 30
-#: the coarse pass's likelihood elements per GEMM chunk (``em.search.COARSE_ELEMENTS``)
-COARSE_ELEMENTS = {"cpu": 2 ** 24, "gpu": 2 ** 31}
-#: the shared grid's points (orientations x m) projected at a time per class (``em.search.PROJECT_POINTS``)
-PROJECT_POINTS = {"cpu": 2 ** 21, "gpu": 2 ** 25}
+#: the coarse pass's likelihood elements per GEMM chunk and the shared grid's points (orientations x m) projected
+#: at a time per class, by device: the E-step's own settings (``em.search``, keyed there by "on a CPU rank")
+COARSE_ELEMENTS = {"cpu": _search.COARSE_ELEMENTS[True], "gpu": _search.COARSE_ELEMENTS[False]}
+PROJECT_POINTS = {"cpu": _search.PROJECT_POINTS[True], "gpu": _search.PROJECT_POINTS[False]}
 #: images read ahead by ``particles.iter_batches`` (depth 2) besides the batch in use
 PREFETCH = 2
 #: per point of an image in the streaming insertion of reconstruct --max-volume-memory (jobs/reconstruct.py)
