@@ -85,15 +85,16 @@ def final_resolution_from_stdout(text: str) -> float | None:
 
 def seconds_per_iteration(ends: dict[int, float], start: float | None = None) -> dict[int, float]:
     """{iteration: seconds} from each iteration's end time; the first from ``start`` (or from iteration 0's end,
-    RELION's run_it000 files) when given, else left out."""
+    RELION's run_it000 files) when given, else left out. Where files are written every few iterations (RELION's
+    VDAM: --grad_write_iter) a gap's time is shared by the iterations in it."""
     out, prev = {}, None
     for it in sorted(ends):
         if prev is not None:
-            out[it] = ends[it] - ends[prev]
+            out[it] = (ends[it] - ends[prev]) / (it - prev)
         elif it == 0:
             pass
         elif start is not None:
-            out[it] = ends[it] - start
+            out[it] = (ends[it] - start) / it
         prev = it
     return {k: v for k, v in out.items() if k > 0}
 
@@ -352,7 +353,7 @@ def summarize_em(d, truth: Truth, mode: str, r: dict, program: str) -> dict:
     """One table row of an EM job from its folder and its run record."""
     info = em_iterations(d, truth, mode, r["start"], program)
     rows = [x for x in info["iterations"] if x["iteration"] > 0]
-    out = {"iterations": len(rows), "per_iteration": info["iterations"]}
+    out = {"iterations": max((x["iteration"] for x in rows), default=0), "per_iteration": info["iterations"]}
     if program == "mpi_em" and os.path.exists(os.path.join(d, "run_timings.json")):
         tim = json.load(open(os.path.join(d, "run_timings.json")))
         ends = {int(t["iteration"]): float(t["seconds_since_start"]) for t in tim}
@@ -638,12 +639,16 @@ class Bench:
                "load_average_1min": [r["load_before"], r["load_after"]]}
             row.update(summarize_em(os.path.join(d, "out"), T, mode, r, "mpi_em"))
             self.add(row)
-        R = self.em_ranks(job)
+        # RELION's VDAM (--grad) runs in one process ("not supported together with MPI")
+        R = 1 if job == "class2d-vdam" else self.em_ranks(job)
         os.makedirs(os.path.join(self.out, job, "relion"), exist_ok=True)
-        name = "relion_refine_mpi" + (" --grad" if job == "class2d-vdam" else "")
-        d, r = self.exec(job, name, self.relion("relion_refine_mpi", R) + ["--i", unal, "--o", os.path.join(self.out, job, "relion", "run")] + rel +
+        # and relion_refine_mpi refuses --grad even with one process: VDAM runs in the serial relion_refine
+        prog = "relion_refine" if job == "class2d-vdam" else "relion_refine_mpi"
+        name = prog + (" --grad" if job == "class2d-vdam" else "")
+        d, r = self.exec(job, name, self.relion(prog, R) + ["--i", unal, "--o", os.path.join(self.out, job, "relion", "run")] + rel +
                          self.common_relion(), "relion", R)
-        row = {"job": job, "program": name, "procs": f"{R} ranks x {a.threads} thr (1 leader)",
+        row = {"job": job, "program": name,
+               "procs": f"{R} ranks x {a.threads} thr (1 leader)" if R > 1 else f"1 rank x {a.threads} thr",
                "wall_s": r["wall_s"], "status": status_of(r), "peak_gpu_mib": r["peak_gpu_mib"],
                "command": r["command"]}
         row.update(summarize_em(d, T, mode, r, "relion"))

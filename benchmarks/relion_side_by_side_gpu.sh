@@ -3,7 +3,8 @@
 # of benchmarks/results/relion-side-by-side/), on a machine whose python3 has CuPy and mpi4py (Open MPI).
 # RELION's GPU programs are taken from $RELION_BIN (default /tmp/relion-gpu/bin); this script builds nothing.
 # mpi_em: 1 rank on the GPU. RELION: relion_refine_mpi with 3 ranks (a leader and 2 GPU workers x 4 threads),
-# relion_reconstruct_mpi on 8 CPU ranks (RELION's reconstruction has no GPU code).
+# relion_reconstruct_mpi on 8 CPU ranks (RELION's reconstruction has no GPU code); the class2d-vdam row runs the serial
+# relion_refine (RELION's VDAM refuses MPI: build its `refine` target too).
 # Usage (repo root): bash benchmarks/relion_side_by_side_gpu.sh OUTDIR [N] [BOX]   (JOBS, ITER, TIMEOUT, DATA, SUMMARY,
 # REFINE_EXTRA: env; DATA: a data folder shared between runs, made beforehand with --data-only if wanted; SUMMARY: a
 # folder for the record without maps, --summary; REFINE_EXTRA: more mpi-em refine3d options, --refine-extra)

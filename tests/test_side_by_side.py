@@ -37,6 +37,9 @@ def test_seconds_per_iteration():
     # mpi_em: no iteration 0, the first from the job's start
     assert sbs.seconds_per_iteration({1: 7.0, 2: 9.5}, start=0.0) == {1: 7.0, 2: 2.5}
     assert sbs.seconds_per_iteration({1: 7.0, 2: 9.5}) == {2: 2.5}
+    # RELION's VDAM writes its files every --grad_write_iter iterations: a gap of 10 iterations is 10 iterations' time
+    assert sbs.seconds_per_iteration({0: 4.0, 10: 24.0, 20: 54.0}) == {10: 2.0, 20: 3.0}
+    assert sbs.seconds_per_iteration({10: 20.0, 20: 40.0}, start=0.0) == {10: 2.0, 20: 2.0}
     # the steady rate leaves the first iteration out when there are others
     assert sbs.steady_seconds({1: 10.0, 2: 3.0, 3: 5.0, 4: 4.0}) == 4.0
     assert sbs.steady_seconds({1: 10.0}) == 10.0
