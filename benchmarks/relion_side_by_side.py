@@ -10,7 +10,7 @@ particle diameter, iterations, and the same CPU cores or the same GPU:
   refine3d       mpi-em refine3d                 vs  relion_refine_mpi --auto_refine --split_random_halves
   class3d        mpi-em class3d --K 4            vs  relion_refine_mpi 3D classification (fixed iterations)
   class2d        mpi-em class2d                  vs  relion_refine_mpi 2D classification (EM)
-  class2d-vdam   (mpi-em's class2d)          vs  relion_refine_mpi --grad (VDAM; RELION 4+ only, else skipped)
+  class2d-vdam   (mpi-em's class2d)          vs  relion_refine --grad (VDAM, one process; RELION 4+ only, else skipped)
 
 Printed: one table (wall time, seconds per iteration, reported / gold-standard resolution, map-vs-truth resolution
 at FSC 0.5, median angular error against the true poses, peak GPU memory with --gpu, the time ratio); written:
@@ -625,7 +625,7 @@ class Bench:
                 rel.append("--center_classes")
             if job == "class2d-vdam":
                 if not help_has(h, "--grad"):
-                    self.add({"job": job, "program": "relion_refine_mpi --grad", "status":
+                    self.add({"job": job, "program": "relion_refine --grad", "status":
                               f"skipped: RELION {self.record.get('relion_version')} has no --grad (VDAM)"})
                     return
                 rel = ["--K", a.k2d, "--iter", a.vdam_iter, "--psi_step", a.psi_step, "--tau2_fudge", 2, "--grad",

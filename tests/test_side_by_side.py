@@ -54,7 +54,7 @@ def test_table_and_ratio():
             {"job": "refine3d", "program": "relion_refine_mpi", "procs": "3 ranks", "wall_s": 200.0,
              "seconds_per_iteration": 25.0, "iterations": 12, "resolution": 6.4, "map_vs_truth_05": None,
              "status": "timeout"},
-            {"job": "class2d-vdam", "program": "relion_refine_mpi --grad", "status": "skipped: no --grad"}]
+            {"job": "class2d-vdam", "program": "relion_refine --grad", "status": "skipped: no --grad"}]
     t = sbs.table(rows)
     lines = t.splitlines()
     assert lines[0].split()[:4] == ["job", "program", "procs", "wall"]
