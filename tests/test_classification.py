@@ -142,6 +142,37 @@ def test_class2d_keeps_its_classes_on_a_compact_particle(tmp_path):
     assert spread <= 65.0, spread
 
 
+def test_class2d_prior_holds_no_signal_on_pure_noise(tmp_path):
+    """class2d on particles without signal (box 32, 4 Å/px, 400 particles at SNR 1e-4: noise), K = 4, 3
+    iterations. No shell holds signal, so no shell may pass RELION's data-vs-prior test (tau^2 x mean W >= 1):
+    every class's estimated resolution is "none" (999 Å) and the current image size stays at its start (16 px:
+    it grows only past a shell with signal). tau^2 is RELION's for a classification, the power of the references
+    the E-step used; the first references are the average of all the particles, whose noise power is 1 / N of a
+    particle's, so the expected data-vs-prior is ~ T <CTF^2> / K ~ 0.25 with T = 2 in the first iteration, and
+    falls in later ones. It failed with tau^2 from the class averages' own mean |F/W|^2, which holds their noise
+    (2 / W per voxel): data-vs-prior >= 2 T in every shell with data, so the size grew to its cap after the
+    first iteration (20 px in iterations 1-3) and the classes' resolutions were 18-26 Å (shells 5-7 of "signal"
+    in pure noise; measured); at box 256 those
+    averages, barely regularised, collapsed 1 000 particles into one class (benchmarks/results/class2d-reseed/
+    cpu-box256-2026-12-04/)."""
+    import starfile
+
+    d = tmp_path / "noise"
+    r = mpi_em(["simulate", "--out", d, "--box", 32, "--apix", 4, "--n", 400, "--snr", 1e-4, "--seed", 7], ranks=0)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "c2d"
+    r = mpi_em(["class2d", "--i", d / "particles_unaligned.star", "--o", out, "--K", 4, "--iter", 3], ranks=1)
+    assert r.returncode == 0, r.stderr
+    sizes, res = [], []
+    for it in (1, 2, 3):
+        m = starfile.read(out / f"run_it{it:03d}_model.star", always_dict=True)
+        sizes.append(int(m["model_general"]["rlnCurrentImageSize"].iloc[0]))
+        res.append([float(x) for x in m["model_classes"]["rlnEstimatedResolution"]])
+    print(f"current image size per iteration {sizes}; class resolutions (Å) {res}")
+    assert sizes == [16, 16, 16], sizes
+    assert all(x == 999.0 for row in res for x in row), res
+
+
 def test_negative_reseed_amplitude_is_refused(views, tmp_path):
     """--reseed-amplitude below 0: one line naming the option, a non-zero exit, no iteration written."""
     out = tmp_path / "neg"

@@ -408,25 +408,65 @@ def _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold,
 
 
 def reduce_and_reconstruct_2d(comm, F_acc, W_acc, box: int, pad: int, r_max: float, fudge: float,
-                              timer=NULL_TIMER):
-    """2D class averages: all-reduce the (K, Np, Np//2+1) accumulators and reconstruct on every rank."""
+                              timer=NULL_TIMER, tau2_ref=None):
+    """2D class averages: all-reduce the (K, Np, Np//2+1) accumulators and reconstruct on every rank.
+
+    ``tau2_ref`` (K, n_shells): the signal prior, per class and shell the power spectrum (per real component) of
+    the references this iteration aligned against (:func:`reference_power_2d`), RELION's classification tau2
+    (``MlModel::setFourierTransformMaps``); None: from the accumulators' own mean |F/W|^2 (noise included: see
+    :func:`_reconstruct_2d`)."""
     with timer("reduce"):
         allreduce_sum(comm, F_acc)
         allreduce_sum(comm, W_acc)
     timer.add_bytes("reduce_sent", F_acc.nbytes + W_acc.nbytes)
     with timer("reconstruct"):
-        return _reconstruct_2d(F_acc, W_acc, box, pad, r_max, fudge)
+        return _reconstruct_2d(F_acc, W_acc, box, pad, r_max, fudge, tau2_ref)
 
 
-def _reconstruct_2d(F_acc, W_acc, box, pad, r_max, fudge):
+def _reconstruct_2d(F_acc, W_acc, box, pad, r_max, fudge, tau2_ref=None):
+    """The class averages F / (W + 1 / (fudge tau2)) and info {"tau2": fudge x tau2 per class and shell (the
+    prior's variance as used), "mean_w"}: tau2 x mean W is RELION's data-vs-prior SSNR, from which the
+    resolution and the current size follow.
+
+    With ``tau2_ref`` (RELION's convention) tau2 is the power of the references the E-step used. Without it,
+    the mean |F/W|^2 of the unregularised averages: that holds the averages' noise, 2 / W per voxel, so
+    tau2 x mean W >= 2 x fudge in every shell that has data whatever the signal, the averages are barely
+    regularised and the reported resolution is the current size's edge (benchmarks/results/class2d-reseed/
+    cpu-box256-2026-12-04/)."""
     xp = xp_of(F_acc)
     npad = pad * box
     n_shells = box // 2 + 1
     sh = shell_index(radius_plane(npad, xp) / pad, n_shells).reshape(-1)
     mean_w, power = _shell_means(_shell_sums(F_acc, W_acc, sh, n_shells), n_shells)
-    tau2 = fudge * power
+    if tau2_ref is None:
+        tau2 = fudge * power
+    else:
+        tau2 = fudge * np.asarray(tau2_ref, dtype=np.float64).reshape(F_acc.shape[0], n_shells)
     maps = reconstruct2d(F_acc, W_acc, box, pad, r_max, tau2=xp.asarray(tau2), tau2_fudge=1.0, mask_outside=True)
     return maps.astype(xp.float32), {"tau2": tau2, "mean_w": mean_w}
+
+
+def reference_power_2d(F, box: int, pad: int, r_max: float) -> np.ndarray:
+    """Per plane of ``F`` (K, Np, Np//2+1), the Fourier transforms of 2D references as the E-step projects them
+    (:func:`mpi_em.fourier2d.plane_fft` of the masked maps), and per image-pixel shell: the mean of |F|^2 / 2
+    over the points of the shell inside the reconstruction ball of ``r_max`` (0 beyond it) -> host (K,
+    n_shells). RELION's tau2 of a classification (``Projector::computeFourierTransformMap``'s power spectrum
+    within the current size, per real component: "factor two because of two-dimensionality of the complex
+    plane"), in the units of the accumulators' F / W."""
+    from ..fourier import reconstruction_ball
+
+    xp = xp_of(F)
+    npad = pad * box
+    n_shells = box // 2 + 1
+    r = radius_plane(npad, xp) / pad
+    sh = xp.where(reconstruction_ball(r, r_max, box), shell_index(r, n_shells), n_shells).reshape(-1)
+    K = F.shape[0]
+    idx = (sh[None, :] + (n_shells + 1) * xp.arange(K)[:, None]).reshape(-1)
+    f = F.reshape(K, -1)
+    p = (0.5 * (f.real.astype(xp.float64) ** 2 + f.imag.astype(xp.float64) ** 2)).reshape(-1)
+    s = to_host(xp.bincount(idx, weights=p, minlength=K * (n_shells + 1))).reshape(K, n_shells + 1)
+    c = to_host(xp.bincount(sh, minlength=n_shells + 1))
+    return np.where(c > 0, s / np.maximum(c, 1), 0.0)[:, :n_shells]
 
 
 def lowpass(maps, box: int, pixel_size: float, resolution_A: float, width_shells: float = 2.0):

@@ -64,6 +64,8 @@ class EMRun:
     #                                   the 3D references' Fourier volumes in complex64 too)
     memory: "LightenedEStep | None" = None  # where the memory check lightened the E-step, else None
     step_sync: bool = False           # the E-step's steps end with a synchronisation (the driver's pool: a limit)
+    tau2_ref: Any = None              # 2D: this iteration's signal prior, (K, n_shells) on the host
+    #                                   (:func:`reference_tau2_2d`; set with the references, used by the M-step)
 
     @property
     def box(self) -> int:
@@ -147,6 +149,8 @@ def references(job: EMRun) -> References:
     refs = References(job.xp.asarray(ref_maps if volumes is None else ref_maps[volumes]), job.mode.dim,
                       job.args.pad, mask=mask, single=job.accumulate == "single", volumes=volumes,
                       n_total=len(ref_maps))
+    if job.mode.dim == 2:
+        job.tau2_ref = reference_tau2_2d(job, refs, mask)
     del mask
     from ..memory import release_device_memory
 
@@ -154,6 +158,29 @@ def references(job: EMRun) -> References:
     # box 512: the pool kept ~10 GiB of them through the E-step)
     release_device_memory(job.xp)
     return refs
+
+
+def reference_tau2_2d(job: EMRun, refs: References, mask) -> np.ndarray:
+    """class2d's signal prior for this iteration's M-step, RELION's convention for classification: per class and
+    shell the power spectrum (per real component) of the masked reference the E-step aligns against, inside the
+    current size (:func:`mpi_em.em.model.reference_power_2d`; RELION's ``MlModel::setFourierTransformMaps``
+    before each E-step), the same on every rank. The first iteration of a new run: that of the mean of the
+    random subsets' averages (the first references), the average of all the particles, for every class
+    (RELION's first references are that average): each random subset's average holds its particles' noise
+    (1 / 50 of a particle's at 50 particles a class), whose power at high frequency would be taken for signal.
+    Before, tau^2 was the averages' own mean |F/W|^2, which holds the noise of the averages being made: every
+    shell with data looked like signal, the averages were barely regularised and the resolution was the current
+    size's edge (benchmarks/results/class2d-reseed/cpu-box256-2026-12-04/)."""
+    from ..fourier2d import plane_fft
+    from .model import reference_power_2d
+
+    state = job.state
+    if state.iter == 0:
+        xp = job.xp
+        mean = xp.asarray(state.maps, dtype=xp.float64).mean(axis=0, keepdims=True)
+        F = plane_fft(mean if mask is None else mean * mask, job.args.pad)
+        return np.repeat(reference_power_2d(F, job.box, job.args.pad, state.r_cur), job.K, axis=0)
+    return reference_power_2d(refs.F, job.box, job.args.pad, state.r_cur)
 
 
 def iteration_batch(job: EMRun) -> None:
@@ -264,7 +291,7 @@ def maximisation(job: EMRun, it: int, acc: dict, stats: Stats, timer):
                                               folds=job.folds)
     else:
         maps, inf = reduce_and_reconstruct_2d(job.comm, acc["F"], acc["W"], job.box, args.pad, state.r_cur,
-                                              args.tau2_fudge, timer=timer)
+                                              args.tau2_fudge, timer=timer, tau2_ref=job.tau2_ref)
     acc.clear()
     from ..memory import release_device_memory
 
