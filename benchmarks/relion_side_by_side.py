@@ -639,10 +639,10 @@ class Bench:
                "load_average_1min": [r["load_before"], r["load_after"]]}
             row.update(summarize_em(os.path.join(d, "out"), T, mode, r, "mpi_em"))
             self.add(row)
-        # RELION's VDAM (--grad) runs in one process ("not supported together with MPI")
+        # RELION's VDAM (--grad) works in one process only ("not supported together with MPI")
         R = 1 if job == "class2d-vdam" else self.em_ranks(job)
         os.makedirs(os.path.join(self.out, job, "relion"), exist_ok=True)
-        # and relion_refine_mpi refuses --grad even with one process: VDAM runs in the serial relion_refine
+        # and relion_refine_mpi refuses --grad even with one process: VDAM is done by the serial relion_refine
         prog = "relion_refine" if job == "class2d-vdam" else "relion_refine_mpi"
         name = prog + (" --grad" if job == "class2d-vdam" else "")
         d, r = self.exec(job, name, self.relion(prog, R) + ["--i", unal, "--o", os.path.join(self.out, job, "relion", "run")] + rel +
