@@ -150,7 +150,7 @@ def references(job: EMRun) -> References:
                       job.args.pad, mask=mask, single=job.accumulate == "single", volumes=volumes,
                       n_total=len(ref_maps))
     if job.mode.dim == 2:
-        job.tau2_ref = reference_tau2_2d(job, refs, mask)
+        job.tau2_ref = reference_tau2_2d(job, refs)
     del mask
     from ..memory import release_device_memory
 
@@ -160,26 +160,24 @@ def references(job: EMRun) -> References:
     return refs
 
 
-def reference_tau2_2d(job: EMRun, refs: References, mask) -> np.ndarray:
+def reference_tau2_2d(job: EMRun, refs: References) -> np.ndarray:
     """class2d's signal prior for this iteration's M-step, RELION's convention for classification: per class and
     shell the power spectrum (per real component) of the masked reference the E-step aligns against, inside the
-    current size (:func:`mpi_em.em.model.reference_power_2d`; RELION's ``MlModel::setFourierTransformMaps``
-    before each E-step), the same on every rank. The first iteration of a new run: that of the mean of the
-    random subsets' averages (the first references), the average of all the particles, for every class
-    (RELION's first references are that average): each random subset's average holds its particles' noise
-    (1 / 50 of a particle's at 50 particles a class), whose power at high frequency would be taken for signal.
-    Before, tau^2 was the averages' own mean |F/W|^2, which holds the noise of the averages being made: every
-    shell with data looked like signal, the averages were barely regularised and the resolution was the current
-    size's edge (benchmarks/results/class2d-reseed/cpu-box256-2026-12-04/)."""
-    from ..fourier2d import plane_fft
+    current size (:func:`mpi_em.em.model.reference_power_2d` of ``refs.F``; RELION's
+    ``MlModel::setFourierTransformMaps`` before each E-step), the same on every rank. The first iteration of a new
+    run: that of the mean of the random subsets' averages (the first references), the average of all the
+    particles, for every class (RELION's first references are that average; the transform of the mean is the
+    mean of ``refs.F``): each random subset's average holds its particles' noise (1 / 50 of a particle's at 50
+    particles a class), whose power at high frequency would be taken for signal. Before, tau^2 was the averages'
+    own mean |F/W|^2, which holds the noise of the averages being made: every shell with data looked like
+    signal, the averages were barely regularised and the resolution was the current size's edge
+    (benchmarks/results/class2d-reseed/cpu-box256-2026-12-04/)."""
     from .model import reference_power_2d
 
     state = job.state
     if state.iter == 0:
-        xp = job.xp
-        mean = xp.asarray(state.maps, dtype=xp.float64).mean(axis=0, keepdims=True)
-        F = plane_fft(mean if mask is None else mean * mask, job.args.pad)
-        return np.repeat(reference_power_2d(F, job.box, job.args.pad, state.r_cur), job.K, axis=0)
+        mean = refs.F.mean(axis=0, keepdims=True)
+        return np.repeat(reference_power_2d(mean, job.box, job.args.pad, state.r_cur), job.K, axis=0)
     return reference_power_2d(refs.F, job.box, job.args.pad, state.r_cur)
 
 
