@@ -424,15 +424,19 @@ def reduce_and_reconstruct_2d(comm, F_acc, W_acc, box: int, pad: int, r_max: flo
 
 
 def _reconstruct_2d(F_acc, W_acc, box, pad, r_max, fudge, tau2_ref=None):
-    """The class averages F / (W + 1 / (fudge tau2)) and info {"tau2": fudge x tau2 per class and shell (the
-    prior's variance as used), "mean_w"}: tau2 x mean W is RELION's data-vs-prior SSNR, from which the
-    resolution and the current size follow.
+    """The class averages F / (W + 1 / tau2) and info {"tau2": tau2 per class and shell (the prior's variance as
+    used, in the padded plane's units of W), "mean_w"}: tau2 x mean W is RELION's data-vs-prior SSNR, from which
+    the resolution and the current size follow.
 
-    With ``tau2_ref`` (RELION's convention) tau2 is the power of the references the E-step used. Without it,
-    the mean |F/W|^2 of the unregularised averages: that holds the averages' noise, 2 / W per voxel, so
-    tau2 x mean W >= 2 x fudge in every shell that has data whatever the signal, the averages are barely
-    regularised and the reported resolution is the current size's edge (benchmarks/results/class2d-reseed/
-    cpu-box256-2026-12-04/)."""
+    With ``tau2_ref`` (RELION's convention) the prior is pad^2 x fudge x the power of the references the E-step
+    used: RELION's ``BackProjector::reconstruct`` adds 1 / (oversampling_correction x tau2_fudge x tau2) to the
+    weights, oversampling_correction = pad^2 for 2D references, because the padded plane's pixels dilute each
+    image's weight pad^2-fold; without it the prior was 4x too strong at pad 2 and the data-vs-prior a quarter of
+    the averages' spectral SNR (``tests/test_em_maps.py::test_2d_data_vs_prior_is_the_spectral_snr_of_the_average``).
+    Without ``tau2_ref``, fudge x the mean |F/W|^2 of the unregularised averages: that holds the averages' noise, 2
+    / W per voxel, so tau2 x mean W >= 2 x fudge in every shell that has data whatever the signal, the averages
+    are barely regularised and the reported resolution is the current size's edge (benchmarks/results/
+    class2d-reseed/cpu-box256-2026-12-04/)."""
     xp = xp_of(F_acc)
     npad = pad * box
     n_shells = box // 2 + 1
@@ -441,7 +445,7 @@ def _reconstruct_2d(F_acc, W_acc, box, pad, r_max, fudge, tau2_ref=None):
     if tau2_ref is None:
         tau2 = fudge * power
     else:
-        tau2 = fudge * np.asarray(tau2_ref, dtype=np.float64).reshape(F_acc.shape[0], n_shells)
+        tau2 = pad ** 2 * fudge * np.asarray(tau2_ref, dtype=np.float64).reshape(F_acc.shape[0], n_shells)
     maps = reconstruct2d(F_acc, W_acc, box, pad, r_max, tau2=xp.asarray(tau2), tau2_fudge=1.0, mask_outside=True)
     return maps.astype(xp.float32), {"tau2": tau2, "mean_w": mean_w}
 
