@@ -20,8 +20,9 @@ Mini-batch (stochastic) expectation-maximisation, after RELION 3's SGD initial m
    it is split into K classes (each with the consensus's sums over K; the split iteration's mini-batch in seeded
    random classes, as class3d's first iteration) that compete for the particles (measured: K random starts, or a
    split at half of the iterations, separate two conformations far less often: benchmarks/results/initial-model);
-3. a last pass over all particles at the final resolution gives every particle's pose and class
-   (``run_data.star``), the class sizes and the final maps (``run_classNNN.mrc``, the particles' box);
+3. passes over all particles at the final resolution (``--final-passes``, default 3, each against the previous
+   one's maps) give every particle's pose and class (``run_data.star``), the class sizes and the final maps
+   (``run_classNNN.mrc``, the particles' box);
 4. ``--sym``: as RELION applies symmetry to an ab-initio map, only at the end: each C1 class map is put onto the
    point group's axes (:mod:`mpi_em.symaxis`, the search of ``relion_align_symmetry``), symmetrised there, and
    its particles' poses moved with it (:mod:`mpi_em.initial.point_group`).
@@ -48,7 +49,8 @@ from ..em.references import References, fine_offsets, global_grid, insert
 from ..em.steps import check_finite_maps
 from ..fourier import SliceGeometry, default_r_max, padded_reach
 from ..initial import state as ckpt
-from ..initial.setup import DEFAULT_BATCH_SIZE, DEFAULT_ITER, checkpoint, init, options, split_at, subplan, write_back
+from ..initial.setup import (DEFAULT_BATCH_SIZE, DEFAULT_FINAL_PASSES, DEFAULT_ITER, checkpoint, init, options,
+                             split_at, subplan, write_back)
 from ..initial.outputs import write_final, write_iteration
 from ..initial.schedule import batch_size, minibatch_rows, noise_fudge, random_rotations, schedule, sums_decay
 from ..io import rebase_image_names
@@ -62,7 +64,7 @@ DESCRIPTION = ("Mini-batch expectation-maximisation from a random start (after R
                "K classes from random-pose reconstructions of a random subset; each iteration a seeded random "
                "mini-batch, a global orientation and translation search, and the model reconstructed from running "
                "sums of the mini-batches (or their maps blended in), at a resolution limit that rises from "
-               "--ini-high to --final-high while the noise temperature (--sigma2-fudge) falls to 1; then one pass "
+               "--ini-high to --final-high while the noise temperature (--sigma2-fudge) falls to 1; then passes "
                "over all particles for their poses, classes and the final maps (run_classNNN.mrc at the particles' "
                "box, run_data.star, run_model.star, run_itNNN_slices.png). --sym puts each final map onto the point "
                "group's axes (a search as relion_align_symmetry's), symmetrises it there and moves its particles' "
@@ -135,11 +137,11 @@ def add_arguments(p) -> None:
     p.add_argument("--tau2-fudge", type=float, default=4.0,
                    help="regularisation T: weight of the data against the prior (default 4, as class3d)")
     p.add_argument("--no-final-pass", action="store_true",
-                   help="skip the pass over all particles: the final maps are the last model and run_data.star "
+                   help="skip the passes over all particles: the final maps are the last model and run_data.star "
                         "holds the poses of the last mini-batch each particle was in (zeros for the others)")
-    p.add_argument("--final-passes", type=int, default=1, metavar="N",
+    p.add_argument("--final-passes", type=int, default=DEFAULT_FINAL_PASSES, metavar="N",
                    help="passes over all particles after the mini-batches, each against the previous one's maps "
-                        "(default 1)")
+                        f"(default {DEFAULT_FINAL_PASSES})")
     p.add_argument("--pad", type=int, default=2, help="Fourier padding of the references (default 2)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
                    help="auto: one GPU per rank when CuPy sees one, else CPU")
