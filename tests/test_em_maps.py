@@ -143,3 +143,42 @@ def test_2d_data_vs_prior_is_the_spectral_snr_of_the_average():
     ratio = ssnr[shells] / expected[shells]
     print("data-vs-prior / (n S / sigma^2), shells 4-28:", np.round(ratio, 3))
     assert np.all(np.abs(ratio - 1.0) < 0.1), ratio
+
+
+def test_3d_data_vs_prior_is_the_spectral_snr_of_the_map(monkeypatch):
+    """The 3D classification prior as RELION's: 1 / (pad^3 x T x tau^2) added to the padded volume's weights,
+    tau^2 the power (per real component) of the references the E-step used (``oversampling_correction`` = pad^3
+    for 3D references in ``BackProjector::reconstruct``). With tau^2 the true signal's power and T = 1 the
+    data-vs-prior tau^2 x mean W is the map's spectral SNR: n images at uniformly random known orientations
+    observe a voxel of shell s n / (2 s) times on average (a slice's 2 pi s points over the shell's 4 pi s^2), so
+    SSNR(s) = n S(s) / (2 s sigma^2). Known truth: noisy central slices of a reference volume through the E-step's
+    own projector and back-projector."""
+    from mpi_em.em.model import reduce_and_reconstruct_3d, reference_power_3d
+    from mpi_em.fourier import SliceGeometry, backproject, project, volume_fft
+    from mpi_em.initial.schedule import random_rotations
+
+    box, pad, n, sigma2 = 24, 2, 3000, 20.0
+    rng = np.random.default_rng(5)
+    zz, yy, xx = np.mgrid[:box, :box, :box] - box // 2
+    vol = np.exp(-(xx ** 2 + yy ** 2 + zz ** 2) / 30.0) + 0.7 * np.exp(-((xx - 3) ** 2 + (yy + 2) ** 2 + zz ** 2) / 4.0)
+    ref = volume_fft(vol, pad)
+    r_max = box / 2 - 1
+    geom = SliceGeometry(box, r_max=r_max, pad=pad)
+    mats = random_rotations(n, 3)
+    X = project(ref, mats, geom)
+    X = X + np.sqrt(sigma2) * (rng.standard_normal(X.shape) + 1j * rng.standard_normal(X.shape))
+    F = np.zeros((1,) + ref.shape, dtype=np.complex128)
+    W = np.zeros((1,) + ref.shape)
+    backproject(F, W, mats, X / sigma2, np.full(X.shape, 1.0 / sigma2), geom, vol_index=np.zeros(n, int))
+    S = reference_power_3d(ref[None], box, pad, r_max)
+    from mpi_em.em import model
+
+    monkeypatch.setattr(model, "POWER_SLAB_VOXELS", 3 * 2 * box * (box + 1))  # slabs of 3 planes: the same sums
+    assert np.allclose(reference_power_3d(ref[None], box, pad, r_max), S, rtol=1e-12, atol=0)
+    _, info = reduce_and_reconstruct_3d(_comm(), F, W, box, pad, r_max, 1.0, False, tau2_ref=S)
+    ssnr = (info["tau2"] * info["mean_w"])[0]
+    s = np.arange(S.shape[1], dtype=np.float64)
+    shells = np.arange(3, 11)
+    ratio = ssnr[shells] / (n * S[0][shells] / (2 * s[shells] * sigma2))
+    print("data-vs-prior / (n S / (2 s sigma^2)), shells 3-10:", np.round(ratio, 3))
+    assert np.all(np.abs(ratio - 1.0) < 0.1), ratio

@@ -287,13 +287,16 @@ def tau2_from_fsc(curve, mean_w, fudge: float):
 
 def reduce_and_reconstruct_3d(comm, F_acc, W_acc, box: int, pad: int, r_max: float, fudge: float,
                               gold: bool, compress: bool = False, combined: bool = False,
-                              timer=NULL_TIMER, folds: int = 1, fsc_mask=None):
+                              timer=NULL_TIMER, folds: int = 1, fsc_mask=None, tau2_ref=None):
     """Sum accumulators over ranks (stride-distributed) and reconstruct every volume; maps on every rank.
 
     gold: the volumes are the 2 x ``folds`` parts of the two half sets, (half1 fold 1..F, half2 fold 1..F); the
     half maps are reconstructed from each half's sum with tau^2 from their FSC. With folds > 1 also each fold's
     leave-one-fold-out reference, its half without it (same tau^2), in info["references"] (2 x folds maps).
-    Otherwise (classification): tau^2 from each volume's own power spectrum (fudge x mean |F/W|^2).
+    Otherwise (classification): with ``tau2_ref`` (V, n_shells), RELION's prior pad^3 x fudge x the power of the
+    references the E-step used (:func:`reference_power_3d`; ``oversampling_correction`` = pad^3 in RELION's
+    ``BackProjector::reconstruct``); without it fudge x each volume's own mean |F/W|^2, which holds the maps'
+    noise (every shell with data looks like signal).
     ``fsc_mask`` (gold, a (N, N, N) solvent mask on the host): tau^2 from the solvent-corrected FSC of the
     unregularised half maps instead (:func:`solvent_corrected_fsc`).
     Returns (maps (V, N, N, N) float32 on F_acc's module, info dict with fsc, tau2, mean_w).
@@ -314,7 +317,7 @@ def reduce_and_reconstruct_3d(comm, F_acc, W_acc, box: int, pad: int, r_max: flo
     planes = owned_planes(layout, comm.rank, comm.size)
     with timer("reconstruct"):
         out = _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold, combined, xp, folds,
-                                 fsc_mask, layout)
+                                 fsc_mask, layout, tau2_ref)
     release_device_memory(xp)
     return out
 
@@ -352,7 +355,7 @@ def solvent_corrected_fsc(half1, half2, mask, r_max: float) -> np.ndarray:
 
 
 def _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold, combined, xp, folds=1,
-                       fsc_mask=None, layout=None):
+                       fsc_mask=None, layout=None, tau2_ref=None):
     # every map with RELION's soft mask outside the box's sphere (softMaskOutsideMap in its
     # BackProjector::windowToOridimRealSpace): the corners hold only interpolation aliasing and noise, which the
     # gridding correction amplifies, in the references and the outputs alike
@@ -375,6 +378,8 @@ def _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold,
             del unreg
         info["fsc_unregularised"] = curve
         tau2 = np.stack([tau2_from_fsc(curve, mean_w[v], fudge) for v in range(F_own.shape[0])])
+    elif tau2_ref is not None:  # RELION's classification prior (see reduce_and_reconstruct_3d)
+        tau2 = pad ** 3 * fudge * np.asarray(tau2_ref, dtype=np.float64).reshape(F_own.shape[0], n_shells)
     else:
         tau2 = fudge * power
     maps = distributed_reconstruct(comm, F_own, W_own, box, pad, r_max, tau2=tau2, tau2_fudge=1.0,
@@ -471,6 +476,41 @@ def reference_power_2d(F, box: int, pad: int, r_max: float) -> np.ndarray:
     s = to_host(xp.bincount(idx, weights=p, minlength=K * (n_shells + 1))).reshape(K, n_shells + 1)
     c = to_host(xp.bincount(sh, minlength=n_shells + 1))
     return np.where(c > 0, s / np.maximum(c, 1), 0.0)[:, :n_shells]
+
+
+#: voxels of a volume :func:`reference_power_3d` bins at a time (its temporaries: ~16 bytes a voxel)
+POWER_SLAB_VOXELS = 1 << 22
+
+
+def reference_power_3d(F, box: int, pad: int, r_max: float) -> np.ndarray:
+    """Per volume of ``F`` (V, Np, Np, Np//2+1), the references' Fourier transforms as the E-step projects them
+    (:func:`mpi_em.fourier.volume_fft` of the masked maps), per image-pixel shell the mean of |F|^2 / 2 over the
+    points of the shell inside the reconstruction ball of ``r_max`` (0 beyond it) -> host (V, n_shells): RELION's
+    tau2 of a 3D classification (:func:`reference_power_2d` in 3D). Binned a slab of kz planes at a time, so that
+    the temporaries stay small beside the references (:data:`POWER_SLAB_VOXELS`)."""
+    from ..fourier import reconstruction_ball
+
+    xp = xp_of(F)
+    V, npad = F.shape[0], F.shape[1]
+    n_shells = box // 2 + 1
+    ky = xp.fft.fftfreq(npad, d=1.0 / npad).reshape(1, -1, 1)
+    kx = xp.arange(F.shape[3], dtype=xp.float64).reshape(1, 1, -1)
+    kz_all = np.fft.fftfreq(npad, d=1.0 / npad)
+    step = max(1, POWER_SLAB_VOXELS // (npad * F.shape[3]))
+    sums = np.zeros((V, n_shells + 1))
+    counts = np.zeros(n_shells + 1)
+    for z0 in range(0, npad, step):
+        kz = xp.asarray(kz_all[z0:z0 + step]).reshape(-1, 1, 1)
+        r = xp.sqrt(kz * kz + ky * ky + kx * kx) / pad
+        sh = xp.where(reconstruction_ball(r, r_max, box), shell_index(r, n_shells), n_shells).reshape(-1)
+        del r
+        counts += to_host(xp.bincount(sh, minlength=n_shells + 1))
+        for v in range(V):
+            f = F[v, z0:z0 + step].reshape(-1)
+            p = 0.5 * (f.real.astype(xp.float64) ** 2 + f.imag.astype(xp.float64) ** 2)
+            sums[v] += to_host(xp.bincount(sh, weights=p, minlength=n_shells + 1))
+            del p
+    return np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)[:, :n_shells]
 
 
 def lowpass(maps, box: int, pixel_size: float, resolution_A: float, width_shells: float = 2.0):

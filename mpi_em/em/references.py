@@ -18,10 +18,12 @@ class References:
     """V references (maps (V, N, N[, N]) real, on xp) prepared for projection. ``single`` (3D): their Fourier
     volumes in complex64 (half the bytes; the projectors sample them in single precision) instead of
     complex128. ``volumes``: the indices of ``maps`` among all the job's references (``n_total`` of them), where a
-    rank holds only the sets its particles use; ``project`` takes the job's indices and finds the rank's own."""
+    rank holds only the sets its particles use; ``project`` takes the job's indices and finds the rank's own.
+    ``power_r_max`` (3D): also ``power``, the volumes' power per shell within that radius (host (V, n_shells),
+    :func:`mpi_em.em.model.reference_power_3d`), the signal prior of a classification."""
 
     def __init__(self, maps, dim: int, pad: int = 2, mask=None, single: bool = False, volumes=None,
-                 n_total: int | None = None):
+                 n_total: int | None = None, power_r_max: float | None = None):
         xp = xp_of(maps)
         self.dim, self.pad = dim, pad
         self.volumes = None if volumes is None else np.asarray(volumes, dtype=np.int64)
@@ -33,10 +35,15 @@ class References:
         self.box = maps.shape[-1]
         m = maps if mask is None else maps * mask
         self.centred = None
+        self.power = None
         if dim == 3:
             npad = pad * self.box
             out = xp.empty((maps.shape[0], npad, npad, npad // 2 + 1), dtype=xp.complex64) if single else None
             self.F = volume_fft(m, pad, out=out)  # each volume transformed in its place (no list, then a copy)
+            if power_r_max is not None:  # RELION's classification prior, before CPU ranks re-lay the volumes
+                from .model import reference_power_3d
+
+                self.power = reference_power_3d(self.F, self.box, pad, power_r_max)
             if xp is np:  # CPU ranks: the centred layout's projector (GPUs: the fused kernel on self.F)
                 self.centred, self.F = CentredVolumes(self.F), None
         else:

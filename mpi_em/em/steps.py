@@ -64,7 +64,7 @@ class EMRun:
     #                                   the 3D references' Fourier volumes in complex64 too)
     memory: "LightenedEStep | None" = None  # where the memory check lightened the E-step, else None
     step_sync: bool = False           # the E-step's steps end with a synchronisation (the driver's pool: a limit)
-    tau2_ref: Any = None              # 2D: this iteration's signal prior, (K, n_shells) on the host
+    tau2_ref: Any = None              # classification: this iteration's signal prior, (K, n_shells) on the host
     #                                   (:func:`reference_tau2_2d`; set with the references, used by the M-step)
 
     @property
@@ -146,11 +146,14 @@ def references(job: EMRun) -> References:
     else:
         ref_maps = state.maps
     volumes = reference_volumes(job.plan, job.K, folds) if job.mode.gold else None
+    classify_3d = job.mode.dim == 3 and not job.mode.gold
     refs = References(job.xp.asarray(ref_maps if volumes is None else ref_maps[volumes]), job.mode.dim,
                       job.args.pad, mask=mask, single=job.accumulate == "single", volumes=volumes,
-                      n_total=len(ref_maps))
+                      n_total=len(ref_maps), power_r_max=state.r_cur if classify_3d else None)
     if job.mode.dim == 2:
         job.tau2_ref = reference_tau2_2d(job, refs)
+    elif classify_3d:  # class3d's signal prior, RELION's: the power of the references the E-step aligns against
+        job.tau2_ref = refs.power
     del mask
     from ..memory import release_device_memory
 
@@ -286,7 +289,7 @@ def maximisation(job: EMRun, it: int, acc: dict, stats: Stats, timer):
         maps, inf = reduce_and_reconstruct_3d(job.comm, acc["F"], acc["W"], job.box, args.pad, state.r_cur,
                                               args.tau2_fudge, mode.gold, fsc_mask=job.solvent,
                                               compress=args.compress, combined=mode.gold, timer=timer,
-                                              folds=job.folds)
+                                              folds=job.folds, tau2_ref=None if mode.gold else job.tau2_ref)
     else:
         maps, inf = reduce_and_reconstruct_2d(job.comm, acc["F"], acc["W"], job.box, args.pad, state.r_cur,
                                               args.tau2_fudge, timer=timer, tau2_ref=job.tau2_ref)
