@@ -497,19 +497,20 @@ def reference_power_3d(F, box: int, pad: int, r_max: float) -> np.ndarray:
     kx = xp.arange(F.shape[3], dtype=xp.float64).reshape(1, 1, -1)
     kz_all = np.fft.fftfreq(npad, d=1.0 / npad)
     step = max(1, POWER_SLAB_VOXELS // (npad * F.shape[3]))
-    sums = np.zeros((V, n_shells + 1))
-    counts = np.zeros(n_shells + 1)
+    sums = xp.zeros((V, n_shells + 1))  # on the volumes' device: one transfer at the end, not one per slab
+    counts = xp.zeros(n_shells + 1)
     for z0 in range(0, npad, step):
         kz = xp.asarray(kz_all[z0:z0 + step]).reshape(-1, 1, 1)
         r = xp.sqrt(kz * kz + ky * ky + kx * kx) / pad
         sh = xp.where(reconstruction_ball(r, r_max, box), shell_index(r, n_shells), n_shells).reshape(-1)
         del r
-        counts += to_host(xp.bincount(sh, minlength=n_shells + 1))
+        counts += xp.bincount(sh, minlength=n_shells + 1)
         for v in range(V):
             f = F[v, z0:z0 + step].reshape(-1)
             p = 0.5 * (f.real.astype(xp.float64) ** 2 + f.imag.astype(xp.float64) ** 2)
-            sums[v] += to_host(xp.bincount(sh, weights=p, minlength=n_shells + 1))
+            sums[v] += xp.bincount(sh, weights=p, minlength=n_shells + 1)
             del p
+    sums, counts = to_host(sums), to_host(counts)
     return np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)[:, :n_shells]
 
 
