@@ -117,7 +117,7 @@ def test_2d_data_vs_prior_is_the_spectral_snr_of_the_average():
     noisy copies of one reference plane at random known in-plane angles, sampled and inserted by the E-step's own
     projector and back-projector. Without the pad^2 it was a quarter of the SNR (measured: 0.25 in every shell);
     with it 0.996-1.059 (the tolerance: the count of image points against padded pixels in small shells)."""
-    from mpi_em.em.model import _reconstruct_2d, reference_power_2d
+    from mpi_em.em.model import _reconstruct_2d, reference_power
     from mpi_em.em.references import rotation_2d
     from mpi_em.fourier import SliceGeometry
     from mpi_em.fourier2d import backproject2d, plane_fft, project2d
@@ -135,7 +135,7 @@ def test_2d_data_vs_prior_is_the_spectral_snr_of_the_average():
     F = np.zeros((1,) + ref.shape, dtype=np.complex128)
     W = np.zeros((1,) + ref.shape)
     backproject2d(F, W, mats, X / sigma2, np.full(X.shape, 1.0 / sigma2), geom, plane_index=np.zeros(n, int))
-    S = reference_power_2d(ref[None], box, pad, r_max)        # the signal's power per real component
+    S = reference_power(ref[None], box, pad, r_max)        # the signal's power per real component
     _, info = _reconstruct_2d(F, W, box, pad, r_max, 1.0, S)
     ssnr = (info["tau2"] * info["mean_w"])[0]
     expected = n * S[0] / sigma2
@@ -153,7 +153,7 @@ def test_3d_data_vs_prior_is_the_spectral_snr_of_the_map(monkeypatch):
     observe a voxel of shell s n / (2 s) times on average (a slice's 2 pi s points over the shell's 4 pi s^2), so
     SSNR(s) = n S(s) / (2 s sigma^2). Known truth: noisy central slices of a reference volume through the E-step's
     own projector and back-projector."""
-    from mpi_em.em.model import reduce_and_reconstruct_3d, reference_power_3d
+    from mpi_em.em.model import reduce_and_reconstruct_3d, reference_power
     from mpi_em.fourier import SliceGeometry, backproject, project, volume_fft
     from mpi_em.initial.schedule import random_rotations
 
@@ -170,11 +170,11 @@ def test_3d_data_vs_prior_is_the_spectral_snr_of_the_map(monkeypatch):
     F = np.zeros((1,) + ref.shape, dtype=np.complex128)
     W = np.zeros((1,) + ref.shape)
     backproject(F, W, mats, X / sigma2, np.full(X.shape, 1.0 / sigma2), geom, vol_index=np.zeros(n, int))
-    S = reference_power_3d(ref[None], box, pad, r_max)
+    S = reference_power(ref[None], box, pad, r_max)
     from mpi_em.em import model
 
     monkeypatch.setattr(model, "POWER_SLAB_VOXELS", 3 * 2 * box * (box + 1))  # slabs of 3 planes: the same sums
-    assert np.allclose(reference_power_3d(ref[None], box, pad, r_max), S, rtol=1e-12, atol=0)
+    assert np.allclose(reference_power(ref[None], box, pad, r_max), S, rtol=1e-12, atol=0)
     _, info = reduce_and_reconstruct_3d(_comm(), F, W, box, pad, r_max, 1.0, False, tau2_ref=S)
     ssnr = (info["tau2"] * info["mean_w"])[0]
     s = np.arange(S.shape[1], dtype=np.float64)

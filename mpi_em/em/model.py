@@ -294,7 +294,7 @@ def reduce_and_reconstruct_3d(comm, F_acc, W_acc, box: int, pad: int, r_max: flo
     half maps are reconstructed from each half's sum with tau^2 from their FSC. With folds > 1 also each fold's
     leave-one-fold-out reference, its half without it (same tau^2), in info["references"] (2 x folds maps).
     Otherwise (classification): with ``tau2_ref`` (V, n_shells), RELION's prior pad^3 x fudge x the power of the
-    references the E-step used (:func:`reference_power_3d`; ``oversampling_correction`` = pad^3 in RELION's
+    references the E-step used (:func:`reference_power`; ``oversampling_correction`` = pad^3 in RELION's
     ``BackProjector::reconstruct``); without it fudge x each volume's own mean |F/W|^2, which holds the maps'
     noise (every shell with data looks like signal).
     ``fsc_mask`` (gold, a (N, N, N) solvent mask on the host): tau^2 from the solvent-corrected FSC of the
@@ -417,7 +417,7 @@ def reduce_and_reconstruct_2d(comm, F_acc, W_acc, box: int, pad: int, r_max: flo
     """2D class averages: all-reduce the (K, Np, Np//2+1) accumulators and reconstruct on every rank.
 
     ``tau2_ref`` (K, n_shells): the signal prior, per class and shell the power spectrum (per real component) of
-    the references this iteration aligned against (:func:`reference_power_2d`), RELION's classification tau2
+    the references this iteration aligned against (:func:`reference_power`), RELION's classification tau2
     (``MlModel::setFourierTransformMaps``); None: from the accumulators' own mean |F/W|^2 (noise included: see
     :func:`_reconstruct_2d`)."""
     with timer("reduce"):
@@ -455,53 +455,36 @@ def _reconstruct_2d(F_acc, W_acc, box, pad, r_max, fudge, tau2_ref=None):
     return maps.astype(xp.float32), {"tau2": tau2, "mean_w": mean_w}
 
 
-def reference_power_2d(F, box: int, pad: int, r_max: float) -> np.ndarray:
-    """Per plane of ``F`` (K, Np, Np//2+1), the Fourier transforms of 2D references as the E-step projects them
-    (:func:`mpi_em.fourier2d.plane_fft` of the masked maps), and per image-pixel shell: the mean of |F|^2 / 2
-    over the points of the shell inside the reconstruction ball of ``r_max`` (0 beyond it) -> host (K,
-    n_shells). RELION's tau2 of a classification (``Projector::computeFourierTransformMap``'s power spectrum
-    within the current size, per real component: "factor two because of two-dimensionality of the complex
-    plane"), in the units of the accumulators' F / W."""
-    from ..fourier import reconstruction_ball
-
-    xp = xp_of(F)
-    npad = pad * box
-    n_shells = box // 2 + 1
-    r = radius_plane(npad, xp) / pad
-    sh = xp.where(reconstruction_ball(r, r_max, box), shell_index(r, n_shells), n_shells).reshape(-1)
-    K = F.shape[0]
-    idx = (sh[None, :] + (n_shells + 1) * xp.arange(K)[:, None]).reshape(-1)
-    f = F.reshape(K, -1)
-    p = (0.5 * (f.real.astype(xp.float64) ** 2 + f.imag.astype(xp.float64) ** 2)).reshape(-1)
-    s = to_host(xp.bincount(idx, weights=p, minlength=K * (n_shells + 1))).reshape(K, n_shells + 1)
-    c = to_host(xp.bincount(sh, minlength=n_shells + 1))
-    return np.where(c > 0, s / np.maximum(c, 1), 0.0)[:, :n_shells]
-
-
-#: voxels of a volume :func:`reference_power_3d` bins at a time (its temporaries: ~16 bytes a voxel)
+#: Fourier points of a reference :func:`reference_power` bins at a time (its temporaries: ~24 bytes a point)
 POWER_SLAB_VOXELS = 1 << 22
 
 
-def reference_power_3d(F, box: int, pad: int, r_max: float) -> np.ndarray:
-    """Per volume of ``F`` (V, Np, Np, Np//2+1), the references' Fourier transforms as the E-step projects them
-    (:func:`mpi_em.fourier.volume_fft` of the masked maps), per image-pixel shell the mean of |F|^2 / 2 over the
-    points of the shell inside the reconstruction ball of ``r_max`` (0 beyond it) -> host (V, n_shells): RELION's
-    tau2 of a 3D classification (:func:`reference_power_2d` in 3D). Binned a slab of kz planes at a time, so that
-    the temporaries stay small beside the references (:data:`POWER_SLAB_VOXELS`)."""
+def reference_power(F, box: int, pad: int, r_max: float) -> np.ndarray:
+    """The signal prior of a classification: per reference of ``F`` -- 2D planes (V, Np, Np//2+1) or 3D volumes
+    (V, Np, Np, Np//2+1), the Fourier transforms the E-step projects (:func:`mpi_em.fourier2d.plane_fft`,
+    :func:`mpi_em.fourier.volume_fft` of the masked maps) -- and per image-pixel shell, the mean of |F|^2 / 2 over
+    the points of the shell inside the reconstruction ball of ``r_max`` (0 beyond it) -> host (V, n_shells), in
+    the units of the accumulators' F / W. RELION's tau2 of a classification (``MlModel::setFourierTransformMaps``,
+    ``Projector::computeFourierTransformMap``'s power spectrum within the current size, per real component:
+    "factor two because of two-dimensionality of the complex plane"); the reconstruction multiplies it by pad^dim
+    (RELION's oversampling correction). Binned a slab of the first Fourier axis at a time
+    (:data:`POWER_SLAB_VOXELS`), the sums kept on the references' device: small temporaries beside 3D references."""
     from ..fourier import reconstruction_ball
 
     xp = xp_of(F)
-    V, npad = F.shape[0], F.shape[1]
+    V, npad, nxh = F.shape[0], F.shape[1], F.shape[-1]
+    dim = F.ndim - 1
     n_shells = box // 2 + 1
-    ky = xp.fft.fftfreq(npad, d=1.0 / npad).reshape(1, -1, 1)
-    kx = xp.arange(F.shape[3], dtype=xp.float64).reshape(1, 1, -1)
-    kz_all = np.fft.fftfreq(npad, d=1.0 / npad)
-    step = max(1, POWER_SLAB_VOXELS // (npad * F.shape[3]))
-    sums = xp.zeros((V, n_shells + 1))  # on the volumes' device: one transfer at the end, not one per slab
+    kx = xp.arange(nxh, dtype=xp.float64)
+    ky = xp.fft.fftfreq(npad, d=1.0 / npad)
+    rest2 = ky.reshape(-1, 1) ** 2 + kx.reshape(1, -1) ** 2 if dim == 3 else kx ** 2  # the axes after the first
+    k_first = np.fft.fftfreq(npad, d=1.0 / npad)
+    step = max(1, POWER_SLAB_VOXELS // int(np.prod(F.shape[2:])))
+    sums = xp.zeros((V, n_shells + 1))
     counts = xp.zeros(n_shells + 1)
     for z0 in range(0, npad, step):
-        kz = xp.asarray(kz_all[z0:z0 + step]).reshape(-1, 1, 1)
-        r = xp.sqrt(kz * kz + ky * ky + kx * kx) / pad
+        kz = xp.asarray(k_first[z0:z0 + step]).reshape((-1,) + (1,) * (dim - 1))
+        r = xp.sqrt(kz * kz + rest2) / pad
         sh = xp.where(reconstruction_ball(r, r_max, box), shell_index(r, n_shells), n_shells).reshape(-1)
         del r
         counts += xp.bincount(sh, minlength=n_shells + 1)

@@ -20,7 +20,7 @@ class References:
     complex128. ``volumes``: the indices of ``maps`` among all the job's references (``n_total`` of them), where a
     rank holds only the sets its particles use; ``project`` takes the job's indices and finds the rank's own.
     ``power_r_max`` (3D): also ``power``, the volumes' power per shell within that radius (host (V, n_shells),
-    :func:`mpi_em.em.model.reference_power_3d`), the signal prior of a classification."""
+    :func:`mpi_em.em.model.reference_power`), the signal prior of a classification."""
 
     def __init__(self, maps, dim: int, pad: int = 2, mask=None, single: bool = False, volumes=None,
                  n_total: int | None = None, power_r_max: float | None = None):
@@ -41,9 +41,9 @@ class References:
             out = xp.empty((maps.shape[0], npad, npad, npad // 2 + 1), dtype=xp.complex64) if single else None
             self.F = volume_fft(m, pad, out=out)  # each volume transformed in its place (no list, then a copy)
             if power_r_max is not None:  # RELION's classification prior, before CPU ranks re-lay the volumes
-                from .model import reference_power_3d
+                from .model import reference_power
 
-                self.power = reference_power_3d(self.F, self.box, pad, power_r_max)
+                self.power = reference_power(self.F, self.box, pad, power_r_max)
             if xp is np:  # CPU ranks: the centred layout's projector (GPUs: the fused kernel on self.F)
                 self.centred, self.F = CentredVolumes(self.F), None
         else:

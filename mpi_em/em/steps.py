@@ -166,7 +166,7 @@ def references(job: EMRun) -> References:
 def reference_tau2_2d(job: EMRun, refs: References) -> np.ndarray:
     """class2d's signal prior for this iteration's M-step, RELION's convention for classification: per class and
     shell the power spectrum (per real component) of the masked reference the E-step aligns against, inside the
-    current size (:func:`mpi_em.em.model.reference_power_2d` of ``refs.F``; RELION's
+    current size (:func:`mpi_em.em.model.reference_power` of ``refs.F``; RELION's
     ``MlModel::setFourierTransformMaps`` before each E-step), the same on every rank. The first iteration of a new
     run: that of the mean of the random subsets' averages (the first references), the average of all the
     particles, for every class (RELION's first references are that average; the transform of the mean is the
@@ -175,13 +175,13 @@ def reference_tau2_2d(job: EMRun, refs: References) -> np.ndarray:
     own mean |F/W|^2, which holds the noise of the averages being made: every shell with data looked like
     signal, the averages were barely regularised and the resolution was the current size's edge
     (benchmarks/results/class2d-reseed/cpu-box256-2026-12-04/)."""
-    from .model import reference_power_2d
+    from .model import reference_power
 
     state = job.state
     if state.iter == 0:
         mean = refs.F.mean(axis=0, keepdims=True)
-        return np.repeat(reference_power_2d(mean, job.box, job.args.pad, state.r_cur), job.K, axis=0)
-    return reference_power_2d(refs.F, job.box, job.args.pad, state.r_cur)
+        return np.repeat(reference_power(mean, job.box, job.args.pad, state.r_cur), job.K, axis=0)
+    return reference_power(refs.F, job.box, job.args.pad, state.r_cur)
 
 
 def iteration_batch(job: EMRun) -> None:
