@@ -84,7 +84,7 @@ def test_2d_class_averages_masked_outside_the_circle():
 
     box, pad = 24, 2
     F, W = _accumulators(4, (pad * box, pad * box // 2 + 1))
-    maps, _ = reduce_and_reconstruct_2d(_comm(), F, W, box, pad, box / 2 - 1, 1.0)
+    maps, _ = reduce_and_reconstruct_2d(_comm(), F, W, box, pad, box / 2 - 1, 1.0, np.ones((4, box // 2 + 1)))
     assert maps.shape == (4, box, box)
     _assert_masked(maps, 2)
 

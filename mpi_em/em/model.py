@@ -412,14 +412,13 @@ def _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold,
     return maps.astype(xp.float32, copy=False), info
 
 
-def reduce_and_reconstruct_2d(comm, F_acc, W_acc, box: int, pad: int, r_max: float, fudge: float,
-                              timer=NULL_TIMER, tau2_ref=None):
+def reduce_and_reconstruct_2d(comm, F_acc, W_acc, box: int, pad: int, r_max: float, fudge: float, tau2_ref,
+                              timer=NULL_TIMER):
     """2D class averages: all-reduce the (K, Np, Np//2+1) accumulators and reconstruct on every rank.
 
     ``tau2_ref`` (K, n_shells): the signal prior, per class and shell the power spectrum (per real component) of
     the references this iteration aligned against (:func:`reference_power`), RELION's classification tau2
-    (``MlModel::setFourierTransformMaps``); None: from the accumulators' own mean |F/W|^2 (noise included: see
-    :func:`_reconstruct_2d`)."""
+    (``MlModel::setFourierTransformMaps``)."""
     with timer("reduce"):
         allreduce_sum(comm, F_acc)
         allreduce_sum(comm, W_acc)
@@ -428,29 +427,25 @@ def reduce_and_reconstruct_2d(comm, F_acc, W_acc, box: int, pad: int, r_max: flo
         return _reconstruct_2d(F_acc, W_acc, box, pad, r_max, fudge, tau2_ref)
 
 
-def _reconstruct_2d(F_acc, W_acc, box, pad, r_max, fudge, tau2_ref=None):
+def _reconstruct_2d(F_acc, W_acc, box, pad, r_max, fudge, tau2_ref):
     """The class averages F / (W + 1 / tau2) and info {"tau2": tau2 per class and shell (the prior's variance as
     used, in the padded plane's units of W), "mean_w"}: tau2 x mean W is RELION's data-vs-prior SSNR, from which
     the resolution and the current size follow.
 
-    With ``tau2_ref`` (RELION's convention) the prior is pad^2 x fudge x the power of the references the E-step
-    used: RELION's ``BackProjector::reconstruct`` adds 1 / (oversampling_correction x tau2_fudge x tau2) to the
+    The prior is pad^2 x fudge x ``tau2_ref``, the power of the references the E-step used (RELION's convention): RELION's ``BackProjector::reconstruct`` adds 1 / (oversampling_correction x tau2_fudge x tau2) to the
     weights, oversampling_correction = pad^2 for 2D references, because the padded plane's pixels dilute each
     image's weight pad^2-fold; without it the prior was 4x too strong at pad 2 and the data-vs-prior a quarter of
     the averages' spectral SNR (``tests/test_em_maps.py::test_2d_data_vs_prior_is_the_spectral_snr_of_the_average``).
-    Without ``tau2_ref``, fudge x the mean |F/W|^2 of the unregularised averages: that holds the averages' noise, 2
-    / W per voxel, so tau2 x mean W >= 2 x fudge in every shell that has data whatever the signal, the averages
-    are barely regularised and the reported resolution is the current size's edge (benchmarks/results/
-    class2d-reseed/cpu-box256-2026-12-04/)."""
+    Until 2026-12-04 tau2 was fudge x the mean |F/W|^2 of the unregularised averages, which holds their noise, 2 / W
+    per voxel: tau2 x mean W >= 2 x fudge in every shell with data whatever the signal, the averages were barely
+    regularised and the reported resolution was the current size's edge (benchmarks/results/class2d-reseed/
+    cpu-box256-2026-12-04/)."""
     xp = xp_of(F_acc)
     npad = pad * box
     n_shells = box // 2 + 1
     sh = shell_index(radius_plane(npad, xp) / pad, n_shells).reshape(-1)
-    mean_w, power = _shell_means(_shell_sums(F_acc, W_acc, sh, n_shells), n_shells)
-    if tau2_ref is None:
-        tau2 = fudge * power
-    else:
-        tau2 = pad ** 2 * fudge * np.asarray(tau2_ref, dtype=np.float64).reshape(F_acc.shape[0], n_shells)
+    mean_w, _ = _shell_means(_shell_sums(F_acc, W_acc, sh, n_shells), n_shells)
+    tau2 = pad ** 2 * fudge * np.asarray(tau2_ref, dtype=np.float64).reshape(F_acc.shape[0], n_shells)
     maps = reconstruct2d(F_acc, W_acc, box, pad, r_max, tau2=xp.asarray(tau2), tau2_fudge=1.0, mask_outside=True)
     return maps.astype(xp.float32), {"tau2": tau2, "mean_w": mean_w}
 

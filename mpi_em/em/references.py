@@ -19,7 +19,7 @@ class References:
     volumes in complex64 (half the bytes; the projectors sample them in single precision) instead of
     complex128. ``volumes``: the indices of ``maps`` among all the job's references (``n_total`` of them), where a
     rank holds only the sets its particles use; ``project`` takes the job's indices and finds the rank's own.
-    ``power_r_max`` (3D): also ``power``, the volumes' power per shell within that radius (host (V, n_shells),
+    ``power_r_max``: also ``power``, the references' power per shell within that radius (host (V, n_shells),
     :func:`mpi_em.em.model.reference_power`), the signal prior of a classification."""
 
     def __init__(self, maps, dim: int, pad: int = 2, mask=None, single: bool = False, volumes=None,
@@ -40,14 +40,14 @@ class References:
             npad = pad * self.box
             out = xp.empty((maps.shape[0], npad, npad, npad // 2 + 1), dtype=xp.complex64) if single else None
             self.F = volume_fft(m, pad, out=out)  # each volume transformed in its place (no list, then a copy)
-            if power_r_max is not None:  # RELION's classification prior, before CPU ranks re-lay the volumes
-                from .model import reference_power
-
-                self.power = reference_power(self.F, self.box, pad, power_r_max)
-            if xp is np:  # CPU ranks: the centred layout's projector (GPUs: the fused kernel on self.F)
-                self.centred, self.F = CentredVolumes(self.F), None
         else:
             self.F = plane_fft(m, pad)
+        if power_r_max is not None:  # RELION's classification prior, before CPU ranks re-lay 3D volumes
+            from .model import reference_power
+
+            self.power = reference_power(self.F, self.box, pad, power_r_max)
+        if dim == 3 and xp is np:  # CPU ranks: the centred layout's projector (GPUs: the fused kernel on self.F)
+            self.centred, self.F = CentredVolumes(self.F), None
         self.n = maps.shape[0]
 
     def project(self, mats, vol_index, geom: SliceGeometry):

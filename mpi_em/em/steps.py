@@ -65,7 +65,8 @@ class EMRun:
     memory: "LightenedEStep | None" = None  # where the memory check lightened the E-step, else None
     step_sync: bool = False           # the E-step's steps end with a synchronisation (the driver's pool: a limit)
     tau2_ref: Any = None              # classification: this iteration's signal prior, (K, n_shells) on the host
-    #                                   (:func:`reference_tau2_2d`; set with the references, used by the M-step)
+    #                                   (``References.power``, :func:`first_prior_2d`; set with the references,
+    #                                   used by the M-step)
 
     @property
     def box(self) -> int:
@@ -146,14 +147,12 @@ def references(job: EMRun) -> References:
     else:
         ref_maps = state.maps
     volumes = reference_volumes(job.plan, job.K, folds) if job.mode.gold else None
-    classify_3d = job.mode.dim == 3 and not job.mode.gold
+    classify = not job.mode.gold
     refs = References(job.xp.asarray(ref_maps if volumes is None else ref_maps[volumes]), job.mode.dim,
                       job.args.pad, mask=mask, single=job.accumulate == "single", volumes=volumes,
-                      n_total=len(ref_maps), power_r_max=state.r_cur if classify_3d else None)
-    if job.mode.dim == 2:
-        job.tau2_ref = reference_tau2_2d(job, refs)
-    elif classify_3d:  # class3d's signal prior, RELION's: the power of the references the E-step aligns against
-        job.tau2_ref = refs.power
+                      n_total=len(ref_maps), power_r_max=state.r_cur if classify else None)
+    if classify:  # the signal prior, RELION's: the power of the references the E-step aligns against
+        job.tau2_ref = first_prior_2d(job, refs) if job.mode.dim == 2 and state.iter == 0 else refs.power
     del mask
     from ..memory import release_device_memory
 
@@ -163,25 +162,17 @@ def references(job: EMRun) -> References:
     return refs
 
 
-def reference_tau2_2d(job: EMRun, refs: References) -> np.ndarray:
-    """class2d's signal prior for this iteration's M-step, RELION's convention for classification: per class and
-    shell the power spectrum (per real component) of the masked reference the E-step aligns against, inside the
-    current size (:func:`mpi_em.em.model.reference_power` of ``refs.F``; RELION's
-    ``MlModel::setFourierTransformMaps`` before each E-step), the same on every rank. The first iteration of a new
-    run: that of the mean of the random subsets' averages (the first references), the average of all the
-    particles, for every class (RELION's first references are that average; the transform of the mean is the
-    mean of ``refs.F``): each random subset's average holds its particles' noise (1 / 50 of a particle's at 50
-    particles a class), whose power at high frequency would be taken for signal. Before, tau^2 was the averages'
-    own mean |F/W|^2, which holds the noise of the averages being made: every shell with data looked like
-    signal, the averages were barely regularised and the resolution was the current size's edge
-    (benchmarks/results/class2d-reseed/cpu-box256-2026-12-04/)."""
+def first_prior_2d(job: EMRun, refs: References) -> np.ndarray:
+    """class2d's signal prior in the first iteration of a new run (later ones: the power of each class's reference,
+    ``refs.power``, RELION's ``MlModel::setFourierTransformMaps`` before each E-step): the power of the mean of the
+    first references, the random subsets' averages, i.e. of the average of all the particles, for every class
+    (RELION's first references are that average; the transform of the mean is the mean of ``refs.F``). Each random
+    subset's average holds its particles' noise (1 / 50 of a particle's at 50 particles a class), whose power at
+    high frequency would be taken for signal (benchmarks/results/class2d-reseed/cpu-box256-2026-12-04/)."""
     from .model import reference_power
 
-    state = job.state
-    if state.iter == 0:
-        mean = refs.F.mean(axis=0, keepdims=True)
-        return np.repeat(reference_power(mean, job.box, job.args.pad, state.r_cur), job.K, axis=0)
-    return reference_power(refs.F, job.box, job.args.pad, state.r_cur)
+    mean = refs.F.mean(axis=0, keepdims=True)
+    return np.repeat(reference_power(mean, job.box, job.args.pad, job.state.r_cur), job.K, axis=0)
 
 
 def iteration_batch(job: EMRun) -> None:
@@ -289,10 +280,10 @@ def maximisation(job: EMRun, it: int, acc: dict, stats: Stats, timer):
         maps, inf = reduce_and_reconstruct_3d(job.comm, acc["F"], acc["W"], job.box, args.pad, state.r_cur,
                                               args.tau2_fudge, mode.gold, fsc_mask=job.solvent,
                                               compress=args.compress, combined=mode.gold, timer=timer,
-                                              folds=job.folds, tau2_ref=None if mode.gold else job.tau2_ref)
+                                              folds=job.folds, tau2_ref=job.tau2_ref)
     else:
         maps, inf = reduce_and_reconstruct_2d(job.comm, acc["F"], acc["W"], job.box, args.pad, state.r_cur,
-                                              args.tau2_fudge, timer=timer, tau2_ref=job.tau2_ref)
+                                              args.tau2_fudge, job.tau2_ref, timer=timer)
     acc.clear()
     from ..memory import release_device_memory
 
