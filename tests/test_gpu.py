@@ -584,3 +584,22 @@ def test_soft_sphere_gpu_equals_cpu(ndim, width):
     assert dev.dtype == host.dtype == np.float32
     assert np.abs(cp.asnumpy(dev) - host).max() <= 1e-7
     assert np.array_equal(cp.asnumpy(dev) == 1.0, host == 1.0) and np.array_equal(cp.asnumpy(dev) == 0, host == 0)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_reference_power_gpu_equals_cpu(rng, monkeypatch, dim):
+    """The classification prior's reference power (em.model.reference_power), binned slab by slab with the sums on
+    the references' device, equals the CPU's: the same shells, float64 sums of the same float32 values in another
+    order (GPU bincount's atomics), so equal to float64 rounding; several slabs (a small slab size) as in 3D jobs."""
+    from mpi_em.em import model
+
+    box, pad, V = 24, 2, 3
+    npad = box * pad
+    shape = (V,) + (npad,) * (dim - 1) + (npad // 2 + 1,)
+    F = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    monkeypatch.setattr(model, "POWER_SLAB_VOXELS", 5 * int(np.prod(shape[2:])))
+    host = model.reference_power(F, box, pad, r_max=9.5)
+    dev = model.reference_power(cp.asarray(F), box, pad, r_max=9.5)
+    assert isinstance(dev, np.ndarray) and dev.shape == host.shape == (V, box // 2 + 1)
+    assert (host[:, :9] > 0).all() and (host[:, 11:] == 0).all()
+    np.testing.assert_allclose(dev, host, rtol=1e-12, atol=0)
