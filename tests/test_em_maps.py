@@ -182,3 +182,38 @@ def test_3d_data_vs_prior_is_the_spectral_snr_of_the_map(monkeypatch):
     ratio = ssnr[shells] / (n * S[0][shells] / (2 * s[shells] * sigma2))
     print("data-vs-prior / (n S / (2 s sigma^2)), shells 3-10:", np.round(ratio, 3))
     assert np.all(np.abs(ratio - 1.0) < 0.1), ratio
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_reference_power_is_the_shell_mean_inside_the_ball(monkeypatch, dim):
+    """em.model.reference_power against its definition written out on the whole padded grid: per reference and
+    image-pixel shell round(|k| / pad), the mean of |F|^2 / 2 over the points with |k| / pad <= r_max + 1/2 and
+    < box / 2 (the reconstruction ball), 0 beyond. Small and large r_max (the ball inside the grid, and reaching
+    its Nyquist sphere), odd pad, slabs of a few planes, each shell's sum spread over lanes (as on a GPU): the same
+    sums to float64 rounding."""
+    from mpi_em.em import model
+
+    rng = np.random.default_rng(3)
+    for box, pad, V in ((20, 2, 3), (18, 3, 2)):
+        npad = box * pad
+        shape = (V,) + (npad,) * (dim - 1) + (npad // 2 + 1,)
+        F = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+        axes = [np.fft.fftfreq(npad, 1.0 / npad)] * (dim - 1) + [np.arange(npad // 2 + 1.0)]
+        r = np.sqrt(sum(k ** 2 for k in np.meshgrid(*axes, indexing="ij"))) / pad
+        n_shells = box // 2 + 1
+        for r_max in (2.0, 5.5, box / 2 - 1, box / 2):
+            inside = (r <= r_max + 0.5) & (r < box / 2)
+            sh = np.rint(r).astype(int)
+            p = 0.5 * np.abs(F.astype(np.complex128)) ** 2
+            want = np.zeros((V, n_shells))
+            for s in range(n_shells):
+                sel = inside & (sh == s)
+                if sel.any():
+                    want[:, s] = p[:, sel].mean(axis=1)
+            got = model.reference_power(F, box, pad, r_max)
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+            with monkeypatch.context() as m:
+                m.setattr(model, "POWER_SLAB_VOXELS", 2 * int(np.prod(shape[2:])) + 1)
+                np.testing.assert_allclose(model.reference_power(F, box, pad, r_max), want, rtol=1e-12, atol=0)
+                m.setattr(model, "_power_lanes", lambda xp: 7)   # a GPU's sums spread over lanes, here on the CPU
+                np.testing.assert_allclose(model.reference_power(F, box, pad, r_max), want, rtol=1e-12, atol=0)
