@@ -41,6 +41,9 @@ from mpi_em.align import align_to_truth, resolution_to_truth
 from mpi_em.evaluate import class_accuracy
 from mpi_em.io import read_map
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the scripts' shared parts
+from gpu_memory import GpuSampler  # noqa: E402
+
 
 def best_accuracy(assigned, truth) -> float:
     """Class accuracy: best one-to-one matching of classes to labels when their numbers agree, else majority."""
@@ -177,10 +180,11 @@ def main(argv=None) -> int:
         cmd = py + ["initial-model", "--i", star, "--o", run, "--K", str(a.K), "--device", a.device] + passthrough
     if a.ranks > 1:
         cmd = [shutil.which("mpirun") or "mpirun", "-n", str(a.ranks)] + cmd
-    t0 = time.time()
-    # RELION opens the images relative to its working folder (its project folder): the data set's
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=data if a.relion else None)
-    seconds = time.time() - t0
+    with GpuSampler(a.device == "gpu" or bool(a.relion)) as gpu:
+        t0 = time.time()
+        # RELION opens the images relative to its working folder (its project folder): the data set's
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=data if a.relion else None)
+        seconds = time.time() - t0
     with open(os.path.join(a.work, "run.log"), "w") as f:
         f.write(r.stdout + r.stderr)
     if r.returncode != 0:
@@ -199,7 +203,8 @@ def main(argv=None) -> int:
            "command": cmd, "box": box, "n": n_data, "snr": None if a.data else a.snr, "K": a.K, "ranks": a.ranks,
            "device": a.device, "options": passthrough, "seconds": seconds,
            "seconds_per_1000_minibatch": 1000.0 * batch_s / batch_n if batch_n else None,
-           "seconds_final_pass": sum(map(float, fin)) if fin else None, "data": data}
+           "seconds_final_pass": sum(map(float, fin)) if fin else None, "data": data,
+           "peak_gpu_mib": gpu.peak_mib}
     row.update(evaluate(data, run, a.K))
     row["conformations"] = len(row["fsc05_A"])
     print("| box | n | SNR | K | conf | ranks | device | s | s / 1000 mini-batch | final pass s | FSC 0.5 vs truth (Å) "

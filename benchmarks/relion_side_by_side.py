@@ -56,6 +56,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the scripts' shared parts
+from gpu_memory import GpuSampler  # noqa: E402
+
 JOBS = ("reconstruct", "reconstruct-1", "refine3d", "class3d", "class2d", "class2d-vdam")
 
 
@@ -174,48 +177,6 @@ def table(rows: list[dict]) -> str:
 
 
 # --------------------------------------------------------------------------------------------- running
-class GpuSampler:
-    """Peak of `nvidia-smi --query-gpu=memory.used` (MiB, summed over the visible GPUs) every 0.5 s, minus the
-    value before the run."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and shutil.which("nvidia-smi") is not None
-        self.peak = None
-        self._stop = threading.Event()
-
-    @staticmethod
-    def used() -> float | None:
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=10).stdout
-            return float(sum(float(x) for x in out.split()))
-        except (OSError, ValueError, subprocess.SubprocessError):
-            return None
-
-    def _loop(self):
-        while not self._stop.is_set():
-            u = self.used()
-            if u is not None:
-                self.peak = u if self.peak is None else max(self.peak, u)
-            self._stop.wait(0.5)
-
-    def __enter__(self):
-        if self.enabled:
-            self.base = self.used() or 0.0
-            self._t = threading.Thread(target=self._loop, daemon=True)
-            self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self._stop.set()
-            self._t.join()
-
-    @property
-    def peak_mib(self):
-        return None if (not self.enabled or self.peak is None) else max(0.0, self.peak - self.base)
-
-
 def run(cmd, log_path, cwd, timeout, env, gpu=False):
     """Run ``cmd`` in its own process group, stdout+stderr to ``log_path``; kill the group at ``timeout``.
     -> dict(rc, wall_s, start, timed_out, peak_gpu_mib)."""
