@@ -49,7 +49,8 @@ def update_schedule(state: EMState, info: dict, mode: Mode, args, box: int, apix
     if mode.gold:
         _refine_schedule(state, info, args, box, apix, maps, masked)
         return
-    # classification: data-vs-prior SSNR per shell; the current size follows the last shell with SSNR >= 1
+    # classification: data-vs-prior SSNR per shell; the current size follows the last shell with SSNR >= 1, plus
+    # --incr-size shells (RELION's updateImageSizeAndResolutionPointers; 3 in checkpoints of older runs)
     tau2 = np.atleast_2d(info.get("tau2"))
     mw = info.get("mean_w")
     if mw is not None:
@@ -57,7 +58,8 @@ def update_schedule(state: EMState, info: dict, mode: Mode, args, box: int, apix
         good = np.flatnonzero(ssnr[1:] >= 1.0)
         if good.size:
             shell = good.max() + 1
-            state.r_cur = float(min(default_r_max(box), max(state.r_cur, shell + 3)))
+            reach = shell + int(getattr(args, "incr_size", 3))
+            state.r_cur = float(min(default_r_max(box), max(state.r_cur, reach)))
             state.resolution.append(float(box * apix / max(shell, 1)))
 
 

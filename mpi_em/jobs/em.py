@@ -72,6 +72,10 @@ def add_arguments(p, mode: str) -> None:
                             "within 3; default 0: uniform within --local-radius)")
     if mode != "refine3d":
         p.add_argument("--K", type=int, default=4 if cfg.dim == 3 else 10, help="number of classes")
+    p.add_argument("--incr-size", type=int, default=10, metavar="SHELLS",
+                   help="the current image size: the resolution's shell (refine3d: gold-standard; classification: "
+                        "the last shell whose data-vs-prior SSNR reaches 1) plus this many shells (RELION's "
+                        "--incr_size; default 10, as RELION)")
     if mode == "refine3d":
         p.add_argument("--max-order", type=int, default=8,
                        help="finest HEALPix order the auto-refinement may reach (default 8 = 0.23°); it refines the "
@@ -81,9 +85,6 @@ def add_arguments(p, mode: str) -> None:
                        help="do not run the last iteration (after convergence, or --iter's) at the full image size; "
                             "by default it is, as RELION's auto-refine does, so that the final map holds data to "
                             "Nyquist")
-        p.add_argument("--incr-size", type=int, default=10, metavar="SHELLS",
-                       help="the current image size: the gold-standard resolution's shell plus this many shells "
-                            "(RELION's --incr_size; default 10, as RELION)")
         p.add_argument("--fsc-jump", action=argparse.BooleanOptionalAction, default=True,
                        help="while the half maps' FSC at the edge of the current size is above 0.2 (the resolution "
                             "is limited by the size, not by the data) and the mean largest posterior weight above "
