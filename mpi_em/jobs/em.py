@@ -72,10 +72,12 @@ def add_arguments(p, mode: str) -> None:
                             "within 3; default 0: uniform within --local-radius)")
     if mode != "refine3d":
         p.add_argument("--K", type=int, default=4 if cfg.dim == 3 else 10, help="number of classes")
-    p.add_argument("--incr-size", type=int, default=10, metavar="SHELLS",
+    p.add_argument("--incr-size", type=int, default=10 if mode == "refine3d" else 3, metavar="SHELLS",
                    help="the current image size: the resolution's shell (refine3d: gold-standard; classification: "
                         "the last shell whose data-vs-prior SSNR reaches 1) plus this many shells (RELION's "
-                        "--incr_size; default 10, as RELION)")
+                        "--incr_size, 10 in every RELION job; default 10 in refine3d, 3 in class3d / class2d, where "
+                        "10 gave the same class maps in 2.3x the time: benchmarks/results/class3d-prior/"
+                        "cpu-incr-size-2026-12-05/)")
     if mode == "refine3d":
         p.add_argument("--max-order", type=int, default=8,
                        help="finest HEALPix order the auto-refinement may reach (default 8 = 0.23°); it refines the "
