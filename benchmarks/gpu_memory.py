@@ -1,4 +1,4 @@
-"""Peak GPU memory of a program run by a benchmark script: ``nvidia-smi``'s memory.used, sampled in a thread."""
+"""Peak GPU memory of a program that a benchmark script starts: ``nvidia-smi``'s memory.used, sampled in a thread."""
 from __future__ import annotations
 
 import shutil
