@@ -484,24 +484,24 @@ def reference_power(F, box: int, pad: int, r_max: float) -> np.ndarray:
     rows = np.flatnonzero(np.abs(k_all) <= kmax)              # the ball's indices on a full (fftfreq) axis
     nx = min(kmax + 1, nxh)
     full = len(rows) == npad                                     # the ball reaches the grid's Nyquist: no copies
-    mid = xp.asarray(rows) if dim == 3 and not full else None
+    rows_d, k_rows = xp.asarray(rows), xp.asarray(k_all[rows])   # on the references' device, once
+    mid = rows_d if dim == 3 and not full else None
     kx = xp.arange(nx, dtype=xp.float64)
-    rest2 = (xp.asarray(k_all[rows]).reshape(-1, 1) ** 2 + kx.reshape(1, -1) ** 2) if dim == 3 else kx ** 2
+    rest2 = (k_rows.reshape(-1, 1) ** 2 + kx.reshape(1, -1) ** 2) if dim == 3 else kx ** 2
     lanes = _power_lanes(xp)
     nb = (n_shells + 1) * lanes                                  # per reference: shells, the "outside" bin, x lanes
     step = max(1, POWER_SLAB_VOXELS // max(1, V * int(rest2.size)))
     sums = xp.zeros(V * nb)
     counts = xp.zeros(nb)
     for i0 in range(0, len(rows), step):
-        sel = rows[i0:i0 + step]
-        kz = xp.asarray(k_all[sel]).reshape((-1,) + (1,) * (dim - 1))
+        kz = k_rows[i0:i0 + step].reshape((-1,) + (1,) * (dim - 1))
         r = xp.sqrt(kz * kz + rest2) / pad
         key = xp.where(reconstruction_ball(r, r_max, box), shell_index(r, n_shells), n_shells).reshape(-1) * lanes
         del r
         if lanes > 1:
             key += xp.arange(key.size) % lanes
         counts += xp.bincount(key, minlength=nb)
-        f = F[:, i0:i0 + step] if full else F[:, xp.asarray(sel)]
+        f = F[:, i0:i0 + step] if full else F[:, rows_d[i0:i0 + step]]
         f = (f if mid is None else f[:, :, mid])[..., :nx].reshape(V, -1)
         p = 0.5 * (f.real.astype(xp.float64) ** 2 + f.imag.astype(xp.float64) ** 2)
         del f
