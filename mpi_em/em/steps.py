@@ -148,11 +148,12 @@ def references(job: EMRun) -> References:
         ref_maps = state.maps
     volumes = reference_volumes(job.plan, job.K, folds) if job.mode.gold else None
     classify = not job.mode.gold
+    first_2d = job.mode.dim == 2 and state.iter == 0   # class2d's first prior: the mean reference's (first_prior_2d)
     refs = References(job.xp.asarray(ref_maps if volumes is None else ref_maps[volumes]), job.mode.dim,
                       job.args.pad, mask=mask, single=job.accumulate == "single", volumes=volumes,
-                      n_total=len(ref_maps), power_r_max=state.r_cur if classify else None)
+                      n_total=len(ref_maps), power_r_max=state.r_cur if classify and not first_2d else None)
     if classify:  # the signal prior, RELION's: the power of the references the E-step aligns against
-        job.tau2_ref = first_prior_2d(job, refs) if job.mode.dim == 2 and state.iter == 0 else refs.power
+        job.tau2_ref = first_prior_2d(job, refs) if first_2d else refs.power
     del mask
     from ..memory import release_device_memory
 
