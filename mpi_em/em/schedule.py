@@ -50,7 +50,7 @@ def update_schedule(state: EMState, info: dict, mode: Mode, args, box: int, apix
         _refine_schedule(state, info, args, box, apix, maps, masked)
         return
     # classification: data-vs-prior SSNR per shell; the current size follows the last shell with SSNR >= 1, plus
-    # --incr-size shells (RELION's updateImageSizeAndResolutionPointers, which takes 10; classification's default 3)
+    # --incr-size shells (RELION's updateImageSizeAndResolutionPointers, which takes 10; class2d's default 3)
     tau2 = np.atleast_2d(info.get("tau2"))
     mw = info.get("mean_w")
     if mw is not None:
