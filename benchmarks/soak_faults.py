@@ -103,12 +103,12 @@ def checkpoint_ok(out):
     """None: no checkpoint; True: checkpoint.json points at a readable, consistent HDF5; False: lost."""
     if not (out / "checkpoint.json").exists():
         return None
-    from mpi_em.io import read_hdf5
+    from mpi_em.em.state import MODES, EMState
 
-    try:
-        ptr = json.load(open(out / "checkpoint.json"))
-        arrays, attrs = read_hdf5(out / ptr["checkpoint"])
-        return json.loads(attrs["state"])["iter"] == ptr["iteration"] and np.isfinite(arrays["maps"]).all()
+    try:  # the maps too, from the map files the checkpoint names, checked against its CRC-32
+        mode = json.load(open(out / "checkpoint.json"))["mode"]
+        ptr, state, _ = EMState.load(str(out), MODES[mode])
+        return state.iter == ptr["iteration"] and bool(np.isfinite(state.maps).all())
     except Exception:  # noqa: BLE001 - any failure is a lost checkpoint
         return False
 

@@ -161,6 +161,38 @@ def test_refine3d_continue_after_interruption(tiny, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["class3d", "class2d"])
+def test_classification_continue_after_interruption(tiny, tmp_path, mode):
+    """class3d / class2d stopped after iteration 2 and continued equal an uninterrupted 3-iteration run: poses,
+    classes and maps (the checkpoint holds the maps by reference to the iteration's map files, read back from
+    them)."""
+    import h5py
+
+    extra = ["--ref", tiny / "start.mrc", "--ini-high", 32, "--K", 2] if mode == "class3d" else ["--K", 4]
+    def run(out, *more):
+        return mpi_em([mode, "--i", tiny / "particles_unaligned.star", "--o", out, "--iter", 3] + extra + list(more),
+                      ranks=1)
+
+    assert run(tmp_path / "full").returncode == 0
+    os.environ["MPI_EM_STOP_AFTER_ITERATION"] = "2"
+    try:
+        r = run(tmp_path / "cut")
+    finally:
+        del os.environ["MPI_EM_STOP_AFTER_ITERATION"]
+    assert r.returncode == 0, r.stderr
+    with h5py.File(tmp_path / "cut" / "run_it002_checkpoint.h5", "r") as f:
+        assert "maps" not in f and "maps_files" in f.attrs
+    r = mpi_em([mode, "--continue", tmp_path / "cut"], ranks=1)
+    assert r.returncode == 0, r.stderr
+    a, b = (read_particles(tmp_path / d / "run_data.star") for d in ("full", "cut"))
+    assert np.array_equal(_poses(tmp_path / "full" / "run_data.star"), _poses(tmp_path / "cut" / "run_data.star"))
+    assert np.array_equal(a.class_number, b.class_number)
+    names = ["run_classes.mrcs"] if mode == "class2d" else ["run_class001.mrc", "run_class002.mrc"]
+    for name in names:
+        assert np.array_equal(mrcfile.read(tmp_path / "full" / name), mrcfile.read(tmp_path / "cut" / name)), name
+
+
+@pytest.mark.slow
 def test_refine3d_stops_with_the_iteration_that_converged(tiny, tmp_path):
     """Converged (finest order, the gold-standard resolution no longer 1% better than the best): the run does one
     more iteration, at the full image size (RELION's last auto-refine iteration), and stops with it (no further

@@ -76,3 +76,55 @@ def test_local_searches_from_the_start(rng, job, order, local_from, flag, expect
     state = EMState.initial(args, MODES[job], 32, 4.0, 1 if job == "refine3d" else 2,
                             ref=rng.normal(size=(32, 32, 32)).astype(np.float32))
     assert state.local is expected
+
+
+@pytest.mark.parametrize("job", ["refine3d", "class3d", "class2d"])
+def test_checkpoint_holds_float32_maps_by_reference_to_the_iterations_map_files(tmp_path, rng, job):
+    """An iteration's float32 maps are in its map files (run_itNNN_*.mrc / _classes.mrcs): the checkpoint records
+    their names and CRC-32, not a second copy, and loads the same maps bit for bit from them; a map file changed or
+    removed after the checkpoint was written is an error naming it; maps of another dtype stay in the checkpoint."""
+    import os
+
+    from mpi_em.em.outputs import map_files
+    from mpi_em.io import write_map, write_stack
+
+    mode, K = MODES[job], 3
+    shape = (K, 96, 96) if mode.dim == 2 else ((2,) if mode.gold else (K,)) + (24, 24, 24)
+    state = EMState(maps=rng.normal(size=shape).astype(np.float32), sigma2=np.ones(13), class_prior=np.full(K, 1 / K),
+                    resolution=[9.0], iter=4)
+    state.args = {"offset_step": 1.0, "offset_range": 3.0}
+    particles = {k: rng.normal(size=6) for k in PER_PARTICLE}
+    particles["half"] = rng.integers(1, 3, 6)
+    files = map_files("run_it004", mode, shape[0])
+    assert len(files) == (1 if mode.dim == 2 else shape[0]) and files[0].startswith("run_it004_")
+    if mode.dim == 2:
+        write_stack(tmp_path / files[0], state.maps, 2.0)
+    else:
+        for f, v in zip(files, state.maps):
+            write_map(tmp_path / f, v, 2.0)
+    state.save(str(tmp_path), 4, mode, particles, K, map_files=files)
+    ck = tmp_path / "run_it004_checkpoint.h5"
+    with h5py.File(ck, "r") as h:
+        assert "maps" not in h and json.loads(h.attrs["maps_files"])["files"] == files
+    assert os.path.getsize(ck) < state.maps.nbytes / 4
+    _, back, _ = EMState.load(str(tmp_path), mode)
+    assert back.maps.dtype == np.float32 and np.array_equal(back.maps, state.maps)
+
+    last = tmp_path / files[-1]
+    good = last.read_bytes()
+    changed = bytearray(good)
+    changed[-7] ^= 0x10                     # one bit of the last voxel
+    last.write_bytes(bytes(changed))
+    with pytest.raises(InputError, match="not those the checkpoint run_it004_checkpoint.h5 .*iteration 4"):
+        EMState.load(str(tmp_path), mode)
+    last.unlink()
+    with pytest.raises(InputError, match=f"{files[-1]}.*missing: the checkpoint run_it004_checkpoint.h5"):
+        EMState.load(str(tmp_path), mode)
+    last.write_bytes(good)
+    assert np.array_equal(EMState.load(str(tmp_path), mode)[1].maps, state.maps)
+
+    state.maps = state.maps.astype(np.float64)  # not what the float32 files hold: kept in the checkpoint
+    state.save(str(tmp_path), 5, mode, particles, K, map_files=files)
+    with h5py.File(tmp_path / "run_it005_checkpoint.h5", "r") as h:
+        assert h["maps"].dtype == np.float64 and "maps_files" not in h.attrs
+    assert np.array_equal(EMState.load(str(tmp_path), mode)[1].maps, state.maps)

@@ -118,12 +118,13 @@ def _rank_pids(root):
 
 
 def _checkpoint_intact(out):
-    from mpi_em.io import read_hdf5
+    """The checkpoint the pointer names loads (its maps, held in the iteration's map files, with the CRC-32 it
+    recorded) and is of the pointer's iteration: its iteration number."""
+    from mpi_em.em.state import MODES, EMState
 
-    ptr = json.load(open(os.path.join(out, "checkpoint.json")))
-    arrays, attrs = read_hdf5(os.path.join(out, ptr["checkpoint"]))
-    assert json.loads(attrs["state"])["iter"] == ptr["iteration"]
-    assert np.isfinite(arrays["maps"]).all() and len(arrays["particles/rot"]) == N
+    ptr, state, particles = EMState.load(out, MODES["refine3d"])
+    assert state.iter == ptr["iteration"]
+    assert np.isfinite(state.maps).all() and len(particles["rot"]) == N
     return ptr["iteration"]
 
 

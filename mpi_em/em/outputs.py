@@ -57,16 +57,14 @@ def write_iteration(out: str, it: int, mode: Mode, star, particles: dict, state:
     box, apix, K = meta["box"], meta["pixel_size"], meta["K"]
     tag = f"run_it{it:03d}"
     maps = state.maps
+    files = map_files(tag, mode, maps.shape[0])
     if mode.dim == 2:
-        write_stack(os.path.join(out, f"{tag}_classes.mrcs"), maps, apix)
-    elif mode.gold:
-        write_map(os.path.join(out, f"{tag}_half1_class001_unfil.mrc"), maps[0], apix)
-        write_map(os.path.join(out, f"{tag}_half2_class001_unfil.mrc"), maps[1], apix)
-        if info.get("combined") is not None:  # both halves' sums, reconstructed with the gold-standard FSC
-            write_map(os.path.join(out, f"{tag}_class001.mrc"), info["combined"], apix)
+        write_stack(os.path.join(out, files[0]), maps, apix)
     else:
-        for k in range(maps.shape[0]):
-            write_map(os.path.join(out, f"{tag}_class{k + 1:03d}.mrc"), maps[k], apix)
+        for name, vol in zip(files, maps):
+            write_map(os.path.join(out, name), vol, apix)
+    if mode.gold and info.get("combined") is not None:  # both halves' sums, reconstructed with the gold-standard FSC
+        write_map(os.path.join(out, f"{tag}_class001.mrc"), info["combined"], apix)
     if info.get("auto_mask") is not None:  # --auto-mask: the mask this iteration used (a postprocess input)
         write_map(os.path.join(out, f"{tag}_mask.mrc"), info["auto_mask"], apix)
     write_particles(os.path.join(out, f"{tag}_data.star"), star, updates=star_updates(particles, mode))
@@ -84,8 +82,18 @@ def write_iteration(out: str, it: int, mode: Mode, star, particles: dict, state:
     write_model_star(os.path.join(out, f"{tag}_model.star"), general, classes, freqs, state.sigma2,
                      np.atleast_2d(info.get("tau2", np.zeros((1, n_sh)))), fsc=gold_fsc)
     _plots(out, it, tag, mode, state, freqs, gold_fsc)
-    # checkpoint (everything needed to resume) then the pointer
-    state.save(out, it, mode, particles, K, meta.get("input"))
+    # checkpoint (everything needed to resume; the maps by reference to the files above) then the pointer
+    state.save(out, it, mode, particles, K, meta.get("input"), map_files=files)
+
+
+def map_files(tag: str, mode: Mode, n_maps: int) -> list[str]:
+    """The files an iteration's maps (``EMState.maps``) are written to, in their order: class2d one stack of the K
+    classes; refine3d the two unfiltered half maps; class3d one map per class."""
+    if mode.dim == 2:
+        return [f"{tag}_classes.mrcs"]
+    if mode.gold:
+        return [f"{tag}_half{h + 1}_class001_unfil.mrc" for h in range(n_maps)]
+    return [f"{tag}_class{k + 1:03d}.mrc" for k in range(n_maps)]
 
 
 def _plots(out, it, tag, mode: Mode, state: EMState, freqs, gold_fsc) -> None:

@@ -1,8 +1,9 @@
 """The EM jobs' checkpoints: one HDF5 file per finished iteration (``run_itNNN_checkpoint.h5``: arrays and a JSON
 state attribute), then ``checkpoint.json``, the pointer that ``--continue`` reads (each written atomically, the
 pointer last); the checkpoint the pointer named before is then removed (only the last one is needed to continue:
-at box 512 each holds the two half maps, ~1 GB, and a 30-iteration refine3d had filled a 64 GB disk). What the
-arrays and the state mean is :class:`mpi_em.em.state.EMState`'s business."""
+at box 512 each held the two half maps, ~1 GB, and a 30-iteration refine3d had filled a 64 GB disk; float32 maps are
+now held by reference to the iteration's map files). What the arrays and the state mean is
+:class:`mpi_em.em.state.EMState`'s business."""
 from __future__ import annotations
 
 import json
