@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import config
-from .io import read_images
+from .io import read_images, stack_info
 
 
 def _pinned_alloc():
@@ -35,17 +35,18 @@ def read_rows(stacks, indices, alloc=np.empty) -> np.ndarray:
     ``alloc(shape, dtype)`` makes the output (e.g. page-locked memory for GPU ranks)."""
     stacks = np.asarray(stacks)
     indices = np.asarray(indices)
-    out = None
-    # consecutive rows of the same stack (plans are sorted by stack, so this is one block per stack)
+    if len(stacks) == 0:
+        return np.zeros((0, 0, 0), np.float32)
+    _, ny, nx, _ = stack_info(stacks[0])
+    out = alloc((len(stacks), ny, nx), dtype=np.float32)
+    # consecutive rows of the same stack (plans are sorted by stack, so this is one block per stack), each read
+    # straight into its rows of the output
     change = np.flatnonzero(stacks[1:] != stacks[:-1]) + 1
     starts = np.concatenate([[0], change])
     ends = np.concatenate([change, [len(stacks)]])
     for s, e in zip(starts, ends):
-        imgs = read_images(stacks[s], indices[s:e])
-        if out is None:
-            out = alloc((len(stacks),) + imgs.shape[1:], dtype=np.float32)
-        out[s:e] = imgs
-    return out if out is not None else np.zeros((0, 0, 0), np.float32)
+        read_images(stacks[s], indices[s:e], out=out[s:e])
+    return out
 
 
 def iter_batches(plan: dict, batch_size: int, prefetch: bool = True, depth: int = 2, pinned: bool = False):

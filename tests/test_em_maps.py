@@ -89,6 +89,33 @@ def test_2d_class_averages_masked_outside_the_circle():
     _assert_masked(maps, 2)
 
 
+@pytest.mark.parametrize("box,res,lead,pruned", [(64, 16.0, (), True), (65, 13.0, (2,), True), (96, 30.0, (3,), True),
+                                                 (40, 4.0, (), False)])
+def test_lowpass_3d_pruned_transforms_equal_the_whole_ones(box, res, lead, pruned, monkeypatch):
+    """The CPU's 3D low-pass transforms only the frequencies its filter passes (whole x, then y and z inside the
+    band, back the same way): the maps of the definition (rfftn, the raised cosine on the whole grid, irfftn) to
+    float rounding, float64 and float32, with leading axes, even and odd boxes; a band too wide for pruning (box 40
+    at 4 Å, 2 Å/px) takes the whole transforms."""
+    import mpi_em.em.model as model
+    from mpi_em.em.model import lowpass
+    from mpi_em.fourier import radius_3d
+
+    calls = []
+    monkeypatch.setattr(model, "_lowpass_3d_pruned", lambda *a, _f=model._lowpass_3d_pruned: calls.append(1) or _f(*a))
+    apix = 2.0
+    v = np.random.default_rng(box).standard_normal(lead + (box,) * 3)
+    rc = box * apix / res
+    r = radius_3d(box)
+    filt = 0.5 + 0.5 * np.cos(np.pi * np.clip((r - rc) / 2.0, 0.0, 1.0))
+    want = np.fft.irfftn(np.fft.rfftn(v, axes=(-3, -2, -1)) * filt, s=(box,) * 3, axes=(-3, -2, -1))
+    got64, got32 = lowpass(v, box, apix, res), lowpass(v.astype(np.float32), box, apix, res)
+    assert got64.shape == v.shape and got64.dtype == np.float64 and got32.dtype == np.float32
+    scale = np.abs(want).max()
+    assert np.abs(got64 - want).max() < 1e-12 * scale
+    assert np.abs(got32 - want).max() < 2e-6 * scale
+    assert len(calls) == (2 if pruned else 0)
+
+
 def test_lowpass_in_the_maps_precision():
     """lowpass keeps the maps' dtype (float32 maps transformed in single precision, as the start reference is):
     Fourier components within the cut-off unchanged, beyond it + the 2-shell raised cosine zero, between them

@@ -322,6 +322,51 @@ def test_read_images_slices(tmp_path):
     np.testing.assert_array_equal(got, imgs[idx])
 
 
+@pytest.mark.filterwarnings("ignore:Data array contains NaN")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # mrcfile's header statistics of the broken stacks
+@pytest.mark.parametrize("dtype", ["<f4", ">f4", "<i2", "<f2"])
+def test_read_images_runs_gathers_and_reads_into_a_given_batch(tmp_path, dtype):
+    """Runs of consecutive slices (copied from the file's pages in one pass each), scattered and repeated slices
+    (gathered), each into a given batch or a new array, in any stored type (little- and big-endian float32, int16,
+    float16): the images bit for bit as float32; a NaN or an infinity in any position of an image is found; an
+    image of another size than the batch's is an error naming the stack."""
+    from mpi_em.particles import read_rows
+
+    rng = np.random.default_rng(4)
+    imgs = (rng.standard_normal((40, 6, 5)) * 100).astype(dtype)
+    path = tmp_path / "s.mrcs"
+    with mrcfile.new(path) as m:
+        m.set_data(imgs)   # mrcfile stores the data's byte order and type (modes 2, 1, 12)
+    want = imgs.astype(np.float32)
+    for idx in ([3, 4, 5, 6, 20, 21, 0], list(range(40)), [7], [9, 2, 2, 31, 17, 0, 39, 8, 8, 1, 30, 12],
+                list(range(40))[::-1]):
+        got = read_images(path, idx)
+        assert got.dtype == np.float32 and got.shape == (len(idx), 6, 5) and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, want[idx])
+        batch = np.full((len(idx) + 2, 6, 5), -1.0, np.float32)
+        assert read_images(path, idx, out=batch[1:-1]) is not None
+        np.testing.assert_array_equal(batch[1:-1], want[idx])
+        assert (batch[0] == -1).all() and (batch[-1] == -1).all()
+    other = tmp_path / "o.mrcs"
+    write_stack(other, np.zeros((2, 6, 5), np.float32), 1.0)
+    np.testing.assert_array_equal(read_rows([str(path)] * 3 + [str(other)], [5, 6, 7, 1]),
+                                  np.concatenate([want[5:8], np.zeros((1, 6, 5), np.float32)]))
+    with pytest.raises(InputError, match="images of 5 x 6 px where the batch holds 4 x 6 px") as e:
+        read_images(path, [0, 1], out=np.zeros((2, 6, 4), np.float32))
+    assert_names(e.value, path, "nx")
+    if dtype in ("<f4", ">f4"):
+        for bad in (np.nan, np.inf, -np.inf):
+            for pos in ((0, 0), (5, 4), (2, 3)):
+                broken = imgs.copy()
+                broken[11][pos] = bad
+                with mrcfile.new(path, overwrite=True) as m:
+                    m.set_data(broken)
+                for idx in ([10, 11, 12], [30, 11, 2, 2, 5, 19, 27, 1, 0]):
+                    with pytest.raises(InputError, match="NaN or infinite pixel values in image 12"):
+                        read_images(path, idx)
+                np.testing.assert_array_equal(read_images(path, [10, 12]), want[[10, 12]])
+
+
 def test_read_images_single_2d_image(tmp_path):
     img = np.arange(64, dtype=np.float32).reshape(8, 8)
     with mrcfile.new(tmp_path / "one.mrc") as m:

@@ -102,8 +102,10 @@ def _stack_header(path) -> tuple[int, int, int, float, str | None]:
         mrc.close()
 
 
-def read_images(path, indices) -> np.ndarray:
-    """float32 array (len(indices), ny, nx) of the given 0-based slices, memory-mapped."""
+def read_images(path, indices, out=None) -> np.ndarray:
+    """float32 array (len(indices), ny, nx) of the given 0-based slices, memory-mapped; into ``out`` when given
+    (an array of that shape, e.g. a slice of a page-locked batch). Runs of consecutive slices (a plan sorted by
+    stack) are copied from the file's pages into the output in one pass each; other orders are gathered."""
     path = os.fspath(path)
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     mrc = _open_mmap(path)
@@ -115,15 +117,27 @@ def read_images(path, indices) -> np.ndarray:
             k = int(idx[np.argmax(bad)])
             raise InputError(path, f"image index {k + 1} is past the end of the stack ({n} images)",
                              field="rlnImageName")
-        uniq, inv = np.unique(idx, return_inverse=True)
-        out = np.asarray(data[uniq], dtype=np.float32)[inv.reshape(-1)]
+        if out is None:
+            out = np.empty((len(idx),) + data.shape[1:], dtype=np.float32)
+        elif out.shape != (len(idx),) + data.shape[1:]:
+            raise InputError(path, f"images of {data.shape[2]} x {data.shape[1]} px where the batch holds "
+                                   f"{out.shape[2]} x {out.shape[1]} px (stacks of one job share one box)",
+                             field="nx")
+        starts = np.flatnonzero(np.diff(idx, prepend=idx[:1] - 2) != 1)  # where a run of consecutive slices starts
+        if len(starts) <= max(1, len(idx) // 8):
+            ends = np.append(starts[1:], len(idx))
+            for a, b in zip(starts, ends):
+                out[a:b] = data[idx[a]:idx[a] + (b - a)]  # one pass: the file's pages -> out, as float32
+        else:
+            out[...] = data[idx]
     finally:
         mrc.close()
-    finite = np.isfinite(out).reshape(len(out), -1).all(axis=1)
+    # per image: a float64 sum is finite exactly when every pixel is (float32 values cannot overflow it)
+    finite = np.isfinite(out.sum(axis=(1, 2), dtype=np.float64))
     if not finite.all():
         k = int(idx[np.argmax(~finite)])
         raise InputError(path, f"NaN or infinite pixel values in image {k + 1} (1-based)", field="data")
-    return np.ascontiguousarray(out)
+    return out
 
 
 def check_stacks(star) -> None:
