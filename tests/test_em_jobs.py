@@ -586,10 +586,39 @@ def test_nonfinite_maps_stop_the_job():
         check_finite_maps(maps, 3)
 
 
+def test_classification_resolution_is_relions_data_vs_prior_run():
+    """Classification's resolution, RELION's rule (MlOptimiser::updateCurrentResolution): per class the last shell
+    of the run from shell 1 in which the data-vs-prior SSNR (tau^2 x mean W) stays >= 1 (a shell past the first
+    drop that rises above 1 again, noise in one class of many, does not count), the best class's, never coarser
+    than shell 5 (RELION's --minres_map); each class's estimated resolution by the same run (999 Å: none)."""
+    from types import SimpleNamespace
+
+    from mpi_em.em.classes import class_resolutions, data_vs_prior_shells
+    from mpi_em.em.schedule import update_schedule
+    from mpi_em.em.state import MODES, EMState
+
+    box, apix, n = 64, 2.0, 33
+    k = np.arange(n)
+    ssnr = np.stack([np.where(k <= 9, 4.0, 0.5),                       # signal to shell 9
+                     np.where((k <= 6) | ((k >= 20) & (k <= 24)), 3.0, 0.2),   # to 6, then noise at 20-24
+                     np.where(k <= 30, 2.0, 0.1),                       # to 30 (not past N/2 - 1 = 31)
+                     np.full(n, 0.3)])                                  # none
+    ssnr[2, 32] = 5.0                                                   # shell N/2: not counted
+    assert data_vs_prior_shells(ssnr).tolist() == [9, 6, 30, 0]
+    assert data_vs_prior_shells(np.full((1, n), 2.0)).tolist() == [31]
+    info = {"tau2": ssnr, "mean_w": np.ones((4, n))}
+    res = class_resolutions(info, 4, box, apix, False, [])
+    np.testing.assert_allclose(res, [128 / 9, 128 / 6, 128 / 30, 999.0])
+    for rows, shell in (([0, 1, 3], 9), ([1, 3], 6), ([3], 5)):      # the best class's; at least shell 5
+        s = EMState(r_cur=4.0)
+        update_schedule(s, {"tau2": ssnr[rows], "mean_w": np.ones((len(rows), n))}, MODES["class3d"],
+                        SimpleNamespace(incr_size=3), box, apix, None)
+        assert s.resolution == [pytest.approx(box * apix / shell)] and s.r_cur == shell + 3, rows
+
+
 @pytest.mark.parametrize("mode", ["class3d", "class2d"])
 def test_classification_current_size_is_the_resolution_plus_incr_size(mode):
-    """Classification's current size: the last shell whose data-vs-prior SSNR (tau^2 x mean W) reaches 1, plus
-    --incr-size shells (RELION's updateImageSizeAndResolutionPointers, which takes 10 in every relion_refine job);
+    """Classification's current size: the resolution's shell plus --incr-size shells (RELION's updateImageSizeAndResolutionPointers, which takes 10 in every relion_refine job);
     never smaller than before; at most the box's. Defaults: class3d 10 as RELION's (on one H200 its maps 0.5-0.8 Å
     closer to the truth than with 3, benchmarks/results/relion-side-by-side/h200-classes-box360-2026-12-05/),
     class2d 3."""

@@ -16,19 +16,28 @@ def first_classes(n: int, K: int, seed: int) -> np.ndarray:
     return first
 
 
+def data_vs_prior_shells(ssnr) -> np.ndarray:
+    """Per row of ``ssnr`` (classes x shells, RELION's data-vs-prior tau^2 x mean W): the last shell of the run from
+    shell 1 in which it stays >= 1, 0 where shell 1 is below 1; at most the box's N/2 - 1 (``ssnr`` holds N/2 + 1
+    shells). RELION's rule (``MlOptimiser::updateCurrentResolution``: the first shell below 1, minus one): a shell
+    past the first drop that rises above 1 again (noise, one class of many) does not count."""
+    ssnr = np.atleast_2d(np.asarray(ssnr, dtype=np.float64))
+    below = ssnr[:, 1:ssnr.shape[1] - 1] < 1.0   # shells 1 .. N/2 - 1
+    return np.where(below.any(axis=1), below.argmax(axis=1), below.shape[1]).astype(np.int64)
+
+
 def class_resolutions(info: dict, K: int, box: int, apix: float, gold: bool, resolution: list) -> np.ndarray:
-    """Per class: Å of the last shell whose data-vs-prior SSNR (tau^2 x mean W) is >= 1 (classification), or
-    the gold-standard resolution (refine3d; ``resolution``: one per iteration)."""
+    """Per class: Å of the last shell of the run from shell 1 where the data-vs-prior SSNR (tau^2 x mean W) is >= 1
+    (classification, :func:`data_vs_prior_shells`; 999 where shell 1 is below 1), or the gold-standard resolution
+    (refine3d; ``resolution``: one per iteration)."""
     if gold:
         return np.full(K, float(resolution[-1] if resolution else 0.0))
     tau2, mw = info.get("tau2"), info.get("mean_w")
     out = np.zeros(K)
     if tau2 is None or mw is None:
         return out
-    ssnr = np.atleast_2d(tau2) * np.atleast_2d(mw)
-    for k in range(min(K, ssnr.shape[0])):
-        good = np.flatnonzero(ssnr[k, 1:] >= 1.0)
-        out[k] = box * apix / (good.max() + 1) if good.size else 999.0
+    shells = data_vs_prior_shells(np.atleast_2d(tau2) * np.atleast_2d(mw))[:K]
+    out[:len(shells)] = np.where(shells > 0, box * apix / np.maximum(shells, 1), 999.0)
     return out
 
 

@@ -8,9 +8,13 @@ import numpy as np
 from ..fourier import default_r_max
 from ..fsc import fsc, resolution_at
 from ..sampling import angular_step, next_perturbation, next_translations
+from .classes import data_vs_prior_shells
 from .engine import SearchSpec
 from .references import fine_offsets, global_grid, local_grid, local_offsets
 from .state import EMState, Mode
+
+#: classification: the current resolution is never taken coarser than this shell (RELION's --minres_map, 5)
+MINRES_MAP = 5
 
 
 def search_spec(state: EMState, args, mode: Mode, it: int, K: int, sym_name: str, xp) -> SearchSpec:
@@ -49,18 +53,16 @@ def update_schedule(state: EMState, info: dict, mode: Mode, args, box: int, apix
     if mode.gold:
         _refine_schedule(state, info, args, box, apix, maps, masked)
         return
-    # classification: data-vs-prior SSNR per shell; the current size follows the last shell with SSNR >= 1, plus
+    # classification: per class the data-vs-prior SSNR's run from shell 1 while >= 1 (RELION's
+    # updateCurrentResolution), the best class's, at least MINRES_MAP shells; the current size that plus
     # --incr-size shells (RELION's updateImageSizeAndResolutionPointers, which takes 10; class2d's default 3)
     tau2 = np.atleast_2d(info.get("tau2"))
     mw = info.get("mean_w")
     if mw is not None:
-        ssnr = (tau2 * np.atleast_2d(mw)).max(axis=0)
-        good = np.flatnonzero(ssnr[1:] >= 1.0)
-        if good.size:
-            shell = good.max() + 1
-            reach = shell + int(getattr(args, "incr_size", 3))
-            state.r_cur = float(min(default_r_max(box), max(state.r_cur, reach)))
-            state.resolution.append(float(box * apix / max(shell, 1)))
+        shell = max(int(data_vs_prior_shells(tau2 * np.atleast_2d(mw)).max()), MINRES_MAP)
+        reach = shell + int(getattr(args, "incr_size", 3))
+        state.r_cur = float(min(default_r_max(box), max(state.r_cur, reach)))
+        state.resolution.append(float(box * apix / shell))
 
 
 def _refine_schedule(state: EMState, info: dict, args, box: int, apix: float, maps, masked: bool) -> None:
