@@ -233,6 +233,26 @@ def test_class3d_separates_conformations(conformations, class3d):
 
 
 @pytest.mark.slow
+def test_class3d_model_star_holds_the_ssnr_its_resolutions_come_from(class3d):
+    """Each class's data-vs-prior SSNR is in the model STAR (RELION's rlnSsnrMap, tau^2 x mean W), and the
+    resolutions beside it are read from it by RELION's rule: each class's rlnEstimatedResolution its run from
+    shell 1 with SSNR >= 1 (999 Å: none), rlnCurrentResolution the best class's, at least shell 5."""
+    import starfile
+
+    from mpi_em.em.classes import data_vs_prior_shells
+
+    m = starfile.read(class3d(1) / "run_model.star", always_dict=True)
+    box, apix = 32, float(m["model_general"]["rlnPixelSize"].iloc[0])
+    ssnr = np.stack([m[f"model_class_{k}"]["rlnSsnrMap"].to_numpy() for k in (1, 2)])
+    assert ssnr.shape == (2, box // 2 + 1) and np.isfinite(ssnr).all() and (ssnr >= 0).all()
+    shells = data_vs_prior_shells(ssnr)
+    print(f"data-vs-prior runs to shells {shells.tolist()}")
+    assert (shells >= 5).all()
+    np.testing.assert_allclose(m["model_classes"]["rlnEstimatedResolution"].to_numpy(), box * apix / shells)
+    assert float(m["model_general"]["rlnCurrentResolution"].iloc[0]) == pytest.approx(box * apix / shells.max())
+
+
+@pytest.mark.slow
 def test_class3d_one_rank_equals_two_ranks(class3d):
     """Same classes on 1 and 2 ranks (float rounding of the sums over ranks only): >= 97% identical."""
     a = _classes(class3d(1) / "run_data.star")

@@ -79,8 +79,10 @@ def write_iteration(out: str, it: int, mode: Mode, star, particles: dict, state:
                "rlnClassDistribution": state.class_prior,
                "rlnEstimatedResolution": class_resolutions(info, K, box, apix, mode.gold, state.resolution)}
     gold_fsc = info["fsc"] if mode.gold and "fsc" in info else None
-    write_model_star(os.path.join(out, f"{tag}_model.star"), general, classes, freqs, state.sigma2,
-                     np.atleast_2d(info.get("tau2", np.zeros((1, n_sh)))), fsc=gold_fsc)
+    tau2 = np.atleast_2d(info.get("tau2", np.zeros((1, n_sh))))
+    ssnr = tau2 * np.atleast_2d(info["mean_w"]) if not mode.gold and info.get("mean_w") is not None else None
+    write_model_star(os.path.join(out, f"{tag}_model.star"), general, classes, freqs, state.sigma2, tau2,
+                     fsc=gold_fsc, ssnr=ssnr)
     _plots(out, it, tag, mode, state, freqs, gold_fsc)
     # checkpoint (everything needed to resume; the maps by reference to the files above) then the pointer
     state.save(out, it, mode, particles, K, meta.get("input"), map_files=files)

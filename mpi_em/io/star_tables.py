@@ -20,10 +20,12 @@ def write_fsc_star(path, freqs, curve) -> None:
         starfile.write({"fsc": df}, tmp, float_format=None)
 
 
-def write_model_star(path, general: dict, classes: dict, freqs, sigma2, tau2, fsc=None) -> None:
+def write_model_star(path, general: dict, classes: dict, freqs, sigma2, tau2, fsc=None, ssnr=None) -> None:
     """An EM iteration's model STAR: ``general`` (rlnCurrentIteration, ...: one value each) and ``classes``
     (one column per label, one row per class) as RELION names them; per shell up to Nyquist (``freqs``) the noise
-    spectrum ``sigma2`` and per reference its tau^2 (``tau2``: (V, shells)) with the gold-standard ``fsc``."""
+    spectrum ``sigma2`` and per reference its tau^2 (``tau2``: (V, shells)) with the gold-standard ``fsc`` and
+    the data-vs-prior SSNR ``ssnr`` ((V, shells), RELION's rlnSsnrMap, from which a classification's resolution
+    is read)."""
     import pandas as pd
     import starfile
 
@@ -34,6 +36,8 @@ def write_model_star(path, general: dict, classes: dict, freqs, sigma2, tau2, fs
                                                    "rlnSigma2Noise": sigma2[:n_sh]})
     for v in range(tau2.shape[0]):
         cols = {"rlnSpectralIndex": np.arange(n_sh), "rlnResolution": freqs, "rlnReferenceTau2": tau2[v][:n_sh]}
+        if ssnr is not None:
+            cols["rlnSsnrMap"] = ssnr[v][:n_sh]
         if fsc is not None:
             cols["rlnGoldStandardFsc"] = fsc[:n_sh]
         blocks[f"model_class_{v + 1}"] = pd.DataFrame(cols)
