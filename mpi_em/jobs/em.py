@@ -78,7 +78,8 @@ def add_arguments(p, mode: str) -> None:
                         ">= 1, at least shell 5, as RELION's) plus this many shells (RELION's --incr_size, 10 in "
                         "every RELION job; default 10, class2d 3). class3d on one H200, 5 iterations: maps "
                         "0.5-0.8 Å closer to the truth than with 3 for 2-13%% more time per iteration "
-                        "(benchmarks/results/relion-side-by-side/h200-classes-box360-2026-12-05/); on CPU ranks 10 took 2.3x the time of 3 for the same maps at box 64 "
+                        "(benchmarks/results/relion-side-by-side/h200-classes-box360-2026-12-05/); on CPU ranks 10 took "
+                        "2.3x the time of 3 for the same maps at box 64 "
                         "(benchmarks/results/class3d-prior/cpu-incr-size-2026-12-05/)")
     if mode == "refine3d":
         p.add_argument("--max-order", type=int, default=8,
