@@ -197,7 +197,10 @@ def test_class3d_reports_the_resolution_relion_reports(tmp_path):
     within 2 Fourier shells (RELION steps one shell back from the first below data-vs-prior 1; the two programs'
     alignments differ). Box 32, 4 Å/px, two conformations at SNR 0.5, start = their mean low-passed to 16 Å:
     measured RELION 18.3 Å (shell 7), ours 16.0 Å (shell 8); with tau^2 from the maps' own power (noise included)
-    ours reported 8.5 Å (shell 15) for maps 15 Å from the truth (benchmarks/results/class3d-prior/)."""
+    ours reported 8.5 Å (shell 15) for maps 15 Å from the truth (benchmarks/results/class3d-prior/). And our rule
+    for reading a resolution off the data-vs-prior SSNR (mpi_em.em.classes.data_vs_prior_shells, at least shell 5),
+    applied to RELION's own curves (rlnSsnrMap of each class in its model STARs), gives RELION's reported resolution
+    in every iteration, shell for shell (an off-by-one, the last shell past a drop, or another floor would not)."""
     import mrcfile
 
     from mpi_em.em.model import lowpass
@@ -229,3 +232,18 @@ def test_class3d_reports_the_resolution_relion_reports(tmp_path):
     ours, theirs = shell_of(tmp_path / "ours" / "run_it003_model.star"), shell_of(tmp_path / "rel" / "run_it003_model.star")
     print(f"reported resolution after 3 iterations: ours shell {ours:.1f}, RELION's {theirs:.1f}")
     assert abs(ours - theirs) <= 2.0, (ours, theirs)
+    # the rule that reads a resolution from the data-vs-prior SSNR, on RELION's own curves (its model STAR's
+    # rlnSsnrMap per class, every iteration): our rule gives RELION's rlnCurrentResolution, shell for shell, and
+    # each class's rlnEstimatedResolution where RELION's run starts at shell 0
+    from mpi_em.em.classes import data_vs_prior_shells
+    from mpi_em.em.schedule import MINRES_MAP
+
+    for it in (1, 2, 3):
+        m = starfile.read(tmp_path / "rel" / f"run_it{it:03d}_model.star", always_dict=True)
+        ssnr = np.stack([m[f"model_class_{k}"]["rlnSsnrMap"].to_numpy() for k in (1, 2)])
+        got = max(int(data_vs_prior_shells(ssnr).max()), MINRES_MAP)
+        assert got == round(shell_of(tmp_path / "rel" / f"run_it{it:03d}_model.star")), (it, got, ssnr)
+        est = m["model_classes"]["rlnEstimatedResolution"].to_numpy()
+        for k in (0, 1):
+            if ssnr[k, 0] >= 1.0:
+                assert 32 * 4.0 / est[k] == pytest.approx(data_vs_prior_shells(ssnr[k])[0]), (it, k, est, ssnr[k])
