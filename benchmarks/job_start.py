@@ -2,7 +2,7 @@
 (:func:`mpi_em.particles.iter_batches`, from the page cache: the file is read once first) and low-passing the start
 map to --ini-high (:func:`mpi_em.em.model.lowpass`, rank 0, before the first iteration: once per job, so the first
 call of a fresh process counts, FFT plans and the first touch of its memory included; a repeated call beside it).
-On a GPU rank these run on its host's cores before the device has work, so they add to every job's wall clock.
+On a GPU rank these use its host's cores before the device has work, so they add to every job's wall clock.
 
     python benchmarks/job_start.py --star DATA/particles.star --box 256 360 --repeats 3 --json OUT.json
 

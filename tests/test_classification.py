@@ -246,7 +246,7 @@ def test_class3d_model_star_holds_the_ssnr_its_resolutions_come_from(class3d):
     ssnr = np.stack([m[f"model_class_{k}"]["rlnSsnrMap"].to_numpy() for k in (1, 2)])
     assert ssnr.shape == (2, box // 2 + 1) and np.isfinite(ssnr).all() and (ssnr >= 0).all()
     shells = data_vs_prior_shells(ssnr)
-    print(f"data-vs-prior runs to shells {shells.tolist()}")
+    print(f"data-vs-prior >= 1 up to shells {shells.tolist()}")
     assert (shells >= 5).all()
     np.testing.assert_allclose(m["model_classes"]["rlnEstimatedResolution"].to_numpy(), box * apix / shells)
     assert float(m["model_general"]["rlnCurrentResolution"].iloc[0]) == pytest.approx(box * apix / shells.max())

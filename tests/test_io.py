@@ -326,7 +326,7 @@ def test_read_images_slices(tmp_path):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # mrcfile's header statistics of the broken stacks
 @pytest.mark.parametrize("dtype", ["<f4", ">f4", "<i2", "<f2"])
 def test_read_images_runs_gathers_and_reads_into_a_given_batch(tmp_path, dtype):
-    """Runs of consecutive slices (copied from the file's pages in one pass each), scattered and repeated slices
+    """Series of consecutive slices (copied from the file's pages in one pass each), scattered and repeated slices
     (gathered), each into a given batch or a new array, in any stored type (little- and big-endian float32, int16,
     float16): the images bit for bit as float32; a NaN or an infinity in any position of an image is found; an
     image of another size than the batch's is an error naming the stack."""

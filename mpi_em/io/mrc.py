@@ -104,7 +104,7 @@ def _stack_header(path) -> tuple[int, int, int, float, str | None]:
 
 def read_images(path, indices, out=None) -> np.ndarray:
     """float32 array (len(indices), ny, nx) of the given 0-based slices, memory-mapped; into ``out`` when given
-    (an array of that shape, e.g. a slice of a page-locked batch). Runs of consecutive slices (a plan sorted by
+    (an array of that shape, e.g. a slice of a page-locked batch). Series of consecutive slices (a plan sorted by
     stack) are copied from the file's pages into the output in one pass each; other orders are gathered."""
     path = os.fspath(path)
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -123,7 +123,7 @@ def read_images(path, indices, out=None) -> np.ndarray:
             raise InputError(path, f"images of {data.shape[2]} x {data.shape[1]} px where the batch holds "
                                    f"{out.shape[2]} x {out.shape[1]} px (stacks of one job share one box)",
                              field="nx")
-        starts = np.flatnonzero(np.diff(idx, prepend=idx[:1] - 2) != 1)  # where a run of consecutive slices starts
+        starts = np.flatnonzero(np.diff(idx, prepend=idx[:1] - 2) != 1)  # where a series of consecutive slices starts
         if len(starts) <= max(1, len(idx) // 8):
             ends = np.append(starts[1:], len(idx))
             for a, b in zip(starts, ends):
