@@ -305,6 +305,11 @@ def test_write_stack_and_map_validate(tmp_path, capsys):
     assert mrcfile.validate(str(tmp_path / "m.mrc"))
     with mrcfile.open(tmp_path / "s.mrcs") as m:
         assert m.is_image_stack()
+    for name, data in (("s.mrcs", imgs), ("m.mrc", vol)):   # header statistics of the data written
+        with mrcfile.open(tmp_path / name, header_only=True) as m:
+            h = m.header
+            assert (h.dmin, h.dmax) == (data.min(), data.max()), name
+            assert h.dmean == pytest.approx(data.mean(), rel=1e-6) and h.rms == pytest.approx(data.std(), rel=1e-6)
     assert stack_info(tmp_path / "s.mrcs") == (5, 8, 8, pytest.approx(1.25))
     v, vs = read_map(tmp_path / "m.mrc")
     assert v.dtype == np.float32 and vs == pytest.approx(2.5)

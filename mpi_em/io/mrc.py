@@ -216,8 +216,7 @@ def _write_mrc(path, arr, voxel_size, stack: bool):
                 mrc.set_image_stack()
             else:
                 mrc.set_volume()
-            mrc.voxel_size = float(voxel_size)
-            mrc.update_header_stats()
+            mrc.voxel_size = float(voxel_size)  # header statistics: computed once, by set_data
 
 
 def write_map(path, vol, voxel_size: float) -> None:
