@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import config
-from .io import read_images, stack_info
+from .io import read_images
 
 
 def _pinned_alloc():
@@ -37,15 +37,20 @@ def read_rows(stacks, indices, alloc=np.empty) -> np.ndarray:
     indices = np.asarray(indices)
     if len(stacks) == 0:
         return np.zeros((0, 0, 0), np.float32)
-    _, ny, nx, _ = stack_info(stacks[0])
-    out = alloc((len(stacks), ny, nx), dtype=np.float32)
     # consecutive rows of the same stack (plans are sorted by stack, so this is one block per stack), each read
-    # straight into its rows of the output
+    # straight into its rows of the output, which the first block's reading makes (its stack's image size)
     change = np.flatnonzero(stacks[1:] != stacks[:-1]) + 1
     starts = np.concatenate([[0], change])
     ends = np.concatenate([change, [len(stacks)]])
+    out = None
+
+    def batch(shape):
+        nonlocal out
+        out = alloc((len(stacks),) + tuple(shape[1:]), dtype=np.float32)
+        return out[:shape[0]]
+
     for s, e in zip(starts, ends):
-        read_images(stacks[s], indices[s:e], out=out[s:e])
+        read_images(stacks[s], indices[s:e], out=batch if out is None else out[s:e])
     return out
 
 

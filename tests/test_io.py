@@ -352,6 +352,9 @@ def test_read_images_runs_gathers_and_reads_into_a_given_batch(tmp_path, dtype):
         assert read_images(path, idx, out=batch[1:-1]) is not None
         np.testing.assert_array_equal(batch[1:-1], want[idx])
         assert (batch[0] == -1).all() and (batch[-1] == -1).all()
+        made = []                                   # or a function of the shape that makes the batch
+        got = read_images(path, idx, out=lambda shape: made.append(shape) or np.empty(shape, np.float32))
+        assert made == [(len(idx), 6, 5)] and np.array_equal(got, want[idx])
     other = tmp_path / "o.mrcs"
     write_stack(other, np.zeros((2, 6, 5), np.float32), 1.0)
     np.testing.assert_array_equal(read_rows([str(path)] * 3 + [str(other)], [5, 6, 7, 1]),

@@ -104,7 +104,7 @@ def _stack_header(path) -> tuple[int, int, int, float, str | None]:
 
 def read_images(path, indices, out=None) -> np.ndarray:
     """float32 array (len(indices), ny, nx) of the given 0-based slices, memory-mapped; into ``out`` when given
-    (an array of that shape, e.g. a slice of a page-locked batch). Series of consecutive slices (a plan sorted by
+    (an array of that shape, e.g. a slice of a page-locked batch, or a function of the shape that makes one). Series of consecutive slices (a plan sorted by
     stack) are copied from the file's pages into the output in one pass each; other orders are gathered."""
     path = os.fspath(path)
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -119,7 +119,9 @@ def read_images(path, indices, out=None) -> np.ndarray:
                              field="rlnImageName")
         if out is None:
             out = np.empty((len(idx),) + data.shape[1:], dtype=np.float32)
-        elif out.shape != (len(idx),) + data.shape[1:]:
+        elif callable(out):
+            out = out((len(idx),) + data.shape[1:])
+        if out.shape != (len(idx),) + data.shape[1:]:
             raise InputError(path, f"images of {data.shape[2]} x {data.shape[1]} px where the batch holds "
                                    f"{out.shape[2]} x {out.shape[1]} px (stacks of one job share one box)",
                              field="nx")
