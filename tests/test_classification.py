@@ -145,8 +145,9 @@ def test_class2d_keeps_its_classes_on_a_compact_particle(tmp_path):
 def test_class2d_prior_holds_no_signal_on_pure_noise(tmp_path):
     """class2d on particles without signal (box 32, 4 Å/px, 400 particles at SNR 1e-4: noise), K = 4, 3
     iterations. In the first iteration no shell holds signal, so no shell may pass RELION's data-vs-prior test
-    (tau^2 x mean W >= 1): every class's estimated resolution is "none" (999 Å); and the current image size stays
-    at its start (16 px: it grows only past a shell with signal) in all three. tau^2 is RELION's for a
+    (tau^2 x mean W >= 1): every class's estimated resolution is "none" (999 Å); and the current image size is
+    RELION's first one in iteration 1 (2 x (round(0.07 x 32) + --incr-size 3) = 10 px) and its floor after it
+    (2 x (--minres_map 5 + 3) = 16 px: the size follows only shells with signal), in all three. tau^2 is RELION's for a
     classification, the power of the references the E-step used (times pad^2 x T in the padded plane); the first
     references are the average of all the particles, whose noise power is 1 / N of a particle's, so the expected
     data-vs-prior is ~ T <CTF^2> / K ~ 0.25 with T = 2 in the first iteration (measured 0.01-0.36). It failed with
@@ -173,7 +174,7 @@ def test_class2d_prior_holds_no_signal_on_pure_noise(tmp_path):
         sizes.append(int(m["model_general"]["rlnCurrentImageSize"].iloc[0]))
         res.append([float(x) for x in m["model_classes"]["rlnEstimatedResolution"]])
     print(f"current image size per iteration {sizes}; class resolutions (Å) {res}")
-    assert sizes == [16, 16, 16], sizes
+    assert sizes == [10, 16, 16], sizes
     assert all(x == 999.0 for x in res[0]), res
 
 

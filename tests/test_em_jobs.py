@@ -69,7 +69,8 @@ def test_last_iteration_uses_the_full_image_size(tiny, tmp_path):
     """refine3d's last iteration (here --iter 1's; after convergence, one more) uses the full image size, as
     RELION's auto-refine does: the log says so with r = box/2 - 1 = 15 px (the schedule's size for it: 6 px, from
     --ini-high 32 Å at 4 Å/px) and its model STAR gives 30. --no-final-full-size keeps the schedule's size (its model
-    STAR then gives the size the schedule chose for a next iteration, below 30). (Whether the map gains: on data with
+    STAR then gives 12, the size the iteration used, as RELION's model STAR does; it gave the next iteration's until
+    2026-12-05). (Whether the map gains: on data with
     signal past the schedule's size; benchmarks/results/relion-side-by-side/h200-box256-2026-12-03/.) The size grows
     by 3 shells and never jumps (the defaults before RELION's rules): with the defaults the schedule's next size at
     this box is already the full one."""
@@ -80,7 +81,7 @@ def test_last_iteration_uses_the_full_image_size(tiny, tmp_path):
         sizes[name] = int(starfile.read(tmp_path / name / "run_it001_model.star")["model_general"]
                           ["rlnCurrentImageSize"].iloc[0])
         logs[name] = open(tmp_path / name / "run.log").read()
-    assert sizes["full"] == 30 and sizes["cut"] < 30, sizes
+    assert sizes["full"] == 30 and sizes["cut"] == 12, sizes
     assert "iteration 1: the last one, at the full image size (r 15 px)" in logs["full"]
     assert "full image size" not in logs["cut"]
 
@@ -616,10 +617,22 @@ def test_classification_resolution_is_relions_data_vs_prior_run():
         assert s.resolution == [pytest.approx(box * apix / shell)] and s.r_cur == shell + 3, rows
 
 
+def test_class2d_first_shell_is_relions():
+    """class2d's first resolution shell (a new run, references from unaligned random subsets) is RELION's: its
+    reference-free 2D classification low-passes the first references at 0.07 of the sampling frequency and takes
+    that shell, ROUND(0.07 x box) (halves up, not to even: box 150 -> 11), as iteration 0's resolution; checked
+    against RELION 3.1.3's log (its first resolution) in tests/test_relion.py::test_class2d_image_sizes_are_relions."""
+    from mpi_em.em.steps import first_shell_2d
+
+    assert [first_shell_2d(b) for b in (32, 64, 128, 150, 256, 360, 2)] == [2, 4, 9, 11, 18, 25, 1]
+
+
 @pytest.mark.parametrize("mode", ["class3d", "class2d"])
 def test_classification_current_size_is_the_resolution_plus_incr_size(mode):
-    """Classification's current size: the resolution's shell plus --incr-size shells (RELION's updateImageSizeAndResolutionPointers, which takes 10 in every relion_refine job);
-    never smaller than before; at most the box's. Defaults: class3d 10 as RELION's (on one H200 its maps 0.5-0.8 Å
+    """Classification's current size: the resolution's shell plus --incr-size shells (RELION's
+    updateImageSizeAndResolutionPointers, which takes 10 in every relion_refine job), recomputed every iteration: it
+    shrinks when the resolution does, as RELION's (until 2026-12-05 it never shrank: a class2d at box 360 aligned at
+    r 90-95 px where RELION's size followed its 13.5 Å); at most the box's. Defaults: class3d 10 as RELION's (on one H200 its maps 0.5-0.8 Å
     closer to the truth than with 3, benchmarks/results/relion-side-by-side/h200-classes-box360-2026-12-05/),
     class2d 3."""
     from types import SimpleNamespace
@@ -638,9 +651,9 @@ def test_classification_current_size_is_the_resolution_plus_incr_size(mode):
         s = EMState(r_cur=9.0)
         update_schedule(s, info, MODES[mode], SimpleNamespace(incr_size=incr), box, apix, None)
         assert s.r_cur == want and s.resolution == [pytest.approx(box * apix / 12)]
-    s = EMState(r_cur=30.0)                                       # never smaller
+    s = EMState(r_cur=30.0)                 # recomputed every iteration: smaller after a coarser resolution
     update_schedule(s, info, MODES[mode], ns, box, apix, None)
-    assert s.r_cur == 30.0
+    assert s.r_cur == 12 + ns.incr_size
     s = EMState(r_cur=9.0)
     update_schedule(s, {"tau2": np.full((1, 65), 5.0), "mean_w": np.ones((1, 65))}, MODES[mode], ns, box, apix, None)
     from mpi_em.em.schedule import default_r_max

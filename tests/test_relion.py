@@ -247,3 +247,61 @@ def test_class3d_reports_the_resolution_relion_reports(tmp_path):
         for k in (0, 1):
             if ssnr[k, 0] >= 1.0:
                 assert 32 * 4.0 / est[k] == pytest.approx(data_vs_prior_shells(ssnr[k])[0]), (it, k, est, ssnr[k])
+
+
+@pytest.mark.slow
+@needs_relion
+def test_class2d_image_sizes_are_relions(tmp_path):
+    """class2d's current image size per iteration is RELION's, against RELION 3.1.3's reference-free 2D
+    classification (`relion_refine` without --ref, K = 4, 4 iterations) of the same particles (box 64, 2.5 Å/px,
+    600 particles, SNR 0.2). RELION low-pass filters its first references at 0.07 of the sampling frequency and
+    takes that shell, round(0.07 x 64) = 4, as the first resolution (40 Å in its log): the first size is
+    2 x (4 + --incr_size 10) = 28. Ours (mpi_em.em.steps.first_shell_2d, with --incr-size 10) is the same; our
+    class2d before 2026-12-05 started at size 32 (r = box / 4) whatever the options. Each later RELION size is what
+    our schedule (mpi_em.em.schedule.update_schedule: the resolution's shell from the data-vs-prior curves plus 10,
+    recomputed every iteration) gives from RELION's own curves of the iteration before (rlnSsnrMap per class), size
+    for size; a size that never shrinks (ours until 2026-12-05: 48 in iteration 3), another floor or another margin
+    would not (RELION's model STAR holds the size the iteration used, as ours now does). Measured: RELION 28, 48,
+    34, 44."""
+    from types import SimpleNamespace
+
+    from mpi_em.em.schedule import update_schedule
+    from mpi_em.em.state import MODES, EMState
+    from mpi_em.em.steps import first_shell_2d
+
+    box, apix = 64, 2.5
+    d = tmp_path / "data"
+    r = mpi_em(["simulate", "--out", d, "--box", box, "--n", 600, "--snr", 0.2, "--apix", apix, "--seed", 5,
+                "--domains", 4], ranks=0)
+    assert r.returncode == 0, r.stderr
+    r = mpi_em(["class2d", "--i", d / "particles_unaligned.star", "--o", tmp_path / "ours", "--K", 4, "--iter", 1,
+                "--incr-size", 10, "--particle-diameter", 120], ranks=1)
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "rel").mkdir()
+    out = relion([shutil.which("relion_refine"), "--i", "particles_unaligned.star", "--o", tmp_path / "rel" / "run",
+                  "--K", 4, "--iter", 4, "--tau2_fudge", 2, "--particle_diameter", 120, "--psi_step", 10,
+                  "--offset_range", 3, "--offset_step", 1, "--zero_mask", "--flatten_solvent", "--ctf",
+                  "--dont_combine_weights_via_disc", "--j", 1, "--pad", 2, "--random_seed", 1], cwd=d).stdout
+
+    def model(path):
+        return starfile.read(path, always_dict=True)
+
+    def general(m, key):
+        return float(np.ravel(m["model_general"][key])[0])
+
+    import re
+
+    first = float(re.search(r"CurrentResolution= *([0-9.]+) Angstroms", out).group(1))  # iteration 1's (its log)
+    assert round(box * apix / first) == first_shell_2d(box) == 4, first
+    theirs = [int(general(model(tmp_path / "rel" / f"run_it{it:03d}_model.star"), "rlnCurrentImageSize"))
+              for it in range(1, 5)]
+    ours = int(general(model(tmp_path / "ours" / "run_it001_model.star"), "rlnCurrentImageSize"))
+    print(f"RELION's sizes in iterations 1-4: {theirs}; ours in iteration 1: {ours}")
+    assert theirs[0] == ours == 28, (theirs, ours)
+    state = EMState(r_cur=theirs[0] / 2)
+    for it in (1, 2, 3):  # our schedule after each iteration, fed RELION's data-vs-prior curves
+        m = model(tmp_path / "rel" / f"run_it{it:03d}_model.star")
+        ssnr = np.stack([m[f"model_class_{k}"]["rlnSsnrMap"].to_numpy() for k in range(1, 5)])
+        update_schedule(state, {"tau2": ssnr, "mean_w": np.ones_like(ssnr)}, MODES["class2d"],
+                        SimpleNamespace(incr_size=10), box, apix, None)
+        assert 2 * state.r_cur == theirs[it], (it, state.r_cur, theirs)

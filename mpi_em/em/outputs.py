@@ -72,7 +72,9 @@ def write_iteration(out: str, it: int, mode: Mode, star, particles: dict, state:
     freqs = shell_frequencies(box, apix)
     general = {"rlnCurrentIteration": it, "rlnCurrentResolution": state.resolution[-1] if state.resolution else 0.0,
                "rlnPixelSize": apix, "rlnNrClasses": K, "rlnHealpixOrder": state.order,
-               "rlnCurrentImageSize": int(2 * state.r_cur), "rlnSigmaOffsetsAngst": state.offset_sigma * apix,
+               # the size the iteration used (RELION's: its model STAR is written before the next size is set)
+               "rlnCurrentImageSize": int(2 * info.get("r_used", state.r_cur)),
+               "rlnSigmaOffsetsAngst": state.offset_sigma * apix,
                "rlnLogLikelihood": info.get("loglike", 0.0)}
     classes = {"rlnReferenceImage": [f"{k + 1:06d}@{tag}_classes.mrcs" if mode.dim == 2 else
                                      f"{tag}_class{k + 1:03d}.mrc" for k in range(K)],

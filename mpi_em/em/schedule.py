@@ -55,14 +55,21 @@ def update_schedule(state: EMState, info: dict, mode: Mode, args, box: int, apix
         return
     # classification: per class the data-vs-prior SSNR's run from shell 1 while >= 1 (RELION's
     # updateCurrentResolution), the best class's, at least MINRES_MAP shells; the current size that plus
-    # --incr-size shells (RELION's updateImageSizeAndResolutionPointers, which takes 10; class2d's default 3)
+    # --incr-size shells, recomputed every iteration: it shrinks when the resolution does (RELION's
+    # updateImageSizeAndResolutionPointers)
     tau2 = np.atleast_2d(info.get("tau2"))
     mw = info.get("mean_w")
     if mw is not None:
-        shell = max(int(data_vs_prior_shells(tau2 * np.atleast_2d(mw)).max()), MINRES_MAP)
-        reach = shell + int(getattr(args, "incr_size", 3))
-        state.r_cur = float(min(default_r_max(box), max(state.r_cur, reach)))
+        shell, state.r_cur = classification_size(tau2 * np.atleast_2d(mw), int(getattr(args, "incr_size", 3)), box)
         state.resolution.append(float(box * apix / shell))
+
+
+def classification_size(ssnr, incr_size: int, box: int) -> tuple[int, float]:
+    """A classification's resolution shell and current size from the data-vs-prior SSNR (classes x shells): the
+    best class's last shell of the run from shell 1 where it stays >= 1 (:func:`data_vs_prior_shells`), at least
+    :data:`MINRES_MAP`; the size that plus ``incr_size`` shells, at most the box's (:func:`default_r_max`)."""
+    shell = max(int(data_vs_prior_shells(ssnr).max()), MINRES_MAP)
+    return shell, float(min(default_r_max(box), shell + incr_size))
 
 
 def _refine_schedule(state: EMState, info: dict, args, box: int, apix: float, maps, masked: bool) -> None:

@@ -117,7 +117,24 @@ def first_pass(job: EMRun) -> None:
         counts = np.bincount(plan["class_number"] - 1, minlength=K).astype(np.float64)
         allreduce_sum(comm, counts)
         avg = to_host(sums) / np.maximum(counts, 1)[:, None, None]
+        shell = first_shell_2d(box)
+        state.r_cur = float(min(default_r_max(box), shell + args.incr_size))
+        if comm.rank == 0:
+            log.info("first current size: r %d px (the first resolution %.1f Å, shell %d, plus --incr-size %d)",
+                     state.r_cur, box * apix / shell, shell, args.incr_size)
+        # low-passed at the first size, not at the first shell as RELION's: references that alike (shell 2 at box
+        # 32) gave every particle the same ranking of the classes and all went into one in iteration 1
+        # (benchmarks/results/class2d-size/cpu-2026-12-05/)
         state.maps = lowpass(avg, box, apix, box * apix / state.r_cur).astype(np.float32)
+
+
+def first_shell_2d(box: int) -> int:
+    """class2d's first resolution shell (a new run, references from unaligned random subsets): RELION's, whose 2D
+    classification without references low-passes its first references at 0.07 of the sampling frequency
+    (``--ini_high`` by default then, ``MlOptimiser::initialiseGeneral``, "see S.H.W. Scheres (2010) Meth Enzym.")
+    and takes that shell as the first iteration's resolution (``updateCurrentResolution`` at iteration 0): the
+    first current size is it plus --incr-size (our first references are low-passed at that size)."""
+    return max(1, int(np.floor(0.07 * box + 0.5)))  # RELION's ROUND
 
 
 def reference_volumes(plan, K: int, folds: int) -> np.ndarray:
@@ -336,7 +353,8 @@ def update_model(job: EMRun, it: int, stats: Stats, info: dict, maps, prev: dict
     state.accuracy = stats.angle_spread / max(stats.offset_w, 1)
     state.accuracy_trans = float(np.sqrt(stats.offset_var / max(stats.offset_w, 1)))  # px, per axis
     # refine3d: the half maps' FSC on their device (two 128^3 FFTs: 0.16 s on a host core, ~1 ms on a GPU)
-    r_used = state.r_cur  # this iteration's current size (the schedule below may raise it)
+    r_used = state.r_cur  # this iteration's current size (the schedule below sets the next one)
+    info["r_used"] = r_used  # the model STAR's rlnCurrentImageSize, as RELION's: the size the iteration used
     was_final = state.final
     update_schedule(state, info, mode, args, job.box, job.apix, maps, masked=job.solvent is not None)
     state.iter = it
