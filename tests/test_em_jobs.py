@@ -622,7 +622,7 @@ def test_class2d_first_shell_is_relions():
     reference-free 2D classification low-passes the first references at 0.07 of the sampling frequency and takes
     that shell, ROUND(0.07 x box) (halves up, not to even: box 150 -> 11), as iteration 0's resolution; checked
     against RELION 3.1.3's log (its first resolution) in tests/test_relion.py::test_class2d_image_sizes_are_relions."""
-    from mpi_em.em.steps import first_shell_2d
+    from mpi_em.em.classes import first_shell_2d
 
     assert [first_shell_2d(b) for b in (32, 64, 128, 150, 256, 360, 2)] == [2, 4, 9, 11, 18, 25, 1]
 

@@ -142,7 +142,8 @@ def data(tmp_path_factory):
     return out
 
 
-# one iteration at HEALPix order 1 (576 orientations), r = ceil(box x 4 / 16) + 2 (--ini-high 16); class2d: r = box/4
+# one iteration at HEALPix order 1 (576 orientations), r = ceil(box x 4 / 16) + 2 (--ini-high 16); class2d: r =
+# round(0.07 x box) + --incr-size 3 = 5 (RELION's first size; box / 4 = 8 until 2026-12-05)
 # refine3d's r: box / 2 - 1, its last (here its only) iteration's full image size (RELION's last auto-refine iteration)
 CASES = {
     "refine3d-32": (32, ["refine3d", "--ref", "start.mrc", "--ini-high", 16, "--healpix-order", 1, "--max-order",
@@ -156,7 +157,7 @@ CASES = {
                            dict(mode="refine3d", folds=4, coarse_poses=576, r=31, accumulate="single")),
     "class3d-32": (32, ["class3d", "--ref", "start.mrc", "--ini-high", 16, "--healpix-order", 1, "--K", 2,
                         "--iter", 1], dict(mode="class3d", K=2, coarse_poses=576, r=10)),
-    "class2d-32": (32, ["class2d", "--K", 4, "--iter", 1], dict(mode="class2d", K=4, coarse_poses=36, r=8)),
+    "class2d-32": (32, ["class2d", "--K", 4, "--iter", 1], dict(mode="class2d", K=4, coarse_poses=36, r=5)),
     "reconstruct-64": (64, ["reconstruct"], None),
 }
 

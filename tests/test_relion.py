@@ -256,7 +256,7 @@ def test_class2d_image_sizes_are_relions(tmp_path):
     classification (`relion_refine` without --ref, K = 4, 4 iterations) of the same particles (box 64, 2.5 Å/px,
     600 particles, SNR 0.2). RELION low-pass filters its first references at 0.07 of the sampling frequency and
     takes that shell, round(0.07 x 64) = 4, as the first resolution (40 Å in its log): the first size is
-    2 x (4 + --incr_size 10) = 28. Ours (mpi_em.em.steps.first_shell_2d, with --incr-size 10) is the same; our
+    2 x (4 + --incr_size 10) = 28. Ours (mpi_em.em.classes.first_shell_2d, with --incr-size 10) is the same; our
     class2d before 2026-12-05 started at size 32 (r = box / 4) whatever the options. Each later RELION size is what
     our schedule (mpi_em.em.schedule.update_schedule: the resolution's shell from the data-vs-prior curves plus 10,
     recomputed every iteration) gives from RELION's own curves of the iteration before (rlnSsnrMap per class), size
@@ -267,7 +267,7 @@ def test_class2d_image_sizes_are_relions(tmp_path):
 
     from mpi_em.em.schedule import update_schedule
     from mpi_em.em.state import MODES, EMState
-    from mpi_em.em.steps import first_shell_2d
+    from mpi_em.em.classes import first_shell_2d
 
     box, apix = 64, 2.5
     d = tmp_path / "data"

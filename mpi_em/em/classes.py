@@ -16,6 +16,15 @@ def first_classes(n: int, K: int, seed: int) -> np.ndarray:
     return first
 
 
+def first_shell_2d(box: int) -> int:
+    """class2d's first resolution shell (a new run, references from unaligned random subsets): RELION's, whose 2D
+    classification without references low-passes its first references at 0.07 of the sampling frequency
+    (``--ini_high`` by default then, ``MlOptimiser::initialiseGeneral``, "see S.H.W. Scheres (2010) Meth Enzym.")
+    and takes that shell as the first iteration's resolution (``updateCurrentResolution`` at iteration 0): the
+    first current size is it plus --incr-size (our first references are low-passed at that size)."""
+    return max(1, int(np.floor(0.07 * box + 0.5)))  # RELION's ROUND
+
+
 def data_vs_prior_shells(ssnr) -> np.ndarray:
     """Per row of ``ssnr`` (classes x shells, RELION's data-vs-prior tau^2 x mean W): the last shell of the run from
     shell 1 in which it stays >= 1, 0 where shell 1 is below 1; at most the box's N/2 - 1 (``ssnr`` holds N/2 + 1

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..fourier import default_r_max
 from ..io.checkpoint import read_checkpoint, write_checkpoint
+from .classes import first_shell_2d
 
 log = logging.getLogger("mpi_em")
 
@@ -88,7 +89,9 @@ class EMState:
             order = args.healpix_order
             r_cur = min(default_r_max(box), max(4, int(np.ceil(box * apix / args.ini_high)) + 2))
         else:
-            maps, order, r_cur = None, 0, min(default_r_max(box), max(4, box // 4))
+            # RELION's first size of a reference-free 2D classification (the references are made in the first pass)
+            maps, order = None, 0
+            r_cur = min(default_r_max(box), first_shell_2d(box) + int(getattr(args, "incr_size", 3)))
         # local searches from the start: class3d --local; refine3d started at an order at or past
         # --local-from-order (around the input poses, as a continued RELION auto-refine)
         local = bool(getattr(args, "local", False)) or (

@@ -18,7 +18,7 @@ from ..symmetrise import symmetrise
 from ..geometry import angular_distance, euler_to_matrix
 from ..particles import ImageCache, pinned_wanted
 from ..symmetry import symmetry_matrices
-from .classes import RESEED_AMPLITUDE, center_2d, reseed_classes
+from .classes import RESEED_AMPLITUDE, center_2d, first_shell_2d, reseed_classes
 from ..masks import auto_solvent_mask
 from .engine import (Stats, current_mats, end_e_step, expectation_batch, image_shifts_px, inverse_sigma2_points, prepare_batch,
                      shell_of_points, sigma2_from_images, update_plan_poses)
@@ -117,8 +117,7 @@ def first_pass(job: EMRun) -> None:
         counts = np.bincount(plan["class_number"] - 1, minlength=K).astype(np.float64)
         allreduce_sum(comm, counts)
         avg = to_host(sums) / np.maximum(counts, 1)[:, None, None]
-        shell = first_shell_2d(box)
-        state.r_cur = float(min(default_r_max(box), shell + args.incr_size))
+        shell = first_shell_2d(box)  # the first size, state.r_cur, is this plus --incr-size (EMState.initial)
         if comm.rank == 0:
             log.info("first current size: r %d px (the first resolution %.1f Å, shell %d, plus --incr-size %d)",
                      state.r_cur, box * apix / shell, shell, args.incr_size)
@@ -126,15 +125,6 @@ def first_pass(job: EMRun) -> None:
         # 32) gave every particle the same ranking of the classes and all went into one in iteration 1
         # (benchmarks/results/class2d-size/cpu-2026-12-05/)
         state.maps = lowpass(avg, box, apix, box * apix / state.r_cur).astype(np.float32)
-
-
-def first_shell_2d(box: int) -> int:
-    """class2d's first resolution shell (a new run, references from unaligned random subsets): RELION's, whose 2D
-    classification without references low-passes its first references at 0.07 of the sampling frequency
-    (``--ini_high`` by default then, ``MlOptimiser::initialiseGeneral``, "see S.H.W. Scheres (2010) Meth Enzym.")
-    and takes that shell as the first iteration's resolution (``updateCurrentResolution`` at iteration 0): the
-    first current size is it plus --incr-size (our first references are low-passed at that size)."""
-    return max(1, int(np.floor(0.07 * box + 0.5)))  # RELION's ROUND
 
 
 def reference_volumes(plan, K: int, folds: int) -> np.ndarray:
