@@ -220,6 +220,13 @@ def test_shell_statistics_by_chunks_equal_the_whole_volume_without_its_indices(m
     for a, b in zip(got, ref):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=0)
     assert peak < 8 * F[0].size, peak
+    # without the power (the priors that do not use it): the same mean W, bit for bit, from half the bincounts
+    mean_w, power = model.shell_statistics(world(), F, W, planes, npad, pad, n_shells, power=False)
+    np.testing.assert_array_equal(mean_w, got[0])
+    assert power is None
+    F_nan = np.full_like(F, np.nan)                           # F is not read
+    np.testing.assert_array_equal(model.shell_statistics(world(), F_nan, W, planes, npad, pad, n_shells,
+                                                         power=False)[0], got[0])
 
 
 def test_significant_coarse_candidates():

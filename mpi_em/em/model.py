@@ -173,9 +173,10 @@ def _shell_index_planes(npad: int, pad: int, planes, xp, n_shells: int):
     return shell_index(xp.sqrt(kz * kz + ky * ky + kx * kx) / pad, n_shells)
 
 
-def _shell_sums(F, W, sh, n_shells: int) -> np.ndarray:
+def _shell_sums(F, W, sh, n_shells: int, power: bool = True) -> np.ndarray:
     """Per volume of F, W (V, ...) and shell index ``sh`` (flat, n_shells = "outside" bin): sums of W, voxel
-    counts, |F/W|^2 over voxels with W > 0, and counts of W > 0 -> host (4, V, n_shells + 1). At most
+    counts, |F/W|^2 over voxels with W > 0, and counts of W > 0 -> host (4, V, n_shells + 1); without ``power``
+    the last two are left 0 and F is not read (the priors that do not use it: half of the bincounts). At most
     :data:`SHELL_CHUNK` voxels at a time: small volumes together (one bincount per quantity and chunk), large
     ones in pieces (temporaries of ~56 bytes per voxel of a chunk, not of the volume)."""
     xp = xp_of(F)
@@ -192,26 +193,35 @@ def _shell_sums(F, W, sh, n_shells: int) -> np.ndarray:
         for a in range(0, nvox, span):
             s = sh[a:a + span]
             idx = (s[None, :] + nb * xp.arange(v1 - v0)[:, None]).reshape(-1)
-            w, f = Wf[v0:v1, a:a + span], Ff[v0:v1, a:a + span]
+            w = Wf[v0:v1, a:a + span]
             if w.dtype != xp.float64:  # single-precision accumulators: the statistics in double (chunk copies)
-                w, f = w.astype(xp.float64), f.astype(xp.complex128)
-            pos = w > 0
-            ratio = xp.where(pos, (f.real ** 2 + f.imag ** 2) / xp.where(pos, w, 1.0) ** 2, 0.0)
-            for q, vals in enumerate((w, xp.ones_like(w), ratio, pos)):
+                w = w.astype(xp.float64)
+            quantities = (w, xp.ones_like(w))
+            if power:
+                f = Ff[v0:v1, a:a + span]
+                if f.dtype != xp.complex128:
+                    f = f.astype(xp.complex128)
+                pos = w > 0
+                ratio = xp.where(pos, (f.real ** 2 + f.imag ** 2) / xp.where(pos, w, 1.0) ** 2, 0.0)
+                quantities += (ratio, pos)
+            for q, vals in enumerate(quantities):
                 out[q, v0:v1] += to_host(xp.bincount(idx, weights=vals.reshape(-1).astype(xp.float64),
                                                      minlength=(v1 - v0) * nb)).reshape(v1 - v0, nb)
     return out
 
 
 def _shell_means(out, n_shells: int):
-    """(mean W, mean |F/W|^2 over W > 0) per volume and shell from :func:`_shell_sums`."""
+    """(mean W, mean |F/W|^2 over W > 0) per volume and shell from :func:`_shell_sums` (the second 0 where it was
+    not summed)."""
     mean_w = np.where(out[1] > 0, out[0] / np.maximum(out[1], 1), 0.0)[:, :n_shells]
     power = np.where(out[3] > 0, out[2] / np.maximum(out[3], 1), 0.0)[:, :n_shells]
     return mean_w, power
 
 
-def shell_statistics(comm, F_own, W_own, planes, npad: int, pad: int, n_shells: int):
-    """Per volume and image-pixel shell: mean W, and mean |F/W|^2 over voxels with W > 0 (summed over ranks)."""
+def shell_statistics(comm, F_own, W_own, planes, npad: int, pad: int, n_shells: int, power: bool = True):
+    """Per volume and image-pixel shell: mean W, and mean |F/W|^2 over voxels with W > 0 (summed over ranks; None
+    without ``power``: only the prior of :func:`_reconstruct_owned` without a gold standard or reference power
+    uses it)."""
     xp = xp_of(F_own)
     out = np.zeros((4, F_own.shape[0], n_shells + 1))
     # by chunks of planes: the shell indices (and the radii they come from) of SHELL_CHUNK voxels at a time, not
@@ -219,10 +229,11 @@ def shell_statistics(comm, F_own, W_own, planes, npad: int, pad: int, n_shells: 
     step = max(1, SHELL_CHUNK // (npad * (npad // 2 + 1)))
     for p0 in range(0, len(planes), step):
         sh = _shell_index_planes(npad, pad, planes[p0:p0 + step], xp, n_shells).reshape(-1)
-        out += _shell_sums(F_own[:, p0:p0 + step], W_own[:, p0:p0 + step], sh, n_shells)
+        out += _shell_sums(F_own[:, p0:p0 + step], W_own[:, p0:p0 + step], sh, n_shells, power)
         del sh
     allreduce_sum(comm, out)
-    return _shell_means(out, n_shells)
+    mean_w, mean_power = _shell_means(out, n_shells)
+    return mean_w, (mean_power if power else None)
 
 
 #: voxels of the padded accumulators down-sampled at once (fourier_fsc): 2^26 (512 MiB of indices)
@@ -367,7 +378,9 @@ def _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold,
         # the folds' sums, and each half's sum of its folds
         parts = (F_own.reshape((2, folds) + F_own.shape[1:]), W_own.reshape((2, folds) + W_own.shape[1:]))
         F_own, W_own = parts[0].sum(axis=1), parts[1].sum(axis=1)
-    mean_w, power = shell_statistics(comm, F_own, W_own, planes, npad, pad, n_shells)
+    # |F/W|^2 per shell only for the prior that uses it (neither refine3d's nor classification's)
+    mean_w, power = shell_statistics(comm, F_own, W_own, planes, npad, pad, n_shells,
+                                     power=not gold and tau2_ref is None)
     info = {"mean_w": mean_w, "power": power}
     if gold:
         curve = fourier_fsc(comm, F_own, W_own, planes, npad, pad, r_max, box)  # unmasked, as RELION's
@@ -444,7 +457,7 @@ def _reconstruct_2d(F_acc, W_acc, box, pad, r_max, fudge, tau2_ref):
     npad = pad * box
     n_shells = box // 2 + 1
     sh = shell_index(radius_plane(npad, xp) / pad, n_shells).reshape(-1)
-    mean_w, _ = _shell_means(_shell_sums(F_acc, W_acc, sh, n_shells), n_shells)
+    mean_w, _ = _shell_means(_shell_sums(F_acc, W_acc, sh, n_shells, power=False), n_shells)
     tau2 = pad ** 2 * fudge * np.asarray(tau2_ref, dtype=np.float64).reshape(F_acc.shape[0], n_shells)
     maps = reconstruct2d(F_acc, W_acc, box, pad, r_max, tau2=xp.asarray(tau2), tau2_fudge=1.0, mask_outside=True)
     return maps.astype(xp.float32), {"tau2": tau2, "mean_w": mean_w}
