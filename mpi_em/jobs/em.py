@@ -79,7 +79,7 @@ def add_arguments(p, mode: str) -> None:
                         "in classification (it shrinks when the resolution does; class2d starts from shell "
                         "round(0.07 x box), as RELION's) (RELION's --incr_size, 10 in every RELION job; default 10, "
                         "class2d 3: on the CPU at box 64 and 128 its classes grouped views as well as with 10 in "
-                        "2.6-4.7x less time, benchmarks/results/class2d-size/cpu-2026-12-05/). class3d on one "
+                        "3.4-4.1x less time, benchmarks/results/class2d-size/cpu-2026-12-05/). class3d on one "
                         "H200, 5 iterations: maps "
                         "0.5-0.8 Å closer to the truth than with 3 for 2-13%% more time per iteration "
                         "(benchmarks/results/relion-side-by-side/h200-classes-box360-2026-12-05/); on CPU ranks 10 took "
