@@ -25,6 +25,16 @@ def first_shell_2d(box: int) -> int:
     return max(1, int(np.floor(0.07 * box + 0.5)))  # RELION's ROUND
 
 
+def data_vs_prior(info: dict) -> np.ndarray | None:
+    """A classification M-step's data-vs-prior SSNR per reference and shell, RELION's: tau^2 x mean W (``info``'s
+    "tau2" and "mean_w"); None where either is missing. The one product the schedule, the per-class resolutions
+    and the model STAR's rlnSsnrMap read."""
+    tau2, mw = info.get("tau2"), info.get("mean_w")
+    if tau2 is None or mw is None:
+        return None
+    return np.atleast_2d(tau2) * np.atleast_2d(mw)
+
+
 def data_vs_prior_shells(ssnr) -> np.ndarray:
     """Per row of ``ssnr`` (classes x shells, RELION's data-vs-prior tau^2 x mean W): the last shell of the run from
     shell 1 in which it stays >= 1, 0 where shell 1 is below 1; at most the box's N/2 - 1 (``ssnr`` holds N/2 + 1
@@ -41,11 +51,11 @@ def class_resolutions(info: dict, K: int, box: int, apix: float, gold: bool, res
     (refine3d; ``resolution``: one per iteration)."""
     if gold:
         return np.full(K, float(resolution[-1] if resolution else 0.0))
-    tau2, mw = info.get("tau2"), info.get("mean_w")
+    ssnr = data_vs_prior(info)
     out = np.zeros(K)
-    if tau2 is None or mw is None:
+    if ssnr is None:
         return out
-    shells = data_vs_prior_shells(np.atleast_2d(tau2) * np.atleast_2d(mw))[:K]
+    shells = data_vs_prior_shells(ssnr)[:K]
     out[:len(shells)] = np.where(shells > 0, box * apix / np.maximum(shells, 1), 999.0)
     return out
 

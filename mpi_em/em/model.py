@@ -176,7 +176,8 @@ def _shell_index_planes(npad: int, pad: int, planes, xp, n_shells: int):
 def _shell_sums(F, W, sh, n_shells: int, power: bool = True) -> np.ndarray:
     """Per volume of F, W (V, ...) and shell index ``sh`` (flat, n_shells = "outside" bin): sums of W, voxel
     counts, |F/W|^2 over voxels with W > 0, and counts of W > 0 -> host (4, V, n_shells + 1); without ``power``
-    the last two are left 0 and F is not read (the priors that do not use it: half of the bincounts). At most
+    the last two are left 0 and F is not read (the priors that do not use it); the voxel counts, alike for every
+    volume, are counted once per chunk. At most
     :data:`SHELL_CHUNK` voxels at a time: small volumes together (one bincount per quantity and chunk), large
     ones in pieces (temporaries of ~56 bytes per voxel of a chunk, not of the volume)."""
     xp = xp_of(F)
@@ -196,7 +197,7 @@ def _shell_sums(F, W, sh, n_shells: int, power: bool = True) -> np.ndarray:
             w = Wf[v0:v1, a:a + span]
             if w.dtype != xp.float64:  # single-precision accumulators: the statistics in double (chunk copies)
                 w = w.astype(xp.float64)
-            quantities = (w, xp.ones_like(w))
+            quantities = (w,)
             if power:
                 f = Ff[v0:v1, a:a + span]
                 if f.dtype != xp.complex128:
@@ -204,9 +205,10 @@ def _shell_sums(F, W, sh, n_shells: int, power: bool = True) -> np.ndarray:
                 pos = w > 0
                 ratio = xp.where(pos, (f.real ** 2 + f.imag ** 2) / xp.where(pos, w, 1.0) ** 2, 0.0)
                 quantities += (ratio, pos)
-            for q, vals in enumerate(quantities):
+            for q, vals in zip((0, 2, 3), quantities):
                 out[q, v0:v1] += to_host(xp.bincount(idx, weights=vals.reshape(-1).astype(xp.float64),
                                                      minlength=(v1 - v0) * nb)).reshape(v1 - v0, nb)
+            out[1, v0:v1] += to_host(xp.bincount(s, minlength=nb))[None, :nb]  # voxels per shell: alike for all
     return out
 
 

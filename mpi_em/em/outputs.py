@@ -15,7 +15,7 @@ from ..errors import InputError
 from ..fsc import shell_frequencies
 from ..io import atomic_path, write_map, write_particles, write_stack
 from ..io.star_tables import write_model_star
-from .classes import class_resolutions
+from .classes import class_resolutions, data_vs_prior
 from .schedule import final_iteration
 from .state import PER_PARTICLE, EMState, Mode
 
@@ -82,7 +82,7 @@ def write_iteration(out: str, it: int, mode: Mode, star, particles: dict, state:
                "rlnEstimatedResolution": class_resolutions(info, K, box, apix, mode.gold, state.resolution)}
     gold_fsc = info["fsc"] if mode.gold and "fsc" in info else None
     tau2 = np.atleast_2d(info.get("tau2", np.zeros((1, n_sh))))
-    ssnr = tau2 * np.atleast_2d(info["mean_w"]) if not mode.gold and info.get("mean_w") is not None else None
+    ssnr = None if mode.gold else data_vs_prior(info)
     write_model_star(os.path.join(out, f"{tag}_model.star"), general, classes, freqs, state.sigma2, tau2,
                      fsc=gold_fsc, ssnr=ssnr)
     _plots(out, it, tag, mode, state, freqs, gold_fsc)

@@ -8,7 +8,7 @@ import numpy as np
 from ..fourier import default_r_max
 from ..fsc import fsc, resolution_at
 from ..sampling import angular_step, next_perturbation, next_translations
-from .classes import data_vs_prior_shells
+from .classes import data_vs_prior, data_vs_prior_shells
 from .engine import SearchSpec
 from .references import fine_offsets, global_grid, local_grid, local_offsets
 from .state import EMState, Mode
@@ -57,10 +57,9 @@ def update_schedule(state: EMState, info: dict, mode: Mode, args, box: int, apix
     # updateCurrentResolution), the best class's, at least MINRES_MAP shells; the current size that plus
     # --incr-size shells, recomputed every iteration: it shrinks when the resolution does (RELION's
     # updateImageSizeAndResolutionPointers)
-    tau2 = np.atleast_2d(info.get("tau2"))
-    mw = info.get("mean_w")
-    if mw is not None:
-        shell, state.r_cur = classification_size(tau2 * np.atleast_2d(mw), int(getattr(args, "incr_size", 3)), box)
+    ssnr = data_vs_prior(info)
+    if ssnr is not None:
+        shell, state.r_cur = classification_size(ssnr, int(getattr(args, "incr_size", 3)), box)
         state.resolution.append(float(box * apix / shell))
 
 

@@ -104,8 +104,9 @@ def _stack_header(path) -> tuple[int, int, int, float, str | None]:
 
 def read_images(path, indices, out=None) -> np.ndarray:
     """float32 array (len(indices), ny, nx) of the given 0-based slices, memory-mapped; into ``out`` when given
-    (an array of that shape, e.g. a slice of a page-locked batch, or a function of the shape that makes one). Series of consecutive slices (a plan sorted by
-    stack) are copied from the file's pages into the output in one pass each; other orders are gathered."""
+    (an array of that shape, e.g. a slice of a page-locked batch, or a function of the shape that makes one).
+    Series of consecutive slices (a plan sorted by stack) are copied from the file's pages into the output in one
+    pass each; other orders are gathered."""
     path = os.fspath(path)
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     mrc = _open_mmap(path)
