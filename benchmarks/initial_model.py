@@ -206,6 +206,12 @@ def main(argv=None) -> int:
            "seconds_final_pass": sum(map(float, fin)) if fin else None, "data": data,
            "peak_gpu_mib": gpu.peak_mib}
     row.update(evaluate(data, run, a.K))
+    model_star = os.path.join(run, "run_model.star")
+    tables = starfile.read(model_star, always_dict=True) if os.path.exists(model_star) else {}
+    if "model_starts" in tables:  # --starts / several --start maps: each start's log-likelihood, the one kept
+        t = tables["model_starts"]
+        row["starts"] = {"seeds": t["rlnRandomSeed"].tolist(), "loglike": t["rlnLogLikelihood"].tolist(),
+                         "chosen": int(np.flatnonzero(t["rlnSelected"].values == 1)[0]) + 1}
     row["conformations"] = len(row["fsc05_A"])
     print("| box | n | SNR | K | conf | ranks | device | s | s / 1000 mini-batch | final pass s | FSC 0.5 vs truth (Å) "
           "| class accuracy | options |")

@@ -556,3 +556,133 @@ def test_default_is_three_final_passes(tmp_path):
                 "--batch-size", 50], ranks=1)
     assert r.returncode == 0, r.stderr
     assert [f"final pass {i} of 3" in r.stderr for i in (1, 2, 3)] == [True] * 3
+
+
+def _starts_table(out):
+    return starfile.read(out / "run_model.star", always_dict=True)["model_starts"]
+
+
+def _loglikes_logged(log: str) -> list:
+    import re
+
+    return [float(x) for x in re.findall(r"start \d+ of \d+: a pass over all \d+ particles at [\d.]+ Å, summed "
+                                         r"log-likelihood (\S+)", log)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    r = mpi_em(["simulate", "--out", d, "--box", 24, "--n", 120, "--snr", 1.0, "--apix", 5.0, "--seed", 2], ranks=0)
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+def test_starts_are_the_seeds_jobs_and_the_likeliest_is_kept(tiny, tmp_path):
+    """--starts 2 --seed 4: start 1 is the job with --seed 4 and start 2 the job with --seed 5, iteration for
+    iteration (their maps after the mini-batches, run_start001/002.mrc, equal those jobs' last iteration maps to
+    float32 summation order: the plans differ with the seed); each start's map then makes one pass over all
+    particles with the images' noise spectrum, the summed log-likelihoods are logged and in run_model.star's
+    model_starts table, and the start with the highest is the one marked kept."""
+    star = tiny / "particles_unaligned.star"
+    opts = ["--iter", 3, "--batch-size", 50, "--healpix-order", 1]
+    r = mpi_em(["initial-model", "--i", star, "--o", tmp_path / "two", "--starts", 2, "--seed", 4] + opts, ranks=1)
+    assert r.returncode == 0, r.stderr
+    assert "2 starts of 3 iterations" in r.stderr and "start 2 of 2 (seed 5)" in r.stderr
+    for seed in (4, 5):
+        q = mpi_em(["initial-model", "--i", star, "--o", tmp_path / f"s{seed}", "--seed", seed] + opts, ranks=1)
+        assert q.returncode == 0, q.stderr
+        a = read_map(tmp_path / f"s{seed}" / "run_it003_class001.mrc")[0]
+        b = read_map(tmp_path / "two" / f"run_start{seed - 3:03d}.mrc")[0]
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max(), seed
+    assert np.abs(read_map(tmp_path / "two" / "run_it004_class001.mrc")[0]
+                  - read_map(tmp_path / "s5" / "run_it001_class001.mrc")[0]).max() <= 1e-5 * 5  # start 2 from scratch
+    t = _starts_table(tmp_path / "two")
+    lls = _loglikes_logged(r.stderr)
+    assert t.rlnRandomSeed.tolist() == [4, 5] and np.allclose(t.rlnLogLikelihood.values, lls, rtol=1e-5)
+    assert t.rlnSelected.tolist() == [int(i == int(np.argmax(lls))) for i in range(2)]
+    assert f"start {int(np.argmax(lls)) + 1} kept" in r.stderr
+    assert [f"final pass {i} of 3" in r.stderr for i in (2, 3)] == [True, True]  # pass 1 is the comparison's
+    assert len(starfile.read(tmp_path / "two" / "run_data.star")["particles"]) == 120
+
+
+@pytest.mark.slow
+def test_starts_keep_the_map_the_particles_favour(tmp_path):
+    """The comparison of starts, on maps whose merit is known: the truth and its own radial average (a blob with the
+    right size and power spectrum, the map the mini-batches end at when they lose the structure), as two --start
+    maps with --iter 0 (no mini-batches: straight to the comparison), on the compact phantom at SNR 0.05 (box 32,
+    5 Å/px, 3 000 particles, where the mini-batches alone stay at the blob: test_compact_phantom_kept_from_a_true_
+    start). In either order the truth is kept, with the higher summed log-likelihood; the final map is then the
+    truth's refinement (FSC 0.5 vs the truth <= 30 Å; the blob's own figure is 43.5 Å)."""
+    d = tmp_path / "d32"
+    r = mpi_em(["simulate", "--out", d, "--box", 32, "--apix", 5.0, "--n", 3000, "--snr", 0.05, "--seed", 1],
+               ranks=0)
+    assert r.returncode == 0, r.stderr
+    truth, apix = read_map(d / "truth.mrc")
+    c = np.arange(32) - 16
+    rad = np.rint(np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)).astype(int)
+    profile = np.bincount(rad.ravel(), weights=truth.ravel()) / np.bincount(rad.ravel())
+    from mpi_em.io import write_map
+
+    write_map(d / "blob.mrc", profile[rad].astype(np.float32), apix)
+    kept = []
+    for order in (("truth.mrc", "blob.mrc"), ("blob.mrc", "truth.mrc")):
+        out = tmp_path / order[0]
+        r = mpi_em(["initial-model", "--i", d / "particles_unaligned.star", "--o", out, "--iter", 0,
+                    "--healpix-order", 1, "--start", d / order[0], d / order[1], "--ini-high", 15], ranks=1,
+                   timeout=600)
+        assert r.returncode == 0, r.stderr
+        t = _starts_table(out)
+        ll = dict(zip(order, t.rlnLogLikelihood.values))
+        print(f"{order}: log-likelihoods {ll}, kept {order[int(np.argmax(t.rlnSelected.values))]}")
+        kept.append(order[int(np.argmax(t.rlnSelected.values))])
+        assert ll["truth.mrc"] > ll["blob.mrc"]
+        res, how = _against_truth(out, d)[:2]
+        print(f"final map vs truth ({how}): FSC 0.5 at {res:.2f} Å")
+        assert res <= 30.0, res
+    assert kept == ["truth.mrc", "truth.mrc"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks,stop", [(1, 3), (2, 4)])
+def test_starts_continue_equals_an_uninterrupted_run(tiny, tmp_path, ranks, stop):
+    """--starts 2 stopped after iteration ``stop`` of 6 (3: the end of start 1; 4: inside start 2) and continued:
+    the same start maps and final map as the run never stopped (the finished starts' maps and the images' noise
+    spectrum are in the checkpoint)."""
+    import os
+    import sys
+    from conftest import MPIRUN
+
+    star = tiny / "particles_unaligned.star"
+    opts = ["--iter", 3, "--batch-size", 50, "--healpix-order", 1, "--starts", 2, "--seed", 4]
+    full, part = tmp_path / "full", tmp_path / "part"
+    r = mpi_em(["initial-model", "--i", star, "--o", full] + opts, ranks=ranks)
+    assert r.returncode == 0, r.stderr
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPI_EM_DEVICE="cpu", MPI_EM_STOP_AFTER_ITERATION=str(stop))
+    r = subprocess.run([MPIRUN, "-n", str(ranks), sys.executable, "-m", "mpi_em", "initial-model", "--i", str(star),
+                        "--o", str(part)] + [str(x) for x in opts], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not (part / "run_class001.mrc").exists()
+    r = mpi_em(["initial-model", "--continue", part], ranks=ranks)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming after iteration {stop} of 6" in r.stderr
+    for name in ("run_start001.mrc", "run_start002.mrc", "run_it006_class001.mrc", "run_class001.mrc"):
+        a, b = read_map(full / name)[0], read_map(part / name)[0]
+        assert np.abs(a - b).max() <= 1e-5 * max(np.abs(a).max(), 1e-30), name
+    assert _starts_table(full).rlnSelected.tolist() == _starts_table(part).rlnSelected.tolist()
+
+
+def test_starts_bad_options_are_one_line(tiny, tmp_path):
+    star = tiny / "particles_unaligned.star"
+    truth = tiny / "truth.mrc"
+    for extra, words in ((["--starts", 2, "--K", 2], "--K 1"), (["--starts", 0], "--starts must be >= 1"),
+                         (["--starts", 2, "--start", truth], "use one of them"),
+                         (["--starts", 2, "--no-final-pass"], "--no-final-pass"),
+                         (["--iter", 0], "--iter 0"), (["--iter", 0, "--start", truth, "--K", 2], "--iter 0"),
+                         (["--start", truth, truth, "--K", 2], "--K 1")):
+        r = mpi_em(["initial-model", "--i", star, "--o", tmp_path / "bad"] + extra, ranks=1)
+        assert r.returncode == 1 and words in r.stderr, (extra, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = mpi_em(["initial-model", "--help"], ranks=0)
+    text = " ".join(r.stdout.split())
+    assert "--starts N" in text and "highest summed log-likelihood" in text and "--iter 0" in text

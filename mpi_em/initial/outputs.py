@@ -34,7 +34,16 @@ def write_iteration(out, it, model, apix, class_prior, res_A):
                 [f"class {k + 1} ({100 * p:.0f}%), {res_A:.0f} Å" for k, p in enumerate(class_prior)])
 
 
-def write_final(out, star, particles, model, apix, counts, class_prior, history):
+def write_starts(out, maps, apix):
+    """Each start's map at the end of its mini-batch iterations (the maps the starts are compared with)."""
+    for s, m in enumerate(maps):
+        write_map(os.path.join(out, f"run_start{s + 1:03d}.mrc"), m, apix)
+
+
+def write_final(out, star, particles, model, apix, counts, class_prior, history, starts=None):
+    """The final maps, run_data.star, run_model.star (its model_classes table; with several starts also
+    model_starts: each start's map, seed, summed log-likelihood of its pass over all particles, and which was
+    kept, rlnSelected 1) and the class-size plot."""
     import pandas as pd
     import starfile
 
@@ -53,7 +62,13 @@ def write_final(out, star, particles, model, apix, counts, class_prior, history)
     write_particles(os.path.join(out, "run_data.star"), star, updates=up)
     classes = pd.DataFrame({"rlnReferenceImage": [f"run_class{k + 1:03d}.mrc" for k in range(K)],
                             "rlnClassDistribution": class_prior, "rlnNrParticles": counts.astype(np.int64)})
+    tables = {"model_classes": classes}
+    if starts is not None:
+        tables["model_starts"] = pd.DataFrame({
+            "rlnReferenceImage": [f"run_start{s + 1:03d}.mrc" for s in range(len(starts["seeds"]))],
+            "rlnRandomSeed": starts["seeds"], "rlnLogLikelihood": starts["loglike"],
+            "rlnSelected": [int(s == starts["chosen"]) for s in range(len(starts["seeds"]))]})
     with atomic_path(os.path.join(out, "run_model.star")) as tmp:
-        starfile.write({"model_classes": classes}, tmp, float_format=None)
+        starfile.write(tables, tmp, float_format=None)
     if len(history):
         class_sizes_png(os.path.join(out, "run_class_sizes.png"), history, title="initial-model: class sizes")

@@ -27,6 +27,12 @@ def write_back(plan, sub, keep):
         plan[k][keep] = sub[k]
 
 
+def reset_poses(plan):
+    """Every particle of the plan back to an unknown pose (a new start; K = 1: class 1)."""
+    for k in ckpt.PER_PARTICLE:
+        plan[k][...] = 1 if k == "class_number" else 0
+
+
 #: the default schedule, 150 mini-batches of 350 particles: on the box-32 test sets it found every single-class
 #: structure at SNR 0.5-5 (9 of 9 jobs; 40 x 400 found 4) and separated K = 2 in 31 of 32 seeds (40 x 400: 30); on
 #: 20 000 box-64 particles at SNR 0.05 (one H200) 21.9 Å against 30.9 Å (benchmarks/results/initial-model/)
@@ -76,8 +82,20 @@ def init(args, size, loaded):
     box, apix = int(star.box[0]), float(star.pixel_size[0])
     if args.K < 1 or args.K > star.n:
         raise MpiEmError(f"--K must be between 1 and the number of particles ({star.n}), got {args.K}")
-    if args.batch_size < 1 or args.iter < 1:
-        raise MpiEmError(f"--batch-size and --iter must be >= 1, got {args.batch_size} and {args.iter}")
+    if args.batch_size < 1 or args.iter < 0:
+        raise MpiEmError(f"--batch-size must be >= 1 and --iter >= 0, got {args.batch_size} and {args.iter}")
+    n_starts = number_of_starts(args)
+    if getattr(args, "starts", 1) < 1:
+        raise MpiEmError(f"--starts must be >= 1, got {args.starts}")
+    if args.start and getattr(args, "starts", 1) > 1:
+        raise MpiEmError("--starts N makes N random starts and --start gives the starts: use one of them")
+    if n_starts > 1 and args.K > 1:
+        raise MpiEmError(f"{n_starts} starts need --K 1 (the starts are compared for one map), got --K {args.K}")
+    if n_starts > 1 and args.no_final_pass:
+        raise MpiEmError(f"{n_starts} starts are compared in the first final pass: --no-final-pass leaves none")
+    if args.iter == 0 and (not args.start or args.K > 1 or args.no_final_pass):
+        raise MpiEmError("--iter 0 (no mini-batches) takes the --start map(s) straight to the final passes: it "
+                         "needs --start, --K 1 and the final passes")
     b0 = getattr(args, "batch_size_ini", None)
     if b0 is not None and not 1 <= b0 <= args.batch_size:
         raise MpiEmError(f"--batch-size-ini must be between 1 and --batch-size ({args.batch_size}), got {b0}")
@@ -110,8 +128,16 @@ def init(args, size, loaded):
                 p[f] = np.asarray(saved[f])[p["row"]].astype(p[f].dtype)
     meta = {"box": box, "pixel_size": apix, "n": star.n, "K": int(args.K), "record": record}
     if getattr(args, "start", None) and loaded is None:
-        meta["start_map"] = _start_map(args.start, box)
+        meta["start_maps"] = np.stack([_start_map(path, box) for path in args.start])
     return plans, meta, star
+
+
+def number_of_starts(args) -> int:
+    """The starts a job compares: the --start maps given, else --starts (1 in checkpoints older than it)."""
+    start = getattr(args, "start", None)
+    if isinstance(start, str):  # a checkpoint written when --start took one map
+        start = [start]
+    return len(start) if start else int(getattr(args, "starts", 1) or 1)
 
 
 def _start_map(path, box: int) -> np.ndarray:
@@ -122,12 +148,16 @@ def _start_map(path, box: int) -> np.ndarray:
     return vol
 
 
-def checkpoint(comm, args, meta, st, plan, model, sigma2, class_prior, history, resolutions, F_run, W_run):
+def checkpoint(comm, args, meta, st, plan, model, sigma2, class_prior, history, resolutions, F_run, W_run,
+               sigma2_data, candidates):
     """Iteration st["iter"]'s state into its checkpoint (rank 0 writes; the running sums summed over ranks inside
-    the ball the insertion reached), then the previous checkpoint removed."""
+    the ball the insertion reached), then the previous checkpoint removed. With several starts: the images' noise
+    spectrum each start begins with, and the maps of the starts finished before the current one."""
     arrays = {"model": model, "sigma2": sigma2, "class_prior": class_prior,
               "history": np.asarray(history, dtype=np.float64).reshape(-1, meta["K"]),
-              "resolutions": np.asarray(resolutions, dtype=np.float64)}
+              "resolutions": np.asarray(resolutions, dtype=np.float64), "sigma2_data": sigma2_data}
+    if candidates:
+        arrays["candidates"] = np.stack(candidates)
     if F_run is not None:
         idx = ckpt.ball_indices(args.pad * meta["box"], padded_reach(st["r_acc"], args.pad))
         arrays["F_run"] = ckpt.gather_ball(comm, F_run, idx)

@@ -23,6 +23,12 @@ Mini-batch (stochastic) expectation-maximisation, after RELION 3's SGD initial m
 3. passes over all particles at the final resolution (``--final-passes``, default 3, each against the previous
    one's maps) give every particle's pose and class (``run_data.star``), the class sizes and the final maps
    (``run_classNNN.mrc``, the particles' box);
+   ``--starts N`` (K = 1): steps 1-2 run N times, start s with seed ``--seed`` + s (each start as the job with
+   that seed: from scratch, unknown poses, the images' noise spectrum); then each start's map makes one pass over
+   all particles, all with the images' own noise spectrum (one yardstick for every map: each start's own noise
+   model would make their likelihoods incomparable), and the start whose pass has the highest summed
+   log-likelihood is kept: its pass is the first final pass (``run_startNNN.mrc``, and the table model_starts in
+   ``run_model.star``). Several ``--start`` maps are compared the same way (``--iter 0``: without mini-batches);
 4. ``--sym``: as RELION applies symmetry to an ab-initio map, only at the end: each C1 class map is put onto the
    point group's axes (:mod:`mpi_em.symaxis`, the search of ``relion_align_symmetry``), symmetrised there, and
    its particles' poses moved with it (:mod:`mpi_em.initial.point_group`).
@@ -49,9 +55,9 @@ from ..em.references import References, fine_offsets, global_grid, insert
 from ..em.steps import check_finite_maps
 from ..fourier import SliceGeometry, default_r_max, padded_reach
 from ..initial import state as ckpt
-from ..initial.setup import (DEFAULT_BATCH_SIZE, DEFAULT_FINAL_PASSES, DEFAULT_ITER, checkpoint, init, options,
-                             split_at, subplan, write_back)
-from ..initial.outputs import write_final, write_iteration
+from ..initial.setup import (DEFAULT_BATCH_SIZE, DEFAULT_FINAL_PASSES, DEFAULT_ITER, checkpoint, init,
+                             number_of_starts, options, reset_poses, split_at, subplan, write_back)
+from ..initial.outputs import write_final, write_iteration, write_starts
 from ..initial.schedule import batch_size, minibatch_rows, noise_fudge, random_rotations, schedule, sums_decay
 from ..io import rebase_image_names
 from ..particles import ImageCache, pinned_wanted
@@ -81,7 +87,8 @@ def add_arguments(p) -> None:
                         "map is rotated and centred onto the group's axes (searched), symmetrised, and its "
                         "particles' poses moved with it")
     p.add_argument("--iter", type=int, default=None,
-                   help=f"number of mini-batch iterations (default {DEFAULT_ITER})")
+                   help=f"number of mini-batch iterations of each start (default {DEFAULT_ITER}); 0, with --start: "
+                        "none, the maps straight to the final passes")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help=f"particles per mini-batch (default {DEFAULT_BATCH_SIZE}; all particles when there are "
                         "fewer); with "
@@ -124,9 +131,19 @@ def add_arguments(p) -> None:
     p.add_argument("--start-noise", type=float, default=0.0, metavar="A",
                    help="add seeded noise, low-passed at --ini-high, of A times the start's standard deviation to "
                         "the random start (a structured start instead of a blob; default 0)")
-    p.add_argument("--start", default=None, metavar="MRC",
+    p.add_argument("--starts", type=int, default=1, metavar="N",
+                   help="K = 1: N random starts (seeds --seed, --seed + 1, ...), each taken through all the "
+                        "mini-batch iterations in turn, as N jobs with those seeds would; then each start's map makes "
+                        "one pass over all particles with one noise spectrum for all (the images' own), and the map "
+                        "whose pass explains the particles best (the highest summed log-likelihood) goes on through "
+                        "the other final passes; each start's map is kept (run_startNNN.mrc) and the comparison is "
+                        "in run_model.star. N times the mini-batch iterations and N - 1 more passes. Default 1 "
+                        "(measured: benchmarks/results/initial-model/)")
+    p.add_argument("--start", default=None, metavar="MRC", nargs="+",
                    help="start from this map (the particles' box; low-passed to --ini-high; every class a copy) "
-                        "instead of the random start: e.g. to check that the iterations keep a known structure")
+                        "instead of the random start: e.g. to check that the iterations keep a known structure. "
+                        "Several maps (K = 1): one start each, compared as --starts compares its random ones; with "
+                        "--iter 0 the maps go straight to that comparison and the final passes")
     p.add_argument("--healpix-order", type=int, default=1,
                    help="HEALPix order of the global search (1 = 30°, 2 = 15°; the fine pass oversamples it once; "
                         "default 1: found the known structures more often than 2, and faster)")
@@ -174,6 +191,8 @@ def run(args, comm, after_iteration=None) -> dict:
     xp = get_xp(device)
     log_placement(comm, device, log)
     box, apix, K, n = meta["box"], meta["pixel_size"], meta["K"], meta["n"]
+    n_starts = number_of_starts(args)
+    n_total = n_starts * args.iter  # the mini-batch iterations of all starts, one start after the other
     n_shells = box // 2 + 1
     pad = args.pad
     mask = reference_mask(box, apix, args, 3, xp)
@@ -184,9 +203,10 @@ def run(args, comm, after_iteration=None) -> dict:
     if comm.rank == 0:
         sizes = (f"{min(b0, n)} -> {min(args.batch_size, n)}" if b0 is not None and b0 != args.batch_size
                  else f"{min(args.batch_size, n)}")
-        log.info("initial-model: %d particles, box %d, %.3f Å/px, K=%d, %d iterations of %s particles, %.1f -> "
-                 "%.1f Å, model update %s, %d rank(s); rank 0 on %s", n, box, apix, K, args.iter,
-                 sizes, args.ini_high, final_high, args.model_update, comm.size, device)
+        log.info("initial-model: %d particles, box %d, %.3f Å/px, K=%d, %s%d iterations of %s particles, %.1f -> "
+                 "%.1f Å, model update %s, %d rank(s); rank 0 on %s", n, box, apix, K,
+                 f"{n_starts} starts of " if n_starts > 1 else "", args.iter, sizes, args.ini_high, final_high,
+                 args.model_update, comm.size, device)
     images = ImageCache(xp, False)
     pinned = pinned_wanted(xp)
     sym_ops = symmetry_matrices(args.sym) if symmetry_matrices(args.sym).shape[0] > 1 else None
@@ -198,13 +218,57 @@ def run(args, comm, after_iteration=None) -> dict:
 
     st = {"iter": 0, "offset_sigma": args.offset_range / 2.0, "perturb": 0.0, "r_acc": 0.0}
     F_run = W_run = None
+    candidates = []  # the maps of the starts finished before the current one
+    start_maps = meta.pop("start_maps", None)
+    k_start = K if split_at(args) <= 1 else 1
+    seed_of = lambda s: int(args.seed) + s  # noqa: E731 - start s draws what a job with this seed draws
+
+    def random_start(seed):
+        """The reconstruction of ``--batch-size`` particles drawn with ``seed`` at random poses drawn with it."""
+        start_rows = minibatch_rows(n, args.batch_size, seed, 0)
+        rots = random_rotations(n, seed)
+        r0 = r_of(args.ini_high)
+        geom = SliceGeometry(box, r_max=r0, pad=pad, xp=xp)
+        inv_s2 = inverse_sigma2_points(sigma2_data, shell_of_points(geom), xp)
+        F_acc = xp.zeros((k_start,) + geom.vol_shape, dtype=xp.complex128)
+        W_acc = xp.zeros((k_start,) + geom.vol_shape, dtype=xp.float64)
+        sub = subplan(plan, np.isin(plan["row"], start_rows))
+        for sl, imgs in images.batches(sub, E_BATCH, pinned=pinned):
+            X, ctf = prepare_batch(imgs, sub, sl, geom, box, apix, use_ctf=not args.no_ctf)
+            if ctf is None:
+                ctf = xp.ones(X.shape, dtype=xp.float32)
+            wts = (ctf * inv_s2[None, :]).astype(xp.float32)
+            insert(F_acc, W_acc, 3, xp.asarray(rots[sub["row"][sl]]),
+                   xp.asarray(sub["class_number"][sl] - 1), X * wts, ctf * wts, geom)
+        synchronize(xp)
+        return F_acc, W_acc
+
+    def start_model(s):
+        """Start s's first model: the random start of its seed, or the s-th --start map low-passed to --ini-high;
+        with --start-noise, seeded low-passed noise on it (the same on every rank)."""
+        from ..em.model import lowpass
+
+        seed = seed_of(s)
+        if start_maps is None:
+            m = reconstruct(*collective_step(comm, random_start, seed), r_of(args.ini_high))
+        else:
+            m = np.repeat(lowpass(start_maps[s][None].astype(np.float64), box, apix, args.ini_high), k_start, 0)
+        if args.start_noise > 0:
+            noise = lowpass(np.random.default_rng([seed, 17]).standard_normal(m.shape), box, apix, args.ini_high)
+            m = m + args.start_noise * noise * (m.std() / max(noise.std(), 1e-30))
+        check_finite_maps(m, 0)
+        return m
+
     if loaded is not None:  # --continue: the state of the last finished iteration
         _, scal, arrays, _ = loaded if comm.rank == 0 else (None, None, None, None)
-        scal, small = comm.bcast((scal, {k: arrays[k] for k in ("model", "sigma2", "class_prior", "history",
-                                                                 "resolutions")}) if comm.rank == 0 else None, root=0)
+        names = ("model", "sigma2", "class_prior", "history", "resolutions", "sigma2_data", "candidates")
+        scal, small = comm.bcast((scal, {k: arrays[k] for k in names if k in arrays}) if comm.rank == 0 else None,
+                                 root=0)
         st.update(scal)
         model, sigma2, class_prior = small["model"], small["sigma2"], small["class_prior"]
         history, resolutions = small["history"].tolist(), small["resolutions"].tolist()
+        sigma2_data = small.get("sigma2_data")  # absent in checkpoints older than --starts (one start)
+        candidates = list(small.get("candidates", []))
         if comm.bcast(comm.rank == 0 and "F_run" in arrays, root=0):
             idx = ckpt.ball_indices(pad * box, padded_reach(st["r_acc"], pad))
             shape = (model.shape[0],) + vol_shape
@@ -214,7 +278,7 @@ def run(args, comm, after_iteration=None) -> dict:
                                       comm.rank)
         del arrays
         if comm.rank == 0:
-            log.info("--continue: resuming after iteration %d of %d", st["iter"], args.iter)
+            log.info("--continue: resuming after iteration %d of %d", st["iter"], n_total)
     else:
         # ---- noise spectrum from every image, and the random start (random poses and classes of a random subset)
         def first_pass():
@@ -231,43 +295,11 @@ def run(args, comm, after_iteration=None) -> dict:
         s_sum, s_cnt = collective_step(comm, first_pass)
         tot = np.concatenate([s_sum, s_cnt])
         allreduce_sum(comm, tot)
-        sigma2 = np.where(tot[n_shells:] > 0, tot[:n_shells] / np.maximum(tot[n_shells:], 1), 1.0)
-        start_rows = minibatch_rows(n, args.batch_size, args.seed, 0)
-        r0 = r_of(args.ini_high)
-        rots = random_rotations(n, args.seed)
-
-        k_start = K if split_at(args) <= 1 else 1
-
-        def random_start():
-            geom = SliceGeometry(box, r_max=r0, pad=pad, xp=xp)
-            inv_s2 = inverse_sigma2_points(sigma2, shell_of_points(geom), xp)
-            F_acc = xp.zeros((k_start,) + geom.vol_shape, dtype=xp.complex128)
-            W_acc = xp.zeros((k_start,) + geom.vol_shape, dtype=xp.float64)
-            sub = subplan(plan, np.isin(plan["row"], start_rows))
-            for sl, imgs in images.batches(sub, E_BATCH, pinned=pinned):
-                X, ctf = prepare_batch(imgs, sub, sl, geom, box, apix, use_ctf=not args.no_ctf)
-                if ctf is None:
-                    ctf = xp.ones(X.shape, dtype=xp.float32)
-                wts = (ctf * inv_s2[None, :]).astype(xp.float32)
-                insert(F_acc, W_acc, 3, xp.asarray(rots[sub["row"][sl]]),
-                       xp.asarray(sub["class_number"][sl] - 1), X * wts, ctf * wts, geom)
-            synchronize(xp)
-            return F_acc, W_acc
-
-        start_map = meta.pop("start_map", None)
-        if start_map is None:
-            model = reconstruct(*collective_step(comm, random_start), r0)
-        else:  # --start: the given map, low-passed to the first iteration's limit
-            from ..em.model import lowpass
-
-            model = np.repeat(lowpass(start_map[None].astype(np.float64), box, apix, args.ini_high), k_start, 0)
-        if args.start_noise > 0:  # seeded low-passed noise on the blob (the same on every rank)
-            from ..em.model import lowpass
-
-            noise = lowpass(np.random.default_rng([int(args.seed), 17]).standard_normal(model.shape), box, apix,
-                            args.ini_high)
-            model = model + args.start_noise * noise * (model.std() / max(noise.std(), 1e-30))
-        check_finite_maps(model, 0)
+        # the images' own power spectrum: the first noise model of every start and the one the starts are
+        # compared with
+        sigma2_data = np.where(tot[n_shells:] > 0, tot[:n_shells] / np.maximum(tot[n_shells:], 1), 1.0)
+        sigma2 = sigma2_data.copy()
+        model = start_model(0)
         class_prior = np.full(k_start, 1.0 / k_start)
         history, resolutions = [], []
 
@@ -315,15 +347,34 @@ def run(args, comm, after_iteration=None) -> dict:
             st["offset_sigma"] = float(np.clip(np.sqrt(stats.offset_sq / (2 * stats.offset_w)), args.offset_step,
                                                args.offset_range))
 
+    def begin_start(s):
+        """Start s (> 0) from scratch, as a job with its seed: its first model, the images' noise spectrum, no
+        running sums, every particle's pose unknown."""
+        nonlocal model, sigma2, class_prior, F_run, W_run
+        reset_poses(plan)  # first: the random start inserts the images at their current offsets
+        model = start_model(s)
+        sigma2 = sigma2_data.copy()
+        class_prior = np.full(k_start, 1.0 / k_start)
+        F_run = W_run = None
+        st.update(offset_sigma=args.offset_range / 2.0, perturb=0.0, r_acc=0.0)
+
     stopped = False
-    for it in range(st["iter"] + 1, args.iter + 1):
+    for it in range(st["iter"] + 1, n_total + 1):
         t_it = time.time()
-        res_A = max(schedule(it, args.iter, args.ini_high, final_high), final_high)
+        s_i, j = divmod(it - 1, args.iter)  # start s_i's iteration j
+        j += 1
+        seed = seed_of(s_i)
+        if j == 1 and s_i > 0:
+            candidates.append(model[0].copy())
+            begin_start(s_i)
+        if j == 1 and n_starts > 1 and comm.rank == 0:
+            log.info("start %d of %d (seed %d)", s_i + 1, n_starts, seed)
+        res_A = max(schedule(j, args.iter, args.ini_high, final_high), final_high)
         r_cur = r_of(res_A)
-        st["perturb"] = next_perturbation(st["perturb"], 0.5, args.seed, it)
-        rows = minibatch_rows(n, batch_size(it, args.iter, b0, args.batch_size), args.seed, it)
+        st["perturb"] = next_perturbation(st["perturb"], 0.5, seed, j)
+        rows = minibatch_rows(n, batch_size(j, args.iter, b0, args.batch_size), seed, j)
         keep = np.isin(plan["row"], rows)
-        split = it == split_at(args) and it > 1
+        split = j == split_at(args) and j > 1
         if split:  # the consensus into K classes; every particle into its seeded random class
             model = np.repeat(model, K, axis=0)
             class_prior = np.full(K, 1.0 / K)
@@ -333,13 +384,13 @@ def run(args, comm, after_iteration=None) -> dict:
             if comm.rank == 0:
                 log.info("iteration %d: the consensus split into %d classes", it, K)
         sub = subplan(plan, keep)
-        F_b, W_b, stats = e_step(sub, r_cur, False, noise_fudge(it, args.iter, args.sigma2_fudge), split)
+        F_b, W_b, stats = e_step(sub, r_cur, False, noise_fudge(j, args.iter, args.sigma2_fudge), split)
         write_back(plan, sub, keep)
         if args.model_update == "sums":
             if F_run is None:
                 F_run, W_run = F_b, W_b
             else:
-                d = sums_decay(it, args.iter, *args.sums_decay)
+                d = sums_decay(j, args.iter, *args.sums_decay)
                 F_run *= d
                 F_run += F_b
                 W_run *= d
@@ -350,7 +401,7 @@ def run(args, comm, after_iteration=None) -> dict:
         else:
             w = args.update_weight
             maps = reconstruct(F_b, W_b, r_cur)
-            model = maps if it == 1 else (1.0 - w) * model + w * maps
+            model = maps if j == 1 else (1.0 - w) * model + w * maps
         check_finite_maps(model, it)
         update_model_stats(stats)
         history.append([float(x) for x in class_prior] + [0.0] * (K - len(class_prior)))  # consensus: class 1
@@ -360,7 +411,8 @@ def run(args, comm, after_iteration=None) -> dict:
             log.info("iteration %d: %d particles at %.1f Å (r %.0f px), log-likelihood %.4g, class sizes %s, "
                      "%.1f s", it, len(rows), res_A, r_cur, stats.loglike,
                      " ".join(f"{x:.2f}" for x in class_prior), time.time() - t_it)
-        checkpoint(comm, args, meta, st, plan, model, sigma2, class_prior, history, resolutions, F_run, W_run)
+        checkpoint(comm, args, meta, st, plan, model, sigma2, class_prior, history, resolutions, F_run, W_run,
+                   sigma2_data, candidates)
         root_step(comm, write_iteration, args.output, it, model, apix, class_prior, res_A)
         if after_iteration is not None and after_iteration(it):
             stopped = True
@@ -369,8 +421,54 @@ def run(args, comm, after_iteration=None) -> dict:
     if stopped:
         return {"mode": "initial-model", "iterations": st["iter"], "stopped": True, "ranks": comm.size,
                 "seconds": time.time() - t_start}
+
+    def compare_starts(maps):
+        """One pass over all particles for each start's map, every one with the images' noise spectrum and from
+        unknown poses; the start whose pass has the highest summed log-likelihood is kept: its pass's map,
+        poses and noise model go on. -> (its map (1, ...), the starts' table for run_model.star)."""
+        nonlocal model, sigma2, class_prior
+        t_c = time.time()
+        r_cur = r_of(final_high)
+        everyone = np.ones(len(plan["row"]), dtype=bool)
+        lls, best = [], None
+        for c, m in enumerate(maps):
+            model = m[None]
+            sigma2, class_prior = sigma2_data.copy(), np.ones(1)
+            st["offset_sigma"] = args.offset_range / 2.0
+            reset_poses(plan)
+            full = subplan(plan, everyone)
+            F_b, W_b, stats = e_step(full, r_cur, False)
+            lls.append(float(stats.loglike))  # summed over the ranks' particles: the same on every rank
+            better = comm.bcast(best is None or lls[-1] > lls[best[0]] if comm.rank == 0 else None, root=0)
+            if better:
+                best = (c, reconstruct(F_b, W_b, r_cur), full, stats)
+            del F_b, W_b
+            if comm.rank == 0:
+                log.info("start %d of %d: a pass over all %d particles at %.1f Å, summed log-likelihood %.1f",
+                         c + 1, len(maps), n, final_high, lls[-1])
+        c, best_map, full, stats = best
+        write_back(plan, full, everyone)
+        sigma2 = sigma2_data.copy()
+        update_model_stats(stats)
+        root_step(comm, write_starts, args.output, maps, apix)
+        if comm.rank == 0:
+            log.info("start %d kept (the highest log-likelihood; %s): final pass 1 of %d, %.1f s", c + 1,
+                     " ".join(f"{x - lls[c]:+.0f}" for x in lls), n_final, time.time() - t_c)
+        table = {"seeds": [seed_of(s) for s in range(len(maps))], "loglike": lls, "chosen": c}
+        check_finite_maps(best_map, args.iter + 1)
+        return best_map, table
+
     n_final = 0 if args.no_final_pass else args.final_passes
-    for p_i in range(n_final):  # passes over all particles (C1; --sym after them)
+    first_pass_done = 0
+    starts_table = None
+    if n_starts > 1:
+        if args.iter == 0:  # the given maps, as they are (low-passed to --ini-high)
+            candidates = [start_model(s)[0] for s in range(n_starts)]
+        else:
+            candidates.append(model[0].copy())
+        model, starts_table = compare_starts(candidates)
+        first_pass_done = 1
+    for p_i in range(first_pass_done, n_final):  # passes over all particles (C1; --sym after them)
         t_f = time.time()
         r_cur = r_of(final_high)
         everyone = np.ones(len(plan["row"]), dtype=bool)
@@ -393,12 +491,12 @@ def run(args, comm, after_iteration=None) -> dict:
     if sym_ops is not None and n_final:
         model = root_step(comm, _onto_point_group, model, particles, args.sym, apix)
     root_step(comm, write_final, args.output, star_rank0, particles, model, apix, counts, class_prior,
-              np.asarray(history))
-    summary = {"mode": "initial-model", "iterations": args.iter, "counts": counts.tolist(),
+              np.asarray(history), starts_table)
+    summary = {"mode": "initial-model", "iterations": n_total, "counts": counts.tolist(),
                "class_prior": class_prior.tolist(), "seconds": time.time() - t_start, "ranks": comm.size,
                "stopped": False}
     if comm.rank == 0:
-        log.info("initial-model finished: %d iterations in %.1f s; particles per class %s", args.iter,
+        log.info("initial-model finished: %d iterations in %.1f s; particles per class %s", n_total,
                  summary["seconds"], " ".join(str(int(c)) for c in counts))
     return summary
 
