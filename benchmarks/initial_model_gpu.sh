@@ -7,6 +7,8 @@
 #           particles: gold-standard resolution (the issue: within 3%) and map vs truth (either hand)
 #   speed   seconds per 1 000 mini-batch particles at box $BOX2 (128), K = 1 and 3 (`--iter 20`), and the whole
 #           default job on $N2 (100 000) box-$BOX2 particles (1.5 Å/px, SNR 0.05)
+#   starts  `--starts $NST` (3) on the issue's set (each of SEEDS as --seed) and on the box-$BOX2 set: seconds and
+#           map vs truth (not in the default PARTS)
 # EXTRA: more initial-model options for every job; DEVICE (gpu); a CPU check of the script:
 #   DEVICE=cpu BOX=32 N=400 BOX2=32 N2=400 SEEDS=0 EXTRA="--iter 4 --batch-size 50" bash benchmarks/initial_model_gpu.sh OUT
 # Usage (repo root on the GPU machine, wheels of ../shared/tools/device-wheels in .whl/):
@@ -94,6 +96,23 @@ PY
       > $R/whole.txt 2>&1
     cp $W/whole/run.log $R/whole_run.log 2>/dev/null
     say "box $B2, $NN2 particles, defaults: $(tail -1 $R/whole.txt)" ;;
+  starts)
+    # --starts $NST (default 3) on the issue's set (seeds $SEEDS as --seed) and on the box-$B2 set: time and map
+    for s in ${SEEDS:-0}; do
+      # shellcheck disable=SC2086
+      python3 benchmarks/initial_model.py --work $W/st$s --data $D --device $DEV --json $R/starts_seed$s.json -- \
+        --seed $s --starts ${NST:-3} ${EXTRA:-} > $R/starts_seed$s.txt 2>&1
+      cp $W/st$s/run.log $R/starts_seed${s}_run.log 2>/dev/null
+      say "--starts ${NST:-3} --seed $s: $(tail -1 $R/starts_seed$s.txt)"
+    done
+    D2=$W/d$B2
+    [ -f $D2/particles.star ] || python3 -m mpi_em simulate --out $D2 --box $B2 --n $NN2 --snr 0.05 --apix 1.5 \
+      --seed 1 --device $DEV > $R/sim_$B2.log 2>&1
+    # shellcheck disable=SC2086
+    python3 benchmarks/initial_model.py --work $W/whole_st --data $D2 --device $DEV --json $R/whole_starts.json -- \
+      --starts ${NST:-3} ${EXTRA:-} > $R/whole_starts.txt 2>&1
+    cp $W/whole_st/run.log $R/whole_starts_run.log 2>/dev/null
+    say "box $B2, $NN2 particles, --starts ${NST:-3}: $(tail -1 $R/whole_starts.txt)" ;;
   esac
 done
 nvidia-smi --query-gpu=memory.used --format=csv,noheader > $R/memory_after.txt 2>/dev/null

@@ -137,8 +137,11 @@ def add_arguments(p) -> None:
                         "one pass over all particles with one noise spectrum for all (the images' own), and the map "
                         "whose pass explains the particles best (the highest summed log-likelihood) goes on through "
                         "the other final passes; each start's map is kept (run_startNNN.mrc) and the comparison is "
-                        "in run_model.star. N times the mini-batch iterations and N - 1 more passes. Default 1 "
-                        "(measured: benchmarks/results/initial-model/)")
+                        "in run_model.star. N times the mini-batch iterations and N - 1 more passes. Measured on "
+                        "20 000 box-64 particles at SNR 0.05: one start reaches <= 20 Å with 3 of 8 seeds, three "
+                        "starts keep a <= 20 Å map for 75-82%% of the seed triples and never keep a blob where a "
+                        "found map is among them: use 3 on data this noisy. Default 1 "
+                        "(benchmarks/results/initial-model/starts-cpu-2026-12-05/)")
     p.add_argument("--start", default=None, metavar="MRC", nargs="+",
                    help="start from this map (the particles' box; low-passed to --ini-high; every class a copy) "
                         "instead of the random start: e.g. to check that the iterations keep a known structure. "
