@@ -23,10 +23,10 @@ Mini-batch (stochastic) expectation-maximisation, after RELION 3's SGD initial m
 3. passes over all particles at the final resolution (``--final-passes``, default 3, each against the previous
    one's maps) give every particle's pose and class (``run_data.star``), the class sizes and the final maps
    (``run_classNNN.mrc``, the particles' box);
-   ``--starts N`` (K = 1): steps 1-2 run N times, start s with seed ``--seed`` + s (each start as the job with
-   that seed: from scratch, unknown poses, the images' noise spectrum); then each start's map makes one pass over
-   all particles, all with the images' own noise spectrum (one yardstick for every map: each start's own noise
-   model would make their likelihoods incomparable), and the start whose pass has the highest summed
+   ``--starts N`` (K = 1): steps 1-2 once per start, N starts, start s with seed ``--seed`` + s (each start as
+   the job with that seed: from scratch, unknown poses, the images' noise spectrum); then each start's map makes one
+   pass over all particles, all with the images' own noise spectrum (one yardstick for every map: each start's own
+   noise model would make their likelihoods incomparable), and the start whose pass has the highest summed
    log-likelihood is kept: its pass is the first final pass (``run_startNNN.mrc``, and the table model_starts in
    ``run_model.star``). Several ``--start`` maps are compared the same way (``--iter 0``: without mini-batches);
 4. ``--sym``: as RELION applies symmetry to an ab-initio map, only at the end: each C1 class map is put onto the
