@@ -646,8 +646,9 @@ def test_starts_keep_the_map_the_particles_favour(tmp_path):
 @pytest.mark.parametrize("ranks,stop", [(1, 3), (2, 4)])
 def test_starts_continue_equals_an_uninterrupted_run(tiny, tmp_path, ranks, stop):
     """--starts 2 stopped after iteration ``stop`` of 6 (3: the end of start 1; 4: inside start 2) and continued:
-    the same start maps and final map as the run never stopped (the finished starts' maps and the images' noise
-    spectrum are in the checkpoint)."""
+    the same start maps and final map as the run never stopped (the images' noise spectrum is in the checkpoint,
+    the finished starts' maps are their run_startNNN.mrc files, float32 as the job keeps them; a missing one is a
+    one-line error naming it)."""
     import os
     import sys
     from conftest import MPIRUN
@@ -663,6 +664,13 @@ def test_starts_continue_equals_an_uninterrupted_run(tiny, tmp_path, ranks, stop
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert not (part / "run_class001.mrc").exists()
+    if stop > 3:  # the finished start's map is a file the checkpoint refers to: without it, one line naming it
+        lost = tmp_path / "lost"
+        shutil.copytree(part, lost)
+        (lost / "run_start001.mrc").unlink()
+        r = mpi_em(["initial-model", "--continue", lost], ranks=ranks)
+        assert r.returncode == 2 and "run_start001.mrc" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = mpi_em(["initial-model", "--continue", part], ranks=ranks)
     assert r.returncode == 0, r.stderr
     assert f"resuming after iteration {stop} of 6" in r.stderr

@@ -34,10 +34,38 @@ def write_iteration(out, it, model, apix, class_prior, res_A):
                 [f"class {k + 1} ({100 * p:.0f}%), {res_A:.0f} Å" for k, p in enumerate(class_prior)])
 
 
-def write_starts(out, maps, apix):
-    """Each start's map at the end of its mini-batch iterations (the maps the starts are compared with)."""
-    for s, m in enumerate(maps):
+def write_starts(out, maps, apix, first: int = 0):
+    """Starts ``first``, ``first`` + 1, ...: each one's map at the end of its mini-batch iterations (the maps the
+    starts are compared with), run_startNNN.mrc."""
+    for s, m in enumerate(maps, start=first):
         write_map(os.path.join(out, f"run_start{s + 1:03d}.mrc"), m, apix)
+
+
+def start_paths(out, n: int) -> list:
+    """--continue: the files of the first ``n`` starts' maps, which the checkpoint refers to; InputError naming the
+    first one missing."""
+    from ..errors import InputError
+
+    paths = [os.path.join(out, f"run_start{s + 1:03d}.mrc") for s in range(n)]
+    for s, path in enumerate(paths):
+        if not os.path.exists(path):
+            raise InputError(path, f"the checkpoint needs the map of start {s + 1} of this job, and it is missing",
+                             field="run_startNNN.mrc")
+    return paths
+
+
+def read_starts(out, n: int, box: int) -> list:
+    """--continue: the maps of the first ``n`` starts (run_startNNN.mrc, float32 as they were kept)."""
+    from ..errors import InputError
+    from ..io import read_map
+
+    maps = []
+    for path in start_paths(out, n):
+        vol = read_map(path)[0]
+        if vol.shape != (box,) * 3:
+            raise InputError(path, f"map shape {vol.shape}, where this job's box is {box}", field="nx")
+        maps.append(vol)
+    return maps
 
 
 def write_final(out, star, particles, model, apix, counts, class_prior, history, starts=None):

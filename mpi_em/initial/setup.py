@@ -112,6 +112,10 @@ def init(args, size, loaded):
     if not args.ini_high >= args.final_high > 0:
         raise MpiEmError(f"--ini-high ({args.ini_high} Å) must be >= --final-high ({args.final_high} Å) > 0")
     symmetry_matrices(args.sym)
+    if loaded is not None and n_starts > 1:  # the finished starts' maps the checkpoint refers to
+        from .outputs import start_paths
+
+        start_paths(args.output, finished_starts(loaded[1]["iter"], args.iter))
     plans = make_plan(star, size, seed=args.seed)
     first_class = np.random.default_rng([int(args.seed), 13]).integers(1, args.K + 1, star.n)
     saved = loaded[3] if loaded is not None else None
@@ -132,6 +136,12 @@ def init(args, size, loaded):
     return plans, meta, star
 
 
+def finished_starts(it: int, n_iter: int) -> int:
+    """Starts whose mini-batches were all done before iteration ``it`` of all starts began (their maps are files):
+    0 until the first iteration of start 2."""
+    return (it - 1) // n_iter if it > 0 and n_iter > 0 else 0
+
+
 def number_of_starts(args) -> int:
     """The starts a job compares: the --start maps given, else --starts (1 in checkpoints older than it)."""
     start = getattr(args, "start", None)
@@ -149,15 +159,13 @@ def _start_map(path, box: int) -> np.ndarray:
 
 
 def checkpoint(comm, args, meta, st, plan, model, sigma2, class_prior, history, resolutions, F_run, W_run,
-               sigma2_data, candidates):
+               sigma2_data):
     """Iteration st["iter"]'s state into its checkpoint (rank 0 writes; the running sums summed over ranks inside
-    the ball the insertion reached), then the previous checkpoint removed. With several starts: the images' noise
-    spectrum each start begins with, and the maps of the starts finished before the current one."""
+    the ball the insertion reached), then the previous checkpoint removed. The images' noise spectrum, which every
+    start begins with; the maps of the starts finished before the current one are their run_startNNN.mrc files."""
     arrays = {"model": model, "sigma2": sigma2, "class_prior": class_prior,
               "history": np.asarray(history, dtype=np.float64).reshape(-1, meta["K"]),
               "resolutions": np.asarray(resolutions, dtype=np.float64), "sigma2_data": sigma2_data}
-    if candidates:
-        arrays["candidates"] = np.stack(candidates)
     if F_run is not None:
         idx = ckpt.ball_indices(args.pad * meta["box"], padded_reach(st["r_acc"], args.pad))
         arrays["F_run"] = ckpt.gather_ball(comm, F_run, idx)

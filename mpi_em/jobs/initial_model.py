@@ -55,9 +55,9 @@ from ..em.references import References, fine_offsets, global_grid, insert
 from ..em.steps import check_finite_maps
 from ..fourier import SliceGeometry, default_r_max, padded_reach
 from ..initial import state as ckpt
-from ..initial.setup import (DEFAULT_BATCH_SIZE, DEFAULT_FINAL_PASSES, DEFAULT_ITER, checkpoint, init,
-                             number_of_starts, options, reset_poses, split_at, subplan, write_back)
-from ..initial.outputs import write_final, write_iteration, write_starts
+from ..initial.setup import (DEFAULT_BATCH_SIZE, DEFAULT_FINAL_PASSES, DEFAULT_ITER, checkpoint, finished_starts,
+                             init, number_of_starts, options, reset_poses, split_at, subplan, write_back)
+from ..initial.outputs import read_starts, write_final, write_iteration, write_starts
 from ..initial.schedule import batch_size, minibatch_rows, noise_fudge, random_rotations, schedule, sums_decay
 from ..io import rebase_image_names
 from ..particles import ImageCache, pinned_wanted
@@ -221,7 +221,7 @@ def run(args, comm, after_iteration=None) -> dict:
 
     st = {"iter": 0, "offset_sigma": args.offset_range / 2.0, "perturb": 0.0, "r_acc": 0.0}
     F_run = W_run = None
-    candidates = []  # the maps of the starts finished before the current one
+    candidates = []  # the maps (float32, as the E-step projects them) of the starts finished before the current one
     start_maps = meta.pop("start_maps", None)
     k_start = K if split_at(args) <= 1 else 1
     seed_of = lambda s: int(args.seed) + s  # noqa: E731 - start s draws what a job with this seed draws
@@ -264,14 +264,16 @@ def run(args, comm, after_iteration=None) -> dict:
 
     if loaded is not None:  # --continue: the state of the last finished iteration
         _, scal, arrays, _ = loaded if comm.rank == 0 else (None, None, None, None)
-        names = ("model", "sigma2", "class_prior", "history", "resolutions", "sigma2_data", "candidates")
+        names = ("model", "sigma2", "class_prior", "history", "resolutions", "sigma2_data")
         scal, small = comm.bcast((scal, {k: arrays[k] for k in names if k in arrays}) if comm.rank == 0 else None,
                                  root=0)
         st.update(scal)
         model, sigma2, class_prior = small["model"], small["sigma2"], small["class_prior"]
         history, resolutions = small["history"].tolist(), small["resolutions"].tolist()
         sigma2_data = small.get("sigma2_data")  # absent in checkpoints older than --starts (one start)
-        candidates = list(small.get("candidates", []))
+        # the starts finished before the checkpoint's iteration: their maps, written when each one finished
+        n_done = finished_starts(st["iter"], args.iter) if n_starts > 1 else 0
+        candidates = list(root_step(comm, read_starts, args.output, n_done, box)) if n_done else []
         if comm.bcast(comm.rank == 0 and "F_run" in arrays, root=0):
             idx = ckpt.ball_indices(pad * box, padded_reach(st["r_acc"], pad))
             shape = (model.shape[0],) + vol_shape
@@ -350,6 +352,12 @@ def run(args, comm, after_iteration=None) -> dict:
             st["offset_sigma"] = float(np.clip(np.sqrt(stats.offset_sq / (2 * stats.offset_w)), args.offset_step,
                                                args.offset_range))
 
+    def finish_start(m):
+        """The current start's map (after its mini-batches) is done: kept for the comparison, and written
+        (run_startNNN.mrc: the checkpoints refer to these files)."""
+        candidates.append(np.asarray(m, dtype=np.float32))
+        root_step(comm, write_starts, args.output, candidates[-1:], apix, len(candidates) - 1)
+
     def begin_start(s):
         """Start s (> 0) from scratch, as a job with its seed: its first model, the images' noise spectrum, no
         running sums, every particle's pose unknown."""
@@ -368,7 +376,7 @@ def run(args, comm, after_iteration=None) -> dict:
         j += 1
         seed = seed_of(s_i)
         if j == 1 and s_i > 0:
-            candidates.append(model[0].copy())
+            finish_start(model[0])
             begin_start(s_i)
         if j == 1 and n_starts > 1 and comm.rank == 0:
             log.info("start %d of %d (seed %d)", s_i + 1, n_starts, seed)
@@ -415,7 +423,7 @@ def run(args, comm, after_iteration=None) -> dict:
                      "%.1f s", it, len(rows), res_A, r_cur, stats.loglike,
                      " ".join(f"{x:.2f}" for x in class_prior), time.time() - t_it)
         checkpoint(comm, args, meta, st, plan, model, sigma2, class_prior, history, resolutions, F_run, W_run,
-                   sigma2_data, candidates)
+                   sigma2_data)
         root_step(comm, write_iteration, args.output, it, model, apix, class_prior, res_A)
         if after_iteration is not None and after_iteration(it):
             stopped = True
@@ -435,7 +443,7 @@ def run(args, comm, after_iteration=None) -> dict:
         everyone = np.ones(len(plan["row"]), dtype=bool)
         lls, best = [], None
         for c, m in enumerate(maps):
-            model = m[None]
+            model = m[None].astype(np.float64)
             sigma2, class_prior = sigma2_data.copy(), np.ones(1)
             st["offset_sigma"] = args.offset_range / 2.0
             reset_poses(plan)
@@ -453,7 +461,6 @@ def run(args, comm, after_iteration=None) -> dict:
         write_back(plan, full, everyone)
         sigma2 = sigma2_data.copy()
         update_model_stats(stats)
-        root_step(comm, write_starts, args.output, maps, apix)
         if comm.rank == 0:
             log.info("start %d kept (the highest log-likelihood; %s): final pass 1 of %d, %.1f s", c + 1,
                      " ".join(f"{x - lls[c]:+.0f}" for x in lls), n_final, time.time() - t_c)
@@ -466,9 +473,10 @@ def run(args, comm, after_iteration=None) -> dict:
     starts_table = None
     if n_starts > 1:
         if args.iter == 0:  # the given maps, as they are (low-passed to --ini-high)
-            candidates = [start_model(s)[0] for s in range(n_starts)]
+            for s in range(n_starts):
+                finish_start(start_model(s)[0])
         else:
-            candidates.append(model[0].copy())
+            finish_start(model[0])
         model, starts_table = compare_starts(candidates)
         first_pass_done = 1
     for p_i in range(first_pass_done, n_final):  # passes over all particles (C1; --sym after them)
