@@ -671,6 +671,8 @@ def test_starts_continue_equals_an_uninterrupted_run(tiny, tmp_path, ranks, stop
         r = mpi_em(["initial-model", "--continue", lost], ranks=ranks)
         assert r.returncode == 2 and "run_start001.mrc" in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = mpi_em(["initial-model", "--continue", part, "--iter", 4], ranks=ranks)  # the starts' boundaries would move
+    assert r.returncode == 1 and "continues with its own --iter (3 per start)" in r.stderr, r.stderr
     r = mpi_em(["initial-model", "--continue", part], ranks=ranks)
     assert r.returncode == 0, r.stderr
     assert f"resuming after iteration {stop} of 6" in r.stderr

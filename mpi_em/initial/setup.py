@@ -45,8 +45,8 @@ DEFAULT_FINAL_PASSES = 3
 
 
 def options(args, comm):
-    """--continue: the run's options from its checkpoint (a new --iter replaces the number of iterations) and its
-    state; a new run: none. Every rank gets them."""
+    """--continue: the run's options from its checkpoint (a new --iter replaces the number of iterations, except in
+    a job of several starts) and its state; a new run: none. Every rank gets them."""
     if not args.continue_dir:
         if not args.input or not args.output:
             raise MpiEmError("initial-model needs --i STAR and --o DIR (or --continue DIR)")
@@ -59,6 +59,9 @@ def options(args, comm):
     args.continue_dir = args.output = cont
     args._expected_input = loaded[0].get("input")
     if new_iter is not None:
+        if new_iter != args.iter and number_of_starts(args) > 1:
+            raise MpiEmError(f"{cont}: a job of {number_of_starts(args)} starts continues with its own --iter "
+                             f"({args.iter} per start), not {new_iter}: each start's iterations would be others")
         args.iter = new_iter
     return loaded
 
