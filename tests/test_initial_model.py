@@ -112,6 +112,27 @@ def lumpy(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    r = mpi_em(["simulate", "--out", d, "--box", 24, "--n", 120, "--snr", 1.0, "--apix", 5.0, "--seed", 2], ranks=0)
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+def _stopped_run(star, out, opts, ranks: int, stop: int):
+    """The job on ``ranks`` ranks, stopped after iteration ``stop`` as a job killed there
+    (MPI_EM_STOP_AFTER_ITERATION)."""
+    import os
+    import sys
+    from conftest import MPIRUN
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPI_EM_DEVICE="cpu", MPI_EM_STOP_AFTER_ITERATION=str(stop))
+    return subprocess.run([MPIRUN, "-n", str(ranks), sys.executable, "-m", "mpi_em", "initial-model", "--i", str(star),
+                           "--o", str(out)] + [str(x) for x in opts], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
 @pytest.mark.slow
 def test_initial_model_reaches_the_truth(lumpy, tmp_path):
     out = tmp_path / "im"
@@ -161,25 +182,16 @@ def test_bad_input_is_one_line(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks,stop", [(1, 1), (2, 3)])
-def test_continue_equals_an_uninterrupted_run(tmp_path, ranks, stop):
+def test_continue_equals_an_uninterrupted_run(tiny, tmp_path, ranks, stop):
     """Stopped after iteration ``stop`` of 4 (K = 2: the consensus splits at iteration 2, so one stop falls before
     and one after it; on 2 ranks the running sums are resumed as their total on rank 0) and continued: the same
     maps and poses as the run never stopped (measured: bit for bit; tolerance for float sums)."""
-    d = tmp_path / "tiny"
-    r = mpi_em(["simulate", "--out", d, "--box", 24, "--n", 120, "--snr", 1.0, "--apix", 5.0, "--seed", 2],
-               ranks=0)
-    assert r.returncode == 0, r.stderr
+    d = tiny
     opts = ["--iter", 4, "--batch-size", 50, "--healpix-order", 1, "--K", 2, "--consensus", 0.3, "--seed", 3]
     full, part = tmp_path / "full", tmp_path / "part"
     r = mpi_em(["initial-model", "--i", d / "particles_unaligned.star", "--o", full] + opts, ranks=ranks)
     assert r.returncode == 0, r.stderr
-    import os
-    import sys
-    from conftest import MPIRUN
-    env = dict(os.environ, OMP_NUM_THREADS="1", MPI_EM_DEVICE="cpu", MPI_EM_STOP_AFTER_ITERATION=str(stop))
-    r = subprocess.run([MPIRUN, "-n", str(ranks), sys.executable, "-m", "mpi_em", "initial-model", "--i",
-                        str(d / "particles_unaligned.star"), "--o", str(part)] + [str(x) for x in opts],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = _stopped_run(d / "particles_unaligned.star", part, opts, ranks, stop)
     assert r.returncode == 0, r.stderr
     assert not (part / "run_class001.mrc").exists() and (part / f"run_it{stop:03d}_checkpoint.h5").exists()
     assert not (part / f"run_it{stop - 1:03d}_checkpoint.h5").exists()  # only the last checkpoint is kept
@@ -203,21 +215,14 @@ def _minibatch_sizes(log: str) -> dict:
     return {int(it): int(k) for it, k in re.findall(r"iteration (\d+): (\d+) particles at", log)}
 
 
-def test_growing_minibatch_in_the_job_and_on_continue(tmp_path):
+def test_growing_minibatch_in_the_job_and_on_continue(tiny, tmp_path):
     """--batch-size-ini 20 --batch-size 60 over 6 iterations: the job's log shows mini-batches of 20, 33, 47, 60,
     60, 60 particles; the option is saved in the checkpoint, so a run stopped after iteration 2 and continued draws
     the same mini-batches and gives the same maps as the run never stopped; an older checkpoint without the option
     continues with the fixed --batch-size; a B0 outside 1..--batch-size is one line naming the option."""
     import json
-    import os
-    import sys
-    from conftest import MPIRUN
 
-    d = tmp_path / "tiny"
-    r = mpi_em(["simulate", "--out", d, "--box", 24, "--n", 120, "--snr", 1.0, "--apix", 5.0, "--seed", 2],
-               ranks=0)
-    assert r.returncode == 0, r.stderr
-    star = d / "particles_unaligned.star"
+    star = tiny / "particles_unaligned.star"
     opts = ["--iter", 6, "--batch-size", 60, "--batch-size-ini", 20, "--healpix-order", 1, "--seed", 3]
     grown = {it: batch_size(it, 6, 20, 60) for it in range(1, 7)}
     full, part, old = tmp_path / "full", tmp_path / "part", tmp_path / "old"
@@ -225,10 +230,7 @@ def test_growing_minibatch_in_the_job_and_on_continue(tmp_path):
     assert r.returncode == 0, r.stderr
     assert _minibatch_sizes(r.stderr) == grown == {1: 20, 2: 33, 3: 47, 4: 60, 5: 60, 6: 60}
     assert "20 -> 60 particles" in r.stderr
-    env = dict(os.environ, OMP_NUM_THREADS="1", MPI_EM_DEVICE="cpu", MPI_EM_STOP_AFTER_ITERATION="2")
-    r = subprocess.run([MPIRUN, "-n", "1", sys.executable, "-m", "mpi_em", "initial-model", "--i", str(star),
-                        "--o", str(part)] + [str(x) for x in opts], capture_output=True, text=True, env=env,
-                       timeout=300)
+    r = _stopped_run(star, part, opts, 1, 2)
     assert r.returncode == 0, r.stderr
     pointer = json.load(open(part / "checkpoint.json"))
     assert pointer["args"]["batch_size_ini"] == 20 and pointer["args"]["batch_size"] == 60
@@ -569,14 +571,6 @@ def _loglikes_logged(log: str) -> list:
                                          r"log-likelihood (\S+)", log)]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    r = mpi_em(["simulate", "--out", d, "--box", 24, "--n", 120, "--snr", 1.0, "--apix", 5.0, "--seed", 2], ranks=0)
-    assert r.returncode == 0, r.stderr
-    return d
-
-
 def test_starts_are_the_seeds_jobs_and_the_likeliest_is_kept(tiny, tmp_path):
     """--starts 2 --seed 4: start 1 is the job with --seed 4 and start 2 the job with --seed 5, iteration for
     iteration (their maps after the mini-batches, run_start001/002.mrc, equal those jobs' last iteration maps to
@@ -649,19 +643,12 @@ def test_starts_continue_equals_an_uninterrupted_run(tiny, tmp_path, ranks, stop
     the same start maps and final map as the run never stopped (the images' noise spectrum is in the checkpoint,
     the finished starts' maps are their run_startNNN.mrc files, float32 as the job keeps them; a missing one is a
     one-line error naming it)."""
-    import os
-    import sys
-    from conftest import MPIRUN
-
     star = tiny / "particles_unaligned.star"
     opts = ["--iter", 3, "--batch-size", 50, "--healpix-order", 1, "--starts", 2, "--seed", 4]
     full, part = tmp_path / "full", tmp_path / "part"
     r = mpi_em(["initial-model", "--i", star, "--o", full] + opts, ranks=ranks)
     assert r.returncode == 0, r.stderr
-    env = dict(os.environ, OMP_NUM_THREADS="1", MPI_EM_DEVICE="cpu", MPI_EM_STOP_AFTER_ITERATION=str(stop))
-    r = subprocess.run([MPIRUN, "-n", str(ranks), sys.executable, "-m", "mpi_em", "initial-model", "--i", str(star),
-                        "--o", str(part)] + [str(x) for x in opts], capture_output=True, text=True, env=env,
-                       timeout=300)
+    r = _stopped_run(star, part, opts, ranks, stop)
     assert r.returncode == 0, r.stderr
     assert not (part / "run_class001.mrc").exists()
     if stop > 3:  # the finished start's map is a file the checkpoint refers to: without it, one line naming it

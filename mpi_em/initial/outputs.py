@@ -34,11 +34,10 @@ def write_iteration(out, it, model, apix, class_prior, res_A):
                 [f"class {k + 1} ({100 * p:.0f}%), {res_A:.0f} Å" for k, p in enumerate(class_prior)])
 
 
-def write_starts(out, maps, apix, first: int = 0):
-    """Starts ``first``, ``first`` + 1, ...: each one's map at the end of its mini-batch iterations (the maps the
-    starts are compared with), run_startNNN.mrc."""
-    for s, m in enumerate(maps, start=first):
-        write_map(os.path.join(out, f"run_start{s + 1:03d}.mrc"), m, apix)
+def write_start(out, s: int, vol, apix):
+    """Start ``s``'s (0-based) map at the end of its mini-batch iterations, the map the starts are compared with:
+    run_startNNN.mrc."""
+    write_map(os.path.join(out, f"run_start{s + 1:03d}.mrc"), vol, apix)
 
 
 def start_paths(out, n: int) -> list:

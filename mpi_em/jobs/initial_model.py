@@ -57,7 +57,7 @@ from ..fourier import SliceGeometry, default_r_max, padded_reach
 from ..initial import state as ckpt
 from ..initial.setup import (DEFAULT_BATCH_SIZE, DEFAULT_FINAL_PASSES, DEFAULT_ITER, checkpoint, finished_starts,
                              init, number_of_starts, options, reset_poses, split_at, subplan, write_back)
-from ..initial.outputs import read_starts, write_final, write_iteration, write_starts
+from ..initial.outputs import read_starts, write_final, write_iteration, write_start
 from ..initial.schedule import batch_size, minibatch_rows, noise_fudge, random_rotations, schedule, sums_decay
 from ..io import rebase_image_names
 from ..particles import ImageCache, pinned_wanted
@@ -356,7 +356,7 @@ def run(args, comm, after_iteration=None) -> dict:
         """The current start's map (after its mini-batches) is done: kept for the comparison, and written
         (run_startNNN.mrc: the checkpoints refer to these files)."""
         candidates.append(np.asarray(m, dtype=np.float32))
-        root_step(comm, write_starts, args.output, candidates[-1:], apix, len(candidates) - 1)
+        root_step(comm, write_start, args.output, len(candidates) - 1, candidates[-1], apix)
 
     def begin_start(s):
         """Start s (> 0) from scratch, as a job with its seed: its first model, the images' noise spectrum, no
