@@ -5,9 +5,9 @@
 #           each map against the truth (benchmarks/initial_model.py, either hand), one JSON per seed
 #   refine  refine3d from the best seed's map against refine3d from the truth low-passed to 30 Å on the same
 #           particles: gold-standard resolution (the issue: within 3%) and map vs truth (either hand)
-#   speed   seconds per 1 000 mini-batch particles at box $BOX2 (128), K = 1 and 3 (`--iter 20`), and the whole
-#           default job on $N2 (100 000) box-$BOX2 particles (1.5 Å/px, SNR 0.05)
-#   starts  `--starts $NST` (3) on the issue's set (each of SEEDS as --seed) and on the box-$BOX2 set: seconds and
+#   speed   seconds per 1 000 mini-batch particles at box $BOX2 (128), K in $KS (default "1 3"; `--iter 20`), and
+#           the whole default job on $N2 (100 000) box-$BOX2 particles (1.5 Å/px, SNR 0.05)
+#   starts  `--starts $NST` (3) on the box-$BOX2 set, then on the issue's set (each of SEEDS as --seed): seconds and
 #           map vs truth (not in the default PARTS)
 # EXTRA: more initial-model options for every job; DEVICE (gpu); a CPU check of the script:
 #   DEVICE=cpu BOX=32 N=400 BOX2=32 N2=400 SEEDS=0 EXTRA="--iter 4 --batch-size 50" bash benchmarks/initial_model_gpu.sh OUT
@@ -85,7 +85,7 @@ PY
     D2=$W/d$B2
     [ -f $D2/particles.star ] || python3 -m mpi_em simulate --out $D2 --box $B2 --n $NN2 --snr 0.05 --apix 1.5 \
       --seed 1 --device $DEV > $R/sim_$B2.log 2>&1
-    for K in 1 3; do
+    for K in ${KS-1 3}; do
       # shellcheck disable=SC2086
       python3 benchmarks/initial_model.py --work $W/k$K --data $D2 --K $K --device $DEV --json $R/speed_K$K.json \
         -- --iter 20 ${EXTRA:-} > $R/speed_K$K.txt 2>&1
@@ -97,14 +97,7 @@ PY
     cp $W/whole/run.log $R/whole_run.log 2>/dev/null
     say "box $B2, $NN2 particles, defaults: $(tail -1 $R/whole.txt)" ;;
   starts)
-    # --starts $NST (default 3) on the issue's set (seeds $SEEDS as --seed) and on the box-$B2 set: time and map
-    for s in ${SEEDS:-0}; do
-      # shellcheck disable=SC2086
-      python3 benchmarks/initial_model.py --work $W/st$s --data $D --device $DEV --json $R/starts_seed$s.json -- \
-        --seed $s --starts ${NST:-3} ${EXTRA:-} > $R/starts_seed$s.txt 2>&1
-      cp $W/st$s/run.log $R/starts_seed${s}_run.log 2>/dev/null
-      say "--starts ${NST:-3} --seed $s: $(tail -1 $R/starts_seed$s.txt)"
-    done
+    # --starts $NST (default 3) on the box-$B2 set, then on the issue's set (each of SEEDS as --seed): time and map
     D2=$W/d$B2
     [ -f $D2/particles.star ] || python3 -m mpi_em simulate --out $D2 --box $B2 --n $NN2 --snr 0.05 --apix 1.5 \
       --seed 1 --device $DEV > $R/sim_$B2.log 2>&1
@@ -112,7 +105,14 @@ PY
     python3 benchmarks/initial_model.py --work $W/whole_st --data $D2 --device $DEV --json $R/whole_starts.json -- \
       --starts ${NST:-3} ${EXTRA:-} > $R/whole_starts.txt 2>&1
     cp $W/whole_st/run.log $R/whole_starts_run.log 2>/dev/null
-    say "box $B2, $NN2 particles, --starts ${NST:-3}: $(tail -1 $R/whole_starts.txt)" ;;
+    say "box $B2, $NN2 particles, --starts ${NST:-3}: $(tail -1 $R/whole_starts.txt)"
+    for s in ${SEEDS:-0}; do
+      # shellcheck disable=SC2086
+      python3 benchmarks/initial_model.py --work $W/st$s --data $D --device $DEV --json $R/starts_seed$s.json -- \
+        --seed $s --starts ${NST:-3} ${EXTRA:-} > $R/starts_seed$s.txt 2>&1
+      cp $W/st$s/run.log $R/starts_seed${s}_run.log 2>/dev/null
+      say "--starts ${NST:-3} --seed $s: $(tail -1 $R/starts_seed$s.txt)"
+    done ;;
   esac
 done
 nvidia-smi --query-gpu=memory.used --format=csv,noheader > $R/memory_after.txt 2>/dev/null

@@ -34,8 +34,8 @@ Matched settings, where the two programs name them differently:
   two half maps, computed here); class3d/class2d each program's rlnCurrentResolution (not gold-standard).
 - mpi-em's own refinement defaults (--folds, --refine-offsets) stay on: they are its defaults.
 - Each program's current image size follows its own default: RELION's --incr_size 10 shells past the resolution in
-  every job, mpi-em's --incr-size 10 in refine3d and 3 in class3d / class2d (10 gave the same class maps in 2.3x
-  the time: benchmarks/results/class3d-prior/cpu-incr-size-2026-12-05/).
+  every job, mpi-em's --incr-size 10 in refine3d and class3d and 3 in class2d (10 took 3.4-4.1x the time there on
+  the CPU: benchmarks/results/class2d-size/cpu-2026-12-05/).
 
 Usage (CPU; see benchmarks/results/relion-side-by-side/README.md for the configurations run):
   python benchmarks/relion_side_by_side.py --relion-bin /usr/bin --box 32 --n 300 --ranks 2 --out /tmp/sbs
