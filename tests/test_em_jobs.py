@@ -99,7 +99,8 @@ sys.exit(cli.main(sys.argv[1:]))
 @pytest.mark.parametrize("job", ["refine3d", "class3d"])
 def test_cropped_accumulators_give_the_maps_of_the_full_ones(tiny, tmp_path, job):
     """One rank, box 32, early iterations (r 4-10 px: the E-step accumulates into a cube of 22-46 of 64 voxels a
-    side and the M-step works on it, each volume put into the full layout for its FFT only): the poses and maps of
+    side and the M-step works on it, each volume put into the full layout for its FFT only; class3d with
+    --incr-size 3, whose first size is then 2 x (4 + 3), where the default 10 reaches r 14): the poses and maps of
     the same job with the full layout. The insertion's sums are the same additions; the shell statistics and
     the FSC add the same voxels in another order (float64 rounding), so poses may differ only where two
     candidates tie: >= 97% identical poses, maps equal to 1e-6 of their largest value."""
@@ -107,7 +108,8 @@ def test_cropped_accumulators_give_the_maps_of_the_full_ones(tiny, tmp_path, job
     import sys
 
     args = [job, "--i", tiny / "particles_unaligned.star", "--ref", tiny / "start.mrc", "--ini-high", 32,
-            "--iter", 2] + (["--max-order", 2] if job == "refine3d" else ["--K", 2, "--healpix-order", 1])
+            "--iter", 2] + (["--max-order", 2] if job == "refine3d" else ["--K", 2, "--healpix-order", 1,
+                                                                          "--incr-size", 3])
     r = mpi_em(args + ["--o", tmp_path / "crop"], ranks=1)
     assert r.returncode == 0, r.stderr
     script = tmp_path / "uncropped.py"
@@ -625,6 +627,33 @@ def test_class2d_first_shell_is_relions():
     from mpi_em.em.classes import first_shell_2d
 
     assert [first_shell_2d(b) for b in (32, 64, 128, 150, 256, 360, 2)] == [2, 4, 9, 11, 18, 25, 1]
+
+
+def test_refine3d_current_size_follows_the_resolution_both_ways():
+    """refine3d's current size: the gold-standard resolution's shell (rounded up) plus --incr-size, recomputed every
+    iteration, so it shrinks when the resolution does, as RELION's auto-refine (updateImageSizeAndResolutionPointers
+    sets 2 x (the current resolution's shell + --incr_size) whatever the size before; ours only grew until
+    2026-12-05); box / 8 instead of --incr-size while the FSC at the size's edge is above 0.2 (--fsc-jump)."""
+    from types import SimpleNamespace
+
+    from mpi_em.em.schedule import update_schedule
+    from mpi_em.em.state import MODES, EMState
+    from mpi_em.fsc import resolution_at
+
+    box, apix = 128, 1.5
+    k = np.arange(box // 2 + 1)
+    args = SimpleNamespace(incr_size=10, fsc_jump=True, max_order=8, local_from_order=4, refine_offsets=False)
+    curve = np.where(k <= 20, 0.9, 0.0)              # the FSC falls through 0.143 between shells 20 and 21
+    shell = int(np.ceil(box * apix / resolution_at(curve, box, apix)))
+    assert shell == 21
+    # from a larger size it shrinks; from a smaller one the FSC is cut at its edge (shell 12), where it is 0.9: the
+    # resolution is the size's, and the size grows by box / 8 = 16 shells, or by --incr-size where the mean largest
+    # posterior weight is below 0.1
+    for before, pmax, want in ((40.0, 0.5, 31.0), (12.0, 0.5, 13.0 + 16), (12.0, 0.05, 13.0 + 10)):
+        s = EMState(r_cur=before, order=2, ang_change=[10.0], best_res=4.0)
+        update_schedule(s, {"fsc_unregularised": curve.copy(), "mean_pmax": pmax}, MODES["refine3d"], args, box,
+                        apix, None, masked=True)
+        assert s.r_cur == want, (before, pmax, s.r_cur)
 
 
 @pytest.mark.parametrize("mode", ["class3d", "class2d"])

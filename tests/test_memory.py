@@ -156,7 +156,7 @@ CASES = {
                                 "--max-order", 1, "--iter", 1, "--accumulate", "single"],
                            dict(mode="refine3d", folds=4, coarse_poses=576, r=31, accumulate="single")),
     "class3d-32": (32, ["class3d", "--ref", "start.mrc", "--ini-high", 16, "--healpix-order", 1, "--K", 2,
-                        "--iter", 1], dict(mode="class3d", K=2, coarse_poses=576, r=10)),
+                        "--iter", 1], dict(mode="class3d", K=2, coarse_poses=576, r=15)),
     "class2d-32": (32, ["class2d", "--K", 4, "--iter", 1], dict(mode="class2d", K=4, coarse_poses=36, r=5)),
     "reconstruct-64": (64, ["reconstruct"], None),
 }

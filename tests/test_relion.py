@@ -251,6 +251,48 @@ def test_class3d_reports_the_resolution_relion_reports(tmp_path):
 
 @pytest.mark.slow
 @needs_relion
+def test_class3d_first_image_size_is_relions(tmp_path):
+    """class3d's first current image size is RELION's, against RELION 3.1.3's 3D classification (`relion_refine
+    --ref`, K = 2, one iteration) of the same particles from the same start (box 64, 2.5 Å/px, 300 particles, SNR
+    0.2, the truth low-passed to 30 Å, --ini-high 30): RELION takes the start's shell ROUND(64 x 2.5 / 30) = 5 as
+    its resolution before the first iteration (updateCurrentResolution at iteration 0) and grows the size by
+    --incr_size 10 (updateImageSizeAndResolutionPointers): 2 x (5 + 10) = 30, the size its model STAR of iteration
+    1 holds. Ours with class3d's default --incr-size (10) is the same; before 2026-12-05 it was the start's shell
+    rounded up plus 2, 2 x (6 + 2) = 16, whatever --incr-size. The later sizes follow RELION's rule from the
+    reported resolution (checked on RELION's own curves for class2d in test_class2d_image_sizes_are_relions)."""
+    import mrcfile
+
+    from mpi_em.em.model import lowpass
+
+    box, apix = 64, 2.5
+    d = tmp_path / "data"
+    r = mpi_em(["simulate", "--out", d, "--box", box, "--n", 300, "--snr", 0.2, "--apix", apix, "--seed", 5],
+               ranks=0)
+    assert r.returncode == 0, r.stderr
+    with mrcfile.new(d / "start.mrc", overwrite=True) as m:
+        m.set_data(lowpass(mrcfile.read(d / "truth.mrc").astype(np.float64), box, apix, 30.0).astype(np.float32))
+        m.voxel_size = apix
+    r = mpi_em(["class3d", "--i", d / "particles_unaligned.star", "--ref", d / "start.mrc", "--ini-high", 30,
+                "--K", 2, "--iter", 1, "--healpix-order", 1, "--offset-range", 3, "--offset-step", 1,
+                "--particle-diameter", 120, "--o", tmp_path / "ours"], ranks=1)
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "rel").mkdir()
+    relion([shutil.which("relion_refine"), "--i", "particles_unaligned.star", "--o", tmp_path / "rel" / "run",
+            "--ref", "start.mrc", "--ini_high", 30, "--K", 2, "--iter", 1, "--tau2_fudge", 4, "--particle_diameter",
+            120, "--healpix_order", 1, "--offset_range", 3, "--offset_step", 2, "--sym", "C1", "--zero_mask",
+            "--flatten_solvent", "--ctf", "--dont_combine_weights_via_disc", "--j", 1, "--pad", 2,
+            "--random_seed", 1], cwd=d)
+
+    def size(model):
+        return int(float(np.ravel(starfile.read(model, always_dict=True)["model_general"]["rlnCurrentImageSize"])[0]))
+
+    ours, theirs = size(tmp_path / "ours" / "run_it001_model.star"), size(tmp_path / "rel" / "run_it001_model.star")
+    print(f"first current image size: ours {ours}, RELION's {theirs}")
+    assert ours == theirs == 30, (ours, theirs)
+
+
+@pytest.mark.slow
+@needs_relion
 def test_class2d_image_sizes_are_relions(tmp_path):
     """class2d's current image size per iteration is RELION's, against RELION 3.1.3's reference-free 2D
     classification (`relion_refine` without --ref, K = 4, 4 iterations) of the same particles (box 64, 2.5 Å/px,

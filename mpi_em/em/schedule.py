@@ -82,8 +82,9 @@ def _refine_schedule(state: EMState, info: dict, args, box: int, apix: float, ma
     res = resolution_at(curve, box, apix)
     state.resolution.append(res)
     shell = box * apix / res
-    state.r_cur = float(min(default_r_max(box), max(state.r_cur, np.ceil(shell) + size_margin(curve, edge, info,
-                                                                                            args, box))))
+    # the resolution's shell plus the margin, recomputed every iteration: it shrinks when the resolution does
+    # (RELION's updateImageSizeAndResolutionPointers, auto-refine included)
+    state.r_cur = float(min(default_r_max(box), np.ceil(shell) + size_margin(curve, edge, info, args, box)))
     improved = res < 0.99 * state.best_res
     state.best_res = min(state.best_res, res)
     step = angular_step(state.order)
