@@ -189,6 +189,23 @@ def test_relion_reconstructs_our_refine3d_output(tmp_path):
     assert abs(resolution_shell(ours) - resolution_shell(theirs)) <= 1.0, (np.round(ours, 3), np.round(theirs, 3))
 
 
+def _class3d_against_relion(d, out, ini_high, iters, diameter, relion_offset_step, ours_extra):
+    """Our class3d (one rank) and RELION 3.1.3's 3D classification (`relion_refine --ref`) of the particles in ``d``
+    from ``d/start.mrc``, both K = 2, HEALPix order 1, offset range 3 px, ``ini_high`` Å, ``iters`` iterations
+    (RELION: T = 4, the particle ``diameter``, --pad 2, C1, its coarse offset step ``relion_offset_step``; ours: fine
+    step 1 and ``ours_extra``): ours in out/ours, RELION's in out/rel."""
+    r = mpi_em(["class3d", "--i", d / "particles_unaligned.star", "--ref", d / "start.mrc", "--ini-high", ini_high,
+                "--K", 2, "--iter", iters, "--healpix-order", 1, "--offset-range", 3, "--offset-step", 1,
+                *ours_extra, "--o", out / "ours"], ranks=1)
+    assert r.returncode == 0, r.stderr
+    (out / "rel").mkdir()
+    relion([shutil.which("relion_refine"), "--i", "particles_unaligned.star", "--o", out / "rel" / "run",
+            "--ref", "start.mrc", "--ini_high", ini_high, "--K", 2, "--iter", iters, "--tau2_fudge", 4,
+            "--particle_diameter", diameter, "--healpix_order", 1, "--offset_range", 3, "--offset_step",
+            relion_offset_step, "--sym", "C1", "--zero_mask", "--flatten_solvent", "--ctf",
+            "--dont_combine_weights_via_disc", "--j", 1, "--pad", 2, "--random_seed", 1], cwd=d)
+
+
 @pytest.mark.slow
 @needs_relion
 def test_class3d_reports_the_resolution_relion_reports(tmp_path):
@@ -213,16 +230,7 @@ def test_class3d_reports_the_resolution_relion_reports(tmp_path):
     with mrcfile.new(d / "start.mrc", overwrite=True) as m:
         m.set_data(lowpass(0.5 * (truths[0] + truths[1]), 32, 4.0, 16.0).astype(np.float32))
         m.voxel_size = 4.0
-    r = mpi_em(["class3d", "--i", d / "particles_unaligned.star", "--ref", d / "start.mrc", "--ini-high", 16, "--K", 2,
-                "--iter", 3, "--healpix-order", 1, "--tau2-fudge", 4, "--offset-range", 3, "--offset-step", 1,
-                "--o", tmp_path / "ours"], ranks=1)
-    assert r.returncode == 0, r.stderr
-    (tmp_path / "rel").mkdir()
-    relion([shutil.which("relion_refine"), "--i", "particles_unaligned.star", "--o", tmp_path / "rel" / "run",
-            "--ref", "start.mrc", "--ini_high", 16, "--K", 2, "--iter", 3, "--tau2_fudge", 4, "--particle_diameter",
-            102.4, "--healpix_order", 1, "--offset_range", 3, "--offset_step", 1, "--sym", "C1", "--zero_mask",
-            "--flatten_solvent", "--ctf", "--dont_combine_weights_via_disc", "--j", 1, "--pad", 2,
-            "--random_seed", 1], cwd=d)
+    _class3d_against_relion(d, tmp_path, 16, 3, 102.4, 1, ["--tau2-fudge", 4])
 
     def shell_of(model):
         general = starfile.read(model, always_dict=True)["model_general"]  # RELION's: a key-value block
@@ -272,16 +280,7 @@ def test_class3d_first_image_size_is_relions(tmp_path):
     with mrcfile.new(d / "start.mrc", overwrite=True) as m:
         m.set_data(lowpass(mrcfile.read(d / "truth.mrc").astype(np.float64), box, apix, 30.0).astype(np.float32))
         m.voxel_size = apix
-    r = mpi_em(["class3d", "--i", d / "particles_unaligned.star", "--ref", d / "start.mrc", "--ini-high", 30,
-                "--K", 2, "--iter", 1, "--healpix-order", 1, "--offset-range", 3, "--offset-step", 1,
-                "--particle-diameter", 120, "--o", tmp_path / "ours"], ranks=1)
-    assert r.returncode == 0, r.stderr
-    (tmp_path / "rel").mkdir()
-    relion([shutil.which("relion_refine"), "--i", "particles_unaligned.star", "--o", tmp_path / "rel" / "run",
-            "--ref", "start.mrc", "--ini_high", 30, "--K", 2, "--iter", 1, "--tau2_fudge", 4, "--particle_diameter",
-            120, "--healpix_order", 1, "--offset_range", 3, "--offset_step", 2, "--sym", "C1", "--zero_mask",
-            "--flatten_solvent", "--ctf", "--dont_combine_weights_via_disc", "--j", 1, "--pad", 2,
-            "--random_seed", 1], cwd=d)
+    _class3d_against_relion(d, tmp_path, 30, 1, 120, 2, ["--particle-diameter", 120])
 
     def size(model):
         return int(float(np.ravel(starfile.read(model, always_dict=True)["model_general"]["rlnCurrentImageSize"])[0]))

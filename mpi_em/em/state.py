@@ -87,16 +87,17 @@ class EMState:
         if mode.dim == 3:
             maps = np.repeat(ref[None], 2 if mode.gold else K, axis=0)
             order = args.healpix_order
+            start = box * apix / args.ini_high  # the start's shell
             if mode.gold:
-                # refine3d: the start's shell + 2 (RELION's + --incr-size made iteration 1, two halves from one
-                # start, the run's best gold-standard figure: benchmarks/results/initial-model/
+                # refine3d: the start's shell rounded up + 2 (RELION's + --incr-size made iteration 1, two halves
+                # from one start, the run's best gold-standard figure: benchmarks/results/initial-model/
                 # refine-first-size-cpu-2026-12-05/)
-                r_cur = min(default_r_max(box), max(4, int(np.ceil(box * apix / args.ini_high)) + 2))
+                first = int(np.ceil(start)) + 2
             else:
-                # class3d: RELION's first size (MlOptimiser::updateCurrentResolution at iteration 0: the shell
+                # class3d: RELION's (MlOptimiser::updateCurrentResolution at iteration 0: the shell
                 # ROUND(box x apix / --ini-high); updateImageSizeAndResolutionPointers: plus --incr-size)
-                r_cur = min(default_r_max(box), max(4, int(np.floor(box * apix / args.ini_high + 0.5))
-                                                    + int(getattr(args, "incr_size", 10))))
+                first = int(np.floor(start + 0.5)) + int(getattr(args, "incr_size", 10))
+            r_cur = min(default_r_max(box), max(4, first))
         else:
             # RELION's first size of a reference-free 2D classification (the references are made in the first pass)
             maps, order = None, 0
