@@ -501,6 +501,39 @@ def test_auto_sampling_uses_local_accuracy_well_inside_the_window():
 
 
 
+def test_settle_poses_waits_for_the_poses_as_relion():
+    """--settle-poses: RELION's auto-refine refines the sampling (and converges) only once the hidden variables have
+    settled (updateOverallChangesInHiddenVariables: the mean orientation and offset changes no more than 3% below
+    the smallest so far, or below 0.4 of the fine sampling's steps). With the resolution stalled at order 2
+    (step 7.5°, fine 3.75°, accuracy 4.3°): orientations or offsets still falling (20° after a smallest of 30°;
+    0.8 px after 1 px, above 0.4 x the 1-px step) keep the order; as large as the smallest (within 3%), or small
+    (1.4° < 0.4 x 3.75°), the order is refined; without the option (the default) the resolution alone decides. The
+    smallest changes carry over in the state."""
+    from types import SimpleNamespace
+
+    from mpi_em.em.schedule import update_schedule
+    from mpi_em.em.state import MODES, EMState
+    from mpi_em.simulate import phantom
+
+    box, apix = 32, 4.0
+    v = phantom(box, seed=1).astype(np.float64)
+
+    def order_after(change, smallest, settle, offset=0.3, smallest_offset=0.3):
+        s = EMState(resolution=[], r_cur=10.0, best_res=1.0, ang_change=[change], order=2, local=False,
+                    accuracy=4.3, accuracy_global=4.3, offset_step=1.0, offset_range=3.0, offset_change=offset,
+                    smallest_ang_change=smallest, smallest_offset_change=smallest_offset)
+        update_schedule(s, {}, MODES["refine3d"], SimpleNamespace(max_order=8, local_from_order=4,
+                                                                  settle_poses=settle), box, apix, np.stack([v, v]))
+        assert s.smallest_ang_change == min(change, smallest)
+        return s.order
+
+    assert order_after(20.0, 30.0, True) == 2           # still falling: wait
+    assert order_after(29.5, 30.0, True) == 3           # within 3% of the smallest: settled
+    assert order_after(1.4, 30.0, True) == 3            # below 0.4 of the fine step
+    assert order_after(29.5, 30.0, True, offset=0.8, smallest_offset=1.0) == 2   # the offsets still falling
+    assert order_after(20.0, 30.0, False) == 3          # the default: the stalled resolution decides
+
+
 def test_default_sampling_refines_past_order_4_to_the_accuracy():
     """refine3d's default --max-order lets the sampling follow the angular accuracy past order 4, as RELION's
     auto-refine does (orders 5-6 at box 256, where the old default of 4 stopped at a 7.72 Å map against RELION's

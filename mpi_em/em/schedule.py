@@ -95,7 +95,16 @@ def _refine_schedule(state: EMState, info: dict, args, box: int, apix: float, ma
     # 1.5 steps): a spread as wide as the window is truncated by it
     if not state.local or state.accuracy < 0.75 * step:
         state.accuracy_global = state.accuracy
-    if not improved or small_change:
+    # --settle-poses: RELION's test of the hidden variables (updateOverallChangesInHiddenVariables), the poses have
+    # settled when the mean orientation and offset changes are no more than 3% below the smallest so far, or small
+    # against the fine sampling (below 0.4 of its step); RELION refines the sampling, and converges, only once they
+    # have (by default ours does not wait: benchmarks/results/initial-model/refine-settle-poses-cpu-2026-12-06/)
+    ang, off = state.ang_change[-1], state.offset_change
+    settled = ((ang < 0.4 * step / 2 or 1.03 * ang >= state.smallest_ang_change)
+               and (off < 0.4 * state.offset_step or 1.03 * off >= state.smallest_offset_change))
+    state.smallest_ang_change = min(state.smallest_ang_change, ang)
+    state.smallest_offset_change = min(state.smallest_offset_change, off)
+    if (not improved or small_change) and (settled or not getattr(args, "settle_poses", False)):
         if state.order < args.max_order and step > state.accuracy_global:
             state.order += 1
             if getattr(args, "refine_offsets", False):

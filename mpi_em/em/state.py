@@ -24,7 +24,8 @@ ORIGIN_RULE = "relion"
 PER_PARTICLE = ("rot", "tilt", "psi", "origin_x", "origin_y", "class_number", "pmax", "loglike", "nsig")
 #: options a run started before they existed ran without (their values then)
 OPTION_DEFAULTS_OF_OLD_RUNS = {"folds": 1, "refine_offsets": False, "solvent_mask": None, "incr_size": 3,
-                               "fsc_jump": False, "local_radius": 1.5, "local_sigma": 0.0}
+                               "fsc_jump": False, "local_radius": 1.5, "local_sigma": 0.0,
+                               "settle_poses": False}
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,14 @@ class EMState:
     offset_range: float = 3.0           # px
     accuracy_trans: float = 0.0         # px per axis
     offset_change: float = 0.0          # px, mean over particles
+    smallest_ang_change: float = 1e9    # degrees, the smallest mean pose change so far (refine3d)
+    smallest_offset_change: float = 1e9  # px, the smallest mean offset change so far (refine3d)
     args: dict = field(default_factory=dict)  # the run's options (saved in the checkpoint's pointer)
 
     #: the scalars saved as JSON in the checkpoint (the rest are arrays)
     SCALARS = ("iter", "order", "local", "r_cur", "offset_sigma", "best_res", "no_improve", "final", "done",
                "accuracy", "accuracy_global", "perturb", "offset_step", "offset_range", "accuracy_trans",
-               "offset_change")
+               "offset_change", "smallest_ang_change", "smallest_offset_change")
 
     @classmethod
     def initial(cls, args, mode: Mode, box: int, apix: float, K: int, ref=None) -> EMState:

@@ -103,6 +103,13 @@ def add_arguments(p, mode: str) -> None:
                             "is limited by the size, not by the data) and the mean largest posterior weight above "
                             "0.1, grow the size by box / 8 shells instead of --incr-size (RELION's auto-refine "
                             "rule; default on, --no-fsc-jump: --incr-size only)")
+        p.add_argument("--settle-poses", action="store_true",
+                       help="refine the sampling and converge only once the poses have settled as well: the mean "
+                            "orientation and offset changes no longer falling (no more than 3%% below the smallest "
+                            "so far) or below 0.4 of the fine sampling's steps, as RELION's auto-refine does unless "
+                            "--auto_ignore_angles; by default the resolution alone decides (on an SNR-0.05 set the "
+                            "rule added 0 and 4 iterations at the same sampling for the same maps, "
+                            "benchmarks/results/initial-model/refine-settle-poses-cpu-2026-12-06/)")
         p.add_argument("--local-from-order", type=int, default=4,
                        help="from this order on, search locally around the previous pose (default 4, as RELION)")
         p.add_argument("--folds", type=int, default=None, metavar="F",
