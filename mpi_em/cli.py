@@ -92,10 +92,11 @@ def _abort(comm, code: int, grace: float = 1.0) -> None:
 
 # ------------------------------------------------------------------------------------------ commands
 _REFINE3D = ("RELION-style 3D auto-refine: half sets fixed at the start, global then local searches with automatic "
-             "HEALPix refinement, tau^2 from the gold-standard FSC, convergence when resolution and poses stop "
-             "improving; half maps, combined map, FSC, particles and model STAR per iteration (run_itNNN_*). The "
-             "final files (run_*) are copies of the iteration with the best gold-standard resolution: the last one, "
-             "or an earlier one that the last did not improve on.")
+             "HEALPix refinement, tau^2 from the gold-standard FSC, convergence when the resolution stops "
+             "improving at the finest sampling the angular accuracy calls for (--settle-poses: and the poses have "
+             "stopped changing, as RELION's); half maps, combined map, FSC, particles and model STAR per iteration "
+             "(run_itNNN_*). The final files (run_*) are those of the iteration with the best gold-standard "
+             "resolution (hard links, or copies): the last one, or an earlier one that the last did not improve on.")
 #: every command: (name, module in mpi_em.jobs, short help, description, flags). Each module gives
 #: add_arguments(p) and run(args, comm) (the EM jobs: add_arguments(p, mode), the mode in args.mode).
 #: Flags: "memory": takes --max-memory (mpi_em.memory); "output": locks its output folder for the job's life.

@@ -116,8 +116,9 @@ def _plots(out, it, tag, mode: Mode, state: EMState, freqs, gold_fsc) -> None:
 
 
 def write_final(out: str, it: int, gold: bool, resolution: list) -> None:
-    """The final files (run_*): byte copies of the files of the iteration :func:`final_iteration` chooses
-    (``resolution``: one per iteration, refine3d)."""
+    """The final files (run_*): the files of the iteration :func:`final_iteration` chooses (``resolution``: one per
+    iteration, refine3d), as hard links where the file system has them (no file of a job is ever written in place:
+    each write goes to a new file renamed over the old), else as byte copies."""
     def files(k):  # iteration k's files by name (run_itNNN_<name>), its checkpoint excepted
         prefix = os.path.join(out, f"run_it{k:03d}_")
         return {f[len(prefix):]: f for f in glob.glob(glob.escape(prefix) + "*") if not f.endswith("_checkpoint.h5")}
@@ -135,7 +136,10 @@ def write_final(out: str, it: int, gold: bool, resolution: list) -> None:
                          "are missing")
     for name, src in sorted(sources.items()):
         with atomic_path(os.path.join(out, "run_" + name)) as tmp:
-            shutil.copyfile(src, tmp)
+            try:
+                os.link(src, tmp)
+            except OSError:  # no hard links here (some network and FAT file systems)
+                shutil.copyfile(src, tmp)
     if gold:
         log.info("final outputs (run_*): iteration %d, gold-standard resolution %.2f Å%s", k, resolution[k - 1],
                  "" if k == it else f" (the last iteration, {it}: {resolution[-1]:.2f} Å)")
