@@ -80,7 +80,9 @@ def test_simulated_views_are_labelled_and_separated(views):
 def test_class2d_assigns_views_and_averages_match_them(views, class2d):
     """>= 95% of the particles in a class whose majority is their own view (measured 99.0%); every view has a
     class; each class average correlates >= 0.95 with its view (over in-plane rotations and shifts; measured
-    0.974-0.987) and better than with any other view (measured: next best 0.84-0.92)."""
+    0.974-0.987) and better than with any other view (measured: next best 0.84-0.92). The job's seed matters: over
+    --seed 0-29, 24 of 30 runs reach 0.95 and the others merge two views (~0.82-0.88;
+    benchmarks/results/reseed/cpu-2026-12-06/)."""
     out = class2d(1)
     truth = _classes(views / "particles.star")
     got = _classes(out / "run_data.star")
@@ -286,11 +288,12 @@ def test_reseed_splits_the_largest_class_symmetrically():
 @pytest.mark.parametrize("shape", [(20, 16, 16), (16, 16, 16), (5, 12, 12, 12)])
 def test_reseed_of_many_classes_follows_the_class_by_class_rule(shape):
     """Many classes re-seeded in one call follow the rule class by class, in order: noise seeded by (seed,
-    iteration, class), low-passed to the current size, scaled to the amplitude x the standard deviation of the
-    largest class's map as it is then (the largest changes as it is split), split symmetrically. Includes a stack
-    of as many images as the box has pixels (16 at box 16), which a low-pass must not take for a volume."""
+    iteration, class), low-passed to the current size (2D: white noise through lowpass; 3D: drawn on the band,
+    band_limited_noise), scaled to the amplitude x the standard deviation of the largest class's map as it is then
+    (the largest changes as it is split), split symmetrically. Includes a stack of as many images as the box has
+    pixels (16 at box 16), which a low-pass must not take for a volume."""
     from mpi_em.em.classes import reseed_classes
-    from mpi_em.em.model import lowpass
+    from mpi_em.em.model import band_limited_noise
 
     K, box = shape[0], shape[-1]
     rng = np.random.default_rng(2)
@@ -300,15 +303,46 @@ def test_reseed_of_many_classes_follows_the_class_by_class_rule(shape):
     ref, p = maps.copy(), prior.copy()
     for k in np.flatnonzero(prior < 0.5 / K):
         big = int(np.argmax(p))
-        raw = np.random.default_rng([3, 2, int(k)]).standard_normal(shape[1:])
-        noise = lowpass(raw[None], box, 2.0, box * 2.0 / 5.0)[0] if len(shape) == 3 else \
-            lowpass(raw, box, 2.0, box * 2.0 / 5.0)
+        rng = np.random.default_rng([3, 2, int(k)])
+        noise = lowpass(rng.standard_normal(shape[1:])[None], box, 2.0, box * 2.0 / 5.0)[0] if len(shape) == 3 \
+            else band_limited_noise(rng, box, 3, 5.0, dtype=np.float64)
         noise *= 0.05 * float(ref[big].std()) / float(noise.std())
         ref[k], ref[big] = (ref[big] - noise).astype(np.float32), (ref[big] + noise).astype(np.float32)
         p[k] = p[big] = 0.5 * p[big]
     assert done == list(range(2, K))
     np.testing.assert_allclose(got_prior, p, rtol=0, atol=0)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("ndim, box, rc, draws", [(2, 32, 6.0, 300), (3, 24, 5.0, 150)])
+def test_band_limited_noise_is_white_noise_low_passed(ndim, box, rc, draws):
+    """The re-seeding noise, drawn on the band in Fourier space, has the radial power spectrum of white noise put
+    through lowpass (the same raised cosine), the kx = 0 plane as strong as the rest of the band, and nothing past
+    rc + 2 shells. Tolerance per shell: 5 standard errors of the two mean powers (|F|^2 of Gaussian noise is
+    exponentially distributed: its standard deviation is its mean), from the number of coefficients averaged."""
+    from mpi_em.em.model import band_limited_noise
+
+    k = np.fft.fftfreq(box, 1.0 / box)
+    grid = np.meshgrid(*([k] * (ndim - 1) + [np.arange(box // 2 + 1.0)]), indexing="ij")
+    shell = np.rint(np.sqrt(sum(g ** 2 for g in grid))).astype(int)
+
+    def power(maps):
+        return np.mean([np.abs(np.fft.rfftn(m)) ** 2 for m in maps], axis=0)
+
+    ours = power([band_limited_noise(np.random.default_rng(i), box, ndim, rc, dtype=np.float64)
+                  for i in range(draws)])
+    white = power([lowpass(np.random.default_rng([7, i]).standard_normal((box,) * ndim), box, 1.0, box / rc)
+                   for i in range(draws)])
+    count = np.bincount(shell.ravel())
+    inner = slice(1, int(rc))  # shells where the filter is 1
+    radial = [np.bincount(shell.ravel(), p.ravel()) / count for p in (ours, white)]
+    a, b = (r / r[inner].mean() for r in radial)
+    tol = 5 * np.sqrt(2.0 / (draws * count))
+    assert np.all(np.abs(a - b)[1:int(rc) + 2] <= tol[1:int(rc) + 2]), (np.round(a, 3), np.round(b, 3))
+    assert np.all(ours[shell > rc + 2] < 1e-20 * ours[shell == 1].mean())
+    band = (shell >= 1) & (shell < rc)
+    plane, rest = ours[..., 0][band[..., 0]].mean(), ours[..., 1:][band[..., 1:]].mean()
+    assert abs(plane / rest - 1) <= 5 * np.sqrt(1.0 / (draws * band[..., 0].sum()) + 1.0 / (draws * band[..., 1:].sum()))
 
 
 def test_candidates_keep_every_competitive_class():

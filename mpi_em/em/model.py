@@ -596,6 +596,40 @@ def _lowpass_3d_pruned(maps: np.ndarray, box: int, rc: float, width: float, m: i
     k = np.fft.fftfreq(n, d=1.0 / n)[keep]
     r = np.sqrt(np.arange(m + 1.0)[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
     F *= _raised_cosine(np, r, rc, width, np.float64)
+    return _band_to_real_3d(F, n, m, maps.dtype)
+
+
+def _band_to_real_3d(F: np.ndarray, n: int, m: int, dtype) -> np.ndarray:
+    """Real 3D maps (.., n, n, n) from their spectrum on the band |k_i| <= m, F (.., kx 0..m, ky, kz) with ky and kz
+    at -m..m in FFT order (0..m, then -m..-1): the inverse of :func:`_lowpass_3d_pruned`'s forward passes, every
+    coefficient outside the band 0."""
+    keep = np.r_[0:m + 1, n - m:n]
     G = _rows(F, np.fft.ifft, keep, n_full=n)                        # (.., kx, ky, z)
     G = _rows(np.moveaxis(G, -1, -3), np.fft.ifft, keep, n_full=n)   # (.., z, kx, y)
-    return _rows(np.swapaxes(G, -1, -2), np.fft.irfft, slice(None), n=n, dtype=maps.dtype)  # (.., z, y, x)
+    return _rows(np.swapaxes(G, -1, -2), np.fft.irfft, slice(None), n=n, dtype=dtype)  # (.., z, y, x)
+
+
+def band_limited_noise(rng: np.random.Generator, box: int, ndim: int, rc: float, width_shells: float = 2.0,
+                       dtype=np.float32) -> np.ndarray:
+    """A real map (2D or 3D, ``box`` px a side) of Gaussian noise low-passed at shell ``rc`` with :func:`lowpass`'s
+    raised cosine, drawn in Fourier space on the band the filter passes only: independent complex Gaussian
+    coefficients with |k_i| <= m = floor(rc + width) (the same distribution as white noise put through
+    :func:`lowpass`, but ~(2m / box)^ndim of its draws and one pruned inverse transform instead of two whole
+    ones). Not normalised: scale it by its standard deviation. Seeded by ``rng`` alone, so the same on every rank."""
+    n = int(box)
+    m = max(0, min(int(np.floor(rc + width_shells)), (n - 1) // 2))
+    k = np.fft.fftfreq(n, d=1.0 / n)[np.r_[0:m + 1, n - m:n]]  # -m..m in FFT order
+    shape = (m + 1,) + (2 * m + 1,) * (ndim - 1)                   # (kx, ky[, kz])
+    F = rng.standard_normal(shape) + 1j * rng.standard_normal(shape)
+    kx = np.arange(m + 1.0)
+    r2 = kx[:, None] ** 2 + k[None, :] ** 2 if ndim == 2 else \
+        kx[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2
+    F *= _raised_cosine(np, np.sqrt(r2), rc, width_shells, np.float64)
+    # the inverse keeps the Hermitian part of the kx = 0 plane, (F(k) + conj F(-k)) / 2, of half the power of the
+    # other coefficients': sqrt 2 makes the spectrum white inside the band, as white noise low-passed
+    F[0] *= np.sqrt(2.0)
+    if ndim == 3:
+        return _band_to_real_3d(F, n, m, dtype)
+    full = np.zeros((n, n // 2 + 1), dtype=np.complex128)            # (ky, kx), rfft2's layout
+    full[np.r_[0:m + 1, n - m:n], :m + 1] = F.T
+    return np.fft.irfft2(full, s=(n, n)).astype(dtype)
