@@ -77,7 +77,8 @@ def reseed_classes(maps, class_prior, r_cur: float, below: float, seed: int, it:
     number of ranks) low-passed to the current size ``r_cur``, at ``amplitude`` x the standard deviation of m as it
     is then; each gets half of the largest class's prior. 2D: white noise through :func:`lowpass`, all the
     re-seeded classes' in one call; 3D: the same distribution drawn on the band in Fourier space
-    (:func:`band_limited_noise`: a whole volume's draws and two whole transforms took 0.3-0.9 s a class at box 256).
+    (:func:`band_limited_noise`: a whole volume's draws and two whole transforms took 0.45 s a class at box 256 on a
+    2-core VM, 0.20 s with it; benchmarks/results/reseed/).
     Returns (maps, class prior, re-seeded classes): the prior a new array, the maps a new array where a class was
     re-seeded (the input's maps are left as they are), else the input's."""
     prior = np.asarray(class_prior, dtype=np.float64).copy()

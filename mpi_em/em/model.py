@@ -613,7 +613,7 @@ def band_limited_noise(rng: np.random.Generator, box: int, ndim: int, rc: float,
                        dtype=np.float32) -> np.ndarray:
     """A real map (2D or 3D, ``box`` px a side) of Gaussian noise low-passed at shell ``rc`` with :func:`lowpass`'s
     raised cosine, drawn in Fourier space on the band the filter passes only: independent complex Gaussian
-    coefficients with |k_i| <= m = floor(rc + width) (the same distribution as white noise put through
+    coefficients with |k_i| <= m = floor(rc + width), at most (box - 1) // 2 (the same distribution as white noise put through
     :func:`lowpass`, but ~(2m / box)^ndim of its draws and one pruned inverse transform instead of two whole
     ones). Not normalised: scale it by its standard deviation. Seeded by ``rng`` alone, so the same on every rank."""
     n = int(box)
