@@ -179,41 +179,84 @@ def table(rows: list[dict]) -> str:
 
 
 # --------------------------------------------------------------------------------------------- running
+class Stopped(BaseException):
+    """The benchmark was asked to stop (SIGTERM, SIGINT: a batch system's or ``timeout``'s limit, Ctrl-C)."""
+
+
+#: the signal that stopped the benchmark, once one has
+STOP = {"signal": None}
+
+
+def _stop(signum, frame):
+    STOP["signal"] = signum
+    for sig in (signal.SIGTERM, signal.SIGINT):  # the first one is enough: the rest of the stop is not interrupted
+        signal.signal(sig, _noted)  # a handler, not SIG_IGN, which the programs started from here would inherit
+    raise Stopped(signal.Signals(signum).name)
+
+
+def _noted(signum, frame):
+    STOP["signal"] = STOP["signal"] or signum
+
+
+def stop_on_signals():
+    """SIGTERM and SIGINT stop the benchmark cleanly: the running program's whole process group is killed (an MPI
+    job's ranks included, which would otherwise go on holding the GPU), its row is kept with status "stopped" and
+    the results so far are written."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop)
+
+
+def _kill_group(p):
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            p.wait(timeout=15)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def run(cmd, log_path, cwd, timeout, env, gpu=False):
-    """Run ``cmd`` in its own process group, stdout+stderr to ``log_path``; kill the group at ``timeout``.
-    -> dict(rc, wall_s, start, timed_out, peak_gpu_mib)."""
+    """Run ``cmd`` in its own process group, stdout+stderr to ``log_path``; kill the group at ``timeout``, or when
+    the benchmark is stopped (:func:`stop_on_signals`). -> dict(rc, wall_s, start, timed_out, stopped,
+    peak_gpu_mib)."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "w") as log:
         log.write("$ " + shlex.join(str(c) for c in cmd) + "\n")
         log.flush()
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        if STOP["signal"] is not None:  # stopped before this program could start: not run
+            log.write("not run: the benchmark was stopped\n")
+            return {"rc": None, "wall_s": 0.0, "start": time.time(), "timed_out": False, "stopped": True, "pid": None,
+                    "peak_gpu_mib": None, "load_before": load, "load_after": load,
+                    "command": shlex.join(str(c) for c in cmd), "log": log_path}
         with GpuSampler(gpu) as g:
             t0 = time.time()
             p = subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env,
                                  start_new_session=True)
-            timed_out = False
+            timed_out = stopped = False
             try:
-                rc = p.wait(timeout=timeout)
+                p.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 timed_out = True
-                for sig in (signal.SIGTERM, signal.SIGKILL):
-                    try:
-                        os.killpg(p.pid, sig)
-                    except ProcessLookupError:
-                        break
-                    try:
-                        p.wait(timeout=15)
-                        break
-                    except subprocess.TimeoutExpired:
-                        continue
-                rc = p.returncode if p.returncode is not None else -9
+                _kill_group(p)
+            except Stopped:
+                stopped = True
+                _kill_group(p)
+            rc = p.returncode if p.returncode is not None else -9
             wall = time.time() - t0
-    return {"rc": rc, "wall_s": wall, "start": t0, "timed_out": timed_out, "peak_gpu_mib": g.peak_mib,
+    return {"rc": rc, "wall_s": wall, "start": t0, "timed_out": timed_out, "stopped": stopped, "pid": p.pid,
+            "peak_gpu_mib": g.peak_mib,
             "load_before": load, "load_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "command": shlex.join(str(c) for c in cmd), "log": log_path}
 
 
 def status_of(r) -> str:
+    if r.get("stopped"):
+        return "stopped"
     if r["timed_out"]:
         return "timeout"
     return "ok" if r["rc"] == 0 else f"failed rc={r['rc']}"
@@ -650,7 +693,10 @@ class Bench:
         self.data = make_data(a, self.env)
         self.truth = Truth(self.data)
         self.record["start_map_vs_truth_05"] = self.truth.res05(os.path.join(self.data, "start.mrc"))
+        stop_on_signals()
         for job in a.jobs:
+            if STOP["signal"] is not None:
+                break
             print(f"{job}:", flush=True)
             try:
                 if job == "reconstruct":
@@ -659,6 +705,8 @@ class Bench:
                     self.reconstruct(job, 1, 1, 1)
                 else:
                     self.em(job)
+            except Stopped:  # outside a program's run (between programs, while evaluating): this job's row is lost
+                self.add({"job": job, "program": "-", "status": "stopped"})
             except Exception as e:  # noqa: BLE001 (one job's failure keeps the others' results)
                 import traceback
 
@@ -678,6 +726,9 @@ class Bench:
         if a.summary:
             write_summary(self.out, a.summary, a.jobs, text)
             print(f"summary (no maps): {a.summary}")
+        if STOP["signal"] is not None:
+            print(f"stopped by {signal.Signals(STOP['signal']).name}: the results so far are above", file=sys.stderr)
+            sys.exit(128 + STOP["signal"])
 
 
 def write_summary(out: str, dst: str, jobs, text: str) -> list[str]:

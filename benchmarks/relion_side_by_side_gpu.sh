@@ -12,8 +12,10 @@ set -uo pipefail
 out=${1:?usage: relion_side_by_side_gpu.sh OUTDIR [N] [BOX]}; n=${2:-10000}; box=${3:-128}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
 export LD_LIBRARY_PATH=/tmp:${LD_LIBRARY_PATH:-}   # RELION's build links a libtiff stub from /tmp
+# exec: a stop signal (a batch system's limit, `timeout`) reaches the benchmark, which ends the running program's
+# process group and writes what it has
 # shellcheck disable=SC2086
-python3 benchmarks/relion_side_by_side.py --relion-bin "${RELION_BIN:-/tmp/relion-gpu/bin}" \
+exec python3 benchmarks/relion_side_by_side.py --relion-bin "${RELION_BIN:-/tmp/relion-gpu/bin}" \
   --relion-mpirun "$(command -v mpirun)" --mpi-em-cmd "mpirun -n {ranks} --bind-to none python3 -m mpi_em" \
   --gpu --ranks 1 --relion-ranks 3 --relion-reconstruct-ranks 8 --threads 4 --box "$box" --n "$n" --snr 0.05 \
   --apix 1.5 --iter "${ITER:-5}" --k3d 4 --k2d 50 --timeout "${TIMEOUT:-300}" \

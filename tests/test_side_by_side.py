@@ -151,3 +151,48 @@ def test_summary_keeps_the_record_without_maps(tmp_path):
         "side_by_side.png", "side_by_side.txt"]
     assert (dst / "mpi_em_refine3d_timings.json").read_text() == "refine3d/mpi_em/out/run_timings.json"
     assert (dst / "side_by_side.txt").read_text() == "the table\n"
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (an orphan waits for a reaper that may never come)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_stop_signal_ends_the_running_program_and_its_children(tmp_path):
+    """SIGTERM to the benchmark while a program runs: the program's whole process group (here a shell and the two
+    processes it started, as mpirun starts ranks) is ended within seconds, not left holding the machine, and the
+    run is reported as stopped; a program started after the stop is not run."""
+    import signal
+    import threading
+    import time
+
+    script = tmp_path / "job.sh"
+    script.write_text(f"#!/bin/sh\nsleep 60 &\necho $! > {tmp_path}/child\nsleep 60\n")
+    script.chmod(0o755)
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    sbs.STOP["signal"] = None
+    try:
+        sbs.stop_on_signals()
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        t0 = time.time()
+        r = sbs.run([str(script)], str(tmp_path / "log" / "job.log"), str(tmp_path), 120, dict(os.environ))
+        took = time.time() - t0
+        assert r["stopped"] and not r["timed_out"] and sbs.status_of(r) == "stopped"
+        assert took < 20, took
+        child = int((tmp_path / "child").read_text())
+        time.sleep(0.5)
+        assert not _running(r["pid"]) and not _running(child)  # the grandchild is gone with the group
+        again = sbs.run(["sleep", "30"], str(tmp_path / "log" / "again.log"), str(tmp_path), 120, dict(os.environ))
+        assert again["stopped"] and again["wall_s"] < 20
+    finally:
+        sbs.STOP["signal"] = None
+        for s, h in old.items():
+            signal.signal(s, h)
