@@ -168,8 +168,8 @@ def _running(pid: int) -> bool:
 
 def test_a_stop_signal_ends_the_running_program_and_its_children(tmp_path):
     """SIGTERM to the benchmark while a program runs: the program's whole process group (here a shell and the two
-    processes it started, as mpirun starts ranks) is ended within seconds, not left holding the machine, and the
-    run is reported as stopped; a program started after the stop is not run."""
+    processes it started, as mpirun starts ranks) is ended within seconds, not left holding the machine, and that
+    program is reported as stopped; a program started after the stop is not started at all."""
     import signal
     import threading
     import time
