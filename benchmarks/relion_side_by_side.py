@@ -221,8 +221,8 @@ def _kill_group(p):
 
 def run(cmd, log_path, cwd, timeout, env, gpu=False):
     """Run ``cmd`` in its own process group, stdout+stderr to ``log_path``; kill the group at ``timeout``, or when
-    the benchmark is stopped (:func:`stop_on_signals`). -> dict(rc, wall_s, start, timed_out, stopped,
-    peak_gpu_mib)."""
+    the benchmark is stopped (:func:`stop_on_signals`). -> dict(rc, wall_s, start, timed_out, stopped, pid (the
+    group's leader; None when not started), peak_gpu_mib, ...)."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "w") as log:
         log.write("$ " + shlex.join(str(c) for c in cmd) + "\n")
