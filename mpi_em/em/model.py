@@ -589,7 +589,7 @@ def _lowpass_3d_pruned(maps: np.ndarray, box: int, rc: float, width: float, m: i
     dtype). The same one-dimensional transforms as ``rfftn`` / ``irfftn`` on the coefficients that are not
     multiplied by 0, so the same maps to float rounding."""
     n = box
-    keep = np.r_[0:m + 1, n - m:n]                                   # frequencies -m..m of an fft axis, fft order
+    keep = _band(n, m)                                               # frequencies -m..m of an fft axis, fft order
     F = _rows(maps, np.fft.rfft, slice(0, m + 1))                    # (.., z, y, kx)
     F = _rows(np.swapaxes(F, -1, -2), np.fft.fft, keep)              # (.., z, kx, ky)
     F = _rows(np.moveaxis(F, -3, -1), np.fft.fft, keep)              # (.., kx, ky, kz)
@@ -599,11 +599,16 @@ def _lowpass_3d_pruned(maps: np.ndarray, box: int, rc: float, width: float, m: i
     return _band_to_real_3d(F, n, m, maps.dtype)
 
 
+def _band(n: int, m: int) -> np.ndarray:
+    """Indices of the frequencies -m..m of an n-point FFT axis, in FFT order (0..m, then -m..-1)."""
+    return np.r_[0:m + 1, n - m:n]
+
+
 def _band_to_real_3d(F: np.ndarray, n: int, m: int, dtype) -> np.ndarray:
     """Real 3D maps (.., n, n, n) from their spectrum on the band |k_i| <= m, F (.., kx 0..m, ky, kz) with ky and kz
     at -m..m in FFT order (0..m, then -m..-1): the inverse of :func:`_lowpass_3d_pruned`'s forward passes, every
     coefficient outside the band 0."""
-    keep = np.r_[0:m + 1, n - m:n]
+    keep = _band(n, m)
     G = _rows(F, np.fft.ifft, keep, n_full=n)                        # (.., kx, ky, z)
     G = _rows(np.moveaxis(G, -1, -3), np.fft.ifft, keep, n_full=n)   # (.., z, kx, y)
     return _rows(np.swapaxes(G, -1, -2), np.fft.irfft, slice(None), n=n, dtype=dtype)  # (.., z, y, x)
@@ -618,7 +623,7 @@ def band_limited_noise(rng: np.random.Generator, box: int, ndim: int, rc: float,
     ones). Not normalised: scale it by its standard deviation. Seeded by ``rng`` alone, so the same on every rank."""
     n = int(box)
     m = max(0, min(int(np.floor(rc + width_shells)), (n - 1) // 2))
-    k = np.fft.fftfreq(n, d=1.0 / n)[np.r_[0:m + 1, n - m:n]]  # -m..m in FFT order
+    k = np.fft.fftfreq(n, d=1.0 / n)[_band(n, m)]  # -m..m in FFT order
     shape = (m + 1,) + (2 * m + 1,) * (ndim - 1)                   # (kx, ky[, kz])
     F = rng.standard_normal(shape) + 1j * rng.standard_normal(shape)
     kx = np.arange(m + 1.0)
@@ -631,5 +636,5 @@ def band_limited_noise(rng: np.random.Generator, box: int, ndim: int, rc: float,
     if ndim == 3:
         return _band_to_real_3d(F, n, m, dtype)
     full = np.zeros((n, n // 2 + 1), dtype=np.complex128)            # (ky, kx), rfft2's layout
-    full[np.r_[0:m + 1, n - m:n], :m + 1] = F.T
+    full[_band(n, m), :m + 1] = F.T
     return np.fft.irfft2(full, s=(n, n)).astype(dtype)
