@@ -603,3 +603,72 @@ def test_reference_power_gpu_equals_cpu(rng, monkeypatch, dim):
     assert isinstance(dev, np.ndarray) and dev.shape == host.shape == (V, box // 2 + 1)
     assert (host[:, :9] > 0).all() and (host[:, 11:] == 0).all()
     np.testing.assert_allclose(dev, host, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("shape, r", [((50, 64, 64), 12.0), ((4, 48, 48, 48), 9.0)])
+def test_reseed_on_the_gpu_equals_cpu(shape, r):
+    """Re-seeding with the transforms and the split on the GPU (class2d and class3d on GPU ranks): the noise is
+    drawn on the host either way, so the maps are the CPU's to float32 rounding of the split (the noise's scale
+    from float64 standard deviations on both), with the same classes re-seeded and the same priors; the maps
+    given are left as they were."""
+    from mpi_em.em.classes import reseed_classes
+
+    K, box = shape[0], shape[-1]
+    maps = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    prior = np.r_[0.5, 0.3, np.full(K - 2, 0.2 / (K - 2))]
+    keep = maps.copy()
+    cpu = reseed_classes(maps, prior, r, 0.5, seed=2, it=3, box=box, apix=1.5)
+    gpu = reseed_classes(maps, prior, r, 0.5, seed=2, it=3, box=box, apix=1.5, xp=cp)
+    assert isinstance(gpu[0], np.ndarray) and gpu[0].dtype == np.float32
+    assert gpu[2] == cpu[2] == list(range(2, K))
+    np.testing.assert_array_equal(gpu[1], cpu[1])
+    np.testing.assert_allclose(gpu[0], cpu[0], rtol=0, atol=1e-6 * np.abs(cpu[0]).max())
+    assert not np.allclose(gpu[0][2], keep[2]) and np.array_equal(maps, keep)
+
+
+DEVICE_MAPS_PROBE = """
+import json, sys
+import mpi_em.cli
+from mpi_em.em import steps
+
+seen = []
+make = steps.references
+
+def recording(job):
+    dev = job.device_maps
+    reused = dev is not None and dev[1] is job.state.maps
+    refs = make(job)
+    job.device_maps = None
+    again = make(job)  # the same references from the host maps, uploaded
+    seen.append({"reused": bool(reused), "err": float(abs(refs.F - again.F).max() / abs(again.F).max())})
+    return refs
+
+steps.references = recording
+rc = mpi_em.cli.main(sys.argv[2:])
+json.dump({"rc": rc, "seen": seen}, open(sys.argv[1], "w"))
+"""
+
+
+@pytest.mark.parametrize("job, extra, reused", [
+    ("class3d", ["--K", "2", "--reseed-below", "0"], [False, True, True]),
+    ("class2d", ["--K", "4", "--reseed-below", "0"], [False, False, False])])
+def test_references_from_the_m_steps_maps_on_the_device(small_dataset, tmp_path, job, extra, reused):
+    """A GPU rank makes the next references from the M-step's maps on its device, not from an upload of the host
+    copy, where the state's maps are still that copy (class3d without re-seeding: from the second iteration on);
+    not where the host changed them (class2d centres its averages): the references are those made from the host
+    maps, bit for bit (the same float32 values on the device)."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(DEVICE_MAPS_PROBE)
+    args = [job, "--i", str(small_dataset / "particles_unaligned.star"), "--o", str(tmp_path / job), "--iter", "3",
+            "--device", "gpu"] + extra
+    if job == "class3d":
+        args += ["--ref", str(small_dataset / "truth.mrc"), "--ini-high", "30"]
+    subprocess.run([sys.executable, str(script), str(tmp_path / "seen.json")] + args, check=True, timeout=600)
+    got = json.load(open(tmp_path / "seen.json"))
+    assert got["rc"] == 0
+    assert [s["reused"] for s in got["seen"]] == reused, got
+    assert max(s["err"] for s in got["seen"]) == 0.0, got

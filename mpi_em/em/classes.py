@@ -70,7 +70,7 @@ RESEED_AMPLITUDE = 0.05
 
 
 def reseed_classes(maps, class_prior, r_cur: float, below: float, seed: int, it: int, box: int, apix: float,
-                   amplitude: float = RESEED_AMPLITUDE):
+                   amplitude: float = RESEED_AMPLITUDE, xp=np):
     """Classes with a share under ``below`` / K take over half of the largest class, split symmetrically as in
     vector quantisation (Linde-Buzo-Gray): the largest class's reference m becomes m + e and the re-seeded one
     m - e, with e seeded Gaussian noise (seeded by seed, iteration and class: the same on every rank and for every
@@ -79,8 +79,11 @@ def reseed_classes(maps, class_prior, r_cur: float, below: float, seed: int, it:
     re-seeded classes' in one call; 3D: the same distribution drawn on the band in Fourier space
     (:func:`band_limited_noise`: a whole volume's draws and two whole transforms took 0.45 s a class at box 256 on a
     2-core VM, 0.20 s with it; benchmarks/results/reseed/).
-    Returns (maps, class prior, re-seeded classes): the prior a new array, the maps a new array where a class was
-    re-seeded (the input's maps are left as they are), else the input's."""
+    ``maps``: host arrays (the job's state). ``xp``: where the transforms and the split are computed (a GPU rank's
+    CuPy: the host kept the draws alone); the noise is drawn on the host either way, so CPU and GPU ranks split
+    with the same numbers, equal to float rounding.
+    Returns (maps, class prior, re-seeded classes): the prior a new array, the maps a new host array where a class
+    was re-seeded (the input's maps are left as they are), else the input's."""
     prior = np.asarray(class_prior, dtype=np.float64).copy()
     K = len(prior)
     out = []
@@ -91,18 +94,33 @@ def reseed_classes(maps, class_prior, r_cur: float, below: float, seed: int, it:
     rngs = [np.random.default_rng([int(seed), int(it), int(k)]) for k in low]
     if maps.ndim == 3:  # (K, N, N) images, as many as the box has pixels included: (n, 1, N, N) is never a volume
         raw = np.stack([g.standard_normal(maps.shape[1:]) for g in rngs])[:, None]
-        noises = lowpass(raw, box, apix, box * apix / r_cur)[:, 0]
+        noises = lowpass(xp.asarray(raw), box, apix, box * apix / r_cur)[:, 0]
     else:
-        noises = (band_limited_noise(g, box, 3, float(r_cur)) for g in rngs)
+        noises = (band_limited_noise(g, box, 3, float(r_cur), xp=xp) for g in rngs)
+    big, m_big = -1, None  # the largest class's map on xp (on the host: maps[big] itself), while it stays the largest
     for k, noise in zip(low, noises):
-        big = int(np.argmax(prior))
-        noise *= amplitude * float(maps[big].std(dtype=np.float64)) / max(float(noise.std(dtype=np.float64)), 1e-30)
+        if int(np.argmax(prior)) != big:
+            _put(maps, big, m_big)
+            big = int(np.argmax(prior))
+            m_big = xp.asarray(maps[big])
+        noise *= amplitude * float(m_big.std(dtype=xp.float64)) / max(float(noise.std(dtype=xp.float64)), 1e-30)
         # split symmetrically (m + e, m - e): neither copy is favoured, the data decide which members go where
-        np.subtract(maps[big], noise, out=maps[k], casting="unsafe")
-        np.add(maps[big], noise, out=maps[big], casting="unsafe")
+        split = maps[k] if xp is np else xp.empty_like(m_big)
+        xp.subtract(m_big, noise, out=split, casting="unsafe")
+        xp.add(m_big, noise, out=m_big, casting="unsafe")
+        _put(maps, int(k), split)
         prior[k] = prior[big] = 0.5 * prior[big]
         out.append(int(k))
+    _put(maps, big, m_big)
     return maps, prior, out
+
+
+def _put(maps: np.ndarray, k: int, a) -> None:
+    """``a`` (a device array) into the host maps' entry k; nothing where it is already there (a host view)."""
+    from ..backend import is_gpu_array
+
+    if a is not None and is_gpu_array(a):
+        maps[k] = a.get()
 
 
 def center_2d(maps):

@@ -615,12 +615,15 @@ def _band_to_real_3d(F: np.ndarray, n: int, m: int, dtype) -> np.ndarray:
 
 
 def band_limited_noise(rng: np.random.Generator, box: int, ndim: int, rc: float, width_shells: float = 2.0,
-                       dtype=np.float32) -> np.ndarray:
+                       dtype=np.float32, xp=np):
     """A real map (2D or 3D, ``box`` px a side) of Gaussian noise low-passed at shell ``rc`` with :func:`lowpass`'s
     raised cosine, drawn in Fourier space on the band the filter passes only: independent complex Gaussian
     coefficients with |k_i| <= m = floor(rc + width), at most (box - 1) // 2 (the same distribution as white noise put through
     :func:`lowpass`, but ~(2m / box)^ndim of its draws and one pruned inverse transform instead of two whole
-    ones). Not normalised: scale it by its standard deviation. Seeded by ``rng`` alone, so the same on every rank."""
+    ones). Not normalised: scale it by its standard deviation. Seeded by ``rng`` alone, so the same on every rank.
+    ``xp``: the array module of the result; the coefficients are drawn on the host whatever it is (the same
+    numbers on CPU and GPU ranks), a GPU's inverse is one whole ``irfftn`` of the zero-filled spectrum (the same
+    map to float rounding)."""
     n = int(box)
     m = max(0, min(int(np.floor(rc + width_shells)), (n - 1) // 2))
     k = np.fft.fftfreq(n, d=1.0 / n)[_band(n, m)]  # -m..m in FFT order
@@ -633,8 +636,14 @@ def band_limited_noise(rng: np.random.Generator, box: int, ndim: int, rc: float,
     # the inverse keeps the Hermitian part of the kx = 0 plane, (F(k) + conj F(-k)) / 2, of half the power of the
     # other coefficients': sqrt 2 makes the spectrum white inside the band, as white noise low-passed
     F[0] *= np.sqrt(2.0)
-    if ndim == 3:
+    if ndim == 3 and xp is np:
         return _band_to_real_3d(F, n, m, dtype)
-    full = np.zeros((n, n // 2 + 1), dtype=np.complex128)            # (ky, kx), rfft2's layout
-    full[_band(n, m), :m + 1] = F.T
-    return np.fft.irfft2(full, s=(n, n)).astype(dtype)
+    band = xp.asarray(_band(n, m))
+    if ndim == 3:
+        full = xp.zeros((n, n, n // 2 + 1), dtype=xp.complex128)    # (kz, ky, kx), rfftn's layout
+        full[band[:, None, None], band[None, :, None], xp.arange(m + 1)[None, None, :]] = \
+            xp.asarray(F.transpose(2, 1, 0))
+        return xp.fft.irfftn(full, s=(n, n, n)).astype(dtype)
+    full = xp.zeros((n, n // 2 + 1), dtype=xp.complex128)            # (ky, kx), rfft2's layout
+    full[band, :m + 1] = xp.asarray(F.T)
+    return xp.fft.irfft2(full, s=(n, n)).astype(dtype)

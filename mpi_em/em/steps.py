@@ -65,6 +65,9 @@ class EMRun:
     memory: "LightenedEStep | None" = None  # where the memory check lightened the E-step, else None
     step_sync: bool = False           # the E-step's steps end with a synchronisation (the driver's pool: a limit)
     tau2_ref: Any = None              # classification: this iteration's signal prior, (K, n_shells) on the host
+    # GPU ranks: the last M-step's maps on the device and the host array they were copied to (``state.maps`` then);
+    # the next references are made from them while the state's maps are still that array (no upload)
+    device_maps: Any = None
     #                                   (``References.power``, :func:`first_prior_2d`; set with the references,
     #                                   used by the M-step)
 
@@ -153,12 +156,16 @@ def references(job: EMRun) -> References:
         ref_maps = state.references if state.references is not None else np.repeat(state.maps, folds, axis=0)
     else:
         ref_maps = state.maps
+        on_device, job.device_maps = job.device_maps, None
+        if on_device is not None and on_device[1] is state.maps:  # the M-step's maps, unchanged since
+            ref_maps = on_device[0]
     volumes = reference_volumes(job.plan, job.K, folds) if job.mode.gold else None
     classify = not job.mode.gold
     first_2d = job.mode.dim == 2 and state.iter == 0   # class2d's first prior: the mean reference's (first_prior_2d)
-    refs = References(job.xp.asarray(ref_maps if volumes is None else ref_maps[volumes]), job.mode.dim,
-                      job.args.pad, mask=mask, single=job.accumulate == "single", volumes=volumes,
-                      n_total=len(ref_maps), power_r_max=state.r_cur if classify and not first_2d else None)
+    chosen = ref_maps if volumes is None else ref_maps[xp_of(ref_maps).asarray(volumes)]
+    refs = References(job.xp.asarray(chosen), job.mode.dim, job.args.pad, mask=mask,
+                      single=job.accumulate == "single", volumes=volumes, n_total=len(ref_maps),
+                      power_r_max=state.r_cur if classify and not first_2d else None)
     if classify:  # the signal prior, RELION's: the power of the references the E-step aligns against
         job.tau2_ref = first_prior_2d(job, refs) if first_2d else refs.power
     del mask
@@ -302,6 +309,8 @@ def maximisation(job: EMRun, it: int, acc: dict, stats: Stats, timer):
     maps_h = to_host(maps)
     if mode.dim == 2 and not args.no_center:
         maps_h = center_2d(maps_h)
+    elif maps_h is not maps:  # a GPU rank's maps, as the host holds them: the next references' (no upload)
+        job.device_maps = (maps, maps_h)
     state.maps = maps_h
     if info.get("combined") is not None:
         info["combined"] = to_host(info["combined"])
@@ -321,7 +330,7 @@ def update_model(job: EMRun, it: int, stats: Stats, info: dict, maps, prev: dict
         amp = getattr(args, "reseed_amplitude", None)
         state.maps, state.class_prior, done_k = reseed_classes(state.maps, state.class_prior, state.r_cur,
                                                                args.reseed_below, args.seed, it, job.box, job.apix,
-                                                               RESEED_AMPLITUDE if amp is None else amp)
+                                                               RESEED_AMPLITUDE if amp is None else amp, xp=job.xp)
         if done_k and comm.rank == 0:
             log.info("iteration %d: re-seeded class(es) %s from the largest class", it,
                      ", ".join(str(k + 1) for k in done_k))
