@@ -145,12 +145,14 @@ def write_final(out: str, it: int, gold: bool, resolution: list) -> None:
                  "" if k == it else f" (the last iteration, {it}: {resolution[-1]:.2f} Å)")
 
 
-def record_timings(comm, out, it, t_iter, t_e, t_m, timer, n_local, since_start) -> None:
+def record_timings(comm, out, it, t_iter, parts: dict, timer, n_local, since_start) -> None:
     """Per-phase seconds, GEMM flops and bytes of every rank for this iteration -> rank 0 appends them to
     ``run_timings.json`` (atomically), read by the scaling benchmarks. ``seconds_iteration`` is the iteration's
     compute; ``seconds_since_start`` (rank 0's clock at the same point) also counts what lies between iterations
-    (waiting for the previous iteration's files), so its differences are the wall clock per iteration."""
-    mine = dict(timer.as_dict(), n_particles=n_local, seconds_estep=t_e, seconds_mstep=t_m)
+    (waiting for the previous iteration's files), so its differences are the wall clock per iteration. ``parts``
+    (seconds of "references", "estep", "mstep", "update": the references' transforms, the E-step, the M-step, the
+    model update with the re-seeding) -> each rank's ``seconds_<part>``."""
+    mine = dict(timer.as_dict(), n_particles=n_local, **{f"seconds_{k}": float(v) for k, v in parts.items()})
     every = comm.gather(mine, root=0)
 
     def write():  # rank 0, agreed on by every rank (a full disk ends the job on every rank, nobody waits)
