@@ -272,11 +272,13 @@ class Truth:
         with mrcfile.open(os.path.join(data_dir, "truth.mrc"), permissive=True) as m:
             self.apix = float(m.voxel_size.x)
         self.star = os.path.join(data_dir, "particles_abs.star")
+        self._F = None  # the truth's transform, made once (a class3d job's evaluation compares ~100 maps with it)
 
     def res05(self, path) -> float | None:
+        """The map's resolution against the truth at FSC 0.5 (None: unreadable, or not the truth's shape)."""
         import mrcfile
 
-        from mpi_em.fsc import fsc, resolution_at
+        from mpi_em.fsc import fsc_fourier, resolution_at
 
         try:
             v = mrcfile.read(path).astype(np.float64)
@@ -284,7 +286,9 @@ class Truth:
             return None
         if v.shape != self.vol.shape:
             return None
-        return float(resolution_at(fsc(v, self.vol), self.box, self.apix, 0.5))
+        if self._F is None:
+            self._F = np.fft.rfftn(self.vol)
+        return float(resolution_at(fsc_fourier(np.fft.rfftn(v), self._F), self.box, self.apix, 0.5))
 
     def angular_error(self, data_star) -> float | None:
         from mpi_em.evaluate import pose_errors
@@ -326,9 +330,10 @@ def class_maps(d, it) -> list[str]:
     return sorted(glob.glob(os.path.join(d, f"run_it{it:03d}_class[0-9][0-9][0-9].mrc")))
 
 
-def em_iterations(d, truth: Truth, mode: str, start: float, program: str) -> dict:
-    """Per-iteration end time (data STAR mtime, from the launch), reported resolution, map vs truth, HEALPix
-    order of an mpi-em or RELION refine/classification folder."""
+def em_iterations(d, truth: Truth, mode: str, start: float, program: str, maps: bool = True) -> dict:
+    """Per-iteration end time (data STAR mtime, from the launch), reported resolution, map vs truth (refine3d: the
+    first half map; class3d: the largest class's map; not with ``maps`` False), HEALPix order of an mpi-em or RELION
+    refine/classification folder."""
     its = sorted({iteration_of(p) for p in glob.glob(os.path.join(d, "run_it*_data.star"))} - {None})
     rows = []
     for it in its:
@@ -343,21 +348,36 @@ def em_iterations(d, truth: Truth, mode: str, start: float, program: str) -> dic
             s = read_general(os.path.join(d, f"run_it{it:03d}_sampling.star"))
             if "rlnHealpixOrder" in s:
                 row["order"] = int(s["rlnHealpixOrder"])
-        if it > 0 and mode == "refine3d":
+        if it > 0 and not maps:
+            pass
+        elif it > 0 and mode == "refine3d":
             h = [os.path.join(d, f"run_it{it:03d}_half1_class001{s}.mrc") for s in ("_unfil", "")]
             h = [p for p in h if os.path.exists(p)]
             row["map_vs_truth_05"] = truth.res05(h[0]) if h else None
         elif it > 0 and mode == "class3d":
-            rs = [truth.res05(p) for p in class_maps(d, it)]
-            rs = [r for r in rs if r is not None]
-            row["map_vs_truth_05"] = min(rs) if rs else None
+            k = largest_class(m) if m else None
+            cm = class_maps(d, it)
+            row["map_vs_truth_05"] = truth.res05(cm[k]) if k is not None and k < len(cm) else None
         rows.append(row)
     return {"iterations": rows}
 
 
+def largest_class(model_star) -> int | None:
+    """The index (0-based) of the class with the largest rlnClassDistribution in a model STAR (None: unreadable)."""
+    import starfile
+
+    try:
+        cls = starfile.read(model_star, always_dict=True)["model_classes"]
+        return int(np.argmax(cls["rlnClassDistribution"].to_numpy()))
+    except Exception:  # noqa: BLE001 (a partial run's file)
+        return None
+
+
 def summarize_em(d, truth: Truth, mode: str, r: dict, program: str) -> dict:
-    """One table row of an EM job from its folder and its run record."""
-    info = em_iterations(d, truth, mode, r["start"], program)
+    """One table row of an EM job from its folder and its run record. A stopped run's (``r["stopped"]``): its
+    iterations' maps are not compared with the truth (the time left to a stopped benchmark is short), its last
+    iteration's are."""
+    info = em_iterations(d, truth, mode, r["start"], program, maps=not r.get("stopped"))
     rows = [x for x in info["iterations"] if x["iteration"] > 0]
     out = {"iterations": max((x["iteration"] for x in rows), default=0), "per_iteration": info["iterations"]}
     if program == "mpi_em" and os.path.exists(os.path.join(d, "run_timings.json")):
