@@ -6,6 +6,7 @@ rank 0 waits for it and the files set the pace (class2d on a GPU: ~0.5 s of comp
 maps and particle values of the given shape; the particles STAR is the one of a simulated data set.
 
     python benchmarks/em_writer.py --mode class2d --box 256 --K 50 --n 5000 --json OUT.json
+    python benchmarks/em_writer.py --mode class3d --box 256 --K 4 --n 3000 --stats-given --json OUT.json
 
 The files go to a new folder under the temporary directory (TMPDIR=/dev/shm: writes at memory speed, as on a
 machine whose page cache takes them without writing back during the job).
@@ -61,6 +62,9 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=5000, help="particles in the STAR file")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--preload", action="store_true", help="import the plotting library first, as the jobs do")
+    ap.add_argument("--stats-given", action="store_true",
+                    help="class3d: the maps' header statistics given to the writer, as a GPU rank computes them on its "
+                         "device (mpi_em.io.map_statistics), instead of computed from the data while writing")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     work = tempfile.mkdtemp(prefix="em_writer_")
@@ -68,11 +72,16 @@ def main(argv=None):
     out = os.path.join(work, "out")
     os.makedirs(out)
     rows = []
+    info = {}
+    if a.stats_given:  # made here once, on the host: on a GPU rank the device makes them (not timed here either)
+        from mpi_em.io import map_statistics
+
+        info["map_stats"] = (state.maps, map_statistics(state.maps))
     # the background writer first: the parent has not imported matplotlib unless --preload
     w = BackgroundWriter(**({"preload": plots.preload} if a.preload else {}))  # (trees before the preload)
     for it in range(1, a.repeats + 1):
         t = time.perf_counter()
-        w.submit(outputs.write_iteration, out, it, mode, star, parts, state.snapshot(), {}, meta)
+        w.submit(outputs.write_iteration, out, it, mode, star, parts, state.snapshot(), dict(info), meta)
         w.wait()
         rows.append({"part": "background write_iteration", "iteration": it, "seconds": time.perf_counter() - t})
     w.close()
@@ -97,7 +106,7 @@ def main(argv=None):
     for it in range(a.repeats + 1, 2 * a.repeats + 1):
         timed.clear()
         t = time.perf_counter()
-        outputs.write_iteration(out, it, mode, star, parts, state.snapshot(), {}, meta)
+        outputs.write_iteration(out, it, mode, star, parts, state.snapshot(), dict(info), meta)
         total = time.perf_counter() - t
         for k, v in timed.items():
             rows.append({"part": k, "iteration": it, "seconds": v})
@@ -108,7 +117,7 @@ def main(argv=None):
         rows.append({"part": "write_final (run_* files)", "iteration": 2 * a.repeats,
                      "seconds": time.perf_counter() - t})
     parts_order = list(dict.fromkeys(r["part"] for r in rows))
-    print(f"{a.mode}, box {a.box}, K = {a.K}, {a.n} particles; preload: {a.preload}")
+    print(f"{a.mode}, box {a.box}, K = {a.K}, {a.n} particles; preload: {a.preload}; statistics given: {a.stats_given}")
     print(f"{'part':40s} seconds (median of {a.repeats})")
     for p in parts_order:
         v = [r["seconds"] for r in rows if r["part"] == p]

@@ -318,6 +318,34 @@ def test_write_stack_and_map_validate(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.mrc", "s.mrcs"]
 
 
+def test_write_map_with_given_statistics(tmp_path):
+    """write_map with ``stats`` (a GPU rank's, computed on the device before the maps come to the host) writes them
+    as the header's dmin, dmax, dmean, rms instead of computing them from the data. With map_statistics' values the
+    file is the one write_map makes without them: the same data, voxel size and volume header, and mrcfile's
+    validation (which checks the header statistics against the data) passes; values given wrong on purpose are
+    what the header holds (they are not recomputed) and the validation then fails."""
+    from mpi_em.io.mrc import map_statistics
+
+    vol = np.random.default_rng(4).standard_normal((10, 12, 14)).astype(np.float32)
+    write_map(tmp_path / "a.mrc", vol, 1.5)
+    stats = map_statistics(vol[None])[0]
+    write_map(tmp_path / "b.mrc", vol, 1.5, stats=stats)
+    write_map(tmp_path / "c.mrc", vol, 1.5, stats=(-9.0, 9.0, 0.25, 2.0))
+    assert mrcfile.validate(str(tmp_path / "a.mrc")) and mrcfile.validate(str(tmp_path / "b.mrc"))
+    with mrcfile.open(tmp_path / "a.mrc") as a, mrcfile.open(tmp_path / "b.mrc") as b:
+        np.testing.assert_array_equal(b.data, a.data)
+        assert b.is_volume() and b.voxel_size.x == pytest.approx(1.5) and b.data.shape == (10, 12, 14)
+        ha, hb = a.header, b.header
+        assert (hb.dmin, hb.dmax) == (ha.dmin, ha.dmax)
+        assert float(hb.dmean) == pytest.approx(float(ha.dmean), rel=1e-6)
+        assert float(hb.rms) == pytest.approx(float(ha.rms), rel=1e-6)
+    with mrcfile.open(tmp_path / "c.mrc") as c:
+        h = c.header
+        assert (float(h.dmin), float(h.dmax), float(h.dmean), float(h.rms)) == (-9.0, 9.0, 0.25, 2.0)
+    assert not mrcfile.validate(str(tmp_path / "c.mrc"), print_file=open(os.devnull, "w"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mrc", "b.mrc", "c.mrc"]
+
+
 def test_read_images_slices(tmp_path):
     imgs = np.random.default_rng(3).standard_normal((7, 8, 6)).astype(np.float32)
     write_stack(tmp_path / "s.mrcs", imgs, 1.0)

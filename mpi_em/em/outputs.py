@@ -58,13 +58,17 @@ def write_iteration(out: str, it: int, mode: Mode, star, particles: dict, state:
     tag = f"run_it{it:03d}"
     maps = state.maps
     files = map_files(tag, mode, maps.shape[0])
+    # header statistics a GPU rank computed on its device, where they are those of the maps written here (not after
+    # a re-seeding replaced the maps)
+    stats = info.get("map_stats")
+    stats = stats[1] if stats is not None and stats[0] is maps else [None] * maps.shape[0]
     if mode.dim == 2:
         write_stack(os.path.join(out, files[0]), maps, apix)
     else:
-        for name, vol in zip(files, maps):
-            write_map(os.path.join(out, name), vol, apix)
+        for name, vol, st in zip(files, maps, stats):
+            write_map(os.path.join(out, name), vol, apix, stats=st)
     if mode.gold and info.get("combined") is not None:  # both halves' sums, reconstructed with the gold-standard FSC
-        write_map(os.path.join(out, f"{tag}_class001.mrc"), info["combined"], apix)
+        write_map(os.path.join(out, f"{tag}_class001.mrc"), info["combined"], apix, stats=info.get("combined_stats"))
     if info.get("auto_mask") is not None:  # --auto-mask: the mask this iteration used (a postprocess input)
         write_map(os.path.join(out, f"{tag}_mask.mrc"), info["auto_mask"], apix)
     write_particles(os.path.join(out, f"{tag}_data.star"), star, updates=star_updates(particles, mode))

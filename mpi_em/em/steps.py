@@ -10,13 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import synchronize, to_host, xp_of
+from ..backend import is_gpu_array, synchronize, to_host, xp_of
 from ..distributed import allreduce_sum, bcast_large, collective_step, reference_group
 from ..errors import MpiEmError
 from ..fourier import SliceGeometry, default_r_max
 from ..symmetrise import symmetrise
 from ..geometry import angular_distance, euler_to_matrix
 from ..particles import ImageCache, pinned_wanted
+from ..io.mrc import map_statistics
 from ..symmetry import symmetry_matrices
 from .classes import RESEED_AMPLITUDE, center_2d, first_shell_2d, reseed_classes
 from ..masks import auto_solvent_mask
@@ -311,8 +312,12 @@ def maximisation(job: EMRun, it: int, acc: dict, stats: Stats, timer):
         maps_h = center_2d(maps_h)
     elif maps_h is not maps:  # a GPU rank's maps, as the host holds them: the next references' (no upload)
         job.device_maps = (maps, maps_h)
+        if mode.dim == 3:  # their MRC header statistics from the device, for the writer (valid for these maps only)
+            info["map_stats"] = (maps_h, map_statistics(maps))
     state.maps = maps_h
     if info.get("combined") is not None:
+        if is_gpu_array(info["combined"]):
+            info["combined_stats"] = map_statistics(info["combined"][None])[0]
         info["combined"] = to_host(info["combined"])
     return maps, info
 

@@ -211,23 +211,46 @@ def read_map(path) -> tuple[np.ndarray, float]:
     return vol, vs
 
 
-def _write_mrc(path, arr, voxel_size, stack: bool):
+def _write_mrc(path, arr, voxel_size, stack: bool, stats=None):
     with atomic_path(path) as tmp:
         with mrcfile.new(tmp, overwrite=True) as mrc:
+            if stats is not None:  # given: not computed from the data by set_data (~0.1 s of a 256^3 map's 0.12 s)
+                mrc.update_header_stats = _no_stats
             mrc.set_data(arr)
             if stack:
                 mrc.set_image_stack()
             else:
                 mrc.set_volume()
-            mrc.voxel_size = float(voxel_size)  # header statistics: computed once, by set_data
+            mrc.voxel_size = float(voxel_size)
+            if stats is not None:
+                h = mrc.header
+                h.dmin, h.dmax, h.dmean, h.rms = (np.float32(x) for x in stats)
 
 
-def write_map(path, vol, voxel_size: float) -> None:
-    """Write a 3D float32 map atomically with the given voxel size (Å)."""
+def _no_stats() -> None:
+    """Stands in for an MrcFile's ``update_header_stats`` (which ``set_data`` calls) where the statistics are given."""
+
+
+def map_statistics(maps):
+    """(V, 4) float64 host array of each map's (min, max, mean, rms) as an MRC header holds them (rms: the standard
+    deviation), from (V, ...) maps on their device (CuPy: reduced there, four numbers per map come to the host)."""
+    from ..backend import to_host, xp_of
+
+    xp = xp_of(maps)
+    flat = maps.reshape(maps.shape[0], -1)
+    out = xp.stack([flat.min(axis=1).astype(xp.float64), flat.max(axis=1).astype(xp.float64),
+                    flat.mean(axis=1, dtype=xp.float64), flat.std(axis=1, dtype=xp.float64)], axis=1)
+    return to_host(out)
+
+
+def write_map(path, vol, voxel_size: float, stats=None) -> None:
+    """Write a 3D float32 map atomically with the given voxel size (Å). ``stats``: its (min, max, mean, rms) for the
+    header, where they are known (:func:`map_statistics` on a GPU rank); else mrcfile computes them from the data
+    (~0.1 s of the ~0.12 s a 256^3 map takes on one core)."""
     vol = np.ascontiguousarray(vol, dtype=np.float32)
     if vol.ndim != 3:
         raise ValueError(f"write_map needs a 3D array, got shape {vol.shape}")
-    _write_mrc(os.fspath(path), vol, voxel_size, stack=False)
+    _write_mrc(os.fspath(path), vol, voxel_size, stack=False, stats=stats)
 
 
 def write_stack(path, images, pixel_size: float) -> None:
