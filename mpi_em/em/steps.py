@@ -66,11 +66,12 @@ class EMRun:
     memory: "LightenedEStep | None" = None  # where the memory check lightened the E-step, else None
     step_sync: bool = False           # the E-step's steps end with a synchronisation (the driver's pool: a limit)
     tau2_ref: Any = None              # classification: this iteration's signal prior, (K, n_shells) on the host
-    # GPU ranks: the last M-step's maps on the device and the host array they were copied to (``state.maps`` then);
-    # the next references are made from them while the state's maps are still that array (no upload)
-    device_maps: Any = None
     #                                   (``References.power``, :func:`first_prior_2d`; set with the references,
     #                                   used by the M-step)
+    # GPU ranks: the last M-step's maps on the device and the host array they were copied to (``state.maps`` then);
+    # the next references are made from them while the state's maps are still that array (no upload); dropped by
+    # the next references() whether used or not
+    device_maps: Any = None
 
     @property
     def box(self) -> int:
@@ -153,23 +154,26 @@ def references(job: EMRun) -> References:
     # the mask is made here and dropped with the masked maps: not held on the device through the E-step and the
     # M-step (512 MiB at box 512, where the E-step is sized to the memory limit)
     mask = reference_mask(job.box, job.apix, job.args, job.mode.dim, job.xp, job.solvent)
+    on_device, job.device_maps = job.device_maps, None
     if folds > 1:
         ref_maps = state.references if state.references is not None else np.repeat(state.maps, folds, axis=0)
+    elif on_device is not None and on_device[1] is state.maps:  # the M-step's maps on the device, unchanged since
+        ref_maps = on_device[0]
     else:
         ref_maps = state.maps
-        on_device, job.device_maps = job.device_maps, None
-        if on_device is not None and on_device[1] is state.maps:  # the M-step's maps, unchanged since
-            ref_maps = on_device[0]
+    del on_device
     volumes = reference_volumes(job.plan, job.K, folds) if job.mode.gold else None
     classify = not job.mode.gold
     first_2d = job.mode.dim == 2 and state.iter == 0   # class2d's first prior: the mean reference's (first_prior_2d)
     chosen = ref_maps if volumes is None else ref_maps[xp_of(ref_maps).asarray(volumes)]
+    n_total = len(ref_maps)
+    del ref_maps  # the device maps given back with the transforms' temporaries, below
     refs = References(job.xp.asarray(chosen), job.mode.dim, job.args.pad, mask=mask,
-                      single=job.accumulate == "single", volumes=volumes, n_total=len(ref_maps),
+                      single=job.accumulate == "single", volumes=volumes, n_total=n_total,
                       power_r_max=state.r_cur if classify and not first_2d else None)
     if classify:  # the signal prior, RELION's: the power of the references the E-step aligns against
         job.tau2_ref = first_prior_2d(job, refs) if first_2d else refs.power
-    del mask
+    del mask, chosen
     from ..memory import release_device_memory
 
     # the transforms' temporaries and plans given back before the E-step allocates its accumulators (measured at

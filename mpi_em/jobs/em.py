@@ -247,8 +247,8 @@ def run(args, comm, after_iteration: Callable[[int], bool] | None = None) -> dic
         update_model(job, it, stats, info, maps, prev, final)
         t_u = time.time() - t_u
         del maps  # the device maps (the state holds them on the host): not through the next E-step
-        _write(job, it, info, writer, timer, time.time() - t_it, {"references": t_r, "estep": t_e, "mstep": t_m,
-                                                                 "update": t_u}, t_start, first_it)
+        parts = {"references": t_r, "estep": t_e, "mstep": t_m, "update": t_u}
+        _write(job, it, info, writer, timer, time.time() - t_it, parts, t_start, first_it)
         if after_iteration is not None and after_iteration(it):
             stopped = True
             break
@@ -378,9 +378,10 @@ def _setup(args, comm, mode: Mode, state: EMState | None, particles: dict | None
 
 def _write(job: EMRun, it: int, info: dict, writer, timer, t_iter: float, parts: dict, t_start: float,
            first_written: int) -> None:
-    """Timings of every rank (``parts``: seconds of the references, E-step, M-step and model update); rank 0 logs the iteration and hands its files to the background writer, and once
-    the files of ``first_written`` (this run's first iteration) are on disk, warns where the files of the
-    iterations still allowed would not fit there (:func:`mpi_em.io.disk.disk_outlook`)."""
+    """Timings of every rank (``parts``: seconds of the references, E-step, M-step and model update); rank 0 logs
+    the iteration and hands its files to the background writer, and once the files of ``first_written`` (this
+    run's first iteration) are on disk, warns where the files of the iterations still allowed would not fit there
+    (:func:`mpi_em.io.disk.disk_outlook`)."""
     comm, state = job.comm, job.state
     particles = gather_particles(comm, job.plan)
     record_timings(comm, job.args.output, it, t_iter, parts, timer, len(job.plan["index"]), time.time() - t_start)
@@ -390,9 +391,10 @@ def _write(job: EMRun, it: int, info: dict, writer, timer, t_iter: float, parts:
             info.pop("fsc")
         res_txt = f", resolution {state.resolution[-1]:.2f} Å" if state.resolution else ""
         log.info("iteration %d: E-step %.1f s, M-step %.1f s, mean pose change %.2f° / %.2f px, accuracy %.2f° / "
-                 "%.2f px%s, next order %d%s, offsets step %.2f px range %.2f px, r %.0f px", it, parts["estep"], parts["mstep"],
-                 state.ang_change[-1], state.offset_change, state.accuracy, state.accuracy_trans, res_txt,
-                 state.order, " (local)" if state.local else "", state.offset_step, state.offset_range, state.r_cur)
+                 "%.2f px%s, next order %d%s, offsets step %.2f px range %.2f px, r %.0f px", it, parts["estep"],
+                 parts["mstep"], state.ang_change[-1], state.offset_change, state.accuracy, state.accuracy_trans,
+                 res_txt, state.order, " (local)" if state.local else "", state.offset_step, state.offset_range,
+                 state.r_cur)
 
     # rank 0 writes this iteration's outputs while every rank computes the next one; the previous iteration's
     # writing must have succeeded (a failure there stops every rank here, cleanly)
