@@ -314,6 +314,17 @@ def test_reseed_of_many_classes_follows_the_class_by_class_rule(shape):
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
 
 
+def test_gaussian_draws_in_threads_are_the_serial_draws():
+    """The re-seeding noise drawn in several threads (GPU ranks) is each generator's serial draw, bit for bit: the
+    same numbers on CPU ranks (one thread) and GPU ranks."""
+    from mpi_em.em.classes import gaussian_draws
+
+    make = lambda: [np.random.default_rng([3, 7, k]) for k in range(11)]  # noqa: E731
+    serial = np.stack([g.standard_normal((20, 24)) for g in make()])
+    for threads in (1, 4, 16):
+        np.testing.assert_array_equal(gaussian_draws(make(), (20, 24), threads=threads), serial)
+
+
 @pytest.mark.parametrize("ndim, box, rc, draws", [(2, 32, 6.0, 300), (3, 24, 5.0, 150)])
 def test_band_limited_noise_is_white_noise_low_passed(ndim, box, rc, draws):
     """The re-seeding noise, drawn on the band in Fourier space, has the radial power spectrum of white noise put

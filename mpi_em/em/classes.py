@@ -93,7 +93,7 @@ def reseed_classes(maps, class_prior, r_cur: float, below: float, seed: int, it:
     maps = np.array(maps, copy=True)  # the state's maps may still be being written by the previous iteration's writer
     rngs = [np.random.default_rng([int(seed), int(it), int(k)]) for k in low]
     if maps.ndim == 3:  # (K, N, N) images, as many as the box has pixels included: (n, 1, N, N) is never a volume
-        raw = np.stack([g.standard_normal(maps.shape[1:]) for g in rngs])[:, None]
+        raw = gaussian_draws(rngs, maps.shape[1:], threads=1 if xp is np else RESEED_THREADS)[:, None]
         noises = lowpass(xp.asarray(raw), box, apix, box * apix / r_cur)[:, 0]
     else:
         noises = (band_limited_noise(g, box, 3, float(r_cur), xp=xp) for g in rngs)
@@ -113,6 +113,28 @@ def reseed_classes(maps, class_prior, r_cur: float, below: float, seed: int, it:
         out.append(int(k))
     _put(maps, big, m_big)
     return maps, prior, out
+
+
+#: host threads a GPU rank draws the re-seeding noise with (its host is otherwise idle then; CPU ranks draw in one
+#: thread, the node's cores being the ranks')
+RESEED_THREADS = 8
+
+
+def gaussian_draws(rngs, shape, threads: int = 1) -> np.ndarray:
+    """(len(rngs), *shape) float64: each generator's ``standard_normal(shape)``, the generators drawn in up to
+    ``threads`` threads at once (NumPy fills without the interpreter lock; each generator's numbers are those of a
+    serial draw, whatever the threads)."""
+    out = np.empty((len(rngs),) + tuple(shape))
+    threads = max(1, min(int(threads), len(rngs)))
+    if threads == 1:
+        for g, o in zip(rngs, out):
+            g.standard_normal(out=o)
+        return out
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="mpi_em-draws") as ex:
+        list(ex.map(lambda i: rngs[i].standard_normal(out=out[i]), range(len(rngs))))
+    return out
 
 
 def _put(maps: np.ndarray, k: int, a) -> None:
