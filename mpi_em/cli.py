@@ -18,10 +18,13 @@ log = logging.getLogger("mpi_em")
 
 
 def _setup_logging(rank: int, quiet: bool = False) -> None:
+    """Rank 0 logs from INFO up (the console, and run.log once the job has its folder); ``quiet``: the console only
+    warnings and errors, run.log all of it. Other ranks: warnings and errors."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    handler.setLevel(logging.WARNING if quiet else logging.NOTSET)
     log.handlers[:] = [handler]
-    log.setLevel(logging.WARNING if (rank != 0 or quiet) else logging.INFO)
+    log.setLevel(logging.WARNING if rank != 0 else logging.INFO)
     log.propagate = False
 
 

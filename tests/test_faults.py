@@ -540,6 +540,20 @@ def test_run_log_on_a_full_disk_warns_once(tmp_path, capsys):
     assert "Logging error" not in err and "Traceback" not in err
 
 
+def test_quiet_keeps_the_run_log(small_dataset, tmp_path):
+    """--quiet ("only warnings and errors on the console"): the console has no progress lines, run.log has all of
+    them, as without --quiet (it had none: the logger itself was set to warnings)."""
+    out = {}
+    for name, extra in (("loud", []), ("quiet", ["--quiet"])):
+        r = mpi_em(extra + ["reconstruct", "--i", small_dataset / "particles.star", "--o", tmp_path / name], ranks=1)
+        assert r.returncode == 0, r.stderr
+        out[name] = (r.stderr, open(tmp_path / name / "run.log").read())
+    assert "resolution" in out["loud"][0] and "resolution" not in out["quiet"][0], out["quiet"][0]
+    for name in ("loud", "quiet"):
+        assert "resolution" in out[name][1], (name, out[name][1])
+    assert len(out["quiet"][1].splitlines()) == len(out["loud"][1].splitlines())
+
+
 _ONE_RANK_FAILS = """
 import sys
 from mpi_em import cli
