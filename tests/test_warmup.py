@@ -54,6 +54,14 @@ def test_warmup_leaves_nothing_to_compile(tmp_path):
     # warm-up's K = 3 (a K = 50 class2d compiled a float64 argmax in its first iteration before they were covered)
     run(["class2d", "--i", d / "particles.star", "--K", 50, "--iter", 1, "--o", tmp_path / "c"])
     assert _cache_files(cache) == after_warmup, "kernels compiled after the warm-up"
+    # re-seeding (on the GPU rank's device since the draws alone stay on the host), in 2D and 3D
+    run(["class2d", "--i", d / "particles.star", "--K", 5, "--iter", 2, "--reseed-below", 0.99, "--o",
+         tmp_path / "c2"])
+    run(["class3d", "--i", d / "particles.star", "--ref", d / "truth.mrc", "--K", 3, "--iter", 2, "--reseed-below",
+         0.99, "--o", tmp_path / "c3"])
+    for out in ("c2", "c3"):
+        assert "re-seeded" in open(tmp_path / out / "run.log").read(), out
+    assert _cache_files(cache) == after_warmup, "kernels compiled after the warm-up"
     # a large box: its full-size iteration's accumulators pass 2^31 bytes (CuPy's 64-bit indexing kernels)
     big = tmp_path / "big"
     run(["simulate", "--out", big, "--box", 256, "--n", 200, "--snr", 0.2, "--seed", 11])

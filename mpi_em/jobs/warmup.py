@@ -32,9 +32,12 @@ DESCRIPTION = ("Compile the GPU kernels every job uses, ahead of the data: each 
 _JOBS = (
     ["refine3d", "--i", "{d}/particles.star", "--ref", "{d}/truth.mrc", "--ini-high", "20", "--iter", "4",
      "--max-order", "3", "--local-from-order", "3", "--o", "{t}/refine3d"],
-    ["class3d", "--i", "{d}/particles.star", "--ref", "{d}/truth.mrc", "--K", "2", "--iter", "2", "--o",
-     "{t}/class3d"],
-    ["class2d", "--i", "{d}/particles.star", "--K", "3", "--iter", "2", "--o", "{t}/class2d"],
+    # the classifications re-seed (--reseed-below 0.99: a class under 0.99 / K after the first M-step), which a GPU
+    # rank does on its device with kernels of its own (the split, the noise's transforms and standard deviations)
+    ["class3d", "--i", "{d}/particles.star", "--ref", "{d}/truth.mrc", "--K", "2", "--iter", "2", "--reseed-below",
+     "0.99", "--o", "{t}/class3d"],
+    ["class2d", "--i", "{d}/particles.star", "--K", "3", "--iter", "2", "--reseed-below", "0.99", "--o",
+     "{t}/class2d"],
     ["reconstruct", "--i", "{d}/particles.star", "--o", "{t}/reconstruct"],
 )
 
