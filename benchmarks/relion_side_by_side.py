@@ -62,6 +62,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the scripts' s
 from gpu_memory import GpuSampler  # noqa: E402
 
 JOBS = ("reconstruct", "reconstruct-1", "refine3d", "class3d", "class2d", "class2d-vdam")
+PROGRAMS = ("mpi_em", "relion")
+
+
+def program_kind(row: dict) -> str:
+    """"mpi_em" for mpi_em's rows, "relion" for RELION's (their program names vary: relion_refine_mpi,
+    relion_reconstruct_mpi, relion_refine --grad), by the row's program name."""
+    return "mpi_em" if row.get("program") == "mpi_em" else "relion"
+
+
+def kept_rows(rows, jobs, programs) -> list[dict]:
+    """An earlier run's rows that a run of ``jobs`` with ``programs`` does not replace: every row of a job not run
+    now, and of a job run now the rows of the programs not run now (a row with no program, a job stopped between
+    programs, is replaced)."""
+    return [r for r in rows if r.get("job") not in jobs or
+            (r.get("program", "-") != "-" and program_kind(r) not in programs)]
 
 
 # ------------------------------------------------------------------------------------------ pure helpers
@@ -555,6 +570,10 @@ class Bench:
                 "--offset-step", a.offset_step / 2, "--device", "gpu" if a.gpu else "cpu", "--seed", a.seed]
 
     # -- bookkeeping
+    def runs(self, kind: str) -> bool:
+        """Whether this run runs ``kind``'s programs ("mpi_em" or "relion", --programs)."""
+        return kind in self.args.programs
+
     def add(self, row):
         self.rows.append(row)
         self.save()
@@ -576,8 +595,14 @@ class Bench:
 
     # -- jobs
     def reconstruct(self, job, ranks, relion_ranks, threads):
-        a, T = self.args, self.truth
         star = os.path.join(self.data, "particles_abs.star")
+        if self.runs("mpi_em"):
+            self._reconstruct_ours(job, ranks, star)
+        if self.runs("relion"):
+            self._reconstruct_relion(job, relion_ranks, threads, star)
+
+    def _reconstruct_ours(self, job, ranks, star):
+        a, T = self.args, self.truth
         d, r = self.exec(job, "mpi_em", self.ours(ranks) + ["reconstruct", "--i", star, "--o", "out", "--device",
                                                             "gpu" if a.gpu else "cpu", "--pad", 2], "mpi_em", ranks)
         row = {"job": job, "program": "mpi_em", "procs": f"{ranks} rank(s)", "wall_s": r["wall_s"],
@@ -589,6 +614,9 @@ class Bench:
             row.update(resolution=s.get("resolution_0143"), seconds_internal=s.get("seconds_total"))
             row["map_vs_truth_05"] = T.res05(os.path.join(d, "out", "map.mrc"))
         self.add(row)
+
+    def _reconstruct_relion(self, job, relion_ranks, threads, star):
+        T = self.truth
         prog = "relion_reconstruct_mpi" if relion_ranks > 1 else "relion_reconstruct"
         if not self.have(prog):  # only one of the two built
             prog = "relion_reconstruct" if prog.endswith("_mpi") else "relion_reconstruct_mpi"
@@ -649,14 +677,14 @@ class Bench:
             h = self.relion_help("relion_refine")
             if help_has(h, "--center_classes"):
                 rel.append("--center_classes")
-            if job == "class2d-vdam":
+            if job == "class2d-vdam" and self.runs("relion"):
                 if not help_has(h, "--grad"):
                     self.add({"job": job, "program": "relion_refine --grad", "status":
                               f"skipped: RELION {self.record.get('relion_version')} has no --grad (VDAM)"})
                     return
                 rel = ["--K", a.k2d, "--iter", a.vdam_iter, "--psi_step", a.psi_step, "--tau2_fudge", 2, "--grad",
                        "--class_inactivity_threshold", 0.1, "--grad_write_iter", 10]
-        if job != "class2d-vdam":
+        if job != "class2d-vdam" and self.runs("mpi_em"):
             P = a.ranks
             d, r = self.exec(job, "mpi_em", self.ours(P) + ours + ["--i", unal, "--o", "out"] + self.common_ours(),
                              "mpi_em", P)
@@ -665,6 +693,8 @@ class Bench:
                "load_average_1min": [r["load_before"], r["load_after"]]}
             row.update(summarize_em(os.path.join(d, "out"), T, mode, r, "mpi_em"))
             self.add(row)
+        if not self.runs("relion"):
+            return
         # RELION's VDAM (--grad) works in one process only ("not supported together with MPI")
         R = 1 if job == "class2d-vdam" else self.em_ranks(job)
         os.makedirs(os.path.join(self.out, job, "relion"), exist_ok=True)
@@ -709,6 +739,13 @@ class Bench:
                        "relion_version": relion_version(ver), "relion_bin": self.bin,
                        "relion_mpirun": a.relion_mpirun, "cpu": cpu, "cores": os.cpu_count(), "gpu": gpu_name,
                        "settings": {k: v for k, v in vars(a).items()}}
+        old = os.path.join(self.out, "side_by_side.json")
+        if set(a.programs) != set(PROGRAMS) and os.path.exists(old):
+            # one side only: the other side's rows (and the jobs not run now) from the earlier run in --out
+            prev = json.load(open(old))
+            self.rows = kept_rows(prev.get("rows", []), a.jobs, a.programs)
+            self.record["earlier"] = prev.get("earlier", []) + [{k: prev.get(k) for k in ("command", "date",
+                                                                                        "mpi_em_commit")}]
         self.save()
         self.data = make_data(a, self.env)
         self.truth = Truth(self.data)
@@ -888,6 +925,10 @@ def parse_args(argv=None):
     p.add_argument("--k3d", type=int, default=4)
     p.add_argument("--k2d", type=int, default=50)
     p.add_argument("--jobs", nargs="+", default=["reconstruct", "refine3d", "class3d", "class2d"], choices=JOBS)
+    p.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=PROGRAMS,
+                   help="whose programs to run (default both). One side alone keeps the other side's rows of an "
+                        "earlier run in the same --out (the same --data): RELION's long jobs can then run in a "
+                        "command of their own, after mpi_em's on the same machine")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per program run (default 3600)")
     p.add_argument("--out", metavar="DIR", help="output folder (required)")
     p.add_argument("--data", metavar="DIR",
@@ -918,7 +959,7 @@ if __name__ == "__main__":
     elif _a.data_only:
         make_data(_a, dict(os.environ, OMP_NUM_THREADS=str(_a.omp_threads)))
     else:
-        _missing = missing_programs(os.path.abspath(_a.relion_bin), _a.jobs)
+        _missing = missing_programs(os.path.abspath(_a.relion_bin), _a.jobs) if "relion" in _a.programs else []
         if _missing:  # before any data or run: a comparison without RELION's rows is no comparison
             print(f"relion_side_by_side: --relion-bin {_a.relion_bin}: no executable {', '.join(_missing)} "
                   f"for --jobs {' '.join(_a.jobs)}", file=sys.stderr)

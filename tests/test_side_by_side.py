@@ -196,3 +196,45 @@ def test_a_stop_signal_ends_the_running_program_and_its_children(tmp_path):
         sbs.STOP["signal"] = None
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def test_kept_rows_of_an_earlier_run():
+    """One side run alone keeps the other side's rows of the jobs it runs and every row of the jobs it does not;
+    a row of a job stopped between programs (program '-') is replaced."""
+    rows = [{"job": "class3d", "program": "mpi_em"}, {"job": "class3d", "program": "relion_refine_mpi"},
+            {"job": "class2d", "program": "mpi_em"}, {"job": "class2d", "program": "relion_refine_mpi"},
+            {"job": "reconstruct", "program": "relion_reconstruct_mpi"}, {"job": "refine3d", "program": "-"}]
+    kept = sbs.kept_rows(rows, ["class3d", "reconstruct", "refine3d"], ["relion"])
+    assert kept == [rows[0], rows[2], rows[3]]
+    assert sbs.kept_rows(rows, ["class2d"], ["mpi_em"]) == [rows[0], rows[1], rows[3], rows[4], rows[5]]
+    assert sbs.program_kind({"program": "relion_refine --grad"}) == "relion"
+    assert sbs.parse_args(["--relion-bin", "x", "--out", "y"]).programs == ["mpi_em", "relion"]
+    with pytest.raises(SystemExit):
+        sbs.parse_args(["--relion-bin", "x", "--out", "y", "--programs", "cryosparc"])
+
+
+def test_one_side_then_the_other_in_one_folder(tmp_path):
+    """--programs mpi_em, then --programs relion with the same --out and --data: the second run adds RELION's row
+    beside mpi_em's (kept from the first, with its command recorded under 'earlier'), and the table pairs them.
+    Runs RELION's relion_reconstruct (Debian's relion package) on a tiny simulated set."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    relion = shutil.which("relion_reconstruct")
+    if relion is None:
+        pytest.skip("RELION's relion_reconstruct is not installed (Debian's relion package)")
+    out, data = tmp_path / "out", tmp_path / "data"
+    common = [sys.executable, _PATH, "--relion-bin", os.path.dirname(relion), "--box", "32", "--n", "200", "--snr",
+              "1", "--apix", "3", "--ranks", "1", "--jobs", "reconstruct-1", "--out", str(out), "--data", str(data),
+              "--timeout", "300"]
+    for side in ("mpi_em", "relion"):
+        r = subprocess.run(common + ["--programs", side], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+        rec = json.load(open(out / "side_by_side.json"))
+        assert [x["program"] for x in rec["rows"]] == (["mpi_em"] if side == "mpi_em" else
+                                                       ["mpi_em", "relion_reconstruct"]), rec["rows"]
+    assert rec["earlier"][0]["command"].endswith("--programs mpi_em") and "--programs relion" in rec["command"]
+    assert all(x["status"] == "ok" and x["map_vs_truth_05"] for x in rec["rows"]), rec["rows"]
+    assert "reconstruct-1: wall ours/RELION" in r.stdout, r.stdout
