@@ -72,9 +72,9 @@ def program_kind(row: dict) -> str:
 
 
 def kept_rows(rows, jobs, programs) -> list[dict]:
-    """An earlier run's rows that a run of ``jobs`` with ``programs`` does not replace: every row of a job not run
-    now, and of a job run now the rows of the programs not run now (a row with no program, a job stopped between
-    programs, is replaced)."""
+    """The rows of an earlier record that running ``jobs`` with ``programs`` does not replace: every row of a job
+    not run now, and of a job run now the rows of the programs not run now (a row with no program, a job stopped
+    between programs, is replaced)."""
     return [r for r in rows if r.get("job") not in jobs or
             (r.get("program", "-") != "-" and program_kind(r) not in programs)]
 
@@ -741,7 +741,7 @@ class Bench:
                        "settings": {k: v for k, v in vars(a).items()}}
         old = os.path.join(self.out, "side_by_side.json")
         if set(a.programs) != set(PROGRAMS) and os.path.exists(old):
-            # one side only: the other side's rows (and the jobs not run now) from the earlier run in --out
+            # one side only: the other side's rows (and the jobs not run now) from the record already in --out
             prev = json.load(open(old))
             self.rows = kept_rows(prev.get("rows", []), a.jobs, a.programs)
             self.record["earlier"] = prev.get("earlier", []) + [{k: prev.get(k) for k in ("command", "date",
@@ -926,8 +926,8 @@ def parse_args(argv=None):
     p.add_argument("--k2d", type=int, default=50)
     p.add_argument("--jobs", nargs="+", default=["reconstruct", "refine3d", "class3d", "class2d"], choices=JOBS)
     p.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=PROGRAMS,
-                   help="whose programs to run (default both). One side alone keeps the other side's rows of an "
-                        "earlier run in the same --out (the same --data): RELION's long jobs can then run in a "
+                   help="whose programs to run (default both). One side alone keeps the other side's rows of the "
+                        "record already in --out (made with the same --data): RELION's long jobs can then have a "
                         "command of their own, after mpi_em's on the same machine")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per program run (default 3600)")
     p.add_argument("--out", metavar="DIR", help="output folder (required)")

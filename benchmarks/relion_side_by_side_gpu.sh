@@ -8,8 +8,8 @@
 # Usage (repo root): bash benchmarks/relion_side_by_side_gpu.sh OUTDIR [N] [BOX]   (JOBS, ITER, TIMEOUT, DATA, SUMMARY,
 # REFINE_EXTRA, PROGRAMS: env; DATA: a data folder shared between runs, made beforehand with --data-only if wanted;
 # SUMMARY: a folder for the record without maps, --summary; REFINE_EXTRA: more mpi-em refine3d options,
-# --refine-extra; PROGRAMS: "mpi_em" or "relion" to run one side, the other side's rows kept from an earlier run in
-# OUTDIR, --programs)
+# --refine-extra; PROGRAMS: "mpi_em" or "relion" to run one side, the other side's rows kept from the record
+# already in OUTDIR, --programs)
 set -uo pipefail
 out=${1:?usage: relion_side_by_side_gpu.sh OUTDIR [N] [BOX]}; n=${2:-10000}; box=${3:-128}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
