@@ -238,3 +238,38 @@ def test_one_side_then_the_other_in_one_folder(tmp_path):
     assert rec["earlier"][0]["command"].endswith("--programs mpi_em") and "--programs relion" in rec["command"]
     assert all(x["status"] == "ok" and x["map_vs_truth_05"] for x in rec["rows"]), rec["rows"]
     assert "reconstruct-1: wall ours/RELION" in r.stdout, r.stdout
+
+
+def test_before_after_runs_each_tree_in_abba_order(tmp_path, small_dataset):
+    """benchmarks/em_before_after.py: each run imports mpi_em from its own tree (here a copy of this one whose
+    timings lack the per-part seconds: its runs report none, this tree's do), in the order after, before, before,
+    after; a job's own figures come from its run.log and run_timings.json."""
+    import importlib.util as iu
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "em_before_after.py")
+    spec = iu.spec_from_file_location("em_before_after", path)
+    eba = iu.module_from_spec(spec)
+    spec.loader.exec_module(eba)
+    assert eba.order(2) == ["after", "before", "before", "after"] and eba.order(1) == ["after", "before"]
+    before = tmp_path / "before"
+    shutil.copytree(os.path.join(eba.ROOT, "mpi_em"), before / "mpi_em",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    outputs = before / "mpi_em" / "em" / "outputs.py"
+    src = outputs.read_text()
+    assert '**{f"seconds_{k}": float(v) for k, v in parts.items()}' in src
+    outputs.write_text(src.replace('**{f"seconds_{k}": float(v) for k, v in parts.items()}',
+                                   '**{f"old_{k}": float(v) for k, v in parts.items()}'))
+    r = subprocess.run([sys.executable, path, "--before", str(before), "--repeats", "1", "--json",
+                        str(tmp_path / "ab.json"), "--", "class2d", "--i", str(small_dataset / "particles.star"),
+                        "--K", "3", "--iter", "2"], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", MPI_EM_DEVICE="cpu"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    rec = json.load(open(tmp_path / "ab.json"))
+    assert [x["tree"] for x in rec["runs"]] == ["after", "before"]
+    after, old = rec["runs"]
+    assert after["iterations"] == old["iterations"] == 2 and after["seconds_job"] > 0 and old["seconds_job"] > 0
+    assert after["estep"] > 0 and after["update"] is not None and old["estep"] is None, rec["runs"]
