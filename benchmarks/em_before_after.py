@@ -2,7 +2,7 @@
 own per-part seconds, to tell what a change did to a whole job (its per-part benchmarks do not say that).
 
 The trees are folders holding an ``mpi_em`` package: this checkout (``--after``, default the repository root) and
-an older one exported beforehand, e.g. ``git archive 8d09251 mpi_em | tar -x -C /tmp/before``. Each run is
+an older one exported beforehand, e.g. ``git archive 8d09251 mpi_em | tar -x -C /tmp/before``. Each job is started as
 ``MPIRUN -n RANKS python -c '<the tree first on sys.path, then mpi_em as __main__>' JOB ARGS --o OUT`` (the tree
 ahead of the working folder and of an installed or editable mpi_em), in the order after, before, before, after, ...
 (ABBA: a first run's one-time costs, such as kernel compilation and a cold page cache, and a drift of the machine
@@ -33,7 +33,7 @@ PARTS = ("estep", "mstep", "references", "update")
 
 
 def order(repeats: int) -> list[str]:
-    """The trees' run order: after, before, before, after, ... (``repeats`` runs of each)."""
+    """The order of the trees' jobs: after, before, before, after, ... (``repeats`` jobs per tree)."""
     pairs = [("after", "before") if k % 2 == 0 else ("before", "after") for k in range(repeats)]
     return [t for p in pairs for t in p]
 
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--before", required=True, metavar="DIR", help="the older tree (a folder with mpi_em/ in it)")
     p.add_argument("--after", default=ROOT, metavar="DIR", help="the newer tree (default: this checkout)")
-    p.add_argument("--repeats", type=int, default=2, help="runs of each tree (default 2: after, before, before, "
+    p.add_argument("--repeats", type=int, default=2, help="jobs per tree (default 2: after, before, before, "
                                                           "after)")
     p.add_argument("--ranks", type=int, default=1, help="MPI ranks of each run (default 1)")
     p.add_argument("--mpirun", default=None, metavar="PATH", help="mpirun (default: the one beside this Python, "
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     if mpirun is None:
         p.error("no mpirun found (--mpirun)")
     work = a.work or tempfile.mkdtemp(prefix="em_before_after_")
-    runs = []
+    done = []
     try:
         for k, tree in enumerate(order(a.repeats)):
             out = os.path.join(work, f"{k + 1:02d}_{tree}")
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
             row.update(job_figures(out))
             if r.returncode:
                 row["stderr_tail"] = r.stderr[-2000:]
-            runs.append(row)
+            done.append(row)
             print(f"run {k + 1} ({tree}): exit {r.returncode}, {row['wall']:.1f} s", flush=True)
     finally:
         if not a.work:
@@ -119,20 +119,20 @@ def main(argv=None) -> int:
 
     cols = ("wall", "seconds_job", "first_iteration_end", "later_iterations") + PARTS
     print(f"{'run':>4} {'tree':<7}" + "".join(f"{c:>20}" for c in cols))
-    for row in runs:
+    for row in done:
         print(f"{row['run']:>4} {row['tree']:<7}" + "".join(f"{f(row.get(c)):>20}" for c in cols))
     medians = {}
     for tree in ("after", "before"):
-        ok = [r for r in runs if r["tree"] == tree and r["rc"] == 0]
-        medians[tree] = {c: (statistics.median([r[c] for r in ok]) if ok and all(r.get(c) is not None for r in ok)
+        ok = [x for x in done if (x["tree"], x["rc"]) == (tree, 0)]
+        medians[tree] = {c: (statistics.median([x[c] for x in ok]) if ok and all(x.get(c) is not None for x in ok)
                              else None) for c in cols}
         print(f"{'med':>4} {tree:<7}" + "".join(f"{f(medians[tree][c]):>20}" for c in cols))
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"command": shlex.join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
-                       "date": time.strftime("%Y-%m-%d %H:%M:%S"), "trees": trees, "job": job, "runs": runs,
+                       "date": time.strftime("%Y-%m-%d %H:%M:%S"), "trees": trees, "job": job, "runs": done,
                        "medians": medians}, fh, indent=1)
-    return 0 if all(r["rc"] == 0 for r in runs) else 1
+    return 0 if all(r["rc"] == 0 for r in done) else 1
 
 
 if __name__ == "__main__":
