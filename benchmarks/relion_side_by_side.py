@@ -669,10 +669,12 @@ class Bench:
         elif job == "class3d":
             ours = ["class3d", "--ref", start, "--ini-high", a.ini_high, "--sym", "C1", "--healpix-order",
                     a.healpix_order, "--K", a.k3d, "--iter", a.iter, "--tau2-fudge", 4]
+            ours += shlex.split(a.class_extra)
             rel = ["--ref", start, "--ini_high", a.ini_high, "--sym", "C1", "--healpix_order", a.healpix_order,
                    "--K", a.k3d, "--iter", a.iter, "--tau2_fudge", 4]
         else:
             ours = ["class2d", "--K", a.k2d, "--iter", a.iter, "--psi-step", a.psi_step, "--tau2-fudge", 2]
+            ours += shlex.split(a.class_extra)
             rel = ["--K", a.k2d, "--iter", a.iter, "--psi_step", a.psi_step, "--tau2_fudge", 2]
             h = self.relion_help("relion_refine")
             if help_has(h, "--center_classes"):
@@ -921,6 +923,9 @@ def parse_args(argv=None):
     p.add_argument("--refine-extra", default="", metavar="OPTIONS",
                    help="more mpi-em refine3d options, one string (e.g. '--incr-size 10 --fsc-jump --folds 4'); "
                         "they are in the recorded command")
+    p.add_argument("--class-extra", default="", metavar="OPTIONS",
+                   help="more mpi-em class3d and class2d options, one string (e.g. '--reseed-below 0': no re-seeding "
+                        "of small classes, as RELION); they are in the recorded command")
     p.add_argument("--vdam-iter", type=int, default=200, help="RELION VDAM iterations (default 200)")
     p.add_argument("--k3d", type=int, default=4)
     p.add_argument("--k2d", type=int, default=50)

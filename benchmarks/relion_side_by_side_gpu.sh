@@ -6,9 +6,9 @@
 # relion_reconstruct_mpi on 8 CPU ranks (RELION's reconstruction has no GPU code); the class2d-vdam row runs the serial
 # relion_refine (RELION's VDAM refuses MPI: build its `refine` target too).
 # Usage (repo root): bash benchmarks/relion_side_by_side_gpu.sh OUTDIR [N] [BOX]   (JOBS, ITER, TIMEOUT, DATA, SUMMARY,
-# REFINE_EXTRA, PROGRAMS: env; DATA: a data folder shared between runs, made beforehand with --data-only if wanted;
+# REFINE_EXTRA, CLASS_EXTRA, PROGRAMS: env; DATA: a data folder shared between runs, made beforehand with --data-only if wanted;
 # SUMMARY: a folder for the record without maps, --summary; REFINE_EXTRA: more mpi-em refine3d options,
-# --refine-extra; PROGRAMS: "mpi_em" or "relion" to run one side, the other side's rows kept from the record
+# --refine-extra; CLASS_EXTRA: more mpi-em class3d / class2d options, --class-extra; PROGRAMS: "mpi_em" or "relion" to run one side, the other side's rows kept from the record
 # already in OUTDIR, --programs)
 set -uo pipefail
 out=${1:?usage: relion_side_by_side_gpu.sh OUTDIR [N] [BOX]}; n=${2:-10000}; box=${3:-128}
@@ -22,4 +22,5 @@ exec python3 benchmarks/relion_side_by_side.py --relion-bin "${RELION_BIN:-/tmp/
   --gpu --ranks 1 --relion-ranks 3 --relion-reconstruct-ranks 8 --threads 4 --box "$box" --n "$n" --snr 0.05 \
   --apix 1.5 --iter "${ITER:-5}" --k3d 4 --k2d 50 --timeout "${TIMEOUT:-300}" \
   --jobs ${JOBS:-reconstruct refine3d class3d class2d} --out "$out" ${DATA:+--data "$DATA"} \
-  ${SUMMARY:+--summary "$SUMMARY"} ${REFINE_EXTRA:+--refine-extra "$REFINE_EXTRA"} ${PROGRAMS:+--programs $PROGRAMS}
+  ${SUMMARY:+--summary "$SUMMARY"} ${REFINE_EXTRA:+--refine-extra "$REFINE_EXTRA"} \
+  ${CLASS_EXTRA:+--class-extra "$CLASS_EXTRA"} ${PROGRAMS:+--programs $PROGRAMS}

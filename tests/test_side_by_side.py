@@ -1,6 +1,7 @@
 """The pure helpers of benchmarks/relion_side_by_side.py (file names, RELION's text output, per-iteration times)."""
 import importlib.util
 import os
+import subprocess
 
 import pytest
 
@@ -83,7 +84,6 @@ def test_table_gives_class2d_view_grouping():
 def test_class2d_view_grouping_from_files(tmp_path):
     """view_spread and classes_alive of a class2d data STAR against the truth: particles of one true view in one
     class and another view in another class give 0°; classes with fewer than 10 particles are not alive."""
-    import subprocess
     import sys
 
     import numpy as np
@@ -219,7 +219,6 @@ def test_one_side_then_the_other_in_one_folder(tmp_path):
     Runs RELION's relion_reconstruct (Debian's relion package) on a tiny simulated set."""
     import json
     import shutil
-    import subprocess
     import sys
 
     relion = shutil.which("relion_reconstruct")
@@ -240,6 +239,27 @@ def test_one_side_then_the_other_in_one_folder(tmp_path):
     assert "reconstruct-1: wall ours/RELION" in r.stdout, r.stdout
 
 
+def test_class_extra_reaches_our_classification_only(tmp_path):
+    """--class-extra's options are given to mpi-em's class3d (here '--reseed-below 0.99', which re-seeds a class
+    after the first iteration: its run log says so, and the recorded command holds the option); without it, the
+    default rule leaves the same run's classes alone."""
+    import json
+    import sys
+
+    out, data = tmp_path / "out", tmp_path / "data"
+    common = [sys.executable, _PATH, "--relion-bin", str(tmp_path), "--programs", "mpi_em", "--box", "32", "--n",
+              "120", "--snr", "1", "--apix", "3", "--ranks", "1", "--jobs", "class3d", "--k3d", "2", "--iter", "2",
+              "--data", str(data), "--timeout", "300"]
+    logs = {}
+    for name, extra in (("plain", []), ("extra", ["--class-extra", "--reseed-below 0.99"])):
+        r = subprocess.run(common + ["--out", str(out / name)] + extra, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+        row = json.load(open(out / name / "side_by_side.json"))["rows"][0]
+        assert row["status"] == "ok" and ("--reseed-below 0.99" in row["command"]) == (name == "extra"), row
+        logs[name] = (out / name / "class3d" / "mpi_em" / "out" / "run.log").read_text()
+    assert "re-seeded" in logs["extra"] and "re-seeded" not in logs["plain"], logs
+
+
 def test_before_after_runs_each_tree_in_abba_order(tmp_path, small_dataset):
     """benchmarks/em_before_after.py: each run imports mpi_em from its own tree (here a copy of this one whose
     timings lack the per-part seconds: its runs report none, this tree's do), in the order after, before, before,
@@ -247,7 +267,6 @@ def test_before_after_runs_each_tree_in_abba_order(tmp_path, small_dataset):
     import importlib.util as iu
     import json
     import shutil
-    import subprocess
     import sys
 
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "em_before_after.py")
