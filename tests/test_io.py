@@ -346,6 +346,24 @@ def test_write_map_with_given_statistics(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mrc", "b.mrc", "c.mrc"]
 
 
+@pytest.mark.parametrize("shape", [(3, 10, 12, 14), (4, 48, 48, 48), (2, 50, 50, 50), (1, 7, 7, 7)])
+def test_map_statistics_in_two_stages_equal_the_whole_maps(shape):
+    """map_statistics reduces runs of voxels (512 where the voxel count allows, 16, 8 and 1 for these shapes) and
+    then the runs' results: per map exactly the data's min and max, and its mean and standard deviation (float64) to
+    within 1e-12 of the standard deviation."""
+    from mpi_em.io.mrc import _stat_run, map_statistics
+
+    maps = (np.random.default_rng(5).standard_normal(shape) * 2 + 0.3).astype(np.float32)
+    assert _stat_run(int(np.prod(shape[1:]))) == {10: 16, 48: 512, 50: 8, 7: 1}[shape[1]]
+    s = map_statistics(maps)
+    assert s.shape == (shape[0], 4) and s.dtype == np.float64
+    for v, m in enumerate(maps):
+        sd = m.std(dtype=np.float64)
+        assert (s[v, 0], s[v, 1]) == (m.min(), m.max())
+        assert abs(s[v, 2] - m.mean(dtype=np.float64)) <= 1e-12 * sd
+        assert abs(s[v, 3] - sd) <= 1e-12 * sd
+
+
 def test_read_images_slices(tmp_path):
     imgs = np.random.default_rng(3).standard_normal((7, 8, 6)).astype(np.float32)
     write_stack(tmp_path / "s.mrcs", imgs, 1.0)
