@@ -4,8 +4,8 @@ on the host), against the same four statistics as one reduction per map and stat
 
 A box-256 class3d (K = 4) on one H100 spent ~0.08 s more per M-step with the one-reduction-per-map form than the tree
 before the device statistics (benchmarks/results/relion-side-by-side/h100-box256-class3d-to-the-end-2026-12-06/
-before-after/): a reduction of few long rows runs in as many GPU blocks as rows. ``map_statistics`` reduces runs
-of 512 voxels first and the runs' results on the host.
+before-after/): a reduction of few long rows gets as many GPU blocks as rows. ``map_statistics`` reduces segments
+of 512 voxels first and their results on the host.
 
     python benchmarks/map_statistics.py --json OUT.json            # NumPy on the host
     python benchmarks/map_statistics.py --gpu --json OUT.json      # CuPy: maps on the GPU

@@ -348,8 +348,8 @@ def test_write_map_with_given_statistics(tmp_path):
 
 @pytest.mark.parametrize("shape", [(3, 10, 12, 14), (4, 48, 48, 48), (2, 50, 50, 50), (1, 7, 7, 7)])
 def test_map_statistics_in_two_stages_equal_the_whole_maps(shape):
-    """map_statistics reduces runs of voxels (512 where the voxel count allows, 16, 8 and 1 for these shapes) and
-    then the runs' results: per map exactly the data's min and max, and its mean and standard deviation (float64) to
+    """map_statistics reduces segments of voxels (512 where the voxel count allows, 16, 8 and 1 for these shapes) and
+    then the segments' results: per map exactly the data's min and max, and its mean and standard deviation (float64) to
     within 1e-12 of the standard deviation."""
     from mpi_em.io.mrc import _stat_run, map_statistics
 
