@@ -231,9 +231,9 @@ def _no_stats() -> None:
     """Stands in for an MrcFile's ``update_header_stats`` (which ``set_data`` calls) where the statistics are given."""
 
 
-#: the first stage of :func:`map_statistics` reduces segments of at most this many voxels (the largest power of two up to
-#: it that divides a map's voxel count: 512 for every box that is a multiple of 8), so that its kernels are the same
-#: at every such box (a GPU reduction is compiled per block size, which follows the reduced length) and the
+#: the first stage of :func:`map_statistics` reduces segments of at most this many voxels (the largest power of two
+#: up to it that divides a map's voxel count: 512 for every box that is a multiple of 8), so that its kernels are the
+#: same at every such box (a GPU reduction is compiled per block size, which follows the reduced length) and the
 #: warm-up's box-48 jobs compile them for all
 STAT_RUN = 512
 
@@ -264,9 +264,9 @@ def map_statistics(maps):
     """(V, 4) float64 host array of each map's (min, max, mean, rms) as an MRC header holds them (rms: the standard
     deviation), from (V, ...) maps on their device. In two stages: the device reduces each map's segments of
     :data:`STAT_RUN` voxels (min, max, sum and sum of squares in double), the host the partial results (at box 256:
-    4 x 32 768 per map). One reduction per map and statistic on the device gets as many GPU blocks as maps: on an H100 ~0.08 s (inferred)
-    of a box-256 class3d's M-step of 0.33 s for four maps (the M-step's seconds against the tree before it,
-    benchmarks/results/relion-side-by-side/h100-box256-class3d-to-the-end-2026-12-06/before-after/)."""
+    4 x 32 768 per map). One reduction per map and statistic on the device gets as many GPU blocks as maps: on an
+    H100 ~0.08 s (inferred) of a box-256 class3d's M-step of 0.33 s for four maps (the M-step's seconds against the
+    tree before it, benchmarks/results/relion-side-by-side/h100-box256-class3d-to-the-end-2026-12-06/before-after/)."""
     from ..backend import to_host, xp_of
 
     xp = xp_of(maps)
