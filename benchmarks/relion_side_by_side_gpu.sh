@@ -6,10 +6,10 @@
 # relion_reconstruct_mpi on 8 CPU ranks (RELION's reconstruction has no GPU code); the class2d-vdam row runs the serial
 # relion_refine (RELION's VDAM refuses MPI: build its `refine` target too).
 # Usage (repo root): bash benchmarks/relion_side_by_side_gpu.sh OUTDIR [N] [BOX]   (JOBS, ITER, TIMEOUT, DATA, SUMMARY,
-# REFINE_EXTRA, CLASS_EXTRA, PROGRAMS: env; DATA: a data folder shared between runs, made beforehand with --data-only if wanted;
-# SUMMARY: a folder for the record without maps, --summary; REFINE_EXTRA: more mpi-em refine3d options,
-# --refine-extra; CLASS_EXTRA: more mpi-em class3d / class2d options, --class-extra; PROGRAMS: "mpi_em" or "relion" to run one side, the other side's rows kept from the record
-# already in OUTDIR, --programs)
+# REFINE_EXTRA, CLASS_EXTRA, PROGRAMS: env; DATA: a data folder shared between runs, made beforehand with --data-only
+# if wanted; SUMMARY: a folder for the record without maps, --summary; REFINE_EXTRA: more mpi-em refine3d options,
+# --refine-extra; CLASS_EXTRA: more mpi-em class3d / class2d options, --class-extra; PROGRAMS: "mpi_em" or "relion"
+# to run one side, the other side's rows kept from the record already in OUTDIR, --programs)
 set -uo pipefail
 out=${1:?usage: relion_side_by_side_gpu.sh OUTDIR [N] [BOX]}; n=${2:-10000}; box=${3:-128}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
