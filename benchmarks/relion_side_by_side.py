@@ -363,13 +363,13 @@ def em_iterations(d, truth: Truth, mode: str, start: float, program: str, maps: 
             s = read_general(os.path.join(d, f"run_it{it:03d}_sampling.star"))
             if "rlnHealpixOrder" in s:
                 row["order"] = int(s["rlnHealpixOrder"])
-        if it > 0 and not maps:
-            pass
-        elif it > 0 and mode == "refine3d":
+        if it == 0 or not maps:
+            pass  # the start, or a stopped run's iterations: no map compared
+        elif mode == "refine3d":
             h = [os.path.join(d, f"run_it{it:03d}_half1_class001{s}.mrc") for s in ("_unfil", "")]
             h = [p for p in h if os.path.exists(p)]
             row["map_vs_truth_05"] = truth.res05(h[0]) if h else None
-        elif it > 0 and mode == "class3d":
+        elif mode == "class3d":
             k = largest_class(m) if m else None
             cm = class_maps(d, it)
             row["map_vs_truth_05"] = truth.res05(cm[k]) if k is not None and k < len(cm) else None
