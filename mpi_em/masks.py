@@ -33,6 +33,38 @@ def soft_sphere(box: int, radius: float, width: float = 3.0, ndim: int = 3, xp=n
     return m
 
 
+def particle_masked_images(images, shifts_px, radius: float, width: float = 5.0):
+    """RELION's zero mask of particle images (``--zero_mask``; ``softMaskOutsideMap`` in ``src/mask.cpp``): each of
+    the (n, N, N) ``images`` kept inside a circle of ``radius`` px around its particle, a raised-cosine edge of
+    ``width`` px, the image's background value beyond (the mean outside, weighted by 1 - mask: ~0 for normalised
+    images). The particle of image i sits at N//2 + ``shifts_px[i]`` ((x, y) px, :func:`mpi_em.em.engine.
+    image_shifts_px`); distances wrap around the box, so the masked image re-centred by a circular (Fourier) shift
+    is the re-centred image masked about the centre, as RELION masks its images after moving them by their
+    offsets. Returns float32 images on the images' array module."""
+    from .backend import xp_of
+
+    xp = xp_of(images)
+    n, N = images.shape[0], images.shape[-1]
+    s = xp.asarray(shifts_px, dtype=xp.float32).reshape(n, 2)
+    c = xp.arange(N, dtype=xp.float32) - N // 2
+    half = N / 2.0
+
+    def wrapped(axis):  # (n, N) distance from the particle's centre along one axis, in [-N/2, N/2)
+        return xp.mod(c[None, :] - s[:, axis:axis + 1] + half, N) - half
+
+    dx, dy = wrapped(0), wrapped(1)
+    r = xp.sqrt(dy[:, :, None] ** 2 + dx[:, None, :] ** 2)                      # (n, N, N)
+    t = xp.clip((r - radius) / width, 0.0, 1.0) if width > 0 else (r > radius).astype(xp.float32)
+    m = (0.5 + 0.5 * xp.cos(np.pi * t)).astype(xp.float32) if width > 0 else 1.0 - t
+    img = xp.asarray(images, dtype=xp.float32)
+    out = 1.0 - m
+    wsum = out.sum(axis=(1, 2), dtype=xp.float64)
+    bg = (out * img).sum(axis=(1, 2), dtype=xp.float64) / xp.where(wsum > 0, wsum, 1.0)
+    out *= bg.astype(xp.float32)[:, None, None]
+    out += m * img
+    return out
+
+
 def _min_sq_distance(binary: np.ndarray, reach: int) -> np.ndarray:
     """Squared distance from every voxel to the nearest True voxel within the cube |dz|, |dy|, |dx| <= ``reach``
     (inf where there is none), as RELION's autoMask searches it. Exact: the squared distance is a sum over the

@@ -22,7 +22,8 @@ from ..backend import to_host, xp_of
 from ..ctf import ctf_points
 from ..fourier import SliceGeometry
 from ..geometry import euler_to_matrix
-from .likelihood import data_term, shell_of_points, significant_mask, weighted_translations
+from .likelihood import data_term, shell_of_points, significant_mask, weighted_phases
+from ..masks import particle_masked_images
 from ..reconstruction import centred_points
 from .references import References, angles_from_mats, insert, rotation_2d
 from .search import COARSE_ELEMENTS, FinePass, _coarse_pass, _fine_pass, _select, select_candidates  # noqa: F401
@@ -95,6 +96,20 @@ def prepare_batch(images, plan, sl, geom: SliceGeometry, box: int, pixel_size: f
     return centred_points(images, off, geom, c)
 
 
+def masked_points(images, plan, sl, geom: SliceGeometry, pixel_size: float, radius_px: float):
+    """RELION's --zero_mask images: the (n, N, N) ``images`` masked about their particles (a circle of
+    ``radius_px``, RELION's particle diameter / 2, with its 5-px raised-cosine edge,
+    :func:`mpi_em.masks.particle_masked_images`), then as :func:`prepare_batch`'s: the in-ball FFT re-centred on
+    the particles' offsets, (n, m)."""
+    off = image_shifts_px(plan, sl, pixel_size)
+    masked = particle_masked_images(geom.xp.asarray(images), off, radius_px, ZERO_MASK_EDGE_PX)
+    return centred_points(masked, off, geom)[0]
+
+
+#: RELION's width_mask_edge (ml_optimiser, 5 px): the raised-cosine edge of the particles' mask (--zero-mask)
+ZERO_MASK_EDGE_PX = 5.0
+
+
 def image_shifts_px(plan, sl, pixel_size: float) -> np.ndarray:
     """(n, 2) px, host array: how far each particle's projection is moved in its image, -origin / pixel size.
 
@@ -112,7 +127,7 @@ def current_mats(plan, sl, dim: int, xp):
 
 def expectation_batch(X, ctf, inv_sigma2, shells, refs: References, vol_base, prev_mats, prev_class,
                       spec: SearchSpec, geom: SliceGeometry, F_acc, W_acc, stats: Stats, n_shells: int,
-                      timer=NULL_TIMER, prior_offsets=None):
+                      timer=NULL_TIMER, prior_offsets=None, X_insert=None):
     """E-step of one batch (n particles). Returns host arrays of the new poses and weights per particle:
     dict(mats (n,d,d), cls (n,), shift (n,2) change in px, pmax (n,), loglike (n,), nsig (n,)).
     Shapes (m in-ball points of ``geom``, d = ``spec.dim``): ``X`` (n, m) complex images re-centred on their
@@ -125,14 +140,17 @@ def expectation_batch(X, ctf, inv_sigma2, shells, refs: References, vol_base, pr
     ``prior_offsets`` (n, 2) px: the images' current offsets from the centre of the offset prior (the images
     are already re-centred on them): translation t gives the offset o + t, whose prior is Gaussian around 0 of
     width ``spec.offset_sigma`` (RELION's: centred on the prior, not on the previous estimate, so that an
-    offset's error is not carried into the next iteration's prior). None: zeros."""
+    offset's error is not carried into the next iteration's prior). None: zeros.
+    ``X_insert`` (n, m): the images to insert where they are not ``X``, which the poses, the noise power and the
+    log-likelihood are then taken from (RELION's --zero_mask: ``X`` the images masked about their particles,
+    :func:`masked_points`, ``X_insert`` the unmasked ones, RELION's Fimg and Fimg_nomask). None: ``X``."""
     xp = xp_of(X)
     po = xp.zeros((X.shape[0], 2)) if prior_offsets is None else xp.asarray(prior_offsets, dtype=xp.float64)
     with timer("coarse"):
         coarse = _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec, geom, timer, po)
     with timer("fine"):
         fine = _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coarse, timer, po,
-                          prev_mats=prev_mats)
+                          prev_mats=prev_mats, X_insert=X_insert)
     with timer("insert"):
         _insert_contributions(X, ctf, inv_sigma2, vol_base, spec, geom, F_acc, W_acc, fine, timer)
     with timer("stats"):
@@ -164,10 +182,19 @@ def _insert_contributions(X, ctf, inv_sigma2, vol_base, spec, geom, F_acc, W_acc
         keep = significant_mask(wc, 0.999)
     with timer.detail("insert.data"):
         wts = (ctf * inv_sigma2[None, :]).astype(xp.float32)
-        # sum_t w_{t,c} X_t  for every fine pose, then x CTF / sigma^2
-        Xw = weighted_translations(fine.Xb, w, fine.ph_d)                        # (n, S*nf, m)
-        fine.Xw = Xw
-        data = Xw * wts[:, None, :]
+        # sum_t w_{t,c} X_t  for every fine pose, then x CTF / sigma^2 (Q: sum_t w_{t,c} of the phases of t)
+        Q = weighted_phases(w, fine.ph_d)                                           # (n, S*nf, m)
+        if fine.Xb_insert is None:
+            Q *= fine.Xb[:, None, :]
+            fine.Xw = Q
+            data = Q * wts[:, None, :]
+        else:  # the unmasked images inserted; the masked ones' sums for the noise power (statistics)
+            data = Q * fine.Xb_insert[:, None, :]
+            data *= wts[:, None, :]
+            fine.Xb_insert = None
+            Q *= fine.Xb[:, None, :]
+            fine.Xw = Q
+        del Q
         weights = wc[:, :, None].astype(xp.float32) * (ctf * wts)[:, None, :]
         ii, cc = xp.nonzero(keep)
         ins_mats, ins_vol = f_mats[ii, cc], f_cls[ii, cc] + vol_base[ii]
@@ -252,5 +279,5 @@ def inverse_sigma2_points(sigma2, shells, xp):
     return xp.where(s > 0, 1.0 / xp.where(s > 0, s, 1.0), 0.0).astype(xp.float32)
 
 
-__all__ = ["SearchSpec", "Stats", "prepare_batch", "current_mats", "image_shifts_px", "expectation_batch",
-           "update_plan_poses", "sigma2_from_images", "inverse_sigma2_points", "shell_of_points"]
+__all__ = ["SearchSpec", "Stats", "prepare_batch", "masked_points", "current_mats", "image_shifts_px",
+           "expectation_batch", "update_plan_poses", "sigma2_from_images", "inverse_sigma2_points", "shell_of_points"]

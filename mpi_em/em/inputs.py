@@ -110,6 +110,13 @@ def reference_radius(box, apix, args) -> float:
     return min(0.5 * diam / apix, box / 2 - 2)
 
 
+def image_mask_radius(box, apix, args) -> float:
+    """The particle images' mask radius, px (--zero-mask): half --particle-diameter (default 80% of the box), as
+    RELION's particle_diameter / (2 pixel size)."""
+    diam = args.particle_diameter if args.particle_diameter else 0.8 * box * apix
+    return 0.5 * diam / apix
+
+
 def read_solvent_mask(path, box, apix):
     """--solvent-mask: the particles' box and pixel size, values in [0, 1], not empty; else a one-line error."""
     mask, mask_apix = read_map(path)

@@ -125,16 +125,24 @@ def log_likelihood_phased(X, ctf, inv_sigma2, P, ph):
     return xp.ascontiguousarray(L.transpose(0, 2, 1))
 
 
-def weighted_translations(Xb, w, ph):
-    """sum_t w[n, t, c] X_t for images Xb (n, m) complex shifted by shared phases ph (T, m) (X_t = Xb ph_t),
-    weights w (n, T, C) -> (n, C, m) complex64: Xb * (w^T @ ph), one real GEMM (n C, T) @ (T, 2m) over ph's
-    interleaved (re, im) floats."""
-    xp = xp_of(Xb)
+def weighted_phases(w, ph):
+    """sum_t w[n, t, c] ph_t for weights w (n, T, C) and shared phases ph (T, m) -> (n, C, m) complex64, one real
+    GEMM (n C, T) @ (T, 2m) over ph's interleaved (re, im) floats: times an image Xb (n, m), the weighted sum of
+    its translations (:func:`weighted_translations`), for any image moved by the same translations."""
+    xp = xp_of(ph)
     n, T, C = w.shape
     m = ph.shape[1]
     ph = xp.ascontiguousarray(ph.astype(np.complex64, copy=False))
     Q = w.transpose(0, 2, 1).reshape(n * C, T).astype(np.float32) @ ph.view(np.float32).reshape(T, 2 * m)
-    return Q.view(np.complex64).reshape(n, C, m) * Xb.astype(np.complex64, copy=False)[:, None, :]
+    return Q.view(np.complex64).reshape(n, C, m)
+
+
+def weighted_translations(Xb, w, ph):
+    """sum_t w[n, t, c] X_t for images Xb (n, m) complex shifted by shared phases ph (T, m) (X_t = Xb ph_t),
+    weights w (n, T, C) -> (n, C, m) complex64: Xb * (w^T @ ph)."""
+    Q = weighted_phases(w, ph)
+    Q *= Xb.astype(np.complex64, copy=False)[:, None, :]
+    return Q
 
 
 def data_term(X, inv_sigma2):

@@ -45,6 +45,8 @@ class FinePass:
     t_var: object        # (n,) posterior variance of an offset per axis, px^2
     wc: object = None    # (n, J) weights summed over the translations (insertion)
     Xw: object = None    # (n, J, m) sum_t w X_t per fine pose (insertion)
+    Xb_insert: object = None  # (n, m) the images inserted, moved as Xb, where they differ from those searched
+    #                           (--zero-mask: the unmasked images); None: Xb
     keep: object = None  # (n, J) bool, the fine poses inserted (insertion)
 
 
@@ -213,7 +215,7 @@ def angle_log_prior(A, prev, sigma_deg: float):
 
 
 def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coarse, timer, po,
-               prev_mats=None) -> FinePass:
+               prev_mats=None, X_insert=None) -> FinePass:
     xp = xp_of(X)
     n, m = X.shape
     d = spec.dim
@@ -232,7 +234,10 @@ def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coars
     dt = xp.asarray([[0.0, 0.0], [-h, 0], [h, 0], [0, -h], [0, h], [-h, -h], [h, -h], [-h, h], [h, h]])
     t_f = best_t[:, None, :] + dt[None]                                                # (n, 9, 2)
     # translation best_t + dt: the image moved by its best coarse translation, then by the 9 shared dt
-    Xb = X * geom.phases(best_t, dtype=X.dtype)                                        # (n, m)
+    ph_b = geom.phases(best_t, dtype=X.dtype)                                          # (n, m)
+    Xb = X * ph_b
+    Xb_insert = None if X_insert is None else X_insert * ph_b
+    del ph_b
     ph_d = geom.phases(dt, dtype=X.dtype)                                              # (9, m)
     with timer.detail("fine.project"):
         P_f = refs.project(f_mats, f_cls + vol_base[:, None], geom)                    # (n, S*nf, m)
@@ -261,7 +266,8 @@ def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coars
     t_var = 0.5 * (laplace_offset_variance(lb[:, 0], lb[:, 1], lb[:, 2], h, cap)
                    + laplace_offset_variance(lb[:, 0], lb[:, 3], lb[:, 4], h, cap))
     return FinePass(w=w, mx=mx, lse=lse, o_f=o_f, f_mats=f_mats, f_cls=f_cls, Xb=Xb, ph_d=ph_d, P_f=P_f, ctf=ctf,
-                    best_mats=best_mats, best_cls=best_cls, best_shift=best_shift, pmax=pmax, t_var=t_var)
+                    best_mats=best_mats, best_cls=best_cls, best_shift=best_shift, pmax=pmax, t_var=t_var,
+                    Xb_insert=Xb_insert)
 
 
 def select_candidates(marg, K: int, C: int, n_select: int, class_select: int):

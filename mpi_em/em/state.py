@@ -25,7 +25,7 @@ PER_PARTICLE = ("rot", "tilt", "psi", "origin_x", "origin_y", "class_number", "p
 #: options a run started before they existed ran without (their values then)
 OPTION_DEFAULTS_OF_OLD_RUNS = {"folds": 1, "refine_offsets": False, "solvent_mask": None, "incr_size": 3,
                                "fsc_jump": False, "local_radius": 1.5, "local_sigma": 0.0,
-                               "settle_poses": False}
+                               "settle_poses": False, "zero_mask": False}
 
 
 @dataclass(frozen=True)

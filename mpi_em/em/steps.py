@@ -21,9 +21,9 @@ from ..io.mrc import map_statistics
 from ..symmetry import symmetry_matrices
 from .classes import RESEED_AMPLITUDE, center_2d, first_shell_2d, reseed_classes
 from ..masks import auto_solvent_mask
-from .engine import (Stats, current_mats, end_e_step, expectation_batch, image_shifts_px, inverse_sigma2_points, prepare_batch,
-                     shell_of_points, sigma2_from_images, update_plan_poses)
-from .inputs import reference_mask, reference_radius
+from .engine import (Stats, current_mats, end_e_step, expectation_batch, image_shifts_px, inverse_sigma2_points,
+                     masked_points, prepare_batch, shell_of_points, sigma2_from_images, update_plan_poses)
+from .inputs import image_mask_radius, reference_mask, reference_radius
 from .model import (CroppedAccumulators, batch_rounds, e_step_accumulators, lowpass, reduce_and_reconstruct_2d,
                     reduce_and_reconstruct_3d, routed_step)
 from .references import References
@@ -101,22 +101,30 @@ def first_pass(job: EMRun) -> None:
         sh = shell_of_points(geom)
         s_sum, s_cnt = np.zeros(n_shells), np.zeros(n_shells)
         sums = xp.zeros((K, box, box), dtype=xp.float64) if dim == 2 else None
+        x_sum = np.zeros(sh.shape[0], dtype=np.complex128)  # the images' transforms summed, for their average
+        radius = image_mask_radius(box, apix, args) if getattr(args, "zero_mask", False) else None
         for sl, imgs in job.images.batches(plan, args.batch, pinned=pinned_wanted(xp)):  # on xp: one copy
-            X, _ = prepare_batch(imgs, plan, sl, geom, box, apix, use_ctf=False)
+            if radius is None:
+                X, _ = prepare_batch(imgs, plan, sl, geom, box, apix, use_ctf=False)
+            else:  # RELION's first noise spectrum with --zero_mask: from the masked images
+                X = masked_points(imgs, plan, sl, geom, apix, radius)
             a, b = sigma2_from_images(X, sh, n_shells)
             s_sum += a
             s_cnt += b
+            x_sum += to_host(X.sum(axis=0, dtype=xp.complex128))
             if dim == 2:  # per-class sums of the images as one product: one_hot(class)^T @ images
                 cls = xp.asarray(plan["class_number"][sl] - 1)
                 onehot = (cls[:, None] == xp.arange(K)[None, :]).astype(xp.float64)
                 flat = imgs.astype(xp.float64).reshape(len(cls), -1)
                 sums += (onehot.T @ flat).reshape(sums.shape)
-        return s_sum, s_cnt, sums
+        return s_sum, s_cnt, sums, x_sum, to_host(sh)
 
-    s_sum, s_cnt, sums = collective_step(comm, work)
-    tot = np.concatenate([s_sum, s_cnt])
+    s_sum, s_cnt, sums, x_sum, sh = collective_step(comm, work)
+    tot = np.concatenate([s_sum, s_cnt, x_sum.real, x_sum.imag, [len(plan["index"])]])
     allreduce_sum(comm, tot)
-    state.sigma2 = np.where(tot[n_shells:] > 0, tot[:n_shells] / np.maximum(tot[n_shells:], 1), 1.0)
+    m = x_sum.shape[0]
+    x_sum = tot[2 * n_shells:2 * n_shells + m] + 1j * tot[2 * n_shells + m:2 * n_shells + 2 * m]
+    state.sigma2 = initial_noise(tot[:n_shells], tot[n_shells:2 * n_shells], x_sum / max(tot[-1], 1.0), sh)
     if dim == 2:
         allreduce_sum(comm, sums)
         counts = np.bincount(plan["class_number"] - 1, minlength=K).astype(np.float64)
@@ -130,6 +138,26 @@ def first_pass(job: EMRun) -> None:
         # 32) gave every particle the same ranking of the classes and all went into one in iteration 1
         # (benchmarks/results/class2d-size/cpu-2026-12-05/)
         state.maps = lowpass(avg, box, apix, box * apix / state.r_cur).astype(np.float32)
+
+
+def initial_noise(power_sum, power_count, mean_image, shells) -> np.ndarray:
+    """The first noise spectrum per shell, RELION's (``MlOptimiser::setSigmaNoiseEstimatesAndSetAverageImage``):
+    the images' mean power / 2 (``power_sum`` / ``power_count``, :func:`mpi_em.em.engine.sigma2_from_images`)
+    less the power / 2 of their average (``mean_image`` (m,) at the in-ball points of ``shells`` (m,)), which
+    holds the particles' common signal (and 1 / n of the noise); a shell left <= 0 takes its neighbour's value
+    (the one below, else above), a shell without points 1."""
+    n_shells = power_sum.shape[0]
+    has = power_count > 0
+    avg_cnt = np.bincount(shells, minlength=n_shells)[:n_shells]
+    avg = np.bincount(shells, weights=0.5 * np.abs(mean_image) ** 2, minlength=n_shells)[:n_shells]
+    s2 = np.where(has, power_sum / np.maximum(power_count, 1), 1.0)
+    s2 -= np.where(avg_cnt > 0, avg / np.maximum(avg_cnt, 1), 0.0)
+    for i in np.flatnonzero(has & (s2 <= 0)):
+        ok = np.flatnonzero(has & (s2 > 0))
+        if ok.size:
+            below = ok[ok < i]
+            s2[i] = s2[below[-1]] if below.size else s2[ok[0]]
+    return np.where(has, s2, 1.0)
 
 
 def reference_volumes(plan, K: int, folds: int) -> np.ndarray:
@@ -232,6 +260,7 @@ def expectation(job: EMRun, it: int, geom: SliceGeometry, refs: References, time
     spec = search_spec(state, args, mode, it, K, getattr(args, "sym", "C1"), xp)
     V = 2 * folds if mode.gold else K
     vol_shape = geom.vol_shape if dim == 3 else (geom.npad, geom.npad // 2 + 1)
+    radius = image_mask_radius(box, apix, args) if getattr(args, "zero_mask", False) else None
 
     def e_step():
         F_acc, W_acc = e_step_accumulators(job.comm, V, vol_shape, xp, job.owned_accumulators, job.sym_ops,
@@ -252,11 +281,16 @@ def expectation(job: EMRun, it: int, geom: SliceGeometry, refs: References, time
             with timer("prepare"):
                 X, ctf = prepare_batch(imgs, plan, sl, geom, box, apix, use_ctf=not args.no_ctf,
                                        intact_first_peak=getattr(args, "ctf_intact_first_peak", False))
+                X_insert = None
+                if radius is not None:  # searched: the masked images; inserted: the unmasked ones
+                    X, X_insert = masked_points(imgs, plan, sl, geom, apix, radius), X
             base = xp.asarray(reference_group(plan["half"][sl], plan["row"][sl], folds) * K) if mode.gold \
                 else xp.zeros(sl.stop - sl.start, dtype=xp.int64)
             res = expectation_batch(X, ctf, inv_s2, shells, refs, base, current_mats(plan, sl, dim, xp),
                                     xp.asarray(plan["class_number"][sl] - 1), spec, geom, F_acc, W_acc,
-                                    stats, n_shells, timer=timer, prior_offsets=image_shifts_px(plan, sl, apix))
+                                    stats, n_shells, timer=timer, prior_offsets=image_shifts_px(plan, sl, apix),
+                                    X_insert=X_insert)
+            del X, X_insert, ctf
             update_plan_poses(plan, sl, res, dim, apix)
         if not isinstance(F_acc, CroppedAccumulators):
             symmetrised(F_acc, W_acc)

@@ -148,6 +148,7 @@ class EMInputs:
     #                                    None: every fine candidate (the upper bound, before a run)
     grid_chunk: int = 0            # > 0: the global grid projected this many orientations per class at a time
     #                                (per batch, not kept: em.search._chunked_parts); 0: kept for the iteration
+    zero_mask: bool = False        # --zero-mask: the masked images searched beside the unmasked ones inserted
     accumulate: str = "double"     # the accumulators' precision (--accumulate): 'double' (complex128 F, float64
     #                                W) or 'single' (complex64, float32; 3D references complex64 too)
 
@@ -310,6 +311,8 @@ def _em_phases(inp: EMInputs) -> dict:
 
     # ---- batch workspace (the E-step's largest sub-phase)
     base = 12 * n * m + (0 if inp.cache_images else (1 + PREFETCH) * n * img)
+    if inp.zero_mask:  # the unmasked images beside the masked ones, and moved by their best coarse translation
+        base += 16 * n * m
     sets = 1  # reference sets whose grid projections are held at once (em.search._coarse_pass: one at a time)
     proj_cache = 0
     coarse = 0
@@ -487,6 +490,7 @@ def em_inputs(args, mode: str, meta: dict, ranks: int, device: str, cache_images
                     class_select=int(getattr(args, "class_select", 10)),
                     owned_accumulators=getattr(args, "owned_accumulators", "auto") == "on" and mode != "class2d",
                     grid_chunk=int(getattr(args, "grid_chunk", 0) or 0),
+                    zero_mask=bool(getattr(args, "zero_mask", False)),
                     accumulate="single" if getattr(args, "accumulate", "double") == "single" else "double")
 
 
