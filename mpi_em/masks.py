@@ -58,9 +58,11 @@ def particle_masked_images(images, shifts_px, radius: float, width: float = 5.0)
     m = (0.5 + 0.5 * xp.cos(np.pi * t)).astype(xp.float32) if width > 0 else 1.0 - t
     img = xp.asarray(images, dtype=xp.float32)
     out = 1.0 - m
-    wsum = out.sum(axis=(1, 2), dtype=xp.float64)
-    bg = (out * img).sum(axis=(1, 2), dtype=xp.float64) / xp.where(wsum > 0, wsum, 1.0)
-    out *= bg.astype(xp.float32)[:, None, None]
+    # the background's weighted sums as products (GEMMs: no reduction kernels that depend on the box on a GPU)
+    flat = out.reshape(n, 1, N * N)
+    wsum = (flat @ xp.ones((N * N, 1), dtype=xp.float32))[:, 0, 0]
+    bg = (flat @ img.reshape(n, N * N, 1))[:, 0, 0] / xp.where(wsum > 0, wsum, 1.0)
+    out *= bg[:, None, None]
     out += m * img
     return out
 

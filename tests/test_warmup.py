@@ -62,6 +62,10 @@ def test_warmup_leaves_nothing_to_compile(tmp_path):
     for out in ("c2", "c3"):
         assert "re-seeded" in open(tmp_path / out / "run.log").read(), out
     assert _cache_files(cache) == after_warmup, "kernels compiled after the warm-up"
+    # --zero-mask: the particle images' mask (at another box than the warm-up's) and the unmasked images' insertion
+    run(["class3d", "--i", d / "particles.star", "--ref", d / "truth.mrc", "--K", 2, "--iter", 2, "--zero-mask",
+         "--o", tmp_path / "cz"])
+    assert _cache_files(cache) == after_warmup, "kernels compiled after the warm-up"
     # a large box: its full-size iteration's accumulators pass 2^31 bytes (CuPy's 64-bit indexing kernels)
     big = tmp_path / "big"
     run(["simulate", "--out", big, "--box", 256, "--n", 200, "--snr", 0.2, "--seed", 11])

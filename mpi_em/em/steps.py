@@ -111,7 +111,7 @@ def first_pass(job: EMRun) -> None:
             a, b = sigma2_from_images(X, sh, n_shells)
             s_sum += a
             s_cnt += b
-            x_sum += to_host(X.sum(axis=0, dtype=xp.complex128))
+            x_sum += to_host(xp.ones((1, X.shape[0]), dtype=X.dtype) @ X)[0]  # a GEMM: no reduction kernel
             if dim == 2:  # per-class sums of the images as one product: one_hot(class)^T @ images
                 cls = xp.asarray(plan["class_number"][sl] - 1)
                 onehot = (cls[:, None] == xp.arange(K)[None, :]).astype(xp.float64)
