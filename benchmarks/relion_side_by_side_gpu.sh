@@ -22,5 +22,5 @@ exec python3 benchmarks/relion_side_by_side.py --relion-bin "${RELION_BIN:-/tmp/
   --gpu --ranks 1 --relion-ranks 3 --relion-reconstruct-ranks 8 --threads 4 --box "$box" --n "$n" --snr 0.05 \
   --apix 1.5 --iter "${ITER:-5}" --k3d 4 --k2d 50 --timeout "${TIMEOUT:-300}" \
   --jobs ${JOBS:-reconstruct refine3d class3d class2d} --out "$out" ${DATA:+--data "$DATA"} \
-  ${SUMMARY:+--summary "$SUMMARY"} ${REFINE_EXTRA:+--refine-extra "$REFINE_EXTRA"} \
-  ${CLASS_EXTRA:+--class-extra "$CLASS_EXTRA"} ${PROGRAMS:+--programs $PROGRAMS}
+  ${SUMMARY:+--summary "$SUMMARY"} ${REFINE_EXTRA:+--refine-extra="$REFINE_EXTRA"} \
+  ${CLASS_EXTRA:+--class-extra="$CLASS_EXTRA"} ${PROGRAMS:+--programs $PROGRAMS}

@@ -55,8 +55,9 @@ def test_mask_follows_the_particle_and_commutes_with_recentring(xp, rng):
 
 def test_insertion_of_other_images_leaves_the_search_and_the_noise(xp):
     """``X_insert``: the search, the poses and the noise statistics are the searched images' (``X``); only the
-    insertion takes ``X_insert``. X_insert = X gives exactly the run without it; X_insert = 2 X the same poses,
-    weights and statistics and twice the inserted data (a power of 2: exact in floating point)."""
+    insertion takes ``X_insert``. X_insert = X gives the run without it; X_insert = 2 X the same poses, weights and
+    statistics and twice the inserted data (a power of 2: exact in floating point). Exact on CPU ranks; a GPU's
+    atomic additions sum in any order, so there the float64 sums agree to 1e-12 relative."""
     box, n = 24, 30
     vol = phantom(box, seed=4).astype(np.float64)
     sim = simulate_particles(vol, n, pixel_size=5.0, snr=1.0, seed=9, max_shift=1.0)
@@ -81,9 +82,9 @@ def test_insertion_of_other_images_leaves_the_search_and_the_noise(xp):
     for r, F, W, s, k in ((r1, F1, W1, s1, 1.0), (r2, F2, W2, s2, 2.0)):
         for key in ("mats", "shift", "pmax", "loglike", "cls"):
             np.testing.assert_array_equal(r[key], r0[key])
-        np.testing.assert_array_equal(F, k * F0)
-        np.testing.assert_array_equal(W, W0)
-        np.testing.assert_array_equal(s.sigma2_sum, s0.sigma2_sum)
+        np.testing.assert_allclose(F, k * F0, rtol=0, atol=1e-12 * k * np.abs(F0).max())
+        np.testing.assert_allclose(W, W0, rtol=0, atol=1e-12 * W0.max())
+        np.testing.assert_allclose(s.sigma2_sum, s0.sigma2_sum, rtol=1e-12)
     assert np.abs(F0).max() > 0
 
 

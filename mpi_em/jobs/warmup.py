@@ -91,8 +91,10 @@ def compile_reductions(xp) -> int:
             for op in (xp.argmax, xp.max, xp.sum):
                 op(a, axis=1)
                 calls += 1
-    # all / any over a whole boolean array (CUB's two-pass device reduction; e.g. the fine pass's validity check)
-    for n in (1000, 1 << 20):
+    # all / any over a whole boolean array (CUB's two-pass device reduction; e.g. the fine pass's validity check),
+    # at every block size too (a box-64 refine3d after a warmup of sizes 1000 and 2^20 only compiled an any() of
+    # block 64)
+    for n in REDUCTION_SEGMENTS + (1 << 20,):
         b = xp.zeros(n, dtype=bool)
         b.all()
         b.any()
