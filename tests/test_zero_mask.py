@@ -11,7 +11,7 @@ import starfile
 from conftest import mpi_em
 from mpi_em.backend import to_host
 from mpi_em.em.engine import (SearchSpec, Stats, expectation_batch, inverse_sigma2_points, masked_points,
-                              prepare_batch, shell_of_points, sigma2_from_images)
+                              shell_of_points, sigma2_from_images)
 from mpi_em.em.references import References, fine_offsets, global_grid
 from mpi_em.em.steps import initial_noise
 from mpi_em.fourier import SliceGeometry
@@ -94,15 +94,15 @@ RELION_REFINE = shutil.which("relion_refine")
 
 @pytest.mark.skipif(not RELION_REFINE, reason="RELION not installed (Debian: apt-get install relion; tests/run.sh "
                                               "installs it where it has root)")
-@pytest.mark.parametrize("zero_mask", [True, False], ids=["zero-mask", "unmasked"])
-def test_first_noise_spectrum_is_relions(tmp_path, zero_mask):
-    """The first noise spectrum (the job's first pass: :func:`masked_points` with --zero-mask, else the images,
-    then :func:`initial_noise`) against RELION 3.1's ``rlnSigma2Noise`` of ``run_it000_model.star`` on the same
-    300 particles (box 64, particle diameter 150 Å: the mask cuts the noise power to ~0.6). RELION's Fourier
-    transform is ours / N^2, so its spectrum is ours / N^4. The same images in both: the per-shell values agree to
-    the rounding and the points a shell holds (measured within 0.5%), and their mean over shells 5-31 within
-    0.15%: without the mask the ratio is ~1.7, without the average image's power subtracted +0.5% at every shell
-    (1 / 300 of the noise) and ~10x at shells 0-2."""
+def test_first_noise_spectrum_is_relions(tmp_path):
+    """The first noise spectrum of --zero-mask (the job's first pass: :func:`masked_points`, then
+    :func:`initial_noise` with the average image) against RELION 3.1's ``rlnSigma2Noise`` of
+    ``run_it000_model.star`` with --zero_mask on the same 300 particles (box 64, particle diameter 150 Å: the mask
+    cuts the noise power to ~0.6). RELION's Fourier transform is ours / N^2, so its spectrum is ours / N^4. The same
+    images in both: the per-shell values agree to the rounding and the points a shell holds (measured within 0.5%),
+    and their mean over shells 5-31 within 0.15%: without the mask the ratio is ~1.7, without the average image's
+    power subtracted +0.5% at every shell (1 / 300 of the noise) and ~10x at shells 0-2. (Without --zero-mask the
+    first pass leaves the average's power in, unlike RELION: :func:`mpi_em.em.steps.first_pass` says why.)"""
     N, apix, diam, n = 64, 3.0, 150.0, 300
     r = mpi_em(["simulate", "--out", tmp_path, "--box", N, "--n", n, "--snr", 0.05, "--apix", apix, "--seed", 7,
                 "--max-shift", 0], ranks=0)
@@ -110,8 +110,8 @@ def test_first_noise_spectrum_is_relions(tmp_path, zero_mask):
     (tmp_path / "out").mkdir()
     cmd = [RELION_REFINE, "--i", "particles_unaligned.star", "--o", "out/run", "--ref", "truth.mrc", "--ini_high", 30,
            "--K", 1, "--iter", 0, "--ctf", "--particle_diameter", diam, "--dont_combine_weights_via_disc", "--j", 1,
-           "--dont_check_norm", "--healpix_order", 1, "--offset_range", 3, "--offset_step", 3, "--random_seed", 1]
-    cmd += ["--zero_mask"] if zero_mask else []
+           "--dont_check_norm", "--healpix_order", 1, "--offset_range", 3, "--offset_step", 3, "--random_seed", 1,
+           "--zero_mask"]
     p = subprocess.run([str(a) for a in cmd], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     relion = starfile.read(tmp_path / "out" / "run_it000_model.star")["model_group_1"]["rlnSigma2Noise"].to_numpy()
@@ -121,10 +121,7 @@ def test_first_noise_spectrum_is_relions(tmp_path, zero_mask):
     geom = SliceGeometry(N, pad=2)
     sh = shell_of_points(geom)
     plan = {"origin_x": np.zeros(n), "origin_y": np.zeros(n)}
-    if zero_mask:
-        X = masked_points(imgs, plan, slice(0, n), geom, apix, diam / (2 * apix))
-    else:
-        X = prepare_batch(imgs, plan, slice(0, n), geom, N, apix, use_ctf=False)[0]
+    X = masked_points(imgs, plan, slice(0, n), geom, apix, diam / (2 * apix))
     s, c = sigma2_from_images(X, sh, N // 2 + 1)
     ours = initial_noise(s, c, X.sum(axis=0, dtype=np.complex128) / n, sh) / N ** 4
     ratio = ours[1:N // 2] / relion[1:N // 2]
@@ -135,8 +132,8 @@ def test_first_noise_spectrum_is_relions(tmp_path, zero_mask):
 
 @pytest.mark.slow
 def test_zero_mask_class3d_one_rank_equals_two_ranks(tmp_path):
-    """class3d with --zero-mask on 1 and 2 ranks: the same poses and classes (sums over ranks change float
-    rounding only: at least 97% identical), and its noise spectrum below the unmasked run's at high frequency
+    """class3d with --zero-mask (its default) on 1 and 2 ranks: the same poses and classes (sums over ranks change
+    float rounding only: at least 97% identical), and its noise spectrum below --no-zero-mask's at high frequency
     (the mask keeps ~half of a box-32 image's area at the default 80% particle diameter)."""
     d = tmp_path / "data"
     r = mpi_em(["simulate", "--out", d, "--box", 32, "--n", 200, "--snr", 1.0, "--apix", 4.0, "--seed", 2,
@@ -144,7 +141,7 @@ def test_zero_mask_class3d_one_rank_equals_two_ranks(tmp_path):
     assert r.returncode == 0, r.stderr
     args = ["class3d", "--i", d / "particles_unaligned.star", "--ref", d / "truth.mrc", "--ini-high", 32, "--K", 2,
             "--iter", 2]
-    for name, p, extra in (("p1", 1, ["--zero-mask"]), ("p2", 2, ["--zero-mask"]), ("plain", 1, [])):
+    for name, p, extra in (("p1", 1, []), ("p2", 2, ["--zero-mask"]), ("plain", 1, ["--no-zero-mask"])):
         r = mpi_em(args + ["--o", tmp_path / name] + extra, ranks=p)
         assert r.returncode == 0, r.stderr
 

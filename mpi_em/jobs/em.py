@@ -158,11 +158,14 @@ def add_arguments(p, mode: str) -> None:
                         "converged); with --continue, the new limit")
     p.add_argument("--particle-diameter", type=float, default=None,
                    help="diameter of the soft spherical mask, Å (default: 80%% of the box)")
-    p.add_argument("--zero-mask", action="store_true",
+    zero_default = mode == "class3d"
+    p.add_argument("--zero-mask", action=argparse.BooleanOptionalAction, default=zero_default,
                    help="search poses, and take the noise power and the log-likelihood, on the particle images "
                         "masked by --particle-diameter (background set to its mean, 5-px soft edge), while the "
                         "unmasked images are inserted, as RELION's --zero_mask (its GUI's default). The masked "
-                        "images hold less noise: a lower noise power weighs the data more against the prior")
+                        "images hold less noise: a lower noise power weighs the data more against the prior "
+                        f"(default: {'on' if zero_default else 'off'}; on for class3d, whose box-256 map it made 16%% "
+                        "finer; off for refine3d and class2d, where it measured no better)")
     p.add_argument("--offset-range", type=float, default=3.0,
                    help="translation search range around each particle's current offset, pixels (default 3; refine3d: "
                         "the start, refined with the angular sampling unless --no-refine-offsets)")
