@@ -110,6 +110,22 @@ def compile_reductions(xp) -> int:
     return calls
 
 
+def compile_reseeding(xp) -> int:
+    """class2d's re-seeding of several classes at once (their noises low-passed in one call: the filter broadcast
+    over a stack), which the warm-up's class2d may not reach (it re-seeds one class at a time; a K = 5 class2d at
+    box 64 re-seeding two compiled a complex128 x float64 broadcast). Returns the number of calls."""
+    import numpy as np
+
+    from ..em.classes import reseed_classes
+
+    maps = np.zeros((3, 48, 48), dtype=np.float32)
+    maps[0, 20:28, 20:28] = 1.0
+    for low in ([0.9, 0.05, 0.05], [0.6, 0.39, 0.01]):  # two classes re-seeded, then one
+        reseed_classes(maps, low, 10.0, 0.99, 0, 1, 48, 2.0, xp=xp)
+    xp.cuda.Stream.null.synchronize()
+    return 2
+
+
 def compile_large_arrays(xp) -> int:
     """Element-wise kernels on arrays whose byte span passes 2^31 (CuPy's 64-bit indexing variants) that the first
     box-256 refine3d after a warmup with :data:`_LARGE_JOB` still compiled: complex64 <-> complex128 copies and
@@ -183,6 +199,7 @@ def run(args, comm) -> None:
 
             log.info("warmup: reductions (%d block sizes)", len(REDUCTION_SEGMENTS))
             compile_reductions(cupy)
+            compile_reseeding(cupy)
             if large:
                 compile_large_arrays(cupy)
                 cupy.get_default_memory_pool().free_all_blocks()
