@@ -97,7 +97,7 @@ def first_pass(job: EMRun) -> None:
     (:func:`initial_noise`). Without it the images' mean power, as before --zero-mask existed: the average's power
     left in. On the auto-mask test's small particle (box 32, 2 refine3d iterations, 4 data seeds) subtracting it
     gave maps 0.3-1.7% closer to the truth but a gold-standard resolution 0.3 shell more optimistic on average
-    (1.06 against 0.74 shell beyond the masked map's resolution against the truth), so it is not the default's."""
+    (1.06 against 0.74 shell beyond the masked map's resolution against the truth), so only --zero-mask does it."""
     args, comm, xp, plan, state = job.args, job.comm, job.xp, job.plan, job.state
     box, apix, K, dim = job.box, job.apix, job.K, job.mode.dim
     n_shells = box // 2 + 1
@@ -107,8 +107,9 @@ def first_pass(job: EMRun) -> None:
         sh = shell_of_points(geom)
         s_sum, s_cnt = np.zeros(n_shells), np.zeros(n_shells)
         sums = xp.zeros((K, box, box), dtype=xp.float64) if dim == 2 else None
-        x_sum = np.zeros(sh.shape[0], dtype=np.complex128)  # the images' transforms summed, for their average
         radius = image_mask_radius(box, apix, args) if getattr(args, "zero_mask", False) else None
+        # --zero-mask: the images' transforms summed, for their average
+        x_sum = np.zeros(sh.shape[0] if radius is not None else 0, dtype=np.complex128)
         for sl, imgs in job.images.batches(plan, args.batch, pinned=pinned_wanted(xp)):  # on xp: one copy
             if radius is None:
                 X, _ = prepare_batch(imgs, plan, sl, geom, box, apix, use_ctf=False)
