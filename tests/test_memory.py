@@ -156,7 +156,7 @@ CASES = {
                                 "--max-order", 1, "--iter", 1, "--accumulate", "single"],
                            dict(mode="refine3d", folds=4, coarse_poses=576, r=31, accumulate="single")),
     "class3d-32": (32, ["class3d", "--ref", "start.mrc", "--ini-high", 16, "--healpix-order", 1, "--K", 2,
-                        "--iter", 1], dict(mode="class3d", K=2, coarse_poses=576, r=15)),
+                        "--iter", 1], dict(mode="class3d", K=2, coarse_poses=576, r=15, zero_mask=True)),
     "class2d-32": (32, ["class2d", "--K", 4, "--iter", 1], dict(mode="class2d", K=4, coarse_poses=36, r=5)),
     "reconstruct-64": (64, ["reconstruct"], None),
 }
@@ -619,3 +619,22 @@ def test_grid_operands_made_beside_one_chunk(chunk, monkeypatch):
     assert operands <= peak <= operands + PROJECT_BYTES_PER_POINT[3] * K * s * m + 2 ** 16
     if chunk:
         assert peak < 20 * K * C * m
+
+
+def test_zero_mask_counts_the_second_image_set_and_the_masking():
+    """--zero-mask: the batch workspace holds the unmasked images beside the masked ones (16 bytes a point and
+    particle: the images and their moved copy), and the masking's (n, N, N) planes come before the search."""
+    from mpi_em.memory.model import ball_points
+
+    kw = dict(mode="class3d", box=256, K=4, batch=256, n_particles=3000, coarse_poses=4608, translations=25,
+              device="gpu")
+
+    def workspace(**extra):
+        return estimate(EMInputs(**kw, **extra)).phases["E-step"]["batch_workspace"]
+
+    assert workspace(zero_mask=True) - workspace() >= 16 * 256 * ball_points(256)
+    # a narrow local search at an early iteration's small image size (r 20 px): the whole-box masking is then the
+    # batch's largest sub-phase
+    kw.update(r=20.0, coarse_poses=0, local_poses=1, n_select=1, class_select=1, K=1, translations=1)
+    r20 = 16 * 256 * ball_points(256, 20.0)
+    assert workspace(zero_mask=True) - workspace() > r20 and workspace(zero_mask=True) >= 20 * 256 * 256 * 256

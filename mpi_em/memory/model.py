@@ -356,7 +356,10 @@ def _em_phases(inp: EMInputs) -> dict:
         ins_pts = fine_pts if inp.inserted_poses is None else n * min(Sf, inp.inserted_poses) * m
         insert = 48 * fine_pts + ((INSERT_BYTES_PER_CORNER[inp.dim] * corners + 24) * ins_pts if cpu else 0)
     held = proj_cache  # the pose grid's projections stay in the search spec until the E-step ends
-    batch = base + max(coarse, proj_cache + fine, proj_cache + insert)
+    # --zero-mask: the images' masking (em.engine.masked_points) before the search: the mask's radii, fall-off and
+    # weights and the masked images, four (n, N, N) float32 planes, then their transform
+    masking = 20 * n * box * box if inp.zero_mask else 0
+    batch = base + max(coarse, proj_cache + fine, proj_cache + insert, proj_cache + masking)
 
     # ---- M-step (em/model.py): the owned planes after the reduce-scatter (none with routed accumulators,
     # which are the owned planes, nor on one rank, where the accumulators are used as they are); refine3d with
