@@ -33,6 +33,12 @@ def soft_sphere(box: int, radius: float, width: float = 3.0, ndim: int = 3, xp=n
     return m
 
 
+def raised_cosine(xp, r, rc: float, width: float, dtype):
+    """1 inside ``rc``, 0 beyond ``rc`` + ``width``, 0.5 + 0.5 cos(pi (r - rc) / width) between (RELION's soft
+    edges: low-pass filters, ``softMaskOutsideMap``), in ``dtype``."""
+    return (0.5 + 0.5 * xp.cos(np.pi * xp.clip((r - rc) / width, 0.0, 1.0))).astype(dtype)
+
+
 def particle_masked_images(images, shifts_px, radius: float, width: float = 5.0):
     """RELION's zero mask of particle images (``--zero_mask``; ``softMaskOutsideMap`` in ``src/mask.cpp``): each of
     the (n, N, N) ``images`` kept inside a circle of ``radius`` px around its particle, a raised-cosine edge of
@@ -54,8 +60,7 @@ def particle_masked_images(images, shifts_px, radius: float, width: float = 5.0)
 
     dx, dy = wrapped(0), wrapped(1)
     r = xp.sqrt(dy[:, :, None] ** 2 + dx[:, None, :] ** 2)                      # (n, N, N)
-    t = xp.clip((r - radius) / width, 0.0, 1.0) if width > 0 else (r > radius).astype(xp.float32)
-    m = (0.5 + 0.5 * xp.cos(np.pi * t)).astype(xp.float32) if width > 0 else 1.0 - t
+    m = raised_cosine(xp, r, radius, width, xp.float32) if width > 0 else (r <= radius).astype(xp.float32)
     img = xp.asarray(images, dtype=xp.float32)
     out = 1.0 - m
     # the background's weighted sums as products (GEMMs: no reduction kernels that depend on the box on a GPU)

@@ -106,12 +106,11 @@ def reference_mask(box, apix, args, dim, xp, solvent=None):
 
 def reference_radius(box, apix, args) -> float:
     """The references' sphere radius, px: half --particle-diameter (default 80% of the box), 2 px inside it."""
-    diam = args.particle_diameter if args.particle_diameter else 0.8 * box * apix
-    return min(0.5 * diam / apix, box / 2 - 2)
+    return min(image_mask_radius(box, apix, args), box / 2 - 2)
 
 
 def image_mask_radius(box, apix, args) -> float:
-    """The particle images' mask radius, px (--zero-mask): half --particle-diameter (default 80% of the box), as
+    """Half --particle-diameter (default 80% of the box), px: the particle images' mask radius (--zero-mask), as
     RELION's particle_diameter / (2 pixel size)."""
     diam = args.particle_diameter if args.particle_diameter else 0.8 * box * apix
     return 0.5 * diam / apix

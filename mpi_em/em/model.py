@@ -22,6 +22,7 @@ from ..distvolume import PlaneOwnerAccumulator, distributed_reconstruct, owned_p
 from ..fourier import padded_reach, radius_3d, shell_index
 from ..fourier2d import radius_plane, reconstruct2d
 from ..fsc import fsc_fourier
+from ..masks import raised_cosine
 from ..timing import NULL_TIMER
 
 
@@ -546,13 +547,8 @@ def lowpass(maps, box: int, pixel_size: float, resolution_A: float, width_shells
         from ..fourier import radius_2d
 
         r = radius_2d(box, xp)
-    F *= _raised_cosine(xp, r, rc, width_shells, maps.real.dtype)
+    F *= raised_cosine(xp, r, rc, width_shells, maps.real.dtype)
     return xp.fft.irfftn(F, s=(box,) * ndim, axes=axes).astype(maps.dtype)
-
-
-def _raised_cosine(xp, r, rc: float, width: float, dtype):
-    """1 inside rc, 0 beyond rc + width, a raised cosine between."""
-    return (0.5 + 0.5 * xp.cos(np.pi * xp.clip((r - rc) / width, 0.0, 1.0))).astype(dtype)
 
 
 #: rows per call of the pruned low-pass's 1D transforms (their double-precision temporaries stay ~50-70 MB)
@@ -595,7 +591,7 @@ def _lowpass_3d_pruned(maps: np.ndarray, box: int, rc: float, width: float, m: i
     F = _rows(np.moveaxis(F, -3, -1), np.fft.fft, keep)              # (.., kx, ky, kz)
     k = np.fft.fftfreq(n, d=1.0 / n)[keep]
     r = np.sqrt(np.arange(m + 1.0)[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
-    F *= _raised_cosine(np, r, rc, width, np.float64)
+    F *= raised_cosine(np, r, rc, width, np.float64)
     return _band_to_real_3d(F, n, m, maps.dtype)
 
 
@@ -632,7 +628,7 @@ def band_limited_noise(rng: np.random.Generator, box: int, ndim: int, rc: float,
     kx = np.arange(m + 1.0)
     r2 = kx[:, None] ** 2 + k[None, :] ** 2 if ndim == 2 else \
         kx[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2
-    F *= _raised_cosine(np, np.sqrt(r2), rc, width_shells, np.float64)
+    F *= raised_cosine(np, np.sqrt(r2), rc, width_shells, np.float64)
     # the inverse keeps the Hermitian part of the kx = 0 plane, (F(k) + conj F(-k)) / 2, of half the power of the
     # other coefficients': sqrt 2 makes the spectrum white inside the band, as white noise low-passed
     F[0] *= np.sqrt(2.0)
