@@ -115,6 +115,21 @@ def reseed_classes(maps, class_prior, r_cur: float, below: float, seed: int, it:
     return maps, prior, out
 
 
+def reseeded_direction_prior(direction_prior, class_prior, reseeded) -> np.ndarray:
+    """The direction prior (K, D) after re-seeding: every class's row scaled to its new share ``class_prior``;
+    the ``reseeded`` classes' rows (their old ones hold the little weight that made them re-seeded) the
+    directions' distribution over all classes, at their new share."""
+    dp = np.asarray(direction_prior, dtype=np.float64)
+    share = np.asarray(class_prior, dtype=np.float64)
+    rows = dp.sum(axis=1)
+    out = dp * np.where(rows > 0, share / np.where(rows > 0, rows, 1.0), 0.0)[:, None]
+    total = dp.sum(axis=0)
+    shape = total / total.sum() if total.sum() > 0 else np.full(dp.shape[1], 1.0 / dp.shape[1])
+    for k in reseeded:
+        out[k] = share[k] * shape
+    return out
+
+
 #: host threads a GPU rank draws the re-seeding noise with (its host is otherwise idle then; CPU ranks draw in one
 #: thread, the node's cores being the ranks')
 RESEED_THREADS = 8

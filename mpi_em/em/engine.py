@@ -47,6 +47,11 @@ class SearchSpec:
     significant: float = 0.999       # ... those the best of which hold less than this share of the coarse posterior
     class_select: int = 10           # classes per particle whose best coarse pose(s) the fine pass also refines
     log_class_prior: object | None = None   # (K,) log pi_k
+    direction_log_prior: object | None = None  # (K, D) log prior of each class and direction of the global grid
+    #                                  (RELION's pdf_direction, whose sum over directions is the class prior), the
+    #                                  grid's poses direction-major with n_psi in-plane angles each; None:
+    #                                  log_class_prior for every pose
+    n_psi: int = 1                   # in-plane angles per direction of the global grid (direction_log_prior)
     fixed_class: bool = False        # iteration-1 random subsets: each particle sees only its class
     projection_cache: dict = field(default_factory=dict)  # reference set -> projections of the global grid
     local_log_prior: object | None = None  # (L,) float32 log prior of each local rotation (None: uniform)
@@ -68,19 +73,25 @@ class Stats:
     loglike: float = 0.0
     angle_spread: float = 0.0   # sum over particles of the posterior rms angle about the best pose (deg)
     offset_var: float = 0.0     # sum over particles of the posterior variance of an offset per axis (px^2)
+    direction_weight: np.ndarray | None = None  # (K * D,) posterior weight per class and direction of the global
+    #                                             grid, class-major (SearchSpec.direction_log_prior); None: not kept
 
     def as_vector(self) -> np.ndarray:
-        return np.concatenate([self.sigma2_sum, self.sigma2_count, self.class_weight,
+        dw = [] if self.direction_weight is None else self.direction_weight
+        return np.concatenate([self.sigma2_sum, self.sigma2_count, self.class_weight, dw,
                                [self.offset_sq, self.offset_w, self.loglike, self.angle_spread, self.offset_var]])
 
     @classmethod
-    def from_vector(cls, v, n_shells, n_classes):
-        a, b = n_shells, 2 * n_shells
-        return cls(v[:a].copy(), v[a:b].copy(), v[b:b + n_classes].copy(), *(float(x) for x in v[-5:]))
+    def from_vector(cls, v, n_shells, n_classes, n_directions: int = 0):
+        a, b, c = n_shells, 2 * n_shells, 2 * n_shells + n_classes
+        dw = v[c:c + n_classes * n_directions].copy() if n_directions else None
+        return cls(v[:a].copy(), v[a:b].copy(), v[b:c].copy(), *(float(x) for x in v[-5:]), direction_weight=dw)
 
     @classmethod
-    def zeros(cls, n_shells, n_classes):
-        return cls(np.zeros(n_shells), np.zeros(n_shells), np.zeros(n_classes))
+    def zeros(cls, n_shells, n_classes, n_directions: int = 0):
+        """``n_directions`` > 0: the class-and-direction weights are kept too (K x n_directions)."""
+        return cls(np.zeros(n_shells), np.zeros(n_shells), np.zeros(n_classes),
+                   direction_weight=np.zeros(n_classes * n_directions) if n_directions else None)
 
 
 def prepare_batch(images, plan, sl, geom: SliceGeometry, box: int, pixel_size: float, use_ctf: bool = True,
@@ -231,6 +242,13 @@ def _batch_stats(X, inv_sigma2, shells, spec, geom, stats, n_shells, fine: FineP
     cls_w = xp.zeros(K, dtype=xp.float64)
     cls_w = cls_w + xp.bincount(f_cls.reshape(-1), weights=wc.reshape(-1).astype(xp.float64), minlength=K)[:K]
     stats.class_weight += to_host(cls_w)
+    if stats.direction_weight is not None:  # RELION's wsum pdf_direction: each fine pose's weight to its coarse
+        #                                     pose's class and direction (the grid is class-major, direction-major)
+        C = spec.global_mats.shape[0]
+        D = C // spec.n_psi
+        cd = (fine.f_cand // C) * D + (fine.f_cand % C) // spec.n_psi
+        stats.direction_weight += to_host(xp.bincount(cd.reshape(-1), weights=wc.reshape(-1).astype(xp.float64),
+                                                      minlength=K * D)[:K * D])
     stats.offset_sq += float((w.sum(axis=2) * (fine.o_f ** 2).sum(axis=2)).sum())
     stats.offset_w += float(n)
     stats.offset_var += float(fine.t_var.sum())

@@ -7,7 +7,7 @@ import numpy as np
 
 from ..fourier import default_r_max
 from ..fsc import fsc, resolution_at
-from ..sampling import angular_step, next_perturbation, next_translations
+from ..sampling import angular_step, next_perturbation, next_translations, psi_angles
 from .classes import data_vs_prior, data_vs_prior_shells
 from .engine import SearchSpec
 from .references import fine_offsets, global_grid, local_grid, local_offsets
@@ -15,6 +15,10 @@ from .state import EMState, Mode
 
 #: classification: the current resolution is never taken coarser than this shell (RELION's --minres_map, 5)
 MINRES_MAP = 5
+
+#: --direction-prior: a class and direction without posterior weight in the last iteration get this prior (RELION
+#: skips such poses; log(1e-30) = -69 keeps the sums finite and leaves them no weight)
+DIRECTION_PRIOR_FLOOR = 1e-30
 
 
 def search_spec(state: EMState, args, mode: Mode, it: int, K: int, sym_name: str, xp) -> SearchSpec:
@@ -35,8 +39,17 @@ def search_spec(state: EMState, args, mode: Mode, it: int, K: int, sym_name: str
             g = g.astype(np.float64)
             angle = np.sqrt((g.reshape(g.shape[0], -1) ** 2).sum(axis=1)) * step  # of each local rotation, degrees
             prior = (-0.5 * (angle / sigma) ** 2).astype(np.float32)
+    direction, n_psi = None, 1
+    if glob is not None and dim == 3 and getattr(args, "direction_prior", False):
+        n_psi = len(psi_angles(state.order))
+        D = glob.shape[0] // n_psi
+        if state.direction_prior is None or state.direction_prior.shape != (K, D):
+            # a new run, or a new sampling: even over the directions (RELION's initialisePdfDirection), each
+            # class keeping its share
+            state.direction_prior = np.outer(state.class_prior, np.full(D, 1.0 / D))
+        direction = xp.asarray(np.log(np.maximum(state.direction_prior, DIRECTION_PRIOR_FLOOR)), dtype=xp.float32)
     return SearchSpec(
-        dim=dim, n_classes=K, global_mats=glob, local_mats=local_mats,
+        dim=dim, n_classes=K, global_mats=glob, local_mats=local_mats, direction_log_prior=direction, n_psi=n_psi,
         local_log_prior=None if prior is None else xp.asarray(prior), local_sigma_deg=sigma if state.local else 0.0,
         fine_mats=fine_offsets(dim, step, xp), offset_range=state.offset_range,
         offset_step=state.offset_step, offset_sigma=state.offset_sigma,

@@ -34,6 +34,7 @@ class FinePass:
     o_f: object          # (n, 9, 2) offsets from the prior's centre of the fine translations, px
     f_mats: object       # (n, J, d, d) fine poses
     f_cls: object        # (n, J) class of each fine pose
+    f_cand: object       # (n, J) the coarse candidate (class-major index) each fine pose oversamples
     Xb: object           # (n, m) images moved by their best coarse translation
     ph_d: object         # (9, m) phases of the 9 fine translation steps
     P_f: object          # (n, J, m) projections at the fine poses
@@ -61,6 +62,11 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
     ph_c = geom.phases(T_c, dtype=X.dtype)                                            # (T, m)
     lcp = spec.log_class_prior if spec.log_class_prior is not None else xp.zeros(K, dtype=xp.float32)
     lcp = xp.asarray(lcp, dtype=xp.float32)
+    if spec.global_mats is not None and spec.direction_log_prior is not None:
+        # RELION's pdf_direction: a prior per class and direction, each direction's in-plane angles alike
+        lpc = xp.repeat(xp.asarray(spec.direction_log_prior, dtype=xp.float32), spec.n_psi, axis=1).reshape(-1)
+    else:
+        lpc = xp.repeat(lcp, spec.global_mats.shape[0] if spec.global_mats is not None else spec.local_mats.shape[0])
 
     if spec.global_mats is not None:
         G = spec.global_mats
@@ -87,7 +93,7 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
                 cross, norm = _chunked_parts(Xt[rows], ctf[rows], inv_sigma2, refs, G, K, int(base), spec.grid_chunk,
                                              geom, timer)
                 timer.add_flops("coarse", 2.0 * cross.shape[0] * T_c.shape[0] * K * C * 2 * m)
-                s, v, t = _select(cross, norm, T_c, prior_t[rows], lcp, prev_class[rows], K, C, spec, timer)
+                s, v, t = _select(cross, norm, T_c, prior_t[rows], lpc, prev_class[rows], K, C, spec, timer)
                 if sel is None:
                     sel = xp.empty((n, s.shape[1]), dtype=s.dtype)
                     valid = xp.empty((n, s.shape[1]), dtype=bool)
@@ -107,7 +113,7 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
             with timer.detail("coarse.likelihood"):
                 cross, norm = shared_parts(Xt[rows], ctf[rows], inv_sigma2, ops)
             timer.add_flops("coarse", 2.0 * cross.shape[0] * T_c.shape[0] * ops[0].shape[0] * 2 * m)
-            s, v, t = _select(cross, norm, T_c, prior_t[rows], lcp, prev_class[rows], K, C, spec, timer)
+            s, v, t = _select(cross, norm, T_c, prior_t[rows], lpc, prev_class[rows], K, C, spec, timer)
             if sel is None:
                 sel = xp.empty((n, s.shape[1]), dtype=s.dtype)
                 valid = xp.empty((n, s.shape[1]), dtype=bool)
@@ -125,11 +131,11 @@ def _coarse_pass(X, ctf, inv_sigma2, refs, vol_base, prev_mats, prev_class, spec
         if spec.local_log_prior is not None:  # the Gaussian prior around the previous pose (RELION's)
             L += xp.tile(xp.asarray(spec.local_log_prior, dtype=L.dtype), K)[None, None, :]
         timer.add_flops("coarse", 2.0 * n * T_c.shape[0] * K * C * 2 * m)
-        sel, valid, best_t = _select(L, None, T_c, prior_t, lcp, prev_class, K, C, spec, timer)
+        sel, valid, best_t = _select(L, None, T_c, prior_t, lpc, prev_class, K, C, spec, timer)
     if K == 1:  # candidates best first: the fine pass needs only as many as the widest posterior of the batch
         S = max(1, int(valid.sum(axis=1).max()))
         sel, valid = sel[:, :S], valid[:, :S]
-    return cand_mats, sel, best_t, lcp, valid
+    return cand_mats, sel, best_t, lpc, valid
 
 
 def grid_operands(refs, G, K: int, base: int, geom):
@@ -173,7 +179,7 @@ def _chunked_parts(Xt, ctf, inv_sigma2, refs, G, K: int, base: int, chunk: int, 
     return cross.reshape(rows, T, K * C), norm.reshape(rows, K * C)
 
 
-def _select(L, norm, T_c, prior_t, lcp, prev_class, K, C, spec, timer):
+def _select(L, norm, T_c, prior_t, lpc, prev_class, K, C, spec, timer):
     """Coarse log-likelihoods L (n, T, K*C) (less ``norm`` (n, K*C), which does not depend on the translation)
     and log offset priors (n, T) -> the candidates the fine pass refines (n, S), which of them are significant
     (n, S) and each particle's best coarse translation (n, 2).
@@ -182,11 +188,12 @@ def _select(L, norm, T_c, prior_t, lcp, prev_class, K, C, spec, timer):
     ``spec.significant`` of the coarse posterior (so the best is always kept and a particle with a broad posterior
     keeps up to ``spec.n_select``); the fine pass gives the others no weight.
 
-    marg = log sum_t exp(L + log prior(t)) - norm + log pi_class; in the first class3d iteration (fixed
-    classes) only the particle's own class is allowed. Candidate j (class-major) is of class j // C."""
+    marg = log sum_t exp(L + log prior(t)) - norm + log prior of the candidate (``lpc`` (K*C,): its class's, or its
+    class's and direction's); in the first class3d iteration (fixed classes) only the particle's own class is
+    allowed. Candidate j (class-major) is of class j // C."""
     xp = xp_of(L)
     with timer.detail("coarse.marginal"):
-        marg = marginalise_translations(L, prior_t) + xp.repeat(lcp, C)[None, :]
+        marg = marginalise_translations(L, prior_t) + xp.asarray(lpc, dtype=xp.float32)[None, :]
         if norm is not None:
             marg -= norm
         if spec.fixed_class:
@@ -219,7 +226,7 @@ def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coars
     xp = xp_of(X)
     n, m = X.shape
     d = spec.dim
-    cand_mats, sel, best_t, lcp, valid = coarse
+    cand_mats, sel, best_t, lpc, valid = coarse
     S = sel.shape[1]
     Fm = spec.fine_mats
     nf = Fm.shape[0]
@@ -230,6 +237,7 @@ def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coars
     s_cls = sel // (cand_mats.shape[1] // spec.n_classes)                           # (n, S): j // C
     f_mats = compose(Fm, s_mats).reshape(n, S * nf, d, d)
     f_cls = xp.repeat(s_cls, nf, axis=1)                                               # (n, S*nf)
+    f_cand = xp.repeat(sel, nf, axis=1)                                                # (n, S*nf)
     h = spec.offset_step
     dt = xp.asarray([[0.0, 0.0], [-h, 0], [h, 0], [0, -h], [0, h], [-h, -h], [h, -h], [-h, h], [h, h]])
     t_f = best_t[:, None, :] + dt[None]                                                # (n, 9, 2)
@@ -245,7 +253,7 @@ def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coars
         Lf = log_likelihood_phased(Xb, ctf, inv_sigma2, P_f, ph_d)                     # (n, 9, S*nf)
     timer.add_flops("fine", 2.0 * n * 9 * S * nf * 2 * m)
     o_f = po[:, None, :] + t_f                                                         # (n, 9, 2) offsets
-    Lf = Lf + offset_log_prior(o_f, spec.offset_sigma)[:, :, None] + lcp[f_cls][:, None, :]
+    Lf = Lf + offset_log_prior(o_f, spec.offset_sigma)[:, :, None] + lpc[f_cand][:, None, :]
     if spec.local_mats is not None and spec.local_sigma_deg > 0 and prev_mats is not None:
         Lf = Lf + angle_log_prior(f_mats, prev_mats, spec.local_sigma_deg)[:, None, :]
     if spec.fixed_class:
@@ -265,9 +273,9 @@ def _fine_pass(X, ctf, inv_sigma2, refs, vol_base, prev_class, spec, geom, coars
     cap = max(spec.offset_range, h) ** 2
     t_var = 0.5 * (laplace_offset_variance(lb[:, 0], lb[:, 1], lb[:, 2], h, cap)
                    + laplace_offset_variance(lb[:, 0], lb[:, 3], lb[:, 4], h, cap))
-    return FinePass(w=w, mx=mx, lse=lse, o_f=o_f, f_mats=f_mats, f_cls=f_cls, Xb=Xb, ph_d=ph_d, P_f=P_f, ctf=ctf,
-                    best_mats=best_mats, best_cls=best_cls, best_shift=best_shift, pmax=pmax, t_var=t_var,
-                    Xb_insert=Xb_insert)
+    return FinePass(w=w, mx=mx, lse=lse, o_f=o_f, f_mats=f_mats, f_cls=f_cls, f_cand=f_cand, Xb=Xb, ph_d=ph_d,
+                    P_f=P_f, ctf=ctf, best_mats=best_mats, best_cls=best_cls, best_shift=best_shift, pmax=pmax,
+                    t_var=t_var, Xb_insert=Xb_insert)
 
 
 def select_candidates(marg, K: int, C: int, n_select: int, class_select: int):

@@ -25,7 +25,7 @@ PER_PARTICLE = ("rot", "tilt", "psi", "origin_x", "origin_y", "class_number", "p
 #: options a run started before they existed ran without (their values then)
 OPTION_DEFAULTS_OF_OLD_RUNS = {"folds": 1, "refine_offsets": False, "solvent_mask": None, "incr_size": 3,
                                "fsc_jump": False, "local_radius": 1.5, "local_sigma": 0.0,
-                               "settle_poses": False, "zero_mask": False}
+                               "settle_poses": False, "zero_mask": False, "direction_prior": False}
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class EMState:
     sigma2: np.ndarray | None = None    # noise spectrum per shell
     offset_sigma: float = 1.5           # px, the offsets' prior width
     class_prior: np.ndarray | None = None
+    direction_prior: np.ndarray | None = None  # (K, directions) class3d --direction-prior: RELION's pdf_direction
     maps: np.ndarray | None = None      # the references (half maps / class maps)
     references: np.ndarray | None = None  # refine3d with folds: each fold's reference (its half without it)
     resolution: list = field(default_factory=list)     # Å per iteration (refine3d: gold standard)
@@ -138,6 +139,8 @@ class EMState:
             arrays["references"] = self.references
         arrays["sigma2"] = self.sigma2
         arrays["class_prior"] = self.class_prior
+        if self.direction_prior is not None:
+            arrays["direction_prior"] = self.direction_prior
         arrays["resolution"] = np.asarray(self.resolution, dtype=np.float64)
         arrays["ang_change"] = np.asarray(self.ang_change, dtype=np.float64)
         arrays["class_history"] = np.asarray(self.class_history, dtype=np.float64).reshape(-1, K)
@@ -169,7 +172,8 @@ class EMState:
         state = cls(**{k: v for k, v in scal.items() if k in known},
                     maps=arrays["maps"] if "maps" in arrays else _read_maps(folder, ptr, attrs["maps_files"]),
                     references=arrays.get("references"), sigma2=arrays["sigma2"],
-                    class_prior=arrays["class_prior"], resolution=list(arrays["resolution"]),
+                    class_prior=arrays["class_prior"], direction_prior=arrays.get("direction_prior"),
+                    resolution=list(arrays["resolution"]),
                     ang_change=list(arrays["ang_change"]),
                     class_history=np.asarray(arrays.get("class_history", np.zeros((0, 1)))).tolist())
         return ptr, state, particles

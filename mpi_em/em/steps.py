@@ -19,7 +19,7 @@ from ..geometry import angular_distance, euler_to_matrix
 from ..particles import ImageCache, pinned_wanted
 from ..io.mrc import map_statistics
 from ..symmetry import symmetry_matrices
-from .classes import RESEED_AMPLITUDE, center_2d, first_shell_2d, reseed_classes
+from .classes import RESEED_AMPLITUDE, center_2d, first_shell_2d, reseed_classes, reseeded_direction_prior
 from ..masks import auto_solvent_mask
 from .engine import (Stats, current_mats, end_e_step, expectation_batch, image_shifts_px, inverse_sigma2_points,
                      masked_points, prepare_batch, shell_of_points, sigma2_from_images, update_plan_poses)
@@ -272,6 +272,7 @@ def expectation(job: EMRun, it: int, geom: SliceGeometry, refs: References, time
     V = 2 * folds if mode.gold else K
     vol_shape = geom.vol_shape if dim == 3 else (geom.npad, geom.npad // 2 + 1)
     radius = image_mask_radius(box, apix, args) if getattr(args, "zero_mask", False) else None
+    n_dir = 0 if spec.direction_log_prior is None else int(spec.direction_log_prior.shape[1])
 
     def e_step():
         F_acc, W_acc = e_step_accumulators(job.comm, V, vol_shape, xp, job.owned_accumulators, job.sym_ops,
@@ -280,7 +281,7 @@ def expectation(job: EMRun, it: int, geom: SliceGeometry, refs: References, time
             log.info("iteration %d: accumulators in the %d^3 cube that r %.0f px reaches (%.0f%% of the %d^3 "
                      "volume)", it, F_acc.side, geom.r_max, 100.0 * F_acc.F.size / (V * np.prod(vol_shape)),
                      geom.npad)
-        stats = Stats.zeros(n_shells, K)
+        stats = Stats.zeros(n_shells, K, n_dir)
         batches = batch_rounds(F_acc, job.images.batches(plan, args.batch, pinned=pinned_wanted(xp)),
                                len(plan["index"]), args.batch)
         while True:
@@ -330,7 +331,7 @@ def expectation(job: EMRun, it: int, geom: SliceGeometry, refs: References, time
             symmetrised(acc["F"], acc["W"])
     vec = stats.as_vector()
     allreduce_sum(job.comm, vec)
-    return acc, Stats.from_vector(vec, n_shells, K)
+    return acc, Stats.from_vector(vec, n_shells, K, n_dir)
 
 
 def maximisation(job: EMRun, it: int, acc: dict, stats: Stats, timer):
@@ -380,11 +381,16 @@ def update_model(job: EMRun, it: int, stats: Stats, info: dict, maps, prev: dict
     if stats.class_weight.sum() > 0:
         state.class_prior = stats.class_weight / stats.class_weight.sum()
     state.class_history.append([float(x) for x in state.class_prior])
+    dw = stats.direction_weight
+    if dw is not None and dw.sum() > 0:  # RELION's pdf_direction: the weights / their sum (over the classes too)
+        state.direction_prior = (dw / dw.sum()).reshape(len(state.class_prior), -1)
     if not mode.refine and getattr(args, "reseed_below", 0) > 0 and not final:
         amp = getattr(args, "reseed_amplitude", None)
         state.maps, state.class_prior, done_k = reseed_classes(state.maps, state.class_prior, state.r_cur,
                                                                args.reseed_below, args.seed, it, job.box, job.apix,
                                                                RESEED_AMPLITUDE if amp is None else amp, xp=job.xp)
+        if done_k and state.direction_prior is not None:
+            state.direction_prior = reseeded_direction_prior(state.direction_prior, state.class_prior, done_k)
         if done_k and comm.rank == 0:
             log.info("iteration %d: re-seeded class(es) %s from the largest class", it,
                      ", ".join(str(k + 1) for k in done_k))

@@ -139,6 +139,12 @@ def add_arguments(p, mode: str) -> None:
     if mode == "class3d":
         p.add_argument("--local", action="store_true",
                        help="local searches around the input poses instead of global searches")
+        p.add_argument("--direction-prior", action=argparse.BooleanOptionalAction, default=True,
+                       help="a prior per class and projection direction, from the last iteration's posterior weights "
+                            "(RELION's pdf_direction, used by its global searches; its sum over the directions is "
+                            "the class's share): a class rarely seen from a direction is rarely chosen there. On "
+                            "data of one structure the classes then merge, as RELION's do (default on; "
+                            "--no-direction-prior: one prior per class)")
     if cfg.dim == 2:
         p.add_argument("--psi-step", type=float, default=10.0, help="in-plane angular step, degrees (default 10)")
         p.add_argument("--no-center", action="store_true", help="do not re-centre the class averages")
@@ -384,6 +390,18 @@ def _setup(args, comm, mode: Mode, state: EMState | None, particles: dict | None
                  step_sync=step_sync)
 
 
+def class_sizes_text(class_prior) -> str:
+    """The classes' shares of the particles for the iteration's log line (as the E-step found them, before any
+    re-seeding): ``, classes 50.1/49.9/0.0%`` (in class order) for 2 <= K <= 8; for more, the largest share and how
+    many classes hold at least 1%; ``""`` for K = 1."""
+    p = [] if class_prior is None else [float(x) for x in class_prior]
+    if len(p) < 2:
+        return ""
+    if len(p) <= 8:
+        return ", classes " + "/".join(f"{100 * x:.1f}" for x in p) + "%"
+    return f", largest class {100 * max(p):.1f}%, {sum(x >= 0.01 for x in p)} of {len(p)} classes >= 1%"
+
+
 def _write(job: EMRun, it: int, info: dict, writer, timer, t_iter: float, parts: dict, t_start: float,
            first_written: int) -> None:
     """Timings of every rank (``parts``: seconds of the references, E-step, M-step and model update); rank 0 logs
@@ -399,10 +417,10 @@ def _write(job: EMRun, it: int, info: dict, writer, timer, t_iter: float, parts:
             info.pop("fsc")
         res_txt = f", resolution {state.resolution[-1]:.2f} Å" if state.resolution else ""
         log.info("iteration %d: E-step %.1f s, M-step %.1f s, mean pose change %.2f° / %.2f px, accuracy %.2f° / "
-                 "%.2f px%s, next order %d%s, offsets step %.2f px range %.2f px, r %.0f px", it, parts["estep"],
+                 "%.2f px%s, next order %d%s, offsets step %.2f px range %.2f px, r %.0f px%s", it, parts["estep"],
                  parts["mstep"], state.ang_change[-1], state.offset_change, state.accuracy, state.accuracy_trans,
                  res_txt, state.order, " (local)" if state.local else "", state.offset_step, state.offset_range,
-                 state.r_cur)
+                 state.r_cur, class_sizes_text(state.class_history[-1] if state.class_history else None))
 
     # rank 0 writes this iteration's outputs while every rank computes the next one; the previous iteration's
     # writing must have succeeded (a failure there stops every rank here, cleanly)
