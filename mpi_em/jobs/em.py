@@ -149,10 +149,13 @@ def add_arguments(p, mode: str) -> None:
         p.add_argument("--psi-step", type=float, default=10.0, help="in-plane angular step, degrees (default 10)")
         p.add_argument("--no-center", action="store_true", help="do not re-centre the class averages")
     if mode != "refine3d":
-        p.add_argument("--reseed-below", type=float, default=0.2, metavar="F",
+        reseed_default = 0.0 if mode == "class3d" else 0.2
+        p.add_argument("--reseed-below", type=float, default=reseed_default, metavar="F",
                        help="re-seed a class whose share of the particles falls below F / K: its reference "
                             "becomes a seeded, perturbed copy of the largest class's, which it splits with "
-                            "(default 0.2; 0 = never)")
+                            f"(default {reseed_default:g}; 0 = never. class3d: never, as RELION; on one structure at "
+                            "box 256 re-seeding kept 4 classes of it, the largest class map 0.5-1 Å further from the "
+                            "truth than without. class2d: 0.2, which kept more classes of a compact particle)")
         from ..em.classes import RESEED_AMPLITUDE
 
         p.add_argument("--reseed-amplitude", type=float, default=RESEED_AMPLITUDE, metavar="A",
