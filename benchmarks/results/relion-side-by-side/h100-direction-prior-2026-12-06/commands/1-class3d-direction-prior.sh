@@ -12,17 +12,17 @@ step "set-up done"
   > "$R/data.log" 2>&1; step "data exit $?" ) & DP=$!
 python3 -m mpi_em warmup > "$R/warmup.log" 2>&1; step "warmup exit $?"
 wait $DP
-run() {  # NAME CLASS_EXTRA
+bench() {  # NAME CLASS_EXTRA
   mkdir -p /tmp/sbs_$1 && cp .dev/s2_class3d.json /tmp/sbs_$1/side_by_side.json
   CLASS_EXTRA="$2" SUMMARY=$R/box256-class3d-$1 PROGRAMS=mpi_em DATA=/tmp/d256b JOBS=class3d ITER=25 TIMEOUT=100 \
     timeout 130 bash benchmarks/relion_side_by_side_gpu.sh /tmp/sbs_$1 3000 256 > "$R/class3d_$1.log" 2>&1
   step "class3d $1 exit $?: $(grep -rh ', classes ' /tmp/sbs_$1 --include=*.log 2>/dev/null | tail -1 | grep -o 'classes.*')"
   pack
 }
-run direction-prior ""
-run no-direction-prior "--no-direction-prior"
-run direction-prior-no-reseed "--reseed-below 0"
-run no-direction-prior-no-reseed "--no-direction-prior --reseed-below 0"
+bench direction-prior ""
+bench no-direction-prior "--no-direction-prior"
+bench direction-prior-no-reseed "--reseed-below 0"
+bench no-direction-prior-no-reseed "--no-direction-prior --reseed-below 0"
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_direction_prior.py tests/test_gpu.py tests/test_likelihood.py \
   tests/test_zero_mask.py -k "not one_rank" 2>&1 | tail -12 > "$R/gpu_tests.txt"; step "gpu tests: $(tail -1 "$R/gpu_tests.txt")"
 pack

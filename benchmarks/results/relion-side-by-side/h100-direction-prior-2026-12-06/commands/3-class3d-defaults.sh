@@ -15,17 +15,17 @@ step "set-up done"
   > "$R/data128.log" 2>&1; step "data 128 exit $?" ) & DP=$!
 python3 -m mpi_em warmup > "$R/warmup.log" 2>&1; step "warmup exit $?"
 wait $DP
-run() {  # NAME BOX N ITER RELION-JSON CLASS_EXTRA DATA
+bench() {  # NAME BOX N ITER RELION-JSON CLASS_EXTRA DATA
   mkdir -p /tmp/sbs_$1 && cp .dev/$5 /tmp/sbs_$1/side_by_side.json
   CLASS_EXTRA="$6" SUMMARY=$R/$1 PROGRAMS=mpi_em DATA=$7 JOBS=class3d ITER=$4 TIMEOUT=100 \
     timeout 130 bash benchmarks/relion_side_by_side_gpu.sh /tmp/sbs_$1 $3 $2 > "$R/$1.log" 2>&1
   step "$1 exit $?: $(grep -rh ', classes ' /tmp/sbs_$1 --include=*.log 2>/dev/null | tail -1 | grep -o 'classes.*')"
   pack
 }
-run box256-class3d-new-default 256 3000 25 s2_class3d.json "" /tmp/d256b
-run box256-class3d-previous-default 256 3000 25 s2_class3d.json "--no-direction-prior --reseed-below 0.2" /tmp/d256b
-run box128-class3d-new-default 128 10000 5 c128.json "" /tmp/d128
-run box128-class3d-previous-default 128 10000 5 c128.json "--no-direction-prior --reseed-below 0.2" /tmp/d128
+bench box256-class3d-new-default 256 3000 25 s2_class3d.json "" /tmp/d256b
+bench box256-class3d-previous-default 256 3000 25 s2_class3d.json "--no-direction-prior --reseed-below 0.2" /tmp/d256b
+bench box128-class3d-new-default 128 10000 5 c128.json "" /tmp/d128
+bench box128-class3d-previous-default 128 10000 5 c128.json "--no-direction-prior --reseed-below 0.2" /tmp/d128
 [ "$(el)" -lt 420 ] && { timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_warmup.py -x 2>&1 | tail -30 > "$R/warmup_tests.txt"
   step "test_warmup: $(tail -1 "$R/warmup_tests.txt")"; }
 step end; pack

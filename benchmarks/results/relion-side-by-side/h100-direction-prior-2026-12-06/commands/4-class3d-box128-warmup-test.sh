@@ -11,15 +11,15 @@ step "set-up done"
   > "$R/data128.log" 2>&1; step "data 128 exit $?" ) & DP=$!
 python3 -m mpi_em warmup > "$R/warmup.log" 2>&1; step "warmup exit $?"
 wait $DP
-run() {  # NAME CLASS_EXTRA
+bench() {  # NAME CLASS_EXTRA
   mkdir -p /tmp/sbs_$1 && cp .dev/c128.json /tmp/sbs_$1/side_by_side.json
   CLASS_EXTRA="$2" SUMMARY=$R/$1 PROGRAMS=mpi_em DATA=/tmp/d128 JOBS=class3d ITER=5 TIMEOUT=100 \
     timeout 130 bash benchmarks/relion_side_by_side_gpu.sh /tmp/sbs_$1 10000 128 > "$R/$1.log" 2>&1
   step "$1 exit $?: $(grep -rh ', classes ' /tmp/sbs_$1 --include=*.log 2>/dev/null | tail -1 | grep -o 'classes.*')"
   pack
 }
-run box128-class3d-default ""
-run box128-class3d-no-zero-mask "--no-zero-mask"
+bench box128-class3d-default ""
+bench box128-class3d-no-zero-mask "--no-zero-mask"
 timeout 260 python3 -m pytest -q -p no:cacheprovider tests/test_warmup.py -x 2>&1 | tail -30 > "$R/warmup_tests.txt"
 step "test_warmup: $(tail -1 "$R/warmup_tests.txt")"
 step end; pack
