@@ -143,7 +143,8 @@ def add_arguments(p, mode: str) -> None:
                        help="a prior per class and projection direction, from the last iteration's posterior weights "
                             "(RELION's pdf_direction, used by its global searches; its sum over the directions is "
                             "the class's share): a class rarely seen from a direction is rarely chosen there. On "
-                            "data of one structure the classes then merge, as RELION's do (default on; "
+                            "one structure at box 256 its classes merged a little more (the largest held 53-97%% "
+                            "against 50-71%% at three seeds) and its maps were as good or better (default on; "
                             "--no-direction-prior: one prior per class)")
     if cfg.dim == 2:
         p.add_argument("--psi-step", type=float, default=10.0, help="in-plane angular step, degrees (default 10)")
