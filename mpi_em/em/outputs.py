@@ -52,8 +52,9 @@ def star_updates(particles: dict, mode: Mode) -> dict:
 
 
 def write_iteration(out: str, it: int, mode: Mode, star, particles: dict, state: EMState, info: dict,
-                    meta: dict) -> None:
-    """Rank 0: an iteration's maps, particles STAR, model STAR, checkpoint, pointer (each written atomically)."""
+                    meta: dict, figures: bool = True) -> None:
+    """Rank 0: an iteration's maps, particles STAR, model STAR, figures (PNG; not with ``figures`` False: the job
+    draws them in a writer of their own, :func:`write_figures`), checkpoint, pointer (each written atomically)."""
     box, apix, K = meta["box"], meta["pixel_size"], meta["K"]
     tag = f"run_it{it:03d}"
     maps = state.maps
@@ -89,9 +90,16 @@ def write_iteration(out: str, it: int, mode: Mode, star, particles: dict, state:
     ssnr = None if mode.gold else data_vs_prior(info)
     write_model_star(os.path.join(out, f"{tag}_model.star"), general, classes, freqs, state.sigma2, tau2,
                      fsc=gold_fsc, ssnr=ssnr)
-    _plots(out, it, tag, mode, state, freqs, gold_fsc)
+    if figures:
+        _plots(out, it, tag, mode, state, freqs, gold_fsc)
     # checkpoint (everything needed to resume; the maps by reference to the files above) then the pointer
     state.save(out, it, mode, particles, K, meta.get("input"), map_files=files)
+
+
+def write_figures(out: str, it: int, mode: Mode, state: EMState, info: dict, meta: dict) -> None:
+    """Rank 0: an iteration's figures (PNG), as :func:`write_iteration` draws them."""
+    gold_fsc = info["fsc"] if mode.gold and "fsc" in info else None
+    _plots(out, it, f"run_it{it:03d}", mode, state, shell_frequencies(meta["box"], meta["pixel_size"]), gold_fsc)
 
 
 def map_files(tag: str, mode: Mode, n_maps: int) -> list[str]:

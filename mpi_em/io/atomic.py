@@ -123,9 +123,10 @@ def _quietly(fn) -> None:
 class BackgroundWriter:
     """Runs ``fn(*args)`` in the background: :meth:`submit` starts it and returns at once, so that rank 0 writes an
     iteration's outputs while every rank computes the next one; :meth:`wait` blocks until the last submitted call
-    has finished and re-raises its exception. One call at a time (submit waits for the previous one first), so
+    has finished and re-raises its exception. One submission at a time (submit waits for the previous one first), so
     files are written in iteration order; each file is still written atomically, and a job killed while a write
-    runs leaves the previous checkpoint as the last complete one.
+    runs leaves the previous checkpoint as the last complete one. :meth:`submit_all` starts several calls that
+    write different files side by side (each in its own process).
 
     The call is made in a forked process where the platform forks (Linux), otherwise in a thread. A thread shares
     Python's global lock with the rank's main thread: formatting a 50 000-row STAR file there slowed the GPU
@@ -149,7 +150,7 @@ class BackgroundWriter:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpi_em-writer")
-        self._job = None
+        self._jobs = []
         self._preload = None
         if preload is not None:
             self._preload = threading.Thread(target=_quietly, args=(preload,), daemon=True,
@@ -157,28 +158,46 @@ class BackgroundWriter:
             self._preload.start()
 
     def submit(self, fn, *args, **kwargs) -> None:
+        self.submit_all([(fn, args, kwargs)])
+
+    def submit_all(self, calls) -> None:
+        """Start every ``(fn, args, kwargs)`` of ``calls`` at once, each in its own writer (forked process), after
+        the previous calls have finished; :meth:`wait` waits for all of them. For calls that write different files
+        and need not be in order (an iteration's data files and its figures)."""
         self.wait()
         if self._preload is not None:  # never fork while the preload's thread may hold an import lock
             self._preload.join()
             self._preload = None
         if self._ctx is None:
-            self._job = self._pool.submit(fn, *args, **kwargs)
+            self._jobs = [self._pool.submit(fn, *args, **kwargs) for fn, args, kwargs in calls]
             return
         import warnings
 
-        recv, send = self._ctx.Pipe(duplex=False)
-        proc = self._ctx.Process(target=_write_in_child, args=(send, fn, args, kwargs), daemon=True,
-                                 name="mpi_em-writer")
-        with warnings.catch_warnings():  # Python 3.12+: fork of a multi-threaded process (the child only writes)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            proc.start()
-        send.close()
-        self._job = (proc, recv)
+        jobs = []
+        for fn, args, kwargs in calls:
+            recv, send = self._ctx.Pipe(duplex=False)
+            proc = self._ctx.Process(target=_write_in_child, args=(send, fn, args, kwargs), daemon=True,
+                                     name="mpi_em-writer")
+            with warnings.catch_warnings():  # Python 3.12+: fork of a multi-threaded process (the child only writes)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                proc.start()
+            send.close()
+            jobs.append((proc, recv))
+        self._jobs = jobs
 
     def wait(self) -> None:
-        job, self._job = self._job, None
-        if job is None:
-            return
+        """Wait for every call of the last submission; re-raise the first failure (in the calls' order)."""
+        jobs, self._jobs = self._jobs, []
+        errors = []
+        for job in jobs:
+            try:
+                self._wait_one(job)
+            except BaseException as e:  # noqa: BLE001 - every writer waited for, then the first failure raised
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def _wait_one(self, job) -> None:
         if self._ctx is None:
             job.result()
             return

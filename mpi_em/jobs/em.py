@@ -20,7 +20,7 @@ from .. import config, plots
 from ..backend import get_xp
 from ..distributed import agree, bcast_large, collective_step, log_placement, root_step, select_device
 from ..em.inputs import default_folds, read_inputs  # noqa: F401 - default_folds: benchmarks
-from ..em.outputs import gather_particles, record_timings, write_final, write_iteration
+from ..em.outputs import gather_particles, record_timings, write_figures, write_final, write_iteration
 from ..em.schedule import final_iteration
 from ..em.state import MODES, PER_PARTICLE, EMState, Mode
 from ..em.steps import (EMRun, LightenedEStep, expectation, first_pass, full_size_wanted, maximisation,
@@ -434,7 +434,11 @@ def _write(job: EMRun, it: int, info: dict, writer, timer, t_iter: float, parts:
             warning = disk_outlook(job.args.output, first_written, job.args.iter)
             if warning:
                 log.warning("%s", warning)
-        writer.submit(write_iteration, job.args.output, it, job.mode, job.star, particles, state.snapshot(), info,
-                      job.meta)
+        # the figures in a writer of their own, beside the data files and the checkpoint (at box 128 the files of an
+        # iteration took longer than the next iteration on an H100: the job waited for them)
+        snap, out = state.snapshot(), job.args.output
+        writer.submit_all([(write_iteration, (out, it, job.mode, job.star, particles, snap, info, job.meta),
+                            {"figures": False}),
+                           (write_figures, (out, it, job.mode, snap, info, job.meta), {})])
 
     root_step(comm, hand_over)
