@@ -655,12 +655,13 @@ def test_background_writer_runs_in_order_and_reraises(tmp_path, use_process):
     w.close()
 
 
-def _wait_for_file(path, found, timeout=20.0):
+def _wait_for_file(path, found, timeout=20.0, then=0.0):
     import time
 
     t0 = time.monotonic()
     while not os.path.exists(path) and time.monotonic() - t0 < timeout:
         time.sleep(0.01)
+    time.sleep(then)
     with open(found, "w") as f:
         f.write("seen" if os.path.exists(path) else "timed out")
 
@@ -668,13 +669,13 @@ def _wait_for_file(path, found, timeout=20.0):
 def _fail_after_writing(path):
     with open(path, "w") as f:
         f.write("b")
-    raise ValueError("second call failed")
+    raise ValueError("the call failed")
 
 
 def test_background_writer_runs_submit_all_side_by_side(tmp_path):
     """submit_all starts its calls at once, each in its own process: the first waits for a file that only the second
-    writes (run one after the other, it would wait its 20 s out); wait returns when all have finished and raises
-    the first failure after every call has ended."""
+    writes (run one after the other, it would wait its 20 s out); wait returns when all have finished, and raises a
+    call's failure only after every call has ended."""
     from mpi_em.io import BackgroundWriter
 
     w = BackgroundWriter(use_process=True)
@@ -682,11 +683,12 @@ def test_background_writer_runs_submit_all_side_by_side(tmp_path):
                   (_append_line, (tmp_path / "b.txt", "b"), {})])
     w.wait()
     assert (tmp_path / "a.txt").read_text() == "seen"
-    w.submit_all([(_wait_for_file, (tmp_path / "d.txt", tmp_path / "c.txt"), {}),
-                  (_fail_after_writing, (tmp_path / "d.txt",), {})])
-    with pytest.raises(ValueError, match="second call failed"):
+    # the failing call first: wait still waits for the other, which ends 0.5 s after the failure
+    w.submit_all([(_fail_after_writing, (tmp_path / "d.txt",), {}),
+                  (_wait_for_file, (tmp_path / "d.txt", tmp_path / "c.txt"), {"then": 0.5})])
+    with pytest.raises(ValueError, match="call failed"):
         w.wait()
-    assert (tmp_path / "c.txt").read_text() == "seen"   # the first call had ended too
+    assert (tmp_path / "c.txt").read_text() == "seen"   # the other call had ended too
     w.wait()                                            # reported once
     w.close()
 

@@ -122,8 +122,8 @@ def _quietly(fn) -> None:
 
 class BackgroundWriter:
     """Runs ``fn(*args)`` in the background: :meth:`submit` starts it and returns at once, so that rank 0 writes an
-    iteration's outputs while every rank computes the next one; :meth:`wait` blocks until the last submitted call
-    has finished and re-raises its exception. One submission at a time (submit waits for the previous one first), so
+    iteration's outputs while every rank computes the next one; :meth:`wait` blocks until the last submission's
+    calls have finished and re-raises the first one's exception. One submission at a time (submit waits for the previous one first), so
     files are written in iteration order; each file is still written atomically, and a job killed while a write
     runs leaves the previous checkpoint as the last complete one. :meth:`submit_all` starts several calls that
     write different files side by side (each in its own process).
