@@ -116,6 +116,85 @@ def test_write_particles_updates(tmp_path):
     assert list(t.particles.columns)[: len(s.particles.columns)] == list(s.particles.columns)
 
 
+def _big_table(n, seed=0):
+    rng = np.random.default_rng(seed)
+    optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1], "rlnImagePixelSize": [1.06],
+                           "rlnImageSize": [64], "rlnImageDimensionality": [2]})
+    particles = pd.DataFrame({
+        "rlnImageName": [f"{i % 1000 + 1:06d}@Extract/job012/mic_{i // 1000:05d}.mrcs" for i in range(n)],
+        "rlnMicrographName": [f"mic {i // 1000}.mrc" for i in range(n)],   # a space: starfile quotes it
+        "rlnDefocusU": rng.uniform(8000, 25000, n), "rlnAngleRot": rng.uniform(-180, 180, n) * 1e-7,
+        "rlnOpticsGroup": np.ones(n, int), "rlnClassNumber": rng.integers(1, 50, n)})
+    return optics, particles
+
+
+def test_write_particles_in_parts_is_the_same_text(tmp_path):
+    """A table formatted by several processes (each a range of rows through starfile.write, joined in order) is the
+    text one process writes, the optics block and quoted strings included (the first line, starfile's time stamp,
+    aside); uneven parts, and more parts than rows, too; and it reads back exactly."""
+    from mpi_em.io.star_write import format_workers
+
+    optics, particles = _big_table(2503)
+    up = {"rlnAnglePsi": np.linspace(-180, 180, len(particles)) / 3}
+    texts = {}
+    for w in (1, 4, 7):
+        write_particles(tmp_path / f"w{w}.star", (optics, particles), updates=up, workers=w)
+        texts[w] = (tmp_path / f"w{w}.star").read_text().split("\n", 1)[1]
+    assert texts[4] == texts[1] and texts[7] == texts[1]
+    write_particles(tmp_path / "few.star", (optics, particles.iloc[:3]), workers=5)   # 3 parts of one row
+    write_particles(tmp_path / "few1.star", (optics, particles.iloc[:3]), workers=1)
+    assert (tmp_path / "few.star").read_text().split("\n", 1)[1] == (tmp_path / "few1.star").read_text().split("\n", 1)[1]
+    import starfile
+
+    got = starfile.read(tmp_path / "w4.star", always_dict=True)["particles"]
+    np.testing.assert_array_equal(got["rlnAngleRot"].to_numpy(), particles["rlnAngleRot"].to_numpy())
+    np.testing.assert_array_equal(got["rlnAnglePsi"].to_numpy(), up["rlnAnglePsi"])
+    assert list(got["rlnMicrographName"][:2]) == ["mic 0.mrc", "mic 0.mrc"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["few.star", "few1.star", "w1.star", "w4.star", "w7.star"]
+    # the default: one process per 100 000 rows, at most the cores this process may use and 8
+    cores = len(os.sched_getaffinity(0))
+    assert format_workers(50_000) == 1 and format_workers(10_000_000) == min(8, cores)
+    assert format_workers(250_000) == min(2, cores) and format_workers(10, workers=3) == 3
+
+
+def test_write_particles_in_parts_from_the_background_writer(tmp_path):
+    """The EM jobs write their particles in the background writer's process, a daemon: the formatting processes
+    start from there too (multiprocessing refuses a daemon children) and give the same text."""
+    from mpi_em.io import BackgroundWriter
+
+    optics, particles = _big_table(1001)
+    w = BackgroundWriter(use_process=True)
+    w.submit(write_particles, tmp_path / "bg.star", (optics, particles), None, 3)
+    w.wait()
+    w.close()
+    write_particles(tmp_path / "one.star", (optics, particles), workers=1)
+    assert (tmp_path / "bg.star").read_text().split("\n", 1)[1] == (tmp_path / "one.star").read_text().split("\n", 1)[1]
+
+
+_STARFILE_WRITE = []
+
+
+def _write_failing_for_later_parts(blocks, path, **kwargs):
+    if "optics" not in blocks:   # a formatting process of a later part (the first one writes every block)
+        raise RuntimeError("formatting failed")
+    return _STARFILE_WRITE[0](blocks, path, **kwargs)
+
+
+def test_write_particles_in_parts_failure_leaves_nothing(tmp_path, monkeypatch):
+    """A formatting process that fails fails the write: the file keeps its old content, no part file is left."""
+    import starfile
+
+    optics, particles = _big_table(400)
+    path = tmp_path / "it.star"
+    path.write_text("old")
+    _STARFILE_WRITE[:] = [starfile.write]
+    monkeypatch.setattr(starfile, "write", _write_failing_for_later_parts)   # inherited by the forked processes
+    with pytest.raises(RuntimeError, match="formatting failed"):
+        write_particles(path, (optics, particles), workers=4)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["it.star"]
+
+
 def test_old_style_single_block(tmp_path):
     make_dataset(tmp_path)  # for the stack
     n = 3
