@@ -91,7 +91,7 @@ def write_iteration(out: str, it: int, mode: Mode, star, particles: dict, state:
     write_model_star(os.path.join(out, f"{tag}_model.star"), general, classes, freqs, state.sigma2, tau2,
                      fsc=gold_fsc, ssnr=ssnr)
     if figures:
-        _plots(out, it, tag, mode, state, freqs, gold_fsc)
+        write_figures(out, it, mode, state, info, meta)
     # checkpoint (everything needed to resume; the maps by reference to the files above) then the pointer
     state.save(out, it, mode, particles, K, meta.get("input"), map_files=files)
 
