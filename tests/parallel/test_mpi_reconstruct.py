@@ -13,12 +13,12 @@ def _comm():
 
 
 @pytest.fixture(scope="module")
-def dataset():
+def dataset(shared_dir):
     comm = _comm()
     path = None
     if comm.rank == 0:
         from mpi_em.simulate import phantom, simulate_particles, write_dataset
-        d = tempfile.mkdtemp(prefix="mpi_em_mpi_")
+        d = tempfile.mkdtemp(dir=shared_dir)
         vol = phantom(32, seed=4)
         sim = simulate_particles(vol, 301, 4.0, snr=1.0, seed=5, max_shift=2.0)
         path = write_dataset(d, vol, sim, 4.0, per_stack=120)
@@ -34,7 +34,7 @@ def _args(star, out, **kw):
 
 
 @pytest.mark.mpi(min_size=2)
-def test_world_equals_self(dataset):
+def test_world_equals_self(dataset, shared_dir):
     """The P-rank reconstruction equals the 1-rank one (every P the suite runs with: 2 and 3, uneven)."""
     import mrcfile
     from mpi4py import MPI
@@ -42,7 +42,7 @@ def test_world_equals_self(dataset):
     from mpi_em.jobs import reconstruct
 
     comm = _comm()
-    outs = comm.bcast(tempfile.mkdtemp(prefix="mpi_em_out_") if comm.rank == 0 else None, root=0)
+    outs = comm.bcast(tempfile.mkdtemp(dir=shared_dir) if comm.rank == 0 else None, root=0)
     reconstruct.run(_args(dataset, os.path.join(outs, "world")), comm)
     if comm.rank == 0:
         reconstruct.run(_args(dataset, os.path.join(outs, "self")), MPI.COMM_SELF)

@@ -19,7 +19,7 @@ def _comm():
 
 
 @pytest.fixture(scope="module")
-def dataset():
+def dataset(shared_dir):
     comm = _comm()
     out = None
     if comm.rank == 0:
@@ -27,7 +27,7 @@ def dataset():
 
         from mpi_em.em.model import lowpass
         from mpi_em.simulate import phantom, simulate_particles, write_dataset
-        d = tempfile.mkdtemp(prefix="mpi_em_owned_")
+        d = tempfile.mkdtemp(dir=shared_dir)
         vol = phantom(32, seed=4)
         sim = simulate_particles(vol, 60, 4.0, snr=1.0, seed=5, max_shift=2.0)
         star = write_dataset(d, vol, sim, 4.0, per_stack=25)
@@ -52,12 +52,12 @@ def _run(mode, star, start, out, owned, extra=()):
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("mode,extra", [("refine3d", ("--iter", "1", "--max-order", "1")),
                                         ("class3d", ("--iter", "1", "--K", "2"))])
-def test_owned_accumulators_give_the_same_maps(dataset, mode, extra):
+def test_owned_accumulators_give_the_same_maps(dataset, shared_dir, mode, extra):
     import mrcfile
 
     comm = _comm()
     star, start = dataset
-    outs = comm.bcast(tempfile.mkdtemp(prefix="mpi_em_owned_out_") if comm.rank == 0 else None, root=0)
+    outs = comm.bcast(tempfile.mkdtemp(dir=shared_dir) if comm.rank == 0 else None, root=0)
     for owned in ("off", "on"):
         _run(mode, star, start, os.path.join(outs, owned), owned, extra)
     if comm.rank == 0:
@@ -78,7 +78,7 @@ def test_owned_accumulators_give_the_same_maps(dataset, mode, extra):
 
 
 @pytest.mark.mpi(min_size=2)
-def test_owned_accumulators_failure_on_one_rank_stops_every_rank(dataset, monkeypatch):
+def test_owned_accumulators_failure_on_one_rank_stops_every_rank(dataset, shared_dir, monkeypatch):
     """A batch failing on the last rank (its second batch: the other ranks are in a routed round, or in their
     empty or closing rounds) ends the E-step on every rank with the same RankFailed, nobody waits."""
     from mpi_em.distributed import RankFailed
@@ -96,7 +96,7 @@ def test_owned_accumulators_failure_on_one_rank_stops_every_rank(dataset, monkey
         return real(*a, **k)
 
     monkeypatch.setattr(steps, "expectation_batch", failing)
-    outs = comm.bcast(tempfile.mkdtemp(prefix="mpi_em_owned_fail_") if comm.rank == 0 else None, root=0)
+    outs = comm.bcast(tempfile.mkdtemp(dir=shared_dir) if comm.rank == 0 else None, root=0)
     with pytest.raises(RankFailed, match="bad batch"):
         _run("refine3d", star, start, os.path.join(outs, "r"), "on", ("--iter", "1", "--max-order", "1"))
     comm.Barrier()

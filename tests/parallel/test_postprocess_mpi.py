@@ -20,7 +20,7 @@ def _world():
 
 
 @pytest.fixture(scope="module")
-def maps():
+def maps(shared_dir):
     """Box 30 (P = 3 owns 10 planes each; P = 2, 15: odd counts), two half maps of a phantom with independent
     noise, a soft mask from the phantom, and a flat MTF table."""
     comm = _world()
@@ -30,7 +30,7 @@ def maps():
         from mpi_em.masks import threshold_mask
         from mpi_em.simulate import phantom
 
-        d = tempfile.mkdtemp(prefix="mpi_em_pp_")
+        d = tempfile.mkdtemp(dir=shared_dir)
         n, apix = 30, 2.0
         truth = phantom(n, seed=2).astype(np.float64)
         rng = np.random.default_rng(3)
