@@ -1,10 +1,10 @@
 """When can `initial-model`'s random starts be told apart? Many single starts (seeds) of the job on one data set,
 then each start's map after mini-batch iteration J compared with the others' (`initial-model --iter 0 --start MAPS
 --final-passes 1`: one pass over all particles per map, at iteration J's resolution limit, the images' noise
-spectrum for all: what `--starts N --select-at J` compares), for several J; the last J = --iter is what `--starts N`
-compares. For every N-subset of the seeds, the rule "keep the start whose pass has the highest summed
-log-likelihood" keeps one seed; the table gives how often that seed's own job ended at or below --good Å against
-the truth, and the mini-batch iterations the rule costs (N x J + --iter - J).
+spectrum for all), for several J; the last, J = --iter, is what `--starts N` compares. For every N-subset of the
+seeds, the rule "keep the start whose pass has the highest summed log-likelihood" keeps one seed; the table gives
+how often that seed's own job ended at or below --good Å against the truth, and the mini-batch iterations a job
+comparing its N starts after iteration J and taking only the kept one on would cost (N x J + --iter - J).
 
 usage: python benchmarks/initial_model_select.py --work DIR --data SIM_DIR --seeds 0 1 ... [--select-at 10 20 150]
                                                   [--parallel P] [--device auto] [--maps-from DIR ...]
@@ -13,7 +13,7 @@ usage: python benchmarks/initial_model_select.py --work DIR --data SIM_DIR --see
 Each seed's job: `benchmarks/initial_model.py --work DIR/wS --data SIM_DIR --json DIR/seedS.json -- --seed S
 [options]` (the default job unless options are given), P at a time (several jobs share one GPU); a seed whose JSON
 is already there is not run again. ``--maps-from`` adds the seeds of other such work folders (their wS/run maps and
-seedS.json), e.g. seeds run on another machine, to the comparisons, which are run here.
+seedS.json), e.g. seeds computed on another machine, to the comparisons, which are run here.
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def main(argv=None):
     p.add_argument("--iter", type=int, default=150, help="the jobs' --iter (default 150, initial-model's)")
     p.add_argument("--parallel", type=int, default=1, help="seed jobs at a time (default 1)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--maps-from", nargs="*", default=[], help="work folders of other runs of this script")
+    p.add_argument("--maps-from", nargs="*", default=[], help="work folders of earlier invocations of this script")
     p.add_argument("--good", type=float, default=20.0, help="a found map: FSC 0.5 vs truth at or below this, Å")
     p.add_argument("--n-max", type=int, default=4, help="largest N of the table (default 4)")
     p.add_argument("--json", default=None)

@@ -710,93 +710,24 @@ def test_starts_bad_options_are_one_line(tiny, tmp_path):
                          (["--starts", 2, "--start", truth], "use one of them"),
                          (["--starts", 2, "--no-final-pass"], "--no-final-pass"),
                          (["--iter", 0], "--iter 0"), (["--iter", 0, "--start", truth, "--K", 2], "--iter 0"),
-                         (["--start", truth, truth, "--K", 2], "--K 1"),
-                         (["--select-at", 2], "--select-at compares several starts"),
-                         (["--starts", 2, "--iter", 3, "--select-at", 4], "1 <= J <= --iter (3)"),
-                         (["--starts", 2, "--select-at", 0], "1 <= J <= --iter")):
+                         (["--start", truth, truth, "--K", 2], "--K 1")):
         r = mpi_em(["initial-model", "--i", star, "--o", tmp_path / "bad"] + extra, ranks=1)
         assert r.returncode == 1 and words in r.stderr, (extra, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = mpi_em(["initial-model", "--help"], ranks=0)
     text = " ".join(r.stdout.split())
     assert "--starts N" in text and "highest summed log-likelihood" in text and "--iter 0" in text
-    assert "--select-at J" in text and "N x J + --iter - J" in text
-
-
-def test_select_at_goes_on_with_the_likeliest_start_as_its_job(tiny, tmp_path):
-    """--starts 2 --select-at 2 of --iter 4, --seed 8: each start runs 2 iterations (run_start001/002.mrc equal the
-    jobs with --seed 8 and 9 after their iteration 2), each start's map makes one pass over all particles, and the
-    likelier goes on from its own iteration 2: its iterations 3 and 4 (the job's 5 and 6), final map and every
-    particle's pose equal those of the job with its seed (measured: bit for bit). On these data start 1 is kept, so
-    the state restored is not the one the job held last. 6 iterations in all; the starts' kept states removed."""
-    star = tiny / "particles_unaligned.star"
-    opts = ["--iter", 4, "--batch-size", 50, "--healpix-order", 1]
-    out = tmp_path / "sel"
-    r = mpi_em(["initial-model", "--i", star, "--o", out, "--starts", 2, "--seed", 8, "--select-at", 2] + opts,
-               ranks=1)
-    assert r.returncode == 0, r.stderr
-    assert "compared after iteration 2 of 4" in r.stderr and "iteration 6:" in r.stderr
-    assert "iteration 7:" not in r.stderr
-    lls = _loglikes_logged(r.stderr)
-    c = int(np.argmax(lls))
-    assert c == 0 and "start 1 kept after iteration 2" in r.stderr, r.stderr
-    t = _starts_table(out)
-    assert t.rlnRandomSeed.tolist() == [8, 9] and np.allclose(t.rlnLogLikelihood.values, lls, rtol=1e-5)
-    assert t.rlnSelected.tolist() == [1, 0]
-    assert not list(out.glob("run_start*_checkpoint.h5"))
-    for seed in (8, 9):
-        q = mpi_em(["initial-model", "--i", star, "--o", tmp_path / f"s{seed}", "--seed", seed] + opts, ranks=1)
-        assert q.returncode == 0, q.stderr
-        a = read_map(tmp_path / f"s{seed}" / "run_it002_class001.mrc")[0]
-        b = read_map(out / f"run_start{seed - 7:03d}.mrc")[0]
-        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max(), seed
-    kept = tmp_path / f"s{8 + c}"
-    for mine, its in (("run_it005_class001.mrc", "run_it003_class001.mrc"),
-                      ("run_it006_class001.mrc", "run_it004_class001.mrc"), ("run_class001.mrc", "run_class001.mrc")):
-        a, b = read_map(kept / its)[0], read_map(out / mine)[0]
-        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max(), mine
-    p, q = (starfile.read(d / "run_data.star")["particles"] for d in (kept, out))
-    for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"):
-        assert np.allclose(p[col].values, q[col].values, atol=1e-4), col
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks,stop", [(1, 4), (2, 5)])
-def test_select_at_continue_equals_an_uninterrupted_run(tiny, tmp_path, ranks, stop):
-    """--starts 2 --select-at 2 of --iter 4 stopped after iteration ``stop`` of 6 (4: both starts done, before their
-    comparison: the kept start's state comes from its kept checkpoint; 5: after it, the kept start's first iteration
-    done) and continued: the same start maps, start kept and final map as the run never stopped."""
-    star = tiny / "particles_unaligned.star"
-    opts = ["--iter", 4, "--batch-size", 50, "--healpix-order", 1, "--starts", 2, "--seed", 8, "--select-at", 2]
-    full, part = tmp_path / "full", tmp_path / "part"
-    r = mpi_em(["initial-model", "--i", star, "--o", full] + opts, ranks=ranks)
-    assert r.returncode == 0, r.stderr
-    r = _stopped_run(star, part, opts, ranks, stop)
-    assert r.returncode == 0, r.stderr
-    assert not (part / "run_class001.mrc").exists()
-    assert bool(list(part.glob("run_start*_checkpoint.h5"))) == (stop == 4)
-    r = mpi_em(["initial-model", "--continue", part], ranks=ranks)
-    assert r.returncode == 0, r.stderr
-    assert f"resuming after iteration {stop} of 6" in r.stderr
-    assert ("start 1 kept after iteration 2" in r.stderr) == (stop == 4)
-    _assert_same_maps(full, part, ("run_start001.mrc", "run_start002.mrc", "run_it006_class001.mrc",
-                                   "run_class001.mrc"))
-    assert _starts_table(full).rlnSelected.tolist() == _starts_table(part).rlnSelected.tolist() == [1, 0]
-    assert np.allclose(_starts_table(full).rlnLogLikelihood.values, _starts_table(part).rlnLogLikelihood.values,
-                       rtol=1e-9)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--select-at", 2]])
-def test_starts_one_rank_equals_three(tiny, tmp_path, extra):
+def test_starts_one_rank_equals_three(tiny, tmp_path):
     """--starts 2 on 1 and on 3 ranks (an uneven split of 120 particles): the same start maps, the same start kept,
-    the same final map (float32 sums in another order; measured 2e-7 and 2e-6 of the maps' maxima); with
-    --select-at, every rank takes its particles' poses back from the kept start's state."""
+    the same final map (float32 sums in another order; measured 2e-7 and 2e-6 of the maps' maxima)."""
     outs = []
     for ranks in (1, 3):
         out = tmp_path / f"r{ranks}"
         r = mpi_em(["initial-model", "--i", tiny / "particles_unaligned.star", "--o", out, "--starts", 2, "--iter", 3,
-                    "--batch-size", 50, "--healpix-order", 1, "--seed", 4] + extra, ranks=ranks)
+                    "--batch-size", 50, "--healpix-order", 1, "--seed", 4], ranks=ranks)
         assert r.returncode == 0, r.stderr
         outs.append(out)
     for name in ("run_start001.mrc", "run_start002.mrc", "run_class001.mrc"):

@@ -96,11 +96,6 @@ def init(args, size, loaded):
         raise MpiEmError(f"{n_starts} starts need --K 1 (the starts are compared for one map), got --K {args.K}")
     if n_starts > 1 and args.no_final_pass:
         raise MpiEmError(f"{n_starts} starts are compared in the first final pass: --no-final-pass leaves none")
-    j_sel = getattr(args, "select_at", None)
-    if j_sel is not None and (n_starts < 2 or not 1 <= j_sel <= args.iter):
-        raise MpiEmError(f"--select-at compares several starts (--starts N or several --start maps) after one of "
-                         f"their mini-batch iterations: it needs N >= 2 and 1 <= J <= --iter ({args.iter}), got "
-                         f"{n_starts} start(s) and J = {j_sel}")
     if args.iter == 0 and (not args.start or args.K > 1 or args.no_final_pass):
         raise MpiEmError("--iter 0 (no mini-batches) takes the --start map(s) straight to the final passes: it "
                          "needs --start, --K 1 and the final passes")
@@ -123,7 +118,7 @@ def init(args, size, loaded):
     if loaded is not None and n_starts > 1:  # the finished starts' maps the checkpoint refers to
         from .outputs import start_paths
 
-        start_paths(args.output, finished_starts(loaded[1]["iter"], select_iteration(args), n_starts))
+        start_paths(args.output, finished_starts(loaded[1]["iter"], args.iter))
     plans = make_plan(star, size, seed=args.seed)
     first_class = np.random.default_rng([int(args.seed), 13]).integers(1, args.K + 1, star.n)
     saved = loaded[3] if loaded is not None else None
@@ -144,35 +139,10 @@ def init(args, size, loaded):
     return plans, meta, star
 
 
-def finished_starts(it: int, n_iter: int, n_starts: int | None = None) -> int:
-    """Starts whose mini-batches (``n_iter`` each, up to their comparison) were all done before iteration ``it`` of
-    all starts began (their maps are files): 0 until the first iteration of start 2; at most ``n_starts``."""
-    done = (it - 1) // n_iter if it > 0 and n_iter > 0 else 0
-    return done if n_starts is None else min(done, n_starts)
-
-
-def select_iteration(args) -> int:
-    """The mini-batch iteration after which the starts are compared: ``--select-at`` (each start runs that many
-    iterations, then only the one kept goes on), else ``--iter`` (every start runs them all)."""
-    j = getattr(args, "select_at", None)
-    return int(args.iter) if j is None else int(j)
-
-
-def total_iterations(args) -> int:
-    """The mini-batch iterations of the whole job, numbered one after the other: every start's up to the comparison,
-    then the kept start's remaining ones."""
-    n, j = number_of_starts(args), select_iteration(args)
-    return n * j + (int(args.iter) - j)
-
-
-def phase_of(args, it: int) -> tuple:
-    """(start index s, the start's own iteration j) of the job's iteration ``it`` (1-based); after the comparison
-    (``--select-at``), s is None: the kept start's iteration."""
-    n, j_sel = number_of_starts(args), select_iteration(args)
-    if it <= n * j_sel:
-        s, j = divmod(it - 1, j_sel)
-        return s, j + 1
-    return None, j_sel + it - n * j_sel
+def finished_starts(it: int, n_iter: int) -> int:
+    """Starts whose mini-batches were all done before iteration ``it`` of all starts began (their maps are files):
+    0 until the first iteration of start 2."""
+    return (it - 1) // n_iter if it > 0 and n_iter > 0 else 0
 
 
 def number_of_starts(args) -> int:

@@ -58,58 +58,6 @@ def save(out: str, it: int, scalars: dict, arrays: dict, particles: dict, args: 
                      {"args": args, "input": input_record})
 
 
-def start_state_name(s: int) -> str:
-    """--select-at: the file holding start ``s``'s state at the comparison (its checkpoint of that iteration)."""
-    return f"run_start{s + 1:03d}_checkpoint.h5"
-
-
-def keep_start_state(out: str, it: int, s: int) -> None:
-    """Rank 0, right after iteration ``it``'s checkpoint (start ``s``'s last iteration before the comparison): that
-    checkpoint kept as the start's state (a hard link where the file system has them, else a copy; the next
-    iteration's checkpoint removes the original)."""
-    import os
-    import shutil
-
-    from ..io.atomic import atomic_path
-    from ..io.checkpoint import checkpoint_name
-
-    src, dst = os.path.join(out, checkpoint_name(it)), os.path.join(out, start_state_name(s))
-    with atomic_path(dst) as tmp:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-
-
-def remove_start_states(out: str, n: int) -> None:
-    """Rank 0, once the kept start's state is in a checkpoint of its own: the starts' kept states removed."""
-    import os
-
-    for s in range(n):
-        try:
-            os.remove(os.path.join(out, start_state_name(s)))
-        except FileNotFoundError:
-            pass
-
-
-def load_start_state(out: str, s: int):
-    """(scalars, arrays, particles) of start ``s`` at the comparison (:func:`keep_start_state`); a one-line error
-    naming the file when it is missing."""
-    import os
-
-    from ..errors import InputError
-    from ..io import read_hdf5
-
-    path = os.path.join(out, start_state_name(s))
-    if not os.path.exists(path):
-        raise InputError(path, "the kept start's state at the comparison is missing (--select-at)")
-    arrays, attrs = read_hdf5(path)
-    scal = json.loads(attrs["state"])
-    particles = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("particles/")}
-    arrays = {k: v for k, v in arrays.items() if not k.startswith("particles/")}
-    return scal, arrays, particles
-
-
 def load(folder: str):
     """(pointer, scalars, arrays, particles) of the last finished iteration in ``folder``."""
     ptr, arrays, attrs = read_checkpoint(folder, MODE)

@@ -29,10 +29,6 @@ Mini-batch (stochastic) expectation-maximisation, after RELION 3's SGD initial m
    noise model would make their likelihoods incomparable), and the start whose pass has the highest summed
    log-likelihood is kept: its pass is the first final pass (``run_startNNN.mrc``, and the table model_starts in
    ``run_model.star``). Several ``--start`` maps are compared the same way (``--iter 0``: without mini-batches);
-   ``--select-at J``: the starts are compared after their J-th mini-batch iteration instead (each start's state
-   then kept in ``run_startNNN_checkpoint.h5``; the pass at iteration J's resolution limit), and only the kept start
-   goes on from its own state through the other iterations: the job with its seed, at N x J + --iter - J
-   iterations instead of N x --iter;
 4. ``--sym``: as RELION applies symmetry to an ab-initio map, only at the end: each C1 class map is put onto the
    point group's axes (:mod:`mpi_em.symaxis`, the search of ``relion_align_symmetry``), symmetrised there, and
    its particles' poses moved with it (:mod:`mpi_em.initial.point_group`).
@@ -60,8 +56,7 @@ from ..em.steps import check_finite_maps
 from ..fourier import SliceGeometry, default_r_max, padded_reach
 from ..initial import state as ckpt
 from ..initial.setup import (DEFAULT_BATCH_SIZE, DEFAULT_FINAL_PASSES, DEFAULT_ITER, checkpoint, finished_starts,
-                             init, number_of_starts, options, phase_of, reset_poses, select_iteration, split_at,
-                             subplan, total_iterations, write_back)
+                             init, number_of_starts, options, reset_poses, split_at, subplan, write_back)
 from ..initial.outputs import read_starts, write_final, write_iteration, write_start
 from ..initial.schedule import batch_size, minibatch_rows, noise_fudge, random_rotations, schedule, sums_decay
 from ..io import rebase_image_names
@@ -143,17 +138,10 @@ def add_arguments(p) -> None:
                         "whose pass explains the particles best (the highest summed log-likelihood) goes on through "
                         "the other final passes; each start's map is kept (run_startNNN.mrc) and the comparison is "
                         "in run_model.star. N times the mini-batch iterations and N - 1 more passes. Measured on "
-                        "20 000 box-64 particles at SNR 0.05: one start reaches <= 20 Å with 3 of 8 seeds, three "
-                        "starts keep a <= 20 Å map for 75-82%% of the seed triples and never keep a blob where a "
-                        "found map is among them: use 3 on data this noisy. Default 1 "
-                        "(benchmarks/results/initial-model/starts-cpu-2026-12-05/)")
-    p.add_argument("--select-at", type=int, default=None, metavar="J",
-                   help="with several starts: compare them after their J-th mini-batch iteration instead of after the "
-                        "last; each start runs J iterations, each start's map makes one pass over all particles at "
-                        "iteration J's resolution limit (the images' noise spectrum for all), and only the likeliest "
-                        "start goes on, from where it was, through the other --iter - J iterations (its maps are "
-                        "those of the job with its seed): N x J + --iter - J mini-batch iterations instead of "
-                        "N x --iter (default: after the last)")
+                        "20 000 box-64 particles at SNR 0.05 (32 seeds): one start reaches <= 20 Å with 5 of 32 "
+                        "seeds, three starts keep a <= 20 Å map for 36%% of the seed triples (41%% hold one), four "
+                        "for 43%% (51%%): use several on data this noisy. Default 1 "
+                        "(benchmarks/results/initial-model/starts-selection-cpu-h100-2026-12-06/)")
     p.add_argument("--start", default=None, metavar="MRC", nargs="+",
                    help="start from this map (the particles' box; low-passed to --ini-high; every class a copy) "
                         "instead of the random start: e.g. to check that the iterations keep a known structure. "
@@ -207,9 +195,7 @@ def run(args, comm, after_iteration=None) -> dict:
     log_placement(comm, device, log)
     box, apix, K, n = meta["box"], meta["pixel_size"], meta["K"], meta["n"]
     n_starts = number_of_starts(args)
-    j_sel = select_iteration(args)  # each start's iterations before the starts are compared
-    early = n_starts > 1 and j_sel < args.iter  # --select-at: only the kept start goes on after the comparison
-    n_total = total_iterations(args)  # the mini-batch iterations of all starts, one start after the other
+    n_total = n_starts * args.iter  # the mini-batch iterations of all starts, one start after the other
     n_shells = box // 2 + 1
     pad = args.pad
     mask = reference_mask(box, apix, args, 3, xp)
@@ -224,9 +210,6 @@ def run(args, comm, after_iteration=None) -> dict:
                  "%.1f Å, model update %s, %d rank(s); rank 0 on %s", n, box, apix, K,
                  f"{n_starts} starts of " if n_starts > 1 else "", args.iter, sizes, args.ini_high, final_high,
                  args.model_update, comm.size, device)
-        if early:
-            log.info("the starts compared after iteration %d of %d (--select-at): the kept one goes on", j_sel,
-                     args.iter)
     images = ImageCache(xp, False)
     pinned = pinned_wanted(xp)
     sym_ops = symmetry_matrices(args.sym) if symmetry_matrices(args.sym).shape[0] > 1 else None
@@ -279,17 +262,18 @@ def run(args, comm, after_iteration=None) -> dict:
         check_finite_maps(m, 0)
         return m
 
-    def restore(scal, arrays):
-        """A saved state (rank 0's ``scal``, ``arrays``; None on the others) back into the run: the search's
-        scalars, model, noise spectrum, class priors, histories and running sums (rank 0 holds their total)."""
-        nonlocal model, sigma2, class_prior, history, resolutions, F_run, W_run
+    if loaded is not None:  # --continue: the state of the last finished iteration
+        _, scal, arrays, _ = loaded if comm.rank == 0 else (None, None, None, None)
         names = ("model", "sigma2", "class_prior", "history", "resolutions", "sigma2_data")
         scal, small = comm.bcast((scal, {k: arrays[k] for k in names if k in arrays}) if comm.rank == 0 else None,
                                  root=0)
         st.update(scal)
         model, sigma2, class_prior = small["model"], small["sigma2"], small["class_prior"]
         history, resolutions = small["history"].tolist(), small["resolutions"].tolist()
-        F_run = W_run = None
+        sigma2_data = small.get("sigma2_data")  # absent in checkpoints older than --starts (one start)
+        # the starts finished before the checkpoint's iteration: their maps, written when each one finished
+        n_done = finished_starts(st["iter"], args.iter) if n_starts > 1 else 0
+        candidates = list(root_step(comm, read_starts, args.output, n_done, box)) if n_done else []
         if comm.bcast(comm.rank == 0 and "F_run" in arrays, root=0):
             idx = ckpt.ball_indices(pad * box, padded_reach(st["r_acc"], pad))
             shape = (model.shape[0],) + vol_shape
@@ -297,20 +281,7 @@ def run(args, comm, after_iteration=None) -> dict:
                                       comm.rank)
             W_run = ckpt.scatter_ball(arrays["W_run"] if comm.rank == 0 else None, idx, shape, xp.float64, xp,
                                       comm.rank)
-        return small.get("sigma2_data")  # absent in checkpoints older than --starts (one start)
-
-    model = sigma2 = class_prior = history = resolutions = None
-    if loaded is not None:  # --continue: the state of the last finished iteration
-        _, scal, arrays, _ = loaded if comm.rank == 0 else (None, None, None, None)
-        sigma2_data = restore(scal, arrays)
         del arrays
-        # the starts finished before the checkpoint's iteration (all of them after the comparison of --select-at):
-        # their maps, written when each one finished
-        n_done = finished_starts(st["iter"], j_sel, n_starts) if n_starts > 1 else 0
-        candidates = list(root_step(comm, read_starts, args.output, n_done, box)) if n_done else []
-        if early and 0 < st["iter"] <= n_starts * j_sel and st["iter"] % j_sel == 0:
-            # stopped at a start's last iteration before the comparison: its state kept (again) from this checkpoint
-            root_step(comm, ckpt.keep_start_state, args.output, st["iter"], st["iter"] // j_sel - 1)
         if comm.rank == 0:
             log.info("--continue: resuming after iteration %d of %d", st["iter"], n_total)
     else:
@@ -398,71 +369,15 @@ def run(args, comm, after_iteration=None) -> dict:
         F_run = W_run = None
         st.update(offset_sigma=args.offset_range / 2.0, perturb=0.0, r_acc=0.0)
 
-    def rank_starts(maps, res_A, keep):
-        """One pass over all particles for each start's map at ``res_A``, every one with the images' noise spectrum
-        and from unknown poses -> (the summed log-likelihoods, (the index of the highest, its pass's map (when
-        ``keep``), the pass's plan, its stats))."""
-        nonlocal model, sigma2, class_prior
-        r_cur = r_of(res_A)
-        everyone = np.ones(len(plan["row"]), dtype=bool)
-        lls, best = [], None
-        for c, m in enumerate(maps):
-            model = m[None].astype(np.float64)
-            sigma2, class_prior = sigma2_data.copy(), np.ones(1)
-            st["offset_sigma"] = args.offset_range / 2.0
-            reset_poses(plan)
-            full = subplan(plan, everyone)
-            F_b, W_b, stats = e_step(full, r_cur, False)
-            lls.append(float(stats.loglike))  # summed over the ranks' particles: the same on every rank
-            better = comm.bcast(best is None or lls[-1] > lls[best[0]] if comm.rank == 0 else None, root=0)
-            if better:
-                best = (c, reconstruct(F_b, W_b, r_cur) if keep else None, full, stats)
-            del F_b, W_b
-            if comm.rank == 0:
-                log.info("start %d of %d: a pass over all %d particles at %.1f Å, summed log-likelihood %.1f",
-                         c + 1, len(maps), n, res_A, lls[-1])
-        return lls, best
-
-    def select_start():
-        """--select-at: every start has run its first ``j_sel`` iterations; their maps are compared (one pass each
-        over all particles at iteration ``j_sel``'s resolution limit) and the likeliest start's state after its
-        iteration ``j_sel`` is restored (every particle's pose too): the run goes on as the job with its seed."""
-        t_c = time.time()
-        finish_start(model[0])  # the last start's map
-        res_sel = max(schedule(j_sel, args.iter, args.ini_high, final_high), final_high)
-        lls, best = rank_starts(candidates, res_sel, keep=False)
-        c = best[0]
-        err, got = None, (None, None, None)
-        if comm.rank == 0:
-            try:
-                got = ckpt.load_start_state(args.output, c)
-            except Exception as e:  # noqa: BLE001 - agreed on by every rank
-                err = e
-        agree(comm, err)
-        scal, arrays, particles = got
-        it_now = st["iter"]
-        restore(scal, arrays)
-        st["iter"] = it_now
-        per = comm.bcast({k: particles[k] for k in ckpt.PER_PARTICLE} if comm.rank == 0 else None, root=0)
-        for k in ckpt.PER_PARTICLE:  # every particle as the kept start left it
-            plan[k][...] = np.asarray(per[k])[plan["row"]].astype(plan[k].dtype)
-        st["chosen"], st["select_ll"] = int(c), [float(x) for x in lls]
-        if comm.rank == 0:
-            log.info("start %d kept after iteration %d (the highest log-likelihood; %s): it goes on from there, "
-                     "%.1f s", c + 1, j_sel, " ".join(f"{x - lls[c]:+.0f}" for x in lls), time.time() - t_c)
-
     stopped = False
     for it in range(st["iter"] + 1, n_total + 1):
         t_it = time.time()
-        s_i, j = phase_of(args, it)  # start s_i's iteration j (s_i None: the kept start's, after the comparison)
-        if s_i is None:
-            if j == j_sel + 1:
-                select_start()
-            s_i = st["chosen"]
-        elif j == 1 and s_i > 0:
+        s_i, j = divmod(it - 1, args.iter)  # start s_i's iteration j
+        j += 1
+        seed = seed_of(s_i)
+        if j == 1 and s_i > 0:
             finish_start(model[0])
             begin_start(s_i)
-        seed = seed_of(s_i)
         if j == 1 and n_starts > 1 and comm.rank == 0:
             log.info("start %d of %d (seed %d)", s_i + 1, n_starts, seed)
         res_A = max(schedule(j, args.iter, args.ini_high, final_high), final_high)
@@ -509,10 +424,6 @@ def run(args, comm, after_iteration=None) -> dict:
                      " ".join(f"{x:.2f}" for x in class_prior), time.time() - t_it)
         checkpoint(comm, args, meta, st, plan, model, sigma2, class_prior, history, resolutions, F_run, W_run,
                    sigma2_data)
-        if early and it <= n_starts * j_sel and j == j_sel:  # a start's state at the comparison, kept
-            root_step(comm, ckpt.keep_start_state, args.output, it, s_i)
-        elif early and it == n_starts * j_sel + 1:  # the kept start's state is in this iteration's checkpoint
-            root_step(comm, ckpt.remove_start_states, args.output, n_starts)
         root_step(comm, write_iteration, args.output, it, model, apix, class_prior, res_A)
         if after_iteration is not None and after_iteration(it):
             stopped = True
@@ -523,14 +434,31 @@ def run(args, comm, after_iteration=None) -> dict:
                 "seconds": time.time() - t_start}
 
     def compare_starts(maps):
-        """One pass over all particles for each start's map (:func:`rank_starts`, at the final resolution); the
-        start whose pass has the highest summed log-likelihood is kept: its pass's map, poses and noise model go
-        on. -> (its map (1, ...), the starts' table for run_model.star)."""
-        nonlocal sigma2
+        """One pass over all particles for each start's map, every one with the images' noise spectrum and from
+        unknown poses; the start whose pass has the highest summed log-likelihood is kept: its pass's map,
+        poses and noise model go on. -> (its map (1, ...), the starts' table for run_model.star)."""
+        nonlocal model, sigma2, class_prior
         t_c = time.time()
-        lls, best = rank_starts(maps, final_high, keep=True)
+        r_cur = r_of(final_high)
+        everyone = np.ones(len(plan["row"]), dtype=bool)
+        lls, best = [], None
+        for c, m in enumerate(maps):
+            model = m[None].astype(np.float64)
+            sigma2, class_prior = sigma2_data.copy(), np.ones(1)
+            st["offset_sigma"] = args.offset_range / 2.0
+            reset_poses(plan)
+            full = subplan(plan, everyone)
+            F_b, W_b, stats = e_step(full, r_cur, False)
+            lls.append(float(stats.loglike))  # summed over the ranks' particles: the same on every rank
+            better = comm.bcast(best is None or lls[-1] > lls[best[0]] if comm.rank == 0 else None, root=0)
+            if better:
+                best = (c, reconstruct(F_b, W_b, r_cur), full, stats)
+            del F_b, W_b
+            if comm.rank == 0:
+                log.info("start %d of %d: a pass over all %d particles at %.1f Å, summed log-likelihood %.1f",
+                         c + 1, len(maps), n, final_high, lls[-1])
         c, best_map, full, stats = best
-        write_back(plan, full, np.ones(len(plan["row"]), dtype=bool))
+        write_back(plan, full, everyone)
         sigma2 = sigma2_data.copy()
         update_model_stats(stats)
         if comm.rank == 0:
@@ -543,10 +471,7 @@ def run(args, comm, after_iteration=None) -> dict:
     n_final = 0 if args.no_final_pass else args.final_passes
     first_pass_done = 0
     starts_table = None
-    if early:  # compared after iteration j_sel: the kept start's mini-batches are done, the final passes follow
-        starts_table = {"seeds": [seed_of(s) for s in range(n_starts)], "loglike": st["select_ll"],
-                        "chosen": st["chosen"]}
-    elif n_starts > 1:
+    if n_starts > 1:
         if args.iter == 0:  # the given maps, as they are (low-passed to --ini-high)
             for s in range(n_starts):
                 finish_start(start_model(s)[0])
