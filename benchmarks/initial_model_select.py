@@ -12,7 +12,8 @@ usage: python benchmarks/initial_model_select.py --work DIR --data SIM_DIR --see
 
 Each seed's job: `benchmarks/initial_model.py --work DIR/wS --data SIM_DIR --json DIR/seedS.json -- --seed S
 [options]` (the default job unless options are given), P at a time (several jobs share one GPU); a seed whose JSON
-is already there is not run again. ``--maps-from`` adds the seeds of other such work folders (their wS/run maps and
+is already there is not run again. The comparisons use initial-model's default search whatever the options after
+``--`` (they are the seeds' jobs' options). ``--maps-from`` adds the seeds of other such work folders (their wS/run maps and
 seedS.json), e.g. seeds computed on another machine, to the comparisons, which are run here.
 """
 from __future__ import annotations
@@ -55,13 +56,14 @@ def seeds_in(folder):
     return out
 
 
-def compare(work, data, seeds, j, n_iter, res_A, device, extra):
-    """The seeds' maps after iteration j in one comparison job -> {seed: summed log-likelihood}."""
+def compare(work, data, seeds, j, res_A, device):
+    """The seeds' maps after iteration j in one comparison job (initial-model's default search: HEALPix order 1,
+    offsets 3 px) -> {seed: summed log-likelihood}."""
     maps = [os.path.join(seeds[s][0], f"w{s}", "run", f"run_it{j:03d}_class001.mrc") for s in sorted(seeds)]
     out = os.path.join(work, f"cmp{j}")
     cmd = [sys.executable, "-m", "mpi_em", "initial-model", "--i", os.path.join(data, "particles_unaligned.star"),
            "--o", out, "--overwrite", "--device", device, "--iter", "0", "--start", *maps, "--ini-high", f"{res_A}",
-           "--final-high", f"{res_A}", "--final-passes", "1"] + list(extra)
+           "--final-high", f"{res_A}", "--final-passes", "1"]
     with open(out + ".log", "w") as log:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
     if rc != 0:
@@ -122,7 +124,7 @@ def main(argv=None):
     for j in a.select_at:
         res = max(schedule(j, a.iter, 30.0, 15.0), 15.0)
         t = time.time()
-        lls = compare(a.work, a.data, seeds, j, a.iter, round(res, 2), a.device, [])
+        lls = compare(a.work, a.data, seeds, j, round(res, 2), a.device)
         rows = rule_table(final, lls, a.good, a.n_max)
         result["select"][j] = {"resolution_A": res, "loglike": lls, "seconds": time.time() - t,
                                "order": sorted(lls, key=lambda s: -lls[s]), "rule": rows}
