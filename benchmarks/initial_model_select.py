@@ -95,8 +95,9 @@ def main(argv=None):
     p.add_argument("--work", required=True)
     p.add_argument("--data", required=True, help="a folder written by `mpi-em simulate` (truth.mrc, particles)")
     p.add_argument("--seeds", type=int, nargs="*", default=[], help="seeds to run here")
-    p.add_argument("--select-at", type=int, nargs="+", default=[10, 20, 40, 150],
-                   help="iterations after which the maps are compared (default 10 20 40 150)")
+    p.add_argument("--select-at", type=int, nargs="*", default=[10, 20, 40, 150],
+                   help="iterations after which the maps are compared (default 10 20 40 150; none given: the seeds' "
+                        "jobs only, e.g. to count how often a schedule finds the structure)")
     p.add_argument("--iter", type=int, default=150, help="the jobs' --iter (default 150, initial-model's)")
     p.add_argument("--parallel", type=int, default=1, help="seed jobs at a time (default 1)")
     p.add_argument("--device", default="auto")
@@ -116,11 +117,17 @@ def main(argv=None):
         seeds.update(seeds_in(folder))
     final = {s: v[1] for s, v in seeds.items()}
     print(f"{len(seeds)} seeds: final map vs truth (Å) " + " ".join(f"{s}:{final[s]:.1f}" for s in sorted(final)))
+    n_good = sum(v <= a.good for v in final.values())
+    print(f"{n_good} of {len(final)} seeds at or below {a.good:g} Å", flush=True)
     result = {"command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
-              "seconds_seeds": t_seeds, "final_fsc05_A": final, "good_A": a.good, "iter": a.iter, "select": {}}
+              "seconds_seeds": t_seeds, "final_fsc05_A": final, "good_A": a.good,
+              "n_good": n_good, "options": extra, "iter": a.iter, "select": {}}
     print(f"| J | resolution of the pass | N | mini-batch iterations | kept <= {a.good:g} Å | a <= {a.good:g} Å start among them "
           "| kept is the subset's best |")
     print("|---|---|---|---|---|---|---|")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
     for j in a.select_at:
         res = max(schedule(j, a.iter, 30.0, 15.0), 15.0)
         t = time.time()

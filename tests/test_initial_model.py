@@ -396,6 +396,7 @@ def test_selection_benchmark_on_cpu(tiny, tmp_path):
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     out = json.load(open(tmp_path / "s.json"))
+    out_mtime = (tmp_path / "w" / "cmp2.log").stat().st_mtime
     final = {int(k): v for k, v in out["final_fsc05_A"].items()}
     assert sorted(final) == [0, 1, 2] and all(10.0 <= v <= 500.0 for v in final.values())
     for j in ("2", "4"):
@@ -407,6 +408,15 @@ def test_selection_benchmark_on_cpu(tiny, tmp_path):
             assert rule[str(n)]["kept_good"] == sum(final[k] <= 40 for k in kept)
             assert rule[str(n)]["subsets"] == len(subs)
     assert "| 2 | 22.5 Å | 2 | 6 |" in r.stdout  # N x J + --iter - J mini-batch iterations
+    assert out["n_good"] == sum(v <= 40 for v in final.values())
+    # --select-at without iterations: the seeds only (their jobs already there, not run again), no comparison
+    r = subprocess.run([sys.executable, str(script), "--work", str(tmp_path / "w"), "--data", str(tiny), "--seeds",
+                        "0", "1", "2", "--select-at", "--good", "40", "--json", str(tmp_path / "seeds.json")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    seeds_only = json.load(open(tmp_path / "seeds.json"))
+    assert seeds_only["select"] == {} and seeds_only["n_good"] == out["n_good"]
+    assert r.stdout.count(": kept,") == 3 and (tmp_path / "w" / "cmp2.log").stat().st_mtime == out_mtime
 
 
 @pytest.mark.skipif(shutil.which("relion_refine") is None,
