@@ -122,9 +122,10 @@ def main(argv=None):
     result = {"command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
               "seconds_seeds": t_seeds, "final_fsc05_A": final, "good_A": a.good,
               "n_good": n_good, "options": extra, "iter": a.iter, "select": {}}
-    print(f"| J | resolution of the pass | N | mini-batch iterations | kept <= {a.good:g} Å | a <= {a.good:g} Å start among them "
-          "| kept is the subset's best |")
-    print("|---|---|---|---|---|---|---|")
+    if a.select_at:
+        print(f"| J | resolution of the pass | N | mini-batch iterations | kept <= {a.good:g} Å | a <= {a.good:g} Å start "
+              "among them | kept is the subset's best |")
+        print("|---|---|---|---|---|---|---|")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)
