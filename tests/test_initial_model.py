@@ -605,6 +605,32 @@ def test_default_is_three_final_passes(tmp_path):
     assert [f"final pass {i} of 3" in r.stderr for i in (1, 2, 3)] == [True] * 3
 
 
+def test_final_passes_search_at_their_own_healpix_order(tiny, tmp_path):
+    """--final-healpix-order: the passes over all particles search at their own HEALPix order, the mini-batches at
+    --healpix-order. Given equal to --healpix-order the job is the default's, bit for bit; --healpix-order 0 with
+    and without --final-healpix-order 1: the same maps after the mini-batches, other final maps, each pass's order
+    in the log."""
+    star = tiny / "particles_unaligned.star"
+    base = ["--iter", 2, "--batch-size", 50, "--final-passes", 1]
+    outs = {}
+    for name, opts in {"default": [], "same": ["--final-healpix-order", 1], "o0": ["--healpix-order", 0],
+                       "o0f1": ["--healpix-order", 0, "--final-healpix-order", 1]}.items():
+        outs[name] = tmp_path / name
+        r = mpi_em(["initial-model", "--i", star, "--o", outs[name]] + base + opts, ranks=1)
+        assert r.returncode == 0, r.stderr
+        order = 0 if name == "o0" else 1
+        assert f"final pass 1 of 1 over all 120 particles at 15.0 Å, HEALPix order {order}:" in r.stderr
+
+    def maps(name, f):
+        return read_map(outs[name] / f)[0]
+
+    for f in ("run_it002_class001.mrc", "run_class001.mrc"):
+        assert np.array_equal(maps("default", f), maps("same", f))
+    assert np.array_equal(maps("o0", "run_it002_class001.mrc"), maps("o0f1", "run_it002_class001.mrc"))
+    assert not np.array_equal(maps("o0", "run_it002_class001.mrc"), maps("default", "run_it002_class001.mrc"))
+    assert not np.allclose(maps("o0", "run_class001.mrc"), maps("o0f1", "run_class001.mrc"), rtol=1e-3, atol=1e-6)
+
+
 def _starts_table(out):
     return starfile.read(out / "run_model.star", always_dict=True)["model_starts"]
 

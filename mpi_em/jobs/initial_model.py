@@ -150,6 +150,9 @@ def add_arguments(p) -> None:
     p.add_argument("--healpix-order", type=int, default=1,
                    help="HEALPix order of the global search (1 = 30°, 2 = 15°; the fine pass oversamples it once; "
                         "default 1: found the known structures more often than 2, and faster)")
+    p.add_argument("--final-healpix-order", type=int, default=None, metavar="ORDER",
+                   help="HEALPix order of the global search of the passes over all particles (the final passes and "
+                        "--starts' comparison; default: --healpix-order)")
     p.add_argument("--offset-range", type=float, default=3.0,
                    help="translation search range around each particle's current offset, pixels (default 3)")
     p.add_argument("--offset-step", type=float, default=1.0,
@@ -308,16 +311,18 @@ def run(args, comm, after_iteration=None) -> dict:
         class_prior = np.full(k_start, 1.0 / k_start)
         history, resolutions = [], []
 
-    def e_step(sub, r_cur, final, fudge=1.0, fixed_class=False):
-        """E-step over the rank's rows of ``sub`` against the current model -> accumulators, stats."""
+    def e_step(sub, r_cur, final, fudge=1.0, fixed_class=False, order=None):
+        """E-step over the rank's rows of ``sub`` against the current model, a global search at HEALPix ``order``
+        -> accumulators, stats."""
         k_now = model.shape[0]
         geom = SliceGeometry(box, r_max=r_cur, pad=pad, xp=xp)
         shells = shell_of_points(geom)
         inv_s2 = inverse_sigma2_points(sigma2 * fudge, shells, xp)
         refs = References(xp.asarray(model.astype(np.float32)), 3, pad, mask=mask)
-        step = angular_step(args.healpix_order)
+        order = args.healpix_order if order is None else order
+        step = angular_step(order)
         spec = SearchSpec(dim=3, n_classes=k_now, fixed_class=fixed_class,
-                          global_mats=global_grid(3, args.healpix_order, "C1", xp, perturb_deg=st["perturb"] * step),
+                          global_mats=global_grid(3, order, "C1", xp, perturb_deg=st["perturb"] * step),
                           local_mats=None, fine_mats=fine_offsets(3, step, xp), offset_range=args.offset_range,
                           offset_step=args.offset_step, offset_sigma=st["offset_sigma"],
                           offset_perturb=st["perturb"] * args.offset_step, n_select=4, class_select=10,
@@ -448,7 +453,7 @@ def run(args, comm, after_iteration=None) -> dict:
             st["offset_sigma"] = args.offset_range / 2.0
             reset_poses(plan)
             full = subplan(plan, everyone)
-            F_b, W_b, stats = e_step(full, r_cur, False)
+            F_b, W_b, stats = e_step(full, r_cur, False, order=final_order)
             lls.append(float(stats.loglike))  # summed over the ranks' particles: the same on every rank
             better = comm.bcast(best is None or lls[-1] > lls[best[0]] if comm.rank == 0 else None, root=0)
             if better:
@@ -469,6 +474,9 @@ def run(args, comm, after_iteration=None) -> dict:
         return best_map, table
 
     n_final = 0 if args.no_final_pass else args.final_passes
+    # the passes' search (a checkpoint older than --final-healpix-order continues with --healpix-order)
+    final_order = getattr(args, "final_healpix_order", None)
+    final_order = args.healpix_order if final_order is None else final_order
     first_pass_done = 0
     starts_table = None
     if n_starts > 1:
@@ -484,15 +492,15 @@ def run(args, comm, after_iteration=None) -> dict:
         r_cur = r_of(final_high)
         everyone = np.ones(len(plan["row"]), dtype=bool)
         full = subplan(plan, everyone)
-        F_b, W_b, stats = e_step(full, r_cur, p_i == n_final - 1)
+        F_b, W_b, stats = e_step(full, r_cur, p_i == n_final - 1, order=final_order)
         model = reconstruct(F_b, W_b, r_cur)
         del F_b, W_b
         write_back(plan, full, everyone)
         check_finite_maps(model, args.iter + 1 + p_i)
         update_model_stats(stats)
         if comm.rank == 0:
-            log.info("final pass %d of %d over all %d particles at %.1f Å: %.1f s", p_i + 1, n_final, n,
-                     final_high, time.time() - t_f)
+            log.info("final pass %d of %d over all %d particles at %.1f Å, HEALPix order %d: %.1f s", p_i + 1,
+                     n_final, n, final_high, final_order, time.time() - t_f)
     if args.no_final_pass and sym_ops is not None and comm.rank == 0:
         log.warning("warning: --sym %s is applied by the final pass only; with --no-final-pass the maps are C1",
                     args.sym)
