@@ -629,6 +629,10 @@ def test_final_passes_search_at_their_own_healpix_order(tiny, tmp_path):
     assert np.array_equal(maps("o0", "run_it002_class001.mrc"), maps("o0f1", "run_it002_class001.mrc"))
     assert not np.array_equal(maps("o0", "run_it002_class001.mrc"), maps("default", "run_it002_class001.mrc"))
     assert not np.allclose(maps("o0", "run_class001.mrc"), maps("o0f1", "run_class001.mrc"), rtol=1e-3, atol=1e-6)
+    for opt, order in (("--healpix-order", -1), ("--final-healpix-order", 5)):  # one line naming the option
+        r = mpi_em(["initial-model", "--i", star, "--o", tmp_path / f"bad{order}", opt, order], ranks=1)
+        assert r.returncode == 1 and opt in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / f"bad{order}" / "run_class001.mrc").exists()
 
 
 def _starts_table(out):

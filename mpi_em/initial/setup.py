@@ -42,6 +42,8 @@ DEFAULT_BATCH_SIZE = 350
 #: box-64 particles at SNR 0.05 (CPU) the maps the mini-batches found end 0.8-1.8 Å finer after 3 passes than after
 #: 1 (21.8 -> 20.0, 19.9 -> 19.1, 20.9 -> 19.9 Å), 5 passes add 0.2 Å more (benchmarks/results/initial-model/)
 DEFAULT_FINAL_PASSES = 3
+#: the finest HEALPix order of initial-model's global searches (order 4: 3 072 directions x 96 in-plane angles)
+MAX_GLOBAL_ORDER = 4
 
 
 def options(args, comm):
@@ -114,6 +116,11 @@ def init(args, size, loaded):
         raise MpiEmError(f"--sigma2-fudge must be >= 1, got {args.sigma2_fudge}")
     if not args.ini_high >= args.final_high > 0:
         raise MpiEmError(f"--ini-high ({args.ini_high} Å) must be >= --final-high ({args.final_high} Å) > 0")
+    for name, order in (("--healpix-order", args.healpix_order),
+                        ("--final-healpix-order", getattr(args, "final_healpix_order", None))):
+        if order is not None and not 0 <= order <= MAX_GLOBAL_ORDER:
+            raise MpiEmError(f"{name} must be between 0 and {MAX_GLOBAL_ORDER} (a global search over every direction; "
+                             f"order 0 = 60°, {MAX_GLOBAL_ORDER} = {60 / 2 ** MAX_GLOBAL_ORDER:g}°), got {order}")
     symmetry_matrices(args.sym)
     if loaded is not None and n_starts > 1:  # the finished starts' maps the checkpoint refers to
         from .outputs import start_paths
