@@ -150,7 +150,7 @@ def add_arguments(p) -> None:
     p.add_argument("--healpix-order", type=int, default=1,
                    help="HEALPix order of the global search (0 = 60°, 1 = 30°, 2 = 15°; the fine pass oversamples it "
                         "once; default 1: found the known structures more often than 2, and faster; on 20 000 box-64 "
-                        "particles at SNR 0.05 order 0, with --final-healpix-order 1, found the structure for 6 of 10 "
+                        "particles at SNR 0.05 order 0, with --final-healpix-order 1, found the structure for 9 of 14 "
                         "seeds, order 1 for 13 of 40, order 2 for 0 of 8: benchmarks/results/initial-model/)")
     p.add_argument("--final-healpix-order", type=int, default=None, metavar="ORDER",
                    help="HEALPix order of the global search of the passes over all particles (the final passes and "
