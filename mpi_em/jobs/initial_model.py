@@ -313,7 +313,7 @@ def run(args, comm, after_iteration=None) -> dict:
         class_prior = np.full(k_start, 1.0 / k_start)
         history, resolutions = [], []
 
-    def e_step(sub, r_cur, final, fudge=1.0, fixed_class=False, order=None):
+    def e_step(sub, r_cur, fudge=1.0, fixed_class=False, order=None):
         """E-step over the rank's rows of ``sub`` against the current model, a global search at HEALPix ``order``
         -> accumulators, stats."""
         k_now = model.shape[0]
@@ -402,7 +402,7 @@ def run(args, comm, after_iteration=None) -> dict:
             if comm.rank == 0:
                 log.info("iteration %d: the consensus split into %d classes", it, K)
         sub = subplan(plan, keep)
-        F_b, W_b, stats = e_step(sub, r_cur, False, noise_fudge(j, args.iter, args.sigma2_fudge), split)
+        F_b, W_b, stats = e_step(sub, r_cur, noise_fudge(j, args.iter, args.sigma2_fudge), split)
         write_back(plan, sub, keep)
         if args.model_update == "sums":
             if F_run is None:
@@ -455,7 +455,7 @@ def run(args, comm, after_iteration=None) -> dict:
             st["offset_sigma"] = args.offset_range / 2.0
             reset_poses(plan)
             full = subplan(plan, everyone)
-            F_b, W_b, stats = e_step(full, r_cur, False, order=final_order)
+            F_b, W_b, stats = e_step(full, r_cur, order=final_order)
             lls.append(float(stats.loglike))  # summed over the ranks' particles: the same on every rank
             better = comm.bcast(best is None or lls[-1] > lls[best[0]] if comm.rank == 0 else None, root=0)
             if better:
@@ -494,7 +494,7 @@ def run(args, comm, after_iteration=None) -> dict:
         r_cur = r_of(final_high)
         everyone = np.ones(len(plan["row"]), dtype=bool)
         full = subplan(plan, everyone)
-        F_b, W_b, stats = e_step(full, r_cur, p_i == n_final - 1, order=final_order)
+        F_b, W_b, stats = e_step(full, r_cur, order=final_order)
         model = reconstruct(F_b, W_b, r_cur)
         del F_b, W_b
         write_back(plan, full, everyone)
