@@ -57,7 +57,7 @@ def seeds_in(folder):
 
 
 def compare(work, data, seeds, j, res_A, device):
-    """The seeds' maps after iteration j in one comparison job (initial-model's default search: HEALPix order 1,
+    """The seeds' maps after iteration j in one comparison job (the default search of initial-model's passes: order 1,
     offsets 3 px) -> {seed: summed log-likelihood}."""
     maps = [os.path.join(seeds[s][0], f"w{s}", "run", f"run_it{j:03d}_class001.mrc") for s in sorted(seeds)]
     out = os.path.join(work, f"cmp{j}")

@@ -8,9 +8,9 @@ Mini-batch (stochastic) expectation-maximisation, after RELION 3's SGD initial m
 2. iterations 1..N: a random mini-batch of ``--batch-size`` particles (drawn from ``--seed`` and the iteration:
    every rank derives the same rows without communication and keeps its own; ``--batch-size-ini`` B0: B0
    particles at iteration 1, growing over the resolution ramp below to ``--batch-size``, as RELION's SGD),
-   E-step with a global search at ``--healpix-order`` (translations within ``--offset-range``) at a resolution
-   limit that rises linearly from ``--ini-high`` to ``--final-high`` Å over the first three quarters of the
-   iterations, with the noise spectrum multiplied by a factor (``--sigma2-fudge``, a temperature) that falls to 1
+   E-step with a global search at ``--healpix-order`` (default 0; translations within ``--offset-range``) at a
+   resolution limit that rises linearly from ``--ini-high`` to ``--final-high`` Å over the first three quarters
+   of the iterations, with the noise spectrum multiplied by a factor (``--sigma2-fudge``, a temperature) that falls to 1
    over the same ramp;
    the model update (``--model-update``): ``sums`` reconstructs the model from running sums of the mini-batches'
    back-projections, S <- d S + S_batch with d rising from ``--sums-decay`` D0 to D1 (about batch / (1 - d)
@@ -21,7 +21,8 @@ Mini-batch (stochastic) expectation-maximisation, after RELION 3's SGD initial m
    random classes, as class3d's first iteration) that compete for the particles (measured: K random starts, or a
    split at half of the iterations, separate two conformations far less often: benchmarks/results/initial-model);
 3. passes over all particles at the final resolution (``--final-passes``, default 3, each against the previous
-   one's maps) give every particle's pose and class (``run_data.star``), the class sizes and the final maps
+   one's maps; a global search at ``--final-healpix-order``, default 1)
+   give every particle's pose and class (``run_data.star``), the class sizes and the final maps
    (``run_classNNN.mrc``, the particles' box);
    ``--starts N`` (K = 1): steps 1-2 once per start, N starts, start s with seed ``--seed`` + s (each start as
    the job with that seed: from scratch, unknown poses, the images' noise spectrum); then each start's map makes one
@@ -55,8 +56,9 @@ from ..em.references import References, fine_offsets, global_grid, insert
 from ..em.steps import check_finite_maps
 from ..fourier import SliceGeometry, default_r_max, padded_reach
 from ..initial import state as ckpt
-from ..initial.setup import (DEFAULT_BATCH_SIZE, DEFAULT_FINAL_PASSES, DEFAULT_ITER, checkpoint, finished_starts,
-                             init, number_of_starts, options, reset_poses, split_at, subplan, write_back)
+from ..initial.setup import (DEFAULT_BATCH_SIZE, DEFAULT_FINAL_HEALPIX_ORDER, DEFAULT_FINAL_PASSES,
+                             DEFAULT_HEALPIX_ORDER, DEFAULT_ITER, checkpoint, finished_starts, init, number_of_starts,
+                             options, reset_poses, split_at, subplan, write_back)
 from ..initial.outputs import read_starts, write_final, write_iteration, write_start
 from ..initial.schedule import batch_size, minibatch_rows, noise_fudge, random_rotations, schedule, sums_decay
 from ..io import rebase_image_names
@@ -147,14 +149,15 @@ def add_arguments(p) -> None:
                         "instead of the random start: e.g. to check that the iterations keep a known structure. "
                         "Several maps (K = 1): one start each, compared as --starts compares its random ones; with "
                         "--iter 0 the maps go straight to that comparison and the final passes")
-    p.add_argument("--healpix-order", type=int, default=1,
-                   help="HEALPix order of the global search (0 = 60°, 1 = 30°, 2 = 15°; the fine pass oversamples it "
-                        "once; default 1: found the known structures more often than 2, and faster; on 20 000 box-64 "
-                        "particles at SNR 0.05 order 0, with --final-healpix-order 1, found the structure for 9 of 14 "
-                        "seeds, order 1 for 13 of 40, order 2 for 0 of 8: benchmarks/results/initial-model/)")
+    p.add_argument("--healpix-order", type=int, default=DEFAULT_HEALPIX_ORDER,
+                   help="HEALPix order of the mini-batches' global search (0 = 60°, 1 = 30°, 2 = 15°; the fine pass "
+                        f"oversamples it once; default {DEFAULT_HEALPIX_ORDER}: on 20 000 box-64 particles at SNR 0.05 "
+                        "the structure was found for 34 of 64 seeds at order 0 with the final passes at 1, for 20 of "
+                        "the same 64 at order 1, for 0 of 8 at order 2; benchmarks/results/initial-model/)")
     p.add_argument("--final-healpix-order", type=int, default=None, metavar="ORDER",
                    help="HEALPix order of the global search of the passes over all particles (the final passes and "
-                        "--starts' comparison; default: --healpix-order)")
+                        f"--starts' comparison; default {DEFAULT_FINAL_HEALPIX_ORDER}, or --healpix-order where that "
+                        "is finer)")
     p.add_argument("--offset-range", type=float, default=3.0,
                    help="translation search range around each particle's current offset, pixels (default 3)")
     p.add_argument("--offset-step", type=float, default=1.0,
@@ -476,7 +479,8 @@ def run(args, comm, after_iteration=None) -> dict:
         return best_map, table
 
     n_final = 0 if args.no_final_pass else args.final_passes
-    # the passes' search (a checkpoint older than --final-healpix-order continues with --healpix-order)
+    # the passes' search (set for a new job by initial.setup.options; a checkpoint older than --final-healpix-order
+    # continues with --healpix-order)
     final_order = getattr(args, "final_healpix_order", None)
     final_order = args.healpix_order if final_order is None else final_order
     first_pass_done = 0
