@@ -1,4 +1,5 @@
-# The three commands, on one H100 (16 cores), each from the repository root with .whl/ carried (benchmarks/gpu_setup.sh).
+# The three commands, on one H100 (16 cores), each from the repository root with .whl/ carried (benchmarks/gpu_setup.sh);
+# sweep.sh is ../../options-sweep-h100-2026-12-06/commands/sweep.sh.
 # def116 and def132 ran before the default changed: "--batch-size 350" was the default job then, with the global
 # search at HEALPix order 1 throughout; to run them today, give "--healpix-order 1" instead.
 LIMIT=570 SEEDS="$(seq -s ' ' 0 31)" bash sweep.sh "o0 --healpix-order 0 --final-healpix-order 1"
