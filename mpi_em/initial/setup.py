@@ -55,7 +55,8 @@ MAX_GLOBAL_ORDER = 4
 
 def options(args, comm):
     """--continue: the run's options from its checkpoint (a new --iter replaces the number of iterations, except in
-    a job of several starts) and its state; a new run: none. Every rank gets them."""
+    a job of several starts) and its state; a new run: none. Every rank gets them. Either way the passes' HEALPix
+    order is resolved here (``args.final_healpix_order``)."""
     if not args.continue_dir:
         if not args.input or not args.output:
             raise MpiEmError("initial-model needs --i STAR and --o DIR (or --continue DIR)")
@@ -67,6 +68,8 @@ def options(args, comm):
     new_iter, cont = args.iter, args.continue_dir
     loaded = root_step(comm, ckpt.load, cont)
     restore_options(args, loaded[0]["args"])
+    if getattr(args, "final_healpix_order", None) is None:  # a checkpoint older than --final-healpix-order
+        args.final_healpix_order = args.healpix_order
     args.continue_dir = args.output = cont
     args._expected_input = loaded[0].get("input")
     if new_iter is not None:
@@ -126,8 +129,8 @@ def init(args, size, loaded):
     if not args.ini_high >= args.final_high > 0:
         raise MpiEmError(f"--ini-high ({args.ini_high} Å) must be >= --final-high ({args.final_high} Å) > 0")
     for name, order in (("--healpix-order", args.healpix_order),
-                        ("--final-healpix-order", getattr(args, "final_healpix_order", None))):
-        if order is not None and not 0 <= order <= MAX_GLOBAL_ORDER:
+                        ("--final-healpix-order", args.final_healpix_order)):
+        if not 0 <= order <= MAX_GLOBAL_ORDER:
             raise MpiEmError(f"{name} must be between 0 and {MAX_GLOBAL_ORDER} (a global search over every direction; "
                              f"order 0 = 60°, {MAX_GLOBAL_ORDER} = {60 / 2 ** MAX_GLOBAL_ORDER:g}°), got {order}")
     symmetry_matrices(args.sym)

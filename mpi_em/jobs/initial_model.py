@@ -479,10 +479,7 @@ def run(args, comm, after_iteration=None) -> dict:
         return best_map, table
 
     n_final = 0 if args.no_final_pass else args.final_passes
-    # the passes' search (set for a new job by initial.setup.options; a checkpoint older than --final-healpix-order
-    # continues with --healpix-order)
-    final_order = getattr(args, "final_healpix_order", None)
-    final_order = args.healpix_order if final_order is None else final_order
+    final_order = args.final_healpix_order  # the passes' search (resolved by initial.setup.options)
     first_pass_done = 0
     starts_table = None
     if n_starts > 1:
