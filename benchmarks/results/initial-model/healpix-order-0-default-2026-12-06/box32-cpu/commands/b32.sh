@@ -1,7 +1,8 @@
 #!/bin/bash
 # order 0 (mini-batches) + order 1 (final passes) against the defaults on the box-32 sets, CPU, 2 jobs at a time
 set -u
-cd /work/main; PY=.venv/bin/python; B=/tmp/b32; export OMP_NUM_THREADS=1
+# run from the repository root; B: the work folder
+PY=${PY:-.venv/bin/python}; B=${B:-/tmp/b32}; mkdir -p $B/res; export OMP_NUM_THREADS=1
 sim() { [ -f $B/$1/particles.star ] || $PY -m mpi_em simulate --out $B/$1 --box 32 "${@:2}" --device cpu > $B/sim_$1.log 2>&1; }
 sim d32s05 --apix 5 --n 3000 --snr 0.5 --seed 1
 sim d32s05d2 --apix 5 --n 3000 --snr 0.5 --seed 2
