@@ -3,7 +3,7 @@ mini-batch, map vs truth FSC(0.5) (each class against its conformation, either h
 
 usage: python benchmarks/initial_model.py --work DIR [--data SIM_DIR] [--box 64 --n 20000 --snr 0.05 --apix 2.5
                                           --conformations 1 --sim-seed 1 --domains ...] [--K 1] [--ranks 1]
-                                          [--device auto] [--json OUT.json] [-- initial-model options ...]
+                                          [--device auto] [--json OUT.json] [--fit] [-- initial-model options ...]
        python benchmarks/initial_model.py --work DIR --data SIM_DIR --relion PATH/relion_refine
                                           [--relion-mode sgd|vdam] [--threads T] [-- more relion_refine options]
 
@@ -17,7 +17,9 @@ px, `--flatten_solvent --zero_mask`, C1, the particle diameter mpi-em uses (80% 
 Without --data, `mpi-em simulate` writes the data set into WORK/data (reused when its particles.star is there).
 The run goes to WORK/run (replaced). Options after `--` are passed to `mpi-em initial-model` as they are
 (e.g. `-- --iter 60 --batch-size 500 --healpix-order 2`). Maps are put onto the truth with mpi_em.align (the
-rotation from the particles' poses against the true ones, the mirrored hand tried too); with --conformations 2
+rotation from the particles' poses against the true ones, the mirrored hand tried too; `fsc05_A`), and then
+fitted to the truth from there (a local search of the rotation and of a shift below a pixel; `fsc05_fit_A`, as a
+fit in a map viewer: the poses' mean rotation is several degrees off when many poses are wrong); with --conformations 2
 each truth conformation is compared with the class holding most of its particles. Class accuracy: the best
 one-to-one assignment of classes to conformations when K equals their number, else each class to the
 conformation most of its particles have.
@@ -62,8 +64,9 @@ def angles(df):
     return df.rlnAngleRot.values, df.rlnAngleTilt.values, df.rlnAnglePsi.values
 
 
-def evaluate(data: str, run: str, K: int) -> dict:
-    """FSC(0.5) of each truth conformation against its class, class accuracy (rows in the same order)."""
+def evaluate(data: str, run: str, K: int, fit: bool = False) -> dict:
+    """FSC(0.5) of each truth conformation against its class (``fsc05_A``: put onto the truth by the poses, as
+    every earlier record; ``fsc05_fit_A``: then fitted, with ``fit``; empty without), class accuracy (rows in the same order)."""
     est = starfile.read(os.path.join(run, "run_data.star"))["particles"]
     true = starfile.read(os.path.join(data, "particles.star"))["particles"]
     assert len(est) == len(true)
@@ -76,7 +79,8 @@ def evaluate(data: str, run: str, K: int) -> dict:
     cls = est.rlnClassNumber.values.astype(int)
     conf = true.rlnClassNumber.values.astype(int) if "rlnClassNumber" in true else np.ones(len(true), int)
     n_conf = int(conf.max())
-    out = {"class_counts": np.bincount(cls, minlength=K + 1)[1:].tolist(), "fsc05_A": [], "hand": []}
+    out = {"class_counts": np.bincount(cls, minlength=K + 1)[1:].tolist(), "fsc05_A": [], "hand": [],
+           "fsc05_fit_A": []}
     if n_conf > 1:
         out["class_accuracy"] = best_accuracy(cls, conf)
     for c in range(1, n_conf + 1):
@@ -91,6 +95,10 @@ def evaluate(data: str, run: str, K: int) -> dict:
         aligned, how, _ = align_to_truth(vol, truth, [a[sel] for a in angles(est)], [a[sel] for a in angles(true)])
         out["fsc05_A"].append(resolution_to_truth(aligned, truth, apix))
         out["hand"].append(how)
+        if fit:  # then fitted to the truth (a local search of the rotation and a shift below a pixel)
+            fitted, _, _ = align_to_truth(vol, truth, [a[sel] for a in angles(est)], [a[sel] for a in angles(true)],
+                                          refine=True)
+            out["fsc05_fit_A"].append(resolution_to_truth(fitted, truth, apix))
     return out
 
 
@@ -154,6 +162,9 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", type=int, default=1)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     p.add_argument("--json", help="write the row here (default WORK/initial_model.json)")
+    p.add_argument("--fit", action="store_true",
+                   help="also fit each map to the truth after the pose-based alignment (fsc05_fit_A; ~20-50 s a "
+                        "map at box 64 on one core)")
     p.add_argument("--relion", metavar="RELION_REFINE",
                    help="run RELION's initial model with this relion_refine (or relion_refine_mpi) instead of mpi-em's")
     p.add_argument("--relion-mode", choices=["sgd", "vdam"], default="sgd")
@@ -205,7 +216,7 @@ def main(argv=None) -> int:
            "seconds_per_1000_minibatch": 1000.0 * batch_s / batch_n if batch_n else None,
            "seconds_final_pass": sum(map(float, fin)) if fin else None, "data": data,
            "peak_gpu_mib": gpu.peak_mib}
-    row.update(evaluate(data, run, a.K))
+    row.update(evaluate(data, run, a.K, fit=a.fit))
     model_star = os.path.join(run, "run_model.star")
     tables = starfile.read(model_star, always_dict=True) if os.path.exists(model_star) else {}
     if "model_starts" in tables:  # --starts / several --start maps: each start's log-likelihood, the one kept
@@ -217,6 +228,8 @@ def main(argv=None) -> int:
           "| class accuracy | options |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     fsc_txt = ", ".join(f"{x:.1f} ({h})" for x, h in zip(row["fsc05_A"], row["hand"]))
+    if row["fsc05_fit_A"]:
+        fsc_txt += "; fitted " + ", ".join(f"{x:.1f}" for x in row["fsc05_fit_A"])
     acc = f"{row['class_accuracy']:.3f}" if "class_accuracy" in row else "-"
     per = f"{row['seconds_per_1000_minibatch']:.2f}" if row["seconds_per_1000_minibatch"] else "-"
     print(f"| {box} | {n_data} | {a.snr if not a.data else '-'} | {a.K} | {len(row['fsc05_A'])} | {a.ranks} | {a.device} | {seconds:.1f} | {per} "
