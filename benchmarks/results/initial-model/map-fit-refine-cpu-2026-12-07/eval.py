@@ -23,8 +23,8 @@ def ang(df):
 rows = {}
 print("| run | gold-standard | map vs truth, pose-based alignment | fitted | moved by the fit (cc) |")
 print("|---|---|---|---|---|")
-for run in ("s3", "s3o2", "s21", "r_s3", "r_s21", "r_truth"):
-    path = os.path.join(w, run)
+for name in ("s3", "s3o2", "s21", "r_s3", "r_s21", "r_truth"):
+    path = os.path.join(w, name)
     if not os.path.exists(os.path.join(path, "run_class001.mrc")):
         continue
     vol, _ = read_map(os.path.join(path, "run_class001.mrc"))
@@ -33,11 +33,11 @@ for run in ("s3", "s3o2", "s21", "r_s3", "r_s21", "r_truth"):
     for refine in (False, True):
         al, how, cc = align_to_truth(vol, truth, ang(est), ang(true), refine=refine)
         row["fit" if refine else "poses"] = {"fsc05_A": resolution_to_truth(al, truth, apix), "hand": how, "cc": cc}
-    if run.startswith("r_"):
+    if name.startswith("r_"):
         gen = starfile.read(os.path.join(path, "run_model.star"))["model_general"]
         row["gold_standard_A"] = float(gen["rlnCurrentResolution"].iloc[0])
-    rows[run] = row
+    rows[name] = row
     gs = f"{row['gold_standard_A']:.2f} Å" if "gold_standard_A" in row else "-"
-    print(f"| {run} | {gs} | {row['poses']['fsc05_A']:.2f} Å ({row['poses']['hand']}) | {row['fit']['fsc05_A']:.2f} Å "
+    print(f"| {name} | {gs} | {row['poses']['fsc05_A']:.2f} Å ({row['poses']['hand']}) | {row['fit']['fsc05_A']:.2f} Å "
           f"| cc {row['poses']['cc']:.4f} -> {row['fit']['cc']:.4f} |")
 json.dump(rows, open(os.path.join(HERE, "eval.json"), "w"), indent=1)
