@@ -39,7 +39,7 @@ import time
 import numpy as np
 import starfile
 
-from mpi_em.align import align_to_truth, resolution_to_truth
+from mpi_em.align import align_to_truth, refine_alignment, resolution_to_truth
 from mpi_em.evaluate import class_accuracy
 from mpi_em.io import read_map
 
@@ -92,13 +92,12 @@ def evaluate(data: str, run: str, K: int, fit: bool = False) -> dict:
         sel = members & (cls == k)
         if sel.sum() < 3:
             sel = members
-        aligned, how, _ = align_to_truth(vol, truth, [a[sel] for a in angles(est)], [a[sel] for a in angles(true)])
+        aligned, how, _, M = align_to_truth(vol, truth, [a[sel] for a in angles(est)],
+                                            [a[sel] for a in angles(true)], rotation=True)
         out["fsc05_A"].append(resolution_to_truth(aligned, truth, apix))
         out["hand"].append(how)
-        if fit:  # then fitted to the truth (a local search of the rotation and a shift below a pixel)
-            fitted, _, _ = align_to_truth(vol, truth, [a[sel] for a in angles(est)], [a[sel] for a in angles(true)],
-                                          refine=True)
-            out["fsc05_fit_A"].append(resolution_to_truth(fitted, truth, apix))
+        if fit:  # then fitted to the truth from there (a local search of the rotation and a shift below a pixel)
+            out["fsc05_fit_A"].append(resolution_to_truth(refine_alignment(vol, truth, M)[0], truth, apix))
     return out
 
 

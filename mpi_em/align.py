@@ -56,10 +56,11 @@ def shift_onto(vol, ref) -> np.ndarray:
     return np.roll(vol, _cc_peak(vol, np.fft.rfftn(ref))[1], axis=(0, 1, 2))
 
 
-def align_to_truth(vol, truth, est_angles, true_angles, refine: bool = False):
+def align_to_truth(vol, truth, est_angles, true_angles, refine: bool = False, rotation: bool = False):
     """(aligned map, name of the transform, correlation): ``vol`` rotated / mirrored / shifted onto ``truth``
     using the poses (rot, tilt, psi arrays in degrees, same particles in the same order). ``refine``: then fitted
-    to the truth from there (``refine_alignment``: the rotation and a shift below a pixel; the name gets " fit")."""
+    to the truth from there (``refine_alignment``: the rotation and a shift below a pixel; the name gets " fit").
+    ``rotation``: the rotation M (``resample(vol, M)``) appended, e.g. to fit later from it."""
     A_e = euler_to_matrix(*[np.asarray(a, dtype=np.float64) for a in est_angles])
     A_t = euler_to_matrix(*[np.asarray(a, dtype=np.float64) for a in true_angles])
     R_n, _ = rotation_mean(np.einsum("nji,njk->nik", A_t, A_e))
@@ -72,9 +73,9 @@ def align_to_truth(vol, truth, est_angles, true_angles, refine: bool = False):
         if best is None or r > best[2]:
             best = (a, name, r, M)
     if refine:
-        a, _, _, r = refine_alignment(vol, truth, best[3])
-        return a, best[1] + " fit", r
-    return best[:3]
+        a, M, _, r = refine_alignment(vol, truth, best[3])
+        best = (a, best[1] + " fit", r, M)
+    return best if rotation else best[:3]
 
 
 def resolution_to_truth(vol, truth, pixel_size: float, threshold: float = 0.5) -> float:
@@ -103,62 +104,66 @@ def _cc_peak(a, ref_f):
     return top, i
 
 
+def _climb(score, state, best, candidates):
+    """Pattern search: move to the first of ``candidates(state)`` that scores higher, while one does ->
+    (state, score)."""
+    moved = True
+    while moved:
+        moved = False
+        for c in candidates(state):
+            v = score(c)
+            if v > best:
+                state, best, moved = c, v, True
+                break
+    return state, best
+
+
 def refine_alignment(vol, truth, M, step: float = 4.0, min_step: float = 0.125, shift_step: float = 0.25,
                      min_shift_step: float = 0.0625):
-    """(aligned map, rotation, shift (x, y, z pixels; the map is moved by it after the rotation), correlation): ``resample(vol, M)`` put onto ``truth`` by a
-    local search about ``M``: first of the rotation alone (pattern search: rotations by +-step degrees about x, y,
-    z, the step halved down to 4 x ``min_step``; each scored by its best shift's correlation, the cross-correlation
-    peak refined by parabolas), then of the rotation and the shift below a pixel together (Fourier phase shifts;
-    steps from 2 x ``min_step`` degrees and ``shift_step`` pixels, halved down to ``min_step`` and
-    ``min_shift_step``). The superposition a fit in a map viewer makes, from the pose-based start
-    ``align_to_truth`` gives: those poses' mean rotation is several degrees off when many particles' poses are
-    wrong."""
+    """(aligned map, rotation, shift (x, y, z pixels; the map is moved by it after the rotation), correlation):
+    ``resample(vol, M)`` put onto ``truth`` by a local search about ``M``: first of the rotation alone (pattern
+    search: rotations by +-step degrees about x, y, z, the step halved down to 4 x ``min_step``; each scored by its
+    best shift's correlation, the cross-correlation peak refined by parabolas), then of the rotation and the shift
+    below a pixel together (Fourier phase shifts; steps from 2 x ``min_step`` degrees and ``shift_step`` pixels,
+    halved down to ``min_step`` and ``min_shift_step``). The superposition a fit in a map viewer makes, from the
+    pose-based start ``align_to_truth`` gives: those poses' mean rotation is several degrees off when many
+    particles' poses are wrong."""
     from .sampling import rotation_vector_to_matrix
     from .symaxis import shift_map
 
     truth = np.asarray(truth, dtype=np.float64)
+    n = truth.shape[0]
     t = _unit(truth)
     ref_f = np.fft.rfftn(t)
-    M = np.asarray(M, dtype=np.float64)
     axes = np.vstack([np.eye(3), -np.eye(3)])
 
     def turn(M, w_deg):
         return M @ rotation_vector_to_matrix(np.deg2rad(w_deg)[None])[0]
 
-    best = _cc_peak(_unit(resample(vol, M)), ref_f)[0]
+    def peak(M):
+        return _cc_peak(_unit(resample(vol, M)), ref_f)
+
+    M = np.asarray(M, dtype=np.float64)
+    best = peak(M)[0]
     while step >= 4 * min_step:
-        moved = True
-        while moved:
-            moved = False
-            for w in axes * step:
-                C = turn(M, w)
-                s = _cc_peak(_unit(resample(vol, C)), ref_f)[0]
-                if s > best:
-                    best, M, moved = s, C, True
-                    break
+        M, best = _climb(lambda C: peak(C)[0], M, best, lambda M: [turn(M, w) for w in axes * step])
         step /= 2
-    n = truth.shape[0]
-    roll = tuple((np.asarray(_cc_peak(_unit(resample(vol, M)), ref_f)[1]) + n // 2) % n - n // 2)
+    roll = tuple((np.asarray(peak(M)[1]) + n // 2) % n - n // 2)
 
     def place(M, sh):
         return shift_map(np.roll(resample(vol, M), roll, axis=(0, 1, 2)), sh)
 
-    sh = np.zeros(3)
-    cur = float(np.sum(_unit(place(M, sh)) * t))
+    def neighbours(state):
+        M, sh = state
+        moves = [(turn(M, w), sh) for w in axes * step] if step >= min_step else []
+        return moves + ([(M, sh + e) for e in axes * shift_step] if shift_step >= min_shift_step else [])
+
+    state = (M, np.zeros(3))
+    cur = float(np.sum(_unit(place(*state)) * t))
     step = 2 * min_step
     while step >= min_step or shift_step >= min_shift_step:
-        moved = True
-        while moved:
-            moved = False
-            moves = [(w, None) for w in axes * step] if step >= min_step else []
-            moves += [(None, e) for e in axes * shift_step] if shift_step >= min_shift_step else []
-            for w, e in moves:
-                C = M if w is None else turn(M, w)
-                s2 = sh if e is None else sh + e
-                v = float(np.sum(_unit(place(C, s2)) * t))
-                if v > cur:
-                    cur, M, sh, moved = v, C, s2, True
-                    break
+        state, cur = _climb(lambda st: float(np.sum(_unit(place(*st)) * t)), state, cur, neighbours)
         step /= 2
         shift_step /= 2
+    M, sh = state
     return place(M, sh), M, np.asarray(roll[::-1], dtype=np.float64) + sh, cur
