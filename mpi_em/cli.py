@@ -168,6 +168,9 @@ def _output_folder(args) -> str | None:
 
 
 def main(argv=None) -> int:
+    from . import hostmem
+
+    hostmem.keep_freed_memory()  # CPU ranks: freed temporaries kept for the next batch (before any array)
     parser = build_parser()
     args = parser.parse_args(argv)
     from .distributed import launch_mismatch, launcher_rank, world
