@@ -10,7 +10,8 @@ to a third of a CPU initial-model job's time went to that (box 32: 42.2 s wall, 
 the heap) and ``M_TRIM_THRESHOLD`` to 2 GiB (the heap is not trimmed below that), through ``mallopt``. Blocks over
 32 MiB (volumes, accumulators) are still mapped and given back when freed, so a rank's resident memory stays its
 allocations' peak (measured: +6-8% max RSS at box 32-64 from the heap's slack). A user's own allocator settings
-(``MALLOC_*`` or ``GLIBC_TUNABLES`` in the environment) are left as they are; other C libraries are left alone.
+(``MALLOC_*`` or ``GLIBC_TUNABLES`` in the environment) are left as they are, as are glibc's defaults under
+``MPI_EM_KEEP_FREED_MEMORY=0``; other C libraries are left alone.
 """
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ def glibc() -> bool:
 
 def keep_freed_memory() -> bool:
     """Set the two thresholds (see the module's text); True where both were set."""
-    if not glibc() or any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
+    if os.environ.get("MPI_EM_KEEP_FREED_MEMORY", "1") == "0" or not glibc():
+        return False
+    if any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

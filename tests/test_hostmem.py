@@ -12,9 +12,9 @@ from mpi_em import hostmem
 LOOP = """
 import resource, sys
 import numpy as np
-if sys.argv[1] == "kept":
+if sys.argv[1] != "plain":
     from mpi_em.hostmem import keep_freed_memory
-    assert keep_freed_memory()
+    assert keep_freed_memory() == (sys.argv[1] == "kept")
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(40):
     a = [np.ones(2 ** 21) for _ in range(3)]
@@ -45,11 +45,14 @@ def test_freed_temporaries_are_not_faulted_in_again():
 
 @pytest.mark.skipif(not hostmem.glibc(), reason="the C library is not glibc")
 def test_a_users_own_allocator_settings_are_left_alone(monkeypatch):
-    """MALLOC_* or GLIBC_TUNABLES in the environment: the user's allocator settings stand (nothing set)."""
-    for name in ("MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+    """MALLOC_* or GLIBC_TUNABLES in the environment: the user's allocator settings stand (nothing set);
+    MPI_EM_KEEP_FREED_MEMORY=0: glibc's defaults (the faults of the default, measured in a process)."""
+    for name in ("MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "MPI_EM_KEEP_FREED_MEMORY"):
         monkeypatch.setenv(name, "glibc.malloc.trim_threshold=0" if name == "GLIBC_TUNABLES" else "0")
         assert hostmem.keep_freed_memory() is False
         monkeypatch.delenv(name)
+    plain, off = _faults("plain"), _faults("kept-if-asked", MPI_EM_KEEP_FREED_MEMORY="0")
+    assert off * 4 > plain * 3, (plain, off)
 
 
 def test_every_command_keeps_freed_memory(monkeypatch):
