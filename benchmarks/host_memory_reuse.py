@@ -70,7 +70,7 @@ def _data(work):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True, help="folder for the data sets and the jobs' outputs")
-    ap.add_argument("--repeats", type=int, default=2, help="runs of each job with each setting, interleaved")
+    ap.add_argument("--repeats", type=int, default=2, help="how many times each job is measured with each setting (interleaved)")
     ap.add_argument("--jobs", nargs="+", default=None, help="a subset of the jobs' names (default: all)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -80,7 +80,7 @@ def main(argv=None):
     os.makedirs(a.work, exist_ok=True)
     jobs = _data(a.work)
     settings = {"glibc defaults": {"MPI_EM_KEEP_FREED_MEMORY": "0"}, "freed memory kept": {}}
-    runs = []
+    records = []
     for name, (args, out_map) in jobs.items():
         if a.jobs and name not in a.jobs:
             continue
@@ -90,20 +90,20 @@ def main(argv=None):
                 out = os.path.join(a.work, "out", name.replace(" ", "_"), setting.split()[0], str(rep))
                 row = _cli(args + ["--o", out, "--overwrite"], env)
                 row.update(job=name, setting=setting, repeat=rep)
-                runs.append(row)
+                records.append(row)
                 maps.setdefault(setting, mrcfile.read(os.path.join(out, out_map)))
                 print(f"{name:22s} {setting:18s} {row['wall_s']:7.2f} s", flush=True)
         same = bool(np.array_equal(*maps.values()))
-        for r in runs:
+        for r in records:
             if r["job"] == name:
                 r["same_map"] = same
     rows = []
     print(f"\n{'job':22s} {'setting':18s} {'wall s':>7s} {'user s':>7s} {'sys s':>6s} {'MiB':>6s} {'faults':>8s} "
           f"{'wall ratio':>10s} same map")
-    for name in dict.fromkeys(r["job"] for r in runs):
+    for name in dict.fromkeys(r["job"] for r in records):
         med = {}
         for setting in settings:
-            rs = [r for r in runs if r["job"] == name and r["setting"] == setting]
+            rs = [r for r in records if r["job"] == name and r["setting"] == setting]
             med[setting] = {k: float(np.median([r[k] for r in rs])) for k in
                             ("wall_s", "user_s", "sys_s", "maxrss_mib", "minor_faults")}
         for setting, m in med.items():
@@ -113,7 +113,7 @@ def main(argv=None):
             rows.append(dict(job=name, setting=setting, wall_ratio=ratio, **m))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"rows": rows, "runs": runs, "machine": platform.node(), "cpus": os.cpu_count(),
+            json.dump({"rows": rows, "records": records, "machine": platform.node(), "cpus": os.cpu_count(),
                        "python": sys.version.split()[0], "numpy": np.__version__,
                        "libc": " ".join(platform.libc_ver()), "date": time.strftime("%Y-%m-%d")}, f, indent=1)
 
