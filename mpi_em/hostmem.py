@@ -3,13 +3,14 @@
 An E-step batch on a CPU rank allocates and frees NumPy temporaries of 0.1-30 MB many times a second. glibc's
 defaults give the larger ones back to the system when they are freed (mmap'ed blocks, and the heap trimmed above
 twice the last such size), and the next batch faults the same pages in again, each zeroed by the kernel: a quarter
-to a third of a CPU initial-model job's time went to that (box 32: 42.2 s wall, 10.5 s in the kernel; 32.9 s and
-0.8 s with the freed memory kept; box 64: 15-22% less wall time; the same maps bit for bit).
+of a CPU job's time went to that. Kept instead, whole jobs on one CPU rank take 0.75-0.81x the wall time
+(initial-model at box 32 and 64, refine3d at box 48; reconstruct 0.90x), the same maps bit for bit
+(``benchmarks/host_memory_reuse.py``, ``benchmarks/results/host-memory-reuse/``).
 
 :func:`keep_freed_memory` sets glibc's ``M_MMAP_THRESHOLD`` to its largest value (32 MiB: blocks up to it come from
 the heap) and ``M_TRIM_THRESHOLD`` to 2 GiB (the heap is not trimmed below that), through ``mallopt``. Blocks over
-32 MiB (volumes, accumulators) are still mapped and given back when freed, so a rank's resident memory stays its
-allocations' peak (measured: +6-8% max RSS at box 32-64 from the heap's slack). A user's own allocator settings
+32 MiB (volumes, accumulators) are still mapped and given back when freed, so a rank's resident memory stays near its
+allocations' peak (measured: +4-9% peak RSS, the heap's slack). A user's own allocator settings
 (``MALLOC_*`` or ``GLIBC_TUNABLES`` in the environment) are left as they are, as are glibc's defaults under
 ``MPI_EM_KEEP_FREED_MEMORY=0``; other C libraries are left alone.
 """
