@@ -70,7 +70,8 @@ def _data(work):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True, help="folder for the data sets and the jobs' outputs")
-    ap.add_argument("--repeats", type=int, default=2, help="how many times each job is measured with each setting (interleaved)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="how many times each job is measured with each setting (interleaved)")
     ap.add_argument("--jobs", nargs="+", default=None, help="a subset of the jobs' names (default: all)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
