@@ -26,25 +26,28 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
 def _cli(args, env=None):
+    """Run ``python -m mpi_em ARGS`` -> its wall seconds and the child's own rusage (stderr to a file: a pipe
+    read only after the child ends would block a job whose log fills it)."""
+    import tempfile
+
     e = dict(os.environ, OMP_NUM_THREADS="1", MPI_EM_DEVICE="cpu", PYTHONPATH=ROOT)
     e.update(env or {})
-    t = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "mpi_em"] + [str(a) for a in args], env=e,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t
-    err = p.stderr.read()
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise SystemExit(f"mpi-em {' '.join(map(str, args))} failed:\n{err}")
+    with tempfile.TemporaryFile("w+") as err:
+        t = time.perf_counter()
+        p = subprocess.Popen([sys.executable, "-m", "mpi_em"] + [str(a) for a in args], env=e,
+                             stdout=subprocess.DEVNULL, stderr=err, text=True)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise SystemExit(f"mpi-em {' '.join(map(str, args))} failed:\n{err.read()[-3000:]}")
     return {"wall_s": wall, "user_s": ru.ru_utime, "sys_s": ru.ru_stime, "maxrss_mib": ru.ru_maxrss / 1024,
             "minor_faults": ru.ru_minflt}
 
 
 def _data(work):
-    import mrcfile
-
     from mpi_em.em.model import lowpass
+    from mpi_em.io import read_map, write_map
 
     sets = {"d32": (32, 5.0, 3000, 0.5), "d64": (64, 2.5, 3000, 0.05), "d48": (48, 2.67, 1000, 0.25)}
     for name, (box, apix, n, snr) in sets.items():
@@ -52,10 +55,9 @@ def _data(work):
         if not os.path.exists(os.path.join(d, "particles.star")):
             _cli(["simulate", "--out", d, "--box", box, "--apix", apix, "--n", n, "--snr", snr, "--seed", 1])
     d = os.path.join(work, "d48")
-    v = mrcfile.read(os.path.join(d, "truth.mrc")).astype(np.float64)
-    with mrcfile.new(os.path.join(d, "start.mrc"), overwrite=True) as m:
-        m.set_data(lowpass(v, 48, 2.67, 21.36).astype(np.float32))
-        m.voxel_size = 2.67
+    truth, apix = read_map(os.path.join(d, "truth.mrc"))
+    write_map(os.path.join(d, "start.mrc"), lowpass(truth.astype(np.float64), 48, apix, 21.36).astype(np.float32),
+              apix)
     return {
         "initial-model box 32": (["initial-model", "--i", f"{work}/d32/particles_unaligned.star", "--seed", 1,
                                   "--iter", 20, "--no-final-pass"], "run_class001.mrc"),
@@ -76,12 +78,12 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     sys.path.insert(0, ROOT)
-    import mrcfile
+    from mpi_em.io import read_map
 
     os.makedirs(a.work, exist_ok=True)
     jobs = _data(a.work)
     settings = {"glibc defaults": {"MPI_EM_KEEP_FREED_MEMORY": "0"}, "freed memory kept": {}}
-    records = []
+    records, same = [], {}
     for name, (args, out_map) in jobs.items():
         if a.jobs and name not in a.jobs:
             continue
@@ -92,12 +94,9 @@ def main(argv=None):
                 row = _cli(args + ["--o", out, "--overwrite"], env)
                 row.update(job=name, setting=setting, repeat=rep)
                 records.append(row)
-                maps.setdefault(setting, mrcfile.read(os.path.join(out, out_map)))
+                maps.setdefault(setting, read_map(os.path.join(out, out_map))[0])
                 print(f"{name:22s} {setting:18s} {row['wall_s']:7.2f} s", flush=True)
-        same = bool(np.array_equal(*maps.values()))
-        for r in records:
-            if r["job"] == name:
-                r["same_map"] = same
+        same[name] = bool(np.array_equal(*maps.values()))
     rows = []
     print(f"\n{'job':22s} {'setting':18s} {'wall s':>7s} {'user s':>7s} {'sys s':>6s} {'MiB':>6s} {'faults':>8s} "
           f"{'wall ratio':>10s} same map")
@@ -110,8 +109,8 @@ def main(argv=None):
         for setting, m in med.items():
             ratio = m["wall_s"] / med["glibc defaults"]["wall_s"]
             print(f"{name:22s} {setting:18s} {m['wall_s']:7.2f} {m['user_s']:7.2f} {m['sys_s']:6.2f} "
-                  f"{m['maxrss_mib']:6.0f} {m['minor_faults']:8.0f} {ratio:10.3f} {rs[0]['same_map']}")
-            rows.append(dict(job=name, setting=setting, wall_ratio=ratio, **m))
+                  f"{m['maxrss_mib']:6.0f} {m['minor_faults']:8.0f} {ratio:10.3f} {same[name]}")
+            rows.append(dict(job=name, setting=setting, wall_ratio=ratio, same_map=same[name], **m))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"rows": rows, "records": records, "machine": platform.node(), "cpus": os.cpu_count(),
