@@ -24,15 +24,7 @@ gpu_setup() {
 gpu_data() {
   local box=${BOX:-128} apix=${APIX:-1.5}
   timeout "${SIM_TIMEOUT:-150}" python3 -m mpi_em simulate --out "$1" --box "$box" --n "$2" --snr 0.05 \
-    --apix "$apix" --per-stack "${PER_STACK:-5000}" --seed 11 2>&1 | tail -1
-  python3 - "$1" "$box" "$apix" "${LOWPASS:-30}" <<'PY'
-import sys, mrcfile, numpy as np
-from mpi_em.em.model import lowpass
-d, box, apix, res = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-v = mrcfile.read(f'{d}/truth.mrc').astype(np.float64)
-with mrcfile.new(f'{d}/start.mrc', overwrite=True) as m:
-    m.set_data(lowpass(v, box, apix, res).astype(np.float32)); m.voxel_size = apix
-PY
+    --apix "$apix" --per-stack "${PER_STACK:-5000}" --seed 11 --start-lowpass "${LOWPASS:-30}" 2>&1 | tail -1
 }
 
 gpu_tests() {

@@ -46,18 +46,13 @@ def _cli(args, env=None):
 
 
 def _data(work):
-    from mpi_em.em.model import lowpass
-    from mpi_em.io import read_map, write_map
-
     sets = {"d32": (32, 5.0, 3000, 0.5), "d64": (64, 2.5, 3000, 0.05), "d48": (48, 2.67, 1000, 0.25)}
     for name, (box, apix, n, snr) in sets.items():
         d = os.path.join(work, name)
-        if not os.path.exists(os.path.join(d, "particles.star")):
-            _cli(["simulate", "--out", d, "--box", box, "--apix", apix, "--n", n, "--snr", snr, "--seed", 1])
+        if not os.path.exists(os.path.join(d, "start.mrc")):
+            _cli(["simulate", "--out", d, "--box", box, "--apix", apix, "--n", n, "--snr", snr, "--seed", 1,
+                  "--start-lowpass", 21.36])
     d = os.path.join(work, "d48")
-    truth, apix = read_map(os.path.join(d, "truth.mrc"))
-    write_map(os.path.join(d, "start.mrc"), lowpass(truth.astype(np.float64), 48, apix, 21.36).astype(np.float32),
-              apix)
     return {
         "initial-model box 32": (["initial-model", "--i", f"{work}/d32/particles_unaligned.star", "--seed", 1,
                                   "--iter", 20, "--no-final-pass"], "run_class001.mrc"),

@@ -20,8 +20,8 @@ W=/tmp/imgpu; mkdir -p $W
 say() { echo "== $(date +%T) $*" | tee -a $R/summary.txt; }
 python3 -m mpi_em warmup > $R/warmup.log 2>&1
 D=$W/d$B
-[ -f $D/particles.star ] || python3 -m mpi_em simulate --out $D --box $B --n $NN --snr 0.05 --apix 2.5 --seed 1 \
-  --device $DEV > $R/sim_$B.log 2>&1
+[ -f $D/start.mrc ] || python3 -m mpi_em simulate --out $D --box $B --n $NN --snr 0.05 --apix 2.5 --seed 1 \
+  --start-lowpass 30 --device $DEV > $R/sim_$B.log 2>&1
 for part in ${PARTS:-seeds refine speed}; do
   case $part in
   seeds)
@@ -40,17 +40,8 @@ print(os.path.basename(min(rows)[1])[4:-5] if rows else "")
 PY
 )
     [ -n "$best" ] || { say "refine: no seed row"; continue; }
-    python3 - "$D" "$W" <<'PY'
-import sys, mrcfile, numpy as np
-from mpi_em.em.model import lowpass
-d, w = sys.argv[1], sys.argv[2]
-with mrcfile.open(f"{d}/truth.mrc") as m:
-    v, apix = m.data.astype(np.float64), float(m.voxel_size.x)
-with mrcfile.new(f"{w}/truth30.mrc", overwrite=True) as m:
-    m.set_data(lowpass(v, v.shape[0], apix, 30.0).astype(np.float32)); m.voxel_size = apix
-PY
     for start in im truth; do
-      ref=$W/s$best/run/run_class001.mrc; [ $start = truth ] && ref=$W/truth30.mrc
+      ref=$W/s$best/run/run_class001.mrc; [ $start = truth ] && ref=$D/start.mrc
       python3 -m mpi_em refine3d --i $D/particles_unaligned.star --ref $ref --ini-high 30 --o $W/r_$start --overwrite \
         --device $DEV > $R/refine_$start.log 2>&1
       say "refine3d from $start: exit $?"

@@ -463,7 +463,6 @@ def class2d_grouping(data_star, truth_star, alive_from: int = 10) -> tuple[float
 def make_data(args, env) -> str:
     """Simulate (or reuse) the data set and the start map; STAR copies with absolute image paths (both programs
     then read the same files from any folder). -> the data folder."""
-    import mrcfile
     import starfile
 
     d = os.path.abspath(args.data or os.path.join(args.out, "data"))
@@ -480,7 +479,8 @@ def make_data(args, env) -> str:
                      f"(no params.json)")
         shutil.rmtree(d)
     cmd = [sys.executable, "-m", "mpi_em", "simulate", "--out", d, "--box", args.box, "--n", args.n, "--snr",
-           args.snr, "--apix", args.apix, "--seed", args.seed, "--device", "gpu" if args.gpu else "cpu"]
+           args.snr, "--apix", args.apix, "--seed", args.seed, "--device", "gpu" if args.gpu else "cpu",
+           "--start-lowpass", args.ini_high]
     t = time.time()
     subprocess.run([str(c) for c in cmd], check=True, env=env)
     print(f"data: simulated {args.n} particles (box {args.box}, {args.apix} Å/px, SNR {args.snr}) "
@@ -491,13 +491,6 @@ def make_data(args, env) -> str:
         absd = os.path.abspath(d)
         p["rlnImageName"] = [f"{s.split('@')[0]}@{os.path.join(absd, s.split('@')[1])}" for s in p["rlnImageName"]]
         starfile.write(blocks, os.path.join(d, f"{name}_abs.star"), overwrite=True)
-    from mpi_em.em.model import lowpass
-
-    t = mrcfile.read(os.path.join(d, "truth.mrc")).astype(np.float64)
-    s = lowpass(t, args.box, args.apix, args.ini_high)
-    with mrcfile.new(os.path.join(d, "start.mrc"), overwrite=True) as m:
-        m.set_data(s.astype(np.float32))
-        m.voxel_size = args.apix
     with open(pfile, "w") as f:
         json.dump(params, f)
     return d

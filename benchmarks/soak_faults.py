@@ -308,16 +308,11 @@ def main():
     data = work / "data"
     t0 = time.time()
     r = subprocess.run([str(a) for a in [sys.executable, "-m", "mpi_em", "simulate", "--out", data, "--box", BOX,
-                                         "--n", N, "--snr", 1.0, "--apix", 4.0, "--seed", 4, "--per-stack", 120]],
+                                         "--n", N, "--snr", 1.0, "--apix", 4.0, "--seed", 4, "--per-stack", 120,
+                                         "--start-lowpass", 32]],
                        capture_output=True,
                        text=True, env=dict(os.environ, MPI_EM_DEVICE="cpu"))
     assert r.returncode == 0, r.stderr
-    from mpi_em.em.model import lowpass
-
-    truth = mrcfile.read(data / "truth.mrc").astype(np.float64)
-    with mrcfile.new(data / "start.mrc", overwrite=True) as m:
-        m.set_data(lowpass(truth, BOX, 4.0, 32.0).astype(np.float32))
-        m.voxel_size = 4.0
     ref = work / "reference"
     rc, secs = Job(refine_args(data, ref)).wait(args.hang_seconds)
     assert rc == 0, "the uninterrupted reference run failed"

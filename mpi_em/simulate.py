@@ -204,8 +204,9 @@ def simulate_particles(volumes, n: int, pixel_size: float, snr: float = 0.1, see
 
 def write_dataset(out_dir: str, vol_or_vols, sim: SimulatedParticles, pixel_size: float, voltage: float = 300.0,
                   cs: float = 2.7, amp_contrast: float = 0.1, per_stack: int = 1000, seed: int = 0,
-                  write_subsets: bool = True) -> str:
-    """Write particles.star, stacks/particles_NNN.mrcs and truth map(s); return the STAR path."""
+                  write_subsets: bool = True, start_resolution: float | None = None) -> str:
+    """Write particles.star, stacks/particles_NNN.mrcs and truth map(s); return the STAR path. With
+    ``start_resolution`` (Å) also start.mrc: :func:`start_map` of the truth map(s)."""
     from .io import particles_table, write_map, write_particles, write_stack
 
     os.makedirs(os.path.join(out_dir, "stacks"), exist_ok=True)
@@ -249,4 +250,18 @@ def write_dataset(out_dir: str, vol_or_vols, sim: SimulatedParticles, pixel_size
     else:
         for k, v in enumerate(vols):
             write_map(os.path.join(out_dir, f"truth_class{k + 1:03d}.mrc"), v, pixel_size)
+    if start_resolution is not None:
+        write_map(os.path.join(out_dir, "start.mrc"), start_map(vols, pixel_size, start_resolution), pixel_size)
     return star_path
+
+
+def start_map(vols, pixel_size: float, resolution_A: float) -> np.ndarray:
+    """A start map that knows the particle only to ``resolution_A``: the truth (the mean of several truths, one
+    per conformation, so that it favours none of them), as the float32 map written to truth.mrc, low-passed in
+    double precision (:func:`mpi_em.em.model.lowpass`); float32."""
+    from .backend import to_host
+    from .em.model import lowpass
+
+    vols = vols if isinstance(vols, (list, tuple)) else [vols]
+    mean = np.mean([to_host(v).astype(np.float32).astype(np.float64) for v in vols], axis=0)
+    return lowpass(mean, mean.shape[0], pixel_size, resolution_A).astype(np.float32)

@@ -195,13 +195,37 @@ def test_negative_reseed_amplitude_is_refused(views, tmp_path):
 def conformations(tmp_path_factory):
     d = tmp_path_factory.mktemp("conf")
     r = mpi_em(["simulate", "--out", d, "--box", 32, "--n", 600, "--snr", 0.5, "--apix", 4.0,
-                "--conformations", 2, "--seed", 2], ranks=0)
+                "--conformations", 2, "--seed", 2, "--start-lowpass", 16], ranks=0)
     assert r.returncode == 0, r.stderr
     truths = [mrcfile.read(d / f"truth_class{k:03d}.mrc").astype(np.float64) for k in (1, 2)]
-    with mrcfile.new(d / "start.mrc", overwrite=True) as m:  # favours neither conformation
-        m.set_data(lowpass(0.5 * (truths[0] + truths[1]), 32, 4.0, 16.0).astype(np.float32))
-        m.voxel_size = 4.0
     return d, truths
+
+
+def test_simulated_start_map_is_the_truths_mean_low_passed(conformations, tmp_path):
+    """`simulate --start-lowpass 16` with two conformations: start.mrc is the two truths' mean (favouring neither)
+    to float32 precision inside 16 Å (rc = 8 shells at box 32, 4 Å/px), nothing past rc + 2 shells (the soft
+    edge's width), the 0.5 + 0.5 cos falloff between; either truth alone differs by far more than the float
+    tolerance. A RES finer than Nyquist is refused before anything is simulated, naming the option."""
+    from mpi_em.fourier.grids import radius_3d
+
+    d, truths = conformations
+    start = mrcfile.read(d / "start.mrc").astype(np.float64)
+    Fs = np.fft.rfftn(start)
+    Fm = [np.fft.rfftn(0.5 * (truths[0] + truths[1])), np.fft.rfftn(truths[0]), np.fft.rfftn(truths[1])]
+    r = radius_3d(32)
+    edge = (r > 8) & (r < 10)
+    want = Fm[0] * (0.5 + 0.5 * np.cos(np.pi * (r - 8) / 2))
+    # the start map's float32 rounding (half an ulp of its largest voxel at most), summed incoherently over 32^3
+    # voxels, sets the scale of each Fourier coefficient's error (measured: a tenth of it)
+    tol = 32 ** 1.5 * 2 ** -24 * np.abs(start).max()
+    assert np.abs(Fs - Fm[0])[r <= 8].max() < tol
+    assert np.abs(Fs - want)[edge].max() < tol
+    assert np.abs(Fs)[r >= 10].max() < tol
+    assert min(np.abs(Fs - F)[r <= 8].max() for F in Fm[1:]) > 1000 * tol  # measured: 10^7 tol
+    r = mpi_em(["simulate", "--out", tmp_path / "fine", "--box", 32, "--n", 10, "--apix", 4.0, "--start-lowpass",
+                7.5], ranks=0)
+    assert r.returncode != 0 and "--start-lowpass" in r.stderr and "8 Å" in r.stderr, r.stderr
+    assert not (tmp_path / "fine" / "particles.star").exists()
 
 
 @pytest.fixture(scope="module")
@@ -391,13 +415,9 @@ def test_class3d_symmetry_gives_symmetric_maps(tmp_path):
     each class map is C2-symmetric to float precision even from data of an asymmetric particle; the C1 job of
     the same data is not (measured relative asymmetry 0 vs ~0.5)."""
     d = tmp_path / "d"
-    r = mpi_em(["simulate", "--out", d, "--box", 32, "--n", 120, "--snr", 1.0, "--apix", 4.0, "--seed", 4],
-               ranks=0)
+    r = mpi_em(["simulate", "--out", d, "--box", 32, "--n", 120, "--snr", 1.0, "--apix", 4.0, "--seed", 4,
+                "--start-lowpass", 20], ranks=0)
     assert r.returncode == 0, r.stderr
-    truth = mrcfile.read(d / "truth.mrc").astype(np.float64)
-    with mrcfile.new(d / "start.mrc", overwrite=True) as m:
-        m.set_data(lowpass(truth, 32, 4.0, 20.0).astype(np.float32))
-        m.voxel_size = 4.0
 
     def asym(v):  # C2 about z (RELION): (x, y, z) -> (-x, -y, z) about the centre at index N//2; the planes at
         c = v[:, 1:, 1:]  # index 0 have their mirror images outside the box

@@ -10,7 +10,6 @@ import pytest
 import starfile
 
 from conftest import mpi_em
-from mpi_em.em.model import lowpass
 from mpi_em.evaluate import pose_errors
 from mpi_em.fsc import fsc, resolution_at
 from mpi_em.io import read_particles
@@ -18,13 +17,9 @@ from mpi_em.io import read_particles
 
 def _dataset(d, box, n, snr, apix, seed=2):
     r = mpi_em(["simulate", "--out", d, "--box", box, "--n", n, "--snr", snr, "--apix", apix, "--seed", seed,
-                "--max-shift", 2], ranks=0)
+                "--max-shift", 2, "--start-lowpass", 8 * apix], ranks=0)  # start: truth low-passed to 1/4 Nyquist
     assert r.returncode == 0, r.stderr
-    truth = mrcfile.read(d / "truth.mrc").astype(np.float64)
-    with mrcfile.new(d / "start.mrc", overwrite=True) as m:  # truth low-passed to 1/4 Nyquist
-        m.set_data(lowpass(truth, box, apix, 8 * apix).astype(np.float32))
-        m.voxel_size = apix
-    return truth
+    return mrcfile.read(d / "truth.mrc").astype(np.float64)
 
 
 @pytest.fixture(scope="module")

@@ -165,14 +165,8 @@ def _fill(folder):
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("faults")
     r = mpi_em(["simulate", "--out", d, "--box", 32, "--n", N, "--snr", 1.0, "--apix", 4.0, "--seed", 4,
-                "--per-stack", 120], ranks=0)
+                "--per-stack", 120, "--start-lowpass", 32], ranks=0)
     assert r.returncode == 0, r.stderr
-    from mpi_em.em.model import lowpass
-
-    truth = mrcfile.read(d / "truth.mrc").astype(np.float64)
-    with mrcfile.new(d / "start.mrc", overwrite=True) as m:
-        m.set_data(lowpass(truth, 32, 4.0, 32.0).astype(np.float32))
-        m.voxel_size = 4.0
     return d
 
 

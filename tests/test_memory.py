@@ -8,13 +8,11 @@ import subprocess
 import sys
 import tracemalloc
 
-import mrcfile
 import numpy as np
 import pytest
 import starfile
 
 from conftest import mpi_em
-from mpi_em.em.model import lowpass
 from mpi_em.memory import (POINT_CHUNK, RECONSTRUCT_SERIAL_BYTES_PER_VOXEL, ROUTED_BYTES_PER_RECORD,
                            ROUTED_STENCIL_BYTES, EMInputs, ReconstructInputs, estimate, half_volume, owned_voxels,
                            relion_gpu_bytes, suggestions)
@@ -131,13 +129,9 @@ def data(tmp_path_factory):
     out = {}
     for box in (32, 64):
         d = tmp_path_factory.mktemp(f"mem{box}")
-        r = mpi_em(["simulate", "--out", d, "--box", box, "--n", 128, "--snr", 1.0, "--apix", 4.0, "--seed", 2],
-                   ranks=0)
+        r = mpi_em(["simulate", "--out", d, "--box", box, "--n", 128, "--snr", 1.0, "--apix", 4.0, "--seed", 2,
+                    "--start-lowpass", 32], ranks=0)
         assert r.returncode == 0, r.stderr
-        truth = mrcfile.read(d / "truth.mrc").astype(np.float64)
-        with mrcfile.new(d / "start.mrc", overwrite=True) as m:
-            m.set_data(lowpass(truth, box, 4.0, 32.0).astype(np.float32))
-            m.voxel_size = 4.0
         out[box] = d
     return out
 

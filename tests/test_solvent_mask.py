@@ -158,14 +158,13 @@ def small_particle(tmp_path_factory):
     from concurrent.futures import ThreadPoolExecutor
 
     from mpi_em.fsc import fsc
-    from mpi_em.io import write_map
     from mpi_em.simulate import phantom, simulate_particles, write_dataset
 
     d = tmp_path_factory.mktemp("small_particle")
     box, apix = 32, 4.0
     truth = phantom(box, seed=3, radius=6)
-    write_dataset(str(d), truth, simulate_particles(truth, 500, apix, snr=0.3, seed=4, max_shift=2), apix)
-    write_map(str(d / "start.mrc"), lowpass(truth.astype(np.float64), box, apix, 30.0).astype(np.float32), apix)
+    write_dataset(str(d), truth, simulate_particles(truth, 500, apix, snr=0.3, seed=4, max_shift=2), apix,
+                  start_resolution=30.0)
     r = mpi_em(["mask", "--i", d / "truth.mrc", "--o", d / "mask.mrc", "--threshold",
                 0.05 * float(truth.max()), "--extend", 2, "--soft-edge", 3], ranks=0)
     assert r.returncode == 0, r.stderr

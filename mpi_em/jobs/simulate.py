@@ -42,6 +42,10 @@ def add_arguments(p) -> None:
                    help="2: a mixture of two conformations (the second is the phantom without its largest "
                         "domain), drawn at random; truth_class001.mrc / truth_class002.mrc, and the true class in "
                         "rlnClassNumber of particles.star (default 1)")
+    p.add_argument("--start-lowpass", type=float, default=None, metavar="RES",
+                   help="also write start.mrc, a start map for refine3d and class3d that knows the particle only "
+                        "to RES Å: the truth (with --conformations 2 the mean of the two, favouring neither) "
+                        "low-passed to RES Å (default: no start map)")
 
 
 def run(args, comm) -> None:
@@ -60,6 +64,9 @@ def run(args, comm) -> None:
         xp = get_xp(default_device() if args.device == "auto" else args.device)
         if args.views < 0:
             raise MpiEmError(f"--views must be >= 0, got {args.views}")
+        if args.start_lowpass is not None and not args.start_lowpass >= 2 * args.apix:
+            raise MpiEmError(f"--start-lowpass must be at least Nyquist (2 x --apix = {2 * args.apix:g} Å), "
+                             f"got {args.start_lowpass:g}")
         if args.views and args.conformations > 1:
             raise MpiEmError("--views and --conformations 2 label rlnClassNumber differently; use one of them")
         shape = {"n_domains": args.domains, "domain_spread": args.domain_spread,
@@ -79,7 +86,8 @@ def run(args, comm) -> None:
                                  class_of=class_of, xp=xp)
         if args.views:
             sim.class_number = view + 1
-        path = write_dataset(args.out, vols, sim, args.apix, per_stack=args.per_stack, seed=args.seed)
+        path = write_dataset(args.out, vols, sim, args.apix, per_stack=args.per_stack, seed=args.seed,
+                             start_resolution=args.start_lowpass)
         if args.views:
             from ..io import write_stack
 

@@ -23,19 +23,12 @@ def dataset(shared_dir):
     comm = _comm()
     out = None
     if comm.rank == 0:
-        import mrcfile
-
-        from mpi_em.em.model import lowpass
         from mpi_em.simulate import phantom, simulate_particles, write_dataset
         d = tempfile.mkdtemp(dir=shared_dir)
         vol = phantom(32, seed=4)
         sim = simulate_particles(vol, 60, 4.0, snr=1.0, seed=5, max_shift=2.0)
-        star = write_dataset(d, vol, sim, 4.0, per_stack=25)
-        start = os.path.join(d, "start.mrc")
-        with mrcfile.new(start, overwrite=True) as m:
-            m.set_data(lowpass(vol.astype(np.float64), 32, 4.0, 32.0).astype(np.float32))
-            m.voxel_size = 4.0
-        out = (star, start)
+        star = write_dataset(d, vol, sim, 4.0, per_stack=25, start_resolution=32.0)
+        out = (star, os.path.join(d, "start.mrc"))
     return comm.bcast(out, root=0)
 
 
