@@ -46,12 +46,13 @@ def _cli(args, env=None):
 
 
 def _data(work):
-    sets = {"d32": (32, 5.0, 3000, 0.5), "d64": (64, 2.5, 3000, 0.05), "d48": (48, 2.67, 1000, 0.25)}
-    for name, (box, apix, n, snr) in sets.items():
+    # box, Å/px, particles, SNR, and the start map's resolution for the refine3d job (its --ini-high)
+    sets = {"d32": (32, 5.0, 3000, 0.5, None), "d64": (64, 2.5, 3000, 0.05, None), "d48": (48, 2.67, 1000, 0.25, 21.36)}
+    for name, (box, apix, n, snr, start) in sets.items():
         d = os.path.join(work, name)
-        if not os.path.exists(os.path.join(d, "start.mrc")):
-            _cli(["simulate", "--out", d, "--box", box, "--apix", apix, "--n", n, "--snr", snr, "--seed", 1,
-                  "--start-lowpass", 21.36])
+        if not os.path.exists(os.path.join(d, "start.mrc" if start else "particles.star")):
+            _cli(["simulate", "--out", d, "--box", box, "--apix", apix, "--n", n, "--snr", snr, "--seed", 1]
+                 + (["--start-lowpass", start] if start else []))
     d = os.path.join(work, "d48")
     return {
         "initial-model box 32": (["initial-model", "--i", f"{work}/d32/particles_unaligned.star", "--seed", 1,
