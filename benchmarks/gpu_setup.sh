@@ -25,6 +25,7 @@ gpu_data() {
   local box=${BOX:-128} apix=${APIX:-1.5}
   timeout "${SIM_TIMEOUT:-150}" python3 -m mpi_em simulate --out "$1" --box "$box" --n "$2" --snr 0.05 \
     --apix "$apix" --per-stack "${PER_STACK:-5000}" --seed 11 --start-lowpass "${LOWPASS:-30}" 2>&1 | tail -1
+  sync  # the files on disk before a job is timed (not written back while it reads them)
 }
 
 gpu_tests() {

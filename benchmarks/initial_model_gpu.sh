@@ -22,6 +22,7 @@ python3 -m mpi_em warmup > $R/warmup.log 2>&1
 D=$W/d$B
 [ -f $D/start.mrc ] || python3 -m mpi_em simulate --out $D --box $B --n $NN --snr 0.05 --apix 2.5 --seed 1 \
   --start-lowpass 30 --device $DEV > $R/sim_$B.log 2>&1
+sync  # the simulation's files on disk before a job is timed (not written back while it reads them)
 for part in ${PARTS:-seeds refine speed}; do
   case $part in
   seeds)
@@ -76,6 +77,7 @@ PY
     D2=$W/d$B2
     [ -f $D2/particles.star ] || python3 -m mpi_em simulate --out $D2 --box $B2 --n $NN2 --snr 0.05 --apix 1.5 \
       --seed 1 --device $DEV > $R/sim_$B2.log 2>&1
+    sync  # the simulation's files on disk before a job is timed (not written back while it reads them)
     for K in ${KS-1 3}; do
       # shellcheck disable=SC2086
       python3 benchmarks/initial_model.py --work $W/k$K --data $D2 --K $K --device $DEV --json $R/speed_K$K.json \
@@ -92,6 +94,7 @@ PY
     D2=$W/d$B2
     [ -f $D2/particles.star ] || python3 -m mpi_em simulate --out $D2 --box $B2 --n $NN2 --snr 0.05 --apix 1.5 \
       --seed 1 --device $DEV > $R/sim_$B2.log 2>&1
+    sync  # the simulation's files on disk before a job is timed (not written back while it reads them)
     # shellcheck disable=SC2086
     python3 benchmarks/initial_model.py --work $W/whole_st --data $D2 --device $DEV --json $R/whole_starts.json -- \
       --starts ${NST:-3} ${EXTRA:-} > $R/whole_starts.txt 2>&1

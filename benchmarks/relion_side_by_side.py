@@ -493,6 +493,7 @@ def make_data(args, env) -> str:
         starfile.write(blocks, os.path.join(d, f"{name}_abs.star"), overwrite=True)
     with open(pfile, "w") as f:
         json.dump(params, f)
+    os.sync()  # the data on disk before a program is timed (not written back while it reads them)
     return d
 
 
