@@ -8,22 +8,21 @@ D=$1 box=$2 n=$3 snr=$4 apix=$5 iter=$6 mo=$7; shift 7
 export OMP_NUM_THREADS=1 MPI_EM_DEVICE=${MPI_EM_DEVICE:-cpu}
 PY=${PYTHON:-python}
 rm -rf "$D"; mkdir -p "$D"
-$PY -m mpi_em simulate --out "$D/d" --box "$box" --n "$n" --snr "$snr" --apix "$apix" --seed "${DATA_SEED:-2}" --max-shift 2 >/dev/null 2>&1
+ini=$($PY -c "print(8 * $apix)")
+$PY -m mpi_em simulate --out "$D/d" --box "$box" --n "$n" --snr "$snr" --apix "$apix" --seed "${DATA_SEED:-2}" \
+  --max-shift 2 --start-lowpass "$ini" >/dev/null 2>&1
+if [ "${START_NOISE:-0}" != 0 ]; then  # optional: a start that is not the truth's own low-pass
 $PY - "$D" "$box" "$apix" <<'PY'
-import sys, mrcfile, numpy as np
+import os, sys, mrcfile, numpy as np
 from mpi_em.em.model import lowpass
 d, box, apix = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-t = mrcfile.read(f"{d}/d/truth.mrc").astype(np.float64)
-import os
-s = lowpass(t, box, apix, 8 * apix)
-a = float(os.environ.get("START_NOISE", "0"))   # optional: a start that is not the truth's own low-pass
-if a > 0:
-    e = lowpass(np.random.default_rng(99).standard_normal(t.shape), box, apix, 8 * apix)
-    s = s + a * s.std() / e.std() * e
+s = mrcfile.read(f"{d}/d/start.mrc").astype(np.float64)
+a = float(os.environ["START_NOISE"])
+e = lowpass(np.random.default_rng(99).standard_normal(s.shape), box, apix, 8 * apix)
 with mrcfile.new(f"{d}/d/start.mrc", overwrite=True) as m:
-    m.set_data(s.astype(np.float32)); m.voxel_size = apix
+    m.set_data((s + a * s.std() / e.std() * e).astype(np.float32)); m.voxel_size = apix
 PY
-ini=$($PY -c "print(8 * $apix)")
+fi
 mpirun -n 2 ${MPIRUN_OPTS:-} $PY -m mpi_em refine3d --i "$D/d/particles_unaligned.star" --ref "$D/d/start.mrc" --ini-high "$ini" \
   --o "$D/ref" --max-order "$mo" --iter "$iter" "$@" > "$D/run.log" 2>&1
 $PY - "$D" "$box" "$apix" <<'PY'

@@ -256,12 +256,11 @@ def write_dataset(out_dir: str, vol_or_vols, sim: SimulatedParticles, pixel_size
 
 
 def start_map(vols, pixel_size: float, resolution_A: float) -> np.ndarray:
-    """A start map that knows the particle only to ``resolution_A``: the truth (the mean of several truths, one
-    per conformation, so that it favours none of them), as the float32 map written to truth.mrc, low-passed in
-    double precision (:func:`mpi_em.em.model.lowpass`); float32."""
+    """A start map that knows the particle only to ``resolution_A``: the truth (the mean of the truth maps
+    ``vols``, one per conformation, so that it favours none of them), as the float32 maps written to truth.mrc,
+    low-passed in double precision (:func:`mpi_em.em.model.lowpass`); float32."""
     from .backend import to_host
     from .em.model import lowpass
 
-    vols = vols if isinstance(vols, (list, tuple)) else [vols]
     mean = np.mean([to_host(v).astype(np.float32).astype(np.float64) for v in vols], axis=0)
     return lowpass(mean, mean.shape[0], pixel_size, resolution_A).astype(np.float32)

@@ -66,18 +66,10 @@ def mpirun(P: int) -> list[str]:
 
 
 def make_data(d: Path, box: int, n: int, apix: float, env, log) -> None:
-    if (d / "particles.star").exists():
+    if (d / "start.mrc").exists():
         return
     sh([sys.executable, "-m", "mpi_em", "simulate", "--out", d, "--box", box, "--n", n, "--snr", 0.05, "--apix", apix,
-        "--per-stack", 5000, "--seed", 11], env, log)
-    import mrcfile
-
-    from mpi_em.em.model import lowpass
-
-    v = mrcfile.read(d / "truth.mrc").astype(np.float64)
-    with mrcfile.new(d / "start.mrc", overwrite=True) as m:
-        m.set_data(lowpass(v, box, apix, 30.0).astype(np.float32))
-        m.voxel_size = apix
+        "--per-stack", 5000, "--seed", 11, "--start-lowpass", 30], env, log)
 
 
 def subset(d: Path, name: str, n: int) -> Path:
