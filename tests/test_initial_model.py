@@ -661,6 +661,36 @@ def test_final_passes_search_at_their_own_healpix_order(tiny, tmp_path):
         assert not (tmp_path / f"bad{order}" / "run_class001.mrc").exists()
 
 
+def test_estep_batch_changes_the_maps_by_rounding_only_and_memory_is_checked_first(tiny, tmp_path):
+    """--batch (the E-step's unit of work; GPU ranks default to ~1024 box-128 images, CPU ranks to 64): batches of 7
+    (the 50-particle mini-batches and the 120-particle pass in uneven pieces) and of 1000 (each in one piece) give
+    the default's maps and poses to the float32 scale of the E-step's sums (the ranks' test's tolerance); the batch
+    is logged. A --max-memory the job cannot fit stops it before anything is computed: exit 2, one error line
+    naming the job and only options initial-model has, no map written."""
+    star = tiny / "particles_unaligned.star"
+    base = ["--iter", 3, "--batch-size", 50, "--final-passes", 1, "--seed", 1]
+    outs = {}
+    for b in (None, 7, 1000):
+        outs[b] = tmp_path / f"b{b}"
+        r = mpi_em(["initial-model", "--i", star, "--o", outs[b]] + base + ([] if b is None else ["--batch", b]),
+                   ranks=1)
+        assert r.returncode == 0, r.stderr
+        assert f"E-step batch {64 if b is None else b} particles" in r.stderr
+    for b in (7, 1000):
+        for f in ("run_it003_class001.mrc", "run_class001.mrc"):
+            a, c = read_map(outs[None] / f)[0], read_map(outs[b] / f)[0]
+            assert np.abs(a - c).max() <= 1e-4 * np.abs(a).max(), (b, f)
+        x, y = (starfile.read(outs[k] / "run_data.star")["particles"] for k in (None, b))
+        assert np.allclose(x.rlnAngleRot.values, y.rlnAngleRot.values, atol=1e-3)
+    bad = tmp_path / "small"
+    r = mpi_em(["initial-model", "--i", star, "--o", bad] + base + ["--max-memory", "1M"], ranks=1)
+    err = [line for line in r.stderr.splitlines() if line.startswith("mpi-em: error:")]
+    assert r.returncode == 2 and len(err) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "memory: initial-model needs" in err[0] and "1 MiB available (--max-memory)" in err[0]
+    assert "--owned-accumulators" not in err[0] and "--accumulate" not in err[0]
+    assert not (bad / "run_it001_class001.mrc").exists()
+
+
 def _starts_table(out):
     return starfile.read(out / "run_model.star", always_dict=True)["model_starts"]
 

@@ -57,15 +57,16 @@ from ..em.steps import check_finite_maps
 from ..fourier import SliceGeometry, default_r_max, padded_reach
 from ..initial import state as ckpt
 from ..initial.setup import (DEFAULT_BATCH_SIZE, DEFAULT_FINAL_HEALPIX_ORDER, DEFAULT_FINAL_PASSES,
-                             DEFAULT_HEALPIX_ORDER, DEFAULT_ITER, checkpoint, finished_starts, init, number_of_starts,
-                             options, reset_poses, split_at, subplan, write_back)
+                             DEFAULT_HEALPIX_ORDER, DEFAULT_ITER, checkpoint, estep_plan, finished_starts, init,
+                             number_of_starts, options, reset_poses, split_at, subplan, write_back)
 from ..initial.outputs import read_starts, write_final, write_iteration, write_start
 from ..initial.schedule import batch_size, minibatch_rows, noise_fudge, random_rotations, schedule, sums_decay
 from ..io import rebase_image_names
 from ..particles import ImageCache, pinned_wanted
 from ..sampling import angular_step, next_perturbation
 from ..symmetry import symmetry_matrices
-from . import add_job_folder_arguments
+from ..memory import add_argument as add_memory_argument
+from . import add_job_folder_arguments, positive_int
 
 log = logging.getLogger("mpi_em")
 DESCRIPTION = ("Mini-batch expectation-maximisation from a random start (after RELION 3's SGD initial model): "
@@ -78,7 +79,6 @@ DESCRIPTION = ("Mini-batch expectation-maximisation from a random start (after R
                "group's axes (a search as relion_align_symmetry's), symmetrises it there and moves its particles' "
                "poses with it. --continue DIR "
                "resumes after the last finished iteration.")
-E_BATCH = 64  # particles per E-step batch
 
 
 def add_arguments(p) -> None:
@@ -171,6 +171,12 @@ def add_arguments(p) -> None:
                    help="passes over all particles after the mini-batches, each against the previous one's maps "
                         f"(default {DEFAULT_FINAL_PASSES})")
     p.add_argument("--pad", type=int, default=2, help="Fourier padding of the references (default 2)")
+    p.add_argument("--batch", type=positive_int, default=None,
+                   help="particles per E-step batch, the unit of work of a rank, not the mini-batch (--batch-size) "
+                        "(default: on GPU ranks 1024 x (128 / box)^2 between 64 and 1024, lowered where the memory "
+                        "model says its workspace does not fit; 64 on CPU ranks). The maps do not depend on it "
+                        "beyond float rounding")
+    add_memory_argument(p)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
                    help="auto: one GPU per rank when CuPy sees one, else CPU")
     p.add_argument("--no-ctf", action="store_true", help="ignore the CTF")
@@ -218,6 +224,9 @@ def run(args, comm, after_iteration=None) -> dict:
                  "%.1f Å, model update %s, %d rank(s); rank 0 on %s", n, box, apix, K,
                  f"{n_starts} starts of " if n_starts > 1 else "", args.iter, sizes, args.ini_high, final_high,
                  args.model_update, comm.size, device)
+    # the E-step's batch (GPU ranks: ~1024 box-128 images; CPU ranks: 64) after the memory model's check, before
+    # anything large is allocated (exit 2 naming what would fit where even the lightest choice would not)
+    e_batch, grid_chunk = estep_plan(comm, args, meta, device, xp, r_of(final_high), log)
     images = ImageCache(xp, False)
     pinned = pinned_wanted(xp)
     sym_ops = symmetry_matrices(args.sym) if symmetry_matrices(args.sym).shape[0] > 1 else None
@@ -244,7 +253,7 @@ def run(args, comm, after_iteration=None) -> dict:
         F_acc = xp.zeros((k_start,) + geom.vol_shape, dtype=xp.complex128)
         W_acc = xp.zeros((k_start,) + geom.vol_shape, dtype=xp.float64)
         sub = subplan(plan, np.isin(plan["row"], start_rows))
-        for sl, imgs in images.batches(sub, E_BATCH, pinned=pinned):
+        for sl, imgs in images.batches(sub, e_batch, pinned=pinned):
             X, ctf = prepare_batch(imgs, sub, sl, geom, box, apix, use_ctf=not args.no_ctf)
             if ctf is None:
                 ctf = xp.ones(X.shape, dtype=xp.float32)
@@ -298,7 +307,7 @@ def run(args, comm, after_iteration=None) -> dict:
             geom = SliceGeometry(box, pad=pad, xp=xp)
             sh = shell_of_points(geom)
             s_sum, s_cnt = np.zeros(n_shells), np.zeros(n_shells)
-            for sl, imgs in images.batches(plan, E_BATCH, pinned=pinned):
+            for sl, imgs in images.batches(plan, e_batch, pinned=pinned):
                 X, _ = prepare_batch(imgs, plan, sl, geom, box, apix, use_ctf=False)
                 a, b = sigma2_from_images(X, sh, n_shells)
                 s_sum += a
@@ -331,13 +340,14 @@ def run(args, comm, after_iteration=None) -> dict:
                           local_mats=None, fine_mats=fine_offsets(3, step, xp), offset_range=args.offset_range,
                           offset_step=args.offset_step, offset_sigma=st["offset_sigma"],
                           offset_perturb=st["perturb"] * args.offset_step, n_select=4, class_select=10,
+                          grid_chunk=grid_chunk,
                           log_class_prior=xp.asarray(np.log(np.maximum(class_prior, 1e-10)), dtype=xp.float32))
 
         def work():
             F_acc = xp.zeros((k_now,) + geom.vol_shape, dtype=xp.complex128)
             W_acc = xp.zeros((k_now,) + geom.vol_shape, dtype=xp.float64)
             stats = Stats.zeros(n_shells, k_now)
-            for sl, imgs in images.batches(sub, E_BATCH, pinned=pinned):
+            for sl, imgs in images.batches(sub, e_batch, pinned=pinned):
                 X, ctf = prepare_batch(imgs, sub, sl, geom, box, apix, use_ctf=not args.no_ctf)
                 res = expectation_batch(X, ctf, inv_s2, shells, refs, xp.zeros(sl.stop - sl.start, dtype=xp.int64),
                                         current_mats(sub, sl, 3, xp), xp.asarray(sub["class_number"][sl] - 1),

@@ -191,7 +191,8 @@ class MemoryLimitError(MpiEmError):
 
 
 def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None = None,
-          precision: str | None = None, cache: str = "on", batch_floor: int | None = None) -> MemoryEstimate:
+          precision: str | None = None, cache: str = "on", batch_floor: int | None = None, job: str | None = None,
+          offers: tuple | None = None) -> MemoryEstimate:
     """Collective, before the job allocates: every rank evaluates the model for itself against its limit
     (``--max-memory`` if given, else :func:`available_bytes`); rank 0 logs the estimate and records it in
     ``out_dir``/run.json (key ``memory``); if any rank would not fit, every rank raises (through
@@ -206,7 +207,9 @@ def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None 
     single-precision ones (adapted the same way); reconstruct (no ``adapt``): ``precision`` chosen the same way
     (:func:`choose_precision`); ``precision`` None: the inputs' own; ``batch_floor`` (EM jobs whose batch is
     ``--batch``'s default, :func:`default_batch`): the batch lowered first, down to this, before anything else; the
-    estimate returned (and logged) is the one the job runs with (``.inputs``)."""
+    estimate returned (and logged) is the one the job runs with (``.inputs``). ``job``: the job's name in the message
+    (default the model's mode); ``offers``: the options the job has, the only ones its message suggests (besides
+    more ranks; default every option the model knows)."""
     from ..distributed import agree
 
     limit, source = _limit(comm, inp, max_memory)
@@ -220,12 +223,15 @@ def check(comm, inp, max_memory=None, log=None, out_dir=None, adapt: str | None 
     worst = int(np.argmax(every))
     err = None
     if every[worst] > 0 and comm.rank == worst:
-        would = est.suggestions(limit)
+        would = [w for w in est.suggestions(limit) if offers is None or not w.startswith("--")
+                 or w.split()[0] in offers]
         err = MemoryLimitError(
-            f"memory: {inp.mode} needs {fmt(est.total)} per rank ({_terms_text(est)}), {fmt(limit)} available "
+            f"memory: {job or inp.mode} needs {fmt(est.total)} per rank ({_terms_text(est)}), {fmt(limit)} available "
             f"({source}): " + ("would fit with " + " or ".join(would) if would else
                                "neither more ranks, a smaller --batch, --cache-images off, fewer --folds, "
-                               "--accumulate single nor --pad 1 alone would fit"))
+                               "--accumulate single nor --pad 1 alone would fit" if offers is None else
+                               "neither more ranks nor " + " nor ".join(f"another {o}" for o in offers) +
+                               " alone would fit"))
     if comm.rank == 0:
         allocator = gpu_allocator_of(inp)
         if log is not None:
