@@ -226,7 +226,7 @@ def estep_plan(comm, args, meta, device, xp, r_max: float, log):
                              offset_step=args.offset_step, local=False, sym="C1", n_select=4, class_select=10,
                              healpix_order=max(args.healpix_order, args.final_healpix_order))
     inputs = em_inputs(search, "class3d", meta, comm.size, device, cache_images=False)
-    inputs = replace(inputs, r=float(r_max))
+    inputs = replace(inputs, r=float(r_max), running_sums=True)
     mem = memory_check(comm, inputs, getattr(args, "max_memory", None), log, args.output, adapt="off",
                        cache="off", batch_floor=batch_floor, job="initial-model",
                        offers=("--batch", "--pad")).inputs

@@ -151,6 +151,8 @@ class EMInputs:
     zero_mask: bool = False        # --zero-mask: the masked images searched beside the unmasked ones inserted
     accumulate: str = "double"     # the accumulators' precision (--accumulate): 'double' (complex128 F, float64
     #                                W) or 'single' (complex64, float32; 3D references complex64 too)
+    running_sums: bool = False     # initial-model: the E-step accumulates into the whole padded layout, beside the
+    #                                mini-batches' running sums of the same size; the M-step reconstructs a copy
 
     @property
     def dim(self) -> int:
@@ -299,9 +301,11 @@ def _em_phases(inp: EMInputs) -> dict:
     from ..fourier.projector import crop_layout_side
 
     side = crop_layout_side(box // 2 - 1 if inp.r is None else float(inp.r), pad, npad) \
-        if inp.dim == 3 and not routed else None
+        if inp.dim == 3 and not routed and not inp.running_sums else None
     vox_e = vox if side is None else side * side * (side // 2 + 1)
     acc_e = acc if side is None else accb * V * vox_e
+    if inp.running_sums:  # initial-model: the mini-batch's sums beside the running ones, then the sums' copy
+        acc_e = acc = 2 * acc
     cached = n_local * img if inp.cache_images else 0
     # GPU: cuFFT plans and their work areas; the job gives them back (with CuPy's pool) between the phases
     # (memory.release_device_memory), so the E-step keeps only the image transform's
