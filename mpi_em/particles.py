@@ -110,6 +110,45 @@ class ImageCache:
             self._items = items  # only a complete pass is kept
 
 
+class RowCache:
+    """A rank's images kept in its array module's memory by their position in the rank's plan, for a job that
+    reads subsets of the plan in any order (initial-model's random mini-batches): the first batches asked for
+    read the whole plan once (as :func:`iter_batches` reads it, batch after batch) into one (n, N, N) float32
+    array, and every batch of any subset is then gathered from it (no file opened, no host-to-device copy).
+    ``enabled`` False: every batch is read from its stacks."""
+
+    def __init__(self, xp, enabled: bool, plan: dict):
+        self.xp, self.enabled = xp, bool(enabled)
+        self._plan = {k: plan[k] for k in ("stack", "index", "row")}  # the images' sources: fixed for a job
+        rows = np.asarray(plan["row"], dtype=np.int64)
+        self._pos = np.full(int(rows.max()) + 1 if rows.size else 0, -1, dtype=np.int64)
+        self._pos[rows] = np.arange(rows.size)
+        self._images = None
+
+    def _fill(self, batch_size: int, pinned: bool):
+        out = None
+        for sl, imgs in iter_batches(self._plan, batch_size, pinned=pinned):
+            if out is None:
+                out = self.xp.empty((len(self._plan["index"]),) + tuple(imgs.shape[1:]), dtype=self.xp.float32)
+            out[sl] = self.xp.asarray(imgs)
+        self._images = out
+
+    def batches(self, sub: dict, batch_size: int, pinned: bool = False):
+        """(slice into ``sub``, images (b, N, N) on the array module) over ``sub``, a subset of the plan's rows."""
+        if not self.enabled:
+            for sl, imgs in iter_batches(sub, batch_size, pinned=pinned):
+                yield sl, self.xp.asarray(imgs)
+            return
+        pos = self._pos[np.asarray(sub["row"], dtype=np.int64)]
+        if len(pos) == 0:
+            return
+        if self._images is None:
+            self._fill(batch_size, pinned)
+        for s in range(0, len(pos), batch_size):
+            sl = slice(s, min(len(pos), s + batch_size))
+            yield sl, self._images[self.xp.asarray(pos[sl])]
+
+
 def cache_wanted(mode: str, xp, n_images: int, box: int, fraction: float = 0.25) -> bool:
     """``--cache-images``: 'on', 'off', or 'auto' = on GPU ranks whose images (float32) fit in ``fraction`` of the
     device's free memory (the E-step's working arrays need the rest); CPU ranks read through the page cache."""

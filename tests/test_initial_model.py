@@ -691,6 +691,26 @@ def test_estep_batch_changes_the_maps_by_rounding_only_and_memory_is_checked_fir
     assert not (bad / "run_it001_class001.mrc").exists()
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_images_kept_in_memory_give_the_same_maps(tiny, tmp_path, ranks):
+    """--cache-images on (each rank's images read once, every mini-batch gathered from memory by its rows; the
+    default on GPU ranks where they fit): the maps and poses of the job that reads each mini-batch from the
+    stacks (the CPU ranks' default), bit for bit, on 1 and 2 ranks (the same images in the same order)."""
+    star = tiny / "particles_unaligned.star"
+    base = ["--iter", 3, "--batch-size", 50, "--final-passes", 1, "--seed", 2, "--batch", 16]
+    outs = {}
+    for cache in ("off", "on"):
+        outs[cache] = tmp_path / cache
+        r = mpi_em(["initial-model", "--i", star, "--o", outs[cache], "--cache-images", cache] + base, ranks=ranks)
+        assert r.returncode == 0, r.stderr
+        assert ("the images kept in memory" in r.stderr) == (cache == "on"), r.stderr
+    for f in ("run_it001_class001.mrc", "run_it003_class001.mrc", "run_class001.mrc"):
+        assert np.array_equal(read_map(outs["off"] / f)[0], read_map(outs["on"] / f)[0]), f
+    x, y = (starfile.read(outs[k] / "run_data.star")["particles"] for k in ("off", "on"))
+    assert np.array_equal(x.rlnAngleRot.values, y.rlnAngleRot.values)
+    assert np.array_equal(x.rlnOriginXAngst.values, y.rlnOriginXAngst.values)
+
+
 def _starts_table(out):
     return starfile.read(out / "run_model.star", always_dict=True)["model_starts"]
 

@@ -203,18 +203,21 @@ def checkpoint(comm, args, meta, st, plan, model, sigma2, class_prior, history, 
     root_step(comm, write if comm.rank == 0 else None)
 
 
-def estep_plan(comm, args, meta, device, xp, r_max: float, log):
+def estep_plan(comm, args, meta, device, xp, r_max: float, n_local: int, log):
     """The E-step's batch and grid chunk (collective), from the memory model's check before anything large is
     allocated: ``--batch`` or its default for the box and device (:func:`mpi_em.memory.default_batch`: 1024 box-128
     images on GPU ranks, 64 on CPU ranks), lowered to the largest that fits where the default does not (then the
     global grid projected in chunks); a job that still would not fit stops here naming what would (exit 2). The
     model's search is the largest the job makes: the finer of the mini-batches' and the passes' HEALPix orders, at
     ``r_max`` (the final resolution's radius), with the largest number of classes. The cuFFT plans are kept
-    between mini-batches where the model leaves them room (as the EM jobs keep them). -> (batch, grid_chunk)."""
+    between mini-batches where the model leaves them room (as the EM jobs keep them). The images are kept in the
+    rank's memory (``--cache-images``: auto on GPU ranks whose ``n_local`` images fit in a quarter of the free
+    memory, dropped first where the model does not fit). -> (batch, grid_chunk, cache the images)."""
     from types import SimpleNamespace
 
     from ..memory import check as memory_check
     from ..memory import default_batch, em_inputs, estimate, job_limit, keep_fft_plans
+    from ..particles import cache_wanted
 
     kind = "cpu" if device == "cpu" else "gpu"
     batch_floor = None
@@ -225,14 +228,17 @@ def estep_plan(comm, args, meta, device, xp, r_max: float, log):
     search = SimpleNamespace(batch=batch, pad=args.pad, offset_range=args.offset_range,
                              offset_step=args.offset_step, local=False, sym="C1", n_select=4, class_select=10,
                              healpix_order=max(args.healpix_order, args.final_healpix_order))
-    inputs = em_inputs(search, "class3d", meta, comm.size, device, cache_images=False)
+    cache = getattr(args, "cache_images", "off")  # off: checkpoints older than the option
+    wanted = cache_wanted(cache, xp, n_local, meta["box"])
+    inputs = em_inputs(search, "class3d", meta, comm.size, device, cache_images=wanted)
     inputs = replace(inputs, r=float(r_max), running_sums=True)
     mem = memory_check(comm, inputs, getattr(args, "max_memory", None), log, args.output, adapt="off",
-                       cache="off", batch_floor=batch_floor, job="initial-model",
-                       offers=("--batch", "--pad")).inputs
+                       cache=cache, batch_floor=batch_floor, job="initial-model",
+                       offers=("--batch", "--cache-images", "--pad")).inputs
     lighter = mem.batch < batch or bool(mem.grid_chunk)  # sized to the limit: no room left for the plans
     keep_fft_plans(xp, None if lighter else estimate(mem), job_limit(comm, mem, getattr(args, "max_memory", None)))
     if comm.rank == 0:
-        log.info("E-step batch %d particles%s", mem.batch,
-                 f", the global grid projected {mem.grid_chunk} orientations at a time" if mem.grid_chunk else "")
-    return int(mem.batch), int(mem.grid_chunk)
+        log.info("E-step batch %d particles%s; the images %s", mem.batch,
+                 f", the global grid projected {mem.grid_chunk} orientations at a time" if mem.grid_chunk else "",
+                 "kept in memory" if mem.cache_images else "read from their stacks for each mini-batch")
+    return int(mem.batch), int(mem.grid_chunk), bool(mem.cache_images)

@@ -62,7 +62,7 @@ from ..initial.setup import (DEFAULT_BATCH_SIZE, DEFAULT_FINAL_HEALPIX_ORDER, DE
 from ..initial.outputs import read_starts, write_final, write_iteration, write_start
 from ..initial.schedule import batch_size, minibatch_rows, noise_fudge, random_rotations, schedule, sums_decay
 from ..io import rebase_image_names
-from ..particles import ImageCache, pinned_wanted
+from ..particles import RowCache, pinned_wanted
 from ..sampling import angular_step, next_perturbation
 from ..symmetry import symmetry_matrices
 from ..memory import add_argument as add_memory_argument
@@ -171,6 +171,11 @@ def add_arguments(p) -> None:
                    help="passes over all particles after the mini-batches, each against the previous one's maps "
                         f"(default {DEFAULT_FINAL_PASSES})")
     p.add_argument("--pad", type=int, default=2, help="Fourier padding of the references (default 2)")
+    p.add_argument("--cache-images", choices=["auto", "on", "off"], default="auto",
+                   help="keep each rank's particle images in its memory, read once, instead of reading every "
+                        "mini-batch's from its stacks (auto: on GPU ranks whose images fit in a quarter of the free "
+                        "GPU memory, and off where the memory model would not fit its limit otherwise; CPU ranks "
+                        "read through the operating system's page cache). The maps do not depend on it")
     p.add_argument("--batch", type=positive_int, default=None,
                    help="particles per E-step batch, the unit of work of a rank, not the mini-batch (--batch-size) "
                         "(default: on GPU ranks 1024 x (128 / box)^2 between 64 and 1024, lowered where the memory "
@@ -226,8 +231,8 @@ def run(args, comm, after_iteration=None) -> dict:
                  args.model_update, comm.size, device)
     # the E-step's batch (GPU ranks: ~1024 box-128 images; CPU ranks: 64) after the memory model's check, before
     # anything large is allocated (exit 2 naming what would fit where even the lightest choice would not)
-    e_batch, grid_chunk = estep_plan(comm, args, meta, device, xp, r_of(final_high), log)
-    images = ImageCache(xp, False)
+    e_batch, grid_chunk, cache = estep_plan(comm, args, meta, device, xp, r_of(final_high), len(plan["index"]), log)
+    images = RowCache(xp, cache, plan)  # GPU ranks: the images read once, the mini-batches gathered from memory
     pinned = pinned_wanted(xp)
     sym_ops = symmetry_matrices(args.sym) if symmetry_matrices(args.sym).shape[0] > 1 else None
     vol_shape = SliceGeometry(box, pad=pad, xp=xp).vol_shape
