@@ -50,6 +50,10 @@ DEFAULT_FINAL_PASSES = 3
 #: (benchmarks/results/initial-model/)
 DEFAULT_HEALPIX_ORDER = 0
 DEFAULT_FINAL_HEALPIX_ORDER = 1
+#: seconds between checkpoints of the mini-batches (and one after the last): on one GPU a box-128 mini-batch takes
+#: ~0.15 s, of which writing the checkpoint of 100 000 particles took ~0.05 s when it was written after each one
+#: (benchmarks/results/initial-model/)
+DEFAULT_CHECKPOINT_INTERVAL = 60.0
 #: the finest HEALPix order of initial-model's global searches (order 4: 3 072 directions x 96 in-plane angles)
 MAX_GLOBAL_ORDER = 4
 

@@ -56,9 +56,10 @@ from ..em.references import References, fine_offsets, global_grid, insert
 from ..em.steps import check_finite_maps
 from ..fourier import SliceGeometry, default_r_max, padded_reach
 from ..initial import state as ckpt
-from ..initial.setup import (DEFAULT_BATCH_SIZE, DEFAULT_FINAL_HEALPIX_ORDER, DEFAULT_FINAL_PASSES,
-                             DEFAULT_HEALPIX_ORDER, DEFAULT_ITER, checkpoint, estep_plan, finished_starts, init,
-                             number_of_starts, options, reset_poses, split_at, subplan, write_back)
+from ..initial.setup import (DEFAULT_BATCH_SIZE, DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_FINAL_HEALPIX_ORDER,
+                             DEFAULT_FINAL_PASSES, DEFAULT_HEALPIX_ORDER, DEFAULT_ITER, checkpoint, estep_plan,
+                             finished_starts, init, number_of_starts, options, reset_poses, split_at, subplan,
+                             write_back)
 from ..initial.outputs import read_starts, write_final, write_iteration, write_start
 from ..initial.schedule import batch_size, minibatch_rows, noise_fudge, random_rotations, schedule, sums_decay
 from ..io import rebase_image_names
@@ -171,6 +172,11 @@ def add_arguments(p) -> None:
                    help="passes over all particles after the mini-batches, each against the previous one's maps "
                         f"(default {DEFAULT_FINAL_PASSES})")
     p.add_argument("--pad", type=int, default=2, help="Fourier padding of the references (default 2)")
+    p.add_argument("--checkpoint-interval", type=float, default=DEFAULT_CHECKPOINT_INTERVAL, metavar="SECONDS",
+                   help="write the checkpoint that --continue resumes from after a mini-batch once this many seconds "
+                        "have passed since the last one, and after the last mini-batch (default "
+                        f"{DEFAULT_CHECKPOINT_INTERVAL:g}; 0 = after every mini-batch). The maps do not depend on it; "
+                        "a job stopped between checkpoints resumes from the last one")
     p.add_argument("--cache-images", choices=["auto", "on", "off"], default="auto",
                    help="keep each rank's particle images in its memory, read once, instead of reading every "
                         "mini-batch's from its stacks (auto: on GPU ranks whose images fit in a quarter of the free "
@@ -188,8 +194,8 @@ def add_arguments(p) -> None:
 
 
 def run(args, comm, after_iteration=None) -> dict:
-    """The job. ``after_iteration(it)`` is called on every rank after each finished mini-batch iteration (its
-    checkpoint written); True stops the run there, as a job killed after that iteration (tests of --continue;
+    """The job. ``after_iteration(it)`` is called on every rank after each finished mini-batch iteration; True
+    stops the run there, after that iteration's checkpoint, as a job killed after it (tests of --continue;
     subprocess tests set ``MPI_EM_STOP_AFTER_ITERATION``)."""
     from .. import config
 
@@ -395,6 +401,8 @@ def run(args, comm, after_iteration=None) -> dict:
         st.update(offset_sigma=args.offset_range / 2.0, perturb=0.0, r_acc=0.0)
 
     stopped = False
+    interval = float(getattr(args, "checkpoint_interval", 0.0))  # 0: checkpoints older than the option
+    t_ckpt = time.time()
     for it in range(st["iter"] + 1, n_total + 1):
         t_it = time.time()
         s_i, j = divmod(it - 1, args.iter)  # start s_i's iteration j
@@ -443,14 +451,21 @@ def run(args, comm, after_iteration=None) -> dict:
         history.append([float(x) for x in class_prior] + [0.0] * (K - len(class_prior)))  # consensus: class 1
         resolutions.append(res_A)
         st["iter"] = it
+        # a checkpoint after the last mini-batch, after one that stops the job (tests), and otherwise once
+        # --checkpoint-interval seconds have passed since the last (rank 0's clock, the same choice on every rank)
+        stop = after_iteration is not None and after_iteration(it)
+        due = comm.bcast(it == n_total or stop or time.time() - t_ckpt >= interval if comm.rank == 0 else None,
+                         root=0)
         if comm.rank == 0:
             log.info("iteration %d: %d particles at %.1f Å (r %.0f px), log-likelihood %.4g, class sizes %s, "
-                     "%.1f s", it, len(rows), res_A, r_cur, stats.loglike,
-                     " ".join(f"{x:.2f}" for x in class_prior), time.time() - t_it)
-        checkpoint(comm, args, meta, st, plan, model, sigma2, class_prior, history, resolutions, F_run, W_run,
-                   sigma2_data)
+                     "%.1f s%s", it, len(rows), res_A, r_cur, stats.loglike,
+                     " ".join(f"{x:.2f}" for x in class_prior), time.time() - t_it, "; checkpoint" if due else "")
+        if due:
+            checkpoint(comm, args, meta, st, plan, model, sigma2, class_prior, history, resolutions, F_run, W_run,
+                       sigma2_data)
+            t_ckpt = time.time()
         root_step(comm, write_iteration, args.output, it, model, apix, class_prior, res_A)
-        if after_iteration is not None and after_iteration(it):
+        if stop:
             stopped = True
             break
 
