@@ -202,7 +202,7 @@ def main(argv=None) -> int:
         return r.returncode
     if a.relion:
         relion_outputs(run, a.K)
-    its = re.findall(r"iteration \d+: (\d+) particles .* ([\d.]+) s\n", r.stdout + r.stderr)
+    its = re.findall(r"iteration \d+: (\d+) particles .* ([\d.]+) s(?:; checkpoint)?\n", r.stdout + r.stderr)
     batch_n = sum(int(n) for n, _ in its)
     batch_s = sum(float(s) for _, s in its)
     fin = re.findall(r"final pass \d+ of \d+ over all \d+ particles .*: ([\d.]+) s", r.stdout + r.stderr)

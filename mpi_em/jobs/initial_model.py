@@ -453,8 +453,8 @@ def run(args, comm, after_iteration=None) -> dict:
         st["iter"] = it
         # a checkpoint after the last mini-batch, after one that stops the job (tests), and otherwise once
         # --checkpoint-interval seconds have passed since the last (rank 0's clock, the same choice on every rank)
-        stop = after_iteration is not None and after_iteration(it)
-        due = comm.bcast(it == n_total or stop or time.time() - t_ckpt >= interval if comm.rank == 0 else None,
+        halt = after_iteration is not None and after_iteration(it)
+        due = comm.bcast(it == n_total or halt or time.time() - t_ckpt >= interval if comm.rank == 0 else None,
                          root=0)
         if comm.rank == 0:
             log.info("iteration %d: %d particles at %.1f Å (r %.0f px), log-likelihood %.4g, class sizes %s, "
@@ -465,7 +465,7 @@ def run(args, comm, after_iteration=None) -> dict:
                        sigma2_data)
             t_ckpt = time.time()
         root_step(comm, write_iteration, args.output, it, model, apix, class_prior, res_A)
-        if stop:
+        if halt:
             stopped = True
             break
 
