@@ -34,7 +34,7 @@ import sys, numpy as np
 from mpi_em.io import read_map
 w = sys.argv[1]
 a, b = (read_map(f"{w}/{n}/run/run_class001.mrc")[0] for n in ("whole_default", "whole_every"))
-print("two runs of the same job (checkpoints apart): max |difference| / max |map| = %.3g"
+print("the same job twice (checkpoints apart): max |difference| / max |map| = %.3g"
       % (np.abs(a - b).max() / np.abs(a).max()))
 PY
 say "$(cat $R/maps_compared.txt)"
