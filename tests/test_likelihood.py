@@ -229,6 +229,43 @@ def test_shell_statistics_by_chunks_equal_the_whole_volume_without_its_indices(m
                                                          power=False)[0], got[0])
 
 
+def test_shell_statistics_inside_the_reach_equal_the_whole_layouts(monkeypatch):
+    """reach (the insertion's padded reach, nothing past it): the sums over the block of planes, rows and columns
+    inside it, each shell's mean W divided by its voxels over the whole layout, give the whole layout's means: bit
+    for bit where the whole layout is one chunk (the same sums with only zeros left out), to float64 rounding where
+    it goes by chunks; on the planes of one rank of three too. A reach past the layout's edge is the whole path.
+    Accumulators with data past the reach would differ (the sums would miss them): asserted, so the test can fail."""
+    import mpi_em.em.model as model
+    from mpi_em.distributed import world
+    from mpi_em.distvolume import owned_planes
+    from mpi_em.fourier import padded_reach, radius_3d
+
+    box, pad = 32, 2
+    npad, n_shells = pad * box, box // 2 + 1
+    reach = padded_reach(9.0, pad)  # 20 padded voxels
+    rng = np.random.default_rng(5)
+    shape = (2, npad, npad, npad // 2 + 1)
+    inside = (radius_3d(npad) <= reach - 2.0)[None]
+    F = np.where(inside, rng.normal(size=shape) + 1j * rng.normal(size=shape), 0).astype(np.complex128)
+    W = np.where(inside, rng.uniform(0, 1, shape), 0.0)
+    for planes in (np.arange(npad), owned_planes(npad, 1, 3)):
+        whole = model.shell_statistics(world(), F[:, planes], W[:, planes], planes, npad, pad, n_shells)
+        got = model.shell_statistics(world(), F[:, planes], W[:, planes], planes, npad, pad, n_shells, reach=reach)
+        for a, b in zip(got, whole):
+            np.testing.assert_array_equal(a, b)
+        assert model._reach_block(npad, planes, npad / 2) is None
+    monkeypatch.setattr(model, "SHELL_CHUNK", 4 * npad * (npad // 2 + 1))  # the whole layout 4 planes at a time
+    whole = model.shell_statistics(world(), F, W, np.arange(npad), npad, pad, n_shells)
+    got = model.shell_statistics(world(), F, W, np.arange(npad), npad, pad, n_shells, reach=reach)
+    for a, b in zip(got, whole):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=0)
+    W_past = W.copy()
+    W_past[:, 0, 0, npad // 2] = 1.0  # a voxel past the reach
+    past = model.shell_statistics(world(), F, W_past, np.arange(npad), npad, pad, n_shells, reach=reach)[0]
+    assert not np.allclose(past, model.shell_statistics(world(), F, W_past, np.arange(npad), npad, pad,
+                                                        n_shells)[0], rtol=1e-9, atol=0)
+
+
 def test_significant_coarse_candidates():
     """RELION's significant samples: of the n_select best coarse poses, the fine pass refines those whose better
     ones hold less than 99.9% of the coarse posterior. A particle whose best pose holds 99.95% keeps one; one with

@@ -221,11 +221,63 @@ def _shell_means(out, n_shells: int):
     return mean_w, power
 
 
-def shell_statistics(comm, F_own, W_own, planes, npad: int, pad: int, n_shells: int, power: bool = True):
+#: the voxels per shell of a layout's planes (geometry only), by (npad, pad, n_shells, the planes): the divisor of
+#: the mean W, whose sums :func:`shell_statistics` takes inside the insertion's reach only
+_SHELL_COUNTS: dict = {}
+
+
+def _shell_counts(npad: int, pad: int, planes, n_shells: int) -> np.ndarray:
+    """Voxels of each image-pixel shell (and the "outside" bin) over the kz ``planes`` of the npad layout, on the
+    host; computed once per layout and planes (by chunks of planes, as :func:`shell_statistics` reads them)."""
+    p = np.asarray(planes, dtype=np.int64)
+    key = (int(npad), int(pad), int(n_shells), p.tobytes())
+    if key not in _SHELL_COUNTS:
+        step = max(1, SHELL_CHUNK // (npad * (npad // 2 + 1)))
+        cnt = np.zeros(n_shells + 1)
+        for p0 in range(0, len(p), step):
+            cnt += np.bincount(_shell_index_planes(npad, pad, p[p0:p0 + step], np, n_shells).reshape(-1),
+                               minlength=n_shells + 1)
+        if len(_SHELL_COUNTS) > 64:
+            _SHELL_COUNTS.clear()
+        _SHELL_COUNTS[key] = cnt
+    return _SHELL_COUNTS[key]
+
+
+def _reach_block(npad: int, planes, reach: float):
+    """Inside the layout's kz ``planes``: the positions of the planes, the ky rows and the kx columns whose
+    frequencies lie within ``reach`` (padded voxels) on each axis, or None where the reach covers the layout."""
+    if reach is None or reach >= npad // 2:
+        return None
+    k = np.fft.fftfreq(npad, d=1.0 / npad)
+    p = np.asarray(planes, dtype=np.int64)
+    return (np.flatnonzero(np.abs(k[p]) <= reach), np.flatnonzero(np.abs(k) <= reach),
+            int(min(npad // 2, np.floor(reach))) + 1)
+
+
+def shell_statistics(comm, F_own, W_own, planes, npad: int, pad: int, n_shells: int, power: bool = True,
+                     reach: float | None = None):
     """Per volume and image-pixel shell: mean W, and mean |F/W|^2 over voxels with W > 0 (summed over ranks; None
     without ``power``: only the prior of :func:`_reconstruct_owned` without a gold standard or reference power
-    uses it)."""
+    uses it). ``reach`` (padded voxels, :func:`mpi_em.fourier.padded_reach`): the accumulators hold nothing past it
+    on any axis, so the sums are taken over the block of planes, rows and columns inside it, and each shell's mean
+    W is divided by its voxels over the whole layout (the same figures: only zeros are left out of the sums)."""
     xp = xp_of(F_own)
+    block = _reach_block(npad, planes, reach)
+    if block is not None:
+        pz, ry, nx = block
+        pzx, ryx = xp.asarray(pz), xp.asarray(ry)
+        Fb = F_own[:, pzx][:, :, ryx, :nx] if power else None
+        Wb = W_own[:, pzx][:, :, ryx, :nx]
+        k = xp.fft.fftfreq(npad, d=1.0 / npad)
+        kz = k[xp.asarray(np.asarray(planes, dtype=np.int64)[pz])].reshape(-1, 1, 1)
+        ky = k[ryx].reshape(1, -1, 1)
+        kx = xp.arange(nx, dtype=xp.float64).reshape(1, 1, -1)
+        sh = shell_index(xp.sqrt(kz * kz + ky * ky + kx * kx) / pad, n_shells).reshape(-1)
+        out = _shell_sums(Fb if power else Wb, Wb, sh, n_shells, power)
+        out[1] = _shell_counts(npad, pad, planes, n_shells)[None, :]
+        allreduce_sum(comm, out)
+        mean_w, mean_power = _shell_means(out, n_shells)
+        return mean_w, (mean_power if power else None)
     out = np.zeros((4, F_own.shape[0], n_shells + 1))
     # by chunks of planes: the shell indices (and the radii they come from) of SHELL_CHUNK voxels at a time, not
     # of the whole volume (at box 512: 13 GB of float64 radii and int64 indices beside the accumulators)
@@ -383,7 +435,7 @@ def _reconstruct_owned(comm, F_own, W_own, planes, box, pad, r_max, fudge, gold,
         F_own, W_own = parts[0].sum(axis=1), parts[1].sum(axis=1)
     # |F/W|^2 per shell only for the prior that uses it (neither refine3d's nor classification's)
     mean_w, power = shell_statistics(comm, F_own, W_own, planes, npad, pad, n_shells,
-                                     power=not gold and tau2_ref is None)
+                                     power=not gold and tau2_ref is None, reach=padded_reach(r_max, pad))
     info = {"mean_w": mean_w, "power": power}
     if gold:
         curve = fourier_fsc(comm, F_own, W_own, planes, npad, pad, r_max, box)  # unmasked, as RELION's
