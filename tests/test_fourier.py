@@ -346,3 +346,25 @@ def test_centred_layout_projects_as_the_fft_layout(dtype):
     assert got.shape == want.shape == (4, 10, geom.m) and got.dtype == F.dtype
     eps = np.finfo(F.real.dtype).eps
     assert np.abs(got - want).max() <= 16 * eps * np.abs(F).max(), np.abs(got - want).max()
+
+
+def test_division_skips_the_kz_planes_past_the_ball(monkeypatch):
+    """divide_in_ball goes by chunks of kz planes and leaves out (zeroes) those whose planes all lie past r_max +
+    1/2: the same map as in one chunk, where nothing is left out (float64 sums of the mean weight in another order:
+    1e-12), zero outside the ball; chunks are skipped at this size (a wrong skip would zero a part of the ball)."""
+    import mpi_em.fourier.division as division
+    from mpi_em.fourier import radius_3d
+
+    box, pad, r_max = 32, 2, 6.0
+    npad = pad * box
+    rng = np.random.default_rng(7)
+    shape = (npad, npad, npad // 2 + 1)  # one volume, as reconstruct() divides them
+    F = rng.normal(size=shape) + 1j * rng.normal(size=shape)
+    W = rng.uniform(0.5, 2.0, shape)
+    assert division.RECONSTRUCT_CHUNKS >= 4  # chunks of at most npad / 4 planes: those past |kz| = 13 are skipped
+    got = division.divide_in_ball(F, W, box, 3, pad, r_max)
+    monkeypatch.setattr(division, "RECONSTRUCT_CHUNKS", 1)
+    whole = division.divide_in_ball(F, W, box, 3, pad, r_max)
+    np.testing.assert_allclose(got, whole, rtol=1e-12, atol=0)
+    outside = radius_3d(npad) / pad > r_max + 0.5
+    assert not got[outside].any() and np.abs(got[~outside]).min() > 0
