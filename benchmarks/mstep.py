@@ -3,15 +3,19 @@
 standard or reference power uses) and the whole reconstruction of a classification
 (:func:`mpi_em.em.model.reduce_and_reconstruct_3d` with RELION's prior from the references' power), on random
 accumulators of K volumes in the layout the E-step accumulates into: the cube its current size reaches
-(:func:`mpi_em.fourier.projector.cropped_size`) or the full pad x box one.
+(:func:`mpi_em.fourier.projector.cropped_size`; ``--layout cube``, the default, random everywhere) or the full
+pad x box one (``--layout full``, initial-model's running sums: random inside the insertion's reach,
+:func:`mpi_em.fourier.padded_reach`, zero past it, as the E-step leaves them).
 
-    python benchmarks/mstep.py --box 128 256 --K 4 --r 20 40 [--device gpu] [--repeats 5] [--json OUT.json]
+    python benchmarks/mstep.py --box 128 256 --K 4 --r 20 40 [--layout full] [--device gpu] [--repeats 5]
+        [--json OUT.json]
 
 Prints one table (median seconds) and writes JSON. On a GPU each call is synchronised before the clock stops.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -25,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from mpi_em.backend import get_xp, synchronize  # noqa: E402
 from mpi_em.distributed import world  # noqa: E402
 from mpi_em.em import model  # noqa: E402
+from mpi_em.fourier import padded_reach, radius_3d  # noqa: E402
 from mpi_em.fourier.projector import cropped_size  # noqa: E402
 
 
@@ -46,6 +51,7 @@ def main(argv=None):
     ap.add_argument("--r", type=float, nargs="+", default=[20.0, 40.0], help="current sizes (px); one per box")
     ap.add_argument("--K", type=int, default=4)
     ap.add_argument("--pad", type=int, default=2)
+    ap.add_argument("--layout", choices=["cube", "full"], default="cube")
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", default=None)
@@ -54,18 +60,26 @@ def main(argv=None):
     comm = world()
     rows = []
     for box, r in zip(a.box, a.r):
-        side = cropped_size(r, a.pad, a.pad * box)
+        side = cropped_size(r, a.pad, a.pad * box) if a.layout == "cube" else a.pad * box
         n_shells = box // 2 + 1
         rng = np.random.default_rng(0)
         shape = (a.K, side, side, side // 2 + 1)
-        F = xp.asarray((rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64))
-        W = xp.asarray(rng.uniform(0.0, 1.0, shape).astype(np.float32))
+        F = (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
+        W = rng.uniform(0.0, 1.0, shape).astype(np.float32)
+        if a.layout == "full":  # nothing past the insertion's reach
+            past = radius_3d(side) > padded_reach(r, a.pad)
+            F[:, past], W[:, past] = 0, 0
+        F, W = xp.asarray(F), xp.asarray(W)
         planes = np.arange(side)
         tau2_ref = np.full((a.K, n_shells), 1.0)
-        row = {"box": box, "r": r, "K": a.K, "layout_side": side}
+        row = {"box": box, "r": r, "K": a.K, "layout_side": side, "layout": a.layout}
+        # as the M-step calls it: inside the insertion's reach where the function takes one (since 2026-12-07)
+        reach = {"reach": padded_reach(r, a.pad)} if "reach" in inspect.signature(model.shell_statistics).parameters \
+            else {}
         for power in (True, False):
             row[f"stats_power_{power}"] = _time(lambda: model.shell_statistics(comm, F, W, planes, side, a.pad,
-                                                                               n_shells, power=power), xp, a.repeats)
+                                                                               n_shells, power=power, **reach),
+                                                xp, a.repeats)
         row["reconstruct_class3d"] = _time(lambda: model.reduce_and_reconstruct_3d(
             comm, F.copy(), W.copy(), box, a.pad, r, 4.0, False, tau2_ref=tau2_ref), xp, a.repeats)
         row["copy_accumulators"] = _time(lambda: (F.copy(), W.copy()), xp, a.repeats)
