@@ -348,6 +348,29 @@ def test_centred_layout_projects_as_the_fft_layout(dtype):
     assert np.abs(got - want).max() <= 16 * eps * np.abs(F).max(), np.abs(got - want).max()
 
 
+def test_centred_layout_within_the_reach_projects_the_same_samples():
+    """CentredVolumes(F, reach): only the frequencies within the padded reach of r_max re-laid (the references of
+    a job whose E-step projects at r_max): the same projections bit for bit as the whole layout's, from a copy a
+    fraction of its size; a projection at a larger r_max than the reach allows is refused, not sampled from the
+    zeros past the copy."""
+    from mpi_em.fourier import padded_reach
+    from mpi_em.fourier.projector import CentredVolumes
+
+    rng = np.random.default_rng(4)
+    box, pad, r_max = 32, 2, 6.0
+    npad = pad * box
+    shape = (2, npad, npad, npad // 2 + 1)
+    F = rng.normal(size=shape) + 1j * rng.normal(size=shape)
+    A = euler_to_matrix(*random_rotations(30, rng))
+    vol = rng.integers(0, 2, size=30)
+    geom = SliceGeometry(box, r_max=r_max, pad=pad)
+    whole, part = CentredVolumes(F), CentredVolumes(F, reach=padded_reach(r_max, pad))
+    assert part.C.size * 10 < whole.C.size
+    np.testing.assert_array_equal(part.project(A, geom, vol_index=vol), whole.project(A, geom, vol_index=vol))
+    with pytest.raises(ValueError, match="past the re-laid reach"):
+        part.project(A, SliceGeometry(box, r_max=r_max + 2, pad=pad), vol_index=vol)
+
+
 def test_division_skips_the_kz_planes_past_the_ball(monkeypatch):
     """divide_in_ball goes by chunks of kz planes and leaves out (zeroes) those whose planes all lie past r_max +
     1/2: the same map as in one chunk, where nothing is left out (float64 sums of the mean weight in another order:

@@ -20,10 +20,12 @@ class References:
     complex128. ``volumes``: the indices of ``maps`` among all the job's references (``n_total`` of them), where a
     rank holds only the sets its particles use; ``project`` takes the job's indices and finds the rank's own.
     ``power_r_max``: also ``power``, the references' power per shell within that radius (host (V, n_shells),
-    :func:`mpi_em.em.model.reference_power`), the signal prior of a classification."""
+    :func:`mpi_em.em.model.reference_power`), the signal prior of a classification. ``reach`` (3D, CPU ranks): the
+    padded reach of the largest r_max they will be projected at; only that part is re-laid for the CPU projector
+    (:class:`mpi_em.fourier.CentredVolumes`)."""
 
     def __init__(self, maps, dim: int, pad: int = 2, mask=None, single: bool = False, volumes=None,
-                 n_total: int | None = None, power_r_max: float | None = None):
+                 n_total: int | None = None, power_r_max: float | None = None, reach: float | None = None):
         xp = xp_of(maps)
         self.dim, self.pad = dim, pad
         self.volumes = None if volumes is None else np.asarray(volumes, dtype=np.int64)
@@ -47,7 +49,7 @@ class References:
 
             self.power = reference_power(self.F, self.box, pad, power_r_max)
         if dim == 3 and xp is np:  # CPU ranks: the centred layout's projector (GPUs: the fused kernel on self.F)
-            self.centred, self.F = CentredVolumes(self.F), None
+            self.centred, self.F = CentredVolumes(self.F, reach=reach), None
         self.n = maps.shape[0]
 
     def project(self, mats, vol_index, geom: SliceGeometry):

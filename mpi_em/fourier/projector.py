@@ -196,17 +196,22 @@ class CentredVolumes:
     (index k + Np/2 for |k| <= Np/2, the Nyquist plane at both ends) with a zero margin of one voxel beyond
     Np/2 in z, y and x, so that the 8 corners of a point are its base index plus 8 fixed offsets (no wrapping,
     no per-corner masks: a corner beyond the grid reads the margin's zero, as :func:`_trilinear_stencil` gives
-    it weight 0). :meth:`project` equals :func:`project` to float rounding, in about half the time."""
+    it weight 0). :meth:`project` equals :func:`project` to float rounding, in about half the time.
+    ``reach`` (padded voxels, :func:`padded_reach` of the largest r_max the volumes will be projected at): only the
+    frequencies within it on each axis are re-laid (the same samples from a smaller copy; a projection past it is
+    refused)."""
 
-    def __init__(self, F):
+    def __init__(self, F, reach: float | None = None):
         xp = xp_of(F)
         V, npad, _, nxh = F.shape
-        half = npad // 2
-        self.npad, self.S, self.X = npad, npad + 2, nxh + 1
+        half = npad // 2 if reach is None else int(min(npad // 2, np.ceil(reach)))
+        nx = min(nxh, half + 1)
+        self.npad, self.half, self.S, self.X = npad, half, 2 * half + 2, nx + 1
         k = xp.arange(-half, half + 1)
         self.C = xp.zeros((V, self.S, self.S, self.X), dtype=F.dtype)
         for v in range(V):  # one volume's gathered copy at a time
-            self.C[v, (k + half)[:, None], (k + half)[None, :], :nxh] = F[v, (k % npad)[:, None], (k % npad)[None, :]]
+            self.C[v, (k + half)[:, None], (k + half)[None, :], :nx] = \
+                F[v, (k % npad)[:, None], (k % npad)[None, :], :nx]
         dz, dy, dx = np.meshgrid([0, 1], [0, 1], [0, 1], indexing="ij")
         self.offsets = xp.asarray(((dz * self.S + dy) * self.X + dx).reshape(8), dtype=xp.int32)
         self.dtype = F.dtype
@@ -224,7 +229,9 @@ class CentredVolumes:
         c0 = xp.floor(c)
         f = c - c0
         g = 1 - f
-        half = self.npad // 2
+        half = self.half
+        if half < self.npad // 2 and geom.pad * geom.r_max + 1 > half:
+            raise ValueError(f"projection at r_max {geom.r_max} past the re-laid reach of {half} padded voxels")
         itype = xp.int32 if self.C.size < 2 ** 31 else xp.int64
         c0 = xp.clip(c0.astype(itype), -half, half)
         base = ((c0[..., 2] + half) * self.S + (c0[..., 1] + half)) * self.X + c0[..., 0]

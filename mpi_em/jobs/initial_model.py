@@ -343,7 +343,7 @@ def run(args, comm, after_iteration=None) -> dict:
         geom = SliceGeometry(box, r_max=r_cur, pad=pad, xp=xp)
         shells = shell_of_points(geom)
         inv_s2 = inverse_sigma2_points(sigma2 * fudge, shells, xp)
-        refs = References(xp.asarray(model.astype(np.float32)), 3, pad, mask=mask)
+        refs = References(xp.asarray(model.astype(np.float32)), 3, pad, mask=mask, reach=padded_reach(r_cur, pad))
         order = args.healpix_order if order is None else order
         step = angular_step(order)
         spec = SearchSpec(dim=3, n_classes=k_now, fixed_class=fixed_class,
