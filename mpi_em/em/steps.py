@@ -13,7 +13,7 @@ import numpy as np
 from ..backend import is_gpu_array, synchronize, to_host, xp_of
 from ..distributed import allreduce_sum, bcast_large, collective_step, reference_group
 from ..errors import MpiEmError
-from ..fourier import SliceGeometry, default_r_max
+from ..fourier import SliceGeometry, default_r_max, padded_reach
 from ..symmetrise import symmetrise
 from ..geometry import angular_distance, euler_to_matrix
 from ..particles import ImageCache, pinned_wanted
@@ -209,7 +209,8 @@ def references(job: EMRun) -> References:
     del ref_maps  # the device maps given back with the transforms' temporaries, below
     refs = References(job.xp.asarray(chosen), job.mode.dim, job.args.pad, mask=mask,
                       single=job.accumulate == "single", volumes=volumes, n_total=n_total,
-                      power_r_max=state.r_cur if classify and not first_2d else None)
+                      power_r_max=state.r_cur if classify and not first_2d else None,
+                      reach=padded_reach(state.r_cur, job.args.pad))  # CPU ranks: the E-step's part re-laid
     if classify:  # the signal prior, RELION's: the power of the references the E-step aligns against
         job.tau2_ref = first_prior_2d(job, refs) if first_2d else refs.power
     del mask, chosen
