@@ -9,6 +9,7 @@ import numpy as np
 
 from ..distvolume import POINT_CHUNK
 from ..em import search as _search
+from ..fourier.projector import padded_reach
 from ..fourier.transforms import RECONSTRUCT_CHUNKS
 from ..errors import MpiEmError
 
@@ -410,9 +411,11 @@ def _em_phases(inp: EMInputs) -> dict:
     make_refs = (1 if inp.dim == 3 else 2) * refs + ref_fft * vox + 8 * Vr * box ** inp.dim
     # CPU ranks project from the centred layout (fourier.CentredVolumes: a margin of one voxel, filled one volume
     # at a time beside the FFT-layout stack, which is then dropped): the E-step holds that layout instead
+    # only within the E-step's padded reach (the jobs pass it; ``inp.r`` None: the whole grid's)
     refs_e = refs
     if cpu and inp.dim == 3:
-        refs_e = (8 if single else 16) * Vr * (npad + 2) ** 2 * (npad // 2 + 2)
+        h = npad // 2 if inp.r is None else int(min(npad // 2, np.ceil(padded_reach(inp.r, pad))))
+        refs_e = (8 if single else 16) * Vr * (2 * h + 2) ** 2 * (min(npad // 2 + 1, h + 1) + 1)
         make_refs += refs_e + refs // max(Vr, 1)
     return {
         "references": {"references": make_refs, "cached_images": cached, "fft_plans": fft_vol},
