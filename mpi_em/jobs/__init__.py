@@ -27,12 +27,13 @@ def restore_options(args, saved: dict) -> None:
     set_memory_limited(getattr(args, "max_memory", None) is not None)
 
 
-def add_job_folder_arguments(p) -> None:
-    """--i, --o, --continue and --overwrite of the iterative jobs (refine3d, class3d, class2d, initial-model)."""
+def add_job_folder_arguments(p, resumes_from: str = "its last finished iteration") -> None:
+    """--i, --o, --continue and --overwrite of the iterative jobs (refine3d, class3d, class2d, initial-model);
+    ``resumes_from``: where --continue resumes, in its help."""
     p.add_argument("--i", dest="input", metavar="STAR", help="particles STAR file (RELION 3.1+)")
     p.add_argument("--o", dest="output", metavar="DIR", help="output folder (created)")
     p.add_argument("--continue", dest="continue_dir", metavar="DIR",
-                   help="resume the job in DIR from its last finished iteration (other options are read from "
+                   help=f"resume the job in DIR from {resumes_from} (other options are read from "
                         "its checkpoint; --iter may change the number of iterations; with the same seed, the same "
                         "maps as a job never stopped); refused when the particles STAR file (by its absolute "
                         "path) no longer holds the job's particles")

@@ -34,8 +34,9 @@ Mini-batch (stochastic) expectation-maximisation, after RELION 3's SGD initial m
    point group's axes (:mod:`mpi_em.symaxis`, the search of ``relion_align_symmetry``), symmetrised there, and
    its particles' poses moved with it (:mod:`mpi_em.initial.point_group`).
 
-``--continue DIR`` resumes after the last finished iteration (mpi_em.initial.state): with the same seed, the
-same maps as an uninterrupted run.
+``--continue DIR`` resumes after the last checkpointed iteration (mpi_em.initial.state; a checkpoint after the last
+mini-batch, otherwise every ``--checkpoint-interval`` seconds): with the same seed, the same maps as an
+uninterrupted run.
 """
 from __future__ import annotations
 
@@ -79,11 +80,12 @@ DESCRIPTION = ("Mini-batch expectation-maximisation from a random start (after R
                "box, run_data.star, run_model.star, run_itNNN_slices.png). --sym puts each final map onto the point "
                "group's axes (a search as relion_align_symmetry's), symmetrises it there and moves its particles' "
                "poses with it. --continue DIR "
-               "resumes after the last finished iteration.")
+               "resumes from the last checkpoint (--checkpoint-interval).")
 
 
 def add_arguments(p) -> None:
-    add_job_folder_arguments(p)
+    add_job_folder_arguments(p, "its last checkpoint, written after the last mini-batch and otherwise every "
+                                "--checkpoint-interval seconds")
     p.add_argument("--K", type=int, default=1, help="number of classes, each from its own random start (default 1)")
     p.add_argument("--sym", default="C1",
                    help="point group C<n>, D<n>, T, O, I applied to the final maps only (default C1): each C1 "
