@@ -19,20 +19,12 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the scripts' shared parts
 
 from mpi_em.em.references import References  # noqa: E402
 from mpi_em.fourier import SliceGeometry, padded_reach  # noqa: E402
 from mpi_em.geometry import euler_to_matrix, random_rotations  # noqa: E402
-
-
-def _median(fn, repeats):
-    fn()
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return float(np.median(out))
+from mstep import _time  # noqa: E402 - median seconds after a first call
 
 
 def main(argv=None):
@@ -54,9 +46,9 @@ def main(argv=None):
         vol = np.zeros(a.poses, dtype=np.int64)
         row = {"box": box, "r": r, "K": a.K, "poses": a.poses}
         for name, reach in (("whole", None), ("reach", padded_reach(r, a.pad))):
-            row[f"prepare_{name}"] = _median(lambda: References(maps, 3, a.pad, reach=reach), a.repeats)
+            row[f"prepare_{name}"] = _time(lambda: References(maps, 3, a.pad, reach=reach), np, a.repeats)
             refs = References(maps, 3, a.pad, reach=reach)
-            row[f"project_{name}"] = _median(lambda: refs.project(A, vol, geom), a.repeats)
+            row[f"project_{name}"] = _time(lambda: refs.project(A, vol, geom), np, a.repeats)
             row[f"layout_bytes_{name}"] = int(refs.centred.C.nbytes)
         rows.append(row)
     print(f"| box | r px | prepare, whole grid, s | within the reach, s | project {a.poses} poses, whole, s | "

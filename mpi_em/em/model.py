@@ -165,12 +165,13 @@ def routed_step(fn):
     return run
 
 
-def _shell_index_planes(npad: int, pad: int, planes, xp, n_shells: int):
+def _shell_index_planes(npad: int, pad: int, planes, xp, n_shells: int, rows=None, nx: int | None = None):
     """Image-pixel shell of every voxel of the kz ``planes`` (n_shells = the "outside" bin): radius_3d's
-    expression on those planes only."""
-    kz = xp.fft.fftfreq(npad, d=1.0 / npad)[xp.asarray(planes)].reshape(-1, 1, 1)
-    ky = xp.fft.fftfreq(npad, d=1.0 / npad).reshape(1, -1, 1)
-    kx = xp.arange(npad // 2 + 1, dtype=xp.float64).reshape(1, 1, -1)
+    expression on those planes only (and only on the ky ``rows`` and the first ``nx`` kx columns, where given)."""
+    k = xp.fft.fftfreq(npad, d=1.0 / npad)
+    kz = k[xp.asarray(planes)].reshape(-1, 1, 1)
+    ky = (k if rows is None else k[xp.asarray(rows)]).reshape(1, -1, 1)
+    kx = xp.arange(npad // 2 + 1 if nx is None else nx, dtype=xp.float64).reshape(1, 1, -1)
     return shell_index(xp.sqrt(kz * kz + ky * ky + kx * kx) / pad, n_shells)
 
 
@@ -268,11 +269,7 @@ def shell_statistics(comm, F_own, W_own, planes, npad: int, pad: int, n_shells: 
         pzx, ryx = xp.asarray(pz), xp.asarray(ry)
         Fb = F_own[:, pzx][:, :, ryx, :nx] if power else None
         Wb = W_own[:, pzx][:, :, ryx, :nx]
-        k = xp.fft.fftfreq(npad, d=1.0 / npad)
-        kz = k[xp.asarray(np.asarray(planes, dtype=np.int64)[pz])].reshape(-1, 1, 1)
-        ky = k[ryx].reshape(1, -1, 1)
-        kx = xp.arange(nx, dtype=xp.float64).reshape(1, 1, -1)
-        sh = shell_index(xp.sqrt(kz * kz + ky * ky + kx * kx) / pad, n_shells).reshape(-1)
+        sh = _shell_index_planes(npad, pad, np.asarray(planes, dtype=np.int64)[pz], xp, n_shells, ry, nx).reshape(-1)
         out = _shell_sums(Fb if power else Wb, Wb, sh, n_shells, power)
         out[1] = _shell_counts(npad, pad, planes, n_shells)[None, :]
         allreduce_sum(comm, out)

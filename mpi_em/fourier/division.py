@@ -153,11 +153,11 @@ def divide_in_ball(F_acc, W_acc, box: int, dim: int, pad: int, r_max: float, tau
     kx = xp.arange(npad // 2 + 1, dtype=xp.float64).reshape((1,) * (dim - 1) + (-1,))
     rest = (slice(None),) * (dim - 1)
 
-    def chunks():  # (index of the chunk, |k| / pad in image pixels, the ball) per chunk of the first axis that
-        # reaches the ball (3D: a chunk of kz planes all past r_max + 1/2 holds none of it, and is zeroed alone)
-        for a0 in range(0, npad, step):
-            if dim == 3 and np.abs(k0[a0:a0 + step]).min() / pad > r_max + 0.5:
-                continue
+    # 3D: the chunks of kz planes that reach the ball (one all past r_max + 1/2 holds none of it: zeroed alone)
+    starts = [a0 for a0 in range(0, npad, step) if dim != 3 or np.abs(k0[a0:a0 + step]).min() / pad <= r_max + 0.5]
+
+    def chunks():  # (index of the chunk, |k| / pad in image pixels, the ball) per chunk of the first axis
+        for a0 in starts:
             z = xp.asarray(k0[a0:a0 + step]).reshape((-1,) + (1,) * (dim - 1))
             r = xp.sqrt(z * z + ky * ky + kx * kx if dim == 3 else z * z + kx * kx) / pad
             yield (Ellipsis, slice(a0, a0 + step)) + rest, r, reconstruction_ball(r, r_max, box)
@@ -176,9 +176,8 @@ def divide_in_ball(F_acc, W_acc, box: int, dim: int, pad: int, r_max: float, tau
     else:
         (sl, _, inside), = chunks()
         mean_w = (weights(sl) * inside).sum(axis=(-2, -1), keepdims=True) / max(int(inside.sum()), 1)
-    for a0 in range(0, npad, step) if dim == 3 else ():  # the chunks of kz planes past the ball: all zero
-        if np.abs(k0[a0:a0 + step]).min() / pad > r_max + 0.5:
-            F[..., a0:a0 + step, :, :] = 0
+    for a0 in sorted(set(range(0, npad, step)) - set(starts)):  # the chunks of kz planes past the ball: all zero
+        F[..., a0:a0 + step, :, :] = 0
     for sl, r, inside in chunks():  # division in place, zero outside the ball
         Fc = F[sl]
         Fc /= regularised_denominator(weights(sl), r, mean_w, tau2, tau2_fudge, min_weight)
