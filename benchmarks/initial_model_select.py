@@ -11,8 +11,8 @@ usage: python benchmarks/initial_model_select.py --work DIR --data SIM_DIR --see
                                                   [--good 20] [--json OUT.json] [-- initial-model options]
 
 Each seed's job: `benchmarks/initial_model.py --work DIR/wS --data SIM_DIR --json DIR/seedS.json -- --seed S
-[options]` (the default job unless options are given), P at a time (several jobs share one GPU); a seed whose JSON
-is already there is not run again. The comparisons use initial-model's default search whatever the options after
+[options] --starts 1` (the default job with one start unless options are given), P at a time (several jobs share
+one GPU); a seed whose JSON is already there is not run again. The comparisons use initial-model's default search whatever the options after
 ``--`` (they are the seeds' jobs' options). ``--maps-from`` adds the seeds of other such work folders (their wS/run maps and
 seedS.json), e.g. seeds computed on another machine, to the comparisons, which are run here.
 """
@@ -42,6 +42,8 @@ def run_seed(work, data, seed, device, extra):
     t = time.time()
     cmd = [sys.executable, os.path.join(HERE, "initial_model.py"), "--work", os.path.join(work, f"w{seed}"),
            "--data", data, "--device", device, "--json", out, "--", "--seed", str(seed)] + list(extra)
+    if "--starts" not in extra:  # one start per seed: the study compares the starts itself
+        cmd += ["--starts", "1"]
     with open(os.path.join(work, f"w{seed}.log"), "w") as log:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
     return seed, time.time() - t, f"exit {rc}"

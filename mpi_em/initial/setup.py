@@ -54,6 +54,13 @@ DEFAULT_FINAL_HEALPIX_ORDER = 1
 #: ~0.15 s, of which writing the checkpoint of 100 000 particles took ~0.05 s when it was written after each one
 #: (benchmarks/results/initial-model/)
 DEFAULT_CHECKPOINT_INTERVAL = 60.0
+#: random starts of a one-class job (K = 1, no --start maps, the final passes on), the likeliest kept: on 20 000
+#: box-64 particles of the compact phantom at SNR 0.05 (64 seeds, one H100) one start reached <= 20 Å for 21 of 64
+#: seeds (33%) and found the structure (< 25 Å) for 32 (50%); the likeliest of three kept a <= 20 Å map for 54% of
+#: the seed triples and a found one for 72% (of the triples --starts 3 forms, seeds s, s + 1, s + 2: 37 and 44 of
+#: 60), at 2.7x one start's time (the whole job on 100 000 box-128 particles: 51.8 against 19.1 s on one H100)
+#: (benchmarks/results/initial-model/starts-order-0-h100-2026-12-07/)
+DEFAULT_STARTS = 3
 #: the finest HEALPix order of initial-model's global searches (order 4: 3 072 directions x 96 in-plane angles)
 MAX_GLOBAL_ORDER = 4
 
@@ -67,12 +74,16 @@ def options(args, comm):
             raise MpiEmError("initial-model needs --i STAR and --o DIR (or --continue DIR)")
         args.input = os.path.abspath(args.input)
         args.iter = DEFAULT_ITER if args.iter is None else args.iter
+        if getattr(args, "starts", 1) is None:
+            args.starts = default_starts(args)
         if getattr(args, "final_healpix_order", None) is None:  # never coarser than the mini-batches' search
             args.final_healpix_order = max(DEFAULT_FINAL_HEALPIX_ORDER, args.healpix_order)
         return None
     new_iter, cont = args.iter, args.continue_dir
     loaded = root_step(comm, ckpt.load, cont)
     restore_options(args, loaded[0]["args"])
+    if getattr(args, "starts", None) is None:  # a checkpoint older than --starts: one start
+        args.starts = 1
     if getattr(args, "final_healpix_order", None) is None:  # a checkpoint older than --final-healpix-order
         args.final_healpix_order = args.healpix_order
     args.continue_dir = args.output = cont
@@ -83,6 +94,14 @@ def options(args, comm):
                              f"({args.iter} per start), not {new_iter}: each start's iterations would be others")
         args.iter = new_iter
     return loaded
+
+
+def default_starts(args) -> int:
+    """--starts when not given: DEFAULT_STARTS for one class from random starts with the final passes (where
+    the starts are compared), else 1 (K > 1, --start maps, --no-final-pass)."""
+    if args.K == 1 and not getattr(args, "start", None) and not getattr(args, "no_final_pass", False):
+        return DEFAULT_STARTS
+    return 1
 
 
 def split_at(args) -> int:

@@ -24,10 +24,11 @@ Mini-batch (stochastic) expectation-maximisation, after RELION 3's SGD initial m
    one's maps; a global search at ``--final-healpix-order``, default 1)
    give every particle's pose and class (``run_data.star``), the class sizes and the final maps
    (``run_classNNN.mrc``, the particles' box);
-   ``--starts N`` (K = 1): steps 1-2 once per start, N starts, start s with seed ``--seed`` + s (each start as
-   the job with that seed: from scratch, unknown poses, the images' noise spectrum); then each start's map makes one
-   pass over all particles, all with the images' own noise spectrum (one yardstick for every map: each start's own
-   noise model would make their likelihoods incomparable), and the start whose pass has the highest summed
+   ``--starts N`` (K = 1; default 3 from random starts with the final passes): steps 1-2 once per start, N
+   starts, start s with seed ``--seed`` + s (each start as the job with that seed: from scratch, unknown poses,
+   the images' noise spectrum); then each start's map makes one pass over all particles, all with the images' own
+   noise spectrum (one yardstick for every map: each start's own noise model would make their likelihoods
+   incomparable), and the start whose pass has the highest summed
    log-likelihood is kept: its pass is the first final pass (``run_startNNN.mrc``, and the table model_starts in
    ``run_model.star``). Several ``--start`` maps are compared the same way (``--iter 0``: without mini-batches);
 4. ``--sym``: as RELION applies symmetry to an ab-initio map, only at the end: each C1 class map is put onto the
@@ -58,9 +59,9 @@ from ..em.steps import check_finite_maps
 from ..fourier import SliceGeometry, default_r_max, padded_reach
 from ..initial import state as ckpt
 from ..initial.setup import (DEFAULT_BATCH_SIZE, DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_FINAL_HEALPIX_ORDER,
-                             DEFAULT_FINAL_PASSES, DEFAULT_HEALPIX_ORDER, DEFAULT_ITER, checkpoint, estep_plan,
-                             finished_starts, init, number_of_starts, options, reset_poses, split_at, subplan,
-                             write_back)
+                             DEFAULT_FINAL_PASSES, DEFAULT_HEALPIX_ORDER, DEFAULT_ITER, DEFAULT_STARTS, checkpoint,
+                             estep_plan, finished_starts, init, number_of_starts, options, reset_poses, split_at,
+                             subplan, write_back)
 from ..initial.outputs import read_starts, write_final, write_iteration, write_start
 from ..initial.schedule import batch_size, minibatch_rows, noise_fudge, random_rotations, schedule, sums_decay
 from ..io import rebase_image_names
@@ -136,17 +137,18 @@ def add_arguments(p) -> None:
     p.add_argument("--start-noise", type=float, default=0.0, metavar="A",
                    help="add seeded noise, low-passed at --ini-high, of A times the start's standard deviation to "
                         "the random start (a structured start instead of a blob; default 0)")
-    p.add_argument("--starts", type=int, default=1, metavar="N",
+    p.add_argument("--starts", type=int, default=None, metavar="N",
                    help="K = 1: N random starts (seeds --seed, --seed + 1, ...), each taken through all the "
                         "mini-batch iterations in turn, as N jobs with those seeds would; then each start's map makes "
                         "one pass over all particles with one noise spectrum for all (the images' own), and the map "
                         "whose pass explains the particles best (the highest summed log-likelihood) goes on through "
                         "the other final passes; each start's map is kept (run_startNNN.mrc) and the comparison is "
-                        "in run_model.star. N times the mini-batch iterations and N - 1 more passes. Measured on "
-                        "20 000 box-64 particles at SNR 0.05 (32 seeds): one start reaches <= 20 Å with 5 of 32 "
-                        "seeds, three starts keep a <= 20 Å map for 36%% of the seed triples (41%% hold one), four "
-                        "for 43%% (51%%): use several on data this noisy. Default 1 "
-                        "(benchmarks/results/initial-model/starts-selection-cpu-h100-2026-12-06/)")
+                        "in run_model.star. N times the mini-batch iterations and N - 1 more passes. Default "
+                        f"{DEFAULT_STARTS} for K = 1 from random starts (1 with K > 1, --start or --no-final-pass). "
+                        "Measured on 20 000 box-64 particles at SNR 0.05 (64 seeds): one start reaches <= 20 Å for "
+                        "33%% of the seeds and finds the structure (< 25 Å) for 50%%; the likeliest of three keeps a "
+                        "<= 20 Å map for 54%% of the seed triples and a found one for 72%%, of four 59%% and 77%%, at "
+                        "2.7x one start's time (benchmarks/results/initial-model/starts-order-0-h100-2026-12-07/)")
     p.add_argument("--start", default=None, metavar="MRC", nargs="+",
                    help="start from this map (the particles' box; low-passed to --ini-high; every class a copy) "
                         "instead of the random start: e.g. to check that the iterations keep a known structure. "
