@@ -81,7 +81,7 @@ PY
     for K in ${KS-1 3}; do
       # shellcheck disable=SC2086
       python3 benchmarks/initial_model.py --work $W/k$K --data $D2 --K $K --device $DEV --json $R/speed_K$K.json \
-        -- --iter 20 ${EXTRA:-} > $R/speed_K$K.txt 2>&1
+        -- --iter 20 --starts 1 ${EXTRA:-} > $R/speed_K$K.txt 2>&1
       say "box $B2, K = $K, 20 iterations: $(tail -1 $R/speed_K$K.txt)"
     done
     # shellcheck disable=SC2086

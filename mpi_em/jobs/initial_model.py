@@ -462,7 +462,7 @@ def run(args, comm, after_iteration=None) -> dict:
                          root=0)
         if comm.rank == 0:
             log.info("iteration %d: %d particles at %.1f Å (r %.0f px), log-likelihood %.4g, class sizes %s, "
-                     "%.1f s%s", it, len(rows), res_A, r_cur, stats.loglike,
+                     "%.2f s%s", it, len(rows), res_A, r_cur, stats.loglike,
                      " ".join(f"{x:.2f}" for x in class_prior), time.time() - t_it, "; checkpoint" if due else "")
         if due:
             checkpoint(comm, args, meta, st, plan, model, sigma2, class_prior, history, resolutions, F_run, W_run,
