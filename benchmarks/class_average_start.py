@@ -79,7 +79,8 @@ def main(argv=None) -> int:
         out = os.path.join(avg_dir, f"seed{s}")
         shutil.rmtree(out, ignore_errors=True)
         subprocess.run(py + ["initial-model", "--i", os.path.join(avg_dir, "classes.star"), "--o", out, "--no-ctf",
-                             "--seed", str(s), "--device", a.device] + shlex.split(a.avg_options), check=True)
+                             "--seed", str(s), "--device", a.device] + shlex.split(a.avg_options)
+                       + ([] if "--starts" in a.avg_options else ["--starts", "1"]), check=True)  # a start per seed
         w = os.path.join(a.work, f"particles_seed{s}")
         subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "initial_model.py"), "--work", w,
                         "--data", a.data, "--device", a.device, "--"] + shlex.split(a.particle_options)

@@ -58,7 +58,7 @@ def _data(work):
         "initial-model box 32": (["initial-model", "--i", f"{work}/d32/particles_unaligned.star", "--seed", 1,
                                   "--iter", 20, "--no-final-pass"], "run_class001.mrc"),
         "initial-model box 64": (["initial-model", "--i", f"{work}/d64/particles_unaligned.star", "--seed", 1,
-                                  "--iter", 10, "--final-passes", 1], "run_class001.mrc"),
+                                  "--iter", 10, "--final-passes", 1, "--starts", 1], "run_class001.mrc"),
         "refine3d box 48": (["refine3d", "--i", f"{work}/d48/particles_unaligned.star", "--ref", f"{d}/start.mrc",
                              "--ini-high", 21.36, "--iter", 3], "run_class001.mrc"),
         "reconstruct box 64": (["reconstruct", "--i", f"{work}/d64/particles.star"], "map.mrc"),
