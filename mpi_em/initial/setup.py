@@ -58,7 +58,8 @@ DEFAULT_CHECKPOINT_INTERVAL = 60.0
 #: box-64 particles of the compact phantom at SNR 0.05 (64 seeds, one H100) one start reached <= 20 Å for 21 of 64
 #: seeds (33%) and found the structure (< 25 Å) for 32 (50%); the likeliest of three kept a <= 20 Å map for 54% of
 #: the seed triples and a found one for 72% (of the triples --starts 3 forms, seeds s, s + 1, s + 2: 37 and 44 of
-#: 60), at 2.7x one start's time (the whole job on 100 000 box-128 particles: 51.8 against 19.1 s on one H100)
+#: 60), at 2.0-2.7x one start's time (the whole job on 100 000 box-128 particles on one H100: 35.5-37.4 against
+#: 17.2-18.8 s, 51.8 against 19.1 s on another)
 #: (benchmarks/results/initial-model/starts-order-0-h100-2026-12-07/)
 DEFAULT_STARTS = 3
 #: the finest HEALPix order of initial-model's global searches (order 4: 3 072 directions x 96 in-plane angles)

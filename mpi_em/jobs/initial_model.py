@@ -28,9 +28,9 @@ Mini-batch (stochastic) expectation-maximisation, after RELION 3's SGD initial m
    starts, start s with seed ``--seed`` + s (each start as the job with that seed: from scratch, unknown poses,
    the images' noise spectrum); then each start's map makes one pass over all particles, all with the images' own
    noise spectrum (one yardstick for every map: each start's own noise model would make their likelihoods
-   incomparable), and the start whose pass has the highest summed
-   log-likelihood is kept: its pass is the first final pass (``run_startNNN.mrc``, and the table model_starts in
-   ``run_model.star``). Several ``--start`` maps are compared the same way (``--iter 0``: without mini-batches);
+   incomparable), and the start whose pass has the highest summed log-likelihood is kept: its pass is the first
+   final pass (``run_startNNN.mrc``, and the table model_starts in ``run_model.star``). Several ``--start`` maps are
+   compared the same way (``--iter 0``: without mini-batches);
 4. ``--sym``: as RELION applies symmetry to an ab-initio map, only at the end: each C1 class map is put onto the
    point group's axes (:mod:`mpi_em.symaxis`, the search of ``relion_align_symmetry``), symmetrised there, and
    its particles' poses moved with it (:mod:`mpi_em.initial.point_group`).
@@ -148,7 +148,7 @@ def add_arguments(p) -> None:
                         "Measured on 20 000 box-64 particles at SNR 0.05 (64 seeds): one start reaches <= 20 Å for "
                         "33%% of the seeds and finds the structure (< 25 Å) for 50%%; the likeliest of three keeps a "
                         "<= 20 Å map for 54%% of the seed triples and a found one for 72%%, of four 59%% and 77%%, at "
-                        "2.7x one start's time (benchmarks/results/initial-model/starts-order-0-h100-2026-12-07/)")
+                        "2.0-2.7x one start's time (benchmarks/results/initial-model/starts-order-0-h100-2026-12-07/)")
     p.add_argument("--start", default=None, metavar="MRC", nargs="+",
                    help="start from this map (the particles' box; low-passed to --ini-high; every class a copy) "
                         "instead of the random start: e.g. to check that the iterations keep a known structure. "
