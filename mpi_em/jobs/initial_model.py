@@ -403,8 +403,9 @@ def run(args, comm, after_iteration=None) -> dict:
         sigma2 = sigma2_data.copy()
         class_prior = np.full(k_start, 1.0 / k_start)
         F_run = W_run = None
-        # GPU ranks: the pool's blocks of the last start's growing resolutions given back, so that each start
-        # allocates as the first did (kept, they added ~0.5 GiB to the peak of three starts at box 128)
+        # GPU ranks: the pool's unused blocks, of the last start's growing resolutions, given back so that each
+        # start allocates as the first did (with the running sums dropped before the passes: the three-start job's
+        # peak 0.15-0.2 GiB lower at box 128; benchmarks/results/initial-model/starts-memory-and-k3-h100-2026-12-07/)
         release_device_memory(xp)
         st.update(offset_sigma=args.offset_range / 2.0, perturb=0.0, r_acc=0.0)
 
