@@ -65,8 +65,7 @@ from ..initial.setup import (DEFAULT_BATCH_SIZE, DEFAULT_CHECKPOINT_INTERVAL, DE
 from ..initial.outputs import read_starts, write_final, write_iteration, write_start
 from ..initial.schedule import batch_size, minibatch_rows, noise_fudge, random_rotations, schedule, sums_decay
 from ..io import rebase_image_names
-from ..memory import add_argument as add_memory_argument
-from ..memory import release_device_memory
+from ..memory import add_argument as add_memory_argument, release_device_memory
 from ..particles import RowCache, pinned_wanted
 from ..sampling import angular_step, next_perturbation
 from ..symmetry import symmetry_matrices
